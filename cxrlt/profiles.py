@@ -48,14 +48,14 @@ def ensemble_model_name(projection: str, member: str) -> str:
     return f"ensemble_{projection}_{member}"
 
 
-_TINY_CONVNEXT = {"depths": (1, 1, 2, 1), "dims": (16, 32, 48, 64)}
+_TINY_CONVNEXT = {"variant": "convnextv2_atto", "depths": (1, 1, 2, 1), "dims": (16, 32, 48, 64)}
 _PAPER_CONVNEXT = {"variant": "convnextv2_tiny"}
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
         image_size=64,
-        router=NetworkSpec("efficientnet", {"variant": "efficientnet_b0", "width_multiplier": 0.25, "depth_multiplier": 0.25}),
+        router=NetworkSpec("efficientnet", {"variant": "test_efficientnet"}),
         members={
             "pcam": NetworkSpec("convnextv2_pcam", {"backbone": _TINY_CONVNEXT}),
             "cait": NetworkSpec(
@@ -64,7 +64,7 @@ PROFILES: dict[str, Profile] = {
             ),
             "swin": NetworkSpec(
                 "swinv2",
-                {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4, "patch_size": 4},
+                {"variant": "swinv2_tiny_window8_256", "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4},
             ),
         },
         clip=ClipSpec("cxrlt-tiny-vit", image_size=224),
@@ -80,7 +80,7 @@ PROFILES: dict[str, Profile] = {
                 "cait_on_convnextv2",
                 {"backbone": _PAPER_CONVNEXT, "embed_dim": 192, "depth": 24, "num_heads": 4, "depth_token_only": 2},
             ),
-            "swin": NetworkSpec("swinv2", {"variant": "swinv2_tiny_window8_256", "window_size": 16}),
+            "swin": NetworkSpec("swinv2", {"variant": "swinv2_tiny_window16_256"}),
         },
         clip=ClipSpec("ViT-B-32", image_size=224),
     ),

@@ -1,0 +1,293 @@
+"""`cxrlt build-repo`: checkpoints (or seeded random weights) -> a complete Triton model repository.
+
+Writes, for every network, the ONNX file (parity-checked against PyTorch), its config and
+labels; the CLIP image encoder and the cached text tensor; the three Python models; and
+`manifest.json` (profile, weights, hashes, parameters, parity, package versions). The same
+inputs always give the same repository, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cxrlt.labels import PROJECTIONS, TASK1_LABELS, TASK2_LABELS, ALL_LABELS, label_file_text
+from cxrlt.preprocessing import PreprocessConfig, preprocess
+from cxrlt.profiles import Profile, get_profile
+from cxrlt.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
+from python_backends.classifier import ROUTER_MODEL, ClassifierSettings
+from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
+from training.checkpoints import file_sha256, state_dict_sha256
+from training.clip_models import ImageTower, encode_prompt_ensembles, tokenizer_for
+from training.networks import count_parameters
+from training.weights import RANDOM_WEIGHTS_WARNING, load_clip, load_network
+
+from .model_configs import TEMPLATES, parameters_block, render
+from .onnx_export import check_parity, export_onnx
+from .prompts import DEFAULT_PROMPTS, load_prompts
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TARGETS = ("embedded", "ngc")
+BLS_MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
+_PACKAGES = ("torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "nvidia-pytriton", "numpy")
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    profile: str = "tiny"
+    target: str = "embedded"
+    checkpoints: Path | None = None
+    allow_random: bool = False
+    seed: int = 0
+    prompts: Path = DEFAULT_PROMPTS
+    ort_threads: int = 1
+    network_instances: int = 1
+    bls_instances: int = 2
+    max_batch_size: int = 16
+    queue_delay_us: int = 2000
+    tensorrt: bool = False
+    classifier: ClassifierSettings | None = None  # None: the profile's defaults
+    zeroshot: ZeroShotSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, not {self.target!r}")
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def parity_inputs(config: PreprocessConfig, seed: int = 0) -> list[np.ndarray]:
+    """Random inputs plus real-looking ones through the shared preprocessing."""
+    rng = np.random.default_rng(seed)
+    batches = [rng.standard_normal((2, 3, config.size, config.size), dtype=np.float32)]
+    for image in real_looking_images():
+        batches.append(preprocess(image, config, views=("identity", "hflip")))
+    return batches
+
+
+def real_looking_images() -> list[np.ndarray]:
+    """The real chest X-ray shipped in pydicom-data and a synthetic frontal and lateral one."""
+    from training.synth import render_image  # local: training data code is not needed to serve
+
+    findings = np.zeros(len(ALL_LABELS), dtype=np.float32)
+    findings[[ALL_LABELS.index("cardiomegaly"), ALL_LABELS.index("pleural effusion")]] = 1
+    images = [render_image(findings, projection, np.random.default_rng(seed)) for seed, projection in enumerate(PROJECTIONS)]
+    try:
+        from cxrlt.dicom_io import load_image
+        from pydicom.data import get_testdata_file
+
+        images.insert(0, load_image(get_testdata_file("RG1_UNCR.dcm")).pixels)
+    except Exception as exc:  # pydicom-data missing: parity still runs on the others
+        log.warning("real chest X-ray unavailable for parity checks (%s)", exc)
+    return images
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _network_config(options: BuildOptions, profile: Profile, name: str, size: int, output: str, dim: int, labels: bool) -> str:
+    label_line = 'label_filename: "labels.txt"' if labels else ""
+    common = dict(
+        name=name, profile=profile.name, max_batch_size=options.max_batch_size, image_size=size,
+        output_name=output, output_dim=dim, label_line=label_line, queue_delay_us=options.queue_delay_us,
+        instances=options.network_instances,
+    )
+    if options.target == "ngc":
+        optimization = (
+            'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
+            'parameters { key: "precision_mode" value: "FP16" } } ] } }' if options.tensorrt else ""
+        )
+        return render("onnx_network/config.ngc.pbtxt.template", optimization=optimization, **common)
+    params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.ort_threads), "execution_provider": "auto"}
+    return render("onnx_network/config.pbtxt.template", parameters=parameters_block(params), **common)
+
+
+def _export_network(out: Path, options: BuildOptions, profile: Profile, name: str, module: torch.nn.Module,
+                    size: int, output: str, dim: int, labels: tuple[str, ...] | None, inputs: list[np.ndarray]) -> dict[str, Any]:
+    model_dir = out / name
+    onnx_path = export_onnx(module, model_dir / "1" / "model.onnx", size, output)
+    parity = check_parity(module, onnx_path, inputs)
+    _write(model_dir / "config.pbtxt", _network_config(options, profile, name, size, output, dim, labels is not None))
+    if labels is not None:
+        _write(model_dir / "labels.txt", label_file_text(labels))
+    if options.target == "embedded":
+        shutil.copyfile(TEMPLATES / "onnx_network" / "model.py", model_dir / "1" / "model.py")
+    return {
+        "parameters": count_parameters(module),
+        "onnx_sha256": file_sha256(onnx_path),
+        "parity_max_abs_diff": parity,
+        "weights_sha256": state_dict_sha256(module),
+    }
+
+
+def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: str, prompts_path: Path, weights_sha256: str) -> dict[str, Any]:
+    """Encode the prompt file with the text tower into cxr_zeroshot/1/ (no ONNX export)."""
+    prompts = load_prompts(prompts_path)
+    tokenizer = tokenizer_for(model_name)
+    positive = encode_prompt_ensembles(clip_model, tokenizer, prompts.prompts).numpy()
+    negative = encode_prompt_ensembles(clip_model, tokenizer, prompts.negatives).numpy() if prompts.negatives else None
+    version_dir = repository / "cxr_zeroshot" / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    prompt_copy = version_dir / PROMPTS_FILE
+    if prompts_path.resolve() != prompt_copy.resolve():
+        shutil.copyfile(prompts_path, prompt_copy)
+    record = {
+        "clip_model": model_name,
+        "weights_sha256": weights_sha256,
+        "prompts_sha256": sha256_text(prompt_copy),
+        "prompts_per_class": [len(p) for p in prompts.prompts],
+        "negative_prompts": prompts.negatives is not None,
+    }
+    save_text_cache(version_dir, prompts.class_names, positive, negative, record)
+    return record
+
+
+def _bls_configs(out: Path, options: BuildOptions, classifier: ClassifierSettings, zeroshot: ZeroShotSettings) -> None:
+    common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances)
+    texts = {
+        "cxr_classifier": render("cxr_classifier/config.pbtxt.template", parameters=parameters_block(classifier.to_parameters()), **common),
+        "cxr_zeroshot": render("cxr_zeroshot/config.pbtxt.template", parameters=parameters_block(zeroshot.to_parameters()), **common),
+        "cxr_findings": render("cxr_findings/config.pbtxt.template", **common),
+    }
+    labels = {"cxr_classifier": TASK1_LABELS, "cxr_zeroshot": TASK2_LABELS, "cxr_findings": ALL_LABELS}
+    for name, text in texts.items():
+        _write(out / name / "config.pbtxt", text)
+        _write(out / name / "labels.txt", label_file_text(labels[name]))
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(TEMPLATES / name / "model.py", out / name / "1" / "model.py")
+
+
+def default_classifier_settings(profile: Profile) -> ClassifierSettings:
+    return ClassifierSettings(preprocess=PreprocessConfig(size=profile.image_size))
+
+
+def default_zeroshot_settings(profile: Profile) -> ZeroShotSettings:
+    return ZeroShotSettings(preprocess=PreprocessConfig.clip(profile.clip.image_size))
+
+
+def build_repository(out: Path | str, options: BuildOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the repository in `out` and return its manifest.
+
+    The build happens in a sibling staging folder that replaces `out` only when complete,
+    so a failed build never leaves a half-written repository behind.
+    """
+    final = Path(out)
+    if final.exists() and any(final.iterdir()) and not (final / MANIFEST).is_file():
+        raise FileExistsError(f"{final} is not empty and holds no {MANIFEST}; choose an empty or earlier-built directory")
+    out = final.parent / f".{final.name}.building"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        manifest = _build(out, options, on_step or (lambda message: log.info(message)))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
+    return manifest
+
+
+def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dict[str, Any]:
+    profile = get_profile(options.profile)
+    classifier = options.classifier or default_classifier_settings(profile)
+    zeroshot = options.zeroshot or default_zeroshot_settings(profile)
+    names = list(profile.network_specs())
+
+    inputs = parity_inputs(classifier.preprocess, options.seed)
+    models: dict[str, Any] = {}
+    for name in names:
+        step(f"exporting {name}")
+        module, source = load_network(profile, name, options.checkpoints, options.seed, options.allow_random)
+        labels = ("frontal", "lateral") if name == ROUTER_MODEL else TASK1_LABELS
+        models[name] = {
+            "arch": profile.network_specs()[name].arch,
+            "checkpoint": source.checkpoint,
+            **_export_network(out, options, profile, name, module, profile.image_size, "logits", len(labels), labels, inputs),
+        }
+
+    step(f"exporting {ENCODER_MODEL}")
+    clip_model, clip_source = load_clip(profile, options.checkpoints, options.seed, options.allow_random)
+    tower = ImageTower(clip_model).eval()
+    clip_weights = state_dict_sha256(clip_model)
+    clip_inputs = parity_inputs(zeroshot.preprocess, options.seed)
+    dim = int(tower(torch.from_numpy(clip_inputs[0][:1])).shape[-1])
+    models[ENCODER_MODEL] = {
+        "arch": f"open_clip:{profile.clip.model_name}",
+        "checkpoint": clip_source.checkpoint,
+        **_export_network(out, options, profile, ENCODER_MODEL, tower, profile.clip.image_size, "image_embeds", dim, None, clip_inputs),
+        "weights_sha256": clip_weights,
+    }
+    encoder_record = {"clip_model": profile.clip.model_name, "weights_sha256": clip_weights, "dim": dim, "checkpoint": clip_source.checkpoint}
+    _write(out / ENCODER_MODEL / "1" / ENCODER_RECORD, json.dumps(encoder_record, indent=2, sort_keys=True) + "\n")
+
+    step("encoding zero-shot prompts")
+    text_cache = build_text_cache(out, clip_model, profile.clip.model_name, Path(options.prompts), clip_weights)
+
+    step("writing Python models")
+    _bls_configs(out, options, classifier, zeroshot)
+
+    random_weights = any(m["checkpoint"] is None for m in models.values())
+    manifest = {
+        "profile": profile.name,
+        "target": options.target,
+        "seed": options.seed,
+        "checkpoints": str(options.checkpoints) if options.checkpoints else None,
+        "random_weights": random_weights,
+        "warning": RANDOM_WEIGHTS_WARNING if random_weights else None,
+        "image_size": profile.image_size,
+        "models": models,
+        "text_cache": text_cache,
+        "classifier": classifier.to_parameters(),
+        "zeroshot": zeroshot.to_parameters(),
+        "packages": _package_versions(),
+    }
+    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(repository: Path | str) -> dict[str, Any]:
+    path = Path(repository) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{repository} has no {MANIFEST}; is it a repository built by `cxrlt build-repo`?")
+    return json.loads(path.read_text())
+
+
+def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None) -> dict[str, Any]:
+    """`cxrlt build-text-cache`: re-encode prompts for a built repository with its own CLIP weights."""
+    repository = Path(repository)
+    manifest = read_manifest(repository)
+    profile = get_profile(manifest["profile"])
+    checkpoint = manifest["models"][ENCODER_MODEL]["checkpoint"]
+    clip_model, _ = load_clip(profile, Path(checkpoint).parent if checkpoint else None, manifest["seed"], allow_random=checkpoint is None)
+    weights = state_dict_sha256(clip_model)
+    encoder = json.loads((repository / ENCODER_MODEL / "1" / ENCODER_RECORD).read_text())
+    if weights != encoder["weights_sha256"]:
+        raise RuntimeError(
+            f"the CLIP weights at {checkpoint or 'seeded random init'} no longer match the served image encoder; "
+            f"rebuild the whole repository with `cxrlt build-repo`"
+        )
+    prompts_path = Path(prompts) if prompts else repository / "cxr_zeroshot" / "1" / PROMPTS_FILE
+    record = build_text_cache(repository, clip_model, profile.clip.model_name, prompts_path, weights)
+    manifest["text_cache"] = record
+    _write(repository / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return record

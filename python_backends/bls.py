@@ -1,0 +1,74 @@
+"""Glue between the pipelines and Triton's Python-backend API (`pb_utils`).
+
+Kept free of a module-level `triton_python_backend_utils` import so unit tests can pass
+in a fake; the model.py adapters pass the real module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .classifier import Infer
+from .pipeline_errors import MemberError, RequestError
+
+NETWORK_INPUT = "pixel_values"
+
+
+async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run another model of the server via BLS and return the named outputs.
+
+    A callee's INVALID_ARG stays a request error (the caller's input was bad); any other
+    failure names the callee.
+    """
+    request = pb_utils.InferenceRequest(
+        model_name=model_name,
+        requested_output_names=list(outputs),
+        inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+    )
+    response = await request.async_exec()
+    if response.has_error():
+        error = response.error()
+        code = error.code() if hasattr(error, "code") else None
+        if code is not None and code == pb_utils.TritonError.INVALID_ARG:
+            raise RequestError(error.message())
+        raise MemberError(model_name, error.message())
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+
+def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: str = "logits") -> Infer:
+    """An async `infer(model_name, pixel_values)` for the pipelines, backed by BLS."""
+
+    async def infer(model_name: str, pixel_values: np.ndarray) -> np.ndarray:
+        output_name = output_names.get(model_name, default_output)
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name]))[output_name]
+
+    return infer
+
+
+def optional_strings(tensor: Any, count: int) -> list[str | None]:
+    """An optional BYTES input [B, 1] as one str (or None) per image."""
+    if tensor is None:
+        return [None] * count
+    values = tensor.as_numpy().reshape(-1)
+    if len(values) != count:
+        raise RequestError(f"PROJECTION_HINT has {len(values)} values for {count} images; send one per image")
+    return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def bytes_tensor(pb_utils: Any, name: str, values: Sequence[str]) -> Any:
+    return pb_utils.Tensor(name, np.array([[v.encode()] for v in values], dtype=np.object_))
+
+
+def error_response(pb_utils: Any, exc: BaseException) -> Any:
+    """One request's failure, with a code that tells the client whether to fix or retry."""
+    if isinstance(exc, RequestError):
+        code = pb_utils.TritonError.INVALID_ARG
+    elif isinstance(exc, MemberError):
+        code = pb_utils.TritonError.UNAVAILABLE if "unavailable" in str(exc).lower() else pb_utils.TritonError.INTERNAL
+    else:
+        code = pb_utils.TritonError.INTERNAL
+    message = str(exc) if isinstance(exc, (RequestError, MemberError)) else f"{type(exc).__name__}: {exc}"
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

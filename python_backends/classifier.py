@@ -1,0 +1,113 @@
+"""Task 1 pipeline: projection routing, TTA, logit-level weighted ensembling, normal gating.
+
+The pipeline is written once against an async `infer(model_name, pixel_values)` call.
+Inside Triton that call is a BLS request (see triton_models/cxr_classifier/model.py);
+the reference pipeline plugs in PyTorch modules and the raw benchmark onnxruntime
+sessions, so all three compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Awaitable, Callable, Mapping
+
+import numpy as np
+
+from cxrlt import ensemble
+from cxrlt.labels import PROJECTIONS, projection_from_hint
+from cxrlt.preprocessing import ImageError, PreprocessConfig, normalize, parse_tta_views, prepare_square, tta_view, validate_image
+from cxrlt.profiles import ensemble_model_name
+
+from .pipeline_errors import RequestError
+from .triton_params import as_bool, require
+
+Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
+
+ROUTER_MODEL = "projection_router"
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000, beyond any chest radiograph detector
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSettings:
+    preprocess: PreprocessConfig
+    tta_views: tuple[str, ...] = ("identity", "hflip")
+    weights: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=lambda: ensemble.DEFAULT_WEIGHTS)
+    gating_alpha: float = ensemble.DEFAULT_GATING_ALPHA
+    trust_hint: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def to_parameters(self) -> dict[str, str]:
+        params = self.preprocess.to_parameters()
+        params.update(
+            {
+                "tta_views": ",".join(self.tta_views),
+                "normal_gating_alpha": repr(float(self.gating_alpha)),
+                "trust_hint": "true" if self.trust_hint else "false",
+                "max_pixels": str(int(self.max_pixels)),
+            }
+        )
+        for projection in PROJECTIONS:
+            params[f"weights_{projection}"] = ensemble.format_weights(self.weights[projection])
+        return params
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> "ClassifierSettings":
+        return cls(
+            preprocess=PreprocessConfig.from_parameters(params),
+            tta_views=parse_tta_views(require(params, "tta_views")),
+            weights={p: ensemble.parse_weights(require(params, f"weights_{p}")) for p in PROJECTIONS},
+            gating_alpha=float(require(params, "normal_gating_alpha")),
+            trust_hint=as_bool(require(params, "trust_hint")),
+            max_pixels=int(require(params, "max_pixels")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    logits: np.ndarray  # [30] ensembled logits
+    probabilities: np.ndarray  # [30] after sigmoid and normal gating
+    projection: str
+    projection_score: float  # the router's probability of the projection that was used
+    hint_used: bool
+
+
+class ClassifierPipeline:
+    def __init__(self, settings: ClassifierSettings, infer: Infer) -> None:
+        self.settings = settings
+        self.infer = infer
+
+    def _validate(self, image: np.ndarray, hint: str | bytes | None) -> tuple[np.ndarray, str | None]:
+        try:
+            validate_image(image, self.settings.max_pixels)
+            hinted = projection_from_hint(hint)
+        except (ImageError, ValueError) as exc:
+            raise RequestError(str(exc)) from None
+        return prepare_square(image, self.settings.preprocess), hinted
+
+    async def classify(self, image: np.ndarray, hint: str | bytes | None = None) -> Classification:
+        square, hinted = self._validate(image, hint)
+        router_input = normalize(square[None], self.settings.preprocess)
+        router_probs = ensemble.softmax(await self.infer(ROUTER_MODEL, router_input))[0]
+        routed = PROJECTIONS[int(np.argmax(router_probs))]
+        hint_used = hinted is not None and self.settings.trust_hint
+        projection = hinted if hint_used else routed
+
+        views = normalize(np.stack([tta_view(square, v) for v in self.settings.tta_views]), self.settings.preprocess)
+        members = list(ensemble.MEMBERS)
+        outputs = await asyncio.gather(*(self.infer(ensemble_model_name(projection, m), views) for m in members))
+        logits, probabilities = ensemble.ensemble_probabilities(
+            dict(zip(members, outputs)), self.settings.weights[projection], self.settings.gating_alpha
+        )
+        return Classification(
+            logits=logits,
+            probabilities=probabilities,
+            projection=projection,
+            projection_score=float(router_probs[PROJECTIONS.index(projection)]),
+            hint_used=hint_used,
+        )
+
+
+def settings_summary(settings: ClassifierSettings) -> str:
+    return json.dumps(settings.to_parameters(), sort_keys=True)

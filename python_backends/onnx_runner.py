@@ -1,0 +1,58 @@
+"""The one ONNX runner behind every network model of the embedded target (and the raw benchmark)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+def select_providers(preference: str = "auto") -> list[str]:
+    """'auto' takes CUDA when onnxruntime-gpu offers it, else CPU; 'cpu' / 'cuda' force one."""
+    available = ort.get_available_providers()
+    if preference == "cpu":
+        return ["CPUExecutionProvider"]
+    if preference == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                "execution provider 'cuda' was asked for but this onnxruntime has none; "
+                "install onnxruntime-gpu or set execution_provider to 'auto'"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if preference != "auto":
+        raise ValueError(f"execution_provider must be auto, cpu or cuda, not {preference!r}")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+
+
+class OnnxRunner:
+    """One onnxruntime session with a single input and a single output."""
+
+    def __init__(self, onnx_path: Path | str, intra_op_threads: int = 1, providers: str = "auto") -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(0, int(intra_op_threads))
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=select_providers(providers))
+        (self.input,) = self.session.get_inputs()
+        (self.output,) = self.session.get_outputs()
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output.name], {self.input.name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def run_many(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run several requests' batches as one session call and split the result back.
+
+        This is where the dynamic batcher pays off: requests Triton merged cost one run.
+        """
+        sizes = [len(b) for b in batches]
+        outputs = self.run(np.concatenate(batches, axis=0) if len(batches) > 1 else batches[0])
+        return np.split(outputs, np.cumsum(sizes)[:-1], axis=0)

@@ -1,0 +1,65 @@
+"""Task 2 pipeline: CLIP image embedding against the cached prompt-ensembled text tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from cxrlt import ensemble
+from cxrlt.preprocessing import ImageError, PreprocessConfig, preprocess, validate_image
+from cxrlt.text_cache import TextCache
+
+from .classifier import DEFAULT_MAX_PIXELS, Infer
+from .pipeline_errors import RequestError
+from .triton_params import require
+
+ENCODER_MODEL = "clip_image_encoder"
+SCORINGS = ("sigmoid", "softmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotSettings:
+    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig.clip)
+    alpha: float = ensemble.DEFAULT_ZEROSHOT_ALPHA
+    scoring: str = "sigmoid"  # "softmax": positive-vs-negative prompts (needs negative prompts)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"zero-shot scoring must be one of {SCORINGS}, not {self.scoring!r}")
+
+    def to_parameters(self) -> dict[str, str]:
+        params = self.preprocess.to_parameters()
+        params.update({"zeroshot_alpha": repr(float(self.alpha)), "scoring": self.scoring, "max_pixels": str(self.max_pixels)})
+        return params
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> "ZeroShotSettings":
+        return cls(
+            preprocess=PreprocessConfig.from_parameters(params),
+            alpha=float(require(params, "zeroshot_alpha")),
+            scoring=require(params, "scoring"),
+            max_pixels=int(require(params, "max_pixels")),
+        )
+
+
+class ZeroShotPipeline:
+    def __init__(self, settings: ZeroShotSettings, cache: TextCache, infer: Infer) -> None:
+        if settings.scoring == "softmax" and cache.negative is None:
+            raise ValueError(
+                "scoring 'softmax' needs negative prompts for every class; add them to the prompt file and "
+                "rebuild the text cache, or set scoring to 'sigmoid'"
+            )
+        self.settings, self.cache, self.infer = settings, cache, infer
+
+    async def score(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [C], similarities [C]) for one image."""
+        try:
+            validate_image(image, self.settings.max_pixels)
+        except ImageError as exc:
+            raise RequestError(str(exc)) from None
+        embedding = (await self.infer(ENCODER_MODEL, preprocess(image, self.settings.preprocess)))[0]
+        negative = self.cache.negative if self.settings.scoring == "softmax" else None
+        return ensemble.zeroshot_scores(embedding, self.cache.positive, negative, self.settings.alpha)

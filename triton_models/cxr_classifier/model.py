@@ -1,0 +1,37 @@
+"""cxr_classifier: the Task 1 BLS model (logic in python_backends.classifier)."""
+
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backends import bls
+from python_backends.classifier import ClassifierPipeline, ClassifierSettings
+from python_backends.triton_params import parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        settings = ClassifierSettings.from_parameters(parameters(json.loads(args["model_config"])))
+        self.pipeline = ClassifierPipeline(settings, bls.make_infer(pb_utils, {}))
+
+    async def execute(self, requests):
+        # Requests of one call are independent: a bad one fails alone.
+        return list(await asyncio.gather(*(self._respond(r) for r in requests)))
+
+    async def _respond(self, request):
+        try:
+            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            hints = bls.optional_strings(pb_utils.get_input_tensor_by_name(request, "PROJECTION_HINT"), len(images))
+            results = await asyncio.gather(*(self.pipeline.classify(i, h) for i, h in zip(images, hints)))
+        except Exception as exc:
+            return bls.error_response(pb_utils, exc)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("PROBABILITIES", np.stack([r.probabilities for r in results])),
+                pb_utils.Tensor("LOGITS", np.stack([r.logits for r in results])),
+                bls.bytes_tensor(pb_utils, "PROJECTION", [r.projection for r in results]),
+                pb_utils.Tensor("PROJECTION_SCORE", np.array([[r.projection_score] for r in results], dtype=np.float32)),
+            ]
+        )

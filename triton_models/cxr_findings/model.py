@@ -1,0 +1,40 @@
+"""cxr_findings: 30 Task 1 probabilities then 6 zero-shot ones, from two concurrent BLS calls."""
+
+import asyncio
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backends import bls
+
+CLASSIFIER_OUTPUTS = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        pass
+
+    async def execute(self, requests):
+        return list(await asyncio.gather(*(self._respond(r) for r in requests)))
+
+    async def _respond(self, request):
+        try:
+            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            hint = pb_utils.get_input_tensor_by_name(request, "PROJECTION_HINT")
+            classifier_inputs = {"IMAGE": image}
+            if hint is not None:
+                classifier_inputs["PROJECTION_HINT"] = hint.as_numpy()
+            task1, task2 = await asyncio.gather(
+                bls.call_model(pb_utils, "cxr_classifier", classifier_inputs, CLASSIFIER_OUTPUTS),
+                bls.call_model(pb_utils, "cxr_zeroshot", {"IMAGE": image}, ["PROBABILITIES"]),
+            )
+        except Exception as exc:
+            return bls.error_response(pb_utils, exc)
+        probabilities = np.concatenate([task1["PROBABILITIES"], task2["PROBABILITIES"]], axis=1)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("PROBABILITIES", probabilities.astype(np.float32)),
+                pb_utils.Tensor("PROJECTION", task1["PROJECTION"]),
+                pb_utils.Tensor("PROJECTION_SCORE", task1["PROJECTION_SCORE"]),
+            ]
+        )

@@ -1,0 +1,49 @@
+"""cxr_zeroshot: the Task 2 model (logic in python_backends.zeroshot).
+
+The text cache is checked against the served encoder and the prompt file at load time;
+a stale cache stops the model from loading with a message saying how to rebuild it.
+"""
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from cxrlt.labels import TASK2_LABELS
+from cxrlt.text_cache import ENCODER_RECORD, load_text_cache
+from python_backends import bls
+from python_backends.triton_params import parameters
+from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        settings = ZeroShotSettings.from_parameters(parameters(json.loads(args["model_config"])))
+        model_dir = Path(args["model_repository"])
+        repository = model_dir.parent
+        cache = load_text_cache(
+            model_dir / args["model_version"],
+            TASK2_LABELS,
+            repository / ENCODER_MODEL / "1" / ENCODER_RECORD,
+            repository=repository,
+        )
+        infer = bls.make_infer(pb_utils, {ENCODER_MODEL: "image_embeds"})
+        self.pipeline = ZeroShotPipeline(settings, cache, infer)
+
+    async def execute(self, requests):
+        return list(await asyncio.gather(*(self._respond(r) for r in requests)))
+
+    async def _respond(self, request):
+        try:
+            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            results = await asyncio.gather(*(self.pipeline.score(image) for image in images))
+        except Exception as exc:
+            return bls.error_response(pb_utils, exc)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("PROBABILITIES", np.stack([p for p, _ in results])),
+                pb_utils.Tensor("SIMILARITIES", np.stack([s for _, s in results])),
+            ]
+        )

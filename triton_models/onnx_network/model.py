@@ -1,0 +1,33 @@
+"""A network model of the embedded target: runs its ONNX file with onnxruntime.
+
+The repository builder copies this one file into every network model (router, the six
+ensemble members, the CLIP image encoder). Triton's dynamic batcher hands `execute` the
+requests it merged; they run as one onnxruntime call.
+"""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from python_backends.onnx_runner import OnnxRunner
+from python_backends.triton_params import parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = parameters(config)
+        model_file = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+        self.runner = OnnxRunner(model_file, int(params.get("intra_op_threads", "1")), params.get("execution_provider", "auto"))
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests):
+        batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        try:
+            outputs = self.runner.run_many(batches)
+        except Exception as exc:  # onnxruntime failure: every merged request learns why
+            error = pb_utils.TritonError(f"onnxruntime failed: {exc}", pb_utils.TritonError.INTERNAL)
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]) for out in outputs]
