@@ -1,5 +1,12 @@
 """cxr_findings: 30 Task 1 probabilities then 6 zero-shot ones, from two concurrent BLS calls."""
 
+import os
+import sys
+
+# Triton's Python-backend stub embeds an interpreter that ignores PYTHONPATH; honour it here
+# so the server's environment (its packages and this project) comes before the system's.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import asyncio
 
 import numpy as np

@@ -4,6 +4,13 @@ The text cache is checked against the served encoder and the prompt file at load
 a stale cache stops the model from loading with a message saying how to rebuild it.
 """
 
+import os
+import sys
+
+# Triton's Python-backend stub embeds an interpreter that ignores PYTHONPATH; honour it here
+# so the server's environment (its packages and this project) comes before the system's.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import asyncio
 import json
 from pathlib import Path

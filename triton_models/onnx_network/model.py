@@ -5,6 +5,13 @@ ensemble members, the CLIP image encoder). Triton's dynamic batcher hands `execu
 requests it merged; they run as one onnxruntime call.
 """
 
+import os
+import sys
+
+# Triton's Python-backend stub embeds an interpreter that ignores PYTHONPATH; honour it here
+# so the server's environment (its packages and this project) comes before the system's.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import json
 from pathlib import Path
 

@@ -1,0 +1,174 @@
+"""cxrlt.reports: JSON, challenge CSV and the DICOM SR round trip."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
+
+from cxrlt import reports
+from cxrlt.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.results import FindingsResult
+
+
+def make_result(image_id: str = "img-1", *, seed: int = 0, random_weights: bool = False,
+                projection: str = "frontal") -> FindingsResult:
+    rng = np.random.default_rng(seed)
+    # Full-precision floats, plus the extremes, so rounding anywhere would show.
+    values = rng.random(len(ALL_LABELS))
+    values[0], values[-1] = 0.0, 1.0
+    return FindingsResult(
+        image_id=image_id,
+        probabilities={label: float(v) for label, v in zip(ALL_LABELS, values)},
+        projection=projection,
+        projection_score=0.93,
+        hint="PA",
+        hint_used=True,
+        model_name="cxr_findings",
+        model_version="1",
+        random_weights=random_weights,
+        latency_ms=12.5,
+    )
+
+
+@pytest.fixture(scope="module")
+def source_dataset() -> pydicom.Dataset:
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        pytest.skip("RG1_UNCR.dcm not available: install the dev extra (pydicom-data)")
+    return pydicom.dcmread(path)
+
+
+# ------------------------------------------------------------------ JSON
+
+
+def test_to_json_lists_results_in_contract_order():
+    results = [make_result("a", seed=1), make_result("b", seed=2, random_weights=True)]
+    data = json.loads(reports.to_json(results))
+    assert [item["image_id"] for item in data] == ["a", "b"]
+    assert list(data[0]["probabilities"]) == list(ALL_LABELS)
+    assert data[0]["probabilities"] == results[0].probabilities
+    assert data[1]["random_weights"] is True and data[0]["projection"] == "frontal"
+
+
+# ------------------------------------------------------------------ CSV
+
+
+@pytest.mark.parametrize(
+    ("task", "labels"), [("task1", TASK1_LABELS), ("task2", TASK2_LABELS), ("all", ALL_LABELS)]
+)
+def test_challenge_csv_header_and_rows(tmp_path, task, labels):
+    results = [make_result("img-1", seed=1), make_result("img-2", seed=2)]
+    path = reports.write_challenge_csv(results, tmp_path / f"{task}.csv", task=task)
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["ImageID", *labels]
+    assert len(rows) == 3
+    for row, result in zip(rows[1:], results):
+        assert row[0] == result.image_id
+        assert [float(cell) for cell in row[1:]] == [result.probabilities[label] for label in labels]
+
+
+def test_challenge_csv_header_is_exactly_the_contract(tmp_path):
+    reports.write_challenge_csv([], tmp_path / "empty.csv", task="task1")
+    first_line = (tmp_path / "empty.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith("ImageID,Normal,aortic elongation,cardiomegaly,pleural effusion,Nodule,")
+    assert first_line.endswith(",sternotomy,calcified densities")
+    assert first_line.count(",") == 30
+
+
+def test_challenge_csv_rejects_unknown_task_and_missing_labels(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'task3'"):
+        reports.write_challenge_csv([make_result()], tmp_path / "x.csv", task="task3")
+    partial = make_result()
+    partial = FindingsResult(**{**partial.__dict__, "probabilities": partial.task1()})
+    with pytest.raises(ValueError, match="no probability for 'Scoliosis'"):
+        reports.write_challenge_csv([partial], tmp_path / "x.csv", task="all")
+    reports.write_challenge_csv([partial], tmp_path / "ok.csv", task="task1")  # task1 alone is fine
+
+
+# ------------------------------------------------------------------ DICOM SR
+
+
+def test_sr_round_trip(tmp_path, source_dataset):
+    result = make_result(source_dataset.SOPInstanceUID, seed=3)
+    path = reports.write_sr(result, source_dataset, tmp_path / "sr.dcm")
+
+    sr = pydicom.dcmread(path)
+    assert sr.Modality == "SR"
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert sr.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    # Filed in the source's study, for the same patient and accession, as a new series.
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate"):
+        assert sr[keyword].value == source_dataset[keyword].value, keyword
+    assert sr.SeriesInstanceUID != source_dataset.SeriesInstanceUID
+    assert sr.Manufacturer == "cxrlt-triton"
+    assert sr.SoftwareVersions == reports.SOFTWARE_VERSION
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert "NOT FOR CLINICAL USE" not in sr.SeriesDescription
+    # The evidence lists the source image.
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert evidence.ReferencedSOPInstanceUID == source_dataset.SOPInstanceUID
+    assert evidence.ReferencedSOPClassUID == source_dataset.SOPClassUID
+
+    # The probabilities come back exactly, in contract order.
+    findings = reports.read_sr_findings(path)
+    assert list(findings) == list(ALL_LABELS)
+    assert findings == result.probabilities
+
+    # 36 image-level groups, each naming its finding and referencing the source image.
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    assert len(groups) == 36
+    assert [group.finding_type.meaning for group in groups] == list(ALL_LABELS)
+    tracking_uids = {group.tracking_uid for group in groups}
+    assert len(tracking_uids) == 36
+    for group in groups:
+        assert [image.referenced_sop_instance_uid for image in group.source_images] == [source_dataset.SOPInstanceUID]
+        (measurement,) = group.get_measurements()
+        assert measurement.unit.value == "{probability}" and measurement.unit.scheme_designator == "UCUM"
+        (view,) = group.get_qualitative_evaluations()
+        assert view.name == codes.DCM.ImageView and view.value == codes.SCT.FrontalProjection
+
+
+def _all_text(dataset: pydicom.Dataset) -> list[str]:
+    texts = []
+    for item in dataset.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            texts.append(item.TextValue)
+        texts.extend(_all_text(item))
+    return texts
+
+
+def test_sr_states_random_weights_plainly(tmp_path, source_dataset):
+    path = reports.write_sr(make_result(random_weights=True), source_dataset, tmp_path / "rw.dcm")
+    sr = pydicom.dcmread(path)
+    assert "NOT FOR CLINICAL USE" in sr.SeriesDescription
+    assert any(text.startswith("NOT FOR CLINICAL USE: random weights") for text in _all_text(sr))
+
+    trained = pydicom.dcmread(reports.write_sr(make_result(), source_dataset, tmp_path / "ok.dcm"))
+    assert not any("NOT FOR CLINICAL USE" in text for text in _all_text(trained))
+    assert any("Projection frontal" in text for text in _all_text(trained))
+
+
+def test_sr_lateral_projection_and_pixelless_source(tmp_path, source_dataset):
+    """A header-only source (no PixelData, no Type 2 patient fields) still gives a valid SR."""
+    header = pydicom.Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+        setattr(header, keyword, source_dataset[keyword].value)
+    result = make_result(projection="lateral")
+    path = reports.write_sr(result, header, tmp_path / "lat.dcm")
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    assert all(group.get_qualitative_evaluations()[0].value == codes.SCT.LateralProjection for group in groups)
+    assert reports.read_sr_findings(path) == result.probabilities
+    assert "PixelData" in source_dataset  # the caller's dataset is left alone
+
+
+def test_sr_needs_a_dicom_source():
+    with pytest.raises(ValueError, match="no StudyInstanceUID"):
+        reports.build_sr(make_result(), pydicom.Dataset())
