@@ -19,6 +19,7 @@ import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from . import __version__
 from pydicom.uid import generate_uid
 
 from .labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 MANUFACTURER = "cxrlt-triton"
-SOFTWARE_VERSION = "0.1.0"  # keep in step with pyproject.toml's version
+SOFTWARE_VERSION = __version__
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE: random weights. The served networks were randomly "
     "initialised; these probabilities are not diagnostic."

@@ -83,13 +83,18 @@ def parity_inputs(config: PreprocessConfig, seed: int = 0) -> list[np.ndarray]:
     return batches
 
 
-def real_looking_images() -> list[np.ndarray]:
-    """The real chest X-ray shipped in pydicom-data and a synthetic frontal and lateral one."""
+def synthetic_radiographs() -> dict[str, np.ndarray]:
+    """A synthetic frontal and lateral radiograph (uint16) with cardiomegaly and an effusion drawn."""
     from training.synth import render_image  # local: training data code is not needed to serve
 
     findings = np.zeros(len(ALL_LABELS), dtype=np.float32)
     findings[[ALL_LABELS.index("cardiomegaly"), ALL_LABELS.index("pleural effusion")]] = 1
-    images = [render_image(findings, projection, np.random.default_rng(seed)) for seed, projection in enumerate(PROJECTIONS)]
+    return {p: render_image(findings, p, np.random.default_rng(seed)) for seed, p in enumerate(PROJECTIONS)}
+
+
+def real_looking_images() -> list[np.ndarray]:
+    """The real chest X-ray shipped in pydicom-data and the synthetic frontal and lateral ones."""
+    images = list(synthetic_radiographs().values())
     try:
         from cxrlt.dicom_io import load_image
         from pydicom.data import get_testdata_file

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny model repository built once and a real tritonserver serving it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrlt.server import TritonServer, free_port
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory) -> Path:
+    """The tiny-profile repository with seeded random weights (built once per test session)."""
+    from exporters.build_repo import BuildOptions, build_repository
+
+    out = tmp_path_factory.mktemp("repos") / "tiny"
+    build_repository(out, BuildOptions(profile="tiny"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_repository, tmp_path_factory):
+    """A real tritonserver (the one in the nvidia-pytriton wheel) serving the tiny repository.
+
+    The repository is copied so tests that edit configs use their own servers.
+    Control mode is explicit with every model loaded at start-up, so tests may reload one.
+    """
+    repository = tmp_path_factory.mktemp("served") / "repo"
+    shutil.copytree(tiny_repository, repository)
+    server = TritonServer(
+        repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log",
+        extra_args=("--model-control-mode=explicit", "--load-model=*"),
+    )
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def grpc_client(triton_server):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(triton_server.endpoints.grpc)
+
+
+@pytest.fixture(scope="session")
+def real_cxr() -> np.ndarray:
+    """The real PA chest CR shipped in pydicom-data, through the client's DICOM path."""
+    from pydicom.data import get_testdata_file
+
+    from cxrlt.dicom_io import load_image
+
+    return load_image(get_testdata_file("RG1_UNCR.dcm")).pixels
+
+
+@pytest.fixture(scope="session")
+def synthetic_cxrs() -> dict[str, np.ndarray]:
+    """A synthetic frontal and lateral radiograph (uint16) with a couple of findings drawn."""
+    from exporters.build_repo import synthetic_radiographs
+
+    return synthetic_radiographs()
