@@ -167,12 +167,14 @@ def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: 
     return record
 
 
-def _bls_configs(out: Path, options: BuildOptions, classifier: ClassifierSettings, zeroshot: ZeroShotSettings) -> None:
+def _bls_configs(out: Path, options: BuildOptions, classifier: ClassifierSettings, zeroshot: ZeroShotSettings, random_weights: bool) -> None:
     common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances)
+    # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
+    flag = {"random_weights": "true" if random_weights else "false"}
     texts = {
-        "cxr_classifier": render("cxr_classifier/config.pbtxt.template", parameters=parameters_block(classifier.to_parameters()), **common),
-        "cxr_zeroshot": render("cxr_zeroshot/config.pbtxt.template", parameters=parameters_block(zeroshot.to_parameters()), **common),
-        "cxr_findings": render("cxr_findings/config.pbtxt.template", **common),
+        "cxr_classifier": render("cxr_classifier/config.pbtxt.template", parameters=parameters_block({**classifier.to_parameters(), **flag}), **common),
+        "cxr_zeroshot": render("cxr_zeroshot/config.pbtxt.template", parameters=parameters_block({**zeroshot.to_parameters(), **flag}), **common),
+        "cxr_findings": render("cxr_findings/config.pbtxt.template", parameters=parameters_block(flag), **common),
     }
     labels = {"cxr_classifier": TASK1_LABELS, "cxr_zeroshot": TASK2_LABELS, "cxr_findings": ALL_LABELS}
     for name, text in texts.items():
@@ -248,10 +250,10 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
     step("encoding zero-shot prompts")
     text_cache = build_text_cache(out, clip_model, profile.clip.model_name, Path(options.prompts), clip_weights)
 
-    step("writing Python models")
-    _bls_configs(out, options, classifier, zeroshot)
-
     random_weights = any(m["checkpoint"] is None for m in models.values())
+    step("writing Python models")
+    _bls_configs(out, options, classifier, zeroshot, random_weights)
+
     manifest = {
         "profile": profile.name,
         "target": options.target,
