@@ -33,7 +33,11 @@ async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.nda
         code = error.code() if hasattr(error, "code") else None
         if code is not None and code == pb_utils.TritonError.INVALID_ARG:
             raise RequestError(error.message())
-        raise MemberError(model_name, error.message())
+        message = error.message()
+        unavailable = code == pb_utils.TritonError.UNAVAILABLE or any(
+            phrase in message.lower() for phrase in ("unknown model", "not found", "no available version", "unavailable")
+        )
+        raise MemberError(model_name, message, unavailable)
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
@@ -67,7 +71,7 @@ def error_response(pb_utils: Any, exc: BaseException) -> Any:
     if isinstance(exc, RequestError):
         code = pb_utils.TritonError.INVALID_ARG
     elif isinstance(exc, MemberError):
-        code = pb_utils.TritonError.UNAVAILABLE if "unavailable" in str(exc).lower() else pb_utils.TritonError.INTERNAL
+        code = pb_utils.TritonError.UNAVAILABLE if exc.unavailable else pb_utils.TritonError.INTERNAL
     else:
         code = pb_utils.TritonError.INTERNAL
     message = str(exc) if isinstance(exc, (RequestError, MemberError)) else f"{type(exc).__name__}: {exc}"

@@ -10,6 +10,8 @@ class RequestError(ValueError):
 class MemberError(RuntimeError):
     """A model called through BLS failed or is unavailable (Triton INTERNAL/UNAVAILABLE)."""
 
-    def __init__(self, model_name: str, reason: str) -> None:
-        super().__init__(f"model {model_name!r} failed: {reason}")
+    def __init__(self, model_name: str, reason: str, unavailable: bool = False) -> None:
+        state = "is unavailable" if unavailable else "failed"
+        super().__init__(f"model {model_name!r} {state}: {reason}")
         self.model_name = model_name
+        self.unavailable = unavailable

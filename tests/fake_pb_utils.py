@@ -1,0 +1,98 @@
+"""A stand-in for `triton_python_backend_utils`, to unit-test model.py adapters without Triton.
+
+BLS requests are answered by the callables registered in `MODELS` (model name ->
+function(inputs dict) -> outputs dict, or raising to produce an error response).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+MODELS: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
+
+
+class TritonError:
+    INTERNAL, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, CANCELLED = range(5)
+
+    def __init__(self, message: str, code: int = 0):
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors, error: TritonError | None = None):
+        self.output_tensors, self._error = list(output_tensors), error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+
+class FakeRequest:
+    """What Triton hands `execute`: named input tensors."""
+
+    def __init__(self, **inputs: np.ndarray):
+        self.inputs = [Tensor(k, v) for k, v in inputs.items()]
+
+
+class InferenceRequest:
+    def __init__(self, model_name: str, requested_output_names, inputs):
+        self.model_name, self.outputs, self.inputs = model_name, list(requested_output_names), list(inputs)
+
+    async def async_exec(self) -> InferenceResponse:
+        if self.model_name not in MODELS:
+            return InferenceResponse([], TritonError(f"Request for unknown model: '{self.model_name}' is not found", TritonError.UNAVAILABLE))
+        try:
+            result = MODELS[self.model_name]({t.name(): t.as_numpy() for t in self.inputs})
+        except ValueError as exc:
+            return InferenceResponse([], TritonError(str(exc), TritonError.INVALID_ARG))
+        except Exception as exc:
+            return InferenceResponse([], TritonError(str(exc), TritonError.INTERNAL))
+        return InferenceResponse([Tensor(name, result[name]) for name in self.outputs])
+
+
+def get_input_tensor_by_name(request, name):
+    return next((t for t in request.inputs if t.name() == name), None)
+
+
+def get_output_tensor_by_name(response, name):
+    return next((t for t in response.output_tensors if t.name() == name), None)
+
+
+def install() -> types.ModuleType:
+    module = sys.modules[__name__]
+    sys.modules["triton_python_backend_utils"] = module
+    return module
+
+
+def load_model_py(path: Path) -> types.ModuleType:
+    """Import a triton_models/<model>/model.py with this fake as its pb_utils."""
+    install()
+    spec = importlib.util.spec_from_file_location(f"model_under_test_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

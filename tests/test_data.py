@@ -1,0 +1,245 @@
+"""Label readers, the label map, image loading, the patient split, augmentation, the Dataset."""
+
+import csv
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxrlt.labels import ALL_LABELS, TASK1_LABELS
+from cxrlt.preprocessing import PreprocessConfig
+from training import data
+from training.data import (
+    Augment,
+    CxrDataset,
+    class_counts,
+    find_counts_csv,
+    load_image,
+    load_padchest_counts,
+    load_padchest_label_map,
+    parse_padchest_labels,
+    patient_split,
+    read_cxrlt_csv,
+    read_padchest_csv,
+    write_padchest_label_map,
+)
+from training.synth import write_synthetic_dataset
+
+
+# ------------------------------------------------------------------ counts and label map
+
+
+def test_counts_csv_packaged_copy_and_override(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.COUNTS_CSV_ENV, raising=False)
+    assert find_counts_csv() == data.COUNTS_CSV_CANDIDATES[0]
+    shared = data.COUNTS_CSV_CANDIDATES[1]
+    if shared.is_file():  # the packaged copy is verbatim
+        assert data.COUNTS_CSV_CANDIDATES[0].read_bytes() == shared.read_bytes()
+    copy = tmp_path / "counts.csv"
+    copy.write_bytes(find_counts_csv().read_bytes())
+    monkeypatch.setenv(data.COUNTS_CSV_ENV, str(copy))
+    assert find_counts_csv() == copy
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_counts_csv(tmp_path / "missing.csv")
+
+
+def test_counts_cover_the_contract():
+    table = load_padchest_counts()
+    assert tuple(table) == ALL_LABELS  # 'Goiter' in the file matched to 'goiter'
+    counts = class_counts("core_all")
+    assert counts[0] == 50616 and counts[ALL_LABELS.index("Infarction")] == 0
+
+
+def test_shipped_label_map_matches_counts(tmp_path):
+    regenerated = write_padchest_label_map(tmp_path / "map.yaml")
+    assert load_padchest_label_map(regenerated) == load_padchest_label_map()
+    mapping = load_padchest_label_map()
+    assert "rib fracture" in mapping["fracture"]
+    assert "rib fracture" not in load_padchest_label_map(include_ext=False)["fracture"]
+    assert mapping["Infarction"] == frozenset()
+
+
+# ------------------------------------------------------------------------------ readers
+
+
+def test_parse_padchest_labels():
+    assert parse_padchest_labels("['cardiomegaly', ' pleural effusion']") == ["cardiomegaly", "pleural effusion"]
+    assert parse_padchest_labels("nan") == [] and parse_padchest_labels("['']") == []
+
+
+def write_padchest(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageID", "ImageDir", "PatientID", "Projection", "Report", "Labels"])
+        writer.writerows(rows)
+
+
+def test_read_padchest_csv(tmp_path):
+    path = tmp_path / "padchest.csv"
+    write_padchest(path, [
+        ["a.png", "0", "p1", "PA", "cardiomegalia, derrame", "['cardiomegaly', ' pleural effusion']"],
+        ["b.png", "0", "p1", "L", "normal", "['normal']"],
+        ["c.png", "1", "p2", "AP_horizontal", "", "['rib fracture', 'unchanged']"],
+        ["d.png", "1", "p3", "COSTAL", "", "['rib fracture']"],
+        ["e.png", "2", "p4", "AP", "", "['central venous catheter via jugular vein']"],
+        ["f.png", "2", "p5", "PA", "", "nan"],
+    ])
+    table = read_padchest_csv(path)
+    assert table.image_ids == ["a.png", "b.png", "c.png", "e.png", "f.png"]  # COSTAL dropped
+    assert table.projections == ["frontal", "lateral", "frontal", "frontal", "frontal"]
+    assert table.image_paths[0].replace("\\", "/") == "0/a.png"
+    assert table.labels.shape == (5, 36)
+    positives = [{ALL_LABELS[i] for i in np.flatnonzero(row)} for row in table.labels]
+    assert positives == [
+        {"cardiomegaly", "pleural effusion"},
+        {"Normal"},
+        {"fracture"},  # an `ext` sub-type
+        {"Support Devices", "central venous catheter"},  # one term, two classes
+        set(),
+    ]
+    core_only = read_padchest_csv(path, include_ext=False)
+    assert core_only.labels[2].sum() == 0
+    keep = read_padchest_csv(path, drop_unknown_projection=False)
+    assert len(keep) == 6 and keep.projection_indices().tolist() == [0, 1, 0, -1, 0, 0]
+
+
+def test_read_padchest_csv_bad_labels_names_the_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    write_padchest(path, [["a.png", "0", "p1", "PA", "", "['cardiomegaly'"]])
+    with pytest.raises(ValueError, match="line 2"):
+        read_padchest_csv(path)
+
+
+def write_cxrlt(path, header, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_read_cxrlt_csv_tolerates_extra_columns_and_names_missing(tmp_path):
+    path = tmp_path / "cxrlt.csv"
+    header = ["ImageID", "PatientID", "Extra", "Projection", *ALL_LABELS[:-1], "GOITER"]
+    write_cxrlt(path, header, [["x.png", "p1", "?", "PA", *([0] * 35), 1]])
+    table = read_cxrlt_csv(path)
+    assert table.labels.shape == (1, 36) and table.labels[0, -1] == 1
+    assert table.projections == ["frontal"]
+    missing = tmp_path / "missing.csv"
+    write_cxrlt(missing, ["ImageID", "PatientID", *TASK1_LABELS], [["x.png", "p1", *([0] * 30)]])
+    with pytest.raises(ValueError, match="Scoliosis"):
+        read_cxrlt_csv(missing)
+    assert read_cxrlt_csv(missing, labels=TASK1_LABELS).labels.shape == (1, 30)
+
+
+# ------------------------------------------------------------------------------- images
+
+
+def test_load_image_8_and_16_bit(tmp_path):
+    eight = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    sixteen = (np.arange(256, dtype=np.uint16) * 250).reshape(16, 16)
+    Image.fromarray(eight).save(tmp_path / "a.png")
+    Image.fromarray(sixteen).save(tmp_path / "b.png")
+    a, b = load_image(tmp_path / "a.png"), load_image(tmp_path / "b.png")
+    assert a.dtype == np.uint8 and (a == eight).all()
+    assert b.dtype == np.uint16 and (b == sixteen).all()
+    with pytest.raises(FileNotFoundError, match="image root"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_load_image_dicom_goes_through_cxrlt_dicom_io(tmp_path, monkeypatch):
+    pixels = np.full((10, 12), 1234, dtype=np.uint16)
+    fake = types.ModuleType("cxrlt.dicom_io")
+    fake.load_image = lambda path: types.SimpleNamespace(pixels=pixels)
+    monkeypatch.setitem(sys.modules, "cxrlt.dicom_io", fake)
+    dicom = tmp_path / "image.bin"
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)  # detected by its magic, not its name
+    assert (load_image(dicom) == pixels).all()
+
+
+# -------------------------------------------------------------------------------- split
+
+
+def test_patient_split_no_leakage_and_nine_to_one():
+    rng = np.random.default_rng(0)
+    patients = [f"p{i}" for i in range(300) for _ in range(int(rng.integers(1, 5)))]
+    train, val = patient_split(patients, seed=1)
+    assert len(train) + len(val) == len(patients) and not set(train) & set(val)
+    assert not {patients[i] for i in train} & {patients[i] for i in val}
+    assert 0.06 < len(val) / len(patients) < 0.14
+    again, _ = patient_split(patients, seed=1)
+    other, _ = patient_split(patients, seed=2)
+    assert again.tolist() == train.tolist() and other.tolist() != train.tolist()
+
+
+# -------------------------------------------------------------------------- augmentation
+
+
+def test_augment_keeps_shape_and_range():
+    rng = np.random.default_rng(0)
+    square = rng.random((48, 48)).astype(np.float32)
+    augment = Augment(clahe_p=0.0)
+    for _ in range(20):
+        out = augment(square, rng)
+        assert out.shape == (48, 48) and out.dtype == np.float32
+        assert out.min() >= 0.0 and out.max() <= 1.0
+    assert not np.allclose(augment(square, rng), square)
+
+
+def test_augment_identity_and_flip():
+    square = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    still = Augment(hflip_p=0.0, max_rotation=0, scale=(1, 1), max_translate=0, clahe_p=0)
+    assert np.allclose(still(square, np.random.default_rng(0)), square, atol=1e-5)
+    flip = Augment(hflip_p=1.0, max_rotation=0, scale=(1, 1), max_translate=0, clahe_p=0)
+    assert np.allclose(flip(square, np.random.default_rng(0)), square[:, ::-1], atol=1e-5)
+
+
+def test_clahe_applies_or_warns_once():
+    square = np.random.default_rng(2).random((32, 32)).astype(np.float32)
+    augment = Augment(hflip_p=0.0, max_rotation=0, scale=(1, 1), max_translate=0, clahe_p=1.0)
+    if data.CLAHE_BACKEND is None:
+        with pytest.warns(UserWarning, match="CLAHE"):
+            augment(square, np.random.default_rng(0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            augment(square, np.random.default_rng(0))  # only the first call warns
+    else:
+        out = augment(square, np.random.default_rng(0))
+        assert out.shape == square.shape and 0 <= out.min() and out.max() <= 1
+
+
+# ------------------------------------------------------------------------------ dataset
+
+
+@pytest.fixture(scope="module")
+def synth_table(tmp_path_factory):
+    csv_path = write_synthetic_dataset(tmp_path_factory.mktemp("ds"), 8, seed=0, image_size=48)
+    return read_cxrlt_csv(csv_path), csv_path.parent
+
+
+def test_dataset_items(synth_table):
+    table, root = synth_table
+    config = PreprocessConfig(size=32)
+    torch.manual_seed(0)
+    dataset = CxrDataset(table, root, config, augment=Augment(clahe_p=0.0))
+    pixels, labels, projection = dataset[0]
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+    assert labels.shape == (36,) and labels.dtype == torch.float32
+    assert projection in (0, 1)
+    task1 = CxrDataset(table, root, config, labels=TASK1_LABELS)
+    assert task1[0][1].shape == (30,)
+    assert {task1[i][2] for i in range(len(task1))} == {0, 1}
+    batch = next(iter(torch.utils.data.DataLoader(task1, batch_size=4)))
+    assert batch[0].shape == (4, 3, 32, 32) and batch[1].shape == (4, 30) and batch[2].dtype == torch.int64
+
+
+def test_load_image_real_dicom():
+    pydicom_data = pytest.importorskip("pydicom.data")
+    path = pydicom_data.get_testdata_file("RG1_UNCR.dcm")  # PA chest CR from pydicom-data
+    if path is None:
+        pytest.skip("pydicom-data's RG1_UNCR.dcm is not installed")
+    pixels = load_image(path)
+    assert pixels.ndim == 2 and pixels.dtype == np.uint16

@@ -1,0 +1,110 @@
+"""The model.py adapters in isolation, with a fake triton_python_backend_utils."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrlt.preprocessing import PreprocessConfig
+from python_backends.classifier import ClassifierSettings
+from tests import fake_pb_utils as pb
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "triton_models"
+
+
+def _config(params: dict[str, str]) -> str:
+    return json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}})
+
+
+@pytest.fixture
+def networks():
+    def router(inputs):
+        return {"logits": np.tile(np.array([[2.0, 0.0]], np.float32), (len(inputs["pixel_values"]), 1))}
+
+    def member(inputs):
+        return {"logits": np.zeros((len(inputs["pixel_values"]), 30), np.float32)}
+
+    pb.MODELS.clear()
+    pb.MODELS["projection_router"] = router
+    for projection in ("frontal", "lateral"):
+        for name in ("pcam", "cait", "swin"):
+            pb.MODELS[f"ensemble_{projection}_{name}"] = member
+    yield pb.MODELS
+    pb.MODELS.clear()
+
+
+@pytest.fixture
+def classifier():
+    module = pb.load_model_py(TEMPLATES / "cxr_classifier" / "model.py")
+    model = module.TritonPythonModel()
+    settings = ClassifierSettings(preprocess=PreprocessConfig(size=32), max_pixels=100_000)
+    model.initialize({"model_config": _config(settings.to_parameters())})
+    return model
+
+
+def _image(height=40, width=30):
+    return np.full((1, height, width), 1000, np.uint16) + np.arange(width, dtype=np.uint16)
+
+
+def test_bad_request_fails_alone_in_a_batch_of_requests(networks, classifier):
+    requests = [
+        pb.FakeRequest(IMAGE=_image()),
+        pb.FakeRequest(IMAGE=np.zeros((1, 1, 1), np.uint16)),
+        pb.FakeRequest(IMAGE=_image(), PROJECTION_HINT=np.array([[b"SIDEWAYS"]], dtype=object)),
+        pb.FakeRequest(IMAGE=_image(), PROJECTION_HINT=np.array([[b"LL"]], dtype=object)),
+    ]
+    responses = asyncio.run(classifier.execute(requests))
+    assert [r.has_error() for r in responses] == [False, True, True, False]
+    assert responses[1].error().code() == pb.TritonError.INVALID_ARG and "too small" in responses[1].error().message()
+    assert "unknown projection hint 'SIDEWAYS'" in responses[2].error().message()
+    outputs = {t.name(): t.as_numpy() for t in responses[3].output_tensors}
+    assert outputs["PROJECTION"].tolist() == [[b"lateral"]]
+    assert outputs["PROBABILITIES"].shape == (1, 30) and outputs["PROJECTION_SCORE"].shape == (1, 1)
+    frontal = {t.name(): t.as_numpy() for t in responses[0].output_tensors}
+    assert frontal["PROJECTION"].tolist() == [[b"frontal"]]
+
+
+def test_failing_member_is_named_and_no_probabilities_are_returned(networks, classifier):
+    def broken(inputs):
+        raise RuntimeError("onnxruntime failed: out of memory")
+
+    networks["ensemble_frontal_cait"] = broken
+    (response,) = asyncio.run(classifier.execute([pb.FakeRequest(IMAGE=_image())]))
+    assert response.has_error() and response.output_tensors == []
+    assert "ensemble_frontal_cait" in response.error().message()
+    assert response.error().code() == pb.TritonError.INTERNAL
+
+
+def test_unavailable_member_is_named(networks, classifier):
+    del networks["ensemble_frontal_swin"]
+    (response,) = asyncio.run(classifier.execute([pb.FakeRequest(IMAGE=_image())]))
+    assert response.has_error() and "ensemble_frontal_swin" in response.error().message()
+    assert response.error().code() == pb.TritonError.UNAVAILABLE
+
+
+def test_findings_concatenates_and_propagates_invalid_argument():
+    pb.MODELS.clear()
+    pb.MODELS["cxr_classifier"] = lambda i: {
+        "PROBABILITIES": np.full((1, 30), 0.25, np.float32),
+        "PROJECTION": np.array([[b"frontal"]], dtype=object),
+        "PROJECTION_SCORE": np.array([[0.9]], np.float32),
+    }
+    pb.MODELS["cxr_zeroshot"] = lambda i: {"PROBABILITIES": np.full((1, 6), 0.75, np.float32)}
+    module = pb.load_model_py(TEMPLATES / "cxr_findings" / "model.py")
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": "{}"})
+    (ok,) = asyncio.run(model.execute([pb.FakeRequest(IMAGE=_image())]))
+    probabilities = {t.name(): t.as_numpy() for t in ok.output_tensors}["PROBABILITIES"]
+    assert probabilities.shape == (1, 36) and probabilities[0, 29] == 0.25 and probabilities[0, 30] == 0.75
+
+    def reject(inputs):
+        raise ValueError("image is empty")
+
+    pb.MODELS["cxr_zeroshot"] = reject
+    (bad,) = asyncio.run(model.execute([pb.FakeRequest(IMAGE=_image())]))
+    assert bad.error().code() == pb.TritonError.INVALID_ARG and "image is empty" in bad.error().message()
+    pb.MODELS.clear()
