@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-repo": ("build_repo", "export every network to ONNX and write a Triton model repository"),
     "build-text-cache": ("text_cache", "re-encode the zero-shot prompts of a built repository (no ONNX re-export)"),
     "serve": ("serve", "run the embedded tritonserver on a model repository"),
+    "loadtest": ("loadtest", "load-test a running server with locust over gRPC and check throughput/latency targets"),
+    "bench": ("bench", "served pipeline vs the same pipeline in process (onnxruntime): images/s and latency per concurrency"),
 }
 
 

@@ -52,7 +52,7 @@ class BuildOptions:
     prompts: Path = DEFAULT_PROMPTS
     ort_threads: int = 1
     network_instances: int = 1
-    bls_instances: int = 2
+    bls_instances: int = 4  # in-flight images per BLS model: what lets member batchers merge
     max_batch_size: int = 16
     queue_delay_us: int = 2000
     tensorrt: bool = False

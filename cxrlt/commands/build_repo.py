@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of random initialisation (default 0)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per network instance")
     parser.add_argument("--network-instances", type=int, default=1, help="instances of each network model")
-    parser.add_argument("--bls-instances", type=int, default=2, help="instances of each Python BLS model")
+    parser.add_argument("--bls-instances", type=int, default=4, help="instances of each Python BLS model")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher max queue delay")
     parser.add_argument("--tta", help="TTA views, e.g. identity,hflip,rot+5,rot-5,zoom1.1,zoom0.9")

@@ -1,0 +1,180 @@
+"""Issue: cxr_classifier served by a real tritonserver equals the reference pipeline."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from exporters.model_configs import set_config_parameters
+from training.reference import ReferencePipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def classifier_inputs(image: np.ndarray, hint: str | None = None, dtype: str = "UINT16") -> list[grpcclient.InferInput]:
+    batch = image[None]
+    tensor = grpcclient.InferInput("IMAGE", list(batch.shape), dtype)
+    tensor.set_data_from_numpy(batch)
+    inputs = [tensor]
+    if hint is not None:
+        hint_tensor = grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
+        hint_tensor.set_data_from_numpy(np.array([[hint.encode()]], dtype=object))
+        inputs.append(hint_tensor)
+    return inputs
+
+
+def classify(client, image, hint=None, model="cxr_classifier"):
+    result = client.infer(model, classifier_inputs(image, hint))
+    return (
+        result.as_numpy("PROBABILITIES")[0],
+        result.as_numpy("PROJECTION")[0, 0].decode(),
+        float(result.as_numpy("PROJECTION_SCORE")[0, 0]),
+        result,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(triton_server):
+    return ReferencePipeline(triton_server.model_repository, engine="torch")
+
+
+@pytest.mark.parametrize("hint", [None, "PA", "LL", ""])
+def test_served_equals_reference_on_real_and_synthetic_images(grpc_client, reference, real_cxr, synthetic_cxrs, hint):
+    for image in (real_cxr, synthetic_cxrs["frontal"], synthetic_cxrs["lateral"]):
+        probabilities, projection, score, result = classify(grpc_client, image, hint)
+        expected = reference.classify(image, hint)
+        assert projection == expected.projection
+        assert score == pytest.approx(expected.projection_score, abs=1e-4)
+        np.testing.assert_allclose(probabilities, expected.probabilities, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(result.as_numpy("LOGITS")[0], expected.logits, atol=1e-4, rtol=0)
+        if hint == "LL":
+            assert projection == "lateral"
+        if hint == "PA":
+            assert projection == "frontal"
+
+
+def test_classification_extension_returns_labels(grpc_client, real_cxr):
+    result = grpc_client.infer(
+        "cxr_classifier", classifier_inputs(real_cxr), outputs=[grpcclient.InferRequestedOutput("PROBABILITIES", class_count=3)]
+    )
+    top = [entry.decode().split(":") for entry in result.as_numpy("PROBABILITIES")[0]]
+    assert len(top) == 3 and all(len(parts) == 3 for parts in top)
+    assert all(parts[2] for parts in top)  # label names come from labels.txt
+
+
+@pytest.fixture
+def edited_classifier(triton_server, grpc_client):
+    """Edit cxr_classifier's config on disk, reload it, and restore it afterwards."""
+    config = triton_server.model_repository / "cxr_classifier" / "config.pbtxt"
+    original = config.read_text()
+
+    def edit(**params: str) -> None:
+        set_config_parameters(config, params)
+        grpc_client.load_model("cxr_classifier")
+
+    yield edit
+    config.write_text(original)
+    grpc_client.load_model("cxr_classifier")
+
+
+def test_config_weights_and_alpha_change_served_result_as_reference_predicts(
+    grpc_client, triton_server, edited_classifier, real_cxr, synthetic_cxrs
+):
+    before, _, _, _ = classify(grpc_client, real_cxr, "PA")
+    edited_classifier(weights_frontal="pcam=0.1,cait=0.7,swin=0.2", normal_gating_alpha="2.0", tta_views="identity,hflip,rot+5")
+    after, _, _, _ = classify(grpc_client, real_cxr, "PA")
+    reference = ReferencePipeline(triton_server.model_repository, engine="torch")  # reads the edited config
+    assert reference.classifier_settings.gating_alpha == 2.0
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(after, reference.classify(real_cxr, "PA").probabilities, atol=1e-4, rtol=0)
+    lateral, projection, _, _ = classify(grpc_client, synthetic_cxrs["lateral"], "LL")
+    assert projection == "lateral"
+    np.testing.assert_allclose(lateral, reference.classify(synthetic_cxrs["lateral"], "LL").probabilities, atol=1e-4, rtol=0)
+
+
+def _member_stats(client) -> dict[str, tuple[int, int, int]]:
+    """member -> (requests, inferences (batch items), executions) from Triton's statistics API."""
+    stats = client.get_inference_statistics(as_json=True)["model_stats"]
+    return {
+        s["name"]: (
+            int(s["inference_stats"]["success"].get("count", 0)),
+            int(s.get("inference_count", 0)),
+            int(s.get("execution_count", 0)),
+        )
+        for s in stats
+        if s["name"].startswith("ensemble_")
+    }
+
+
+def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, triton_server, synthetic_cxrs):
+    before = _member_stats(grpc_client)
+
+    def call(_):
+        client = grpcclient.InferenceServerClient(triton_server.endpoints.grpc)
+        return classify(client, synthetic_cxrs["frontal"], "PA")[1]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(call, range(32))) == {"frontal"}
+    after = _member_stats(grpc_client)
+    for member in ("pcam", "cait", "swin"):
+        name = f"ensemble_frontal_{member}"
+        requests, inferences, executions = (a - b for a, b in zip(after[name], before[name]))
+        assert requests == 32 and inferences == 2 * 32  # one request per image, one item per TTA view
+        # sub-requests of concurrent images were merged into fewer onnxruntime runs
+        assert executions < requests, f"{name}: {executions} executions for {requests} requests"
+
+
+@pytest.mark.parametrize(
+    "image, hint, dtype, problem",
+    [
+        (np.zeros((0, 0), np.uint16), None, "UINT16", "empty"),
+        (np.zeros((1, 1), np.uint16), None, "UINT16", "too small"),
+        (np.zeros((64, 64), np.float32), None, "FP32", "data-type"),
+        (np.zeros((64, 64), np.uint16), "OBLIQUE", "UINT16", "unknown projection hint"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_and_others_succeed(grpc_client, triton_server, real_cxr, image, hint, dtype, problem):
+    good_client = grpcclient.InferenceServerClient(triton_server.endpoints.grpc)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        good = [pool.submit(classify, good_client, real_cxr, "PA") for _ in range(2)]
+        with pytest.raises(InferenceServerException) as error:
+            grpc_client.infer("cxr_classifier", classifier_inputs(image, hint, dtype))
+        assert all(f.result()[1] == "frontal" for f in good)
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert problem in error.value.message()
+    assert classify(grpc_client, real_cxr)[0].shape == (30,)
+
+
+def test_wrong_rank_is_rejected(grpc_client, real_cxr):
+    tensor = grpcclient.InferInput("IMAGE", [1, 64], "UINT16")
+    tensor.set_data_from_numpy(np.zeros((1, 64), np.uint16))
+    with pytest.raises(InferenceServerException) as error:
+        grpc_client.infer("cxr_classifier", [tensor])
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "shape" in error.value.message()
+    assert classify(grpc_client, real_cxr)[0].shape == (30,)
+
+
+def test_pixel_limit_from_config(grpc_client, edited_classifier, real_cxr):
+    edited_classifier(max_pixels="10000")
+    with pytest.raises(InferenceServerException) as error:
+        classify(grpc_client, real_cxr)
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "exceeds the limit of 10000 pixels" in error.value.message()
+
+
+def test_unavailable_member_is_named_and_server_recovers(grpc_client, real_cxr):
+    grpc_client.unload_model("ensemble_frontal_swin")
+    try:
+        with pytest.raises(InferenceServerException) as error:
+            classify(grpc_client, real_cxr, "PA")
+        assert "ensemble_frontal_swin" in error.value.message()
+        assert error.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.INTERNAL")
+        # the other projection's ensemble is untouched
+        assert classify(grpc_client, real_cxr, "LL")[1] == "lateral"
+    finally:
+        grpc_client.load_model("ensemble_frontal_swin")
+    assert classify(grpc_client, real_cxr, "PA")[1] == "frontal"
