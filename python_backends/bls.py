@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .classifier import Infer
-from .pipeline_errors import MemberError, RequestError
+from .pipeline_errors import INVALID_INPUT, MemberError, RequestError
 
 NETWORK_INPUT = "pixel_values"
 
@@ -31,9 +31,9 @@ async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.nda
     if response.has_error():
         error = response.error()
         code = error.code() if hasattr(error, "code") else None
-        if code is not None and code == pb_utils.TritonError.INVALID_ARG:
-            raise RequestError(error.message())
         message = error.message()
+        if code == pb_utils.TritonError.INVALID_ARG or message.startswith(INVALID_INPUT):
+            raise RequestError(message)
         unavailable = code == pb_utils.TritonError.UNAVAILABLE or any(
             phrase in message.lower() for phrase in ("unknown model", "not found", "no available version", "unavailable")
         )

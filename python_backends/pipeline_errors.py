@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 
+# Triton hands a BLS caller its callee's errors with the code INTERNAL, whatever the callee
+# said; this marker keeps "your input is bad" recognisable through a chain of BLS calls.
+INVALID_INPUT = "invalid input: "
+
+
 class RequestError(ValueError):
     """The request itself is bad (Triton INVALID_ARG); the message names the problem."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message if message.startswith(INVALID_INPUT) else INVALID_INPUT + message)
 
 
 class MemberError(RuntimeError):

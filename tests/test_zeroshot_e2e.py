@@ -1,0 +1,124 @@
+"""Issue: zero-shot findings served by a real tritonserver equal open_clip in PyTorch."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from cxrlt.text_cache import PROMPTS_FILE
+from exporters.build_repo import rebuild_text_cache
+from exporters.model_configs import set_config_parameters
+from training.checkpoints import file_sha256
+from training.reference import ReferencePipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def _inputs(image: np.ndarray, hint: str | None = None) -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput("IMAGE", [1, *image.shape], "UINT16")
+    tensor.set_data_from_numpy(image[None])
+    inputs = [tensor]
+    if hint is not None:
+        hint_tensor = grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
+        hint_tensor.set_data_from_numpy(np.array([[hint.encode()]], dtype=object))
+        inputs.append(hint_tensor)
+    return inputs
+
+
+def zeroshot(client, image):
+    result = client.infer("cxr_zeroshot", _inputs(image))
+    return result.as_numpy("PROBABILITIES")[0], result.as_numpy("SIMILARITIES")[0]
+
+
+@pytest.fixture
+def repository(triton_server, grpc_client):
+    """The served repository; cxr_zeroshot's files are restored and the model reloaded afterwards."""
+    repo = triton_server.model_repository
+    backup = repo.parent / "zeroshot-backup"
+    shutil.copytree(repo / "cxr_zeroshot", backup)
+    encoder_record = (repo / "clip_image_encoder" / "1" / "encoder.json").read_text()
+    yield repo
+    shutil.rmtree(repo / "cxr_zeroshot")
+    shutil.move(backup, repo / "cxr_zeroshot")
+    (repo / "clip_image_encoder" / "1" / "encoder.json").write_text(encoder_record)
+    grpc_client.load_model("cxr_zeroshot")
+
+
+def test_served_zeroshot_equals_open_clip_reference(grpc_client, triton_server, real_cxr, synthetic_cxrs):
+    reference = ReferencePipeline(triton_server.model_repository, engine="torch")
+    for image in (real_cxr, synthetic_cxrs["frontal"], synthetic_cxrs["lateral"]):
+        probabilities, similarities = zeroshot(grpc_client, image)
+        expected_p, expected_s = reference.score_zeroshot(image)
+        np.testing.assert_allclose(similarities, expected_s, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(probabilities, expected_p, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-5.0 * similarities)), atol=1e-5)
+
+
+def test_findings_equals_the_two_separate_calls(grpc_client, real_cxr, synthetic_cxrs):
+    for image, hint in ((real_cxr, "PA"), (synthetic_cxrs["lateral"], None)):
+        findings = grpc_client.infer("cxr_findings", _inputs(image, hint))
+        task1 = grpc_client.infer("cxr_classifier", _inputs(image, hint))
+        task2, _ = zeroshot(grpc_client, image)
+        probabilities = findings.as_numpy("PROBABILITIES")[0]
+        assert probabilities.shape == (36,)
+        np.testing.assert_array_equal(probabilities[:30], task1.as_numpy("PROBABILITIES")[0])
+        np.testing.assert_array_equal(probabilities[30:], task2)
+        assert findings.as_numpy("PROJECTION")[0, 0] == task1.as_numpy("PROJECTION")[0, 0]
+        assert findings.as_numpy("PROJECTION_SCORE")[0, 0] == task1.as_numpy("PROJECTION_SCORE")[0, 0]
+
+
+def test_findings_passes_bad_input_errors_through(grpc_client, real_cxr):
+    with pytest.raises(InferenceServerException) as error:
+        grpc_client.infer("cxr_findings", _inputs(np.zeros((2, 2), np.uint16)))
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "too small" in error.value.message()
+    assert grpc_client.infer("cxr_findings", _inputs(real_cxr)).as_numpy("PROBABILITIES").shape == (1, 36)
+
+
+def test_prompt_edit_and_cache_rebuild_change_similarities_without_reexport(grpc_client, repository, real_cxr):
+    onnx_before = file_sha256(repository / "clip_image_encoder" / "1" / "model.onnx")
+    _, before = zeroshot(grpc_client, real_cxr)
+    prompts = repository / "cxr_zeroshot" / "1" / PROMPTS_FILE
+    prompts.write_text(prompts.read_text().replace(
+        "bilateral hilar adenopathy", "massive bulky lymph nodes in both hila and the aortopulmonary window"
+    ))
+    rebuild_text_cache(repository)
+    grpc_client.load_model("cxr_zeroshot")
+    probabilities, after = zeroshot(grpc_client, real_cxr)
+    expected_p, expected_s = ReferencePipeline(repository, engine="torch").score_zeroshot(real_cxr)
+    np.testing.assert_allclose(after, expected_s, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(probabilities, expected_p, atol=1e-4, rtol=0)
+    adenopathy = 4
+    assert abs(after[adenopathy] - before[adenopathy]) > 1e-6
+    np.testing.assert_allclose(np.delete(after, adenopathy), np.delete(before, adenopathy), atol=1e-6)
+    assert file_sha256(repository / "clip_image_encoder" / "1" / "model.onnx") == onnx_before
+
+
+def test_stale_prompt_cache_is_refused_with_rebuild_instructions(grpc_client, repository):
+    prompts = repository / "cxr_zeroshot" / "1" / PROMPTS_FILE
+    prompts.write_text(prompts.read_text().replace("goiter extending", "goitre extending"))
+    with pytest.raises(InferenceServerException) as error:
+        grpc_client.load_model("cxr_zeroshot")
+    assert "changed after the text cache was built" in error.value.message()
+    assert "cxrlt build-text-cache --repo" in error.value.message()
+
+
+def test_cache_from_other_weights_is_refused(grpc_client, repository):
+    record = repository / "clip_image_encoder" / "1" / "encoder.json"
+    record.write_text(record.read_text().replace('"weights_sha256": "', '"weights_sha256": "0ther'))
+    cache_record = repository / "cxr_zeroshot" / "1" / "text_cache.json"
+    cache_record.write_text(cache_record.read_text())  # Triton reloads a model only when its own files changed
+    with pytest.raises(InferenceServerException) as error:
+        grpc_client.load_model("cxr_zeroshot")
+    assert "was built from CLIP weights" in error.value.message() and "cxrlt build-text-cache" in error.value.message()
+
+
+def test_softmax_scoring_with_negative_prompts(grpc_client, repository, real_cxr):
+    set_config_parameters(repository / "cxr_zeroshot" / "config.pbtxt", {"scoring": "softmax"})
+    grpc_client.load_model("cxr_zeroshot")
+    probabilities, _ = zeroshot(grpc_client, real_cxr)
+    expected, _ = ReferencePipeline(repository, engine="torch").score_zeroshot(real_cxr)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4, rtol=0)
