@@ -1,0 +1,130 @@
+"""Exporters and checkpoints: parity, determinism, checkpoint errors, prompt files, text cache."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxrlt.labels import TASK2_LABELS
+from cxrlt.profiles import get_profile
+from cxrlt.text_cache import StaleCacheError, load_text_cache, save_text_cache
+from exporters.build_repo import BuildOptions, build_repository, read_manifest
+from exporters.model_configs import config_parameters, read_config
+from exporters.onnx_export import ParityError, check_parity, export_onnx
+from exporters.prompts import load_prompts
+from training.checkpoints import CheckpointError, checkpoint_path, save_state_dict, state_dict_sha256
+from training.weights import load_clip, load_network
+
+TINY = get_profile("tiny")
+
+
+def test_rebuilding_the_same_inputs_gives_the_same_repository(tiny_repository, tmp_path):
+    again = tmp_path / "again"
+    build_repository(again, BuildOptions(profile="tiny"))
+    comparison = filecmp.dircmp(tiny_repository, again)
+
+    def differences(cmp) -> list[str]:
+        found = [f"{cmp.left}/{name}" for name in cmp.diff_files + cmp.left_only + cmp.right_only if name != "__pycache__"]
+        return found + [d for sub in cmp.subdirs.values() for d in differences(sub)]
+
+    assert differences(comparison) == []
+
+
+def test_every_generated_config_parses_with_tritons_model_config(tiny_repository):
+    names = sorted(p.parent.name for p in tiny_repository.glob("*/config.pbtxt"))
+    assert len(names) == 11
+    for name in names:
+        config = read_config(tiny_repository / name / "config.pbtxt")
+        assert config.name == name and config.max_batch_size == 16
+    assert config_parameters(tiny_repository / "cxr_classifier" / "config.pbtxt")["weights_frontal"] == "pcam=0.4,cait=0.2,swin=0.4"
+    ngc = build_repository(tiny_repository.parent / "ngc", BuildOptions(profile="tiny", target="ngc", tensorrt=True))
+    router = read_config(tiny_repository.parent / "ngc" / "projection_router" / "config.pbtxt")
+    assert ngc["target"] == "ngc" and router.platform == "onnxruntime_onnx" and not router.backend
+    assert router.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    assert not (tiny_repository.parent / "ngc" / "projection_router" / "1" / "model.py").exists()
+
+
+def test_checkpoints_are_loaded_and_recorded(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    trained, _ = load_network(TINY, "ensemble_lateral_pcam", seed=7)
+    save_state_dict(trained, checkpoint_path(checkpoints, "ensemble_lateral_pcam"), epoch=3)
+    clip, _ = load_clip(TINY, seed=7)
+    torch.save(clip.state_dict(), checkpoint_path(checkpoints, "clip"))  # a bare open_clip state_dict
+    manifest = build_repository(tmp_path / "repo", BuildOptions(profile="tiny", checkpoints=checkpoints, allow_random=True))
+    member = manifest["models"]["ensemble_lateral_pcam"]
+    assert member["checkpoint"].endswith("ensemble_lateral_pcam.pt")
+    assert member["weights_sha256"] == state_dict_sha256(trained)
+    assert manifest["models"]["clip_image_encoder"]["weights_sha256"] == state_dict_sha256(clip)
+    assert manifest["models"]["projection_router"]["checkpoint"] is None and manifest["random_weights"] is True
+    encoder = json.loads((tmp_path / "repo" / "clip_image_encoder" / "1" / "encoder.json").read_text())
+    assert encoder["weights_sha256"] == state_dict_sha256(clip)
+
+
+def test_missing_checkpoint_without_allow_random_is_an_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="has no projection_router.pt"):
+        build_repository(tmp_path / "repo", BuildOptions(profile="tiny", checkpoints=tmp_path / "ckpt"))
+    assert not (tmp_path / "repo").exists()  # a failed build leaves nothing behind
+
+
+@pytest.mark.parametrize("corrupt, message", [("drop", "missing key"), ("shape", "has shape"), ("extra", "unexpected key")])
+def test_checkpoint_mismatch_names_file_and_first_bad_key(tmp_path, corrupt, message):
+    model, _ = load_network(TINY, "ensemble_frontal_swin")
+    state = model.state_dict()
+    first = next(iter(state))
+    if corrupt == "drop":
+        del state[first]
+    elif corrupt == "shape":
+        state[first] = torch.zeros(3, 3)
+    else:
+        state["head.bogus"] = torch.zeros(1)
+    path = checkpoint_path(tmp_path, "ensemble_frontal_swin")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_network(TINY, "ensemble_frontal_swin", tmp_path)
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert (first if corrupt != "extra" else "head.bogus") in str(error.value)
+
+
+def test_parity_check_catches_an_unfaithful_export(tmp_path):
+    model, _ = load_network(TINY, "ensemble_frontal_pcam")
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", TINY.image_size, "logits")
+    batch = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    assert check_parity(model, onnx_path, [batch]) <= 1e-4
+    with torch.no_grad():
+        model.head.classifier.bias += 0.01  # PyTorch now differs from the exported file
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        check_parity(model, onnx_path, [batch])
+
+
+def test_prompt_file_validation(tmp_path):
+    prompts = load_prompts()
+    assert prompts.class_names == TASK2_LABELS and all(len(p) >= 3 for p in prompts.prompts)
+    assert prompts.negatives is not None
+    bad = tmp_path / "p.yaml"
+    bad.write_text("classes:\n  - name: Scoliosis\n    prompts: ['curved spine']\n")
+    with pytest.raises(ValueError, match="lacks classes"):
+        load_prompts(bad)
+
+
+def test_text_cache_refuses_mismatches(tmp_path):
+    encoder = tmp_path / "encoder.json"
+    encoder.write_text(json.dumps({"weights_sha256": "abc", "dim": 4}))
+    (tmp_path / "prompts.yaml").write_text("x")
+    positive = np.ones((6, 4), np.float32)
+    save_text_cache(tmp_path, TASK2_LABELS, positive, None, {"weights_sha256": "abc", "prompts_sha256": "nope"})
+    with pytest.raises(StaleCacheError, match="changed after the text cache was built"):
+        load_text_cache(tmp_path, TASK2_LABELS, encoder)
+    (tmp_path / "prompts.yaml").unlink()
+    assert load_text_cache(tmp_path, TASK2_LABELS, encoder).positive.shape == (6, 4)
+    with pytest.raises(StaleCacheError, match="differ from the served classes"):
+        load_text_cache(tmp_path, TASK2_LABELS[::-1], encoder)
+    encoder.write_text(json.dumps({"weights_sha256": "abc", "dim": 8}))
+    with pytest.raises(StaleCacheError, match="does not fit"):
+        load_text_cache(tmp_path, TASK2_LABELS, encoder)
+    with pytest.raises(StaleCacheError, match="no text cache"):
+        load_text_cache(tmp_path / "missing", TASK2_LABELS, encoder)

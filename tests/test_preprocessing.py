@@ -1,0 +1,98 @@
+"""The shared preprocessing and ensemble math."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrlt import ensemble
+from cxrlt.labels import ACCEPTED_HINTS, projection_from_hint
+from cxrlt.preprocessing import TTA_VIEWS, ImageError, PreprocessConfig, fit_square, preprocess, scale_to_unit, tta_view
+
+
+def test_percentile_clip_scales_to_unit_range():
+    image = np.arange(10_000, dtype=np.uint16).reshape(100, 100)
+    image[0, 0] = 65535  # an outlier far above the 99.5th percentile
+    unit = scale_to_unit(image, PreprocessConfig(size=32))
+    assert unit.min() == 0.0 and unit.max() == 1.0
+    assert np.mean(unit == 1.0) == pytest.approx(0.005, abs=0.001)  # the top 0.5 % saturate
+
+
+def test_clip_mode_divides_by_the_source_maximum():
+    config = PreprocessConfig.clip(224)
+    assert scale_to_unit(np.full((8, 8), 255, np.uint16), config).max() == pytest.approx(1.0)
+    assert scale_to_unit(np.full((8, 8), 32768, np.uint16), config).max() == pytest.approx(32768 / 65535)
+
+
+def test_fit_square_keeps_aspect_ratio_with_zero_padding():
+    wide = np.ones((50, 100), np.float32)
+    square = fit_square(wide, 64)
+    assert square.shape == (64, 64)
+    assert square[:15].max() == 0 and square[-15:].max() == 0  # padded top and bottom
+    assert square[32].min() == pytest.approx(1.0)
+
+
+def test_preprocess_output_and_tta_views():
+    image = (np.random.default_rng(0).random((120, 90)) * 4000).astype(np.uint16)
+    config = PreprocessConfig(size=32)
+    batch = preprocess(image, config, views=TTA_VIEWS)
+    assert batch.shape == (len(TTA_VIEWS), 3, 32, 32) and batch.dtype == np.float32
+    mean, std = np.array(config.mean)[:, None, None], np.array(config.std)[:, None, None]
+    gray = batch[0] * std + mean
+    np.testing.assert_allclose(gray[0], gray[1], atol=1e-6)  # grayscale replicated, then normalised per channel
+    np.testing.assert_allclose(batch[1], batch[0][..., ::-1])  # hflip
+    square = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    assert tta_view(square, "zoom0.9")[0].max() == 0  # zoom out pads with black
+    with pytest.raises(ValueError, match="unknown TTA view"):
+        tta_view(square, "vflip")
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((0, 5), np.uint16), "empty"),
+        (np.zeros((4, 100), np.uint16), "too small"),
+        (np.zeros((10, 10), np.int32), "dtype"),
+        (np.zeros((10, 10, 3), np.uint16), "2-D"),
+    ],
+)
+def test_bad_images_raise_image_error(image, message):
+    with pytest.raises(ImageError, match=message):
+        preprocess(image, PreprocessConfig(size=32))
+
+
+def test_config_round_trips_through_triton_parameters():
+    config = PreprocessConfig(size=512, clip_percentiles=(1.0, 99.0))
+    assert PreprocessConfig.from_parameters(config.to_parameters()) == config
+
+
+def test_projection_hints():
+    assert [projection_from_hint(h) for h in ACCEPTED_HINTS] == ["frontal", "frontal", "lateral", "lateral", "lateral"]
+    assert projection_from_hint(b" pa ") == "frontal" and projection_from_hint("") is None and projection_from_hint(None) is None
+    with pytest.raises(ValueError, match="unknown projection hint"):
+        projection_from_hint("LAO")
+
+
+def test_zeroshot_scores_are_mean_cosines_and_negative_softmax():
+    rng = np.random.default_rng(0)
+    prompts = rng.standard_normal((6, 3, 8))
+    prompts /= np.linalg.norm(prompts, axis=-1, keepdims=True)
+    image = rng.standard_normal(8)
+    unit = image / np.linalg.norm(image)
+    probabilities, similarities = ensemble.zeroshot_scores(image * 3.0, prompts.mean(axis=1), alpha=5.0)
+    np.testing.assert_allclose(similarities, (prompts @ unit).mean(axis=1), atol=1e-6)
+    np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-5.0 * similarities)), atol=1e-6)
+    negative = -prompts.mean(axis=1)
+    p_softmax, _ = ensemble.zeroshot_scores(image, prompts.mean(axis=1), negative, alpha=5.0)
+    two_way = np.exp(5 * similarities) / (np.exp(5 * similarities) + np.exp(-5 * similarities))
+    np.testing.assert_allclose(p_softmax, two_way, atol=1e-6)
+
+
+def test_weights_parse_and_normalise():
+    weights = ensemble.parse_weights("pcam=2,cait=1,swin=1")
+    logits = {"pcam": np.full((2, 30), 1.0), "cait": np.full((2, 30), -1.0), "swin": np.zeros((2, 30))}
+    assert ensemble.combine_member_logits(logits, weights)[0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="non-negative"):
+        ensemble.parse_weights("pcam=-1,cait=1,swin=1")
+    with pytest.raises(ValueError, match="bad ensemble weight"):
+        ensemble.parse_weights("pcam=heavy,cait=1,swin=1")
