@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,25 +10,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exporters.model_configs import set_config_parameters
+from tests.grpc_inputs import image_inputs
 from training.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
 
 
-def classifier_inputs(image: np.ndarray, hint: str | None = None, dtype: str = "UINT16") -> list[grpcclient.InferInput]:
-    batch = image[None]
-    tensor = grpcclient.InferInput("IMAGE", list(batch.shape), dtype)
-    tensor.set_data_from_numpy(batch)
-    inputs = [tensor]
-    if hint is not None:
-        hint_tensor = grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
-        hint_tensor.set_data_from_numpy(np.array([[hint.encode()]], dtype=object))
-        inputs.append(hint_tensor)
-    return inputs
-
-
 def classify(client, image, hint=None, model="cxr_classifier"):
-    result = client.infer(model, classifier_inputs(image, hint))
+    result = client.infer(model, image_inputs(image, hint))
     return (
         result.as_numpy("PROBABILITIES")[0],
         result.as_numpy("PROJECTION")[0, 0].decode(),
@@ -60,7 +48,7 @@ def test_served_equals_reference_on_real_and_synthetic_images(grpc_client, refer
 
 def test_classification_extension_returns_labels(grpc_client, real_cxr):
     result = grpc_client.infer(
-        "cxr_classifier", classifier_inputs(real_cxr), outputs=[grpcclient.InferRequestedOutput("PROBABILITIES", class_count=3)]
+        "cxr_classifier", image_inputs(real_cxr), outputs=[grpcclient.InferRequestedOutput("PROBABILITIES", class_count=3)]
     )
     top = [entry.decode().split(":") for entry in result.as_numpy("PROBABILITIES")[0]]
     assert len(top) == 3 and all(len(parts) == 3 for parts in top)
@@ -143,7 +131,7 @@ def test_bad_requests_get_invalid_argument_and_others_succeed(grpc_client, trito
     with ThreadPoolExecutor(max_workers=3) as pool:
         good = [pool.submit(classify, good_client, real_cxr, "PA") for _ in range(2)]
         with pytest.raises(InferenceServerException) as error:
-            grpc_client.infer("cxr_classifier", classifier_inputs(image, hint, dtype))
+            grpc_client.infer("cxr_classifier", image_inputs(image, hint, dtype))
         assert all(f.result()[1] == "frontal" for f in good)
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert problem in error.value.message()

@@ -12,7 +12,7 @@ import torch
 from cxrlt.labels import TASK2_LABELS
 from cxrlt.profiles import get_profile
 from cxrlt.text_cache import StaleCacheError, load_text_cache, save_text_cache
-from exporters.build_repo import BuildOptions, build_repository, read_manifest
+from exporters.build_repo import BuildOptions, build_repository
 from exporters.model_configs import config_parameters, read_config
 from exporters.onnx_export import ParityError, check_parity, export_onnx
 from exporters.prompts import load_prompts

@@ -6,31 +6,20 @@ import shutil
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from cxrlt.text_cache import PROMPTS_FILE
 from exporters.build_repo import rebuild_text_cache
 from exporters.model_configs import set_config_parameters
 from training.checkpoints import file_sha256
+from tests.grpc_inputs import image_inputs
 from training.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
 
 
-def _inputs(image: np.ndarray, hint: str | None = None) -> list[grpcclient.InferInput]:
-    tensor = grpcclient.InferInput("IMAGE", [1, *image.shape], "UINT16")
-    tensor.set_data_from_numpy(image[None])
-    inputs = [tensor]
-    if hint is not None:
-        hint_tensor = grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
-        hint_tensor.set_data_from_numpy(np.array([[hint.encode()]], dtype=object))
-        inputs.append(hint_tensor)
-    return inputs
-
-
 def zeroshot(client, image):
-    result = client.infer("cxr_zeroshot", _inputs(image))
+    result = client.infer("cxr_zeroshot", image_inputs(image))
     return result.as_numpy("PROBABILITIES")[0], result.as_numpy("SIMILARITIES")[0]
 
 
@@ -60,8 +49,8 @@ def test_served_zeroshot_equals_open_clip_reference(grpc_client, triton_server, 
 
 def test_findings_equals_the_two_separate_calls(grpc_client, real_cxr, synthetic_cxrs):
     for image, hint in ((real_cxr, "PA"), (synthetic_cxrs["lateral"], None)):
-        findings = grpc_client.infer("cxr_findings", _inputs(image, hint))
-        task1 = grpc_client.infer("cxr_classifier", _inputs(image, hint))
+        findings = grpc_client.infer("cxr_findings", image_inputs(image, hint))
+        task1 = grpc_client.infer("cxr_classifier", image_inputs(image, hint))
         task2, _ = zeroshot(grpc_client, image)
         probabilities = findings.as_numpy("PROBABILITIES")[0]
         assert probabilities.shape == (36,)
@@ -73,9 +62,9 @@ def test_findings_equals_the_two_separate_calls(grpc_client, real_cxr, synthetic
 
 def test_findings_passes_bad_input_errors_through(grpc_client, real_cxr):
     with pytest.raises(InferenceServerException) as error:
-        grpc_client.infer("cxr_findings", _inputs(np.zeros((2, 2), np.uint16)))
+        grpc_client.infer("cxr_findings", image_inputs(np.zeros((2, 2), np.uint16)))
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "too small" in error.value.message()
-    assert grpc_client.infer("cxr_findings", _inputs(real_cxr)).as_numpy("PROBABILITIES").shape == (1, 36)
+    assert grpc_client.infer("cxr_findings", image_inputs(real_cxr)).as_numpy("PROBABILITIES").shape == (1, 36)
 
 
 def test_prompt_edit_and_cache_rebuild_change_similarities_without_reexport(grpc_client, repository, real_cxr):
