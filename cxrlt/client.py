@@ -430,8 +430,8 @@ class CxrltClient(_ClientBase):
                 self._info = self._model_info(configs)
             return self._info
 
-    @property
     def random_weights(self) -> bool:
+        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
         return self.model_info().random_weights
 
     def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
@@ -552,6 +552,7 @@ class AsyncCxrltClient(_ClientBase):
             return self._info
 
     async def random_weights(self) -> bool:
+        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
         return (await self.model_info()).random_weights
 
     async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:

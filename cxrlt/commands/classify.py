@@ -68,6 +68,23 @@ def _reason(path: Path, exc: BaseException) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
+def _failed(console, path: Path, reason: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[red]FAILED[/] {escape(str(path))}: {escape(reason)}", soft_wrap=True, highlight=False)
+
+
+def _reserve_sr_name(folder: Path, image_id: str, used: set[str]) -> str:
+    """A file name for the SR of `image_id` that no other image of this run (or an older file) has."""
+    stem = _safe_name(image_id)
+    name, n = f"{stem}.SR.dcm", 1
+    while name in used or (folder / name).exists():
+        n += 1
+        name = f"{stem}-{n}.SR.dcm"
+    used.add(name)
+    return name
+
+
 def _safe_name(text: str) -> str:
     cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text).strip("._")
     return cleaned[:150] or "image"
@@ -81,10 +98,12 @@ async def _run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     import sys
+    from collections import Counter
 
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cxrlt.client import MODEL_LABELS, AsyncCxrltClient, ClientError, ServerUnavailable
+    from cxrlt.client import MODEL_LABELS, AsyncCxrltClient, ClientError, ServerRejected, ServerUnavailable
     from cxrlt.console import console, warn_random_weights
     from cxrlt.dicom_io import InputError, load_image
     from cxrlt.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
@@ -105,14 +124,14 @@ async def _run(args: argparse.Namespace) -> int:
         return 1
     out = None if to_stdout else Path(args.out)
     if args.format == "sr" and out.exists() and not out.is_dir():
-        console.print(f"[red]cxrlt classify: --out {out} exists and is not a directory")
+        console.print(f"[red]cxrlt classify: --out {escape(str(out))} exists and is not a directory", soft_wrap=True)
         return 1
 
     files, failures = expand_paths(args.paths)
     for path, reason in failures:
-        console.print(f"[red]FAILED[/] {path}: {reason}")
+        _failed(console, path, reason)
     if not files:
-        console.print("[red]cxrlt classify: no input files found in " + ", ".join(str(p) for p in args.paths))
+        console.print("[red]cxrlt classify: no input files found in " + escape(", ".join(str(p) for p in args.paths)), soft_wrap=True)
         return 1
 
     client = AsyncCxrltClient(
@@ -123,18 +142,25 @@ async def _run(args: argparse.Namespace) -> int:
         try:
             info = await client.model_info()
         except ClientError as exc:
-            console.print(f"[red]cxrlt classify: {exc}")
+            console.print(f"[red]cxrlt classify: {escape(str(exc))}", soft_wrap=True)
             return 1
         if info.random_weights:
             warn_random_weights(NOT_FOR_CLINICAL_USE)
 
+        if args.format == "sr":
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                console.print(f"[red]cxrlt classify: cannot create {escape(str(out))}: {escape(str(exc))}", soft_wrap=True)
+                return 1
+        sr_names: set[str] = set()
         semaphore = asyncio.Semaphore(args.concurrency)
         unavailable: list[str] = []  # once the server is gone, stop sending
-        outcomes: dict[Path, tuple] = {}
+        outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None)
 
         def fail(path: Path, reason: str) -> None:
-            outcomes[path] = (None, None, reason)
-            progress.console.print(f"[red]FAILED[/] {path}: {reason}")
+            outcomes[path] = (None, reason)
+            _failed(progress.console, path, reason)
 
         async def one(path: Path) -> None:
             async with semaphore:
@@ -153,7 +179,12 @@ async def _run(args: argparse.Namespace) -> int:
                 except ServerUnavailable as exc:
                     unavailable.append(f"the server at {args.url} became unavailable")
                     fail(path, str(exc))
-                except (InputError, ClientError) as exc:
+                except ServerRejected as exc:
+                    fail(path, f"rejected by the server: {exc.server_message}")
+                except ClientError as exc:
+                    detail = f"server error ({exc.status}): {exc.server_message}" if exc.server_message else str(exc)
+                    fail(path, detail)
+                except InputError as exc:
                     fail(path, _reason(path, exc))
                 except Exception as exc:  # one odd file must not stop the batch
                     fail(path, f"{type(exc).__name__}: {exc}")
@@ -162,7 +193,14 @@ async def _run(args: argparse.Namespace) -> int:
                         result = dataclasses.replace(
                             result, probabilities={label: result.probabilities[label] for label in task_labels}
                         )
-                    outcomes[path] = (result, loaded.dataset, None)
+                    if args.format == "sr":  # write now: holding every dataset (pixels included) would not scale
+                        name = _reserve_sr_name(out, result.image_id, sr_names)
+                        try:
+                            await asyncio.to_thread(write_sr, result, loaded.dataset, out / name)
+                        except Exception as exc:
+                            fail(path, f"could not write the SR: {_reason(path, exc)}")
+                            return
+                    outcomes[path] = (result, None)
                 finally:
                     progress.advance(task)
 
@@ -176,18 +214,18 @@ async def _run(args: argparse.Namespace) -> int:
         await client.close()
 
     # ------------------------------------------------------------------ outputs, in input order
-    done = [(path, *outcomes[path][:2]) for path in files if outcomes[path][0] is not None]
-    failures += [(path, outcomes[path][2]) for path in files if outcomes[path][0] is None]
+    done = [(path, outcomes[path][0]) for path in files if outcomes[path][0] is not None]
+    failures += [(path, outcomes[path][1]) for path in files if outcomes[path][0] is None]
 
     if done:
-        ids = [result.image_id for _, result, _ in done]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        counts = Counter(result.image_id for _, result in done)
+        duplicates = sorted(image_id for image_id, n in counts.items() if n > 1)
         if duplicates and args.format == "csv":
             console.print(f"[yellow]warning:[/] {len(duplicates)} ImageID(s) appear more than once in the CSV "
                           f"(e.g. {duplicates[0]!r}); the challenge expects one row per image")
         try:
             if args.format == "json":
-                text = json.dumps([{**result.to_dict(), "source": str(path)} for path, result, _ in done], indent=2)
+                text = json.dumps([{**result.to_dict(), "source": str(path)} for path, result in done], indent=2)
                 if to_stdout:
                     sys.stdout.write(text + "\n")
                     sys.stdout.flush()
@@ -195,7 +233,7 @@ async def _run(args: argparse.Namespace) -> int:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(text + "\n", encoding="utf-8")
             elif args.format == "csv":
-                results = [result for _, result, _ in done]
+                results = [result for _, result in done]
                 if to_stdout:
                     import tempfile
 
@@ -206,42 +244,23 @@ async def _run(args: argparse.Namespace) -> int:
                 else:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     write_challenge_csv(results, out, task=args.task)
-            else:
-                out.mkdir(parents=True, exist_ok=True)
-                used: set[str] = set()
-                written = []
-                for path, result, dataset in done:
-                    stem = _safe_name(result.image_id)
-                    name, n = f"{stem}.SR.dcm", 1
-                    while name in used or (out / name).exists():
-                        n += 1
-                        name = f"{stem}-{n}.SR.dcm"
-                    try:
-                        write_sr(result, dataset, out / name)
-                    except Exception as exc:
-                        failures.append((path, f"could not write the SR: {_reason(path, exc)}"))
-                        console.print(f"[red]FAILED[/] {path}: could not write the SR: {_reason(path, exc)}")
-                        continue
-                    used.add(name)
-                    written.append(path)
-                done = [entry for entry in done if entry[0] in written]
         except OSError as exc:
-            console.print(f"[red]cxrlt classify: could not write {args.out}: {exc}")
+            console.print(f"[red]cxrlt classify: could not write {escape(str(args.out))}: {escape(str(exc))}", soft_wrap=True)
             return 1
 
     # ------------------------------------------------------------------ summary
-    total = len(files) + len(failures) - sum(1 for path in files if outcomes[path][0] is None)
     total = len(done) + len(failures)
     where = "" if to_stdout else f" -> {out}"
-    console.print(f"classified {len(done)} of {total} file{'s' if total != 1 else ''} with {args.model} at {args.url}{where}")
+    console.print(f"classified {len(done)} of {total} file{'s' if total != 1 else ''} with {args.model} at "
+                  f"{escape(args.url)}{escape(where)}", soft_wrap=True, highlight=False)
     if failures:
         console.print(f"[red]{len(failures)} failed:[/]")
         for path, reason in failures:
-            console.print(f"  {path}: {reason}")
+            console.print(f"  {escape(str(path))}: {escape(reason)}", soft_wrap=True, highlight=False)
     if info.random_weights and done:
         warn_random_weights(NOT_FOR_CLINICAL_USE)
     if not done and unavailable:
-        console.print(f"[red]nothing classified: the server at {args.url} is unavailable; "
+        console.print(f"[red]nothing classified: the server at {escape(args.url)} is unavailable; "
                       "start one with `cxrlt serve --model-repository DIR`")
         return 1
     return 2 if failures else 0

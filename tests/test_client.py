@@ -1,0 +1,316 @@
+"""The gRPC client SDK (cxrlt.client) against the real tritonserver of the session fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from tritonclient.utils import InferenceServerException
+
+from cxrlt.client import (
+    AsyncCxrltClient,
+    ClientError,
+    CxrltClient,
+    RequestTimeout,
+    ServerFailed,
+    ServerRejected,
+    ServerUnavailable,
+)
+from cxrlt.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.server import free_port
+
+pytestmark = pytest.mark.e2e
+
+RG1 = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
+
+
+@pytest.fixture(scope="module")
+def url(triton_server) -> str:
+    return triton_server.endpoints.grpc
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with CxrltClient(url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def rg1(client):
+    """RG1_UNCR (uncompressed), RG1_J2KR (lossless JPEG 2000), RG1_J2KI (lossy) classified once."""
+    return {name: client.classify_file(get_testdata_file(name)) for name in RG1}
+
+
+def _probs(result) -> np.ndarray:
+    return np.array(list(result.probabilities.values()))
+
+
+class CountingCalls:
+    """Wraps a tritonclient method and counts the RPCs it really makes."""
+
+    def __init__(self, function):
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def test_real_cxr_result_is_complete(rg1):
+    result = rg1["RG1_UNCR.dcm"]
+    assert list(result.probabilities) == list(ALL_LABELS)
+    probabilities = _probs(result)
+    assert np.all(np.isfinite(probabilities)) and np.all((probabilities >= 0) & (probabilities <= 1))
+    assert result.image_id == str(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"), stop_before_pixels=True).SOPInstanceUID)
+    assert result.model_name == "cxr_findings" and result.model_version == "1"
+    assert result.random_weights is True  # the tiny test repository has no checkpoints
+    assert result.latency_ms is not None and result.latency_ms > 0
+    assert result.task1() == {label: result.probabilities[label] for label in TASK1_LABELS}
+    json.dumps(result.to_dict())
+
+
+def test_projection_comes_from_the_header_hint(rg1):
+    for name in RG1:
+        result = rg1[name]
+        assert result.hint == "PA", name
+        assert result.projection == "frontal", name
+        assert result.hint_used is True, name
+        assert 0.0 <= result.projection_score <= 1.0
+
+
+def test_lossless_twin_gives_identical_results(rg1):
+    uncompressed, lossless = rg1["RG1_UNCR.dcm"], rg1["RG1_J2KR.dcm"]
+    assert uncompressed.probabilities == lossless.probabilities
+    assert uncompressed.projection_score == lossless.projection_score
+
+
+def test_lossy_version_gives_close_results(rg1):
+    difference = np.abs(_probs(rg1["RG1_UNCR.dcm"]) - _probs(rg1["RG1_J2KI.dcm"]))
+    assert difference.max() < 0.05
+    assert rg1["RG1_J2KI.dcm"].projection == rg1["RG1_UNCR.dcm"].projection
+
+
+def test_classify_array_equals_classify_file(client, rg1, real_cxr):
+    result = client.classify(real_cxr, hint="PA", image_id="rg1")
+    assert result.image_id == "rg1"
+    assert result.probabilities == rg1["RG1_UNCR.dcm"].probabilities
+
+
+def test_without_a_hint_the_router_decides(client, real_cxr):
+    result = client.classify(real_cxr)
+    assert result.hint is None and result.hint_used is False
+    assert result.projection in ("frontal", "lateral")
+    assert result.projection_score >= 0.5  # the router's argmax of two projections
+    assert client.classify(real_cxr, hint="").hint is None  # empty hint means none
+
+
+def test_lateral_hint_routes_to_the_lateral_ensemble(client, real_cxr):
+    result = client.classify(real_cxr, hint="LL")
+    assert result.projection == "lateral" and result.hint_used is True and result.hint == "LL"
+
+
+def test_eight_bit_images_are_sent_full_scale(client, synthetic_cxrs):
+    frontal = synthetic_cxrs["frontal"]
+    eight_bit = (frontal >> 8).astype(np.uint8)
+    result = client.classify(eight_bit, hint="PA")
+    assert client.classify(eight_bit.astype(np.uint16) * 257, hint="PA").probabilities == result.probabilities
+
+
+def test_bad_arrays_are_refused_before_sending(client):
+    with pytest.raises(ValueError, match="dtype"):
+        client.classify(np.zeros((64, 64), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        client.classify(np.zeros((1, 64, 64), np.uint16))
+
+
+def test_classifier_and_zeroshot_models(url, rg1, real_cxr):
+    findings = rg1["RG1_UNCR.dcm"]
+    with CxrltClient(url, model="cxr_classifier") as classifier:
+        task1 = classifier.classify(real_cxr, hint="PA")
+    assert list(task1.probabilities) == list(TASK1_LABELS)
+    assert task1.probabilities == findings.task1()  # cxr_findings concatenates these
+    assert (task1.projection, task1.hint_used, task1.model_name) == ("frontal", True, "cxr_classifier")
+    with CxrltClient(url, model="cxr_zeroshot") as zeroshot:
+        task2 = zeroshot.classify(real_cxr, hint="PA")
+    assert list(task2.probabilities) == list(TASK2_LABELS)
+    assert task2.probabilities == findings.task2()
+    assert task2.projection == "" and task2.hint_used is False and task2.hint == "PA"
+
+
+def test_model_info_is_read_from_the_served_config(client):
+    info = client.model_info()
+    assert info.labels == ALL_LABELS
+    assert info.trust_hint is True and info.random_weights is True and info.accepts_hint is True
+    assert client.model_info() is info  # cached
+    assert client.random_weights() is True
+    with pytest.raises(ValueError, match="unknown model"):
+        CxrltClient(client.url, model="ensemble_frontal_pcam")
+
+
+def test_trust_hint_off_is_reported_from_the_served_config(url, grpc_client, real_cxr):
+    """Reload cxr_classifier with trust_hint=false (a config override; files untouched), then restore it."""
+    original = grpc_client.get_model_config("cxr_classifier", as_json=True)["config"]
+    config = json.loads(json.dumps(original))
+    config["parameters"]["trust_hint"]["string_value"] = "false"
+    grpc_client.load_model("cxr_classifier", config=json.dumps(config))
+    try:
+        with CxrltClient(url) as fresh:
+            assert fresh.model_info().trust_hint is False
+            result = fresh.classify(real_cxr, hint="PA")
+        assert result.hint == "PA" and result.hint_used is False
+        assert result.projection_score >= 0.5  # routed by the router's argmax, not by the hint
+    finally:
+        grpc_client.load_model("cxr_classifier", config=json.dumps(original))
+    assert grpc_client.get_model_config("cxr_classifier").config.parameters["trust_hint"].string_value == "true"
+
+
+def test_random_weights_can_be_forced_by_the_caller(url, real_cxr):
+    with CxrltClient(url, random_weights=True) as forced:
+        assert forced.classify(real_cxr, hint="PA").random_weights is True
+
+
+# ----------------------------------------------------------------------------- asyncio
+
+
+def test_async_client_equals_sync_client(url, rg1, real_cxr):
+    async def go():
+        async with AsyncCxrltClient(url) as aclient:
+            await aclient.wait_until_ready(10)
+            assert await aclient.is_ready()
+            from_file = await aclient.classify_file(get_testdata_file("RG1_UNCR.dcm"))
+            concurrent = await asyncio.gather(*(aclient.classify(real_cxr, hint="PA") for _ in range(3)))
+            return from_file, concurrent, await aclient.random_weights()
+
+    from_file, concurrent, random_weights = asyncio.run(go())
+    sync = rg1["RG1_UNCR.dcm"]
+    fields = ("image_id", "probabilities", "projection", "projection_score", "hint", "hint_used",
+              "model_name", "model_version", "random_weights")
+    assert {f: getattr(from_file, f) for f in fields} == {f: getattr(sync, f) for f in fields}
+    assert all(result.probabilities == sync.probabilities for result in concurrent)
+    assert random_weights is True
+
+
+# ----------------------------------------------------------------------------- errors and retries
+
+
+def test_readiness(client):
+    assert client.is_ready()
+    client.wait_until_ready(5)
+    closed = CxrltClient(f"127.0.0.1:{free_port()}")
+    assert closed.is_ready() is False
+    with pytest.raises(ServerUnavailable, match=closed.url):
+        closed.wait_until_ready(0.3)
+
+
+def test_closed_port_raises_after_retries_attempts_naming_the_url():
+    url = f"127.0.0.1:{free_port()}"
+    client = CxrltClient(url, retries=3, backoff_s=0.5)
+    sleeps: list[float] = []
+    client._sleep = sleeps.append
+    rpc = client._client.get_model_config = CountingCalls(client._client.get_model_config)
+    with pytest.raises(ServerUnavailable) as caught:
+        client.classify(np.zeros((64, 64), np.uint16))
+    assert rpc.calls == 3 and caught.value.attempts == 3
+    assert sleeps == [0.5, 1.0]  # exponential backoff between the three attempts
+    message = str(caught.value)
+    assert url in message and "cxrlt serve" in message and "3 attempts" in message
+    assert caught.value.status == "UNAVAILABLE" and caught.value.url == url
+
+
+def test_async_closed_port_raises_after_retries_attempts():
+    url = f"127.0.0.1:{free_port()}"
+    sleeps: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    async def go():
+        client = AsyncCxrltClient(url, retries=4, backoff_s=0.25)
+        client._sleep = fake_sleep
+        try:
+            await client.classify(np.zeros((64, 64), np.uint16))
+        finally:
+            await client.close()
+
+    with pytest.raises(ServerUnavailable, match=url) as caught:
+        asyncio.run(go())
+    assert caught.value.attempts == 4 and sleeps == [0.25, 0.5, 1.0]
+
+
+def test_unavailable_then_recovered_is_retried(url, real_cxr, rg1):
+    """The first infer meets UNAVAILABLE (as during a server restart); the retry reaches the real server."""
+    client = CxrltClient(url, retries=3, backoff_s=0.5)
+    sleeps: list[float] = []
+    client._sleep = sleeps.append
+    real_infer = client._client.infer
+    calls = []
+
+    def flaky_infer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE")
+        return real_infer(*args, **kwargs)
+
+    client._client.infer = flaky_infer
+    result = client.classify(real_cxr, hint="PA")
+    assert len(calls) == 2 and sleeps == [0.5]
+    assert result.probabilities == rg1["RG1_UNCR.dcm"].probabilities
+    client.close()
+
+
+@pytest.mark.parametrize("model", ["cxr_classifier", "cxr_zeroshot"])
+def test_invalid_argument_is_raised_at_once_without_retry(url, model):
+    client = CxrltClient(url, model=model, retries=5)
+    sleeps: list[float] = []
+    client._sleep = sleeps.append
+    client.model_info()
+    rpc = client._client.infer = CountingCalls(client._client.infer)
+    with pytest.raises(ServerRejected) as caught:
+        client.classify(np.zeros((2, 2), np.uint16))
+    assert rpc.calls == 1 and sleeps == [] and caught.value.attempts == 1
+    assert caught.value.status == "INVALID_ARGUMENT"
+    assert "too small" in caught.value.server_message and "too small" in str(caught.value)
+    client.close()
+
+
+def test_invalid_hint_is_rejected_with_triton_message(url, real_cxr):
+    with CxrltClient(url, model="cxr_classifier") as client, pytest.raises(ServerRejected, match="unknown projection hint"):
+        client.classify(real_cxr, hint="OBLIQUE")
+
+
+def test_cxr_findings_passes_its_callees_invalid_argument_through(client, monkeypatch):
+    """A bad image sent to cxr_findings is INVALID_ARGUMENT (from cxr_classifier/cxr_zeroshot), not retried."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(client, "_sleep", sleeps.append)
+    client.model_info()
+    rpc = CountingCalls(client._client.infer)
+    monkeypatch.setattr(client._client, "infer", rpc)
+    with pytest.raises(ServerRejected) as caught:
+        client.classify(np.zeros((2, 2), np.uint16))
+    assert rpc.calls == 1 and sleeps == [] and caught.value.attempts == 1
+    assert caught.value.status == "INVALID_ARGUMENT" and "too small" in caught.value.server_message
+    with pytest.raises(ServerRejected, match="unknown projection hint"):
+        client.classify(np.zeros((64, 64), np.uint16), hint="OBLIQUE")
+    assert rpc.calls == 2 and sleeps == []
+
+
+def test_per_call_timeout(url, real_cxr):
+    client = CxrltClient(url, timeout_s=0.001, retries=3)
+    sleeps: list[float] = []
+    client._sleep = sleeps.append
+    with pytest.raises(RequestTimeout, match="0.001 s"):
+        client.classify(real_cxr, hint="PA")
+    assert sleeps == []  # a deadline is not UNAVAILABLE: no retry
+    client.close()
+
+
+def test_errors_share_one_base_class():
+    assert all(issubclass(cls, ClientError) for cls in (ServerUnavailable, ServerRejected, ServerFailed, RequestTimeout))
