@@ -32,12 +32,14 @@ from training.weights import RANDOM_WEIGHTS_WARNING, load_clip, load_network
 
 from .model_configs import TEMPLATES, parameters_block, render
 from .onnx_export import check_parity, export_onnx
+from .torchscript_export import check_torchscript_parity, export_torchscript
 from .prompts import DEFAULT_PROMPTS, load_prompts
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TARGETS = ("embedded", "ngc")
+ENGINES = ("onnxruntime", "torchscript")
 BLS_MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
 _PACKAGES = ("torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "nvidia-pytriton", "numpy")
 
@@ -56,12 +58,19 @@ class BuildOptions:
     max_batch_size: int = 16
     queue_delay_us: int = 2000
     tensorrt: bool = False
+    engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
+    device: str = "auto"  # torchscript engine: auto (CUDA when PyTorch has it), cpu or cuda
+    fp16: bool = False  # torchscript engine on CUDA: autocast to float16
     classifier: ClassifierSettings | None = None  # None: the profile's defaults
     zeroshot: ZeroShotSettings | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, not {self.target!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.engine != "onnxruntime" and self.target != "embedded":
+            raise ValueError("engine 'torchscript' applies to the embedded target; the ngc target serves ONNX")
 
 
 def _package_versions() -> dict[str, str]:
@@ -123,7 +132,8 @@ def _network_config(options: BuildOptions, profile: Profile, name: str, size: in
             'parameters { key: "precision_mode" value: "FP16" } } ] } }' if options.tensorrt else ""
         )
         return render("onnx_network/config.ngc.pbtxt.template", optimization=optimization, **common)
-    params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.ort_threads), "execution_provider": "auto"}
+    params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.ort_threads), "execution_provider": "auto",
+              "engine": options.engine, "device": options.device, "fp16": "true" if options.fp16 else "false"}
     return render("onnx_network/config.pbtxt.template", parameters=parameters_block(params), **common)
 
 
@@ -137,12 +147,16 @@ def _export_network(out: Path, options: BuildOptions, profile: Profile, name: st
         _write(model_dir / "labels.txt", label_file_text(labels))
     if options.target == "embedded":
         shutil.copyfile(TEMPLATES / "onnx_network" / "model.py", model_dir / "1" / "model.py")
-    return {
+    record = {
         "parameters": count_parameters(module),
         "onnx_sha256": file_sha256(onnx_path),
         "parity_max_abs_diff": parity,
         "weights_sha256": state_dict_sha256(module),
     }
+    if options.engine == "torchscript":
+        script = export_torchscript(module, model_dir / "1" / "model.pt", size)
+        record["torchscript_parity_max_abs_diff"] = check_torchscript_parity(module, script, inputs)
+    return record
 
 
 def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: str, prompts_path: Path, weights_sha256: str) -> dict[str, Any]:

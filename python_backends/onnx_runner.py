@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -49,10 +49,14 @@ class OnnxRunner:
         return self.session.run([self.output.name], {self.input.name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def run_many(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Run several requests' batches as one session call and split the result back.
+        return run_merged(self.run, batches)
 
-        This is where the dynamic batcher pays off: requests Triton merged cost one run.
-        """
-        sizes = [len(b) for b in batches]
-        outputs = self.run(np.concatenate(batches, axis=0) if len(batches) > 1 else batches[0])
-        return np.split(outputs, np.cumsum(sizes)[:-1], axis=0)
+
+def run_merged(run: Callable[[np.ndarray], np.ndarray], batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run several requests' batches as one call and split the result back.
+
+    This is where the dynamic batcher pays off: requests Triton merged cost one run.
+    """
+    sizes = [len(b) for b in batches]
+    outputs = run(np.concatenate(batches, axis=0) if len(batches) > 1 else batches[0])
+    return np.split(outputs, np.cumsum(sizes)[:-1], axis=0)

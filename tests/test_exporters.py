@@ -128,3 +128,36 @@ def test_text_cache_refuses_mismatches(tmp_path):
         load_text_cache(tmp_path, TASK2_LABELS, encoder)
     with pytest.raises(StaleCacheError, match="no text cache"):
         load_text_cache(tmp_path / "missing", TASK2_LABELS, encoder)
+
+
+def test_torchscript_engine_repository_serves_like_pytorch(tmp_path):
+    """The TorchScript engine (PyTorch on CUDA where available) gives the same logits on CPU."""
+    from cxrlt.server import TritonServer, free_port
+    import tritonclient.grpc as grpcclient
+
+    manifest = build_repository(tmp_path / "ts", BuildOptions(profile="tiny", engine="torchscript", device="cpu"))
+    assert manifest["models"]["ensemble_frontal_cait"]["torchscript_parity_max_abs_diff"] <= 1e-4
+    model, _ = load_network(TINY, "ensemble_frontal_cait")
+    batch = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    with TritonServer(tmp_path / "ts", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server:
+        client = grpcclient.InferenceServerClient(server.endpoints.grpc)
+        tensor = grpcclient.InferInput("pixel_values", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        served = client.infer("ensemble_frontal_cait", [tensor]).as_numpy("logits")
+    with torch.no_grad():
+        np.testing.assert_allclose(served, model(torch.from_numpy(batch)).numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torchscript_runner_fp16_on_cuda(tmp_path):
+    from exporters.torchscript_export import export_torchscript
+    from python_backends.torch_runner import TorchScriptRunner
+
+    model, _ = load_network(TINY, "ensemble_frontal_pcam")
+    path = export_torchscript(model.cuda(), tmp_path / "m.pt", TINY.image_size)
+    batch = np.random.default_rng(0).standard_normal((4, 3, 64, 64), dtype=np.float32)
+    runner = TorchScriptRunner(path, device="cuda", fp16=True)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch).cuda()).float().cpu().numpy()
+    np.testing.assert_allclose(runner.run(batch), expected, atol=5e-2)

@@ -1,4 +1,5 @@
-"""A network model of the embedded target: runs its ONNX file with onnxruntime.
+"""A network model of the embedded target: runs its ONNX file with onnxruntime
+(or, with parameter engine "torchscript", its TorchScript file with PyTorch, e.g. on CUDA).
 
 The repository builder copies this one file into every network model (router, the six
 ensemble members, the CLIP image encoder). Triton's dynamic batcher hands `execute` the
@@ -25,8 +26,15 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = parameters(config)
-        model_file = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
-        self.runner = OnnxRunner(model_file, int(params.get("intra_op_threads", "1")), params.get("execution_provider", "auto"))
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        threads = int(params.get("intra_op_threads", "1"))
+        if params.get("engine", "onnxruntime") == "torchscript":
+            from python_backends.torch_runner import TorchScriptRunner  # torch only where asked for
+
+            fp16 = params.get("fp16", "false") == "true"
+            self.runner = TorchScriptRunner(version_dir / "model.pt", params.get("device", "auto"), fp16, threads)
+        else:
+            self.runner = OnnxRunner(version_dir / params.get("onnx_file", "model.onnx"), threads, params.get("execution_provider", "auto"))
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 
@@ -34,7 +42,7 @@ class TritonPythonModel:
         batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         try:
             outputs = self.runner.run_many(batches)
-        except Exception as exc:  # onnxruntime failure: every merged request learns why
-            error = pb_utils.TritonError(f"onnxruntime failed: {exc}", pb_utils.TritonError.INTERNAL)
+        except Exception as exc:  # engine failure: every merged request learns why
+            error = pb_utils.TritonError(f"{type(self.runner).__name__} failed: {exc}", pb_utils.TritonError.INTERNAL)
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]) for out in outputs]
