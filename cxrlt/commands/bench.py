@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
     parser.add_argument("--metrics-url", help="its metrics endpoint, for queue vs compute per concurrency (with --url)")
     parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8), help="comma-separated levels (default 1,2,4,8)")
-    parser.add_argument("--requests", type=int, default=64, help="measured requests per side and concurrency (default 64)")
+    parser.add_argument("--requests", type=int, default=64, help="measured requests per side, concurrency and round (default 64)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the interleaved sweep this many times and pool the figures (default 1)")
     parser.add_argument("--warmup", type=int, help="untimed requests per side and concurrency (default max(concurrency, images))")
     parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
     parser.add_argument("--threads", type=int, help="raw side onnxruntime intra-op threads per session (default: the served networks')")
@@ -44,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.console import console
     from loadtest.bench import BenchConfig, plot, run_bench, summary_table, write_json
+    from loadtest.metrics import print_wide
 
     out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
     config = BenchConfig(
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
-        requests=args.requests, warmup=args.warmup, model=args.model, threads=args.threads,
-        image_set=args.image_set, send_hints=not args.no_hints,
+        requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
+        image_set=args.image_set, send_hints=not args.no_hints, server_log=None if args.url else out / "tritonserver.log",
     )
     if args.url and not args.metrics_url:
         from loadtest.metrics import default_metrics_url
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     plot(report, png_path)
     write_json(report, json_path)
 
-    console.print(summary_table(report))
+    print_wide(console, summary_table(report))
     best, overhead = report["best"], report["overhead_per_image_ms"]
     budget = report["thread_budget"]
     console.print(
@@ -80,6 +83,14 @@ def run(args: argparse.Namespace) -> int:
         f"({budget['served']['network_compute_threads_total']} in all, {budget['served']['bls_processes_total']} BLS processes); "
         f"raw {budget['raw']['intra_op_threads_per_session']} intra-op per session, workers = concurrency"
     )
+    at = next(r for r in report["sweep"] if r["concurrency"] == best["served"]["concurrency"])
+    raw_cpu, served_cpu = at["raw"]["cpu_ms_per_image"], at["served"]["cpu_ms_per_image"]
+    if served_cpu["server"] is not None:
+        console.print(
+            f"CPU per image at concurrency {at['concurrency']}: raw {raw_cpu['this_process']:.1f} ms; served "
+            f"{served_cpu['this_process'] + served_cpu['server']:.1f} ms ({served_cpu['this_process']:.1f} gRPC client + "
+            f"{served_cpu['server']:.1f} tritonserver and its Python stubs)"
+        )
     if report["parity_max_abs_diff"] > 1e-3:
         console.print(f"[yellow]served and raw outputs differ by up to {report['parity_max_abs_diff']:.2e}: "
                       "is the server serving --repo?[/]")

@@ -1,0 +1,162 @@
+"""`cxrlt loadtest`: locust over gRPC against a real tritonserver, Triton's metrics, targets."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cxrlt.cli import COMMANDS
+from loadtest.metrics import add, diff, parse_prometheus, per_model
+from loadtest.runner import LoadTestConfig, locust_command, parse_duration, read_locust_failures, read_locust_stats
+from loadtest.targets import ProfileError, Targets, check_targets, load_profile
+
+PROFILE = Path(__file__).resolve().parent.parent / "loadtest" / "profiles" / "tiny_cpu.yaml"
+
+
+def cxrlt(name: str, *argv: str) -> int:
+    """Run one registered `cxrlt` subcommand the way cxrlt.cli does (without importing the others)."""
+    module = importlib.import_module(f"cxrlt.commands.{COMMANDS[name][0]}")
+    parser = argparse.ArgumentParser(prog=f"cxrlt {name}")
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(list(argv))) or 0)
+
+
+SCRAPE = """\
+# HELP nv_inference_request_success Number of successful inference requests
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="cxr_classifier",version="1"} %(success)d
+nv_inference_request_success{model="projection_router",version="1"} %(success)d
+nv_inference_request_failure{model="cxr_classifier",reason="BACKEND",version="1"} 0
+nv_inference_count{model="cxr_classifier",version="1"} %(success)d
+nv_inference_count{model="projection_router",version="1"} %(success)d
+nv_inference_exec_count{model="cxr_classifier",version="1"} %(success)d
+nv_inference_exec_count{model="projection_router",version="1"} %(execs)d
+nv_inference_queue_duration_us{model="cxr_classifier",version="1"} %(cq)d
+nv_inference_queue_duration_us{model="projection_router",version="1"} %(rq)d
+nv_inference_compute_input_duration_us{model="cxr_classifier",version="1"} 0
+nv_inference_compute_infer_duration_us{model="cxr_classifier",version="1"} %(ci)d
+nv_inference_compute_output_duration_us{model="cxr_classifier",version="1"} 0
+nv_inference_compute_infer_duration_us{model="projection_router",version="1"} %(ri)d
+nv_inference_request_duration_us{model="cxr_classifier",version="1"} %(cr)d
+nv_inference_request_duration_us{model="projection_router",version="1"} %(rr)d
+nv_cpu_utilization 0.5
+"""
+
+
+def test_metrics_breakdown_from_two_scrapes():
+    before = parse_prometheus(SCRAPE % dict(success=10, execs=10, cq=1000, rq=20000, ci=100000, ri=30000, cr=101000, rr=50000))
+    after = parse_prometheus(SCRAPE % dict(success=30, execs=20, cq=3000, rq=60000, ci=300000, ri=90000, cr=303000, rr=150000))
+    rows = {r.model: r for r in per_model(diff(before, after))}
+    assert list(rows) == ["cxr_classifier", "projection_router"]  # public models first
+    classifier, router = rows["cxr_classifier"], rows["projection_router"]
+    assert classifier.requests == 20 and classifier.executions == 20
+    assert classifier.queue_ms == pytest.approx(0.1) and classifier.compute_ms == pytest.approx(10.0)
+    assert router.queue_ms == pytest.approx(2.0) and router.compute_ms == pytest.approx(3.0)
+    assert router.avg_batch == pytest.approx(2.0) and router.queue_share == pytest.approx(0.4)
+    doubled = {r.model: r for r in per_model(add(diff(before, after), diff(before, after)))}
+    assert doubled["projection_router"].requests == 40 and doubled["projection_router"].queue_ms == pytest.approx(2.0)
+
+
+def test_checked_in_profile_and_target_checks(tmp_path):
+    profile = load_profile(PROFILE)
+    assert profile.targets.min_rps and profile.targets.max_p95_ms and profile.targets.max_failures == 0
+    assert profile.load["users"] >= 1
+
+    aggregated = {"requests": 40, "failures": 1, "rps": 5.0, "p95_ms": 900.0}
+    models = {"cxr_findings": {"requests": 10, "failures": 0, "rps": 1.0, "p95_ms": 1200.0}}
+    checks = check_targets(Targets(min_rps=10, max_p95_ms=1000, max_failures=0, models={"cxr_findings": {"max_p95_ms": 1000}}),
+                           aggregated, models)
+    assert [c.target for c in checks if not c.passed] == ["min_rps", "max_failures", "cxr_findings.max_p95_ms"]
+    assert "MISSED" in next(c for c in checks if c.target == "min_rps").message
+    # No request completed: throughput and latency targets cannot be met.
+    assert not all(c.passed for c in check_targets(Targets(min_rps=1, max_p95_ms=10), {"requests": 0, "failures": 0}, {}))
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets:\n  min_rsp: 3\n")
+    with pytest.raises(ProfileError, match="min_rsp"):
+        load_profile(bad)
+
+
+def test_durations_and_locust_command(tmp_path):
+    assert parse_duration("90") == parse_duration("90s") == parse_duration("1m30s") == 90.0
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+    config = LoadTestConfig(url="grpc://127.0.0.1:9", users=3, spawn_rate=1.5, duration_s=7, out=tmp_path,
+                            weights={"cxr_classifier": 2, "cxr_zeroshot": 0, "cxr_findings": 1})
+    command = " ".join(locust_command(config))
+    assert "--headless" in command and "--host grpc://127.0.0.1:9" in command and "-u 3" in command and "-t 7s" in command
+    assert "--classifier-weight 2 --zeroshot-weight 0 --findings-weight 1" in command
+    assert f"--csv {tmp_path / 'locust'}" in command and "--html" in command
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_server, tmp_path, capsys):
+    endpoints = triton_server.endpoints
+    out = tmp_path / "run"
+    rc = cxrlt("loadtest", "--url", endpoints.grpc, "--metrics-url", endpoints.metrics, "--targets", str(PROFILE),
+               "--users", "2", "--duration", "8", "--out", str(out))
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+
+    for name in ("locust_stats.csv", "locust_failures.csv", "report.html", "report.json"):
+        assert (out / name).is_file(), name
+    per_model_stats, aggregated = read_locust_stats(out / "locust_stats.csv")
+    assert set(per_model_stats) == {"cxr_classifier", "cxr_zeroshot", "cxr_findings"}
+    assert aggregated["requests"] > 0 and aggregated["failures"] == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["missed"] == [] and report["locust"]["failures"] == []
+    assert report["profile"] == str(PROFILE)
+    assert {c["target"] for c in report["checks"]} >= {"min_rps", "max_p95_ms", "max_failures"}
+    triton = report["triton"]["models"]
+    # The public models and the networks their BLS calls reach, each with queue vs compute time.
+    for model in ("cxr_classifier", "cxr_zeroshot", "cxr_findings", "projection_router", "clip_image_encoder"):
+        assert triton[model]["requests"] > 0
+        assert triton[model]["queue_ms"] >= 0 and triton[model]["compute_ms"] > 0
+    assert "queue" in printed.err and "compute" in printed.err
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_impossible_target_fails_naming_it(triton_server, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cxrlt("loadtest", "--url", triton_server.endpoints.grpc, "--metrics-url", triton_server.endpoints.metrics,
+               "--users", "1", "--spawn-rate", "1", "--duration", "3", "--min-rps", "100000",
+               "--zeroshot-weight", "0", "--findings-weight", "0", "--image-set", "synthetic", "--out", str(out))
+    printed = capsys.readouterr().err
+    assert rc != 0
+    assert "min_rps" in printed and "MISSED" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["missed"] == ["min_rps"] and not report["passed"]
+    assert set(report["locust"]["models"]) == {"cxr_classifier"}  # the task weights reached locust
+
+
+def test_no_server_is_a_clear_error(tmp_path):
+    from cxrlt.server import free_port
+    from loadtest.runner import LoadTestError, check_server
+
+    with pytest.raises(LoadTestError, match="no Triton server"):
+        check_server(f"127.0.0.1:{free_port()}", ["cxr_classifier"], timeout=2)
+
+
+@pytest.mark.timeout(180)
+def test_failed_calls_are_locust_failures(tmp_path):
+    """With nothing listening, every gRPC call fails and is recorded as a failure with its reason."""
+    from cxrlt.server import free_port
+    from loadtest.runner import run_locust
+
+    config = LoadTestConfig(url=f"127.0.0.1:{free_port()}", users=1, spawn_rate=1, duration_s=2, out=tmp_path,
+                            image_set="synthetic", request_timeout_s=1,
+                            weights={"cxr_classifier": 1, "cxr_zeroshot": 0, "cxr_findings": 0})
+    run_locust(config)
+    per_model_stats, aggregated = read_locust_stats(tmp_path / "locust_stats.csv")
+    assert aggregated["requests"] > 0 and aggregated["failures"] == aggregated["requests"]
+    assert set(per_model_stats) == {"cxr_classifier"}
+    (failure,) = read_locust_failures(tmp_path / "locust_failures.csv")
+    assert failure["model"] == "cxr_classifier" and failure["occurrences"] == aggregated["failures"]
+    assert failure["error"].startswith("GrpcCallError") and "UNAVAILABLE" in failure["error"]  # the reason, not a bare name
