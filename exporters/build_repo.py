@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cxrlt.labels import PROJECTIONS, TASK1_LABELS, TASK2_LABELS, ALL_LABELS, label_file_text
+from cxrlt.labels import TASK1_LABELS, TASK2_LABELS, ALL_LABELS, label_file_text
 from cxrlt.preprocessing import PreprocessConfig, preprocess
 from cxrlt.profiles import Profile, get_profile
 from cxrlt.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
@@ -56,7 +56,8 @@ class BuildOptions:
     network_instances: int = 1
     bls_instances: int = 4  # in-flight images per BLS model: what lets member batchers merge
     max_batch_size: int = 16
-    queue_delay_us: int = 2000
+    # 0: never wait for a batch that may not come; requests that queue while a model is busy still merge
+    queue_delay_us: int = 0
     tensorrt: bool = False
     engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
     device: str = "auto"  # torchscript engine: auto (CUDA when PyTorch has it), cpu or cuda
@@ -92,17 +93,10 @@ def parity_inputs(config: PreprocessConfig, seed: int = 0) -> list[np.ndarray]:
     return batches
 
 
-def synthetic_radiographs() -> dict[str, np.ndarray]:
-    """A synthetic frontal and lateral radiograph (uint16) with cardiomegaly and an effusion drawn."""
-    from training.synth import render_image  # local: training data code is not needed to serve
-
-    findings = np.zeros(len(ALL_LABELS), dtype=np.float32)
-    findings[[ALL_LABELS.index("cardiomegaly"), ALL_LABELS.index("pleural effusion")]] = 1
-    return {p: render_image(findings, p, np.random.default_rng(seed)) for seed, p in enumerate(PROJECTIONS)}
-
-
 def real_looking_images() -> list[np.ndarray]:
     """The real chest X-ray shipped in pydicom-data and the synthetic frontal and lateral ones."""
+    from training.synth import synthetic_radiographs
+
     images = list(synthetic_radiographs().values())
     try:
         from cxrlt.dicom_io import load_image

@@ -44,7 +44,7 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
     if image_set in ("all", "real"):
         payloads.extend(_real_payloads(required=image_set == "real"))
     if image_set in ("all", "synthetic"):
-        from exporters.build_repo import synthetic_radiographs
+        from training.synth import synthetic_radiographs
 
         for projection, pixels in synthetic_radiographs().items():
             payloads.append(Payload(f"synthetic_{projection}", np.ascontiguousarray(pixels, dtype=np.uint16),

@@ -66,6 +66,6 @@ def real_cxr() -> np.ndarray:
 @pytest.fixture(scope="session")
 def synthetic_cxrs() -> dict[str, np.ndarray]:
     """A synthetic frontal and lateral radiograph (uint16) with a couple of findings drawn."""
-    from exporters.build_repo import synthetic_radiographs
+    from training.synth import synthetic_radiographs
 
     return synthetic_radiographs()

@@ -204,3 +204,13 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, i
 def main_synth(out: str | os.PathLike, n: int, seed: int = 0) -> Path:
     """`cxrlt synth-data`: write the data set and return the CSV path."""
     return write_synthetic_dataset(out, n, seed=seed)
+
+
+def synthetic_radiographs() -> dict[str, np.ndarray]:
+    """A synthetic frontal and lateral radiograph (uint16) with cardiomegaly and an effusion drawn.
+
+    Fixed examples for parity checks, tests and load tests.
+    """
+    findings = np.zeros(len(ALL_LABELS), dtype=np.float32)
+    findings[[ALL_LABELS.index("cardiomegaly"), ALL_LABELS.index("pleural effusion")]] = 1
+    return {p: render_image(findings, p, np.random.default_rng(seed)) for seed, p in enumerate(("frontal", "lateral"))}

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network-instances", type=int, default=1, help="instances of each network model")
     parser.add_argument("--bls-instances", type=int, default=4, help="instances of each Python BLS model")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher max queue delay")
+    parser.add_argument("--queue-delay-us", type=int, default=0,
+                        help="dynamic batcher max queue delay (default 0: merge only what queues while busy)")
     parser.add_argument("--tta", help="TTA views, e.g. identity,hflip,rot+5,rot-5,zoom1.1,zoom0.9")
     parser.add_argument("--gating-alpha", type=float, help="normal gating exponent (default 0.5)")
 
