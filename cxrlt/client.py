@@ -28,6 +28,8 @@ Behaviour shared by both:
 
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import dataclasses
 import logging
@@ -155,7 +157,7 @@ def _output_dim(config: Any, name: str) -> int | None:
 # ----------------------------------------------------------------------------- shared logic
 
 
-class _ClientBase:
+class _ClientBase(abc.ABC):
     def __init__(
         self,
         url: str = DEFAULT_URL,
@@ -189,6 +191,14 @@ class _ClientBase:
             certificate_chain=None if certificate_chain is None else str(certificate_chain),
         )
         self._info: ModelInfo | None = None
+        import tritonclient.grpc as grpcclient  # InferInput & co, shared by the sync and aio clients
+
+        self._grpcclient = grpcclient
+        self._connect()
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Set up the transport (each client kind its own)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, model={self.model!r})"
@@ -359,15 +369,8 @@ class CxrltClient(_ClientBase):
         (the flag is otherwise read from the served config's ``random_weights`` parameter).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5,
-                 ssl: bool = False, root_certificates: str | Path | None = None, private_key: str | Path | None = None,
-                 certificate_chain: str | Path | None = None, model: str = FINDINGS_MODEL, random_weights: bool = False) -> None:
-        super().__init__(url, timeout_s, retries, backoff_s, ssl, root_certificates, private_key, certificate_chain,
-                         model, random_weights)
-        import tritonclient.grpc as grpcclient
-
-        self._grpcclient = grpcclient
-        self._client = grpcclient.InferenceServerClient(url, **self._grpc_kwargs)
+    def _connect(self) -> None:
+        self._client = self._grpcclient.InferenceServerClient(self.url, **self._grpc_kwargs)
         self._lock = threading.Lock()
         self._sleep: Callable[[float], None] = time.sleep
 
@@ -469,15 +472,8 @@ class AsyncCxrltClient(_ClientBase):
     call :meth:`close`. File loading (:meth:`classify_file`) runs in a worker thread.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5,
-                 ssl: bool = False, root_certificates: str | Path | None = None, private_key: str | Path | None = None,
-                 certificate_chain: str | Path | None = None, model: str = FINDINGS_MODEL, random_weights: bool = False) -> None:
-        super().__init__(url, timeout_s, retries, backoff_s, ssl, root_certificates, private_key, certificate_chain,
-                         model, random_weights)
-        import tritonclient.grpc as grpcclient  # InferInput & co are shared with the aio client
-
-        self._grpcclient = grpcclient
-        self._client: Any = None
+    def _connect(self) -> None:
+        self._client: Any = None  # opened lazily inside the running event loop
         self._info_lock: asyncio.Lock | None = None
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
