@@ -1,0 +1,298 @@
+"""Fast checks of the training pieces: recipes, schedule, EMA, weight search, report synthesis."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cxrlt.cli import build_parser
+from cxrlt.ensemble import MEMBERS
+from cxrlt.labels import NORMAL_INDEX, TASK1_LABELS
+from training.ema import ModelEma
+from training.metrics import evaluate_predictions
+from training.recipes import RecipeError, list_recipes, load_recipe, recipe_from_dict
+from training.schedule import WarmupCosine
+from training.tune import MemberLogits, corner, fast_mean_ap, probabilities_with, search_weights, simplex_grid
+from training.zeroshot_finetune import (
+    FINDING_TEMPLATES,
+    NEUTRAL_SENTENCE,
+    NORMAL_SENTENCES,
+    class_prompts,
+    parse_groups,
+    proxy_groups,
+    synthesize_report,
+)
+
+SERVED = {"projection_router", "clip", *(f"ensemble_{p}_{m}" for p in ("frontal", "lateral") for m in MEMBERS)}
+
+
+# ------------------------------------------------------------------- recipes
+
+
+def test_checked_in_recipes_load_and_name_served_models():
+    recipes = {name: load_recipe(path) for name, path in list_recipes().items()}
+    assert len(recipes) == 10
+    assert {r.model for r in recipes.values()} >= SERVED
+    for name, recipe in recipes.items():
+        assert recipe.profile == "tiny" and recipe.threads == 2
+        assert recipe.image_size == (224 if recipe.task == "clip" else 64)
+        if recipe.model.startswith("ensemble_"):
+            assert recipe.projection == recipe.model.split("_")[1]
+            assert recipe.tta == ["identity", "hflip"]
+    assert recipes["frontal_cait"].pcam_checkpoint == "ensemble_frontal_pcam.pt"
+    assert {r.loss["name"] for r in recipes.values()} == {"asl", "db", "bce", "ce"}
+    assert {r.sampler["name"] for r in recipes.values()} == {"repeat_factor", "none"}
+
+
+def test_recipe_overrides_and_assignments():
+    recipe = load_recipe("frontal_pcam", assignments=["optimizer.lr=1e-4", "epochs=3", "profile=paper"])
+    assert recipe.optimizer["lr"] == 1e-4 and recipe.epochs == 3 and recipe.image_size == 512
+    assert recipe.optimizer["weight_decay"] == 0.05  # untouched keys survive
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": "ensemble_frontal_pcam", "projection": "frontal", "lr": 1}, "unknown key"),
+    ({"model": "ensemble_frontal_pcam", "projection": "lateral"}, "projection"),
+    ({"model": "ensemble_frontal_cait", "projection": "frontal"}, "pcam_checkpoint"),
+    ({"model": "ensemble_frontal_pcam", "projection": "frontal", "pcam_checkpoint": "x.pt"}, "pcam_checkpoint"),
+    ({"model": "ensemble_frontal_pcam", "projection": "frontal", "loss": {"name": "ce"}}, "loss.name"),
+    ({"model": "nonsense"}, "model"),
+    ({"task": "projection", "loss": {"name": "ce"}, "tta": ["identity", "hflip"]}, "tta"),
+    ({"model": "ensemble_frontal_pcam", "arch": "convnextv2_mlp"}, "must not overwrite"),
+    ({"model": "ensemble_frontal_pcam", "projection": "frontal", "augment": {"flip": 1}}, "augment"),
+])
+def test_bad_recipes_are_rejected_with_the_key(data, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(data, source="test.yaml")
+
+
+def test_model_kwargs_that_change_weights_are_rejected(tmp_path):
+    from training.train import TrainingError, check_servable
+    from training.networks import create_model
+
+    recipe = recipe_from_dict({"model": "ensemble_frontal_swin", "projection": "frontal",
+                               "model_kwargs": {"embed_dim": 32}})
+    with pytest.raises(TrainingError, match="change the network's weights"):
+        check_servable(create_model(recipe.network_spec(), 30, 64), recipe)
+    fine = load_recipe("frontal_cait")
+    check_servable(create_model(fine.network_spec(), 30, 64), fine)
+
+
+# ------------------------------------------------------------- schedule, EMA
+
+
+def test_warmup_then_cosine():
+    schedule = WarmupCosine(total_steps=100, warmup_steps=10, min_ratio=0.01)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(55) == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-6)
+    assert schedule(100) == pytest.approx(0.01) and schedule(1000) == pytest.approx(0.01)
+    values = [schedule(s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_ema_averages_trained_weights_and_copies_frozen_ones():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    ema = ModelEma(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for (name, live), avg in zip(model.state_dict().items(), ema.module.state_dict().values()):
+        if name.startswith("0."):
+            assert torch.equal(avg, live)  # frozen: copied bit for bit
+        else:
+            assert torch.allclose(avg, live - 0.5)
+    assert ema.updates == 1
+    warm = ModelEma(model, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------- weight search
+
+
+def test_fast_map_equals_the_challenge_metric():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((80, 12)) < 0.2).astype(float)
+    labels[:, 0] = 0  # not evaluable
+    scores = np.round(rng.random((80, 12)), 1)  # many ties
+    scores[:, 3] = 0.5  # all tied
+    expected = evaluate_predictions(labels, scores, [str(i) for i in range(12)])["mAP"]
+    assert fast_mean_ap(labels, scores) == pytest.approx(expected, abs=1e-12)
+
+
+def test_simplex_grid_has_the_corners():
+    grid = simplex_grid(0.1)
+    assert len(grid) == 66
+    assert all(math.isclose(sum(w.values()), 1.0) for w in grid)
+    for member in MEMBERS:
+        assert corner(member) in grid
+    assert len(simplex_grid(0.5)) == 6
+    with pytest.raises(ValueError):
+        simplex_grid(0.3)
+
+
+def _member_logits(rng, n=60):
+    labels = (rng.random((n, 30)) < 0.15).astype(float)
+    signal = 4.0 * (labels - 0.5)
+    logits = {
+        "pcam": signal + rng.normal(0, 2.0, (n, 30)),
+        "cait": signal + rng.normal(0, 2.5, (n, 30)),
+        "swin": rng.normal(0, 1.0, (n, 30)),  # useless
+    }
+    projections = ["frontal" if i % 3 else "lateral" for i in range(n)]
+    current = {"frontal": {"pcam": 0.4, "cait": 0.2, "swin": 0.4}, "lateral": {"pcam": 0.45, "cait": 0.1, "swin": 0.45}}
+    data = MemberLogits([str(i) for i in range(n)], labels, projections, logits, np.zeros((n, 30)), 0.5, current)
+    data.served_probabilities = probabilities_with(data, current)
+    return data
+
+
+@pytest.mark.parametrize("limit", [20_000, 10])  # exhaustive, then coordinate ascent
+def test_search_never_below_single_members_or_current(limit):
+    data = _member_logits(np.random.default_rng(1))
+    result = search_weights(data, grid=0.1, exhaustive_limit=limit)
+    assert result.method == ("exhaustive" if limit > 1000 else "coordinate ascent")
+    assert result.mAP_after >= result.best_single_member_mAP - 1e-12
+    assert result.mAP_after >= result.mAP_before - 1e-12
+    assert result.changed
+    for projection in ("frontal", "lateral"):
+        assert result.weights[projection]["swin"] <= 0.2
+    assert result.best_single_member == "pcam"
+
+
+def test_search_refuses_logits_that_do_not_reproduce_the_served_probabilities():
+    data = _member_logits(np.random.default_rng(3))
+    data.served_probabilities = data.served_probabilities + 0.01
+    with pytest.raises(RuntimeError, match="do not reproduce"):
+        search_weights(data)
+
+
+def test_search_keeps_current_weights_when_nothing_is_better():
+    data = _member_logits(np.random.default_rng(2))
+    for member in MEMBERS:  # identical members: every weighting is the same
+        data.logits[member] = data.logits["pcam"].copy()
+    data.served_probabilities = probabilities_with(data, data.current)
+    result = search_weights(data, grid=0.5)
+    assert not result.changed
+    assert result.weights == {p: pytest.approx(w) for p, w in data.current.items()}
+
+
+# --------------------------------------------------------------- zero-shot
+
+
+def test_reports_mention_positives_only_and_never_held_out_classes():
+    rng = np.random.default_rng(0)
+    held = ("cardiomegaly", "Nodule")
+    for _ in range(200):
+        labels = (rng.random(30) < 0.2).astype(float)
+        labels[NORMAL_INDEX] = 0
+        report = synthesize_report(labels, TASK1_LABELS, rng, held)
+        for label, value in zip(TASK1_LABELS, labels):
+            mentioned = label.lower() in report
+            if label in held:
+                assert not mentioned
+            elif value and label != "Normal" and not any(label.lower() in other.lower() and other != label
+                                                         for other in TASK1_LABELS):
+                assert mentioned
+    normal = np.zeros(30)
+    normal[NORMAL_INDEX] = 1
+    assert synthesize_report(normal, TASK1_LABELS, rng) in NORMAL_SENTENCES
+    only_held = np.zeros(30)
+    only_held[TASK1_LABELS.index("Nodule")] = 1
+    assert synthesize_report(only_held, TASK1_LABELS, rng, held) == NEUTRAL_SENTENCE
+
+
+def test_report_sentences_are_shuffled():
+    labels = np.zeros(30)
+    labels[[2, 3, 8, 20]] = 1
+    orders = {synthesize_report(labels, TASK1_LABELS, np.random.default_rng(s)) for s in range(30)}
+    assert len(orders) > 5
+
+
+def test_prompts_come_from_the_report_templates():
+    assert class_prompts("cardiomegaly") == [t.format(finding="cardiomegaly") for t in FINDING_TEMPLATES]
+    assert class_prompts("Normal") == list(NORMAL_SENTENCES)
+
+
+def test_proxy_groups_are_deterministic_and_disjoint(tmp_path):
+    from training.synth import write_synthetic_dataset
+    from training.train import load_split
+
+    csv_path = write_synthetic_dataset(tmp_path, 300, seed=3, image_size=32)
+    data = load_split(csv_path)
+    groups = proxy_groups(data)
+    assert groups == proxy_groups(load_split(csv_path))
+    flat = list(itertools.chain(*groups))
+    assert len(groups) == 3 and len(flat) == len(set(flat)) and "Normal" not in flat
+    val = data.table.labels[data.val]
+    assert all(val[:, TASK1_LABELS.index(c)].sum() > 0 for c in flat)
+    assert parse_groups("cardiomegaly, Nodule;Mass") == [["cardiomegaly", "Nodule"], ["Mass"]]
+    with pytest.raises(ValueError):
+        parse_groups("not a class")
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+@pytest.mark.parametrize("command", ["synth-data", "train", "evaluate", "tune-weights", "zeroshot-proxy"])
+def test_commands_are_registered(command, capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+def test_evaluate_needs_a_source(tmp_path):
+    from cxrlt.cli import main
+
+    assert main(["evaluate", "--data", str(tmp_path / "x.csv")]) == 1
+
+
+def test_precision_choice():
+    from training.train import TrainingError, autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(TrainingError):
+        autocast_dtype(cpu, "fp16")
+
+
+@pytest.fixture(scope="module")
+def small_csv(tmp_path_factory):
+    from training.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("small"), 80, seed=5, image_size=32)
+
+
+def test_bf16_autocast_training_step_runs_on_cpu(small_csv, tmp_path):
+    """The mixed-precision path (as on a GPU) with torch's CPU bf16 autocast."""
+    from training.train import train
+
+    recipe = load_recipe("frontal_swin", assignments=["precision=bf16", "batch_size=16", "cache_images=false"])
+    result = train(recipe, small_csv, tmp_path, epochs=1, progress=False, log=lambda line: None)
+    row = result.final
+    assert row["epoch"] == 1 and np.isfinite(row["train_loss"]) and np.isfinite(row["val_mAP"])
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in state["ema_state_dict"].values() if t.is_floating_point())
+
+
+def test_resume_without_checkpoint_starts_fresh_and_wrong_model_is_refused(small_csv, tmp_path):
+    from training.train import TrainingError, train
+
+    lines = []
+    recipe = load_recipe("router", assignments=["batch_size=32"])
+    result = train(recipe, small_csv, tmp_path, epochs=1, resume=True, progress=False, log=lines.append)
+    assert result.epoch == 1 and any("starting from scratch" in line for line in lines)
+    again = train(recipe, small_csv, tmp_path, epochs=1, resume=True, progress=False, log=lines.append)
+    assert again.epoch == 1 and "nothing to do" in lines[-1]
+    (tmp_path / "ensemble_frontal_swin.pt").write_bytes((tmp_path / "projection_router.pt").read_bytes())
+    with pytest.raises(TrainingError, match="was trained for projection_router"):
+        train(load_recipe("frontal_swin"), small_csv, tmp_path, epochs=1, resume=True, progress=False, log=lines.append)

@@ -1,0 +1,331 @@
+"""Training recipes: one YAML file per trained network, read into a validated `Recipe`.
+
+A recipe names what it trains and how; the data (`--data CSV`) and the output folder
+(`--out DIR`) come from the command line, so one recipe serves every data set. Keys:
+
+    name          a label for logs (default: the file's stem)
+    task          multilabel (30 Task 1 findings) | projection (the router) | clip (dual branch)
+    profile       tiny | paper (cxrlt.profiles): network sizes and the image size
+    model         the checkpoint name = the served model name (projection_router,
+                  ensemble_<projection>_<member>, clip); `cxrlt build-repo --checkpoints OUT`
+                  reads OUT/<model>.pt. Head ablations use a name no served model has.
+    model_kwargs  optional: training-time arguments of the network that do not change its
+                  weights' shapes (e.g. CaiT's layer-scale init_values, drop_path_rate); the
+                  trainer checks the checkpoint still loads into the served spec
+    arch, head    optional: train another architecture than the profile's spec of `model`
+                  (e.g. convnextv2_csra with head {lam: 0.1}); the ConvNeXt-V2 backbone is the
+                  profile's PCAM member's
+    projection    frontal | lateral | all: which images train and validate it
+    pcam_checkpoint  CaiT only: the PCAM checkpoint whose ConvNeXt-V2 backbone is loaded
+                  and frozen (a relative path is looked up in the output folder, then the
+                  working directory)
+    loss          {name: asl|db|bce|ce, ...parameters of training.losses.create_loss}
+    sampler       {name: repeat_factor, threshold, max_repeat} | {name: none}
+    optimizer     {name: adamw, lr, weight_decay, betas}
+    schedule      {warmup_epochs, min_lr_ratio}: linear warm-up then cosine, per step
+    ema           {decay, warmup}: EMA of the weights (saved as ema_state_dict, served)
+    epochs, batch_size, grad_clip (max global norm; 0 = off)
+    augment       training.data.Augment parameters
+    precision     auto (bf16 on a GPU that has it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    tta           validation views, as served (cxrlt.preprocessing.TTA_VIEWS)
+    val_fraction, split_seed   the patient-level split (training.data.patient_split)
+    seed, threads (torch CPU threads; null = torch's default), num_workers, cache_images
+    clip          task clip only: {asl_weight, holdout: [classes], val_zeroshot: bool}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cxrlt.labels import PROJECTIONS, TASK1_LABELS
+from cxrlt.preprocessing import parse_tta_views
+from cxrlt.profiles import NetworkSpec, Profile, get_profile
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TASKS = ("multilabel", "projection", "clip")
+PROJECTION_FILTERS = (*PROJECTIONS, "all")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAMPLERS = ("none", "repeat_factor")
+LOSSES_MULTILABEL = ("asl", "db", "bce")
+ROUTER_MODEL = "projection_router"
+CLIP_MODEL = "clip"
+
+_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "task": "multilabel",
+    "profile": "tiny",
+    "model": None,
+    "arch": None,
+    "head": {},
+    "model_kwargs": {},
+    "projection": "all",
+    "pcam_checkpoint": None,
+    "loss": {"name": "asl"},
+    "sampler": {"name": "none"},
+    "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05},
+    "schedule": {"warmup_epochs": 1, "min_lr_ratio": 0.01},
+    "ema": {"decay": 0.999, "warmup": True},
+    "epochs": 10,
+    "batch_size": 32,
+    "grad_clip": 1.0,
+    "augment": {},
+    "precision": "auto",
+    "tta": ["identity", "hflip"],
+    "val_fraction": 0.1,
+    "split_seed": 0,
+    "seed": 0,
+    "threads": None,
+    "num_workers": 0,
+    "cache_images": False,
+    "clip": {},
+}
+_CLIP_DEFAULTS = {"asl_weight": 1.5, "holdout": [], "val_zeroshot": True}
+
+
+class RecipeError(ValueError):
+    """A recipe file is malformed; the message names the file and the key."""
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    task: str
+    profile: str
+    model: str
+    arch: str | None
+    head: dict
+    model_kwargs: dict
+    projection: str
+    pcam_checkpoint: str | None
+    loss: dict
+    sampler: dict
+    optimizer: dict
+    schedule: dict
+    ema: dict
+    epochs: int
+    batch_size: int
+    grad_clip: float
+    augment: dict
+    precision: str
+    tta: list
+    val_fraction: float
+    split_seed: int
+    seed: int
+    threads: int | None
+    num_workers: int
+    cache_images: bool
+    clip: dict
+    source: str | None = None  # the YAML file it came from
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def profile_spec(self) -> Profile:
+        return get_profile(self.profile)
+
+    @property
+    def image_size(self) -> int:
+        profile = self.profile_spec
+        return profile.clip.image_size if self.task == "clip" else profile.image_size
+
+    @property
+    def num_outputs(self) -> int:
+        return len(PROJECTIONS) if self.task == "projection" else len(TASK1_LABELS)
+
+    def network_spec(self) -> NetworkSpec:
+        """The architecture to build: the profile's spec of `model`, or `arch` + `head` on the
+        profile's ConvNeXt-V2 backbone."""
+        profile = self.profile_spec
+        if self.arch is None:
+            spec = profile.network_specs()[self.model]
+            return NetworkSpec(spec.arch, {**spec.kwargs, **self.model_kwargs})
+        backbone = profile.members["pcam"].kwargs["backbone"]
+        return NetworkSpec(self.arch, {"backbone": backbone, **self.head, **self.model_kwargs})
+
+    def served_spec(self) -> NetworkSpec | None:
+        """The spec `cxrlt build-repo` rebuilds this checkpoint with (None: not served)."""
+        specs = self.profile_spec.network_specs()
+        return specs.get(self.model) if self.arch is None else None
+
+    def checkpoint_name(self) -> str:
+        return self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_override(data: dict, assignment: str) -> None:
+    """Apply 'a.b=value' (value parsed as YAML) to a nested dict, in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {assignment!r} must look like key=value or section.key=value")
+    parts = key.strip().split(".")
+    target = data
+    for part in parts[:-1]:
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    target[parts[-1]] = value
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A recipe path as given, else the name of a checked-in recipe ('frontal_pcam[.yaml]')."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(
+        f"recipe {str(path)!r} not found; give a YAML path or one of: {', '.join(sorted(list_recipes()))}"
+    )
+
+
+def list_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,
+                assignments: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read and validate a recipe YAML; `overrides` (nested dict) and `assignments`
+    ('key.sub=value') are applied on top."""
+    path = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys, not {type(data).__name__}")
+    if overrides:
+        data = _merge(data, overrides)
+    for assignment in assignments:
+        set_override(data, assignment)
+    return recipe_from_dict(data, source=str(path), default_name=path.stem)
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default_name: str = "recipe") -> Recipe:
+    where = source or "recipe"
+    unknown = sorted(set(data) - set(_DEFAULTS))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(_DEFAULTS)}")
+    merged = _merge(_DEFAULTS, data)
+    merged["name"] = merged["name"] or default_name
+
+    def fail(key: str, message: str) -> None:
+        raise RecipeError(f"{where}: {key}: {message}")
+
+    if merged["task"] not in TASKS:
+        fail("task", f"must be one of {TASKS}, not {merged['task']!r}")
+    try:
+        profile = get_profile(merged["profile"])
+    except ValueError as exc:
+        fail("profile", str(exc))
+    if merged["projection"] not in PROJECTION_FILTERS:
+        fail("projection", f"must be one of {PROJECTION_FILTERS}, not {merged['projection']!r}")
+    task = merged["task"]
+    if merged["model"] is None:
+        merged["model"] = {"projection": ROUTER_MODEL, "clip": CLIP_MODEL}.get(task)
+        if merged["model"] is None:
+            fail("model", "is required: the served model name, e.g. ensemble_frontal_pcam")
+    model = merged["model"]
+    specs = profile.network_specs()
+    if task == "clip":
+        if model != CLIP_MODEL and not str(model).startswith(CLIP_MODEL):
+            fail("model", f"a clip recipe writes {CLIP_MODEL!r} (clip.pt), not {model!r}")
+        merged["clip"] = _merge(_CLIP_DEFAULTS, merged["clip"] or {})
+        unknown_holdout = [c for c in merged["clip"]["holdout"] if c not in TASK1_LABELS]
+        if unknown_holdout:
+            fail("clip.holdout", f"unknown Task 1 classes {unknown_holdout}")
+    elif merged["arch"] is None:
+        if model not in specs:
+            fail("model", f"{model!r} is not a served network of profile {profile.name!r}; choose from "
+                          f"{sorted(specs)} or give `arch` for an ablation")
+        expected_task = "projection" if model == ROUTER_MODEL else "multilabel"
+        if task != expected_task:
+            fail("task", f"{model} is trained with task {expected_task!r}, not {task!r}")
+    else:
+        from .networks import list_architectures
+
+        if merged["arch"] not in list_architectures():
+            fail("arch", f"unknown architecture {merged['arch']!r}; registered: {list_architectures()}")
+        if model in specs:
+            fail("model", f"an `arch` ablation must not overwrite the served network {model!r}; name it differently")
+    if task == "multilabel" and model in specs and model != ROUTER_MODEL:
+        served_projection = model.split("_")[1]
+        if merged["projection"] != served_projection:
+            fail("projection", f"{model} serves {served_projection} images; set projection: {served_projection}")
+    is_cait = merged["arch"] is None and task == "multilabel" and specs.get(model, NetworkSpec("", {})).arch == "cait_on_convnextv2"
+    if is_cait and not merged["pcam_checkpoint"]:
+        fail("pcam_checkpoint", "a CaiT member needs the PCAM checkpoint whose backbone it freezes")
+    if merged["pcam_checkpoint"] and not is_cait:
+        fail("pcam_checkpoint", "only CaiT members (cait_on_convnextv2) load a frozen PCAM backbone")
+
+    loss = merged["loss"]
+    if not isinstance(loss, dict) or "name" not in loss:
+        fail("loss", "must be a mapping with a 'name'")
+    allowed = {"projection": ("ce",), "clip": ("asl",)}.get(task, LOSSES_MULTILABEL)
+    if loss["name"] not in allowed:
+        fail("loss.name", f"task {task} takes one of {allowed}, not {loss['name']!r}")
+    sampler = merged["sampler"] or {"name": "none"}
+    merged["sampler"] = sampler
+    if sampler.get("name", "none") not in SAMPLERS:
+        fail("sampler.name", f"must be one of {SAMPLERS}, not {sampler.get('name')!r}")
+    if merged["optimizer"].get("name", "adamw") != "adamw":
+        fail("optimizer.name", "only adamw is supported")
+    numbers = {"optimizer": ("lr", "weight_decay", "eps"), "schedule": ("warmup_epochs", "min_lr_ratio"),
+               "ema": ("decay",), "sampler": ("threshold", "max_repeat")}
+    for section, keys in numbers.items():
+        for key in keys:
+            if key in merged[section]:
+                try:
+                    merged[section][key] = float(merged[section][key])
+                except (TypeError, ValueError):
+                    fail(f"{section}.{key}", f"must be a number, not {merged[section][key]!r}")
+    for key in ("lr", "weight_decay"):
+        if merged["optimizer"].get(key, -1.0) < 0:
+            fail(f"optimizer.{key}", "must be given and non-negative")
+    if not 0.0 <= merged["ema"].get("decay", 0.0) < 1.0:
+        fail("ema.decay", "must be in [0, 1)")
+    if int(merged["epochs"]) < 1 or int(merged["batch_size"]) < 1:
+        fail("epochs/batch_size", "must be positive integers")
+    if merged["precision"] not in PRECISIONS:
+        fail("precision", f"must be one of {PRECISIONS}")
+    try:
+        merged["tta"] = list(parse_tta_views(merged["tta"]))
+    except ValueError as exc:
+        fail("tta", str(exc))
+    if task in ("projection", "clip") and merged["tta"] != ["identity"]:
+        fail("tta", "the served router and CLIP encoder see the untransformed image only; set tta: [identity]")
+    if not 0.0 < float(merged["val_fraction"]) < 1.0:
+        fail("val_fraction", "must be in (0, 1)")
+    from .data import Augment
+
+    try:
+        Augment(**merged["augment"])
+    except TypeError as exc:
+        fail("augment", f"{exc}; keys are {[f.name for f in dataclasses.fields(Augment)]}")
+    merged["epochs"], merged["batch_size"] = int(merged["epochs"]), int(merged["batch_size"])
+    merged["grad_clip"] = float(merged["grad_clip"] or 0.0)
+    merged["val_fraction"] = float(merged["val_fraction"])
+    return Recipe(**merged, source=source)
