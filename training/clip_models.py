@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -16,9 +17,22 @@ _CONFIG_DIR = Path(__file__).parent / "clip_configs"
 open_clip.add_model_config(_CONFIG_DIR)  # registers the project's small configs (tiny profile)
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip logs "No pretrained weights loaded" on every random creation; the repository
+    builder and the servers already say loudly, once, when weights are random."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_clip(model_name: str, checkpoint: Path | str | None = None) -> nn.Module:
     """An open_clip model, random unless a state_dict checkpoint is given. Offline: never downloads."""
-    model = open_clip.create_model(model_name, pretrained=None)
+    quiet = _QuietRandomInit()
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if checkpoint is not None:
         load_into(model, checkpoint)
     return model.eval()
