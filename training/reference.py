@@ -54,8 +54,8 @@ class ReferencePipeline:
         self.zeroshot_settings = ZeroShotSettings.from_parameters(
             config_parameters(self.repository / "cxr_zeroshot" / "config.pbtxt")
         )
-        self.classifier = ClassifierPipeline(self.classifier_settings, self._infer)
-        self.zeroshot = ZeroShotPipeline(self.zeroshot_settings, self._text_cache(), self._infer)
+        self.classifier = ClassifierPipeline(self.classifier_settings, self.infer)
+        self.zeroshot = ZeroShotPipeline(self.zeroshot_settings, self._text_cache(), self.infer)
 
     def _runner(self, model_name: str) -> Callable[[np.ndarray], np.ndarray]:
         if model_name not in self._runners:
@@ -72,7 +72,8 @@ class ReferencePipeline:
                 self._runners[model_name] = _torch_runner(module)
         return self._runners[model_name]
 
-    async def _infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
+    async def infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
+        """Run one network in process: the `infer` the pipelines call (tune-weights taps it)."""
         return self._runner(model_name)(pixel_values)
 
     def _text_cache(self) -> TextCache:

@@ -119,7 +119,7 @@ def collect_member_logits(repository: str | os.PathLike, data_csv: str | os.Path
     captured: dict[str, np.ndarray] = {}
 
     async def infer(model_name: str, pixel_values: np.ndarray) -> np.ndarray:
-        output = await reference._infer(model_name, pixel_values)
+        output = await reference.infer(model_name, pixel_values)
         captured[model_name] = output
         return output
 
