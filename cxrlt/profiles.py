@@ -87,8 +87,12 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str) -> Profile:
+def get_profile(name: str, clip_model: str | None = None) -> Profile:
+    """A profile by name; `clip_model` swaps its CLIP (e.g. "ViT-L-14", as WhyXrayCLIP)."""
     try:
-        return PROFILES[name]
+        profile = PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}") from None
+    if clip_model and clip_model != profile.clip.model_name:
+        profile = dataclasses.replace(profile, clip=ClipSpec(clip_model, profile.clip.image_size))
+    return profile

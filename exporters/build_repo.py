@@ -59,6 +59,7 @@ class BuildOptions:
     # 0: never wait for a batch that may not come; requests that queue while a model is busy still merge
     queue_delay_us: int = 0
     tensorrt: bool = False
+    clip_model: str | None = None  # an open_clip config name replacing the profile's (e.g. "ViT-L-14")
     engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
     device: str = "auto"  # torchscript engine: auto (CUDA when PyTorch has it), cpu or cuda
     fp16: bool = False  # torchscript engine on CUDA: autocast to float16
@@ -223,7 +224,7 @@ def build_repository(out: Path | str, options: BuildOptions, on_step: Callable[[
 
 
 def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dict[str, Any]:
-    profile = get_profile(options.profile)
+    profile = get_profile(options.profile, options.clip_model)
     classifier = options.classifier or default_classifier_settings(profile)
     zeroshot = options.zeroshot or default_zeroshot_settings(profile)
     names = list(profile.network_specs())
@@ -264,6 +265,7 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
 
     manifest = {
         "profile": profile.name,
+        "clip_model": profile.clip.model_name,
         "target": options.target,
         "seed": options.seed,
         "checkpoints": str(options.checkpoints) if options.checkpoints else None,
@@ -287,11 +289,16 @@ def read_manifest(repository: Path | str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def manifest_profile(manifest: dict[str, Any]) -> Profile:
+    """The profile a repository was built with, its CLIP choice included."""
+    return get_profile(manifest["profile"], manifest.get("clip_model"))
+
+
 def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None) -> dict[str, Any]:
     """`cxrlt build-text-cache`: re-encode prompts for a built repository with its own CLIP weights."""
     repository = Path(repository)
     manifest = read_manifest(repository)
-    profile = get_profile(manifest["profile"])
+    profile = manifest_profile(manifest)
     checkpoint = manifest["models"][ENCODER_MODEL]["checkpoint"]
     clip_model, _ = load_clip(profile, Path(checkpoint).parent if checkpoint else None, manifest["seed"], allow_random=checkpoint is None)
     weights = state_dict_sha256(clip_model)

@@ -161,3 +161,13 @@ def test_torchscript_runner_fp16_on_cuda(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(batch).cuda()).float().cpu().numpy()
     np.testing.assert_allclose(runner.run(batch), expected, atol=5e-2)
+
+
+def test_clip_model_is_selectable_and_recorded():
+    from exporters.build_repo import manifest_profile
+
+    paper = get_profile("paper", "ViT-L-14")
+    assert paper.clip.model_name == "ViT-L-14" and paper.image_size == 512
+    assert get_profile("paper").clip.model_name == "ViT-B-32"
+    assert manifest_profile({"profile": "tiny", "clip_model": "ViT-S-32"}).clip.model_name == "ViT-S-32"
+    assert manifest_profile({"profile": "tiny"}).clip.model_name == TINY.clip.model_name

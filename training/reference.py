@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from cxrlt.labels import TASK2_LABELS
-from cxrlt.profiles import get_profile
 from cxrlt.text_cache import ENCODER_RECORD, PROMPTS_FILE, TextCache, load_text_cache
-from exporters.build_repo import read_manifest
+from exporters.build_repo import manifest_profile, read_manifest
 from exporters.model_configs import config_parameters
 from exporters.prompts import load_prompts
 from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
@@ -44,7 +43,7 @@ class ReferencePipeline:
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
         self.repository = Path(repository)
         self.manifest = read_manifest(self.repository)
-        self.profile = get_profile(self.manifest["profile"])
+        self.profile = manifest_profile(self.manifest)
         self.engine = engine
         self.threads = threads
         self._runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "installed) or as TorchScript with PyTorch (CUDA when PyTorch has it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torchscript engine device")
     parser.add_argument("--fp16", action="store_true", help="torchscript engine on CUDA: float16 autocast")
+    parser.add_argument("--clip-model", help="open_clip config for zero-shot, replacing the profile's "
+                        "(paper: ViT-B-32 as CheXzero; ViT-L-14 as WhyXrayCLIP)")
     parser.add_argument("--prompts", type=Path, help="zero-shot prompt file (YAML); default: the shipped one")
     parser.add_argument("--seed", type=int, default=0, help="seed of random initialisation (default 0)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per network instance")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, prompts=args.prompts or DEFAULT_PROMPTS, ort_threads=args.ort_threads,
         network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
         queue_delay_us=args.queue_delay_us, tensorrt=args.tensorrt, classifier=classifier,
-        engine=args.engine, device=args.device, fp16=args.fp16,
+        engine=args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
     )
     with console.status("building repository") as status:
         manifest = build_repository(args.out, options, on_step=lambda message: status.update(message))
