@@ -240,6 +240,16 @@ class _ClientBase(abc.ABC):
     def _retryable(exc: Exception) -> bool:
         return _status_name(exc) == "UNAVAILABLE"
 
+    def _retry_delay(self, exc: Exception, delays: Iterator[float], what: str, attempt: int) -> float:
+        """The sleep before the next attempt, or raise: non-gRPC errors as they are, others as ClientError."""
+        if not hasattr(exc, "status"):
+            raise exc
+        delay = next(delays, None) if self._retryable(exc) else None
+        if delay is None:
+            raise self._error(exc, what, attempt) from None
+        self._log_retry(exc, what, attempt, delay)
+        return delay
+
     def _log_retry(self, exc: Exception, what: str, attempt: int, delay: float) -> None:
         log.warning(
             "attempt %d/%d to %s at %s failed (UNAVAILABLE: %s); retrying in %.2g s",
@@ -391,12 +401,7 @@ class CxrltClient(_ClientBase):
             try:
                 return function()
             except Exception as exc:
-                if not hasattr(exc, "status"):
-                    raise
-                delay = next(delays, None) if self._retryable(exc) else None
-                if delay is None:
-                    raise self._error(exc, what, attempt) from None
-                self._log_retry(exc, what, attempt, delay)
+                delay = self._retry_delay(exc, delays, what, attempt)
                 self._sleep(delay)
 
     def is_ready(self) -> bool:
@@ -503,12 +508,7 @@ class AsyncCxrltClient(_ClientBase):
             try:
                 return await function()
             except Exception as exc:
-                if not hasattr(exc, "status"):
-                    raise
-                delay = next(delays, None) if self._retryable(exc) else None
-                if delay is None:
-                    raise self._error(exc, what, attempt) from None
-                self._log_retry(exc, what, attempt, delay)
+                delay = self._retry_delay(exc, delays, what, attempt)
                 await self._sleep(delay)
 
     async def is_ready(self) -> bool:
