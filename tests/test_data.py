@@ -230,9 +230,9 @@ def test_dataset_items(synth_table):
 
 
 def test_load_image_real_dicom():
-    pydicom_data = pytest.importorskip("pydicom.data")
-    path = pydicom_data.get_testdata_file("RG1_UNCR.dcm")  # PA chest CR from pydicom-data
-    if path is None:
-        pytest.skip("pydicom-data's RG1_UNCR.dcm is not installed")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCR.dcm")  # PA chest CR from pydicom-data, a dependency
+    assert path is not None
     pixels = load_image(path)
     assert pixels.ndim == 2 and pixels.dtype == np.uint16

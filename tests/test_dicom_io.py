@@ -22,8 +22,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 def _testdata(name: str) -> str:
     path = get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"{name} not available: install the dev extra (pydicom-data)")
+    assert path is not None, f"{name} not found: pydicom-data is a dependency; reinstall the project"
     return path
 
 

@@ -40,8 +40,7 @@ def make_result(image_id: str = "img-1", *, seed: int = 0, random_weights: bool 
 @pytest.fixture(scope="module")
 def source_dataset() -> pydicom.Dataset:
     path = get_testdata_file("RG1_UNCR.dcm")
-    if path is None:
-        pytest.skip("RG1_UNCR.dcm not available: install the dev extra (pydicom-data)")
+    assert path is not None, "RG1_UNCR.dcm not found: pydicom-data is a dependency; reinstall the project"
     return pydicom.dcmread(path)
 
 

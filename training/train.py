@@ -18,6 +18,7 @@ uninterrupted one exactly on CPU.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import csv
 import dataclasses
@@ -173,7 +174,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 # ---------------------------------------------------------------------------- jobs
 
 
-class Job:
+class Job(abc.ABC):
     """What differs between recipes: the module, the batches, the loss and the validation."""
 
     recipe: Recipe
@@ -188,15 +189,18 @@ class Job:
         """Trained parts that are not served (saved separately for resume)."""
         return None
 
+    @abc.abstractmethod
     def train_loader(self, epoch: int) -> torch.utils.data.DataLoader:
-        raise NotImplementedError
+        """Batches of one epoch."""
 
+    @abc.abstractmethod
     def training_loss(self, module: nn.Module, batch: Any, device: torch.device,
                       dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """The loss of one batch and figures to log."""
 
+    @abc.abstractmethod
     def validate(self, module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
-        raise NotImplementedError
+        """Validation metrics (with `primary` among them)."""
 
     def before_training(self, out_dir: Path, log: Log) -> dict[str, Any]:
         """Set-up that needs the output folder (e.g. CaiT's frozen backbone); returns checkpoint info."""
