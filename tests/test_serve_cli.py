@@ -17,6 +17,7 @@ from cxrlt.server import ServerError, TritonServer, free_port
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.timeout(400)
 def test_serve_prints_endpoints_and_stops_on_sigterm(tiny_repository, tmp_path):
     grpc_port = free_port()
     command = [sys.executable, "-m", "cxrlt.cli", "serve", "--model-repository", str(tiny_repository),
@@ -36,7 +37,9 @@ def test_serve_prints_endpoints_and_stops_on_sigterm(tiny_repository, tmp_path):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         assert client.is_model_ready("cxr_findings") and client.is_model_ready("ensemble_lateral_swin")
         process.send_signal(signal.SIGTERM)
-        remaining, _ = process.communicate(timeout=60)
+        # read() drains what readline() already buffered too (communicate() would skip it)
+        remaining = process.stdout.read()
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
