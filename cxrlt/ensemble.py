@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
@@ -106,6 +106,3 @@ def parse_weights(spec: str) -> dict[str, float]:
 def format_weights(weights: Mapping[str, float]) -> str:
     return ",".join(f"{m}={float(weights[m]):g}" for m in MEMBERS)
 
-
-def member_order(names: Sequence[str]) -> list[str]:
-    return [m for m in MEMBERS if m in names]

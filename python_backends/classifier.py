@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from typing import Awaitable, Callable, Mapping
 
 import numpy as np
@@ -108,6 +107,3 @@ class ClassifierPipeline:
             hint_used=hint_used,
         )
 
-
-def settings_summary(settings: ClassifierSettings) -> str:
-    return json.dumps(settings.to_parameters(), sort_keys=True)
