@@ -24,6 +24,7 @@ from cxrlt.preprocessing import PreprocessConfig, preprocess
 from cxrlt.profiles import Profile, get_profile
 from cxrlt.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
 from python_backends.classifier import ROUTER_MODEL, ClassifierSettings
+from python_backends.in_process import member_execution
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
 from training.checkpoints import file_sha256, state_dict_sha256
 from training.clip_models import ImageTower, encode_prompt_ensembles, tokenizer_for
@@ -58,6 +59,9 @@ class BuildOptions:
     max_batch_size: int = 16
     # 0: never wait for a batch that may not come; requests that queue while a model is busy still merge
     queue_delay_us: int = 0
+    # "bls": the BLS models call the network models (per-member batching and statistics);
+    # "in_process": they run the networks' ONNX files themselves (no hops; see python_backends.in_process)
+    member_execution: str = "bls"
     tensorrt: bool = False
     clip_model: str | None = None  # an open_clip config name replacing the profile's (e.g. "ViT-L-14")
     engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
@@ -71,6 +75,9 @@ class BuildOptions:
             raise ValueError(f"target must be one of {TARGETS}, not {self.target!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        member_execution(self.member_execution)
+        if self.member_execution == "in_process" and self.engine != "onnxruntime":
+            raise ValueError("member_execution 'in_process' runs the ONNX files with onnxruntime; it does not combine with engine 'torchscript'")
         if self.engine != "onnxruntime" and self.target != "embedded":
             raise ValueError("engine 'torchscript' applies to the embedded target; the ngc target serves ONNX")
 
@@ -180,9 +187,10 @@ def _bls_configs(out: Path, options: BuildOptions, classifier: ClassifierSetting
     common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances)
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
     flag = {"random_weights": "true" if random_weights else "false"}
+    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads)}
     texts = {
-        "cxr_classifier": render("cxr_classifier/config.pbtxt.template", parameters=parameters_block({**classifier.to_parameters(), **flag}), **common),
-        "cxr_zeroshot": render("cxr_zeroshot/config.pbtxt.template", parameters=parameters_block({**zeroshot.to_parameters(), **flag}), **common),
+        "cxr_classifier": render("cxr_classifier/config.pbtxt.template", parameters=parameters_block({**classifier.to_parameters(), **members, **flag}), **common),
+        "cxr_zeroshot": render("cxr_zeroshot/config.pbtxt.template", parameters=parameters_block({**zeroshot.to_parameters(), **members, **flag}), **common),
         "cxr_findings": render("cxr_findings/config.pbtxt.template", parameters=parameters_block(flag), **common),
     }
     labels = {"cxr_classifier": TASK1_LABELS, "cxr_zeroshot": TASK2_LABELS, "cxr_findings": ALL_LABELS}

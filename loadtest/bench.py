@@ -206,6 +206,8 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
                 entry["max_queue_delay_us"] = int(batching.get("max_queue_delay_microseconds", 0))
             if name not in BLS_MODELS:
                 entry["intra_op_threads"] = int(params.get("intra_op_threads") or 0)
+            elif "member_execution" in params:
+                entry["member_execution"] = params["member_execution"]
             models[name] = entry
     finally:
         client.close()

@@ -6,11 +6,13 @@ in a fake; the model.py adapters pass the real module.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .classifier import Infer
+from .in_process import LocalNetworks, member_execution
 from .pipeline_errors import INVALID_INPUT, MemberError, RequestError
 
 NETWORK_INPUT = "pixel_values"
@@ -50,6 +52,24 @@ def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: s
         return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name]))[output_name]
 
     return infer
+
+
+def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, str], networks: Iterable[str],
+                  output_names: Mapping[str, str] | None = None) -> Infer:
+    """The `infer` a BLS model's pipeline runs its networks with, as its config says.
+
+    `member_execution: bls` (the default): BLS calls to the network models. `in_process`:
+    onnxruntime sessions on the same models' ONNX files inside this stub (see
+    python_backends.in_process for the trade), created now so a missing file fails the load.
+    """
+    if member_execution(params.get("member_execution", "bls")) == "bls":
+        return make_infer(pb_utils, output_names or {})
+    local = LocalNetworks(
+        Path(args["model_repository"]).parent,  # the model's directory -> the repository
+        intra_op_threads=int(params.get("member_intra_op_threads", "1")),
+        providers=params.get("member_execution_provider", "auto"),
+    )
+    return local.load(networks).infer
 
 
 def optional_strings(tensor: Any, count: int) -> list[str | None]:

@@ -28,6 +28,11 @@ ROUTER_MODEL = "projection_router"
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000, beyond any chest radiograph detector
 
 
+def network_names() -> list[str]:
+    """Every network model the pipeline may call: the router and both projections' members."""
+    return [ROUTER_MODEL, *(ensemble_model_name(p, m) for p in PROJECTIONS for m in ensemble.MEMBERS)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierSettings:
     preprocess: PreprocessConfig

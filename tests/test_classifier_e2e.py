@@ -117,6 +117,29 @@ def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, 
         assert executions < requests, f"{name}: {executions} executions for {requests} requests"
 
 
+def test_in_process_members_give_the_same_result_without_calling_the_network_models(
+    grpc_client, triton_server, edited_classifier, real_cxr, synthetic_cxrs
+):
+    """`member_execution: in_process` runs the same ONNX files inside cxr_classifier: the
+    served result still equals the reference, and no request reaches a network model."""
+    reference = ReferencePipeline(triton_server.model_repository, engine="torch")
+    edited_classifier(member_execution="in_process")
+    before = _member_stats(grpc_client)
+    for image, hint in ((real_cxr, None), (synthetic_cxrs["frontal"], "PA"), (synthetic_cxrs["lateral"], "LL")):
+        probabilities, projection, score, _ = classify(grpc_client, image, hint)
+        expected = reference.classify(image, hint)
+        assert projection == expected.projection
+        assert score == pytest.approx(expected.projection_score, abs=1e-4)
+        np.testing.assert_allclose(probabilities, expected.probabilities, atol=1e-4, rtol=0)
+    assert _member_stats(grpc_client) == before
+
+
+def test_unknown_member_execution_fails_the_load_with_the_reason(grpc_client, triton_server, edited_classifier):
+    with pytest.raises(InferenceServerException, match="member_execution must be one of bls, in_process"):
+        edited_classifier(member_execution="sideways")
+    assert grpc_client.is_server_live()
+
+
 @pytest.mark.parametrize(
     "image, hint, dtype, problem",
     [

@@ -47,6 +47,23 @@ def test_served_zeroshot_equals_open_clip_reference(grpc_client, triton_server, 
         np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-5.0 * similarities)), atol=1e-5)
 
 
+def test_in_process_encoder_gives_the_same_scores(grpc_client, triton_server, repository, real_cxr):
+    """`member_execution: in_process`: cxr_zeroshot runs the encoder's ONNX itself, same scores."""
+    before = zeroshot(grpc_client, real_cxr)
+    set_config_parameters(repository / "cxr_zeroshot" / "config.pbtxt", {"member_execution": "in_process"})
+    grpc_client.load_model("cxr_zeroshot")
+    encoder_calls = _encoder_requests(grpc_client)
+    after = zeroshot(grpc_client, real_cxr)
+    for served, expected in zip(after, before):
+        np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+    assert _encoder_requests(grpc_client) == encoder_calls
+
+
+def _encoder_requests(client) -> int:
+    stats = client.get_inference_statistics("clip_image_encoder", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
 def test_findings_equals_the_two_separate_calls(grpc_client, real_cxr, synthetic_cxrs):
     for image, hint in ((real_cxr, "PA"), (synthetic_cxrs["lateral"], None)):
         findings = grpc_client.infer("cxr_findings", image_inputs(image, hint))

@@ -24,7 +24,7 @@ from exporters.build_repo import manifest_profile, read_manifest
 from exporters.model_configs import config_parameters
 from exporters.prompts import load_prompts
 from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
-from python_backends.onnx_runner import OnnxRunner
+from python_backends.in_process import LocalNetworks
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings
 
 from .clip_models import ImageTower, encode_prompt_ensembles, tokenizer_for
@@ -47,6 +47,7 @@ class ReferencePipeline:
         self.engine = engine
         self.threads = threads
         self._runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        self._onnx = LocalNetworks(self.repository, threads, providers="cpu") if engine == "onnxruntime" else None
         self.classifier_settings = ClassifierSettings.from_parameters(
             config_parameters(self.repository / "cxr_classifier" / "config.pbtxt")
         )
@@ -60,9 +61,8 @@ class ReferencePipeline:
         if model_name not in self._runners:
             entry = self.manifest["models"][model_name]
             seed = self.manifest["seed"]
-            if self.engine == "onnxruntime":
-                runner = OnnxRunner(self.repository / model_name / "1" / "model.onnx", self.threads, providers="cpu")
-                self._runners[model_name] = runner.run
+            if self._onnx is not None:
+                self._runners[model_name] = self._onnx.runner(model_name).run
             else:
                 if model_name == ENCODER_MODEL:
                     module = ImageTower(load_clip(self.profile, _checkpoint_dir(entry), seed, allow_random=True)[0]).eval()

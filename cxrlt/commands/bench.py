@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         f"({budget['served']['network_compute_threads_total']} in all, {budget['served']['bls_processes_total']} BLS processes); "
         f"raw {budget['raw']['intra_op_threads_per_session']} intra-op per session, workers = concurrency"
     )
+    served_model = budget["served"]["models"].get(report["model"], {})
+    if served_model.get("member_execution") == "in_process":
+        console.print(f"{report['model']} runs its networks in process (member_execution in_process): no BLS hops")
     at = next(r for r in report["sweep"] if r["concurrency"] == best["served"]["concurrency"])
     raw_cpu, served_cpu = at["raw"]["cpu_ms_per_image"], at["served"]["cpu_ms_per_image"]
     if served_cpu["server"] is not None:

@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--queue-delay-us", type=int, default=0,
                         help="dynamic batcher max queue delay (default 0: merge only what queues while busy)")
+    parser.add_argument("--member-execution", default="bls", choices=["bls", "in-process"],
+                        help="how cxr_classifier and cxr_zeroshot run their networks: bls (default) calls the network "
+                             "models, so each member batches across requests and has its own statistics; in-process "
+                             "runs the same ONNX files inside the BLS model, with no per-call hop (faster for small "
+                             "networks on CPU, e.g. the tiny profile; the network models stay served for direct calls)")
     parser.add_argument("--tta", help="TTA views, e.g. identity,hflip,rot+5,rot-5,zoom1.1,zoom0.9")
     parser.add_argument("--gating-alpha", type=float, help="normal gating exponent (default 0.5)")
 
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile, target=args.target, checkpoints=args.checkpoints, allow_random=args.allow_random,
         seed=args.seed, prompts=args.prompts or DEFAULT_PROMPTS, ort_threads=args.ort_threads,
         network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
-        queue_delay_us=args.queue_delay_us, tensorrt=args.tensorrt, classifier=classifier,
+        queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"), tensorrt=args.tensorrt, classifier=classifier,
         engine=args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
     )
     with console.status("building repository") as status:

@@ -14,14 +14,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backends import bls
-from python_backends.classifier import ClassifierPipeline, ClassifierSettings
+from python_backends.classifier import ClassifierPipeline, ClassifierSettings, network_names
 from python_backends.triton_params import parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = ClassifierSettings.from_parameters(parameters(json.loads(args["model_config"])))
-        self.pipeline = ClassifierPipeline(settings, bls.make_infer(pb_utils, {}))
+        params = parameters(json.loads(args["model_config"]))
+        infer = bls.network_infer(pb_utils, args, params, network_names())
+        self.pipeline = ClassifierPipeline(ClassifierSettings.from_parameters(params), infer)
 
     async def execute(self, requests):
         # Requests of one call are independent: a bad one fails alone.

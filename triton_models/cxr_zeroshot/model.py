@@ -27,7 +27,8 @@ from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSe
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = ZeroShotSettings.from_parameters(parameters(json.loads(args["model_config"])))
+        params = parameters(json.loads(args["model_config"]))
+        settings = ZeroShotSettings.from_parameters(params)
         model_dir = Path(args["model_repository"])
         repository = model_dir.parent
         cache = load_text_cache(
@@ -36,7 +37,7 @@ class TritonPythonModel:
             repository / ENCODER_MODEL / "1" / ENCODER_RECORD,
             repository=repository,
         )
-        infer = bls.make_infer(pb_utils, {ENCODER_MODEL: "image_embeds"})
+        infer = bls.network_infer(pb_utils, args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"})
         self.pipeline = ZeroShotPipeline(settings, cache, infer)
 
     async def execute(self, requests):

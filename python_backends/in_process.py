@@ -1,0 +1,75 @@
+"""Networks run inside the calling process with onnxruntime, on a repository's own ONNX files.
+
+Two users: the raw side of `cxrlt bench` (and the reference pipeline's onnxruntime engine),
+and a BLS model configured with `member_execution: in_process`.
+
+Why a BLS model would do this: each BLS call to a network model is a request into Triton,
+a trip through the callee's dynamic batcher and Python stub, and a response back, about
+1.5 ms of CPU on a small machine. The tiny profile's networks compute in 1-3 ms, so four
+such hops per image cost more than the networks. Running the members in the BLS process
+removes the hops, and gives up what they buy: per-member dynamic batching across requests,
+per-member statistics, and loading or replacing a member without the BLS model.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .onnx_runner import OnnxRunner
+
+MEMBER_EXECUTION = ("bls", "in_process")
+
+
+def member_execution(value: str) -> str:
+    """The `member_execution` config parameter, checked."""
+    if value not in MEMBER_EXECUTION:
+        raise ValueError(f"parameter member_execution must be one of {', '.join(MEMBER_EXECUTION)}, not {value!r}")
+    return value
+
+
+class LocalNetworks:
+    """One onnxruntime session per network model of a repository, made on first use.
+
+    `infer` is the async `infer(model_name, pixel_values)` the pipelines take. It runs the
+    session in the calling thread: onnxruntime releases the GIL, so callers on several
+    threads (the bench's workers) run in parallel, and in a Triton stub the BLS model's
+    instances are the parallelism.
+    """
+
+    def __init__(self, repository: Path | str, intra_op_threads: int = 1, providers: str = "auto") -> None:
+        self.repository = Path(repository)
+        self.intra_op_threads = intra_op_threads
+        self.providers = providers
+        self._runners: dict[str, OnnxRunner] = {}
+        self._lock = threading.Lock()
+
+    def onnx_path(self, model_name: str) -> Path:
+        return self.repository / model_name / "1" / "model.onnx"
+
+    def runner(self, model_name: str) -> OnnxRunner:
+        with self._lock:
+            runner = self._runners.get(model_name)
+            if runner is None:
+                path = self.onnx_path(model_name)
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"network model {model_name!r} has no ONNX file at {path}; rebuild the repository with `cxrlt build-repo`"
+                    )
+                runner = self._runners[model_name] = OnnxRunner(path, self.intra_op_threads, self.providers)
+        return runner
+
+    def load(self, model_names: Iterable[str]) -> "LocalNetworks":
+        """Create the sessions now (a BLS model does this at load, so a missing file fails the load)."""
+        for name in model_names:
+            self.runner(name)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._runners)
+
+    async def infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
+        return self.runner(model_name).run(pixel_values)

@@ -1,0 +1,49 @@
+"""python_backends.in_process: the networks a BLS model (or the raw benchmark) runs itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from exporters.build_repo import BuildOptions
+from python_backends.classifier import network_names
+from python_backends.in_process import LocalNetworks, member_execution
+from python_backends.onnx_runner import OnnxRunner
+
+
+def test_infer_runs_the_repository_onnx_file(tiny_repository):
+    local = LocalNetworks(tiny_repository, providers="cpu")
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    name = "ensemble_frontal_pcam"
+    expected = OnnxRunner(tiny_repository / name / "1" / "model.onnx", 1, "cpu").run(pixels)
+    np.testing.assert_array_equal(asyncio.run(local.infer(name, pixels)), expected)
+    assert local.runner(name) is local.runner(name)  # one session per model, made once
+
+
+def test_load_creates_every_classifier_network_and_names_a_missing_one(tiny_repository, tmp_path):
+    assert len(LocalNetworks(tiny_repository, providers="cpu").load(network_names())) == 7
+    with pytest.raises(FileNotFoundError, match="'projection_router'.*cxrlt build-repo"):
+        LocalNetworks(tmp_path).load(["projection_router"])
+
+
+def test_member_execution_values_are_checked():
+    assert member_execution("in_process") == "in_process"
+    with pytest.raises(ValueError, match="bls, in_process"):
+        member_execution("in-process")
+    with pytest.raises(ValueError, match="torchscript"):
+        BuildOptions(member_execution="in_process", engine="torchscript")
+    with pytest.raises(ValueError, match="member_execution"):
+        BuildOptions(member_execution="remote")
+
+
+def test_build_repo_option_reaches_both_bls_configs(tmp_path):
+    from cxrlt.cli import main
+    from exporters.model_configs import config_parameters
+
+    out = tmp_path / "repo"
+    assert main(["build-repo", "--profile", "tiny", "--member-execution", "in-process", "--ort-threads", "2", "--out", str(out)]) == 0
+    for model in ("cxr_classifier", "cxr_zeroshot"):
+        params = config_parameters(out / model / "config.pbtxt")
+        assert params["member_execution"] == "in_process" and params["member_intra_op_threads"] == "2"
