@@ -47,6 +47,9 @@ class BenchConfig:
     threads: int | None = None  # raw onnxruntime intra-op threads per session (default: the server's)
     image_set: str = "all"
     send_hints: bool = True
+    # Served side: send IMAGE through a system shared-memory region (client and server on one
+    # host) instead of inside the gRPC message; each request still copies its image in.
+    shared_memory: bool = False
     server_log: Path | None = None  # log of the server bench starts (default: a temporary file)
 
     def __post_init__(self) -> None:
@@ -163,26 +166,63 @@ class RawSide:
 
 
 class ServedSide:
-    """One gRPC client per worker, every image's request tensors serialised once."""
+    """One gRPC client per worker, every image's request tensors serialised once.
 
-    def __init__(self, url: str, model: str, payloads: Sequence[Payload], send_hints: bool) -> None:
+    With `shared_memory`, each worker owns a system shared-memory region registered with the
+    server; a request copies its image into it and names it in IMAGE, so the 16-bit image does
+    not travel inside the gRPC message (what a gateway on the server's host can do).
+    """
+
+    def __init__(self, url: str, model: str, payloads: Sequence[Payload], send_hints: bool, shared_memory: bool = False) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpcclient = grpcclient
         self.url, self.model = url, model
         self.clients: list = []
         self.outputs = requested_outputs(model)
+        self.shared_memory = shared_memory
         self.inputs = {p.name: grpc_inputs(p, model, send_hints) for p in payloads}
+        self.payloads = {p.name: p for p in payloads}
+        self._region_bytes = max(p.pixels.nbytes for p in payloads)
+        self._regions: list[tuple[str, Any]] = []  # (name, handle) per worker
 
     def ensure_clients(self, count: int) -> None:
+        import os
+
+        import tritonclient.utils.shared_memory as shm
+
         while len(self.clients) < count:
-            self.clients.append(self._grpcclient.InferenceServerClient(self.url))
+            client = self._grpcclient.InferenceServerClient(self.url)
+            if self.shared_memory:
+                name = f"cxrlt_bench_{os.getpid()}_{len(self.clients)}"
+                handle = shm.create_shared_memory_region(name, f"/{name}", self._region_bytes)
+                self._regions.append((name, handle))
+                client.register_system_shared_memory(name, f"/{name}", self._region_bytes)
+            self.clients.append(client)
+
+    def _shared_memory_inputs(self, worker_id: int, payload: Payload) -> list:
+        import tritonclient.utils.shared_memory as shm
+
+        name, handle = self._regions[worker_id]
+        batch = payload.pixels[None]
+        shm.set_shared_memory_region(handle, [batch])
+        image = self._grpcclient.InferInput("IMAGE", list(batch.shape), "UINT16")
+        image.set_shared_memory(name, batch.nbytes)
+        return [image, *self.inputs[payload.name][1:]]  # the hint, when sent, stays in the message
 
     def __call__(self, worker_id: int, payload: Payload) -> np.ndarray:
-        result = self.clients[worker_id].infer(self.model, self.inputs[payload.name], outputs=self.outputs)
+        inputs = self._shared_memory_inputs(worker_id, payload) if self.shared_memory else self.inputs[payload.name]
+        result = self.clients[worker_id].infer(self.model, inputs, outputs=self.outputs)
         return result.as_numpy("PROBABILITIES")[0]
 
     def close(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        for client, (name, handle) in zip(self.clients, self._regions):
+            try:
+                client.unregister_system_shared_memory(name)
+            finally:
+                shm.destroy_shared_memory_region(handle)
         for client in self.clients:
             client.close()
 
@@ -288,7 +328,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
         raw_threads = config.threads if config.threads is not None else budget["network_intra_op_threads"]
         log(f"loading onnxruntime sessions (intra-op threads {raw_threads})")
         raw = RawSide(config.repo, config.model, raw_threads)
-        served = ServedSide(url, config.model, payloads, config.send_hints)
+        served = ServedSide(url, config.model, payloads, config.send_hints, config.shared_memory)
         served.ensure_clients(max(config.concurrency))
 
         # Warm both sides on every image (creates all raw sessions single-threaded) and compare outputs.
@@ -363,6 +403,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
             "raw": {"intra_op_threads_per_session": raw_threads, "sessions": raw.sessions(),
                     "workers": "= concurrency (threads sharing the sessions)"},
         },
+        "image_transport": "system shared memory" if config.shared_memory else "gRPC message",
         "parity_max_abs_diff": parity,
         "sweep": sweep,
         "best": {

@@ -89,3 +89,21 @@ def test_bench_against_the_session_server(tiny_repository, triton_server, tmp_pa
     assert budget["raw"]["intra_op_threads_per_session"] == budget["served"]["network_intra_op_threads"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "served/raw" in printed
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_bench_passes_images_through_shared_memory(tiny_repository, triton_server, grpc_client, tmp_path, capsys):
+    out = tmp_path / "bench"
+    before = grpc_client.get_inference_statistics("cxr_classifier", as_json=True)["model_stats"][0]
+    rc = cxrlt("bench", "--repo", str(tiny_repository), "--url", triton_server.endpoints.grpc, "--shared-memory",
+               "--concurrency", "2", "--requests", "4", "--warmup", "0", "--out", str(out))
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "bench.json").read_text())
+    assert report["image_transport"] == "system shared memory"
+    # the warm-up parity check runs every image through both sides: same results via the region
+    assert report["parity_max_abs_diff"] < 1e-4
+    after = grpc_client.get_inference_statistics("cxr_classifier", as_json=True)["model_stats"][0]
+    served = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])
+    assert served == 3 + 4  # parity pass over the three images, then the measured requests
+    assert grpc_client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}  # unregistered

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
                         help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
     parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="served side: pass each image through a system shared-memory region registered with the "
+                             "server instead of inside the gRPC message (client and server on one host)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/bench-<time>)")
     parser.add_argument("--json", type=Path, help="figures JSON (default OUT/bench.json)")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="throughput/latency plot (default OUT/bench.png)")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
         requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
-        image_set=args.image_set, send_hints=not args.no_hints, server_log=None if args.url else out / "tritonserver.log",
+        image_set=args.image_set, send_hints=not args.no_hints, shared_memory=args.shared_memory, server_log=None if args.url else out / "tritonserver.log",
     )
     if args.url and not args.metrics_url:
         from loadtest.metrics import default_metrics_url
