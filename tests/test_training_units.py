@@ -65,6 +65,8 @@ def test_recipe_overrides_and_assignments():
     ({"task": "projection", "loss": {"name": "ce"}, "tta": ["identity", "hflip"]}, "tta"),
     ({"model": "ensemble_frontal_pcam", "arch": "convnextv2_mlp"}, "must not overwrite"),
     ({"model": "ensemble_frontal_pcam", "projection": "frontal", "augment": {"flip": 1}}, "augment"),
+    ({"model": "ensemble_frontal_cait", "projection": "frontal", "pcam_checkpoint": "p.pt", "init_weights": "w.pt"},
+     "init_weights"),
 ])
 def test_bad_recipes_are_rejected_with_the_key(data, message):
     with pytest.raises(RecipeError, match=message):
@@ -296,3 +298,89 @@ def test_resume_without_checkpoint_starts_fresh_and_wrong_model_is_refused(small
     (tmp_path / "ensemble_frontal_swin.pt").write_bytes((tmp_path / "projection_router.pt").read_bytes())
     with pytest.raises(TrainingError, match="was trained for projection_router"):
         train(load_recipe("frontal_swin"), small_csv, tmp_path, epochs=1, resume=True, progress=False, log=lines.append)
+
+
+# ------------------------------------------------------------ pretrained initialisation
+
+
+def _imagenet_like_file(spec, path):
+    """What a user downloads: the timm variant's weights with a 1000-class classifier."""
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if spec.arch.startswith("convnextv2_"):
+        kwargs = dict(kwargs["backbone"])
+    elif spec.arch == "swinv2":
+        kwargs["img_size"] = 64
+    source = timm.create_model(kwargs.pop("variant"), num_classes=1000, **kwargs)
+    torch.save(source.state_dict(), path)
+    return source.state_dict()
+
+
+@pytest.mark.parametrize("model", ["ensemble_frontal_swin", "ensemble_frontal_pcam", "projection_router"])
+def test_pretrained_file_initialises_everything_but_the_classifier(model, tmp_path):
+    from cxrlt.profiles import get_profile
+    from training.networks import create_model
+
+    spec = get_profile("tiny").network_specs()[model]
+    source = _imagenet_like_file(spec, tmp_path / "imagenet.pth")
+    classes = 2 if model == "projection_router" else 30
+    network = create_model(spec, classes, 64, pretrained_file=tmp_path / "imagenet.pth")
+    timm_part = network.backbone if spec.arch.startswith("convnextv2_") else network
+    loaded = timm_part.state_dict()
+    kept = [k for k, v in loaded.items() if k in source and source[k].shape == v.shape]
+    assert all(torch.equal(loaded[k], source[k]) for k in kept)
+    not_loaded = set(loaded) - set(kept)
+    assert len(not_loaded) <= 2 and all(loaded[k].shape[0] == classes for k in not_loaded)  # only our classifier
+
+
+def test_pretrained_file_errors_name_the_problem(tmp_path):
+    from cxrlt.profiles import get_profile
+    from training.networks import create_model
+
+    specs = get_profile("tiny").network_specs()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        create_model(specs["ensemble_frontal_swin"], 30, 64, pretrained_file=tmp_path / "missing.pth")
+    (tmp_path / "w.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="pcam_checkpoint"):
+        create_model(specs["ensemble_frontal_cait"], 30, 64, pretrained_file=tmp_path / "w.pth")
+
+
+def test_training_starts_from_init_weights(small_csv, tmp_path):
+    """With lr 0 the trained weights stay the initial ones: they must be the file's."""
+    from cxrlt.profiles import get_profile
+    from training.train import TrainingError, train
+
+    spec = get_profile("tiny").network_specs()["ensemble_frontal_swin"]
+    source = _imagenet_like_file(spec, tmp_path / "imagenet.pth")
+    recipe = load_recipe("frontal_swin", assignments=[f"init_weights={tmp_path / 'imagenet.pth'}", "optimizer.lr=0",
+                                                      "optimizer.weight_decay=0", "cache_images=false"])
+    lines = []
+    result = train(recipe, small_csv, tmp_path / "out", epochs=1, progress=False, log=lines.append)
+    payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert payload["info"]["init_weights_sha256"] and any("pretrained weights" in line for line in lines)
+    trained = payload["state_dict"]
+    assert torch.equal(trained["layers.0.blocks.0.attn.qkv.weight"], source["layers.0.blocks.0.attn.qkv.weight"])
+    assert trained["head.fc.weight"].shape[0] == 30
+    missing = load_recipe("frontal_swin", assignments=[f"init_weights={tmp_path / 'nope.pth'}"])
+    with pytest.raises(TrainingError, match="init_weights .* not found"):
+        train(missing, small_csv, tmp_path / "out2", epochs=1, progress=False, log=lines.append)
+
+
+def test_clip_training_starts_from_an_open_clip_state_dict(small_csv, tmp_path):
+    from training.clip_models import create_clip
+
+    recipe = load_recipe("clip_dual_branch", assignments=["optimizer.lr=0", "optimizer.weight_decay=0", "cache_images=false"])
+    torch.manual_seed(123)
+    start = create_clip(recipe.profile_spec.clip.model_name).state_dict()
+    torch.save(start, tmp_path / "chexzero_like.pt")
+    from training.train import train
+
+    recipe = load_recipe("clip_dual_branch", assignments=[f"init_weights={tmp_path / 'chexzero_like.pt'}", "optimizer.lr=0",
+                                                          "optimizer.weight_decay=0", "cache_images=false"])
+    result = train(recipe, small_csv, tmp_path / "out", epochs=1, progress=False, log=lambda line: None)
+    payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    trained = payload["state_dict"]
+    key = next(k for k in start if k.endswith("proj") or "conv1.weight" in k)
+    served = {k.split("clip.", 1)[-1]: v for k, v in trained.items()}
+    assert torch.equal(served[key], start[key]), key

@@ -2,11 +2,17 @@
 
 `create_model(spec, num_classes, image_size)` is the one factory; each architecture
 family registers a small builder. Every model maps [B, 3, S, S] -> logits [B, K].
+
+`pretrained_file` starts a network from local ImageNet-pretrained weights of its timm
+variant (a timm / Hugging Face `model.safetensors` or `pytorch_model.bin`, downloaded by the
+user: nothing is fetched here). timm loads it: it adapts what its checkpoint filters adapt
+(e.g. SwinV2 position tables) and drops the 1000-class classifier, which our heads replace.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import timm
@@ -31,22 +37,38 @@ def list_architectures() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def create_model(spec: NetworkSpec, num_classes: int, image_size: int) -> nn.Module:
-    """Build the network a profile's spec describes (random weights)."""
+def create_model(spec: NetworkSpec, num_classes: int, image_size: int, pretrained_file: str | Path | None = None) -> nn.Module:
+    """Build the network a profile's spec describes: random weights, or the timm part
+    initialised from `pretrained_file` (see the module docstring)."""
     try:
         builder = _BUILDERS[spec.arch]
     except KeyError:
         raise ValueError(f"unknown architecture {spec.arch!r}; registered: {', '.join(list_architectures())}") from None
-    return builder(num_classes=num_classes, image_size=image_size, **spec.kwargs)
+    if pretrained_file is None:
+        return builder(num_classes=num_classes, image_size=image_size, **spec.kwargs)
+    if spec.arch in _NO_PRETRAINED_FILE:
+        raise ValueError(f"architecture {spec.arch!r} takes no pretrained file: {_NO_PRETRAINED_FILE[spec.arch]}")
+    if not Path(pretrained_file).is_file():
+        raise FileNotFoundError(f"pretrained weights {pretrained_file} not found; download the timm variant's weights "
+                                "(model.safetensors or pytorch_model.bin) and give that path")
+    return builder(num_classes=num_classes, image_size=image_size, pretrained_file=str(pretrained_file), **spec.kwargs)
 
 
-def _timm(variant: str, **kwargs: Any) -> nn.Module:
-    return timm.create_model(variant, pretrained=False, **kwargs)
+# Architectures whose trainable part has no timm ImageNet checkpoint of the same shape.
+_NO_PRETRAINED_FILE = {
+    "cait_on_convnextv2": "its ConvNeXt-V2 is the frozen PCAM backbone (pcam_checkpoint) and its token grid differs from CaiT's",
+}
 
 
-def create_convnextv2_backbone(variant: str, **overrides: Any) -> nn.Module:
+def _timm(variant: str, pretrained_file: str | None = None, **kwargs: Any) -> nn.Module:
+    if pretrained_file is None:
+        return timm.create_model(variant, pretrained=False, **kwargs)
+    return timm.create_model(variant, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file}, **kwargs)
+
+
+def create_convnextv2_backbone(variant: str, pretrained_file: str | None = None, **overrides: Any) -> nn.Module:
     """A ConvNeXt-V2 feature extractor: [B, 3, S, S] -> [B, C, S/32, S/32]."""
-    return _timm(variant, num_classes=0, global_pool="", **overrides)
+    return _timm(variant, pretrained_file=pretrained_file, num_classes=0, global_pool="", **overrides)
 
 
 class PCAMPool(nn.Module):
@@ -113,8 +135,9 @@ class BackboneWithHead(nn.Module):
 _POOLS = {"pcam": PCAMPool, "csra": CSRAPool, "mlp": MLPPool}
 
 
-def _convnextv2_with_pool(pool: str, num_classes: int, image_size: int, backbone: dict, **head_kwargs: Any) -> nn.Module:
-    body = create_convnextv2_backbone(**backbone)
+def _convnextv2_with_pool(pool: str, num_classes: int, image_size: int, backbone: dict,
+                          pretrained_file: str | None = None, **head_kwargs: Any) -> nn.Module:
+    body = create_convnextv2_backbone(pretrained_file=pretrained_file, **backbone)
     return BackboneWithHead(body, _POOLS[pool](body.num_features, num_classes, **head_kwargs))
 
 
@@ -155,13 +178,13 @@ def _cait_on_convnextv2(num_classes: int, image_size: int, backbone: dict, **cai
 
 
 @register("efficientnet")
-def _efficientnet(num_classes: int, image_size: int, variant: str, **overrides: Any) -> nn.Module:
-    return _timm(variant, num_classes=num_classes, **overrides)
+def _efficientnet(num_classes: int, image_size: int, variant: str, pretrained_file: str | None = None, **overrides: Any) -> nn.Module:
+    return _timm(variant, pretrained_file=pretrained_file, num_classes=num_classes, **overrides)
 
 
 @register("swinv2")
-def _swinv2(num_classes: int, image_size: int, variant: str, **overrides: Any) -> nn.Module:
-    return _timm(variant, num_classes=num_classes, img_size=image_size, **overrides)
+def _swinv2(num_classes: int, image_size: int, variant: str, pretrained_file: str | None = None, **overrides: Any) -> nn.Module:
+    return _timm(variant, pretrained_file=pretrained_file, num_classes=num_classes, img_size=image_size, **overrides)
 
 
 def cait_backbone(model: nn.Module) -> nn.Module:

@@ -19,6 +19,11 @@ A recipe names what it trains and how; the data (`--data CSV`) and the output fo
     pcam_checkpoint  CaiT only: the PCAM checkpoint whose ConvNeXt-V2 backbone is loaded
                   and frozen (a relative path is looked up in the output folder, then the
                   working directory)
+    init_weights  optional: a local file of pretrained weights to start from, as the papers do
+                  (nothing is downloaded): the timm variant's ImageNet weights for the router,
+                  PCAM / CSRA / MLP (their ConvNeXt-V2) and SwinV2 (timm drops the 1000-class
+                  classifier); an open_clip state_dict (e.g. CheXzero's) for task clip. Not for
+                  CaiT members, whose backbone is the frozen PCAM one
     loss          {name: asl|db|bce|ce, ...parameters of training.losses.create_loss}
     sampler       {name: repeat_factor, threshold, max_repeat} | {name: none}
     optimizer     {name: adamw, lr, weight_decay, betas}
@@ -65,6 +70,7 @@ _DEFAULTS: dict[str, Any] = {
     "model_kwargs": {},
     "projection": "all",
     "pcam_checkpoint": None,
+    "init_weights": None,
     "loss": {"name": "asl"},
     "sampler": {"name": "none"},
     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05},
@@ -102,6 +108,7 @@ class Recipe:
     model_kwargs: dict
     projection: str
     pcam_checkpoint: str | None
+    init_weights: str | None
     loss: dict
     sampler: dict
     optimizer: dict
@@ -280,6 +287,9 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
         fail("pcam_checkpoint", "a CaiT member needs the PCAM checkpoint whose backbone it freezes")
     if merged["pcam_checkpoint"] and not is_cait:
         fail("pcam_checkpoint", "only CaiT members (cait_on_convnextv2) load a frozen PCAM backbone")
+    if merged["init_weights"] and is_cait:
+        fail("init_weights", "a CaiT member starts from the frozen PCAM backbone (pcam_checkpoint); "
+                             "give init_weights to the PCAM recipe instead")
 
     loss = merged["loss"]
     if not isinstance(loss, dict) or "name" not in loss:

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from cxrlt.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.preprocessing import PreprocessConfig, normalize, prepare_square, tta_view
 
-from .checkpoints import CheckpointError, checkpoint_path, read_state_dict, state_dict_sha256
+from .checkpoints import CheckpointError, checkpoint_path, file_sha256, read_state_dict, state_dict_sha256
 from .data import Augment, CxrDataset, LabelTable, load_image, patient_split, read_cxrlt_csv
 from .ema import ModelEma
 from .losses import create_loss
@@ -256,7 +256,8 @@ class NetworkJob(Job):
         self.val_set = TtaViews(self.val_table, data.image_root, config, recipe.tta, TASK1_LABELS, loader)
         self.train_counts = self.train_table.positives()
         torch.manual_seed(recipe.seed)
-        self.module = create_model(recipe.network_spec(), recipe.num_outputs, recipe.image_size)
+        self.module = create_model(recipe.network_spec(), recipe.num_outputs, recipe.image_size,
+                                   pretrained_file=init_weights_path(recipe))
         check_servable(self.module, recipe)
         self.loss_fn = self._loss()
         self.sampler = None
@@ -358,6 +359,17 @@ def _prevalence_map(labels: np.ndarray) -> float:
     rates = labels.mean(axis=0)
     evaluable = (rates > 0) & (rates < 1)
     return float(rates[evaluable].mean()) if evaluable.any() else float("nan")
+
+
+def init_weights_path(recipe: Recipe) -> Path | None:
+    """The recipe's `init_weights` file, checked (None when it has none)."""
+    if not recipe.init_weights:
+        return None
+    path = Path(recipe.init_weights).expanduser()
+    if not path.is_file():
+        raise TrainingError(f"{recipe.name}: init_weights {recipe.init_weights!r} not found; give the path of a "
+                            "pretrained weights file you downloaded, or remove the key to start from random weights")
+    return path
 
 
 def resolve_pcam_checkpoint(value: str, out_dir: Path) -> Path:
@@ -500,6 +512,10 @@ def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: 
     data = load_split(data_csv, recipe.val_fraction, recipe.split_seed, image_root=image_root)
     job = build_job(recipe, data)
     info = {**job.summary(), **job.before_training(out, log)}
+    if recipe.init_weights:
+        init = init_weights_path(recipe)
+        info.update(init_weights=str(init), init_weights_sha256=file_sha256(init))
+        log(f"{recipe.name}: started from the pretrained weights in {init}")
     job.to(torch_device)
     module = job.module
     params = _param_groups(module, float(recipe.optimizer["weight_decay"]))

@@ -39,7 +39,7 @@ from .data import Augment, CxrDataset
 from .losses import AsymmetricLoss, ClipContrastiveLoss, DualBranchLoss
 from .metrics import evaluate_predictions
 from .recipes import Recipe
-from .train import Job, SplitData, TrainingError, _loader, autocast, image_loader
+from .train import Job, SplitData, TrainingError, _loader, autocast, image_loader, init_weights_path
 
 FINDING_TEMPLATES: tuple[str, ...] = (
     "there is {finding}.",
@@ -126,7 +126,7 @@ class ClipJob(Job):
         self.seen_index = torch.tensor([TASK1_LABELS.index(label) for label in self.seen])
         self.train_counts = self.train_table.positives()
         torch.manual_seed(recipe.seed)
-        self.module = DualBranchModel(create_clip(self.model_name), len(self.seen))
+        self.module = DualBranchModel(create_clip(self.model_name, init_weights_path(recipe)), len(self.seen))
         self.tokenizer = tokenizer_for(self.model_name)
         params = {k: v for k, v in recipe.loss.items() if k != "name"}
         self.loss_fn = DualBranchLoss(alpha=float(settings.get("asl_weight", 1.5)),
