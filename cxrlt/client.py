@@ -43,6 +43,7 @@ import numpy as np
 
 from .labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from .results import FindingsResult
+from .shared_memory import Region, RegionPool
 
 __all__ = [
     "DEFAULT_URL",
@@ -170,6 +171,7 @@ class _ClientBase(abc.ABC):
         certificate_chain: str | Path | None = None,
         model: str = FINDINGS_MODEL,
         random_weights: bool = False,
+        shared_memory: bool = False,
     ) -> None:
         if model not in MODEL_LABELS:
             raise ValueError(f"unknown model {model!r}; use one of {', '.join(MODEL_LABELS)}")
@@ -191,6 +193,7 @@ class _ClientBase(abc.ABC):
             certificate_chain=None if certificate_chain is None else str(certificate_chain),
         )
         self._info: ModelInfo | None = None
+        self._regions = RegionPool() if shared_memory else None
         import tritonclient.grpc as grpcclient  # InferInput & co, shared by the sync and aio clients
 
         self._grpcclient = grpcclient
@@ -258,10 +261,14 @@ class _ClientBase(abc.ABC):
 
     # --- requests and responses ----------------------------------------------------
 
-    def _inputs(self, grpc_module: Any, image: np.ndarray, hint: str | None) -> tuple[list[Any], str | None]:
-        pixels = _as_uint16(image)
+    def _inputs(self, grpc_module: Any, pixels: np.ndarray, hint: str | None,
+                region: Region | None = None) -> tuple[list[Any], str | None]:
         image_input = grpc_module.InferInput("IMAGE", [1, *pixels.shape], "UINT16")
-        image_input.set_data_from_numpy(pixels[None])
+        if region is None:
+            image_input.set_data_from_numpy(pixels[None])
+        else:  # the pixels go into the region; the request only names it
+            region.write(pixels[None])
+            image_input.set_shared_memory(region.name, pixels.nbytes)
         inputs = [image_input]
         hint = None if hint is None or not str(hint).strip() else str(hint)
         if hint is not None and self.model in _ROUTED_MODELS:
@@ -269,6 +276,13 @@ class _ClientBase(abc.ABC):
             hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
             inputs.append(hint_input)
         return inputs, hint
+
+    def _registration_error(self, exc: Exception) -> ClientError:
+        return ClientError(
+            f"could not register a shared-memory region with {self.url} ({_server_message(exc)}); shared memory "
+            "needs the client on the server's host: drop shared_memory (--shared-memory) for a remote server",
+            url=self.url, model=self.model, status=_status_name(exc),
+        )
 
     def _outputs(self, grpc_module: Any) -> list[Any]:
         names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in _ROUTED_MODELS else ["PROBABILITIES"]
@@ -377,6 +391,8 @@ class CxrltClient(_ClientBase):
     model: ``cxr_findings`` (36), ``cxr_classifier`` (30) or ``cxr_zeroshot`` (6).
     random_weights: mark every result as random-weights even if the server does not say so
         (the flag is otherwise read from the served config's ``random_weights`` parameter).
+    shared_memory: send images through system shared-memory regions registered with the
+        server instead of inside the gRPC message; only for a server on this host.
     """
 
     def _connect(self) -> None:
@@ -385,7 +401,28 @@ class CxrltClient(_ClientBase):
         self._sleep: Callable[[float], None] = time.sleep
 
     def close(self) -> None:
+        if self._regions is not None:
+            regions = self._regions.drain()
+            for region in regions:
+                try:
+                    self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
+                except Exception as exc:  # the server may be gone; the memory is freed either way
+                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
+            RegionPool.destroy(regions)
         self._client.close()
+
+    def _region(self, byte_size: int) -> Region | None:
+        if self._regions is None:
+            return None
+        region, new = self._regions.acquire(byte_size)
+        if new:
+            try:
+                self._client.register_system_shared_memory(region.name, region.key, region.byte_size,
+                                                           client_timeout=self.timeout_s)
+            except Exception as exc:
+                self._regions.discard(region)
+                raise self._registration_error(exc) from None
+        return region
 
     def __enter__(self) -> "CxrltClient":
         return self
@@ -445,17 +482,23 @@ class CxrltClient(_ClientBase):
     def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
         """Classify one uint16 [H, W] MONOCHROME2 image; ``hint`` is a DICOM ViewPosition term."""
         info = self.model_info()
-        inputs, hint = self._inputs(self._grpcclient, image, hint)
-        outputs = self._outputs(self._grpcclient)
-        timing: dict[str, float] = {}
+        pixels = _as_uint16(image)
+        region = self._region(pixels.nbytes)
+        try:
+            inputs, hint = self._inputs(self._grpcclient, pixels, hint, region)
+            outputs = self._outputs(self._grpcclient)
+            timing: dict[str, float] = {}
 
-        def infer() -> Any:
-            start = time.perf_counter()
-            response = self._client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
-            timing["ms"] = (time.perf_counter() - start) * 1000.0
-            return response
+            def infer() -> Any:
+                start = time.perf_counter()
+                response = self._client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                timing["ms"] = (time.perf_counter() - start) * 1000.0
+                return response
 
-        response = self._call(f"classify {image_id!r} with {self.model}", infer)
+            response = self._call(f"classify {image_id!r} with {self.model}", infer)
+        finally:
+            if region is not None:
+                self._regions.release(region)
         return self._result(response, info, hint, image_id, timing["ms"])
 
     def classify_file(self, path: str | Path) -> FindingsResult:
@@ -490,9 +533,29 @@ class AsyncCxrltClient(_ClientBase):
         return self._client
 
     async def close(self) -> None:
+        regions = self._regions.drain() if self._regions is not None else []
         if self._client is not None:
+            for region in regions:
+                try:
+                    await self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
+                except Exception as exc:  # the server may be gone; the memory is freed either way
+                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
             await self._client.close()
             self._client = None
+        RegionPool.destroy(regions)
+
+    async def _region(self, byte_size: int) -> Region | None:
+        if self._regions is None:
+            return None
+        region, new = self._regions.acquire(byte_size)
+        if new:
+            try:
+                await self._aio().register_system_shared_memory(region.name, region.key, region.byte_size,
+                                                                client_timeout=self.timeout_s)
+            except Exception as exc:
+                self._regions.discard(region)
+                raise self._registration_error(exc) from None
+        return region
 
     async def __aenter__(self) -> "AsyncCxrltClient":
         return self
@@ -553,18 +616,24 @@ class AsyncCxrltClient(_ClientBase):
 
     async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
         info = await self.model_info()
-        inputs, hint = self._inputs(self._grpcclient, image, hint)
-        outputs = self._outputs(self._grpcclient)
-        client = self._aio()
-        timing: dict[str, float] = {}
+        pixels = _as_uint16(image)
+        region = await self._region(pixels.nbytes)
+        try:
+            inputs, hint = self._inputs(self._grpcclient, pixels, hint, region)
+            outputs = self._outputs(self._grpcclient)
+            client = self._aio()
+            timing: dict[str, float] = {}
 
-        async def infer() -> Any:
-            start = time.perf_counter()
-            response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
-            timing["ms"] = (time.perf_counter() - start) * 1000.0
-            return response
+            async def infer() -> Any:
+                start = time.perf_counter()
+                response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                timing["ms"] = (time.perf_counter() - start) * 1000.0
+                return response
 
-        response = await self._call(f"classify {image_id!r} with {self.model}", infer)
+            response = await self._call(f"classify {image_id!r} with {self.model}", infer)
+        finally:
+            if region is not None:
+                self._regions.release(region)
         return self._result(response, info, hint, image_id, timing["ms"])
 
     async def classify_file(self, path: str | Path) -> FindingsResult:

@@ -180,51 +180,48 @@ class ServedSide:
         self.url, self.model = url, model
         self.clients: list = []
         self.outputs = requested_outputs(model)
-        self.shared_memory = shared_memory
         self.inputs = {p.name: grpc_inputs(p, model, send_hints) for p in payloads}
-        self.payloads = {p.name: p for p in payloads}
         self._region_bytes = max(p.pixels.nbytes for p in payloads)
-        self._regions: list[tuple[str, Any]] = []  # (name, handle) per worker
+        self._pool = None
+        self._regions: list = []  # one cxrlt.shared_memory.Region per worker
+        if shared_memory:
+            from cxrlt.shared_memory import RegionPool
+
+            self._pool = RegionPool("cxrlt_bench")
 
     def ensure_clients(self, count: int) -> None:
-        import os
-
-        import tritonclient.utils.shared_memory as shm
-
         while len(self.clients) < count:
             client = self._grpcclient.InferenceServerClient(self.url)
-            if self.shared_memory:
-                name = f"cxrlt_bench_{os.getpid()}_{len(self.clients)}"
-                handle = shm.create_shared_memory_region(name, f"/{name}", self._region_bytes)
-                self._regions.append((name, handle))
-                client.register_system_shared_memory(name, f"/{name}", self._region_bytes)
+            if self._pool is not None:  # one region per worker, big enough for every image
+                region, _ = self._pool.acquire(self._region_bytes)
+                client.register_system_shared_memory(region.name, region.key, region.byte_size)
+                self._regions.append(region)
             self.clients.append(client)
 
     def _shared_memory_inputs(self, worker_id: int, payload: Payload) -> list:
-        import tritonclient.utils.shared_memory as shm
-
-        name, handle = self._regions[worker_id]
+        region = self._regions[worker_id]
         batch = payload.pixels[None]
-        shm.set_shared_memory_region(handle, [batch])
+        region.write(batch)
         image = self._grpcclient.InferInput("IMAGE", list(batch.shape), "UINT16")
-        image.set_shared_memory(name, batch.nbytes)
+        image.set_shared_memory(region.name, batch.nbytes)
         return [image, *self.inputs[payload.name][1:]]  # the hint, when sent, stays in the message
 
     def __call__(self, worker_id: int, payload: Payload) -> np.ndarray:
-        inputs = self._shared_memory_inputs(worker_id, payload) if self.shared_memory else self.inputs[payload.name]
+        inputs = self._shared_memory_inputs(worker_id, payload) if self._pool is not None else self.inputs[payload.name]
         result = self.clients[worker_id].infer(self.model, inputs, outputs=self.outputs)
         return result.as_numpy("PROBABILITIES")[0]
 
     def close(self) -> None:
-        import tritonclient.utils.shared_memory as shm
+        from cxrlt.shared_memory import RegionPool
 
-        for client, (name, handle) in zip(self.clients, self._regions):
-            try:
-                client.unregister_system_shared_memory(name)
-            finally:
-                shm.destroy_shared_memory_region(handle)
-        for client in self.clients:
-            client.close()
+        regions = self._pool.drain() if self._pool is not None else []
+        try:
+            for client, region in zip(self.clients, regions):
+                client.unregister_system_shared_memory(region.name)
+        finally:
+            RegionPool.destroy(regions)
+            for client in self.clients:
+                client.close()
 
 
 def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]:

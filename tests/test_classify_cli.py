@@ -118,6 +118,14 @@ def test_json_content(json_run):
     assert all(r["random_weights"] is True and r["model_name"] == "cxr_findings" for r in results)
 
 
+def test_shared_memory_gives_the_same_results(url, mixed_folder, json_run, capsys, tmp_path):
+    out = tmp_path / "shm.json"
+    code, _, err = _cli(capsys, str(mixed_folder), "--url", url, "--out", str(out), "--concurrency", "3", "--shared-memory")
+    assert code == 2 and "classified 3 of 7 files" in err  # the same files fail, for the same reasons
+    by_source = {r["source"]: r["probabilities"] for r in json_run[1]}
+    assert {r["source"]: r["probabilities"] for r in json.loads(out.read_text())} == by_source
+
+
 def test_csv_matches_the_challenge_format(url, mixed_folder, json_run, capsys, tmp_path):
     out = tmp_path / "submission.csv"
     code, _, _ = _cli(capsys, str(mixed_folder), "--url", url, "--format", "csv", "--out", str(out))

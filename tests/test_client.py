@@ -198,6 +198,52 @@ def test_async_client_equals_sync_client(url, rg1, real_cxr):
     assert random_weights is True
 
 
+def _registered_regions(grpc_client) -> set[str]:
+    return set(grpc_client.get_system_shared_memory_status(as_json=True).get("regions", {}))
+
+
+def test_shared_memory_client_gives_the_same_results_and_cleans_up(url, grpc_client, rg1, real_cxr, synthetic_cxrs):
+    """Images through registered shared-memory regions: same answers; regions reused, then released."""
+    sync = rg1["RG1_UNCR.dcm"]
+    with CxrltClient(url, shared_memory=True) as shm_client:
+        first = shm_client.classify(real_cxr, hint="PA")
+        small = shm_client.classify(synthetic_cxrs["lateral"], hint="LL")
+        again = shm_client.classify(real_cxr, hint="PA")
+        registered = _registered_regions(grpc_client)
+        assert len(registered) == 1  # one request at a time: one region, reused for every image
+    assert first.probabilities == again.probabilities == sync.probabilities
+    with CxrltClient(url) as plain:
+        assert small.probabilities == plain.classify(synthetic_cxrs["lateral"], hint="LL").probabilities
+    assert not registered & _registered_regions(grpc_client)  # unregistered on close
+
+    async def concurrent():
+        async with AsyncCxrltClient(url, shared_memory=True) as aclient:
+            results = await asyncio.gather(*(aclient.classify(real_cxr, hint="PA") for _ in range(3)))
+            return results, _registered_regions(grpc_client)
+
+    results, during = asyncio.run(concurrent())
+    assert all(r.probabilities == sync.probabilities for r in results)
+    assert 1 <= len(during) <= 3  # at most one region per request in flight
+    assert not during & _registered_regions(grpc_client)
+
+
+def test_shared_memory_registration_failure_names_the_fix(url, real_cxr, monkeypatch):
+    from cxrlt.shared_memory import RegionPool
+
+    original = RegionPool.acquire
+
+    def unknown_key(self, byte_size):  # as if the server could not see this host's memory
+        region, new = original(self, byte_size)
+        region.key = "/cxrlt_no_such_region"
+        return region, new
+
+    monkeypatch.setattr(RegionPool, "acquire", unknown_key)
+    with CxrltClient(url, shared_memory=True) as shm_client:
+        with pytest.raises(ClientError, match="server's host"):
+            shm_client.classify(real_cxr)
+        assert shm_client._regions.drain() == []  # the failed region was discarded
+
+
 # ----------------------------------------------------------------------------- errors and retries
 
 

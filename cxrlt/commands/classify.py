@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(as in the challenge's ImageID column, e.g. 'x.png')")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     parser.add_argument("--retries", type=int, default=3, help="attempts in all while the server is UNAVAILABLE (default 3)")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="send images through system shared memory instead of the gRPC message "
+                             "(only with a server on this host)")
     parser.add_argument("--ssl", action="store_true", help="use TLS")
     parser.add_argument("--root-certificates", help="PEM file of root certificates (TLS)")
     parser.add_argument("--private-key", help="PEM file of the client's private key (mutual TLS)")
@@ -137,6 +140,7 @@ async def _run(args: argparse.Namespace) -> int:
     client = AsyncCxrltClient(
         args.url, timeout_s=args.timeout, retries=args.retries, model=args.model, ssl=args.ssl,
         root_certificates=args.root_certificates, private_key=args.private_key, certificate_chain=args.certificate_chain,
+        shared_memory=args.shared_memory,
     )
     try:
         try:
