@@ -267,8 +267,7 @@ class _ClientBase(abc.ABC):
         if region is None:
             image_input.set_data_from_numpy(pixels[None])
         else:  # the pixels go into the region; the request only names it
-            region.write(pixels[None])
-            image_input.set_shared_memory(region.name, pixels.nbytes)
+            region.attach(image_input, pixels[None])
         inputs = [image_input]
         hint = None if hint is None or not str(hint).strip() else str(hint)
         if hint is not None and self.model in _ROUTED_MODELS:

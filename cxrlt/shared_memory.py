@@ -29,10 +29,13 @@ class Region:
     byte_size: int
     handle: Any  # tritonclient.utils.shared_memory handle
 
-    def write(self, array: np.ndarray) -> None:
+    def attach(self, infer_input: Any, array: np.ndarray) -> None:
+        """Copy `array` into the region and point `infer_input` (a tritonclient InferInput) at it."""
         import tritonclient.utils.shared_memory as shm
 
-        shm.set_shared_memory_region(self.handle, [np.ascontiguousarray(array)])
+        array = np.ascontiguousarray(array)
+        shm.set_shared_memory_region(self.handle, [array])
+        infer_input.set_shared_memory(self.name, array.nbytes)
 
 
 class RegionPool:

@@ -199,11 +199,9 @@ class ServedSide:
             self.clients.append(client)
 
     def _shared_memory_inputs(self, worker_id: int, payload: Payload) -> list:
-        region = self._regions[worker_id]
         batch = payload.pixels[None]
-        region.write(batch)
         image = self._grpcclient.InferInput("IMAGE", list(batch.shape), "UINT16")
-        image.set_shared_memory(region.name, batch.nbytes)
+        self._regions[worker_id].attach(image, batch)
         return [image, *self.inputs[payload.name][1:]]  # the hint, when sent, stays in the message
 
     def __call__(self, worker_id: int, payload: Payload) -> np.ndarray:
