@@ -62,9 +62,13 @@ PROFILES: dict[str, Profile] = {
                 "cait_on_convnextv2",
                 {"backbone": _TINY_CONVNEXT, "embed_dim": 32, "depth": 2, "num_heads": 2, "depth_token_only": 1},
             ),
+            # Three stages of two blocks: shifted windows in every stage and a last stage whose
+            # one window sees the whole 4 x 4 grid. Absolute position embedding (Swin's `ape`)
+            # because a network this small learns where a finding sits far faster with it.
             "swin": NetworkSpec(
                 "swinv2",
-                {"variant": "swinv2_tiny_window8_256", "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4},
+                {"variant": "swinv2_tiny_window8_256", "embed_dim": 32, "depths": (2, 2, 2), "num_heads": (2, 4, 8),
+                 "window_size": 4, "absolute_pos_embed": True},
             ),
         },
         clip=ClipSpec("cxrlt-tiny-vit", image_size=224),

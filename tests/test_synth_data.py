@@ -86,23 +86,81 @@ def test_frontal_and_lateral_differ():
     assert lat[20:40, lat.shape[1] // 2 - 2 : lat.shape[1] // 2 + 2].mean() < lat[20:40, -10:-7].mean()
 
 
+def _pattern_difference(labels, seed: int, size: int = 128, projection: str = "frontal") -> np.ndarray:
+    # The same seed draws the same exposure and noise, so only the patterns differ.
+    vector = np.zeros(len(ALL_LABELS))
+    vector[list(labels)] = 1
+    base = render_image(np.zeros(len(ALL_LABELS)), projection, np.random.default_rng(seed), size).astype(float)
+    return np.abs(render_image(vector, projection, np.random.default_rng(seed), size).astype(float) - base)
+
+
+def _drawn_cells(diff: np.ndarray) -> set[tuple[int, int]]:
+    """(row, column) of the grid cells that hold a pattern."""
+    cell_h, cell_w = 0.8 * diff.shape[0] / GRID, 0.8 * diff.shape[1] / GRID
+    top, left = 0.1 * diff.shape[0], 0.1 * diff.shape[1]
+    return {(r, c) for r in range(GRID) for c in range(GRID)
+            if diff[int(top + r * cell_h) : int(top + (r + 1) * cell_h),
+                    int(left + c * cell_w) : int(left + (c + 1) * cell_w)].mean() > 2000}
+
+
+@pytest.mark.parametrize("projection", ["frontal", "lateral"])
+def test_every_class_shows_in_either_cell_of_its_pair(projection):
+    for index in range(len(ALL_LABELS)):
+        if index == NORMAL_INDEX:
+            assert not _drawn_cells(_pattern_difference([index], 0, projection=projection))
+            continue
+        _, row, columns = class_pattern(index)
+        seen = set()
+        for seed in range(8):
+            diff = _pattern_difference([index], seed, projection=projection)
+            cells = _drawn_cells(diff)  # at least 3 % of the 16-bit range on average over the cell
+            assert len(cells) == 1 and next(iter(cells)) in {(row, c) for c in columns}, (index, cells)
+            seen |= cells
+        assert seen == {(row, c) for c in columns}, index  # left and right lung alike
+
+
 @pytest.mark.parametrize("index", [1, 11, 33])
-def test_class_pattern_drawn_in_its_cell(index):
+def test_nothing_is_drawn_outside_the_class_cell(index):
     size = 128
-    empty, with_class = np.zeros(len(ALL_LABELS)), np.zeros(len(ALL_LABELS))
-    with_class[index] = 1
-    base = render_image(empty, "frontal", np.random.default_rng(3), size).astype(float)
-    drawn = render_image(with_class, "frontal", np.random.default_rng(3), size).astype(float)
-    _, row, col = class_pattern(index)
-    cell = 0.8 * size / GRID
-    top, left = int(0.1 * size + row * cell), int(0.1 * size + col * cell)
-    diff = np.abs(drawn - base)  # same seed: same exposure and noise, only the pattern differs
-    inside = diff[top : int(top + cell), left : int(left + cell)].mean()
-    margin = int(0.1 * cell) + 1  # the pattern centre is jittered by up to 5 % of a cell
-    diff[max(0, top - margin) : int(top + cell) + margin, max(0, left - margin) : int(left + cell) + margin] = 0
-    assert inside > 3000  # about 5 % of the 16-bit range on average over the cell
-    assert diff.max() == 0  # nothing drawn outside the class's cell
-    assert len({class_pattern(i)[1:] for i in range(len(ALL_LABELS))}) == len(ALL_LABELS)
+    cell_h, cell_w = 0.8 * size / GRID, 0.8 * size / GRID
+    margin = int(0.1 * cell_h) + 1  # the pattern centre is jittered by up to 5 % of a cell
+    for seed in range(4):
+        diff = _pattern_difference([index], seed, size)
+        ((row, col),) = _drawn_cells(diff)
+        top, left = int(0.1 * size + row * cell_h), int(0.1 * size + col * cell_w)
+        diff[max(0, top - margin) : int(top + cell_h) + margin, max(0, left - margin) : int(left + cell_w) + margin] = 0
+        assert diff.max() == 0
+
+
+def test_each_class_has_its_own_look_and_place():
+    assert len({class_pattern(i) for i in range(len(ALL_LABELS))}) == len(ALL_LABELS)
+    for index in range(0, len(ALL_LABELS), 2):  # the two classes of a pair: same shape, opposite sign
+        (dark, row, columns), (bright, row2, columns2) = class_pattern(index), class_pattern(index + 1)
+        assert (row, columns) == (row2, columns2) and columns[1] == GRID - 1 - columns[0]
+        assert dark.startswith("dark_") and bright == "bright_" + dark.split("_")[1]
+
+
+def test_both_classes_of_a_pair_take_one_side_each():
+    for seed in range(5):
+        cells = _drawn_cells(_pattern_difference([10, 11], seed))
+        _, row, columns = class_pattern(10)
+        assert cells == {(row, c) for c in columns}
+
+
+def test_labels_survive_a_horizontal_flip():
+    """A flipped image is an image of the same classes: hflip augmentation and TTA are truthful."""
+    diff = _pattern_difference([3, 20], seed=4)
+    assert _drawn_cells(diff[:, ::-1]) == {(r, GRID - 1 - c) for r, c in _drawn_cells(diff)}
+    for index in (3, 20):  # the mirrored cell is the class's own other cell
+        _, row, columns = class_pattern(index)
+        assert len(_drawn_cells(diff[:, ::-1]) & {(row, c) for c in columns}) == 1
+    # every shape is mirror-symmetric about its own centre (seen large, so the sub-pixel
+    # jitter of the centre does not count)
+    for index in (1, 3, 5):  # bright blob, ring and square
+        pattern = _pattern_difference([index], seed=0, size=512)
+        ys, xs = np.nonzero(pattern > 0.1 * pattern.max())
+        patch = pattern[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        assert np.abs(patch - patch[:, ::-1]).mean() < 0.1 * patch.mean(), class_pattern(index)
 
 
 def test_main_synth_returns_csv(tmp_path):

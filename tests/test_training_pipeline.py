@@ -27,9 +27,9 @@ from training.checkpoints import checkpoint_path, read_state_dict
 from training.recipes import list_recipes
 
 N_IMAGES = 600
-# Epochs of the shared run. Recipes not listed run their YAML's epochs; the SwinV2 members and
-# CLIP run shorter here to keep the module within its time budget.
-EPOCHS = {"router": 2, "frontal_swin": 6, "lateral_swin": 6, "clip_dual_branch": 2}
+# Epochs of the shared run. Recipes not listed run their YAML's epochs; the router and CLIP
+# run shorter here to keep the module within its time budget.
+EPOCHS = {"router": 2, "clip_dual_branch": 2}
 SERVED_ORDER = ("router", "frontal_pcam", "lateral_pcam", "frontal_cait", "lateral_cait",
                 "frontal_swin", "lateral_swin", "clip_dual_branch")
 ABLATIONS = ("convnextv2_csra", "convnextv2_mlp")
@@ -101,16 +101,15 @@ def test_every_served_network_has_a_checkpoint_named_after_it(trained):
 def test_members_reach_high_validation_map(trained, projection):
     """Validation (EMA weights, served TTA) of each member on its projection's val images.
 
-    Measured on this data set (prevalence mAP 0.05 frontal, 0.12 lateral): PCAM 0.90 / 0.93,
-    CaiT 0.76 / 0.91, SwinV2 0.35 / 0.38. The tiny SwinV2 pools globally, so it cannot tell
-    *where* a pattern is, and the synthetic classes differ by where their pattern is drawn;
-    the frontal CaiT over-fits its 4 tokens (0.71-0.76 over every setting tried)."""
+    Measured on this data set (prevalence mAP about 0.05 frontal, 0.12 lateral) while
+    tuning: PCAM 0.96 / 0.80, CaiT 0.86 / 0.82, SwinV2 0.83 / 0.75. The lateral SwinV2, a
+    transformer from scratch on 161 training images (18 validation), over-fits below 0.8."""
     results = {m: final(trained, f"ensemble_{projection}_{m}") for m in MEMBERS}
     prevalence = results["pcam"]["val_prevalence_mAP"]
     assert prevalence < 0.2
     assert results["pcam"]["val_mAP"] >= 0.8, results
-    assert results["cait"]["val_mAP"] >= (0.8 if projection == "lateral" else 0.65), results
-    assert results["swin"]["val_mAP"] >= max(2.0 * prevalence, prevalence + 0.1), results
+    assert results["cait"]["val_mAP"] >= 0.8, results
+    assert results["swin"]["val_mAP"] >= (0.8 if projection == "frontal" else 0.7), results
 
 
 def test_router_separates_projections(trained):

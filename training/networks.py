@@ -182,9 +182,28 @@ def _efficientnet(num_classes: int, image_size: int, variant: str, pretrained_fi
     return _timm(variant, pretrained_file=pretrained_file, num_classes=num_classes, **overrides)
 
 
+def _add_absolute_position_embedding(model: nn.Module) -> None:
+    """Give a timm SwinV2 a learned embedding per patch position (the official Swin's `ape`).
+
+    timm's SwinV2 has only relative position biases inside each window, so a small one
+    learns slowly where in the image a pattern lies; timm dropped `ape`, so it is added
+    here: a parameter `absolute_pos_embed` [1, H/4, W/4, C] added to the patch tokens by a
+    forward hook, which leaves every timm parameter name (and pretrained loading) as it is.
+    """
+    grid = tuple(model.patch_embed.grid_size)
+    model.absolute_pos_embed = nn.Parameter(torch.zeros(1, *grid, model.embed_dim))
+    nn.init.trunc_normal_(model.absolute_pos_embed, std=0.02)
+    model.patch_embed.register_forward_hook(
+        lambda _module, _inputs, tokens: tokens + model.absolute_pos_embed)  # NHWC tokens
+
+
 @register("swinv2")
-def _swinv2(num_classes: int, image_size: int, variant: str, pretrained_file: str | None = None, **overrides: Any) -> nn.Module:
-    return _timm(variant, pretrained_file=pretrained_file, num_classes=num_classes, img_size=image_size, **overrides)
+def _swinv2(num_classes: int, image_size: int, variant: str, pretrained_file: str | None = None,
+            absolute_pos_embed: bool = False, **overrides: Any) -> nn.Module:
+    model = _timm(variant, pretrained_file=pretrained_file, num_classes=num_classes, img_size=image_size, **overrides)
+    if absolute_pos_embed:
+        _add_absolute_position_embedding(model)
+    return model
 
 
 def cait_backbone(model: nn.Module) -> nn.Module:

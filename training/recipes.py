@@ -30,7 +30,10 @@ A recipe names what it trains and how; the data (`--data CSV`) and the output fo
     schedule      {warmup_epochs, min_lr_ratio}: linear warm-up then cosine, per step
     ema           {decay, warmup}: EMA of the weights (saved as ema_state_dict, served)
     epochs, batch_size, grad_clip (max global norm; 0 = off)
-    augment       training.data.Augment parameters
+    augment       training.data.Augment parameters ({} = the paper's: its defaults)
+    profile_overrides  optional: {profile: {key: value, ...}} merged over the recipe when it
+                  trains that profile, below what the command line sets (e.g. the tiny
+                  profile's synthetic data keeps only the flip of the paper's augmentation)
     precision     auto (bf16 on a GPU that has it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     tta           validation views, as served (cxrlt.preprocessing.TTA_VIEWS)
     val_fraction, split_seed   the patient-level split (training.data.patient_split)
@@ -49,7 +52,7 @@ import yaml
 
 from cxrlt.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.preprocessing import parse_tta_views
-from cxrlt.profiles import NetworkSpec, Profile, get_profile
+from cxrlt.profiles import PROFILES, NetworkSpec, Profile, get_profile
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("multilabel", "projection", "clip")
@@ -224,15 +227,31 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of keys, not {type(data).__name__}")
-    if overrides:
-        data = _merge(data, overrides)
+    explicit: dict = _merge({}, overrides or {})  # what the caller sets wins over the file
     for assignment in assignments:
-        set_override(data, assignment)
+        set_override(explicit, assignment)
+    data = _with_profile_overrides(data, explicit, str(path))
     return recipe_from_dict(data, source=str(path), default_name=path.stem)
+
+
+def _with_profile_overrides(data: dict, explicit: Mapping, where: str) -> dict:
+    """The recipe with its `profile_overrides` for the profile it trains merged in, then
+    `explicit` on top; the profile is the one `explicit` or the recipe names."""
+    by_profile = data.get("profile_overrides") or {}
+    if not isinstance(by_profile, dict) or not all(isinstance(v, dict) for v in by_profile.values()):
+        raise RecipeError(f"{where}: profile_overrides must map a profile name to a mapping of recipe keys")
+    unknown = sorted(set(by_profile) - set(PROFILES))
+    if unknown:
+        raise RecipeError(f"{where}: profile_overrides names unknown profile(s) {unknown}; profiles: {sorted(PROFILES)}")
+    base = {k: v for k, v in data.items() if k != "profile_overrides"}
+    profile = _merge(base, explicit).get("profile", _DEFAULTS["profile"])
+    return _merge(_merge(base, by_profile.get(profile, {})), explicit)
 
 
 def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default_name: str = "recipe") -> Recipe:
     where = source or "recipe"
+    if "profile_overrides" in data:
+        data = _with_profile_overrides(dict(data), {}, where)
     unknown = sorted(set(data) - set(_DEFAULTS))
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(_DEFAULTS)}")

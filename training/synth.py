@@ -6,9 +6,15 @@ radiographs, with signals a small CNN can learn at 64 px:
 * projection: frontal images are square with two dark lung fields either side of a bright
   mediastinum; lateral images are narrower (aspect 0.78, so `fit_square` pads them with
   black bars) with one lung field and the spine at the back;
-* classes: each of the 36 classes of `cxrlt.labels.ALL_LABELS` owns one cell of a 6 x 6
-  grid over the chest and draws its own pattern there (bright/dark blob, ring, horizontal
-  or vertical stripes, square), so presence is visible after downsampling to 64 px;
+* classes: the 6 x 6 grid over the chest is read as 18 mirror pairs of cells (same row,
+  columns c and 5 - c), and each pair is shared by two of the 36 classes of
+  `cxrlt.labels.ALL_LABELS`: one draws a dark shape, the other the same shape bright (blob,
+  ring or square, by pair). An image draws a present class in one cell of its pair, left or
+  right at random (two present classes of a pair take one side each, so nothing overlaps),
+  the way a finding has its place in the chest but may sit in either lung. Presence is
+  visible after downsampling to 64 px, and every label survives a horizontal flip (the grid
+  is centred and every shape is mirror-symmetric), so the paper's flip augmentation and
+  flip TTA stay truthful;
 * labels: PadChest prevalences from `padchest_cxrlt2026_counts.csv` (a counts column
   divided by the number of PadChest images), so the tail is real. 'Normal' excludes every
   other class, every non-normal image has at least one finding, and every class gets at
@@ -36,17 +42,22 @@ from cxrlt.labels import ALL_LABELS, NORMAL_INDEX
 PADCHEST_IMAGES = 160_868
 CSV_NAME = "labels.csv"
 LATERAL_ASPECT = 0.78  # width / height of lateral images (frontal ones are square)
-GRID = 6  # 6 x 6 = 36 cells, one per class
-PATTERNS = ("bright_blob", "dark_blob", "ring", "hstripes", "vstripes", "square")
+GRID = 6  # 6 x 6 cells = 18 mirror pairs, two classes each
+SHAPES = ("blob", "ring", "square")
 
 
-def class_pattern(index: int) -> tuple[str, int, int]:
-    """(pattern kind, grid row, grid column) of class `index`.
+def class_pattern(index: int) -> tuple[str, int, tuple[int, int]]:
+    """(pattern kind, grid row, the mirror pair of columns) of class `index`.
 
-    The kind is shifted per row so neighbouring cells and whole columns differ.
+    The kind is 'bright_<shape>' or 'dark_<shape>'; the three pairs of a row have three
+    different shapes, and the shape order shifts per row.
     """
-    row, col = divmod(index, GRID)
-    return PATTERNS[(index + row) % len(PATTERNS)], row, col
+    pair, slot = divmod(index, 2)
+    row, column = divmod(pair, GRID // 2)
+    shape = SHAPES[(column + row) % len(SHAPES)]
+    # Dark first: the pair that holds 'Normal' (index 0, drawn nowhere) sits in the top
+    # corners, outside the body, where only a bright shape shows.
+    return f"{('dark', 'bright')[slot]}_{shape}", row, (column, GRID - 1 - column)
 
 
 def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
@@ -73,10 +84,10 @@ def _anatomy(projection: str, height: int, width: int) -> np.ndarray:
     return np.clip(image, 0.0, 1.0)
 
 
-def _draw_pattern(image: np.ndarray, index: int, rng: np.random.Generator) -> None:
-    """Add class `index`'s pattern into its grid cell (in place)."""
+def _draw_pattern(image: np.ndarray, index: int, col: int, rng: np.random.Generator) -> None:
+    """Add class `index`'s pattern into column `col` of its grid row (in place)."""
     height, width = image.shape
-    kind, row, col = class_pattern(index)
+    kind, row, _ = class_pattern(index)
     # The grid covers the chest, [0.1, 0.9] of each side.
     cell_h, cell_w = 0.8 * height / GRID, 0.8 * width / GRID
     cy = 0.1 * height + (row + 0.5) * cell_h + rng.uniform(-0.05, 0.05) * cell_h
@@ -86,20 +97,14 @@ def _draw_pattern(image: np.ndarray, index: int, rng: np.random.Generator) -> No
     y, x = np.mgrid[top:bottom, left:right].astype(np.float32)
     dy, dx = (y + 0.5 - cy) / cell_h, (x + 0.5 - cx) / cell_w  # cell units, centre 0
     r = np.sqrt(dx**2 + dy**2)
-    disk = (r < 0.45).astype(np.float32)
-    amplitude = 0.3 * rng.uniform(0.8, 1.2)
-    if kind == "bright_blob":
+    sign, shape = kind.split("_")
+    if shape == "blob":
         pattern = np.exp(-(r**2) / (2 * 0.2**2))
-    elif kind == "dark_blob":
-        pattern = -np.exp(-(r**2) / (2 * 0.2**2))
-    elif kind == "ring":
+    elif shape == "ring":
         pattern = np.exp(-((r - 0.32) ** 2) / (2 * 0.06**2))
-    elif kind == "hstripes":  # period half a cell: about 4 px at 64 px input
-        pattern = disk * np.cos(2 * np.pi * dy / 0.5)
-    elif kind == "vstripes":
-        pattern = disk * np.cos(2 * np.pi * dx / 0.5)
     else:  # square
         pattern = ((np.abs(dx) < 0.3) & (np.abs(dy) < 0.3)).astype(np.float32)
+    amplitude = 0.25 * rng.uniform(0.8, 1.2) * (1.0 if sign == "bright" else -1.0)
     image[top:bottom, left:right] += amplitude * pattern
 
 
@@ -115,11 +120,15 @@ def render_image(labels: np.ndarray, projection: str, rng: np.random.Generator,
         cache[key] = _anatomy(projection, height, width)
     # Per-image exposure and noise so no two images are identical. Both are drawn before
     # the patterns, so one seed gives the same background whatever the labels.
-    image = cache[key] * rng.uniform(0.85, 1.15) + rng.uniform(-0.03, 0.03)
+    # The body is mapped into [0.3, 0.7] so a bright shape on the spine and a dark one on a
+    # lung field or beside the body stay as visible as anywhere else (no clipping).
+    image = 0.3 + 0.4 * cache[key] * rng.uniform(0.85, 1.15) + rng.uniform(-0.03, 0.03)
     image += 0.02 * rng.standard_normal((height, width), dtype=np.float32)
-    for index in np.flatnonzero(labels):
-        if index != NORMAL_INDEX:
-            _draw_pattern(image, int(index), rng)
+    findings = [int(i) for i in np.flatnonzero(labels) if i != NORMAL_INDEX]
+    for pair in sorted({index // 2 for index in findings}):
+        sides = rng.permutation(2)  # left or right; the pair's two classes never share a cell
+        for index, side in zip((i for i in findings if i // 2 == pair), sides):
+            _draw_pattern(image, index, class_pattern(index)[2][side], rng)
     return np.round(np.clip(image, 0.0, 1.0) * 60000).astype(np.uint16)
 
 

@@ -1,6 +1,7 @@
 """Write a synthetic, CXR-like, long-tailed data set (16-bit PNGs and a CXR-LT labels.csv) for
-smoke training runs and tests: one finding pattern per class in its own grid cell, PadChest
-prevalences, frontal and lateral projections, several images per patient."""
+smoke training runs and tests: one finding pattern per class (its own shape and sign in a
+mirror pair of cells, drawn in either lung), PadChest prevalences, frontal and lateral
+projections, several images per patient."""
 
 from __future__ import annotations
 
