@@ -244,7 +244,7 @@ def _with_profile_overrides(data: dict, explicit: Mapping, where: str) -> dict:
     if unknown:
         raise RecipeError(f"{where}: profile_overrides names unknown profile(s) {unknown}; profiles: {sorted(PROFILES)}")
     base = {k: v for k, v in data.items() if k != "profile_overrides"}
-    profile = _merge(base, explicit).get("profile", _DEFAULTS["profile"])
+    profile = explicit.get("profile", base.get("profile", _DEFAULTS["profile"]))
     return _merge(_merge(base, by_profile.get(profile, {})), explicit)
 
 

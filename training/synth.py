@@ -125,10 +125,11 @@ def render_image(labels: np.ndarray, projection: str, rng: np.random.Generator,
     image = 0.3 + 0.4 * cache[key] * rng.uniform(0.85, 1.15) + rng.uniform(-0.03, 0.03)
     image += 0.02 * rng.standard_normal((height, width), dtype=np.float32)
     findings = [int(i) for i in np.flatnonzero(labels) if i != NORMAL_INDEX]
-    for pair in sorted({index // 2 for index in findings}):
+    for row, columns in sorted({class_pattern(index)[1:] for index in findings}):
         sides = rng.permutation(2)  # left or right; the pair's two classes never share a cell
-        for index, side in zip((i for i in findings if i // 2 == pair), sides):
-            _draw_pattern(image, index, class_pattern(index)[2][side], rng)
+        in_pair = (i for i in findings if class_pattern(i)[1:] == (row, columns))
+        for index, side in zip(in_pair, sides):
+            _draw_pattern(image, index, columns[side], rng)
     return np.round(np.clip(image, 0.0, 1.0) * 60000).astype(np.uint16)
 
 
