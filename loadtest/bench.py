@@ -288,13 +288,14 @@ class CpuProbe:
         return self._cpu(self.me), sum(self._cpu(p) for p in tree)
 
 
-def _scrape(url: str | None):
-    from .metrics import MetricsError, scrape
+def _scrape(url: str | None, before=None, expected: dict[str, int] | None = None):
+    """A metrics snapshot, or None where there is none; with `before`, waits for `expected` to be counted."""
+    from .metrics import MetricsError, scrape, scrape_settled
 
     if url is None:
         return None
     try:
-        return scrape(url)
+        return scrape(url) if before is None else scrape_settled(url, before, expected or {})
     except MetricsError:
         return None
 
@@ -355,7 +356,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
                     spent = cpu.setdefault((concurrency, side), [0.0, 0.0])
                     spent[0] += cpu_after[0] - cpu_before[0]
                     spent[1] += (cpu_after[1] - cpu_before[1]) if cpu_before[1] is not None else float("nan")
-                    after = _scrape(metrics_url) if before is not None else None
+                    after = _scrape(metrics_url, before, {config.model: total}) if before is not None else None
                     if after is not None:
                         deltas[concurrency] = add(deltas[concurrency], diff(before, after))
         served.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 import urllib.request
 from collections import defaultdict
 from typing import Iterable, Mapping
@@ -73,6 +74,26 @@ def scrape(url: str, timeout: float = 5.0) -> Snapshot:
     except OSError as exc:
         raise MetricsError(f"could not read Triton metrics at {url}: {exc}") from exc
     return parse_prometheus(text)
+
+
+def scrape_settled(url: str, before: Snapshot, expected: Mapping[str, int], timeout: float = 3.0,
+                   interval: float = 0.05) -> Snapshot:
+    """Scrape after a run, waiting until each model in `expected` has counted that many requests.
+
+    Triton records a request's statistics when it releases the request, which can be a moment
+    after the client has its response; a scrape right after the last response can miss it.
+    Requests that never reached Triton (client-side timeouts) never count, so after `timeout`
+    seconds the latest scrape is returned as it is.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape(url)
+        delta = diff(before, after)
+        counted = {model: delta.get("nv_inference_request_success", {}).get(model, 0.0)
+                   + delta.get("nv_inference_request_failure", {}).get(model, 0.0) for model in expected}
+        if all(counted[model] >= wanted for model, wanted in expected.items()) or time.monotonic() >= deadline:
+            return after
+        time.sleep(interval)
 
 
 def diff(before: Snapshot, after: Snapshot) -> Snapshot:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from cxrlt.cli import COMMANDS
-from loadtest.metrics import add, diff, parse_prometheus, per_model
+from loadtest.metrics import add, diff, parse_prometheus, per_model, scrape_settled
 from loadtest.runner import LoadTestConfig, locust_command, parse_duration, read_locust_failures, read_locust_stats
 from loadtest.targets import ProfileError, Targets, check_targets, load_profile
 
@@ -59,6 +61,43 @@ def test_metrics_breakdown_from_two_scrapes():
     assert router.avg_batch == pytest.approx(2.0) and router.queue_share == pytest.approx(0.4)
     doubled = {r.model: r for r in per_model(add(diff(before, after), diff(before, after)))}
     assert doubled["projection_router"].requests == 40 and doubled["projection_router"].queue_ms == pytest.approx(2.0)
+
+
+def _serve_scrapes(pages: list[str]) -> tuple[http.server.HTTPServer, list[int]]:
+    """A metrics endpoint that answers with `pages` in turn (the last one from then on); counts its scrapes."""
+    served = [0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages[min(served[0], len(pages) - 1)].encode()
+            served[0] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, served
+
+
+def test_scrape_after_a_run_waits_for_the_last_request_to_be_counted():
+    page = lambda success: SCRAPE % dict(success=success, execs=success, cq=0, rq=0, ci=0, ri=0, cr=0, rr=0)
+    before = parse_prometheus(page(10))
+    # Triton counts the last request a moment after the client has its response.
+    server, served = _serve_scrapes([page(29), page(29), page(30)])
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        after = scrape_settled(url, before, {"cxr_classifier": 20}, interval=0.01)
+        assert per_model(diff(before, after))[0].requests == 20 and served[0] == 3
+        # A request that never reached Triton never counts: the wait ends at the timeout.
+        after = scrape_settled(url, before, {"cxr_classifier": 21}, timeout=0.1, interval=0.01)
+        assert per_model(diff(before, after))[0].requests == 20 and served[0] > 4
+    finally:
+        server.shutdown()
 
 
 def test_checked_in_profile_and_target_checks(tmp_path):
@@ -118,6 +157,8 @@ def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_
     for model in ("cxr_classifier", "cxr_zeroshot", "cxr_findings", "projection_router", "clip_image_encoder"):
         assert triton[model]["requests"] > 0
         assert triton[model]["queue_ms"] >= 0 and triton[model]["compute_ms"] > 0
+    for model, figures in per_model_stats.items():  # Triton counted every request locust saw answered
+        assert triton[model]["requests"] >= figures["requests"], model
     assert "queue" in printed.err and "compute" in printed.err
 
 
