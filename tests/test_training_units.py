@@ -60,6 +60,24 @@ def test_profile_overrides_apply_to_their_profile_below_the_command_line():
                           "profile_overrides": {"huge": {"epochs": 1}}}, source="test.yaml")
 
 
+def test_recipes_extend_a_base_whose_keys_they_replace_whole(tmp_path):
+    assert "_shared" not in list_recipes()  # a base, not a recipe
+    (tmp_path / "base.yaml").write_text("model: ensemble_frontal_pcam\nprojection: frontal\nepochs: 3\n"
+                                        "loss: {name: asl, gamma_neg: 2.0, clip: 0.1}\n")
+    (tmp_path / "db.yaml").write_text("extends: base.yaml\nloss: {name: db, beta: 0.99}\n")
+    recipe = load_recipe(tmp_path / "db.yaml", assignments=["epochs=5"])
+    assert recipe.loss == {"name": "db", "beta": 0.99}  # no ASL parameters left over from the base
+    assert recipe.projection == "frontal" and recipe.epochs == 5 and recipe.name == "db"
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(RecipeError, match="missing.yaml"):
+        load_recipe(tmp_path / "orphan.yaml")
+
+
 def test_recipe_overrides_and_assignments():
     recipe = load_recipe("frontal_pcam", assignments=["optimizer.lr=1e-4", "epochs=3", "profile=paper"])
     assert recipe.optimizer["lr"] == 1e-4 and recipe.epochs == 3 and recipe.image_size == 512

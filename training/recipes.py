@@ -3,6 +3,11 @@
 A recipe names what it trains and how; the data (`--data CSV`) and the output folder
 (`--out DIR`) come from the command line, so one recipe serves every data set. Keys:
 
+    extends       optional: a recipe file (relative to this one) whose keys this one starts
+                  from; a key set here replaces the base's whole (no deep merge, so a recipe
+                  that names `loss: {name: db, ...}` gets no stray ASL parameters). The
+                  checked-in recipes extend `_shared.yaml`; files named `_*.yaml` are bases,
+                  not recipes
     name          a label for logs (default: the file's stem)
     task          multilabel (30 Task 1 findings) | projection (the router) | clip (dual branch)
     profile       tiny | paper (cxrlt.profiles): network sizes and the image size
@@ -213,7 +218,37 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def list_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+    """The checked-in recipes by name (bases, `_*.yaml`, are not recipes)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml")) if not p.name.startswith("_")}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _read_extended(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's keys over those of the file it `extends` (recursively); top-level keys
+    replace the base's whole."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise RecipeError(f"recipe {path} extends itself: {chain}")
+    data = _read_yaml(path)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise RecipeError(f"{path}: extends must be a file name, not {base_name!r}")
+    base_path = path.parent / base_name
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: extends {base_name!r}, but {base_path} does not exist")
+    return {**_read_extended(base_path, (*seen, path)), **data}
 
 
 def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,
@@ -221,12 +256,7 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,
     """Read and validate a recipe YAML; `overrides` (nested dict) and `assignments`
     ('key.sub=value') are applied on top."""
     path = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of keys, not {type(data).__name__}")
+    data = _read_extended(path)
     explicit: dict = _merge({}, overrides or {})  # what the caller sets wins over the file
     for assignment in assignments:
         set_override(explicit, assignment)
