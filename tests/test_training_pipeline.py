@@ -97,19 +97,54 @@ def test_every_served_network_has_a_checkpoint_named_after_it(trained):
         assert (trained / f"{name}.metrics.csv").is_file()
 
 
+# A class with fewer training positives than this in a member's projection cannot be learned
+# from this data set (the 600 images give the lateral members one sternotomy to learn from).
+LEARNABLE_POSITIVES = 5
+
+
+def per_class_validation(checkpoints: Path, data_csv: Path, recipe_name: str) -> dict[str, dict]:
+    """{label: {"AP", "train_positives"}} of a trained member on its validation images, through
+    the trainer's own validation (EMA weights as served, the recipe's TTA)."""
+    from training.metrics import evaluate_predictions
+    from training.networks import create_model
+    from training.recipes import load_recipe
+    from training.train import build_job, load_split
+
+    recipe = load_recipe(recipe_name)
+    data = load_split(data_csv, recipe.val_fraction, recipe.split_seed)
+    job = build_job(recipe, data)
+    module = create_model(recipe.network_spec(), len(TASK1_LABELS), recipe.image_size)
+    module.load_state_dict(read_state_dict(checkpoint_path(checkpoints, recipe.model)))
+    logits, labels, _ = job.predict(module, torch.device("cpu"), None)
+    train_positives = data.select(recipe.projection, "train").columns(TASK1_LABELS).sum(axis=0)
+    metrics = evaluate_predictions(labels, 1.0 / (1.0 + np.exp(-logits)), TASK1_LABELS)
+    return {label: {"AP": row["AP"], "train_positives": int(train_positives[TASK1_LABELS.index(label)])}
+            for label, row in metrics["per_class"].items() if row["evaluable"]}
+
+
 @pytest.mark.parametrize("projection", PROJECTIONS)
-def test_members_reach_high_validation_map(trained, projection):
+def test_members_reach_high_validation_map(trained, synth_csv, projection):
     """Validation (EMA weights, served TTA) of each member on its projection's val images.
 
-    Measured on this data set (prevalence mAP about 0.05 frontal, 0.12 lateral): PCAM
-    0.96 / 0.80, CaiT 0.86 / 0.81, SwinV2 0.83 / 0.75. The lateral members learn from 161
-    images and are validated on 18, where one positive moves a class's AP a lot; the lateral
-    SwinV2, a transformer from scratch, over-fits below 0.8."""
+    Measured on this data set (prevalence mAP about 0.05 frontal, 0.12 lateral), all classes:
+    PCAM 0.96 / 0.80, CaiT 0.86 / 0.81, SwinV2 0.83 / 0.75. The lateral members learn from
+    163 images and are validated on 16 with 9 evaluable classes, two of which have 1 and 2
+    training positives (sternotomy, vascular hilar enlargement): every member fails those and
+    that caps its lateral mAP near 0.8. On the classes it had at least LEARNABLE_POSITIVES
+    images to learn from, every member of both projections reaches >= 0.8: PCAM 0.99 / 0.97,
+    CaiT 0.94 / 0.97, SwinV2 0.92 / 0.89 (frontal / lateral)."""
     results = {m: final(trained, f"ensemble_{projection}_{m}") for m in MEMBERS}
     prevalence = results["pcam"]["val_prevalence_mAP"]
     assert prevalence < 0.2
     floor = 0.8 if projection == "frontal" else 0.72
     assert all(results[m]["val_mAP"] >= floor for m in MEMBERS), results
+    for member in MEMBERS:
+        per_class = per_class_validation(trained, synth_csv, f"{projection}_{member}")
+        learnable = [c["AP"] for c in per_class.values() if c["train_positives"] >= LEARNABLE_POSITIVES]
+        assert len(learnable) >= 6, per_class  # enough classes for the figure to mean something
+        assert np.mean(learnable) >= 0.8, (member, per_class)
+        # The figure in the metrics CSV is the mean over all evaluable classes of the same validation.
+        assert np.mean([c["AP"] for c in per_class.values()]) == pytest.approx(results[member]["val_mAP"], abs=1e-4)
 
 
 def test_router_separates_projections(trained):
