@@ -1,6 +1,10 @@
-"""Building raw tritonclient inputs for the end-to-end tests (one image, optional hint)."""
+"""Helpers of the end-to-end tests: raw tritonclient inputs (one image, optional hint) and
+reading Triton's statistics once they are up to date."""
 
 from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -16,3 +20,19 @@ def image_inputs(image: np.ndarray, hint: str | None = None, dtype: str = "UINT1
         hint_tensor.set_data_from_numpy(np.array([[hint.encode()]], dtype=object))
         inputs.append(hint_tensor)
     return inputs
+
+
+T = TypeVar("T")
+
+
+def settled(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 5.0) -> T:
+    """read() once done(value) holds, or its last value after `timeout` seconds.
+
+    Triton records a request's statistics when it releases the request, a moment after the
+    client may already hold the response; a count read right after the last call can lag."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        value = read()
+    return value

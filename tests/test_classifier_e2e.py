@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exporters.model_configs import set_config_parameters
-from tests.grpc_inputs import image_inputs
+from tests.grpc_inputs import image_inputs, settled
 from training.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
@@ -108,7 +108,9 @@ def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, 
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert set(pool.map(call, range(32))) == {"frontal"}
-    after = _member_stats(grpc_client)
+    members = [f"ensemble_frontal_{member}" for member in ("pcam", "cait", "swin")]
+    after = settled(lambda: _member_stats(grpc_client),
+                    lambda stats: all(stats[name][0] - before[name][0] >= 32 for name in members))
     for member in ("pcam", "cait", "swin"):
         name = f"ensemble_frontal_{member}"
         requests, inferences, executions = (a - b for a, b in zip(after[name], before[name]))

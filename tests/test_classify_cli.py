@@ -239,8 +239,12 @@ def test_demo_stops_its_server_on_ctrl_c(tmp_path):
     import time
 
     env = dict(os.environ, TMPDIR=str(tmp_path))
+    # A job started in the background by a shell without job control (as CI runners may start
+    # the tests) inherits SIGINT ignored, and Python then leaves it ignored: give the demo the
+    # disposition a terminal's Ctrl-C meets.
     demo = subprocess.Popen([sys.executable, "-m", "cxrlt.cli", "demo"], cwd=PROJECT_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         server_pid = None
