@@ -288,24 +288,12 @@ class CpuProbe:
         return self._cpu(self.me), sum(self._cpu(p) for p in tree)
 
 
-def _scrape(url: str | None, before=None, expected: dict[str, int] | None = None):
-    """A metrics snapshot, or None where there is none; with `before`, waits for `expected` to be counted."""
-    from .metrics import MetricsError, scrape, scrape_settled
-
-    if url is None:
-        return None
-    try:
-        return scrape(url) if before is None else scrape_settled(url, before, expected or {})
-    except MetricsError:
-        return None
-
-
 def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Run the sweep; return the figures (JSON-ready)."""
     from cxrlt.server import TritonServer, free_port
     from exporters.build_repo import read_manifest
 
-    from .metrics import add, diff, per_model
+    from .metrics import add, diff, per_model, try_scrape
 
     manifest = read_manifest(config.repo)
     payloads = load_payloads(config.image_set)
@@ -348,7 +336,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
                     call = raw if side == "raw" else served
                     if warmup:
                         drive(call, payloads, concurrency, warmup)
-                    before = _scrape(metrics_url) if side == "served" else None
+                    before = try_scrape(metrics_url)[0] if side == "served" else None
                     log(f"round {round_index + 1}/{config.rounds}, concurrency {concurrency}: {side}, {total} requests")
                     cpu_before = probe.sample()
                     measurements[concurrency][side].append(drive(call, payloads, concurrency, total))
@@ -356,7 +344,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
                     spent = cpu.setdefault((concurrency, side), [0.0, 0.0])
                     spent[0] += cpu_after[0] - cpu_before[0]
                     spent[1] += (cpu_after[1] - cpu_before[1]) if cpu_before[1] is not None else float("nan")
-                    after = _scrape(metrics_url, before, {config.model: total}) if before is not None else None
+                    after = try_scrape(metrics_url, before, {config.model: total})[0] if before is not None else None
                     if after is not None:
                         deltas[concurrency] = add(deltas[concurrency], diff(before, after))
         served.close()

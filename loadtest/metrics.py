@@ -96,6 +96,18 @@ def scrape_settled(url: str, before: Snapshot, expected: Mapping[str, int], time
         time.sleep(interval)
 
 
+def try_scrape(url: str | None, before: Snapshot | None = None,
+               expected: Mapping[str, int] | None = None) -> tuple[Snapshot | None, str | None]:
+    """(snapshot, None), or (None, why there is none): a run reports without Triton's figures
+    rather than failing. With `before`, the scrape after a run (`scrape_settled`)."""
+    if url is None:
+        return None, "metrics disabled"
+    try:
+        return (scrape(url) if before is None else scrape_settled(url, before, expected or {})), None
+    except MetricsError as exc:
+        return None, str(exc)
+
+
 def diff(before: Snapshot, after: Snapshot) -> Snapshot:
     out: Snapshot = {}
     for name, values in after.items():

@@ -190,32 +190,19 @@ def read_locust_failures(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["occurrences"])
 
 
-def _scrape(url: str | None, before: triton_metrics.Snapshot | None = None,
-            expected: dict[str, int] | None = None) -> tuple[triton_metrics.Snapshot | None, str | None]:
-    """A metrics snapshot or why there is none; with `before`, waits for `expected` to be counted."""
-    if url is None:
-        return None, "metrics disabled"
-    try:
-        if before is None:
-            return triton_metrics.scrape(url), None
-        return triton_metrics.scrape_settled(url, before, expected or {}), None
-    except triton_metrics.MetricsError as exc:
-        return None, str(exc)
-
-
 def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
     """Run the whole load test and write report.json into config.out; return the report."""
     out = Path(config.out)
     active = [m for m, w in config.weights.items() if w > 0]
     check_server(config.url, active)
     metrics_url = config.metrics_url
-    before, metrics_error = _scrape(metrics_url)
+    before, metrics_error = triton_metrics.try_scrape(metrics_url)
     started = time.time()
     log_path = run_locust(config)
     wall_s = time.time() - started
     per_model, aggregated = read_locust_stats(out / "locust_stats.csv")
     sent = {model: figures["requests"] for model, figures in per_model.items()}
-    after, after_error = _scrape(metrics_url, before, sent) if before is not None else (None, metrics_error)
+    after, after_error = triton_metrics.try_scrape(metrics_url, before, sent) if before is not None else (None, metrics_error)
     triton = None
     if before is not None and after is not None:
         triton = triton_metrics.per_model(triton_metrics.diff(before, after))
