@@ -104,6 +104,7 @@ def test_bench_passes_images_through_shared_memory(tiny_repository, triton_serve
     assert report["image_transport"] == "system shared memory"
     # the warm-up parity check runs every image through both sides: same results via the region
     assert report["parity_max_abs_diff"] < 1e-4
+
     def served_since_before() -> int:
         after = grpc_client.get_inference_statistics("cxr_classifier", as_json=True)["model_stats"][0]
         return int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])

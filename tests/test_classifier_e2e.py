@@ -111,8 +111,7 @@ def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, 
     members = [f"ensemble_frontal_{member}" for member in ("pcam", "cait", "swin")]
     after = settled(lambda: _member_stats(grpc_client),
                     lambda stats: all(stats[name][0] - before[name][0] >= 32 for name in members))
-    for member in ("pcam", "cait", "swin"):
-        name = f"ensemble_frontal_{member}"
+    for name in members:
         requests, inferences, executions = (a - b for a, b in zip(after[name], before[name]))
         assert requests == 32 and inferences == 2 * 32  # one request per image, one item per TTA view
         # sub-requests of concurrent images were merged into fewer onnxruntime runs

@@ -106,16 +106,14 @@ def per_class_validation(checkpoints: Path, data_csv: Path, recipe_name: str) ->
     """{label: {"AP", "train_positives"}} of a trained member on its validation images, through
     the trainer's own validation (EMA weights as served, the recipe's TTA)."""
     from training.metrics import evaluate_predictions
-    from training.networks import create_model
     from training.recipes import load_recipe
     from training.train import build_job, load_split
 
     recipe = load_recipe(recipe_name)
     data = load_split(data_csv, recipe.val_fraction, recipe.split_seed)
     job = build_job(recipe, data)
-    module = create_model(recipe.network_spec(), len(TASK1_LABELS), recipe.image_size)
-    module.load_state_dict(read_state_dict(checkpoint_path(checkpoints, recipe.model)))
-    logits, labels, _ = job.predict(module, torch.device("cpu"), None)
+    job.module.load_state_dict(read_state_dict(checkpoint_path(checkpoints, recipe.model)))
+    logits, labels, _ = job.predict(job.module, torch.device("cpu"), None)
     train_positives = data.select(recipe.projection, "train").columns(TASK1_LABELS).sum(axis=0)
     metrics = evaluate_predictions(labels, 1.0 / (1.0 + np.exp(-logits)), TASK1_LABELS)
     return {label: {"AP": row["AP"], "train_positives": int(train_positives[TASK1_LABELS.index(label)])}
