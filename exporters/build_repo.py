@@ -19,26 +19,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cxrlt.labels import TASK1_LABELS, TASK2_LABELS, ALL_LABELS, label_file_text
-from cxrlt.preprocessing import PreprocessConfig, preprocess
-from cxrlt.profiles import Profile, get_profile
-from cxrlt.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_file_text
+from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
+from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
+from cxrlt.contract.profiles import Profile, get_profile
+from cxrlt.contract.prompts import DEFAULT_PROMPTS, load_prompts
+from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
+from networks.checkpoints import file_sha256, state_dict_sha256
+from networks.clip import ImageTower, encode_prompt_ensembles, tokenizer_for
+from networks.factory import count_parameters
+from networks.weights import RANDOM_WEIGHTS_WARNING, load_clip, load_network
 from python_backends.classifier import ROUTER_MODEL, ClassifierSettings
 from python_backends.in_process import member_execution
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
-from training.checkpoints import file_sha256, state_dict_sha256
-from training.clip_models import ImageTower, encode_prompt_ensembles, tokenizer_for
-from training.networks import count_parameters
-from training.weights import RANDOM_WEIGHTS_WARNING, load_clip, load_network
 
-from .model_configs import TEMPLATES, parameters_block, render
-from .onnx_export import check_parity, export_onnx
-from .torchscript_export import check_torchscript_parity, export_torchscript
-from .prompts import DEFAULT_PROMPTS, load_prompts
+from exporters.model_configs import TEMPLATES, parameters_block, render
+from exporters.onnx_export import check_parity, export_onnx
+from exporters.torchscript_export import check_torchscript_parity, export_torchscript
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 TARGETS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "torchscript")
 BLS_MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
@@ -103,11 +103,11 @@ def parity_inputs(config: PreprocessConfig, seed: int = 0) -> list[np.ndarray]:
 
 def real_looking_images() -> list[np.ndarray]:
     """The real chest X-ray shipped in pydicom-data and the synthetic frontal and lateral ones."""
-    from training.synth import synthetic_radiographs
+    from cxrlt.io.synthetic import synthetic_radiographs
 
     images = list(synthetic_radiographs().values())
     try:
-        from cxrlt.dicom_io import load_image
+        from cxrlt.io.images import load_image
         from pydicom.data import get_testdata_file
 
         images.insert(0, load_image(get_testdata_file("RG1_UNCR.dcm")).pixels)
@@ -288,18 +288,6 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def read_manifest(repository: Path | str) -> dict[str, Any]:
-    path = Path(repository) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{repository} has no {MANIFEST}; is it a repository built by `cxrlt build-repo`?")
-    return json.loads(path.read_text())
-
-
-def manifest_profile(manifest: dict[str, Any]) -> Profile:
-    """The profile a repository was built with, its CLIP choice included."""
-    return get_profile(manifest["profile"], manifest.get("clip_model"))
 
 
 def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None) -> dict[str, Any]:

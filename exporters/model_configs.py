@@ -1,4 +1,4 @@
-"""Rendering `config.pbtxt` files from the checked-in templates in triton_models/."""
+"""Rendering `config.pbtxt` files from the templates shipped in the `triton_models` package."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import string
 from pathlib import Path
 from typing import Mapping
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+from cxrlt.contract.model_config import parse
+from cxrlt.contract.resources import package_file
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "triton_models"
+TEMPLATES = package_file("triton_models")
 
 
 def parameters_block(params: Mapping[str, str]) -> str:
@@ -30,25 +30,3 @@ def render(template: str, **values: object) -> str:
     text = string.Template((TEMPLATES / template).read_text()).substitute({k: str(v) for k, v in values.items()})
     parse(text)
     return text
-
-
-def parse(text: str) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def read_config(path: Path | str) -> model_config_pb2.ModelConfig:
-    return parse(Path(path).read_text())
-
-
-def config_parameters(path: Path | str) -> dict[str, str]:
-    return {key: value.string_value for key, value in read_config(path).parameters.items()}
-
-
-def set_config_parameters(path: Path | str, updates: Mapping[str, str]) -> None:
-    """Change string parameters of a written config in place (e.g. tuned ensemble weights)."""
-    path = Path(path)
-    config = read_config(path)
-    for key, value in updates.items():
-        config.parameters[key].string_value = value
-    header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
-    path.write_text(header + text_format.MessageToString(config))

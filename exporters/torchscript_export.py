@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .onnx_export import PARITY_TOLERANCE, ParityError
+from exporters.onnx_export import PARITY_TOLERANCE, ParityError
 
 
 def export_torchscript(model: nn.Module, path: Path | str, image_size: int) -> Path:

@@ -1,6 +1,6 @@
 """`cxrlt bench`: the served pipeline against the same pipeline run in process ("raw").
 
-Raw: training.reference.ReferencePipeline with engine "onnxruntime", i.e. the very pipeline
+Raw: evaluation.reference.ReferencePipeline with engine "onnxruntime", i.e. the very pipeline
 code of the Python backends (preprocessing, routing, TTA, ensemble, gating, zero-shot
 scoring) on the repository's own ONNX files, with onnxruntime sessions in this process.
 Concurrency N = N worker threads sharing the sessions (onnxruntime releases the GIL and an
@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .payloads import MODELS, Payload, grpc_inputs, load_payloads, requested_outputs
+from loadtest.payloads import MODELS, Payload, grpc_inputs, load_payloads, requested_outputs
 
 BLS_MODELS = frozenset(MODELS)
 
@@ -127,7 +127,7 @@ class RawSide:
     """The served pipeline's code with onnxruntime sessions in this process."""
 
     def __init__(self, repo: Path, model: str, threads: int) -> None:
-        from training.reference import ReferencePipeline
+        from evaluation.reference import ReferencePipeline
 
         self.pipeline = ReferencePipeline(repo, engine="onnxruntime", threads=threads)
         self.model = model
@@ -183,9 +183,9 @@ class ServedSide:
         self.inputs = {p.name: grpc_inputs(p, model, send_hints) for p in payloads}
         self._region_bytes = max(p.pixels.nbytes for p in payloads)
         self._pool = None
-        self._regions: list = []  # one cxrlt.shared_memory.Region per worker
+        self._regions: list = []  # one cxrlt.client.shared_memory.Region per worker
         if shared_memory:
-            from cxrlt.shared_memory import RegionPool
+            from cxrlt.client.shared_memory import RegionPool
 
             self._pool = RegionPool("cxrlt_bench")
 
@@ -210,7 +210,7 @@ class ServedSide:
         return result.as_numpy("PROBABILITIES")[0]
 
     def close(self) -> None:
-        from cxrlt.shared_memory import RegionPool
+        from cxrlt.client.shared_memory import RegionPool
 
         regions = self._pool.drain() if self._pool is not None else []
         try:
@@ -290,10 +290,10 @@ class CpuProbe:
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Run the sweep; return the figures (JSON-ready)."""
-    from cxrlt.server import TritonServer, free_port
-    from exporters.build_repo import read_manifest
+    from cxrlt.server.launcher import TritonServer, free_port
+    from cxrlt.contract.manifest import read_manifest
 
-    from .metrics import add, diff, per_model, try_scrape
+    from loadtest.metrics import add, diff, per_model, try_scrape
 
     manifest = read_manifest(config.repo)
     payloads = load_payloads(config.image_set)

@@ -44,7 +44,7 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
     if image_set in ("all", "real"):
         payloads.extend(_real_payloads(required=image_set == "real"))
     if image_set in ("all", "synthetic"):
-        from training.synth import synthetic_radiographs
+        from cxrlt.io.synthetic import synthetic_radiographs
 
         for projection, pixels in synthetic_radiographs().items():
             payloads.append(Payload(f"synthetic_{projection}", np.ascontiguousarray(pixels, dtype=np.uint16),
@@ -56,7 +56,7 @@ def _real_payloads(required: bool) -> list[Payload]:
     try:
         from pydicom.data import get_testdata_file
 
-        from cxrlt.dicom_io import load_image
+        from cxrlt.io.images import load_image
 
         path = get_testdata_file("RG1_UNCR.dcm")
         if path is None:

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics as triton_metrics
-from .payloads import IMAGE_SETS, MODELS
-from .targets import Check, Targets, check_targets
+from cxrlt.contract.resources import package_file, package_root
+from loadtest import metrics as triton_metrics
+from loadtest.payloads import IMAGE_SETS, MODELS
+from loadtest.targets import Check, Targets, check_targets
 
-LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = package_file("loadtest", "locustfile.py")
+PACKAGES_ROOT = package_root("loadtest")  # what locust's interpreter needs on sys.path
 REPORT = "report.json"
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
@@ -97,7 +98,7 @@ def locust_command(config: LoadTestConfig) -> list[str]:
 
 def _locust_environment() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGES_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")  # the client decodes images, it does not need a thread pool
     return env
 
@@ -128,7 +129,7 @@ def run_locust(config: LoadTestConfig) -> Path:
     log_path = out / "locust.log"
     budget = config.duration_s + config.users / config.spawn_rate + config.request_timeout_s + 120.0
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(locust_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+        process = subprocess.Popen(locust_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=out,
                                    env=_locust_environment(), start_new_session=True)
         try:
             process.wait(timeout=budget)

@@ -11,9 +11,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .classifier import Infer
-from .in_process import LocalNetworks, member_execution
-from .pipeline_errors import INVALID_INPUT, MemberError, RequestError
+from python_backends.classifier import Infer
+from python_backends.in_process import LocalNetworks, member_execution
+from python_backends.pipeline_errors import INVALID_INPUT, MemberError, RequestError
 
 NETWORK_INPUT = "pixel_values"
 

@@ -14,13 +14,13 @@ from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 
-from cxrlt import ensemble
-from cxrlt.labels import PROJECTIONS, projection_from_hint
-from cxrlt.preprocessing import ImageError, PreprocessConfig, normalize, parse_tta_views, prepare_square, tta_view, validate_image
-from cxrlt.profiles import ensemble_model_name
+from cxrlt.contract import ensemble
+from cxrlt.contract.labels import PROJECTIONS, projection_from_hint
+from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, normalize, parse_tta_views, prepare_square, tta_view, validate_image
+from cxrlt.contract.profiles import ensemble_model_name
 
-from .pipeline_errors import RequestError
-from .triton_params import as_bool, require
+from python_backends.pipeline_errors import RequestError
+from python_backends.triton_params import as_bool, require
 
 Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 

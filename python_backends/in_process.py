@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .onnx_runner import OnnxRunner
+from python_backends.onnx_runner import OnnxRunner
 
 MEMBER_EXECUTION = ("bls", "in_process")
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .onnx_runner import run_merged
+from python_backends.onnx_runner import run_merged
 
 
 def select_device(preference: str = "auto") -> torch.device:

@@ -7,13 +7,13 @@ from typing import Mapping
 
 import numpy as np
 
-from cxrlt import ensemble
-from cxrlt.preprocessing import ImageError, PreprocessConfig, preprocess, validate_image
-from cxrlt.text_cache import TextCache
+from cxrlt.contract import ensemble
+from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, preprocess, validate_image
+from cxrlt.contract.text_cache import TextCache
 
-from .classifier import DEFAULT_MAX_PIXELS, Infer
-from .pipeline_errors import RequestError
-from .triton_params import require
+from python_backends.classifier import DEFAULT_MAX_PIXELS, Infer
+from python_backends.pipeline_errors import RequestError
+from python_backends.triton_params import require
 
 ENCODER_MODEL = "clip_image_encoder"
 SCORINGS = ("sigmoid", "softmax")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrlt.server import TritonServer, free_port
+from cxrlt.server.launcher import TritonServer, free_port
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -58,7 +58,7 @@ def real_cxr() -> np.ndarray:
     """The real PA chest CR shipped in pydicom-data, through the client's DICOM path."""
     from pydicom.data import get_testdata_file
 
-    from cxrlt.dicom_io import load_image
+    from cxrlt.io.images import load_image
 
     return load_image(get_testdata_file("RG1_UNCR.dcm")).pixels
 
@@ -66,6 +66,6 @@ def real_cxr() -> np.ndarray:
 @pytest.fixture(scope="session")
 def synthetic_cxrs() -> dict[str, np.ndarray]:
     """A synthetic frontal and lateral radiograph (uint16) with a couple of findings drawn."""
-    from training.synth import synthetic_radiographs
+    from cxrlt.io.synthetic import synthetic_radiographs
 
     return synthetic_radiographs()

@@ -12,22 +12,22 @@ import json
 
 import pytest
 
-from cxrlt.cli import COMMANDS
+from cxrlt.cli.main import COMMANDS
 from loadtest.bench import Measurement, drive
 from loadtest.payloads import Payload, load_payloads
 from tests.grpc_inputs import settled
 
 
 def cxrlt(name: str, *argv: str) -> int:
-    """Run one registered `cxrlt` subcommand the way cxrlt.cli does (without importing the others)."""
-    module = importlib.import_module(f"cxrlt.commands.{COMMANDS[name][0]}")
+    """Run one registered `cxrlt` subcommand the way cxrlt.cli.main does (without importing the others)."""
+    module = importlib.import_module(f"cxrlt.cli.commands.{COMMANDS[name][0]}")
     parser = argparse.ArgumentParser(prog=f"cxrlt {name}")
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(list(argv))) or 0)
 
 
 def test_concurrency_levels_are_parsed():
-    from cxrlt.commands.bench import _levels
+    from cxrlt.cli.commands.bench import _levels
 
     assert _levels("8,1,2,2") == (1, 2, 8)
     with pytest.raises(argparse.ArgumentTypeError):

@@ -9,9 +9,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from exporters.model_configs import set_config_parameters
+from cxrlt.contract.model_config import set_config_parameters
 from tests.grpc_inputs import image_inputs, settled
-from training.reference import ReferencePipeline
+from evaluation.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from cxrlt import ensemble
-from cxrlt.labels import NORMAL_INDEX
-from cxrlt.preprocessing import PreprocessConfig
+from cxrlt.contract import ensemble
+from cxrlt.contract.labels import NORMAL_INDEX
+from cxrlt.contract.preprocessing import PreprocessConfig
 from python_backends.classifier import ClassifierPipeline, ClassifierSettings
 from python_backends.pipeline_errors import RequestError
 

@@ -18,10 +18,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrlt.cli import main
-from cxrlt.labels import ALL_LABELS, TASK1_LABELS
-from cxrlt.reports import read_sr_findings
-from cxrlt.server import PROJECT_ROOT, free_port
+from cxrlt.cli.main import main
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS
+from cxrlt.io.reports import read_sr_findings
+from cxrlt.server.launcher import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -203,11 +203,11 @@ def test_nothing_to_do_exits_one(url, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_demo_runs_end_to_end():
+def test_demo_runs_end_to_end(tmp_path):
     """`cxrlt demo` builds the tiny repository, starts its own server, classifies RG1_UNCR.dcm, stops."""
     env = dict(os.environ, COLUMNS="160")
     completed = subprocess.run(
-        [sys.executable, "-m", "cxrlt.cli", "demo"], cwd=PROJECT_ROOT, env=env,
+        [sys.executable, "-m", "cxrlt", "demo"], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=280,
     )
     output = completed.stdout + completed.stderr
@@ -242,7 +242,7 @@ def test_demo_stops_its_server_on_ctrl_c(tmp_path):
     # A job started in the background by a shell without job control (as CI runners may start
     # the tests) inherits SIGINT ignored, and Python then leaves it ignored: give the demo the
     # disposition a terminal's Ctrl-C meets.
-    demo = subprocess.Popen([sys.executable, "-m", "cxrlt.cli", "demo"], cwd=PROJECT_ROOT, env=env,
+    demo = subprocess.Popen([sys.executable, "-m", "cxrlt", "demo"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

@@ -1,4 +1,4 @@
-"""The gRPC client SDK (cxrlt.client) against the real tritonserver of the session fixtures."""
+"""The gRPC client SDK (cxrlt.client.sdk) against the real tritonserver of the session fixtures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from tritonclient.utils import InferenceServerException
 
-from cxrlt.client import (
+from cxrlt.client.sdk import (
     AsyncCxrltClient,
     ClientError,
     CxrltClient,
@@ -20,8 +20,8 @@ from cxrlt.client import (
     ServerRejected,
     ServerUnavailable,
 )
-from cxrlt.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
-from cxrlt.server import free_port
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.server.launcher import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -228,7 +228,7 @@ def test_shared_memory_client_gives_the_same_results_and_cleans_up(url, grpc_cli
 
 
 def test_shared_memory_registration_failure_names_the_fix(url, real_cxr, monkeypatch):
-    from cxrlt.shared_memory import RegionPool
+    from cxrlt.client.shared_memory import RegionPool
 
     original = RegionPool.acquire
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrlt.labels import ALL_LABELS, TASK1_LABELS
-from cxrlt.preprocessing import PreprocessConfig
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS
+from cxrlt.contract.preprocessing import PreprocessConfig
 from training import data
 from training.data import (
     Augment,
@@ -151,9 +151,9 @@ def test_load_image_8_and_16_bit(tmp_path):
 
 def test_load_image_dicom_goes_through_cxrlt_dicom_io(tmp_path, monkeypatch):
     pixels = np.full((10, 12), 1234, dtype=np.uint16)
-    fake = types.ModuleType("cxrlt.dicom_io")
+    fake = types.ModuleType("cxrlt.io.images")
     fake.load_image = lambda path: types.SimpleNamespace(pixels=pixels)
-    monkeypatch.setitem(sys.modules, "cxrlt.dicom_io", fake)
+    monkeypatch.setitem(sys.modules, "cxrlt.io.images", fake)
     dicom = tmp_path / "image.bin"
     dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)  # detected by its magic, not its name
     assert (load_image(dicom) == pixels).all()

@@ -1,4 +1,4 @@
-"""cxrlt.dicom_io against a real chest radiograph (pydicom-data) and datasets built here."""
+"""cxrlt.io.images against a real chest radiograph (pydicom-data) and datasets built here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrlt.dicom_io import InputError, LoadedImage, load_image
+from cxrlt.io.images import InputError, LoadedImage, load_image
 
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"

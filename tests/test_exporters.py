@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt.labels import TASK2_LABELS
-from cxrlt.profiles import get_profile
-from cxrlt.text_cache import StaleCacheError, load_text_cache, save_text_cache
+from cxrlt.contract.labels import TASK2_LABELS
+from cxrlt.contract.profiles import get_profile
+from cxrlt.contract.text_cache import StaleCacheError, load_text_cache, save_text_cache
 from exporters.build_repo import BuildOptions, build_repository
-from exporters.model_configs import config_parameters, read_config
+from cxrlt.contract.model_config import config_parameters, read_config
 from exporters.onnx_export import ParityError, check_parity, export_onnx
-from exporters.prompts import load_prompts
-from training.checkpoints import CheckpointError, checkpoint_path, save_state_dict, state_dict_sha256
-from training.weights import load_clip, load_network
+from cxrlt.contract.prompts import load_prompts
+from networks.checkpoints import CheckpointError, checkpoint_path, save_state_dict, state_dict_sha256
+from networks.weights import load_clip, load_network
 
 TINY = get_profile("tiny")
 
@@ -132,7 +132,7 @@ def test_text_cache_refuses_mismatches(tmp_path):
 
 def test_torchscript_engine_repository_serves_like_pytorch(tmp_path):
     """The TorchScript engine (PyTorch on CUDA where available) gives the same logits on CPU."""
-    from cxrlt.server import TritonServer, free_port
+    from cxrlt.server.launcher import TritonServer, free_port
     import tritonclient.grpc as grpcclient
 
     manifest = build_repository(tmp_path / "ts", BuildOptions(profile="tiny", engine="torchscript", device="cpu"))
@@ -164,7 +164,7 @@ def test_torchscript_runner_fp16_on_cuda(tmp_path):
 
 
 def test_clip_model_is_selectable_and_recorded():
-    from exporters.build_repo import manifest_profile
+    from cxrlt.contract.manifest import manifest_profile
 
     paper = get_profile("paper", "ViT-L-14")
     assert paper.clip.model_name == "ViT-L-14" and paper.image_size == 512

@@ -39,8 +39,8 @@ def test_member_execution_values_are_checked():
 
 
 def test_build_repo_option_reaches_both_bls_configs(tmp_path):
-    from cxrlt.cli import main
-    from exporters.model_configs import config_parameters
+    from cxrlt.cli.main import main
+    from cxrlt.contract.model_config import config_parameters
 
     out = tmp_path / "repo"
     assert main(["build-repo", "--profile", "tiny", "--member-execution", "in-process", "--ort-threads", "2", "--out", str(out)]) == 0

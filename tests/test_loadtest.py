@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from cxrlt.cli import COMMANDS
+from cxrlt.cli.main import COMMANDS
+from cxrlt.contract.resources import package_file
 from loadtest.metrics import add, diff, parse_prometheus, per_model, scrape_settled
 from loadtest.runner import LoadTestConfig, locust_command, parse_duration, read_locust_failures, read_locust_stats
 from loadtest.targets import ProfileError, Targets, check_targets, load_profile
 
-PROFILE = Path(__file__).resolve().parent.parent / "loadtest" / "profiles" / "tiny_cpu.yaml"
+PROFILE = package_file("loadtest", "profiles", "tiny_cpu.yaml")
 
 
 def cxrlt(name: str, *argv: str) -> int:
-    """Run one registered `cxrlt` subcommand the way cxrlt.cli does (without importing the others)."""
-    module = importlib.import_module(f"cxrlt.commands.{COMMANDS[name][0]}")
+    """Run one registered `cxrlt` subcommand the way cxrlt.cli.main does (without importing the others)."""
+    module = importlib.import_module(f"cxrlt.cli.commands.{COMMANDS[name][0]}")
     parser = argparse.ArgumentParser(prog=f"cxrlt {name}")
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(list(argv))) or 0)
@@ -178,7 +179,7 @@ def test_impossible_target_fails_naming_it(triton_server, tmp_path, capsys):
 
 
 def test_no_server_is_a_clear_error(tmp_path):
-    from cxrlt.server import free_port
+    from cxrlt.server.launcher import free_port
     from loadtest.runner import LoadTestError, check_server
 
     with pytest.raises(LoadTestError, match="no Triton server"):
@@ -188,7 +189,7 @@ def test_no_server_is_a_clear_error(tmp_path):
 @pytest.mark.timeout(180)
 def test_failed_calls_are_locust_failures(tmp_path):
     """With nothing listening, every gRPC call fails and is recorded as a failure with its reason."""
-    from cxrlt.server import free_port
+    from cxrlt.server.launcher import free_port
     from loadtest.runner import run_locust
 
     config = LoadTestConfig(url=f"127.0.0.1:{free_port()}", users=1, spawn_rate=1, duration_s=2, out=tmp_path,

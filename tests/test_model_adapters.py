@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrlt.preprocessing import PreprocessConfig
+from cxrlt.contract.preprocessing import PreprocessConfig
+from cxrlt.contract.resources import package_file
 from python_backends.classifier import ClassifierSettings
 from tests import fake_pb_utils as pb
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "triton_models"
+TEMPLATES = package_file("triton_models")
 
 
 def _config(params: dict[str, str]) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrlt import ensemble
-from cxrlt.labels import ACCEPTED_HINTS, projection_from_hint
-from cxrlt.preprocessing import TTA_VIEWS, ImageError, PreprocessConfig, fit_square, preprocess, scale_to_unit, tta_view
+from cxrlt.contract import ensemble
+from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
+from cxrlt.contract.preprocessing import TTA_VIEWS, ImageError, PreprocessConfig, fit_square, preprocess, scale_to_unit, tta_view
 
 
 def test_percentile_clip_scales_to_unit_range():

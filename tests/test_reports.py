@@ -1,4 +1,4 @@
-"""cxrlt.reports: JSON, challenge CSV and the DICOM SR round trip."""
+"""cxrlt.io.reports: JSON, challenge CSV and the DICOM SR round trip."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 
-from cxrlt import reports
-from cxrlt.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
-from cxrlt.results import FindingsResult
+from cxrlt.io import reports
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.results import FindingsResult
 
 
 def make_result(image_id: str = "img-1", *, seed: int = 0, random_weights: bool = False,

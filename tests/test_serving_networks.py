@@ -7,8 +7,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from cxrlt.profiles import get_profile
-from exporters.build_repo import read_manifest
+from cxrlt.contract.profiles import get_profile
+from cxrlt.contract.manifest import read_manifest
 from python_backends.onnx_runner import OnnxRunner
 
 pytestmark = pytest.mark.e2e

@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrlt.labels import ALL_LABELS, NORMAL_INDEX
-from training.synth import (
-    GRID,
-    _prevalence,
-    class_pattern,
-    main_synth,
-    render_image,
-    synthetic_labels,
-    write_synthetic_dataset,
-)
+from cxrlt.contract.labels import ALL_LABELS, NORMAL_INDEX
+from cxrlt.io.synthetic import GRID, class_pattern, render_image
+from training.synth import _prevalence, main_synth, synthetic_labels, write_synthetic_dataset
 
 N = 48
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt.cli import main
-from cxrlt.ensemble import MEMBERS, parse_weights
-from cxrlt.labels import PROJECTIONS, TASK1_LABELS
-from cxrlt.profiles import PROFILES
-from cxrlt.server import TritonServer, free_port
-from exporters.build_repo import read_manifest
-from exporters.model_configs import config_parameters
-from training.checkpoints import checkpoint_path, read_state_dict
+from cxrlt.cli.main import main
+from cxrlt.contract.ensemble import MEMBERS, parse_weights
+from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
+from cxrlt.contract.profiles import PROFILES
+from cxrlt.server.launcher import TritonServer, free_port
+from cxrlt.contract.manifest import read_manifest
+from cxrlt.contract.model_config import config_parameters
+from networks.checkpoints import checkpoint_path, read_state_dict
 from training.recipes import list_recipes
 
 N_IMAGES = 600

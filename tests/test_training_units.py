@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from cxrlt.cli import build_parser
-from cxrlt.ensemble import MEMBERS
-from cxrlt.labels import NORMAL_INDEX, TASK1_LABELS
+from cxrlt.cli.main import build_parser
+from cxrlt.contract.ensemble import MEMBERS
+from cxrlt.contract.labels import NORMAL_INDEX, TASK1_LABELS
 from training.ema import ModelEma
 from training.metrics import evaluate_predictions
 from training.recipes import RecipeError, list_recipes, load_recipe, recipe_from_dict
 from training.schedule import WarmupCosine
-from training.tune import MemberLogits, corner, fast_mean_ap, probabilities_with, search_weights, simplex_grid
+from evaluation.tune import MemberLogits, corner, fast_mean_ap, probabilities_with, search_weights, simplex_grid
 from training.zeroshot_finetune import (
     FINDING_TEMPLATES,
     NEUTRAL_SENTENCE,
@@ -104,7 +104,7 @@ def test_bad_recipes_are_rejected_with_the_key(data, message):
 
 def test_model_kwargs_that_change_weights_are_rejected(tmp_path):
     from training.train import TrainingError, check_servable
-    from training.networks import create_model
+    from networks.factory import create_model
 
     recipe = recipe_from_dict({"model": "ensemble_frontal_swin", "projection": "frontal",
                                "model_kwargs": {"embed_dim": 48}})
@@ -281,7 +281,7 @@ def test_commands_are_registered(command, capsys):
 
 
 def test_evaluate_needs_a_source(tmp_path):
-    from cxrlt.cli import main
+    from cxrlt.cli.main import main
 
     assert main(["evaluate", "--data", str(tmp_path / "x.csv")]) == 1
 
@@ -349,8 +349,8 @@ def _imagenet_like_file(spec, path):
 
 @pytest.mark.parametrize("model", ["ensemble_frontal_swin", "ensemble_frontal_pcam", "projection_router"])
 def test_pretrained_file_initialises_everything_but_the_classifier(model, tmp_path):
-    from cxrlt.profiles import get_profile
-    from training.networks import create_model
+    from cxrlt.contract.profiles import get_profile
+    from networks.factory import create_model
 
     spec = get_profile("tiny").network_specs()[model]
     source = _imagenet_like_file(spec, tmp_path / "imagenet.pth")
@@ -365,8 +365,8 @@ def test_pretrained_file_initialises_everything_but_the_classifier(model, tmp_pa
 
 
 def test_pretrained_file_errors_name_the_problem(tmp_path):
-    from cxrlt.profiles import get_profile
-    from training.networks import create_model
+    from cxrlt.contract.profiles import get_profile
+    from networks.factory import create_model
 
     specs = get_profile("tiny").network_specs()
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -378,7 +378,7 @@ def test_pretrained_file_errors_name_the_problem(tmp_path):
 
 def test_training_starts_from_init_weights(small_csv, tmp_path):
     """With lr 0 the trained weights stay the initial ones: they must be the file's."""
-    from cxrlt.profiles import get_profile
+    from cxrlt.contract.profiles import get_profile
     from training.train import TrainingError, train
 
     spec = get_profile("tiny").network_specs()["ensemble_frontal_swin"]
@@ -398,7 +398,7 @@ def test_training_starts_from_init_weights(small_csv, tmp_path):
 
 
 def test_clip_training_starts_from_an_open_clip_state_dict(small_csv, tmp_path):
-    from training.clip_models import create_clip
+    from networks.clip import create_clip
 
     recipe = load_recipe("clip_dual_branch", assignments=["optimizer.lr=0", "optimizer.weight_decay=0", "cache_images=false"])
     torch.manual_seed(123)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from cxrlt.text_cache import PROMPTS_FILE
+from cxrlt.contract.text_cache import PROMPTS_FILE
 from exporters.build_repo import rebuild_text_cache
-from exporters.model_configs import set_config_parameters
-from training.checkpoints import file_sha256
+from cxrlt.contract.model_config import set_config_parameters
+from networks.checkpoints import file_sha256
 from tests.grpc_inputs import image_inputs
-from training.reference import ReferencePipeline
+from evaluation.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
 

@@ -3,12 +3,12 @@
 Two label sources are read into one `LabelTable`:
 
 * the CXR-LT 2026 CSV (`ImageID, PatientID, ...,` one 0/1 column per class in the
-  contract order of `cxrlt.labels`; extra columns are ignored);
+  contract order of `cxrlt.contract.labels`; extra columns are ignored);
 * the original PadChest label file (a `Labels` column such as
   "['cardiomegaly', 'pleural effusion']" and a `Projection` column PA/AP/L/...), mapped
   to the 30 + 6 challenge classes by the editable YAML `training/data/padchest_label_map.yaml`.
 
-Images go through `cxrlt.preprocessing` (the one implementation shared with serving):
+Images go through `cxrlt.contract.preprocessing` (the one implementation shared with serving):
 `prepare_square` -> augmentation on the [S, S] image in [0, 1] -> `normalize`.
 """
 
@@ -30,8 +30,8 @@ import torch
 import yaml
 from PIL import Image
 
-from cxrlt.labels import ALL_LABELS, PROJECTIONS
-from cxrlt.preprocessing import PreprocessConfig, normalize, prepare_square
+from cxrlt.contract.labels import ALL_LABELS, PROJECTIONS
+from cxrlt.contract.preprocessing import PreprocessConfig, normalize, prepare_square
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def read_cxrlt_csv(path: str | os.PathLike, labels: Sequence[str] = ALL_LABELS) 
         if missing:
             raise ValueError(
                 f"{path} lacks the class column(s) {missing}; a CXR-LT CSV needs one 0/1 column per "
-                "class in cxrlt.labels order (pass labels=TASK1_LABELS for a Task-1-only file)"
+                "class in cxrlt.contract.labels order (pass labels=TASK1_LABELS for a Task-1-only file)"
             )
         ids, patients, projections, dirs, rows = [], [], [], [], []
         for line, row in enumerate(reader, start=2):
@@ -355,13 +355,13 @@ def _is_dicom(path: Path) -> bool:
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """A grayscale radiograph as a 2-D uint8 or uint16 array (MONOCHROME2 meaning).
 
-    8/16-bit PNG (and anything else Pillow reads) or DICOM (via cxrlt.dicom_io).
+    8/16-bit PNG (and anything else Pillow reads) or DICOM (via cxrlt.io.images).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist; check the image root and the CSV's ImageID")
     if _is_dicom(path):
-        from cxrlt.dicom_io import load_image as load_dicom  # lazy: optional heavy deps
+        from cxrlt.io.images import load_image as load_dicom  # lazy: optional heavy deps
 
         return np.asarray(load_dicom(path).pixels)
     with Image.open(path) as image:
@@ -457,7 +457,7 @@ class CxrDataset(torch.utils.data.Dataset):
     """(pixel_values FP32 [3, S, S], labels FP32 [C], projection int: 0 frontal, 1 lateral, -1 unknown).
 
     labels: which class columns to return (default: all of the table's, e.g. 36; pass
-    cxrlt.labels.TASK1_LABELS for 30). Augmentation randomness comes from torch's RNG,
+    cxrlt.contract.labels.TASK1_LABELS for 30). Augmentation randomness comes from torch's RNG,
     which DataLoader seeds per worker, so workers never repeat each other and a run is
     reproducible under torch.manual_seed.
     """

@@ -10,7 +10,7 @@ A recipe names what it trains and how; the data (`--data CSV`) and the output fo
                   not recipes
     name          a label for logs (default: the file's stem)
     task          multilabel (30 Task 1 findings) | projection (the router) | clip (dual branch)
-    profile       tiny | paper (cxrlt.profiles): network sizes and the image size
+    profile       tiny | paper (cxrlt.contract.profiles): network sizes and the image size
     model         the checkpoint name = the served model name (projection_router,
                   ensemble_<projection>_<member>, clip); `cxrlt build-repo --checkpoints OUT`
                   reads OUT/<model>.pt. Head ablations use a name no served model has.
@@ -40,7 +40,7 @@ A recipe names what it trains and how; the data (`--data CSV`) and the output fo
                   trains that profile, below what the command line sets (e.g. the tiny
                   profile's synthetic data keeps only the flip of the paper's augmentation)
     precision     auto (bf16 on a GPU that has it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
-    tta           validation views, as served (cxrlt.preprocessing.TTA_VIEWS)
+    tta           validation views, as served (cxrlt.contract.preprocessing.TTA_VIEWS)
     val_fraction, split_seed   the patient-level split (training.data.patient_split)
     seed, threads (torch CPU threads; null = torch's default), num_workers, cache_images
     clip          task clip only: {asl_weight, holdout: [classes], val_zeroshot: bool}
@@ -55,11 +55,12 @@ from typing import Any, Mapping
 
 import yaml
 
-from cxrlt.labels import PROJECTIONS, TASK1_LABELS
-from cxrlt.preprocessing import parse_tta_views
-from cxrlt.profiles import PROFILES, NetworkSpec, Profile, get_profile
+from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
+from cxrlt.contract.preprocessing import parse_tta_views
+from cxrlt.contract.profiles import PROFILES, NetworkSpec, Profile, get_profile
+from cxrlt.contract.resources import package_file
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = package_file("training", "configs")
 TASKS = ("multilabel", "projection", "clip")
 PROJECTION_FILTERS = (*PROJECTIONS, "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -321,7 +322,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
         if task != expected_task:
             fail("task", f"{model} is trained with task {expected_task!r}, not {task!r}")
     else:
-        from .networks import list_architectures
+        from networks.factory import list_architectures
 
         if merged["arch"] not in list_architectures():
             fail("arch", f"unknown architecture {merged['arch']!r}; registered: {list_architectures()}")
@@ -378,7 +379,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
         fail("tta", "the served router and CLIP encoder see the untransformed image only; set tta: [identity]")
     if not 0.0 < float(merged["val_fraction"]) < 1.0:
         fail("val_fraction", "must be in (0, 1)")
-    from .data import Augment
+    from training.data import Augment
 
     try:
         Augment(**merged["augment"])

@@ -13,12 +13,12 @@ import os
 
 import numpy as np
 
-from cxrlt.labels import ALL_LABELS, TASK1_LABELS
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS
 
-from .data import load_padchest_counts
-from .losses import effective_number_weights
-from .samplers import class_repeat_factors
-from .synth import PADCHEST_IMAGES
+from training.data import load_padchest_counts
+from training.losses import effective_number_weights
+from training.samplers import class_repeat_factors
+from training.synth import PADCHEST_IMAGES
 
 
 def padchest_weight_report(counts_csv: str | os.PathLike | None = None, column: str = "core_all",

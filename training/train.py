@@ -33,17 +33,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cxrlt.labels import PROJECTIONS, TASK1_LABELS
-from cxrlt.preprocessing import PreprocessConfig, normalize, prepare_square, tta_view
+from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
+from cxrlt.contract.preprocessing import PreprocessConfig, normalize, prepare_square, tta_view
 
-from .checkpoints import CheckpointError, checkpoint_path, file_sha256, read_state_dict, state_dict_sha256
-from .data import Augment, CxrDataset, LabelTable, load_image, patient_split, read_cxrlt_csv
-from .ema import ModelEma
-from .losses import create_loss
-from .metrics import evaluate_predictions
-from .recipes import Recipe
-from .samplers import RepeatFactorSampler
-from .schedule import WarmupCosine, warmup_cosine
+from networks.checkpoints import CheckpointError, checkpoint_path, file_sha256, read_state_dict, state_dict_sha256
+from training.data import Augment, CxrDataset, LabelTable, load_image, patient_split, read_cxrlt_csv
+from training.ema import ModelEma
+from training.losses import create_loss
+from training.metrics import evaluate_predictions
+from training.recipes import Recipe
+from training.samplers import RepeatFactorSampler
+from training.schedule import WarmupCosine, warmup_cosine
 
 CHECKPOINT_FORMAT = "cxrlt-train/1"
 Log = Callable[[str], None]
@@ -234,7 +234,7 @@ class NetworkJob(Job):
     """The router (task projection) and the Task 1 networks (task multilabel)."""
 
     def __init__(self, recipe: Recipe, data: SplitData) -> None:
-        from .networks import create_model
+        from networks.factory import create_model
 
         self.recipe = recipe
         self.router = recipe.task == "projection"
@@ -342,7 +342,7 @@ def check_servable(module: nn.Module, recipe: Recipe) -> None:
     served = recipe.served_spec()
     if served is None or not recipe.model_kwargs:
         return
-    from .networks import create_model
+    from networks.factory import create_model
 
     expected = {k: tuple(v.shape) for k, v in create_model(served, recipe.num_outputs, recipe.image_size).state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -387,7 +387,7 @@ def resolve_pcam_checkpoint(value: str, out_dir: Path) -> Path:
 def load_frozen_backbone(model: nn.Module, pcam_path: Path) -> str:
     """Load the ConvNeXt-V2 backbone of a PCAM checkpoint (its EMA weights when present) into a
     CaiT member and freeze it. Returns the backbone's weight hash."""
-    from .networks import cait_backbone
+    from networks.factory import cait_backbone
 
     state = read_state_dict(pcam_path)
     prefix = "backbone."
@@ -474,7 +474,7 @@ def _plain(value: Any) -> Any:
 
 def build_job(recipe: Recipe, data: SplitData) -> Job:
     if recipe.task == "clip":
-        from .zeroshot_finetune import ClipJob
+        from training.zeroshot_finetune import ClipJob
 
         return ClipJob(recipe, data)
     return NetworkJob(recipe, data)

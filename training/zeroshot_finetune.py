@@ -30,16 +30,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cxrlt.ensemble import DEFAULT_ZEROSHOT_ALPHA, sigmoid
-from cxrlt.labels import NORMAL_INDEX, TASK1_LABELS
-from cxrlt.preprocessing import PreprocessConfig
+from cxrlt.contract.ensemble import DEFAULT_ZEROSHOT_ALPHA, sigmoid
+from cxrlt.contract.labels import NORMAL_INDEX, TASK1_LABELS
+from cxrlt.contract.preprocessing import PreprocessConfig
 
-from .clip_models import create_clip, encode_prompt_ensembles, tokenizer_for
-from .data import Augment, CxrDataset
-from .losses import AsymmetricLoss, ClipContrastiveLoss, DualBranchLoss
-from .metrics import evaluate_predictions
-from .recipes import Recipe
-from .train import Job, SplitData, TrainingError, _loader, autocast, image_loader, init_weights_path
+from networks.clip import create_clip, encode_prompt_ensembles, tokenizer_for
+from training.data import Augment, CxrDataset
+from training.losses import AsymmetricLoss, ClipContrastiveLoss, DualBranchLoss
+from training.metrics import evaluate_predictions
+from training.recipes import Recipe
+from training.train import Job, SplitData, TrainingError, _loader, autocast, image_loader, init_weights_path
 
 FINDING_TEMPLATES: tuple[str, ...] = (
     "there is {finding}.",
@@ -202,8 +202,8 @@ class ClipJob(Job):
 
 def zeroshot_probabilities(embeds: np.ndarray, text: np.ndarray, alpha: float = DEFAULT_ZEROSHOT_ALPHA) -> np.ndarray:
     """sigmoid(alpha * v @ t) for unit image embeddings [N, D] and prompt-ensembled text rows
-    [C, D]: cxrlt.ensemble.zeroshot_scores (the served scoring) for a batch."""
-    from cxrlt.ensemble import zeroshot_scores
+    [C, D]: cxrlt.contract.ensemble.zeroshot_scores (the served scoring) for a batch."""
+    from cxrlt.contract.ensemble import zeroshot_scores
 
     return np.stack([zeroshot_scores(v, text, None, alpha)[0] for v in embeds]).astype(np.float64)
 
@@ -263,7 +263,7 @@ def run_proxy(recipe: Recipe, data_csv: str | os.PathLike, out_dir: str | os.Pat
               groups: list[list[str]] | None = None, epochs: int | None = None, device: str | None = None,
               progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train one dual-branch model per held-out group and measure zero-shot mAP on that group."""
-    from .train import build_job, load_split, select_device, train
+    from training.train import build_job, load_split, select_device, train
 
     if recipe.task != "clip":
         raise TrainingError(f"the zero-shot proxy needs a clip recipe (e.g. clip_dual_branch.yaml), not task {recipe.task!r}")

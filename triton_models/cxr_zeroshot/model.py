@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from cxrlt.labels import TASK2_LABELS
-from cxrlt.text_cache import ENCODER_RECORD, load_text_cache
+from cxrlt.contract.labels import TASK2_LABELS
+from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
 from python_backends import bls
 from python_backends.triton_params import parameters
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings

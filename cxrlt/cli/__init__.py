@@ -1,0 +1,1 @@
+"""The `cxrlt` command line: the top layer, which may import every other."""

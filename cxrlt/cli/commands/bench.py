@@ -1,0 +1,104 @@
+"""Benchmark a repository's pipeline served by Triton (gRPC) against the same pipeline run in
+process with onnxruntime on the same ONNX files (same preprocessing, TTA and ensemble math),
+at a sweep of concurrencies, both sides interleaved in one run. Prints images/s and p50/p95
+latency per side, the served/raw ratio per concurrency and at the best concurrency, and
+Triton's overhead per image at concurrency 1; writes a JSON of the figures and a PNG plot.
+
+Starts the embedded tritonserver on the repository itself (free ports) unless --url is given."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8, not {text!r}") from None
+    if not levels or any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError("concurrency levels must be positive integers")
+    return tuple(sorted(set(levels)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, type=Path, help="model repository built by `cxrlt build-repo`")
+    parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
+    parser.add_argument("--metrics-url", help="its metrics endpoint, for queue vs compute per concurrency (with --url)")
+    parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8), help="comma-separated levels (default 1,2,4,8)")
+    parser.add_argument("--requests", type=int, default=64, help="measured requests per side, concurrency and round (default 64)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the interleaved sweep this many times and pool the figures (default 1)")
+    parser.add_argument("--warmup", type=int, help="untimed requests per side and concurrency (default max(concurrency, images))")
+    parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
+    parser.add_argument("--threads", type=int, help="raw side onnxruntime intra-op threads per session (default: the served networks')")
+    parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
+                        help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
+    parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="served side: pass each image through a system shared-memory region registered with the "
+                             "server instead of inside the gRPC message (client and server on one host)")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/bench-<time>)")
+    parser.add_argument("--json", type=Path, help="figures JSON (default OUT/bench.json)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="throughput/latency plot (default OUT/bench.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from cxrlt.cli.console import console
+    from loadtest.bench import BenchConfig, plot, run_bench, summary_table, write_json
+    from loadtest.metrics import print_wide
+
+    out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    config = BenchConfig(
+        repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
+        requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
+        image_set=args.image_set, send_hints=not args.no_hints, shared_memory=args.shared_memory, server_log=None if args.url else out / "tritonserver.log",
+    )
+    if args.url and not args.metrics_url:
+        from loadtest.metrics import default_metrics_url
+
+        config.metrics_url = default_metrics_url(args.url)
+    with console.status("benchmarking") as status:
+        report = run_bench(config, log=lambda message: status.update(message))
+    json_path = args.json or out / "bench.json"
+    png_path = args.plot or out / "bench.png"
+    report["files"] = {"json": str(json_path), "plot": str(png_path)}
+    plot(report, png_path)
+    write_json(report, json_path)
+
+    print_wide(console, summary_table(report))
+    best, overhead = report["best"], report["overhead_per_image_ms"]
+    budget = report["thread_budget"]
+    console.print(
+        f"best raw: {best['raw']['images_per_s']:.2f} img/s at concurrency {best['raw']['concurrency']}; "
+        f"best served: {best['served']['images_per_s']:.2f} img/s at concurrency {best['served']['concurrency']}; "
+        f"served/raw at best = [bold]{best['ratio']:.2f}[/]"
+    )
+    console.print(
+        f"Triton overhead per image at concurrency {overhead['concurrency']}: "
+        f"{overhead['p50']:+.1f} ms (p50), {overhead['mean']:+.1f} ms (mean)"
+    )
+    console.print(
+        f"threads: served networks {budget['served']['network_intra_op_threads']} intra-op x instances "
+        f"({budget['served']['network_compute_threads_total']} in all, {budget['served']['bls_processes_total']} BLS processes); "
+        f"raw {budget['raw']['intra_op_threads_per_session']} intra-op per session, workers = concurrency"
+    )
+    served_model = budget["served"]["models"].get(report["model"], {})
+    if served_model.get("member_execution") == "in_process":
+        console.print(f"{report['model']} runs its networks in process (member_execution in_process): no BLS hops")
+    at = next(r for r in report["sweep"] if r["concurrency"] == best["served"]["concurrency"])
+    raw_cpu, served_cpu = at["raw"]["cpu_ms_per_image"], at["served"]["cpu_ms_per_image"]
+    if served_cpu["server"] is not None:
+        console.print(
+            f"CPU per image at concurrency {at['concurrency']}: raw {raw_cpu['this_process']:.1f} ms; served "
+            f"{served_cpu['this_process'] + served_cpu['server']:.1f} ms ({served_cpu['this_process']:.1f} gRPC client + "
+            f"{served_cpu['server']:.1f} tritonserver and its Python stubs)"
+        )
+    if report["parity_max_abs_diff"] > 1e-3:
+        console.print(f"[yellow]served and raw outputs differ by up to {report['parity_max_abs_diff']:.2e}: "
+                      "is the server serving --repo?[/]")
+    console.print(f"figures: {json_path}  plot: {png_path}")
+    return 0

@@ -1,0 +1,77 @@
+"""Export every network (router, six ensemble members, CLIP image encoder) to ONNX with a parity
+check, encode the zero-shot prompts, and write a complete Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="network sizes (default: tiny)")
+    parser.add_argument("--out", required=True, type=Path, help="repository directory to write")
+    parser.add_argument("--checkpoints", type=Path, help="directory of <model>.pt state_dicts (see training/checkpoints.py)")
+    parser.add_argument("--allow-random", action="store_true", help="serve networks without a checkpoint with random weights")
+    parser.add_argument("--target", default="embedded", choices=["embedded", "ngc"],
+                        help="embedded: Python-backend onnxruntime (pytriton's server); ngc: onnxruntime_onnx platform")
+    parser.add_argument("--tensorrt", action="store_true", help="ngc target: enable the TensorRT FP16 accelerator")
+    parser.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "torchscript"],
+                        help="embedded target: run networks with onnxruntime (CUDA provider when onnxruntime-gpu is "
+                             "installed) or as TorchScript with PyTorch (CUDA when PyTorch has it)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torchscript engine device")
+    parser.add_argument("--fp16", action="store_true", help="torchscript engine on CUDA: float16 autocast")
+    parser.add_argument("--clip-model", help="open_clip config for zero-shot, replacing the profile's "
+                        "(paper: ViT-B-32 as CheXzero; ViT-L-14 as WhyXrayCLIP)")
+    parser.add_argument("--prompts", type=Path, help="zero-shot prompt file (YAML); default: the shipped one")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random initialisation (default 0)")
+    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per network instance")
+    parser.add_argument("--network-instances", type=int, default=1, help="instances of each network model")
+    parser.add_argument("--bls-instances", type=int, default=4, help="instances of each Python BLS model")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--queue-delay-us", type=int, default=0,
+                        help="dynamic batcher max queue delay (default 0: merge only what queues while busy)")
+    parser.add_argument("--member-execution", default="bls", choices=["bls", "in-process"],
+                        help="how cxr_classifier and cxr_zeroshot run their networks: bls (default) calls the network "
+                             "models, so each member batches across requests and has its own statistics; in-process "
+                             "runs the same ONNX files inside the BLS model, with no per-call hop (faster for small "
+                             "networks on CPU, e.g. the tiny profile; the network models stay served for direct calls)")
+    parser.add_argument("--tta", help="TTA views, e.g. identity,hflip,rot+5,rot-5,zoom1.1,zoom0.9")
+    parser.add_argument("--gating-alpha", type=float, help="normal gating exponent (default 0.5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.table import Table
+
+    from cxrlt.cli.console import console, warn_random_weights
+    from cxrlt.contract.preprocessing import parse_tta_views
+    from cxrlt.contract.profiles import get_profile
+    from exporters.build_repo import BuildOptions, build_repository, default_classifier_settings
+    from cxrlt.contract.prompts import DEFAULT_PROMPTS
+
+    classifier = default_classifier_settings(get_profile(args.profile))
+    if args.tta:
+        classifier = dataclasses.replace(classifier, tta_views=parse_tta_views(args.tta))
+    if args.gating_alpha is not None:
+        classifier = dataclasses.replace(classifier, gating_alpha=args.gating_alpha)
+    options = BuildOptions(
+        profile=args.profile, target=args.target, checkpoints=args.checkpoints, allow_random=args.allow_random,
+        seed=args.seed, prompts=args.prompts or DEFAULT_PROMPTS, ort_threads=args.ort_threads,
+        network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
+        queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"), tensorrt=args.tensorrt, classifier=classifier,
+        engine=args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
+    )
+    with console.status("building repository") as status:
+        manifest = build_repository(args.out, options, on_step=lambda message: status.update(message))
+    table = Table(title=f"{args.out} (profile {args.profile}, target {args.target})")
+    for column in ("model", "architecture", "parameters", "max |ONNX - PyTorch|", "weights"):
+        table.add_column(column)
+    for name, entry in manifest["models"].items():
+        table.add_row(name, entry["arch"], f"{entry['parameters']:,}", f"{entry['parity_max_abs_diff']:.2e}",
+                      entry["checkpoint"] or "RANDOM")
+    console.print(table)
+    if manifest["random_weights"]:
+        warn_random_weights(manifest["warning"])
+    console.print(f"serve it with: cxrlt serve --model-repository {args.out}")
+    return 0

@@ -1,0 +1,270 @@
+"""Classify DICOM (or PNG) files against a running Triton server and write JSON, the challenge
+submission CSV, or one DICOM SR per image.
+
+Folders are searched recursively and every non-hidden file is tried (DICOM files often have
+no extension). A file that cannot be classified is reported with its reason and the rest
+still run. Exit status: 0 all files classified, 2 some failed, 1 nothing could be done
+(server unreachable, no input files, bad options)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = ("json", "csv", "sr")
+TASKS = ("all", "task1", "task2")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders (searched recursively)")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT (default 127.0.0.1:8001)")
+    parser.add_argument("--format", default="json", choices=FORMATS, help="json (default), the challenge csv, or sr (DICOM SR per image)")
+    parser.add_argument("--out", help="output file (json, csv; '-' or absent: stdout) or directory (sr)")
+    parser.add_argument("--task", default="all", choices=TASKS, help="findings to write: task1 (30), task2 (6) or all (36)")
+    parser.add_argument("--model", default="cxr_findings", choices=["cxr_findings", "cxr_classifier", "cxr_zeroshot"],
+                        help="served model to call (default cxr_findings: all 36)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    parser.add_argument("--image-id", default="auto", choices=["auto", "name"],
+                        help="auto: SOPInstanceUID for DICOM, file stem otherwise; name: the file name "
+                             "(as in the challenge's ImageID column, e.g. 'x.png')")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    parser.add_argument("--retries", type=int, default=3, help="attempts in all while the server is UNAVAILABLE (default 3)")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="send images through system shared memory instead of the gRPC message "
+                             "(only with a server on this host)")
+    parser.add_argument("--ssl", action="store_true", help="use TLS")
+    parser.add_argument("--root-certificates", help="PEM file of root certificates (TLS)")
+    parser.add_argument("--private-key", help="PEM file of the client's private key (mutual TLS)")
+    parser.add_argument("--certificate-chain", help="PEM file of the client's certificate chain (mutual TLS)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(_run(args))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def expand_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files to try (folders recursively, hidden files and folders skipped) and missing paths."""
+    files: list[Path] = []
+    missing: list[tuple[Path, str]] = []
+    for path in paths:
+        if path.is_dir():
+            for candidate in sorted(path.rglob("*")):
+                relative = candidate.relative_to(path)
+                if candidate.is_file() and not any(part.startswith(".") for part in relative.parts):
+                    files.append(candidate)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append((path, "no such file or directory"))
+    return list(dict.fromkeys(files)), missing
+
+
+def _reason(path: Path, exc: BaseException) -> str:
+    """The error's message without a leading 'PATH: ' (the summary names the file already)."""
+    message = str(exc) or type(exc).__name__
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def _failed(console, path: Path, reason: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[red]FAILED[/] {escape(str(path))}: {escape(reason)}", soft_wrap=True, highlight=False)
+
+
+def _reserve_sr_name(folder: Path, image_id: str, used: set[str]) -> str:
+    """A file name for the SR of `image_id` that no other image of this run (or an older file) has."""
+    stem = _safe_name(image_id)
+    name, n = f"{stem}.SR.dcm", 1
+    while name in used or (folder / name).exists():
+        n += 1
+        name = f"{stem}-{n}.SR.dcm"
+    used.add(name)
+    return name
+
+
+def _safe_name(text: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text).strip("._")
+    return cleaned[:150] or "image"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+async def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import json
+    import sys
+    from collections import Counter
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cxrlt.client.sdk import MODEL_LABELS, AsyncCxrltClient, ClientError, ServerRejected, ServerUnavailable
+    from cxrlt.cli.console import console, warn_random_weights
+    from cxrlt.io.images import InputError, load_image
+    from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE, write_challenge_csv, write_sr
+
+    task_labels = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}[args.task]
+    missing_labels = [label for label in task_labels if label not in MODEL_LABELS[args.model]]
+    if missing_labels:
+        console.print(f"[red]cxrlt classify: --task {args.task} needs findings that {args.model} does not return "
+                      f"({missing_labels[0]!r}, ...); use --model cxr_findings or a matching --task")
+        return 1
+    if args.concurrency < 1:
+        console.print("[red]cxrlt classify: --concurrency must be at least 1")
+        return 1
+    to_stdout = args.out in (None, "-")
+    if args.format == "sr" and to_stdout:
+        console.print("[red]cxrlt classify: --format sr writes one file per image: give --out DIRECTORY")
+        return 1
+    out = None if to_stdout else Path(args.out)
+    if args.format == "sr" and out.exists() and not out.is_dir():
+        console.print(f"[red]cxrlt classify: --out {escape(str(out))} exists and is not a directory", soft_wrap=True)
+        return 1
+
+    files, failures = expand_paths(args.paths)
+    for path, reason in failures:
+        _failed(console, path, reason)
+    if not files:
+        console.print("[red]cxrlt classify: no input files found in " + escape(", ".join(str(p) for p in args.paths)), soft_wrap=True)
+        return 1
+
+    client = AsyncCxrltClient(
+        args.url, timeout_s=args.timeout, retries=args.retries, model=args.model, ssl=args.ssl,
+        root_certificates=args.root_certificates, private_key=args.private_key, certificate_chain=args.certificate_chain,
+        shared_memory=args.shared_memory,
+    )
+    try:
+        try:
+            info = await client.model_info()
+        except ClientError as exc:
+            console.print(f"[red]cxrlt classify: {escape(str(exc))}", soft_wrap=True)
+            return 1
+        if info.random_weights:
+            warn_random_weights(NOT_FOR_CLINICAL_USE)
+
+        if args.format == "sr":
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                console.print(f"[red]cxrlt classify: cannot create {escape(str(out))}: {escape(str(exc))}", soft_wrap=True)
+                return 1
+        sr_names: set[str] = set()
+        semaphore = asyncio.Semaphore(args.concurrency)
+        unavailable: list[str] = []  # once the server is gone, stop sending
+        outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None)
+
+        def fail(path: Path, reason: str) -> None:
+            outcomes[path] = (None, reason)
+            _failed(progress.console, path, reason)
+
+        async def one(path: Path) -> None:
+            async with semaphore:
+                if unavailable:
+                    fail(path, f"not sent: {unavailable[0]}")
+                    return
+                try:
+                    loaded = await asyncio.to_thread(load_image, path)
+                    if args.format == "sr" and loaded.dataset is None:
+                        raise InputError(
+                            f"{path}: SR output needs DICOM input (a {path.suffix or 'non-DICOM'} image has no "
+                            "study to report into); use --format json or csv for it"
+                        )
+                    image_id = path.name if args.image_id == "name" else loaded.image_id
+                    result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id)
+                except ServerUnavailable as exc:
+                    unavailable.append(f"the server at {args.url} became unavailable")
+                    fail(path, str(exc))
+                except ServerRejected as exc:
+                    fail(path, f"rejected by the server: {exc.server_message}")
+                except ClientError as exc:
+                    detail = f"server error ({exc.status}): {exc.server_message}" if exc.server_message else str(exc)
+                    fail(path, detail)
+                except InputError as exc:
+                    fail(path, _reason(path, exc))
+                except Exception as exc:  # one odd file must not stop the batch
+                    fail(path, f"{type(exc).__name__}: {exc}")
+                else:
+                    if task_labels != MODEL_LABELS[args.model]:
+                        result = dataclasses.replace(
+                            result, probabilities={label: result.probabilities[label] for label in task_labels}
+                        )
+                    if args.format == "sr":  # write now: holding every dataset (pixels included) would not scale
+                        name = _reserve_sr_name(out, result.image_id, sr_names)
+                        try:
+                            await asyncio.to_thread(write_sr, result, loaded.dataset, out / name)
+                        except Exception as exc:
+                            fail(path, f"could not write the SR: {_reason(path, exc)}")
+                            return
+                    outcomes[path] = (result, None)
+                finally:
+                    progress.advance(task)
+
+        with Progress(
+            SpinnerColumn(), TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=console, transient=True, disable=len(files) < 2 or not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("classify", total=len(files))
+            await asyncio.gather(*(one(path) for path in files))
+    finally:
+        await client.close()
+
+    # ------------------------------------------------------------------ outputs, in input order
+    done = [(path, outcomes[path][0]) for path in files if outcomes[path][0] is not None]
+    failures += [(path, outcomes[path][1]) for path in files if outcomes[path][0] is None]
+
+    if done:
+        counts = Counter(result.image_id for _, result in done)
+        duplicates = sorted(image_id for image_id, n in counts.items() if n > 1)
+        if duplicates and args.format == "csv":
+            console.print(f"[yellow]warning:[/] {len(duplicates)} ImageID(s) appear more than once in the CSV "
+                          f"(e.g. {duplicates[0]!r}); the challenge expects one row per image")
+        try:
+            if args.format == "json":
+                text = json.dumps([{**result.to_dict(), "source": str(path)} for path, result in done], indent=2)
+                if to_stdout:
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(text + "\n", encoding="utf-8")
+            elif args.format == "csv":
+                results = [result for _, result in done]
+                if to_stdout:
+                    import tempfile
+
+                    with tempfile.TemporaryDirectory() as scratch:
+                        text = write_challenge_csv(results, Path(scratch) / "out.csv", task=args.task).read_text(encoding="utf-8")
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                else:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    write_challenge_csv(results, out, task=args.task)
+        except OSError as exc:
+            console.print(f"[red]cxrlt classify: could not write {escape(str(args.out))}: {escape(str(exc))}", soft_wrap=True)
+            return 1
+
+    # ------------------------------------------------------------------ summary
+    total = len(done) + len(failures)
+    where = "" if to_stdout else f" -> {out}"
+    console.print(f"classified {len(done)} of {total} file{'s' if total != 1 else ''} with {args.model} at "
+                  f"{escape(args.url)}{escape(where)}", soft_wrap=True, highlight=False)
+    if failures:
+        console.print(f"[red]{len(failures)} failed:[/]")
+        for path, reason in failures:
+            console.print(f"  {escape(str(path))}: {escape(reason)}", soft_wrap=True, highlight=False)
+    if info.random_weights and done:
+        warn_random_weights(NOT_FOR_CLINICAL_USE)
+    if not done and unavailable:
+        console.print(f"[red]nothing classified: the server at {escape(args.url)} is unavailable; "
+                      "start one with `cxrlt serve --model-repository DIR`")
+        return 1
+    return 2 if failures else 0

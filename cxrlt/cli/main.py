@@ -1,0 +1,55 @@
+"""The `cxrlt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module under cxrlt.cli.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build-repo": ("build_repo", "export every network to ONNX and write a Triton model repository"),
+    "build-text-cache": ("text_cache", "re-encode the zero-shot prompts of a built repository (no ONNX re-export)"),
+    "serve": ("serve", "run the embedded tritonserver on a model repository"),
+    "classify": ("classify", "classify DICOM/PNG files on a running server: JSON, challenge CSV or DICOM SR"),
+    "demo": ("demo", "build the tiny repository, serve it and classify a real chest X-ray end to end"),
+    "loadtest": ("loadtest", "load-test a running server with locust over gRPC and check throughput/latency targets"),
+    "bench": ("bench", "served pipeline vs the same pipeline in process (onnxruntime): images/s and latency per concurrency"),
+    "synth-data": ("synth_data", "write a synthetic, long-tailed CXR-like data set (16-bit PNGs + labels.csv)"),
+    "train": ("train", "train networks from recipe YAMLs into <served model name>.pt checkpoints"),
+    "evaluate": ("evaluate", "mAP/mAUC/mF1/mECE of the served pipeline (server, repository or checkpoints) on labelled images"),
+    "tune-weights": ("tune_weights", "grid-search the per-projection ensemble weights on validation data into a repository"),
+    "zeroshot-proxy": ("zeroshot_proxy", "leak-free proxy validation of zero-shot fine-tuning (held-out seen classes)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrlt", description="CXR-LT 2026 chest X-ray findings on Triton Inference Server")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"cxrlt.cli.commands.{module_name}")
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line for users; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"cxrlt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

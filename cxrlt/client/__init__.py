@@ -1,0 +1,28 @@
+"""The client layer: the gRPC SDK integrators import (`from cxrlt.client import CxrltClient`)
+and the system shared-memory regions it can send images through. Needs the `client` extra."""
+
+from cxrlt.client.sdk import (
+    DEFAULT_URL,
+    MODEL_LABELS,
+    AsyncCxrltClient,
+    ClientError,
+    CxrltClient,
+    ModelInfo,
+    RequestTimeout,
+    ServerFailed,
+    ServerRejected,
+    ServerUnavailable,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "MODEL_LABELS",
+    "AsyncCxrltClient",
+    "ClientError",
+    "CxrltClient",
+    "ModelInfo",
+    "RequestTimeout",
+    "ServerFailed",
+    "ServerRejected",
+    "ServerUnavailable",
+]

@@ -1,0 +1,640 @@
+"""The gRPC client SDK: send a radiograph to Triton, get a :class:`FindingsResult` back.
+
+Two clients with the same behaviour, one synchronous and one for asyncio::
+
+    from cxrlt.client import CxrltClient
+
+    with CxrltClient("127.0.0.1:8001") as client:
+        client.wait_until_ready(60)
+        result = client.classify_file("chest.dcm")      # DICOM/PNG -> pixels + header hint
+        print(result.projection, result.task1()["cardiomegaly"])
+
+    async with AsyncCxrltClient("127.0.0.1:8001") as client:
+        result = await client.classify(pixels, hint="PA")
+
+Behaviour shared by both:
+
+* every RPC carries a deadline (``timeout_s``);
+* a call that meets gRPC ``UNAVAILABLE`` (server down, restarting, overloaded) is tried
+  ``retries`` times in all, sleeping ``backoff_s``, ``2 * backoff_s``, ... between tries;
+  then :class:`ServerUnavailable` names the URL and says how to start a server;
+* ``INVALID_ARGUMENT`` (the image or hint is bad) is never retried: :class:`ServerRejected`
+  carries Triton's message; any other server error is :class:`ServerFailed`, a deadline
+  is :class:`RequestTimeout`; all derive from :class:`ClientError`;
+* the served model's config is read once and cached: ``trust_hint`` of ``cxr_classifier``
+  (to report whether the hint routed the image) and the ``random_weights`` parameter the
+  repository builder writes into every Python model's config.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
+from cxrlt.contract.results import FindingsResult
+from cxrlt.client.shared_memory import Region, RegionPool
+
+__all__ = [
+    "DEFAULT_URL",
+    "MODEL_LABELS",
+    "ClientError",
+    "ServerUnavailable",
+    "ServerRejected",
+    "ServerFailed",
+    "RequestTimeout",
+    "ModelInfo",
+    "CxrltClient",
+    "AsyncCxrltClient",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "127.0.0.1:8001"
+CLASSIFIER_MODEL = "cxr_classifier"
+ZEROSHOT_MODEL = "cxr_zeroshot"
+FINDINGS_MODEL = "cxr_findings"
+# Served model -> the labels of its PROBABILITIES output, in output order (the contract).
+MODEL_LABELS: dict[str, tuple[str, ...]] = {
+    FINDINGS_MODEL: ALL_LABELS,
+    CLASSIFIER_MODEL: TASK1_LABELS,
+    ZEROSHOT_MODEL: TASK2_LABELS,
+}
+# Models that take PROJECTION_HINT and return PROJECTION / PROJECTION_SCORE.
+_ROUTED_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL)
+_START_HINT = "start one with `cxrlt serve --model-repository DIR` (or try `cxrlt demo`)"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ClientError(RuntimeError):
+    """A request could not be completed. ``status`` is the gRPC code name (e.g. 'UNAVAILABLE')."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        model: str | None = None,
+        status: str | None = None,
+        server_message: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.model = model
+        self.status = status
+        self.server_message = server_message
+        self.attempts = attempts
+
+
+class ServerUnavailable(ClientError):
+    """The server could not be reached (or stayed UNAVAILABLE) after every attempt."""
+
+
+class ServerRejected(ClientError):
+    """The server answered INVALID_ARGUMENT: the input is bad; retrying cannot help."""
+
+
+class ServerFailed(ClientError):
+    """The server answered with an error other than INVALID_ARGUMENT/UNAVAILABLE (e.g. INTERNAL)."""
+
+
+class RequestTimeout(ClientError):
+    """The call did not finish within the per-call timeout (gRPC DEADLINE_EXCEEDED)."""
+
+
+def _status_name(exc: Exception) -> str:
+    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    return str(status or "UNKNOWN").rsplit(".", 1)[-1]
+
+
+def _server_message(exc: Exception) -> str:
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else None
+    return str(message or exc)
+
+
+# ----------------------------------------------------------------------------- model info
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the client learns once from the served model's config."""
+
+    name: str
+    labels: tuple[str, ...]
+    accepts_hint: bool  # the model takes PROJECTION_HINT and returns PROJECTION
+    trust_hint: bool  # cxr_classifier routes by a valid hint instead of its router
+    random_weights: bool  # some served network is randomly initialised: NOT DIAGNOSTIC
+
+
+def _parameter(config: Any, key: str) -> str | None:
+    parameters = config.parameters
+    return parameters[key].string_value if key in parameters else None
+
+
+def _as_bool(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _output_dim(config: Any, name: str) -> int | None:
+    for output in config.output:
+        if output.name == name:
+            return int(output.dims[-1]) if output.dims else None
+    return None
+
+
+# ----------------------------------------------------------------------------- shared logic
+
+
+class _ClientBase(abc.ABC):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        model: str = FINDINGS_MODEL,
+        random_weights: bool = False,
+        shared_memory: bool = False,
+    ) -> None:
+        if model not in MODEL_LABELS:
+            raise ValueError(f"unknown model {model!r}; use one of {', '.join(MODEL_LABELS)}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if backoff_s < 0:
+            raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        self.retries = max(1, int(retries))
+        self.backoff_s = float(backoff_s)
+        self.model = model
+        self.labels = MODEL_LABELS[model]
+        self._random_weights_override = bool(random_weights)
+        self._grpc_kwargs = dict(
+            ssl=ssl,
+            root_certificates=None if root_certificates is None else str(root_certificates),
+            private_key=None if private_key is None else str(private_key),
+            certificate_chain=None if certificate_chain is None else str(certificate_chain),
+        )
+        self._info: ModelInfo | None = None
+        self._regions = RegionPool() if shared_memory else None
+        import tritonclient.grpc as grpcclient  # InferInput & co, shared by the sync and aio clients
+
+        self._grpcclient = grpcclient
+        self._connect()
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Set up the transport (each client kind its own)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.url!r}, model={self.model!r})"
+
+    # --- retry policy --------------------------------------------------------------
+
+    def _delays(self) -> Iterator[float]:
+        """Sleep before attempt 2, 3, ...: backoff_s * 2**k."""
+        for k in range(self.retries - 1):
+            yield self.backoff_s * (2**k)
+
+    def _error(self, exc: Exception, what: str, attempts: int) -> ClientError:
+        status = _status_name(exc)
+        message = _server_message(exc)
+        common = dict(url=self.url, model=self.model, status=status, server_message=message, attempts=attempts)
+        if status == "UNAVAILABLE":
+            return ServerUnavailable(
+                f"Triton server at {self.url} is unavailable ({message}) after {attempts} attempt"
+                f"{'s' if attempts != 1 else ''} to {what}; {_START_HINT}",
+                **common,
+            )
+        if status == "INVALID_ARGUMENT":
+            return ServerRejected(f"{self.url} rejected the request to {what}: {message}", **common)
+        if status == "DEADLINE_EXCEEDED":
+            return RequestTimeout(
+                f"{what} at {self.url} did not finish within {self.timeout_s:g} s; raise timeout_s "
+                "or check the server's load",
+                **common,
+            )
+        if status == "NOT_FOUND" or "unknown model" in message.lower() or "is not found" in message.lower():
+            return ServerFailed(
+                f"{self.url} does not serve model {self.model!r} ({message}); is the repository built by "
+                "`cxrlt build-repo` and every model loaded?",
+                **common,
+            )
+        return ServerFailed(f"{self.url} failed to {what} ({status}): {message}", **common)
+
+    @staticmethod
+    def _retryable(exc: Exception) -> bool:
+        return _status_name(exc) == "UNAVAILABLE"
+
+    def _retry_delay(self, exc: Exception, delays: Iterator[float], what: str, attempt: int) -> float:
+        """The sleep before the next attempt, or raise: non-gRPC errors as they are, others as ClientError."""
+        if not hasattr(exc, "status"):
+            raise exc
+        delay = next(delays, None) if self._retryable(exc) else None
+        if delay is None:
+            raise self._error(exc, what, attempt) from None
+        self._log_retry(exc, what, attempt, delay)
+        return delay
+
+    def _log_retry(self, exc: Exception, what: str, attempt: int, delay: float) -> None:
+        log.warning(
+            "attempt %d/%d to %s at %s failed (UNAVAILABLE: %s); retrying in %.2g s",
+            attempt, self.retries, what, self.url, _server_message(exc), delay,
+        )
+
+    # --- requests and responses ----------------------------------------------------
+
+    def _inputs(self, grpc_module: Any, pixels: np.ndarray, hint: str | None,
+                region: Region | None = None) -> tuple[list[Any], str | None]:
+        image_input = grpc_module.InferInput("IMAGE", [1, *pixels.shape], "UINT16")
+        if region is None:
+            image_input.set_data_from_numpy(pixels[None])
+        else:  # the pixels go into the region; the request only names it
+            region.attach(image_input, pixels[None])
+        inputs = [image_input]
+        hint = None if hint is None or not str(hint).strip() else str(hint)
+        if hint is not None and self.model in _ROUTED_MODELS:
+            hint_input = grpc_module.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
+            hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
+            inputs.append(hint_input)
+        return inputs, hint
+
+    def _registration_error(self, exc: Exception) -> ClientError:
+        return ClientError(
+            f"could not register a shared-memory region with {self.url} ({_server_message(exc)}); shared memory "
+            "needs the client on the server's host: drop shared_memory (--shared-memory) for a remote server",
+            url=self.url, model=self.model, status=_status_name(exc),
+        )
+
+    def _outputs(self, grpc_module: Any) -> list[Any]:
+        names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in _ROUTED_MODELS else ["PROBABILITIES"]
+        return [grpc_module.InferRequestedOutput(name) for name in names]
+
+    def _model_info(self, configs: dict[str, Any]) -> ModelInfo:
+        config = configs[self.model]
+        dim = _output_dim(config, "PROBABILITIES")
+        if dim is not None and dim != len(self.labels):
+            raise ClientError(
+                f"{self.url} serves {self.model} with {dim} probabilities, but the contract says "
+                f"{len(self.labels)}; the server and this client are from different versions",
+                url=self.url, model=self.model,
+            )
+        random_weights = self._random_weights_override or any(
+            _as_bool(_parameter(c, "random_weights")) for c in configs.values() if c is not None
+        )
+        trust_hint = False
+        classifier = configs.get(CLASSIFIER_MODEL)
+        if classifier is not None:
+            trust_hint = _as_bool(_parameter(classifier, "trust_hint"))
+        return ModelInfo(
+            name=self.model,
+            labels=self.labels,
+            accepts_hint=self.model in _ROUTED_MODELS,
+            trust_hint=trust_hint,
+            random_weights=random_weights,
+        )
+
+    def _config_models(self) -> list[str]:
+        """The configs to read: the model itself, and the models it calls."""
+        if self.model == FINDINGS_MODEL:
+            return [FINDINGS_MODEL, CLASSIFIER_MODEL, ZEROSHOT_MODEL]
+        return [self.model]
+
+    def _result(self, response: Any, info: ModelInfo, hint: str | None, image_id: str, latency_ms: float) -> FindingsResult:
+        probabilities = np.asarray(response.as_numpy("PROBABILITIES"), dtype=np.float64).reshape(-1)
+        if probabilities.size != len(self.labels):
+            raise ClientError(
+                f"{self.url} returned {probabilities.size} probabilities from {self.model}; expected {len(self.labels)}",
+                url=self.url, model=self.model,
+            )
+        if info.accepts_hint:
+            raw = response.as_numpy("PROJECTION").reshape(-1)[0]
+            projection = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            score = float(response.as_numpy("PROJECTION_SCORE").reshape(-1)[0])
+            valid_hint = _valid_hint(hint)
+            hint_used = valid_hint and info.trust_hint
+        else:  # cxr_zeroshot does not route: there is no projection to report
+            projection, score, hint_used = "", 0.0, False
+        meta = response.get_response()
+        return FindingsResult(
+            image_id=image_id,
+            probabilities={label: float(p) for label, p in zip(self.labels, probabilities)},
+            projection=projection,
+            projection_score=score,
+            hint=hint,
+            hint_used=bool(hint_used),
+            model_name=meta.model_name or self.model,
+            model_version=meta.model_version,
+            random_weights=info.random_weights,
+            latency_ms=latency_ms,
+        )
+
+
+def _valid_hint(hint: str | None) -> bool:
+    try:
+        return projection_from_hint(hint) is not None
+    except ValueError:
+        return False
+
+
+def _as_uint16(image: np.ndarray) -> np.ndarray:
+    """The server's IMAGE tensor: uint16 [H, W]; 8-bit images are scaled to full range (x 257)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 2:
+        raise ValueError(f"image must be a 2-D grayscale array [H, W], got shape {list(image.shape)}")
+    if image.dtype == np.uint8:
+        return image.astype(np.uint16) * 257
+    if image.dtype != np.uint16:
+        raise ValueError(
+            f"image dtype must be uint16 (or uint8), got {image.dtype}; load files with "
+            "cxrlt.io.images.load_image or classify_file"
+        )
+    return np.ascontiguousarray(image)
+
+
+def _load(path: str | Path):
+    from cxrlt.io.images import load_image  # pydicom, Pillow: only when files are classified
+
+    return load_image(path)
+
+
+# ----------------------------------------------------------------------------- sync
+
+
+class CxrltClient(_ClientBase):
+    """Synchronous client (tritonclient.grpc). Thread-safe: one channel, many threads.
+
+    url: ``host:port`` of Triton's gRPC endpoint.
+    timeout_s: deadline of every RPC.
+    retries: attempts in all for a call that meets UNAVAILABLE (1 = never retry).
+    backoff_s: sleep before the 2nd attempt; doubled before each further one.
+    ssl, root_certificates, private_key, certificate_chain: TLS; the three are PEM *file paths*.
+    model: ``cxr_findings`` (36), ``cxr_classifier`` (30) or ``cxr_zeroshot`` (6).
+    random_weights: mark every result as random-weights even if the server does not say so
+        (the flag is otherwise read from the served config's ``random_weights`` parameter).
+    shared_memory: send images through system shared-memory regions registered with the
+        server instead of inside the gRPC message; only for a server on this host.
+    """
+
+    def _connect(self) -> None:
+        self._client = self._grpcclient.InferenceServerClient(self.url, **self._grpc_kwargs)
+        self._lock = threading.Lock()
+        self._sleep: Callable[[float], None] = time.sleep
+
+    def close(self) -> None:
+        if self._regions is not None:
+            regions = self._regions.drain()
+            for region in regions:
+                try:
+                    self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
+                except Exception as exc:  # the server may be gone; the memory is freed either way
+                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
+            RegionPool.destroy(regions)
+        self._client.close()
+
+    def _region(self, byte_size: int) -> Region | None:
+        if self._regions is None:
+            return None
+        region, new = self._regions.acquire(byte_size)
+        if new:
+            try:
+                self._client.register_system_shared_memory(region.name, region.key, region.byte_size,
+                                                           client_timeout=self.timeout_s)
+            except Exception as exc:
+                self._regions.discard(region)
+                raise self._registration_error(exc) from None
+        return region
+
+    def __enter__(self) -> "CxrltClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, function: Callable[[], Any]) -> Any:
+        delays = self._delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return function()
+            except Exception as exc:
+                delay = self._retry_delay(exc, delays, what, attempt)
+                self._sleep(delay)
+
+    def is_ready(self) -> bool:
+        """True when the server is up and the model is READY (one try, never raises)."""
+        try:
+            timeout = min(self.timeout_s, 5.0)
+            return bool(self._client.is_server_ready(client_timeout=timeout)
+                        and self._client.is_model_ready(self.model, client_timeout=timeout))
+        except Exception:
+            return False
+
+    def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> None:
+        """Block until :meth:`is_ready`; raise ServerUnavailable naming the URL after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(
+                    f"Triton server at {self.url} did not become ready with model {self.model!r} within "
+                    f"{timeout_s:g} s; {_START_HINT}",
+                    url=self.url, model=self.model, status="UNAVAILABLE",
+                )
+            time.sleep(poll_s)
+
+    def model_info(self) -> ModelInfo:
+        """The served model's labels, trust_hint and random_weights (read once, then cached)."""
+        with self._lock:
+            if self._info is None:
+                configs = {}
+                for name in self._config_models():
+                    configs[name] = self._call(
+                        f"read the config of {name}",
+                        lambda name=name: self._client.get_model_config(name, client_timeout=self.timeout_s).config,
+                    )
+                self._info = self._model_info(configs)
+            return self._info
+
+    def random_weights(self) -> bool:
+        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
+        return self.model_info().random_weights
+
+    def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
+        """Classify one uint16 [H, W] MONOCHROME2 image; ``hint`` is a DICOM ViewPosition term."""
+        info = self.model_info()
+        pixels = _as_uint16(image)
+        region = self._region(pixels.nbytes)
+        try:
+            inputs, hint = self._inputs(self._grpcclient, pixels, hint, region)
+            outputs = self._outputs(self._grpcclient)
+            timing: dict[str, float] = {}
+
+            def infer() -> Any:
+                start = time.perf_counter()
+                response = self._client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                timing["ms"] = (time.perf_counter() - start) * 1000.0
+                return response
+
+            response = self._call(f"classify {image_id!r} with {self.model}", infer)
+        finally:
+            if region is not None:
+                self._regions.release(region)
+        return self._result(response, info, hint, image_id, timing["ms"])
+
+    def classify_file(self, path: str | Path) -> FindingsResult:
+        """Load a DICOM/PNG with cxrlt.io.images.load_image (hint from the header) and classify it.
+
+        Raises cxrlt.io.images.InputError for a file the service cannot use.
+        """
+        loaded = _load(path)
+        return self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)
+
+
+# ----------------------------------------------------------------------------- asyncio
+
+
+class AsyncCxrltClient(_ClientBase):
+    """asyncio client (tritonclient.grpc.aio); same arguments and results as :class:`CxrltClient`.
+
+    The gRPC channel is opened lazily inside the running event loop; use ``async with`` or
+    call :meth:`close`. File loading (:meth:`classify_file`) runs in a worker thread.
+    """
+
+    def _connect(self) -> None:
+        self._client: Any = None  # opened lazily inside the running event loop
+        self._info_lock: asyncio.Lock | None = None
+        self._sleep: Callable[[float], Any] = asyncio.sleep
+
+    def _aio(self) -> Any:
+        if self._client is None:
+            import tritonclient.grpc.aio as aioclient
+
+            self._client = aioclient.InferenceServerClient(self.url, **self._grpc_kwargs)
+        return self._client
+
+    async def close(self) -> None:
+        regions = self._regions.drain() if self._regions is not None else []
+        if self._client is not None:
+            for region in regions:
+                try:
+                    await self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
+                except Exception as exc:  # the server may be gone; the memory is freed either way
+                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
+            await self._client.close()
+            self._client = None
+        RegionPool.destroy(regions)
+
+    async def _region(self, byte_size: int) -> Region | None:
+        if self._regions is None:
+            return None
+        region, new = self._regions.acquire(byte_size)
+        if new:
+            try:
+                await self._aio().register_system_shared_memory(region.name, region.key, region.byte_size,
+                                                                client_timeout=self.timeout_s)
+            except Exception as exc:
+                self._regions.discard(region)
+                raise self._registration_error(exc) from None
+        return region
+
+    async def __aenter__(self) -> "AsyncCxrltClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, what: str, function: Callable[[], Any]) -> Any:
+        delays = self._delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await function()
+            except Exception as exc:
+                delay = self._retry_delay(exc, delays, what, attempt)
+                await self._sleep(delay)
+
+    async def is_ready(self) -> bool:
+        try:
+            timeout = min(self.timeout_s, 5.0)
+            client = self._aio()
+            return bool(await client.is_server_ready(client_timeout=timeout)
+                        and await client.is_model_ready(self.model, client_timeout=timeout))
+        except Exception:
+            return False
+
+    async def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not await self.is_ready():
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(
+                    f"Triton server at {self.url} did not become ready with model {self.model!r} within "
+                    f"{timeout_s:g} s; {_START_HINT}",
+                    url=self.url, model=self.model, status="UNAVAILABLE",
+                )
+            await asyncio.sleep(poll_s)
+
+    async def model_info(self) -> ModelInfo:
+        if self._info_lock is None:
+            self._info_lock = asyncio.Lock()
+        async with self._info_lock:
+            if self._info is None:
+                client = self._aio()
+                configs = {}
+                for name in self._config_models():
+                    response = await self._call(
+                        f"read the config of {name}",
+                        lambda name=name: client.get_model_config(name, client_timeout=self.timeout_s),
+                    )
+                    configs[name] = response.config
+                self._info = self._model_info(configs)
+            return self._info
+
+    async def random_weights(self) -> bool:
+        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
+        return (await self.model_info()).random_weights
+
+    async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
+        info = await self.model_info()
+        pixels = _as_uint16(image)
+        region = await self._region(pixels.nbytes)
+        try:
+            inputs, hint = self._inputs(self._grpcclient, pixels, hint, region)
+            outputs = self._outputs(self._grpcclient)
+            client = self._aio()
+            timing: dict[str, float] = {}
+
+            async def infer() -> Any:
+                start = time.perf_counter()
+                response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                timing["ms"] = (time.perf_counter() - start) * 1000.0
+                return response
+
+            response = await self._call(f"classify {image_id!r} with {self.model}", infer)
+        finally:
+            if region is not None:
+                self._regions.release(region)
+        return self._result(response, info, hint, image_id, timing["ms"])
+
+    async def classify_file(self, path: str | Path) -> FindingsResult:
+        loaded = await asyncio.to_thread(_load, path)
+        return await self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)

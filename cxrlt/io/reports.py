@@ -1,0 +1,259 @@
+"""Outputs for classified images: JSON, the challenge submission CSV and DICOM SR.
+
+The SR is a TID 1500 Measurement Report (highdicom ``ComprehensiveSR``) placed in the
+source image's study, so a PACS files it next to the radiograph. It holds one image-level
+measurement group per finding (30 task-1 then 6 task-2, in contract order), each with the
+finding as a coded concept, its probability as a NUM item in UCUM ``{probability}``, the
+projection that routed the image, and a reference to the source image.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from cxrlt import __version__
+from pydicom.uid import generate_uid
+
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.results import FindingsResult
+
+__all__ = [
+    "MANUFACTURER",
+    "SOFTWARE_VERSION",
+    "NOT_FOR_CLINICAL_USE",
+    "to_json",
+    "write_challenge_csv",
+    "build_sr",
+    "write_sr",
+    "read_sr_findings",
+]
+
+MANUFACTURER = "cxrlt-triton"
+SOFTWARE_VERSION = __version__
+NOT_FOR_CLINICAL_USE = (
+    "NOT FOR CLINICAL USE: random weights. The served networks were randomly "
+    "initialised; these probabilities are not diagnostic."
+)
+
+_TASK_COLUMNS = {"task1": TASK1_LABELS, "task2": TASK2_LABELS, "all": ALL_LABELS}
+
+# Private coding scheme for the challenge's findings (no standard code exists for most of
+# them). Code values are stable per contract position: T1-01..T1-30, T2-01..T2-06.
+CODING_SCHEME = "99CXRLT"
+_FINDING_CODES: dict[str, CodedConcept] = {
+    **{
+        label: CodedConcept(f"T1-{i:02d}", CODING_SCHEME, label)
+        for i, label in enumerate(TASK1_LABELS, start=1)
+    },
+    **{
+        label: CodedConcept(f"T2-{i:02d}", CODING_SCHEME, label)
+        for i, label in enumerate(TASK2_LABELS, start=1)
+    },
+}
+_PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
+_PROJECTION_CODES = {
+    "frontal": codes.SCT.FrontalProjection,
+    "lateral": codes.SCT.LateralProjection,
+}
+# CID 100 lists only CT/MR/PET procedures; SNOMED CT "Plain chest X-ray" is the closest.
+_PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
+# The concept TID 1500 uses for its free "Qualitative Evaluations" container.
+_QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+# ----------------------------------------------------------------------------- JSON / CSV
+
+
+def to_json(results: Sequence[FindingsResult]) -> str:
+    """A JSON list of ``result.to_dict()``, probabilities in contract order."""
+    return json.dumps([result.to_dict() for result in results], indent=2)
+
+
+def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, task: str = "all") -> Path:
+    """Write the challenge submission CSV: ``ImageID`` then one column per class.
+
+    task: 'task1' (30 columns), 'task2' (6) or 'all' (36), in contract order.
+    """
+    try:
+        columns = _TASK_COLUMNS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(_TASK_COLUMNS)}") from None
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageID", *columns])
+        for result in results:
+            missing = [label for label in columns if label not in result.probabilities]
+            if missing:
+                raise ValueError(
+                    f"result for {result.image_id!r} has no probability for {missing[0]!r} "
+                    f"({len(missing)} missing); classify with the model that covers {task}"
+                )
+            # repr-exact floats: the CSV must not lose precision that the metric can see.
+            writer.writerow([result.image_id, *(repr(float(result.probabilities[label])) for label in columns)])
+    return path
+
+
+# ----------------------------------------------------------------------------- DICOM SR
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """Header-only copy of the source with the Type 2 patient/study fields highdicom reads.
+
+    Real PACS objects sometimes omit Type 2 attributes; highdicom reads them as attributes,
+    so absent ones become empty rather than an AttributeError.
+    """
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:  # leave out PixelData: it is not needed and large
+            header.add(copy.deepcopy(element))
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
+        if keyword not in header:
+            setattr(header, keyword, "")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if keyword not in header:
+            raise ValueError(
+                f"source dataset has no {keyword}; an SR can only reference a DICOM image "
+                "from the PACS (PNG inputs have no study to report into)"
+            )
+    return header
+
+
+def build_sr(result: FindingsResult, source_dataset: Dataset) -> hd.sr.ComprehensiveSR:
+    """A TID 1500 Measurement Report of ``result`` in the study of ``source_dataset``."""
+    evidence = _evidence(source_dataset)
+    source_image = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=evidence.SOPClassUID,
+        referenced_sop_instance_uid=evidence.SOPInstanceUID,
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=result.model_name or MANUFACTURER, version=result.model_version or SOFTWARE_VERSION
+    )
+    projection = _PROJECTION_CODES.get(result.projection)
+    groups = []
+    for label in ALL_LABELS:
+        if label not in result.probabilities:
+            continue
+        finding = _FINDING_CODES[label]
+        evaluations = None
+        if projection is not None:
+            evaluations = [hd.sr.QualitativeEvaluation(name=codes.DCM.ImageView, value=projection)]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(), identifier=f"{finding.value} {label}"[:64]
+                ),
+                finding_type=finding,
+                algorithm_id=algorithm,
+                source_images=[source_image],
+                measurements=[
+                    hd.sr.Measurement(
+                        name=finding,
+                        value=float(result.probabilities[label]),
+                        unit=_PROBABILITY_UNIT,
+                        algorithm_id=algorithm,
+                    )
+                ],
+                qualitative_evaluations=evaluations,
+            )
+        )
+    if not groups:
+        raise ValueError(f"result for {result.image_id!r} has no probabilities to report")
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=result.model_name or None,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    _add_notes(report, result)
+
+    description = "cxrlt findings"
+    if result.random_weights:
+        description = "cxrlt findings NOT FOR CLINICAL USE random weights"
+    return hd.sr.ComprehensiveSR(
+        evidence=[evidence],
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=9901,  # high, so the SR sorts after the acquisition series
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=result.model_name or MANUFACTURER,
+        software_versions=SOFTWARE_VERSION,
+        series_description=description[:64],
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=CODING_SCHEME,
+                name="CXR-LT 2026 findings",
+                responsible_organization=MANUFACTURER,
+            )
+        ],
+        is_complete=True,
+        is_final=False,  # machine output, nobody has verified it
+    )
+
+
+def _add_notes(report: hd.sr.MeasurementReport, result: FindingsResult) -> None:
+    """Free-text notes in the "Qualitative Evaluations" container of TID 1500.
+
+    highdicom's MeasurementReport has no argument for that container, so it is appended
+    to the content tree highdicom built; any SR viewer shows it with the measurements.
+    """
+    notes = []
+    if result.random_weights:
+        notes.append(NOT_FOR_CLINICAL_USE)
+    hint = f"hint {result.hint}, {'used' if result.hint_used else 'not used'}" if result.hint else "no hint"
+    notes.append(
+        f"Projection {result.projection} (score {result.projection_score:.3f}, {hint}); "
+        f"model {result.model_name} version {result.model_version}; "
+        f"software {MANUFACTURER} {SOFTWARE_VERSION}."
+    )
+    container = hd.sr.ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            for note in notes
+        ]
+    )
+    report[0].ContentSequence.append(container)
+
+
+def write_sr(result: FindingsResult, source_dataset: Dataset, path: str | Path) -> Path:
+    """Build the SR for ``result`` and save it as a DICOM file at ``path``."""
+    path = Path(path)
+    build_sr(result, source_dataset).save_as(path, enforce_file_format=True)
+    return path
+
+
+def read_sr_findings(path: str | Path) -> dict[str, float]:
+    """Finding -> probability from an SR written by :func:`write_sr` (contract order)."""
+    sr = hd.sr.srread(path)
+    found: dict[str, float] = {}
+    for group in sr.content.get_image_measurement_groups():
+        for measurement in group.get_measurements():
+            if measurement.unit == _PROBABILITY_UNIT:
+                found[measurement.name.meaning] = float(measurement.value)
+    return {label: found[label] for label in ALL_LABELS if label in found}

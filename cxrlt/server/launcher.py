@@ -1,0 +1,211 @@
+"""Start and stop the tritonserver that ships inside the nvidia-pytriton wheel.
+
+That wheel carries the server binary, its shared libraries and the Python backend, but
+the backend's stub for this Python version lives in a separate folder; Triton wants it
+next to `libtriton_python.so`. We assemble a backend directory in a user cache (never
+editing site-packages) and run the server with this interpreter's packages on PYTHONPATH
+so the model.py files can import this project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+from cxrlt.contract.resources import package_root
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.+)")
+_NOT_READY = re.compile(r"\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.+?)\s*\|")
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not start or a model did not load; the message says which and why."""
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise ServerError("nvidia-pytriton is not installed; `pip install -e .` installs the embedded tritonserver") from None
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def backend_directory() -> Path:
+    """A backends/ folder with the Python backend and the stub for this interpreter."""
+    root = _pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cxrlt" / f"backends-py{version}"
+    target = cache / "python"
+    sources = [*(root / "backends" / "python").glob("*.*"), stub]
+    if not all((target / s.name).is_file() and (target / s.name).stat().st_size == s.stat().st_size for s in sources):
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sources:
+            shutil.copy2(source, target / source.name)
+    return cache
+
+
+def server_environment() -> dict[str, str]:
+    root = _pytriton_root()
+    libs = [str(root.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+    # The Python backend stub embeds its own interpreter: give it this one's packages and the project.
+    paths = [str(package_root("cxrlt")), *[p for p in sys.path if p and Path(p).is_dir()]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclasses.dataclass
+class Endpoints:
+    host: str
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class TritonServer:
+    """A tritonserver process serving one model repository.
+
+    Use as a context manager, or call start() / stop(). start() returns once every model
+    is READY, or raises ServerError naming the model that failed and Triton's reason.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path | str,
+        host: str = "127.0.0.1",
+        grpc_port: int = 8001,
+        http_port: int = 8000,
+        metrics_port: int = 8002,
+        log_file: Path | str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.endpoints = Endpoints(host, grpc_port, http_port, metrics_port)
+        self.log_path = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def command(self) -> list[str]:
+        binary = _pytriton_root() / "bin" / "tritonserver"
+        return [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_directory()}",
+            f"--http-address={self.endpoints.host}",
+            f"--http-port={self.endpoints.http_port}",
+            f"--grpc-address={self.endpoints.host}",
+            f"--grpc-port={self.endpoints.grpc_port}",
+            f"--metrics-address={self.endpoints.host}",
+            f"--metrics-port={self.endpoints.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        if not self.model_repository.is_dir():
+            raise ServerError(
+                f"model repository {self.model_repository} does not exist; build one with "
+                "`cxrlt build-repo --profile tiny --out DIR`"
+            )
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.endpoints.grpc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(self._failure_message(f"tritonserver exited with status {self.process.returncode}"))
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.25)
+        raise ServerError(self._failure_message(f"tritonserver was not ready after {timeout:.0f} s"))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _failure_message(self, headline: str) -> str:
+        log = self.log_text()
+        failures = dict(_LOAD_FAILURE.findall(log)) or dict(_NOT_READY.findall(log))
+        if failures:
+            details = "\n".join(f"  model {name!r}: {reason.strip()}" for name, reason in failures.items())
+            return f"{headline}; these models did not load:\n{details}\n(full server log: {self.log_path})"
+        tail = "\n".join(log.strip().splitlines()[-15:])
+        return f"{headline}. Last lines of the server log ({self.log_path}):\n{tail}"
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for Triton's graceful shutdown, then SIGKILL if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log:
+            self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

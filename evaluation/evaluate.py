@@ -1,0 +1,183 @@
+"""`cxrlt evaluate`: the challenge metrics of the served Task 1 pipeline on labelled images.
+
+The probabilities come from one of two places that compute the same thing:
+* a running Triton server (`cxr_classifier` over gRPC with cxrlt.client.sdk), or
+* the reference pipeline in process (evaluation.reference: the served pipeline code, with the
+  repository's own settings, running the PyTorch networks rebuilt from the checkpoints; or
+  the repository's ONNX files with engine onnxruntime).
+So `evaluate --url` and `evaluate --repo` of one repository must agree, which the tests check.
+
+Images are the patient-level validation split by default (the split `cxrlt train` holds
+out), or every image of the CSV. Metrics: training.metrics.evaluate_predictions (mAP
+primary, mAUC, mF1 at 0.5, mECE with 15 bins; per class, macro and head/medium/tail groups
+by training frequency).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
+
+from training.data import LabelTable, load_image
+from training.metrics import GROUPS, METRICS, evaluate_predictions
+from training.train import SplitData, load_split
+
+SPLITS = ("val", "all")
+# The DICOM ViewPosition term sent as a hint for a CSV projection (with hints on).
+HINT_FOR_PROJECTION = {"frontal": "PA", "lateral": "LL"}
+
+
+@dataclasses.dataclass
+class Predictions:
+    image_ids: list[str]
+    probabilities: np.ndarray  # [N, 30] float64
+    labels: np.ndarray  # [N, 30]
+    projections_used: list[str]  # the ensemble each image went to
+    projections_true: list[str | None]
+
+
+def evaluation_images(data: SplitData, split: str) -> LabelTable:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    return data.table.subset(data.val) if split == "val" else data.table
+
+
+def served_pixels(image: np.ndarray) -> np.ndarray:
+    """The UINT16 tensor a client sends for an image (8-bit sources scaled to 16 bits by 257)."""
+    return image.astype(np.uint16) * 257 if image.dtype == np.uint8 else np.ascontiguousarray(image)
+
+
+def hint_for(projection: str | None, use_hints: bool) -> str | None:
+    return HINT_FOR_PROJECTION.get(projection) if use_hints and projection else None
+
+
+Classify = Callable[[np.ndarray, str | None, str], tuple[np.ndarray, str]]
+
+
+def reference_classifier(repository: str | os.PathLike, engine: str = "torch") -> Classify:
+    """In-process classification with the repository's settings (evaluation.reference)."""
+    from evaluation.reference import ReferencePipeline
+
+    pipeline = ReferencePipeline(repository, engine=engine, threads=1)
+
+    def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:
+        result = pipeline.classify(image, hint)
+        return np.asarray(result.probabilities, dtype=np.float64), result.projection
+
+    return classify
+
+
+def server_classifier(url: str, timeout_s: float = 60.0):
+    """Classification by a running server's cxr_classifier, through the client SDK."""
+    from cxrlt.client.sdk import CxrltClient
+
+    client = CxrltClient(url, model="cxr_classifier", timeout_s=timeout_s)
+    client.wait_until_ready(timeout_s)
+
+    def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:
+        result = client.classify(image, hint=hint, image_id=image_id)
+        return np.array([result.probabilities[label] for label in TASK1_LABELS], dtype=np.float64), result.projection
+
+    return classify, client
+
+
+def predict(table: LabelTable, image_root: Path, classify: Classify, use_hints: bool = False,
+            concurrency: int = 1, on_image: Callable[[], None] | None = None) -> Predictions:
+    def one(index: int) -> tuple[np.ndarray, str]:
+        image = served_pixels(load_image(image_root / table.image_paths[index]))
+        out = classify(image, hint_for(table.projections[index], use_hints), table.image_ids[index])
+        if on_image:
+            on_image()
+        return out
+
+    if concurrency > 1:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            outputs = list(pool.map(one, range(len(table))))
+    else:
+        outputs = [one(i) for i in range(len(table))]
+    probabilities = np.stack([p for p, _ in outputs]) if outputs else np.zeros((0, len(TASK1_LABELS)))
+    return Predictions(list(table.image_ids), probabilities, table.columns(TASK1_LABELS),
+                       [projection for _, projection in outputs], list(table.projections))
+
+
+def summarize(predictions: Predictions, train_counts: Sequence[float]) -> dict[str, Any]:
+    metrics = evaluate_predictions(predictions.labels, predictions.probabilities, TASK1_LABELS, train_counts)
+    known = [(u, t) for u, t in zip(predictions.projections_used, predictions.projections_true) if t in PROJECTIONS]
+    metrics["images"] = len(predictions.image_ids)
+    metrics["projection_accuracy"] = float(np.mean([u == t for u, t in known])) if known else float("nan")
+    metrics["by_projection"] = {}
+    for projection in PROJECTIONS:
+        rows = [i for i, used in enumerate(predictions.projections_used) if used == projection]
+        if rows:
+            sub = evaluate_predictions(predictions.labels[rows], predictions.probabilities[rows], TASK1_LABELS)
+            metrics["by_projection"][projection] = {"images": len(rows), "mAP": sub["mAP"], "mAUC": sub["mAUC"]}
+    return metrics
+
+
+def write_outputs(out_dir: Path, predictions: Predictions, metrics: dict[str, Any], meta: dict[str, Any]) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "metrics.json", "per_class": out_dir / "per_class.csv",
+             "predictions": out_dir / "predictions.csv"}
+    paths["json"].write_text(json.dumps({**meta, **metrics}, indent=2, default=_json_default, allow_nan=True) + "\n")
+    with open(paths["per_class"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "group", "positives", "evaluable", *METRICS])
+        for label, row in metrics["per_class"].items():
+            writer.writerow([label, row.get("group", ""), row["positives"], row["evaluable"],
+                             *(f"{row[m]:.6f}" for m in METRICS)])
+    with open(paths["predictions"], "w", newline="") as handle:  # the challenge's submission layout
+        writer = csv.writer(handle)
+        writer.writerow(["ImageID", *TASK1_LABELS, "Projection"])
+        for image_id, probs, projection in zip(predictions.image_ids, predictions.probabilities, predictions.projections_used):
+            writer.writerow([image_id, *(f"{p:.6f}" for p in probs), projection])
+    return paths
+
+
+def metrics_table(metrics: dict[str, Any], title: str, per_class: bool = True):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("classes")
+    for column in ("mAP", "mAUC", "mF1", "mECE", "n"):
+        table.add_column(column, justify="right")
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"  # noqa: E731
+    table.add_row("[bold]macro[/]", *(f"[bold]{fmt(metrics[f'm{m}'])}[/]" for m in METRICS), str(metrics["n_evaluable"]))
+    for group in GROUPS:
+        values = metrics.get("groups", {}).get(group)
+        if values:
+            evaluable = sum(metrics["per_class"][c]["evaluable"] for c in values["classes"])
+            table.add_row(group, *(fmt(values[f"m{m}"]) for m in METRICS), str(evaluable))
+    if per_class:
+        table.add_section()
+        for label, row in metrics["per_class"].items():
+            table.add_row(f"{label} ({row.get('group', '')}, {row['positives']}+)", *(fmt(row[m]) for m in METRICS), "")
+    return table
+
+
+def evaluate(data_csv: str | os.PathLike, *, classify: Classify, split: str = "val", val_fraction: float = 0.1,
+             split_seed: int = 0, use_hints: bool = False, concurrency: int = 1,
+             on_image: Callable[[], None] | None = None) -> tuple[Predictions, dict[str, Any]]:
+    data = load_split(data_csv, val_fraction, split_seed)
+    table = evaluation_images(data, split)
+    predictions = predict(table, data.image_root, classify, use_hints, concurrency, on_image)
+    train_counts = data.table.subset(data.train).positives()
+    return predictions, summarize(predictions, train_counts)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")

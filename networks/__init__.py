@@ -1,0 +1,1 @@
+"""Network definitions (timm, open_clip), their checkpoints and weight loading."""

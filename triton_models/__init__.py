@@ -1,0 +1,1 @@
+"""Config templates and the thin model.py adapters of the served models (package data)."""
