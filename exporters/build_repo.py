@@ -23,6 +23,7 @@ from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
 from cxrlt.contract.profiles import Profile, get_profile
+from cxrlt.contract.served import MODEL_DESCRIPTIONS
 from cxrlt.contract.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
 from networks.checkpoints import file_sha256, state_dict_sha256
@@ -188,10 +189,15 @@ def _bls_configs(out: Path, options: BuildOptions, classifier: ClassifierSetting
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
     flag = {"random_weights": "true" if random_weights else "false"}
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads)}
+    params = {
+        "cxr_classifier": {**classifier.to_parameters(), **members, **flag},
+        "cxr_zeroshot": {**zeroshot.to_parameters(), **members, **flag},
+        "cxr_findings": flag,
+    }
+    # A plain tritonclient user reads the contract from the served config's description.
     texts = {
-        "cxr_classifier": render("cxr_classifier/config.pbtxt.template", parameters=parameters_block({**classifier.to_parameters(), **members, **flag}), **common),
-        "cxr_zeroshot": render("cxr_zeroshot/config.pbtxt.template", parameters=parameters_block({**zeroshot.to_parameters(), **members, **flag}), **common),
-        "cxr_findings": render("cxr_findings/config.pbtxt.template", parameters=parameters_block(flag), **common),
+        name: render(f"{name}/config.pbtxt.template", parameters=parameters_block({**values, "description": MODEL_DESCRIPTIONS[name]}), **common)
+        for name, values in params.items()
     }
     labels = {"cxr_classifier": TASK1_LABELS, "cxr_zeroshot": TASK2_LABELS, "cxr_findings": ALL_LABELS}
     for name, text in texts.items():

@@ -1,17 +1,47 @@
-"""Shared fixtures: a tiny model repository built once and a real tritonserver serving it."""
+"""Shared fixtures: a tiny model repository built once, a real tritonserver serving it, and
+an in-process `cxrlt` runner.
+
+Every test that uses the session's server (directly or through another fixture) is marked
+`e2e` here, so `pytest -m "not e2e and not slow"` never starts one.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 
 from cxrlt.server.launcher import TritonServer, free_port
 
+SERVER_FIXTURES = {"triton_server"}
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def cxrlt() -> Callable[..., int]:
+    """Run one `cxrlt` subcommand in process, the way cxrlt.cli.main does (without importing the others)."""
+    from cxrlt.cli.main import COMMANDS
+
+    def run(name: str, *argv: str) -> int:
+        module = importlib.import_module(f"cxrlt.cli.commands.{COMMANDS[name][0]}")
+        parser = argparse.ArgumentParser(prog=f"cxrlt {name}")
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args([str(a) for a in argv])) or 0)
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +74,12 @@ def triton_server(tiny_repository, tmp_path_factory):
     server.start(timeout=300)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def url(triton_server) -> str:
+    """The session server's gRPC address."""
+    return triton_server.endpoints.grpc
 
 
 @pytest.fixture(scope="session")

@@ -7,23 +7,13 @@ run, are measured and compared, and that the figures and the plot are written.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 import pytest
 
-from cxrlt.cli.main import COMMANDS
 from loadtest.bench import Measurement, drive
 from loadtest.payloads import Payload, load_payloads
 from tests.grpc_inputs import settled
-
-
-def cxrlt(name: str, *argv: str) -> int:
-    """Run one registered `cxrlt` subcommand the way cxrlt.cli.main does (without importing the others)."""
-    module = importlib.import_module(f"cxrlt.cli.commands.{COMMANDS[name][0]}")
-    parser = argparse.ArgumentParser(prog=f"cxrlt {name}")
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(list(argv))) or 0)
 
 
 def test_concurrency_levels_are_parsed():
@@ -60,7 +50,7 @@ def test_payloads_carry_the_real_cxr_and_hints():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_bench_against_the_session_server(tiny_repository, triton_server, tmp_path, capsys):
+def test_bench_against_the_session_server(tiny_repository, triton_server, tmp_path, capsys, cxrlt):
     out = tmp_path / "bench"
     png = tmp_path / "plot" / "bench.png"
     rc = cxrlt("bench", "--repo", str(tiny_repository), "--url", triton_server.endpoints.grpc,
@@ -94,7 +84,7 @@ def test_bench_against_the_session_server(tiny_repository, triton_server, tmp_pa
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_bench_passes_images_through_shared_memory(tiny_repository, triton_server, grpc_client, tmp_path, capsys):
+def test_bench_passes_images_through_shared_memory(tiny_repository, triton_server, grpc_client, tmp_path, capsys, cxrlt):
     out = tmp_path / "bench"
     before = grpc_client.get_inference_statistics("cxr_classifier", as_json=True)["model_stats"][0]
     rc = cxrlt("bench", "--repo", str(tiny_repository), "--url", triton_server.endpoints.grpc, "--shared-memory",

@@ -190,3 +190,13 @@ def test_unavailable_member_is_named_and_server_recovers(grpc_client, real_cxr):
     finally:
         grpc_client.load_model("ensemble_frontal_swin")
     assert classify(grpc_client, real_cxr, "PA")[1] == "frontal"
+
+
+def test_served_configs_describe_the_contract(grpc_client):
+    """A plain tritonclient user learns the input meaning and label order from the model config."""
+    for model, classes in (("cxr_classifier", 30), ("cxr_zeroshot", 6), ("cxr_findings", 36)):
+        config = grpc_client.get_model_config(model, as_json=True)["config"]
+        description = config["parameters"]["description"]["string_value"]
+        assert "MONOCHROME2" in description and "UINT16" in description, description
+        assert f"PROBABILITIES FP32 [{classes}]" in description and "labels.txt" in description
+        assert ("PROJECTION_HINT" in description) == (model != "cxr_zeroshot")

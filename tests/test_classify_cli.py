@@ -81,11 +81,6 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def url(triton_server) -> str:
-    return triton_server.endpoints.grpc
-
-
-@pytest.fixture(scope="module")
 def json_run(url, mixed_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("json") / "results.json"
     code = main(["classify", str(mixed_folder), "--url", url, "--format", "json", "--out", str(out), "--concurrency", "3"])

@@ -29,11 +29,6 @@ RG1 = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 
 
 @pytest.fixture(scope="module")
-def url(triton_server) -> str:
-    return triton_server.endpoints.grpc
-
-
-@pytest.fixture(scope="module")
 def client(url):
     with CxrltClient(url) as c:
         yield c

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import http.server
 import json
 import threading
@@ -11,21 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from cxrlt.cli.main import COMMANDS
 from cxrlt.contract.resources import package_file
 from loadtest.metrics import add, diff, parse_prometheus, per_model, scrape_settled
 from loadtest.runner import LoadTestConfig, locust_command, parse_duration, read_locust_failures, read_locust_stats
 from loadtest.targets import ProfileError, Targets, check_targets, load_profile
 
 PROFILE = package_file("loadtest", "profiles", "tiny_cpu.yaml")
-
-
-def cxrlt(name: str, *argv: str) -> int:
-    """Run one registered `cxrlt` subcommand the way cxrlt.cli.main does (without importing the others)."""
-    module = importlib.import_module(f"cxrlt.cli.commands.{COMMANDS[name][0]}")
-    parser = argparse.ArgumentParser(prog=f"cxrlt {name}")
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(list(argv))) or 0)
 
 
 SCRAPE = """\
@@ -135,7 +124,7 @@ def test_durations_and_locust_command(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_server, tmp_path, capsys):
+def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_server, tmp_path, capsys, cxrlt):
     endpoints = triton_server.endpoints
     out = tmp_path / "run"
     rc = cxrlt("loadtest", "--url", endpoints.grpc, "--metrics-url", endpoints.metrics, "--targets", str(PROFILE),
@@ -165,7 +154,7 @@ def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_impossible_target_fails_naming_it(triton_server, tmp_path, capsys):
+def test_impossible_target_fails_naming_it(triton_server, tmp_path, capsys, cxrlt):
     out = tmp_path / "run"
     rc = cxrlt("loadtest", "--url", triton_server.endpoints.grpc, "--metrics-url", triton_server.endpoints.metrics,
                "--users", "1", "--spawn-rate", "1", "--duration", "3", "--min-rps", "100000",

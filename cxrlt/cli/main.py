@@ -24,6 +24,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Top-level modules of the optional dependencies -> the extra that installs them.
+EXTRA_OF_MODULE: dict[str, str] = {
+    "tritonclient": "client", "pydicom": "client", "highdicom": "client", "pylibjpeg": "client",
+    "openjpeg": "client", "pandas": "client", "grpc": "client",
+    "pytriton": "serve", "onnxruntime": "serve",
+    "torch": "export", "torchvision": "export", "timm": "export", "open_clip": "export", "onnx": "export",
+    "onnxscript": "export",
+    "sklearn": "train", "skimage": "train",
+    "locust": "loadtest", "matplotlib": "loadtest",
+    "pydicom_data": "all",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """'pip install ...' advice when `exc` is an optional dependency of this project, else None."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    return f"it needs the '{extra}' extra ({exc.name} is not installed): pip install 'cxrlt-triton[{extra}]'" if extra else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrlt", description="CXR-LT 2026 chest X-ray findings on Triton Inference Server")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -47,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line for users; -v shows the traceback
         if args.verbose:
             raise
-        print(f"cxrlt {args.command}: error: {exc}", file=sys.stderr)
+        advice = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
+        print(f"cxrlt {args.command}: error: {advice or exc}", file=sys.stderr)
         return 1
 
 

@@ -36,7 +36,7 @@ def _pytriton_root() -> Path:
     try:
         import pytriton
     except ImportError:
-        raise ServerError("nvidia-pytriton is not installed; `pip install -e .` installs the embedded tritonserver") from None
+        raise ServerError("the embedded tritonserver (nvidia-pytriton) is not installed: pip install 'cxrlt-triton[serve]'") from None
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
 

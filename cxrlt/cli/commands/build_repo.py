@@ -10,7 +10,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="network sizes (default: tiny)")
     parser.add_argument("--out", required=True, type=Path, help="repository directory to write")
-    parser.add_argument("--checkpoints", type=Path, help="directory of <model>.pt state_dicts (see training/checkpoints.py)")
+    parser.add_argument("--checkpoints", type=Path, help="directory of <model>.pt state_dicts (see networks/checkpoints.py)")
     parser.add_argument("--allow-random", action="store_true", help="serve networks without a checkpoint with random weights")
     parser.add_argument("--target", default="embedded", choices=["embedded", "ngc"],
                         help="embedded: Python-backend onnxruntime (pytriton's server); ngc: onnxruntime_onnx platform")

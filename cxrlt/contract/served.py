@@ -1,0 +1,24 @@
+"""One-line summaries of the served models' contract, written into each Python model's config
+(`parameters { key: "description" }`) so that a plain tritonclient user who reads the model
+config learns what `docs/contract.md` says."""
+
+from __future__ import annotations
+
+_IMAGE = (
+    "IMAGE UINT16 [1,H,W]: one grayscale radiograph, MONOCHROME2 meaning (higher = brighter; invert MONOCHROME1 "
+    "before sending, a raw MONOCHROME1 array gives other answers), full-scale 16-bit (8-bit sources x257)"
+)
+_HINT = (
+    "optional PROJECTION_HINT BYTES [1,1]: DICOM ViewPosition PA|AP (frontal) or LL|RL|LATERAL (lateral), "
+    "empty = none, anything else is an error; with trust_hint=true it chooses the ensemble, else the router does"
+)
+_PROJECTION = "PROJECTION frontal|lateral; PROJECTION_SCORE = the router's probability of the projection used"
+
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "cxr_classifier": f"Task 1, 30 findings. {_IMAGE}; {_HINT}. Out: PROBABILITIES FP32 [30] and LOGITS FP32 [30] "
+                      f"in labels.txt order; {_PROJECTION}.",
+    "cxr_zeroshot": f"Task 2, 6 zero-shot findings. {_IMAGE}. Out: PROBABILITIES FP32 [6] and SIMILARITIES FP32 [6] "
+                    "(mean prompt cosine) in labels.txt order.",
+    "cxr_findings": f"All 36 findings in one call. {_IMAGE}; {_HINT}. Out: PROBABILITIES FP32 [36] in labels.txt "
+                    f"order (the 30 of Task 1, then the 6 of Task 2); {_PROJECTION}.",
+}
