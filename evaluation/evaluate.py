@@ -16,7 +16,6 @@ by training frequency).
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import os
@@ -24,12 +23,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
+from cxrlt.io.images import load_pixels
 
-from training.data import LabelTable, load_image
+from training.data import LabelTable
+from training.job import SplitData, load_split
 from training.metrics import GROUPS, METRICS, evaluate_predictions
-from training.train import SplitData, load_split
 
 SPLITS = ("val", "all")
 # The DICOM ViewPosition term sent as a hint for a CSV projection (with hints on).
@@ -49,11 +50,6 @@ def evaluation_images(data: SplitData, split: str) -> LabelTable:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     return data.table.subset(data.val) if split == "val" else data.table
-
-
-def served_pixels(image: np.ndarray) -> np.ndarray:
-    """The UINT16 tensor a client sends for an image (8-bit sources scaled to 16 bits by 257)."""
-    return image.astype(np.uint16) * 257 if image.dtype == np.uint8 else np.ascontiguousarray(image)
 
 
 def hint_for(projection: str | None, use_hints: bool) -> str | None:
@@ -93,7 +89,7 @@ def server_classifier(url: str, timeout_s: float = 60.0):
 def predict(table: LabelTable, image_root: Path, classify: Classify, use_hints: bool = False,
             concurrency: int = 1, on_image: Callable[[], None] | None = None) -> Predictions:
     def one(index: int) -> tuple[np.ndarray, str]:
-        image = served_pixels(load_image(image_root / table.image_paths[index]))
+        image = load_pixels(image_root / table.image_paths[index])  # what a client sends
         out = classify(image, hint_for(table.projections[index], use_hints), table.image_ids[index])
         if on_image:
             on_image()
@@ -128,17 +124,20 @@ def write_outputs(out_dir: Path, predictions: Predictions, metrics: dict[str, An
     paths = {"json": out_dir / "metrics.json", "per_class": out_dir / "per_class.csv",
              "predictions": out_dir / "predictions.csv"}
     paths["json"].write_text(json.dumps({**meta, **metrics}, indent=2, default=_json_default, allow_nan=True) + "\n")
-    with open(paths["per_class"], "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["class", "group", "positives", "evaluable", *METRICS])
-        for label, row in metrics["per_class"].items():
-            writer.writerow([label, row.get("group", ""), row["positives"], row["evaluable"],
-                             *(f"{row[m]:.6f}" for m in METRICS)])
-    with open(paths["predictions"], "w", newline="") as handle:  # the challenge's submission layout
-        writer = csv.writer(handle)
-        writer.writerow(["ImageID", *TASK1_LABELS, "Projection"])
-        for image_id, probs, projection in zip(predictions.image_ids, predictions.probabilities, predictions.projections_used):
-            writer.writerow([image_id, *(f"{p:.6f}" for p in probs), projection])
+    per_class = pd.DataFrame(
+        [[label, row.get("group", ""), row["positives"], row["evaluable"], *(float(row[m]) for m in METRICS)]
+         for label, row in metrics["per_class"].items()],
+        columns=["class", "group", "positives", "evaluable", *METRICS],
+    )
+    # The challenge's submission layout: ImageID, the Task 1 classes in contract order, then the
+    # ensemble that classified the image.
+    submission = pd.DataFrame(np.asarray(predictions.probabilities, dtype=np.float64).reshape(-1, len(TASK1_LABELS)),
+                              columns=list(TASK1_LABELS))
+    submission.insert(0, "ImageID", list(predictions.image_ids))
+    submission["Projection"] = list(predictions.projections_used)
+    for frame, path in ((per_class, paths["per_class"]), (submission, paths["predictions"])):
+        # Floats to 6 decimals and CRLF line ends, as the csv module wrote them before.
+        frame.to_csv(path, index=False, float_format="%.6f", na_rep="nan", lineterminator="\r\n")
     return paths
 
 

@@ -30,11 +30,11 @@ import numpy as np
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.contract.profiles import ensemble_model_name
+from cxrlt.io.images import load_pixels
 
-from training.data import load_image
-from evaluation.evaluate import evaluation_images, hint_for, served_pixels
+from evaluation.evaluate import evaluation_images, hint_for
+from training.job import load_split
 from training.metrics import evaluate_predictions
-from training.train import load_split
 
 EXHAUSTIVE_LIMIT = 20_000  # joint (frontal, lateral) pairs searched exhaustively
 Weights = dict[str, float]
@@ -130,7 +130,7 @@ def collect_member_logits(repository: str | os.PathLike, data_csv: str | os.Path
     projections, served = [], []
     for index in range(len(table)):
         captured.clear()
-        image = served_pixels(load_image(data.image_root / table.image_paths[index]))
+        image = load_pixels(data.image_root / table.image_paths[index])
         result = asyncio.run(pipeline.classify(image, hint_for(table.projections[index], use_hints)))
         for member in ensemble.MEMBERS:
             views = captured[ensemble_model_name(result.projection, member)]

@@ -1,8 +1,7 @@
 """Label readers, the label map, image loading, the patient split, augmentation, the Dataset."""
 
 import csv
-import sys
-import types
+import gzip
 
 import numpy as np
 import pytest
@@ -10,14 +9,15 @@ import torch
 from PIL import Image
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS
-from cxrlt.contract.preprocessing import PreprocessConfig
+from cxrlt.contract.preprocessing import PreprocessConfig, prepare_square, preprocess
+from cxrlt.io.images import load_image
 from training import data
 from training.data import (
     Augment,
     CxrDataset,
+    LabelTable,
     class_counts,
     find_counts_csv,
-    load_image,
     load_padchest_counts,
     load_padchest_label_map,
     parse_padchest_labels,
@@ -134,29 +134,112 @@ def test_read_cxrlt_csv_tolerates_extra_columns_and_names_missing(tmp_path):
     assert read_cxrlt_csv(missing, labels=TASK1_LABELS).labels.shape == (1, 30)
 
 
+def read_error(reader, path, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as caught:
+        reader(path, *args, **kwargs)
+    return str(caught.value)
+
+
+def test_read_cxrlt_csv_bad_cells_name_file_line_column_and_value(tmp_path):
+    path = tmp_path / "labels.csv"
+    header = ["ImageID", "PatientID", "Note", "Projection", *TASK1_LABELS]
+    zeros = ["0"] * 30
+    write_cxrlt(path, header, [
+        ["a.png", "p1", "two\nlines", "PA", *zeros],  # a quoted cell over lines 2-3
+        [],  # a blank line (4), skipped
+        ["b.png", "p2", "", "L", *zeros[:-1], "x"],  # line 5
+        ["c.png", "p3", "", "PA", "2", *zeros[1:]],
+    ])
+    message = read_error(read_cxrlt_csv, path, labels=TASK1_LABELS)
+    assert message.startswith(f"{path} line 5: column 'calcified densities' has 'x'; use 0 or 1")
+    assert "1 more bad cell" in message
+    path.write_text("ImageID,PatientID,Projection,Normal\nb.png,p2,PA,NA\n")  # NA is a bad value, not NaN
+    assert read_error(read_cxrlt_csv, path, labels=["Normal"]) == (
+        f"{path} line 2: column 'Normal' has 'NA'; use 0 or 1 (an empty cell counts as 0)")
+    path.write_text("ImageID,PatientID,Projection,Normal\na.png,p1,PA,\nb.png,p2,sideways,1\n")
+    message = read_error(read_cxrlt_csv, path, labels=["Normal"])
+    assert message.startswith(f"{path} line 3: column 'Projection' has 'sideways'; use frontal or lateral")
+    path.write_text("ImageID,PatientID,Projection,Normal\na.png,p1,UNK, 1.0\n\n")  # UNK: unknown, not an error
+    table = read_cxrlt_csv(path, labels=["Normal"])
+    assert table.projections == [None] and table.labels.tolist() == [[1.0]]
+
+
+def test_read_cxrlt_csv_names_a_missing_column_and_a_malformed_row(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("ImageID,Normal\na.png,1\n")
+    assert read_error(read_cxrlt_csv, path, labels=["Normal"]) == (
+        f"{path} line 1: the header lacks the column(s) ['PatientID']; it has ['ImageID', 'Normal']")
+    path.write_text("ImageID,PatientID,Normal\na.png,p1,1\nb.png,p2,1,extra\n")
+    assert read_error(read_cxrlt_csv, path, labels=["Normal"]).startswith(
+        f"{path} line 3: 4 fields but the header has 3")
+    path.write_text("ImageID,PatientID,Normal\na.png,p1,1\n,p2,0\n")
+    assert read_error(read_cxrlt_csv, path, labels=["Normal"]) == (
+        f"{path} line 3: column 'ImageID' is empty; every row needs one")
+
+
+def test_read_padchest_csv_gzip_errors_name_file_line_column_and_value(tmp_path):
+    path = tmp_path / "padchest.csv.gz"
+    with gzip.open(path, "wt", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageID", "PatientID", "Projection", "Report", "Labels"])
+        writer.writerow(["a.png", "p1", "PA", "a long\nreport " + "x" * 200_000, "['normal']"])  # lines 2-3
+        writer.writerow(["b.png", "p2", "COSTAL", "", "['not parsed: the row is dropped'"])
+        writer.writerow(["c.png", "p3", "L", "", "['cardiomegaly'"])  # line 5
+    message = read_error(read_padchest_csv, path)
+    assert message.startswith(f"{path} line 5: column 'Labels' has \"['cardiomegaly'\"; use a Python-list-like")
+    with gzip.open(path, "wt", newline="") as handle:
+        handle.write("ImageID,PatientID,Projection,Labels\na.png,p1,PA,['normal']\nb.png,p2,OBLIQUE,[]\n")
+    assert read_error(read_padchest_csv, path).startswith(f"{path} line 3: column 'Projection' has 'OBLIQUE'")
+    with gzip.open(path, "wt", newline="") as handle:
+        handle.write("ImageID,PatientID,Labels\na.png,p1,['normal']\n")
+    assert read_error(read_padchest_csv, path).startswith(f"{path} line 1: the header lacks the column(s) ['Projection']")
+
+
+def test_load_padchest_counts_names_a_bad_count(tmp_path):
+    lines = find_counts_csv().read_text(encoding="utf-8").splitlines(keepends=True)
+    bad = tmp_path / "counts.csv"
+    bad.write_text(lines[0] + lines[1] + lines[2].replace(",10824,", ",1O824,") + "".join(lines[3:]))
+    assert read_error(load_padchest_counts, bad) == (
+        f"{bad} line 3: column 'core_all' has '1O824'; use a whole number of images")
+
+
 # ------------------------------------------------------------------------------- images
 
 
-def test_load_image_8_and_16_bit(tmp_path):
-    eight = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    sixteen = (np.arange(256, dtype=np.uint16) * 250).reshape(16, 16)
-    Image.fromarray(eight).save(tmp_path / "a.png")
-    Image.fromarray(sixteen).save(tmp_path / "b.png")
-    a, b = load_image(tmp_path / "a.png"), load_image(tmp_path / "b.png")
-    assert a.dtype == np.uint8 and (a == eight).all()
-    assert b.dtype == np.uint16 and (b == sixteen).all()
-    with pytest.raises(FileNotFoundError, match="image root"):
-        load_image(tmp_path / "nope.png")
+def test_training_reads_the_pixels_a_client_sends_from_png_jpeg_and_dicom(tmp_path, monkeypatch):
+    """One 8-bit picture as PNG, JPEG and DICOM: the Dataset preprocesses exactly the array the
+    client sends (cxrlt.io.images.load_image), so training and serving see the same input."""
+    from tests.test_dicom_io import make_dicom
 
+    rows, cols = np.mgrid[0:40, 0:56]
+    disc = ((rows - 20) ** 2 + (cols - 30) ** 2) < 80
+    picture = np.clip(30 + 3 * cols + 2 * rows + 40 * disc, 0, 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "x.png")
+    Image.fromarray(picture).save(tmp_path / "x.jpg", quality=100)
+    make_dicom(tmp_path / "x.dcm", picture, photometric="MONOCHROME2")
+    names = ["x.png", "x.jpg", "x.dcm"]
+    table = LabelTable(names, ["p1"] * 3, ["frontal"] * 3, np.zeros((3, len(TASK1_LABELS)), np.float32),
+                       TASK1_LABELS, names)
+    fed = []
 
-def test_load_image_dicom_goes_through_cxrlt_dicom_io(tmp_path, monkeypatch):
-    pixels = np.full((10, 12), 1234, dtype=np.uint16)
-    fake = types.ModuleType("cxrlt.io.images")
-    fake.load_image = lambda path: types.SimpleNamespace(pixels=pixels)
-    monkeypatch.setitem(sys.modules, "cxrlt.io.images", fake)
-    dicom = tmp_path / "image.bin"
-    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)  # detected by its magic, not its name
-    assert (load_image(dicom) == pixels).all()
+    def recording_prepare_square(image, config):
+        fed.append(image)
+        return prepare_square(image, config)
+
+    monkeypatch.setattr(data, "prepare_square", recording_prepare_square)
+    config = PreprocessConfig(size=32)
+    dataset = CxrDataset(table, tmp_path, config, labels=TASK1_LABELS)  # the default loader, no augmentation
+    tensors = {name: dataset[i][0] for i, name in enumerate(names)}
+
+    sent = {name: load_image(tmp_path / name).pixels for name in names}
+    for name, image in zip(names, fed):  # (a) training preprocesses exactly what the client sends
+        assert image.dtype == np.uint16 and np.array_equal(image, sent[name]), name
+    np.testing.assert_array_equal(sent["x.png"], picture.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(sent["x.dcm"], sent["x.png"])  # (b) the same picture, the same pixels
+    assert torch.equal(tensors["x.dcm"], tensors["x.png"])
+    assert np.abs(sent["x.jpg"].astype(np.int64) - sent["x.png"]).max() <= 2 * 257  # JPEG: within 2 grey levels
+    served = preprocess(sent["x.png"], config, ("identity",))[0]  # (c) what serving feeds the network
+    np.testing.assert_allclose(tensors["x.png"].numpy(), served, rtol=0, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- split
@@ -227,12 +310,3 @@ def test_dataset_items(synth_table):
     assert {task1[i][2] for i in range(len(task1))} == {0, 1}
     batch = next(iter(torch.utils.data.DataLoader(task1, batch_size=4)))
     assert batch[0].shape == (4, 3, 32, 32) and batch[1].shape == (4, 30) and batch[2].dtype == torch.int64
-
-
-def test_load_image_real_dicom():
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("RG1_UNCR.dcm")  # PA chest CR from pydicom-data, a dependency
-    assert path is not None
-    pixels = load_image(path)
-    assert pixels.ndim == 2 and pixels.dtype == np.uint16

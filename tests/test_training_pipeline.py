@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,9 @@ EPOCHS = {"router": 2, "clip_dual_branch": 2}
 SERVED_ORDER = ("router", "frontal_pcam", "lateral_pcam", "frontal_cait", "lateral_cait",
                 "frontal_swin", "lateral_swin", "clip_dual_branch")
 ABLATIONS = ("convnextv2_csra", "convnextv2_mlp")
-TIMINGS: dict[str, float] = {}
+
+# Trains every recipe on synthetic data and serves the result: minutes on 2 cores.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def cli(*args: str) -> None:
@@ -52,9 +53,7 @@ def final(out: Path, model: str) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def synth_csv(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    started = time.perf_counter()
     cli("synth-data", "--out", out, "--n", N_IMAGES, "--seed", 0, "--image-size", 64)
-    TIMINGS["synth-data"] = time.perf_counter() - started
     return out / "labels.csv"
 
 
@@ -63,19 +62,15 @@ def trained(synth_csv, tmp_path_factory) -> Path:
     """Every served network's recipe, trained once into one checkpoint folder."""
     out = tmp_path_factory.mktemp("checkpoints")
     for name in SERVED_ORDER:
-        started = time.perf_counter()
         extra = ["--epochs", EPOCHS[name]] if name in EPOCHS else []
         cli("train", "--config", name, "--data", synth_csv, "--out", out, "--no-progress", *extra)
-        TIMINGS[f"train {name}"] = time.perf_counter() - started
     return out
 
 
 @pytest.fixture(scope="module")
 def repo(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repo") / "tiny"
-    started = time.perf_counter()
     cli("build-repo", "--profile", "tiny", "--checkpoints", trained, "--out", out)
-    TIMINGS["build-repo"] = time.perf_counter() - started
     return out
 
 
@@ -107,11 +102,12 @@ def per_class_validation(checkpoints: Path, data_csv: Path, recipe_name: str) ->
     the trainer's own validation (EMA weights as served, the recipe's TTA)."""
     from training.metrics import evaluate_predictions
     from training.recipes import load_recipe
-    from training.train import build_job, load_split
+    from training.job import load_split
+    from training.jobs import create_job
 
     recipe = load_recipe(recipe_name)
     data = load_split(data_csv, recipe.val_fraction, recipe.split_seed)
-    job = build_job(recipe, data)
+    job = create_job(recipe, data)
     job.module.load_state_dict(read_state_dict(checkpoint_path(checkpoints, recipe.model)))
     logits, labels, _ = job.predict(job.module, torch.device("cpu"), None)
     train_positives = data.select(recipe.projection, "train").columns(TASK1_LABELS).sum(axis=0)
@@ -221,11 +217,9 @@ def test_train_one_epoch_then_resume_to_two(synth_csv, tmp_path):
 def server(repo, tmp_path_factory):
     served = tmp_path_factory.mktemp("served") / "repo"
     shutil.copytree(repo, served)
-    started = time.perf_counter()
     triton = TritonServer(served, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     triton.start(timeout=300)
-    TIMINGS["server start"] = time.perf_counter() - started
     yield triton
     triton.stop()
 
@@ -239,12 +233,8 @@ def test_repository_serves_the_trained_checkpoints(repo, trained):
 
 
 def test_served_map_equals_pytorch_map(server, trained, synth_csv, tmp_path):
-    started = time.perf_counter()
     cli("evaluate", "--data", synth_csv, "--url", server.endpoints.grpc, "--out", tmp_path / "served")
-    TIMINGS["evaluate (server)"] = time.perf_counter() - started
-    started = time.perf_counter()
     cli("evaluate", "--data", synth_csv, "--checkpoints", trained, "--profile", "tiny", "--out", tmp_path / "torch")
-    TIMINGS["evaluate (checkpoints)"] = time.perf_counter() - started
     served = json.loads((tmp_path / "served" / "metrics.json").read_text())
     direct = json.loads((tmp_path / "torch" / "metrics.json").read_text())
     assert served["images"] == direct["images"] > 0
@@ -268,9 +258,7 @@ def test_tune_weights_changes_served_weights_and_beats_single_members(repo, synt
     shutil.copytree(repo, tuned)
     config = tuned / "cxr_classifier" / "config.pbtxt"
     before = config_parameters(config)
-    started = time.perf_counter()
     cli("tune-weights", "--repo", tuned, "--data", synth_csv, "--grid", 0.1)
-    TIMINGS["tune-weights"] = time.perf_counter() - started
     after = config_parameters(config)
     report = json.loads((tuned / "weight_search.json").read_text())
     assert report["changed"] is True
@@ -292,9 +280,7 @@ def test_tune_weights_changes_served_weights_and_beats_single_members(repo, synt
 
 
 def test_zeroshot_proxy_reports_three_groups(synth_csv, tmp_path):
-    started = time.perf_counter()
     cli("zeroshot-proxy", "--data", synth_csv, "--epochs", 1, "--out", tmp_path, "--no-progress")
-    TIMINGS["zeroshot-proxy"] = time.perf_counter() - started
     report = json.loads((tmp_path / "zeroshot_proxy.json").read_text())
     groups = report["groups"]
     assert len(groups) == 3
@@ -314,9 +300,3 @@ def test_fine_tuned_clip_is_served(repo, trained):
     assert manifest["models"]["clip_image_encoder"]["checkpoint"] == str(checkpoint_path(trained, "clip"))
     rows = history(trained, "clip")
     assert {"train_contrastive", "train_asl", "val_mAP", "val_zs_seen_mAP"} <= set(rows[-1])
-
-
-def test_zz_report_timings():
-    """Not a check: prints where this module's time went (pytest -s shows it)."""
-    for step, seconds in TIMINGS.items():
-        print(f"{step:28s} {seconds:6.1f}s")

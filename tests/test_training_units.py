@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -18,15 +19,14 @@ from training.metrics import evaluate_predictions
 from training.recipes import RecipeError, list_recipes, load_recipe, recipe_from_dict
 from training.schedule import WarmupCosine
 from evaluation.tune import MemberLogits, corner, fast_mean_ap, probabilities_with, search_weights, simplex_grid
-from training.zeroshot_finetune import (
+from training.clip_job import (
     FINDING_TEMPLATES,
     NEUTRAL_SENTENCE,
     NORMAL_SENTENCES,
     class_prompts,
-    parse_groups,
-    proxy_groups,
     synthesize_report,
 )
+from training.zeroshot_proxy import parse_groups, proxy_groups
 
 SERVED = {"projection_router", "clip", *(f"ensemble_{p}_{m}" for p in ("frontal", "lateral") for m in MEMBERS)}
 
@@ -103,7 +103,8 @@ def test_bad_recipes_are_rejected_with_the_key(data, message):
 
 
 def test_model_kwargs_that_change_weights_are_rejected(tmp_path):
-    from training.train import TrainingError, check_servable
+    from training.job import TrainingError
+    from training.network_job import check_servable
     from networks.factory import create_model
 
     recipe = recipe_from_dict({"model": "ensemble_frontal_swin", "projection": "frontal",
@@ -253,7 +254,7 @@ def test_prompts_come_from_the_report_templates():
 
 def test_proxy_groups_are_deterministic_and_disjoint(tmp_path):
     from training.synth import write_synthetic_dataset
-    from training.train import load_split
+    from training.job import load_split
 
     csv_path = write_synthetic_dataset(tmp_path, 300, seed=3, image_size=32)
     data = load_split(csv_path)
@@ -287,7 +288,7 @@ def test_evaluate_needs_a_source(tmp_path):
 
 
 def test_precision_choice():
-    from training.train import TrainingError, autocast_dtype
+    from training.job import TrainingError, autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
@@ -303,9 +304,25 @@ def small_csv(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("small"), 80, seed=5, image_size=32)
 
 
+def test_job_registry_picks_the_job_by_task(small_csv):
+    from training.clip_job import ClipJob
+    from training.job import TrainingError, load_split
+    from training.jobs import create_job, job_kinds
+    from training.network_job import NetworkJob
+
+    assert job_kinds() == ("clip", "multilabel", "projection")
+    data = load_split(small_csv)
+    router = load_recipe("router")
+    assert type(create_job(router, data)) is NetworkJob
+    assert type(create_job(load_recipe("frontal_swin"), data)) is NetworkJob
+    assert type(create_job(load_recipe("clip_dual_branch"), data)) is ClipJob
+    with pytest.raises(TrainingError, match="no training job for task 'segmentation'; known: clip, multilabel, projection"):
+        create_job(dataclasses.replace(router, task="segmentation"), data)
+
+
 def test_bf16_autocast_training_step_runs_on_cpu(small_csv, tmp_path):
     """The mixed-precision path (as on a GPU) with torch's CPU bf16 autocast."""
-    from training.train import train
+    from training.loop import train
 
     recipe = load_recipe("frontal_swin", assignments=["precision=bf16", "batch_size=16", "cache_images=false"])
     result = train(recipe, small_csv, tmp_path, epochs=1, progress=False, log=lambda line: None)
@@ -316,7 +333,8 @@ def test_bf16_autocast_training_step_runs_on_cpu(small_csv, tmp_path):
 
 
 def test_resume_without_checkpoint_starts_fresh_and_wrong_model_is_refused(small_csv, tmp_path):
-    from training.train import TrainingError, train
+    from training.job import TrainingError
+    from training.loop import train
 
     lines = []
     recipe = load_recipe("router", assignments=["batch_size=32"])
@@ -379,7 +397,8 @@ def test_pretrained_file_errors_name_the_problem(tmp_path):
 def test_training_starts_from_init_weights(small_csv, tmp_path):
     """With lr 0 the trained weights stay the initial ones: they must be the file's."""
     from cxrlt.contract.profiles import get_profile
-    from training.train import TrainingError, train
+    from training.job import TrainingError
+    from training.loop import train
 
     spec = get_profile("tiny").network_specs()["ensemble_frontal_swin"]
     source = _imagenet_like_file(spec, tmp_path / "imagenet.pth")
@@ -404,7 +423,7 @@ def test_clip_training_starts_from_an_open_clip_state_dict(small_csv, tmp_path):
     torch.manual_seed(123)
     start = create_clip(recipe.profile_spec.clip.model_name).state_dict()
     torch.save(start, tmp_path / "chexzero_like.pt")
-    from training.train import train
+    from training.loop import train
 
     recipe = load_recipe("clip_dual_branch", assignments=[f"init_weights={tmp_path / 'chexzero_like.pt'}", "optimizer.lr=0",
                                                           "optimizer.weight_decay=0", "cache_images=false"])

@@ -8,30 +8,30 @@ Two label sources are read into one `LabelTable`:
   "['cardiomegaly', 'pleural effusion']" and a `Projection` column PA/AP/L/...), mapped
   to the 30 + 6 challenge classes by the editable YAML `training/data/padchest_label_map.yaml`.
 
-Images go through `cxrlt.contract.preprocessing` (the one implementation shared with serving):
+Images are read with `cxrlt.io.images.load_pixels` (the client's loader, so training sees the
+pixels a client sends) and go through `cxrlt.contract.preprocessing` (shared with serving):
 `prepare_square` -> augmentation on the [S, S] image in [0, 1] -> `normalize`.
 """
 
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
-import gzip
-import io
 import math
 import os
-import sys
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from PIL import Image
 
 from cxrlt.contract.labels import ALL_LABELS, PROJECTIONS
 from cxrlt.contract.preprocessing import PreprocessConfig, normalize, prepare_square
+from cxrlt.io.images import load_pixels
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,149 @@ COUNTS_CSV_ENV = "CXRLT_PADCHEST_COUNTS"
 DEFAULT_LABEL_MAP = PACKAGE_DATA / "padchest_label_map.yaml"
 
 # Projection terms of PadChest (`Projection`), DICOM ViewPosition and our own CSVs.
-# PadChest's COSTAL (rib views), EXCLUDE and UNK map to None: not a chest PA/AP/lateral.
 _PROJECTION_TERMS = {
     "frontal": "frontal", "pa": "frontal", "ap": "frontal", "ap_horizontal": "frontal",
     "lateral": "lateral", "l": "lateral", "ll": "lateral", "rl": "lateral",
 }
 
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # PadChest rows carry long report fields
+# Projection cells that mean "not a chest PA/AP/lateral" (PadChest's COSTAL rib views,
+# EXCLUDE, UNK) or "not known" (empty): read as None. Any other unknown term is an error.
+_UNKNOWN_PROJECTION_TERMS = frozenset({"", "costal", "exclude", "unk", "unknown"})
+_PROJECTION_ADVICE = ("use frontal or lateral (or PA, AP, AP_horizontal, L, LL, RL); write COSTAL, EXCLUDE "
+                      "or UNK, or leave it empty, for an image that is not a chest PA/AP/lateral")
+
+# How every CSV here is read: each cell a str exactly as written, never NaN (no type
+# guessing; an empty or missing cell is '', the literal "NA" stays 'NA'); blank lines stay
+# as rows of '' so that a row's position gives its line (see _line); gzip etc. by suffix.
+_READ_CSV = dict(dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False, encoding="utf-8")
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+_OPEN_QUOTE = re.compile(r"EOF inside string starting at row (\d+)")
+
+
+# ------------------------------------------------------------------------ CSV reading
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The whole CSV as str cells, index = row position (blank lines included)."""
+    try:
+        frame = pd.read_csv(path, **_READ_CSV)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; a CSV starts with a header line of column names") from None
+    except pd.errors.ParserError as exc:
+        raise ValueError(_parser_error(path, str(exc))) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first field for an index
+        raise ValueError(f"{path} line 2: {frame.shape[1] + 1} fields but the header has "
+                         f"{frame.shape[1]}; quote cells that contain commas")
+    return frame
+
+
+def _parser_error(path: Path, message: str) -> str:
+    """pandas' tokenizer error, with the line an editor shows in place of pandas' record count."""
+    if found := _FIELD_COUNT.search(message):  # "line" is the record, header = 1
+        expected, record, saw = map(int, found.groups())
+        position, problem = record - 2, f"{saw} fields but the header has {expected}; quote cells that contain commas"
+    elif found := _OPEN_QUOTE.search(message):  # "row" is the record, header = 0
+        position, problem = int(found.group(1)) - 1, 'a quoted cell is never closed; check its " characters'
+    else:
+        return f"{path} is not a readable CSV: {message}"
+    if position < 0:
+        return f"{path} line 1: the header is not readable CSV: {message}"
+    above = pd.read_csv(path, nrows=position, **_READ_CSV)  # the rows before the bad one
+    return f"{path} line {_line(above, position)}: {problem}"
+
+
+def _line(frame: pd.DataFrame, position: int) -> int:
+    """The line an editor shows (header = line 1) where row `position` of `_read_csv`'s frame
+    starts, counting the line breaks inside quoted cells above it (only called for errors)."""
+    breaks = sum(str(name).count("\n") for name in frame.columns)
+    breaks += sum("".join(frame.iloc[:position, j].tolist()).count("\n") for j in range(frame.shape[1]))
+    return 2 + position + breaks
+
+
+def _require_columns(fieldnames: Sequence[str], required: Sequence[str], path: Path) -> None:
+    missing = [c for c in required if c not in fieldnames]
+    if missing:
+        raise ValueError(f"{path} line 1: the header lacks the column(s) {missing}; it has {list(fieldnames)}")
+
+
+def _data_rows(path: Path, frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """`frame` without blank lines (the index keeps each row's position); a row with content
+    but an empty `key` cell is an error."""
+    empty = frame[key].str.strip().eq("")
+    if not empty.any():
+        return frame
+    blank = frame[empty].apply(lambda column: column.str.strip().eq("")).all(axis=1)
+    if not blank.all():
+        position = blank.index[~blank.to_numpy()][0]
+        raise ValueError(f"{path} line {_line(frame, position)}: column {key!r} is empty; every row needs one")
+    return frame[~empty]
+
+
+def _parse_cells(path: Path, frame: pd.DataFrame, rows: pd.DataFrame, columns: Sequence[str],
+                 parse: Callable[[str], object], advice: str) -> list[tuple[np.ndarray, list]]:
+    """Parse each distinct cell of each of `columns` once.
+
+    Returns per column (codes, parsed): row i of `rows` holds parsed[codes[i]]. A cell that
+    `parse` rejects (ValueError, SyntaxError or TypeError) fails the read with a message that
+    names the file, the line, the column and the value of the first such cell in file order.
+    """
+    decoded, rejected = [], []
+    for j, column in enumerate(columns):
+        codes, uniques = pd.factorize(rows[column])
+        parsed, bad = [], []
+        for k, cell in enumerate(uniques):
+            try:
+                parsed.append(parse(cell))
+            except (ValueError, SyntaxError, TypeError):
+                parsed.append(None)
+                bad.append(k)
+        if bad:
+            where = np.flatnonzero(np.isin(codes, bad))
+            rejected.append((int(where[0]), j, where.size))
+        decoded.append((codes, parsed))
+    if rejected:
+        row, j, _ = min(rejected)
+        more = sum(count for _, _, count in rejected) - 1
+        cell = rows[columns[j]].iloc[row]
+        shown = repr(cell if len(cell) <= 80 else cell[:80] + "...")
+        after = f" ({more} more bad cell{'s' if more > 1 else ''} after it)" if more else ""
+        raise ValueError(f"{path} line {_line(frame, rows.index[row])}: column {columns[j]!r} has {shown}; "
+                         f"{advice}{after}")
+    return decoded
+
+
+def _zero_one(cell: str) -> float:
+    """A label cell: 0 or 1 ('1', ' 1', '1.0'...); an empty cell is 0."""
+    text = cell.strip()
+    value = float(text) if text else 0.0
+    if value not in (0.0, 1.0):
+        raise ValueError(cell)
+    return value
+
+
+def _projection(cell: str) -> str | None:
+    term = cell.strip().lower()
+    if term not in _PROJECTION_TERMS and term not in _UNKNOWN_PROJECTION_TERMS:
+        raise ValueError(cell)
+    return _PROJECTION_TERMS.get(term)
+
+
+def _projections(path: Path, frame: pd.DataFrame, rows: pd.DataFrame) -> list[str | None]:
+    """`Projection` per row as 'frontal', 'lateral' or None; all None without the column."""
+    if "Projection" not in rows.columns:
+        return [None] * len(rows)
+    [(codes, parsed)] = _parse_cells(path, frame, rows, ["Projection"], _projection, _PROJECTION_ADVICE)
+    return [parsed[c] for c in codes]
+
+
+def _image_paths(rows: pd.DataFrame) -> list[str]:
+    """ImageID, under ImageDir where the CSV has that column and the cell is not empty."""
+    ids = rows["ImageID"].tolist()
+    if "ImageDir" not in rows.columns:
+        return ids
+    return [str(Path(d) / i) if d else i for d, i in zip(rows["ImageDir"].str.strip().tolist(), ids)]
 
 
 # ----------------------------------------------------------------------------- counts
@@ -96,22 +232,27 @@ def load_padchest_counts(path: str | os.PathLike | None = None) -> dict[str, Cla
     """Read the counts CSV into {contract label: ClassCounts}, in ALL_LABELS order.
 
     The CSV's `cls` names are matched to the contract case-insensitively (it spells
-    'Goiter' where the contract says 'goiter').
+    'Goiter' where the contract says 'goiter'); rows of other classes are skipped.
     """
     csv_path = find_counts_csv(path)
+    frame = _read_csv(csv_path)
+    _require_columns(list(frame.columns), ("cls", "set", "core", "ext"), csv_path)
+    rows = _data_rows(csv_path, frame, "cls")
     by_lower = {label.lower(): label for label in ALL_LABELS}
-    rows: dict[str, ClassCounts] = {}
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            label = by_lower.get(row["cls"].strip().lower())
-            if label is None:
-                continue  # not a challenge class
-            counts = {k: int(v) for k, v in row.items() if k.split("_")[0] in ("core", "ext") and "_" in k}
-            rows[label] = ClassCounts(label, row["set"], _split_terms(row["core"]), _split_terms(row["ext"]), counts)
-    missing = [label for label in ALL_LABELS if label not in rows]
+    found = [by_lower.get(cell.strip().lower()) for cell in rows["cls"].tolist()]
+    rows = rows[np.array([label is not None for label in found], dtype=bool)]  # challenge classes only
+    count_columns = [k for k in frame.columns if k.split("_")[0] in ("core", "ext") and "_" in k]
+    decoded = _parse_cells(csv_path, frame, rows, count_columns, int, "use a whole number of images")
+    counts = {k: [parsed[c] for c in codes] for k, (codes, parsed) in zip(count_columns, decoded)}
+    table: dict[str, ClassCounts] = {}
+    labels = [label for label in found if label is not None]
+    for i, (label, task_set, core, ext) in enumerate(zip(labels, rows["set"], rows["core"], rows["ext"])):
+        table[label] = ClassCounts(label, task_set, _split_terms(core), _split_terms(ext),
+                                   {k: values[i] for k, values in counts.items()})
+    missing = [label for label in ALL_LABELS if label not in table]
     if missing:
         raise ValueError(f"counts CSV {csv_path} lacks the classes {missing}; use the project's file")
-    return {label: rows[label] for label in ALL_LABELS}
+    return {label: table[label] for label in ALL_LABELS}
 
 
 def class_counts(column: str = "core_all", labels: Sequence[str] = ALL_LABELS,
@@ -223,59 +364,35 @@ class LabelTable:
         return self.labels[:, [self.label_names.index(n) for n in names]]
 
 
-def _open_text(path: Path):
-    # PadChest ships its label file gzip-compressed; accept both.
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, newline="", encoding="utf-8")
-
-
-def _require_columns(fieldnames: Sequence[str] | None, required: Sequence[str], path: Path) -> None:
-    missing = [c for c in required if c not in (fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path} lacks the column(s) {missing}; it has {list(fieldnames or [])}")
-
-
 def read_cxrlt_csv(path: str | os.PathLike, labels: Sequence[str] = ALL_LABELS) -> LabelTable:
-    """Read a CXR-LT 2026 label CSV.
+    """Read a CXR-LT 2026 label CSV (gzip etc. by suffix).
 
     Requires `ImageID`, `PatientID` and one 0/1 column per class of `labels` (exact name,
-    else case-insensitive). `Projection` (frontal/lateral or PA/AP/L...) and `ImageDir`
-    (prefixed to ImageID) are used when present; any other column is ignored. Blank label
-    cells count as 0.
+    else case-insensitive). `Projection` (frontal/lateral or PA/AP/L...; empty, COSTAL,
+    EXCLUDE or UNK for unknown) and `ImageDir` (prefixed to ImageID) are used when present;
+    any other column is ignored. Blank label cells count as 0; blank lines are skipped.
     """
     path = Path(path)
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        fields = list(reader.fieldnames or [])
-        _require_columns(fields, ("ImageID", "PatientID"), path)
-        by_lower = {f.lower(): f for f in fields}
-        columns, missing = [], []
-        for label in labels:
-            column = label if label in fields else by_lower.get(label.lower())
-            (columns if column else missing).append(column or label)
-        if missing:
-            raise ValueError(
-                f"{path} lacks the class column(s) {missing}; a CXR-LT CSV needs one 0/1 column per "
-                "class in cxrlt.contract.labels order (pass labels=TASK1_LABELS for a Task-1-only file)"
-            )
-        ids, patients, projections, dirs, rows = [], [], [], [], []
-        for line, row in enumerate(reader, start=2):
-            ids.append(row["ImageID"])
-            patients.append(row["PatientID"])
-            projections.append(normalize_projection(row.get("Projection")))
-            dirs.append(row.get("ImageDir") or "")
-            values = []
-            for column in columns:
-                cell = (row.get(column) or "").strip()
-                value = float(cell) if cell else 0.0
-                if value not in (0.0, 1.0):
-                    raise ValueError(f"{path} line {line}: column {column!r} holds {cell!r}; labels must be 0 or 1")
-                values.append(value)
-            rows.append(values)
-    matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(columns))
-    paths = [str(Path(d) / i) if d else i for d, i in zip(dirs, ids)]
-    return LabelTable(ids, patients, projections, matrix, tuple(labels), paths)
+    frame = _read_csv(path)
+    fields = list(frame.columns)
+    _require_columns(fields, ("ImageID", "PatientID"), path)
+    by_lower = {f.lower(): f for f in fields}
+    columns, missing = [], []
+    for label in labels:
+        column = label if label in fields else by_lower.get(label.lower())
+        (columns if column else missing).append(column or label)
+    if missing:
+        raise ValueError(
+            f"{path} lacks the class column(s) {missing}; a CXR-LT CSV needs one 0/1 column per "
+            "class in cxrlt.contract.labels order (pass labels=TASK1_LABELS for a Task-1-only file)"
+        )
+    rows = _data_rows(path, frame, "ImageID")
+    decoded = _parse_cells(path, frame, rows, columns, _zero_one, "use 0 or 1 (an empty cell counts as 0)")
+    matrix = np.zeros((len(rows), len(columns)), dtype=np.float32)
+    for j, (codes, parsed) in enumerate(decoded):
+        matrix[:, j] = np.asarray(parsed, dtype=np.float32)[codes]
+    return LabelTable(rows["ImageID"].tolist(), rows["PatientID"].tolist(), _projections(path, frame, rows),
+                      matrix, tuple(labels), _image_paths(rows))
 
 
 def parse_padchest_labels(cell: str | None) -> list[str]:
@@ -295,89 +412,41 @@ def parse_padchest_labels(cell: str | None) -> list[str]:
 def read_padchest_csv(path: str | os.PathLike, label_map: str | os.PathLike | Mapping | None = None,
                       include_ext: bool = True, labels: Sequence[str] = ALL_LABELS,
                       drop_unknown_projection: bool = True) -> LabelTable:
-    """Read the original PadChest label file and map its terms to the challenge classes.
+    """Read the original PadChest label file (plain or .gz) and map its terms to the challenge classes.
 
     label_map: a YAML path, an already loaded {class: terms} mapping, or None for the
-    packaged `padchest_label_map.yaml`. Rows whose Projection is not PA/AP/AP_horizontal/L
-    (COSTAL, EXCLUDE, UNK) are dropped unless `drop_unknown_projection` is False.
+    packaged `padchest_label_map.yaml`. Rows whose Projection is COSTAL, EXCLUDE, UNK or
+    empty are dropped unless `drop_unknown_projection` is False; any other term than those
+    and PA/AP/AP_horizontal/L is an error.
     """
     path = Path(path)
     if isinstance(label_map, Mapping):
         term_map = {label: frozenset(t.lower() for t in label_map[label]) for label in labels}
     else:
         term_map = load_padchest_label_map(label_map, include_ext=include_ext, labels=labels)
-    # Invert once: term -> class indices, so each row costs one dict lookup per term.
+    # Invert once: term -> class indices.
     term_to_classes: dict[str, list[int]] = {}
     for index, label in enumerate(labels):
         for term in term_map[label]:
             term_to_classes.setdefault(term, []).append(index)
 
-    ids, patients, projections, paths, rows = [], [], [], [], []
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        _require_columns(reader.fieldnames, ("ImageID", "PatientID", "Projection", "Labels"), path)
-        for line, row in enumerate(reader, start=2):
-            projection = normalize_projection(row["Projection"])
-            if projection is None and drop_unknown_projection:
-                continue
-            try:
-                terms = parse_padchest_labels(row["Labels"])
-            except (ValueError, SyntaxError):
-                raise ValueError(
-                    f"{path} line {line}: cannot parse Labels {row['Labels']!r}; expected a "
-                    "Python-list-like string such as \"['cardiomegaly', 'pleural effusion']\""
-                ) from None
-            vector = np.zeros(len(labels), dtype=np.float32)
-            for term in terms:
-                for index in term_to_classes.get(term, ()):
-                    vector[index] = 1.0
-            ids.append(row["ImageID"])
-            patients.append(row["PatientID"])
-            projections.append(projection)
-            directory = (row.get("ImageDir") or "").strip()
-            paths.append(str(Path(directory) / row["ImageID"]) if directory else row["ImageID"])
-            rows.append(vector)
-    matrix = np.stack(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
-    return LabelTable(ids, patients, projections, matrix, tuple(labels), paths)
-
-
-# ---------------------------------------------------------------------------- images
-
-
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    with open(path, "rb") as handle:  # DICOM Part 10: 128-byte preamble then "DICM"
-        head = handle.read(132)
-    return head[128:132] == b"DICM"
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """A grayscale radiograph as a 2-D uint8 or uint16 array (MONOCHROME2 meaning).
-
-    8/16-bit PNG (and anything else Pillow reads) or DICOM (via cxrlt.io.images).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist; check the image root and the CSV's ImageID")
-    if _is_dicom(path):
-        from cxrlt.io.images import load_image as load_dicom  # lazy: optional heavy deps
-
-        return np.asarray(load_dicom(path).pixels)
-    with Image.open(path) as image:
-        mode = image.mode
-        if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-            return np.asarray(image).astype(np.uint16, copy=False)
-        if mode == "L":
-            return np.asarray(image, dtype=np.uint8)
-        if mode == "I":  # some 16-bit PNG writers come back as 32-bit integers
-            pixels = np.asarray(image)
-            if pixels.min() < 0 or pixels.max() > 65535:
-                raise ValueError(f"{path}: 32-bit pixel values outside 0..65535; convert it to a 16-bit PNG")
-            return pixels.astype(np.uint16)
-        if mode in ("RGB", "RGBA", "LA", "P", "1"):
-            return np.asarray(image.convert("L"), dtype=np.uint8)
-    raise ValueError(f"{path}: unsupported image mode {mode!r}; save it as an 8- or 16-bit grayscale PNG")
+    frame = _read_csv(path)
+    _require_columns(list(frame.columns), ("ImageID", "PatientID", "Projection", "Labels"), path)
+    rows = _data_rows(path, frame, "ImageID")
+    projections = _projections(path, frame, rows)
+    if drop_unknown_projection:
+        rows = rows[np.array([p is not None for p in projections], dtype=bool)]
+        projections = [p for p in projections if p is not None]
+    [(codes, terms)] = _parse_cells(
+        path, frame, rows, ["Labels"], parse_padchest_labels,
+        "use a Python-list-like string such as \"['cardiomegaly', 'pleural effusion']\"",
+    )
+    vectors = np.zeros((len(terms), len(labels)), dtype=np.float32)  # one per distinct Labels cell
+    for k, cell_terms in enumerate(terms):
+        for term in cell_terms:
+            vectors[k, term_to_classes.get(term, [])] = 1.0
+    return LabelTable(rows["ImageID"].tolist(), rows["PatientID"].tolist(), projections, vectors[codes],
+                      tuple(labels), _image_paths(rows))
 
 
 # ----------------------------------------------------------------------------- split
@@ -464,7 +533,7 @@ class CxrDataset(torch.utils.data.Dataset):
 
     def __init__(self, table: LabelTable, image_root: str | os.PathLike, config: PreprocessConfig,
                  augment: Augment | None = None, labels: Sequence[str] | None = None,
-                 loader: Callable[[Path], np.ndarray] = load_image) -> None:
+                 loader: Callable[[Path], np.ndarray] = load_pixels) -> None:
         self.table = table
         self.image_root = Path(image_root)
         self.config = config

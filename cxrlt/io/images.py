@@ -29,7 +29,7 @@ from pydicom.sr.codedict import codes
 
 from cxrlt.contract.labels import projection_from_hint
 
-__all__ = ["InputError", "LoadedImage", "load_image", "hint_from_dataset", "dicom_to_uint16"]
+__all__ = ["InputError", "LoadedImage", "load_image", "load_pixels", "hint_from_dataset", "dicom_to_uint16"]
 
 UINT16_MAX = 65535
 
@@ -121,6 +121,12 @@ def load_image(path: str | Path) -> LoadedImage:
         f"{path}: not a DICOM file and not an image Pillow can read; "
         "send a DICOM (CR, DX or Secondary Capture) or a grayscale PNG"
     )
+
+
+def load_pixels(path: str | Path) -> np.ndarray:
+    """Just the pixels of :func:`load_image` (UINT16 [H, W] MONOCHROME2): what a client sends,
+    and so what training and evaluation read."""
+    return load_image(path).pixels
 
 
 # ----------------------------------------------------------------------------- DICOM

@@ -10,7 +10,6 @@ projection that routed the image, and a reference to the source image.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,20 +85,28 @@ def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, tas
         columns = _TASK_COLUMNS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(_TASK_COLUMNS)}") from None
+    import pandas as pd  # lazy: importing this module stays cheap
+
+    rows = []
+    for result in results:
+        missing = [label for label in columns if label not in result.probabilities]
+        if missing:
+            raise ValueError(
+                f"result for {result.image_id!r} has no probability for {missing[0]!r} "
+                f"({len(missing)} missing); classify with the model that covers {task}"
+            )
+        rows.append([result.image_id, *(float(result.probabilities[label]) for label in columns)])
     path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["ImageID", *columns])
-        for result in results:
-            missing = [label for label in columns if label not in result.probabilities]
-            if missing:
-                raise ValueError(
-                    f"result for {result.image_id!r} has no probability for {missing[0]!r} "
-                    f"({len(missing)} missing); classify with the model that covers {task}"
-                )
-            # repr-exact floats: the CSV must not lose precision that the metric can see.
-            writer.writerow([result.image_id, *(repr(float(result.probabilities[label])) for label in columns)])
+    # repr-exact floats: the CSV must not lose precision that the metric can see. CRLF line
+    # ends, as the csv module wrote them before.
+    pd.DataFrame(rows, columns=["ImageID", *columns]).to_csv(
+        path, index=False, float_format=_repr_float, na_rep="nan", lineterminator="\r\n", encoding="utf-8"
+    )
     return path
+
+
+def _repr_float(value: float) -> str:
+    return repr(float(value))
 
 
 # ----------------------------------------------------------------------------- DICOM SR

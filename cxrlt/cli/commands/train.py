@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.cli.console import console
     from training.recipes import load_recipe
-    from training.train import train
+    from training.loop import train
 
     assignments = list(args.assignments)
     if args.profile:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.cli.console import console
     from training.recipes import load_recipe
-    from training.zeroshot_finetune import parse_groups, run_proxy
+    from training.zeroshot_proxy import parse_groups, run_proxy
 
     recipe = load_recipe(args.config, assignments=args.assignments)
     groups = parse_groups(args.groups) if args.groups else None

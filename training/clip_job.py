@@ -1,6 +1,5 @@
-"""Zero-shot fine-tuning (dual branch) and its leak-free proxy validation.
+"""The zero-shot fine-tuning job (task clip): dual branch on the profile's open_clip model.
 
-Dual branch, on an open_clip model (the profile's CLIP: 'cxrlt-tiny-vit' at tiny):
 * contrastive image-text alignment with a descriptive report synthesised from each image's
   labels: one sentence per positive finding from `FINDING_TEMPLATES`, shuffled per sample,
   and a 'no acute findings' style sentence for Normal;
@@ -8,22 +7,13 @@ Dual branch, on an open_clip model (the profile's CLIP: 'cxrlt-tiny-vit' at tiny
 * L = L_con + 1.5 * L_ASL (training.losses.DualBranchLoss).
 The served checkpoint `clip.pt` holds the open_clip state_dict (EMA weights preferred), so
 `cxrlt build-repo --checkpoints` reads it; the head is kept in the file for resuming only.
-
-Proxy validation (`cxrlt zeroshot-proxy`): seen classes are held out in turn as pseudo-unseen
-(three groups, chosen deterministically from the data), a model is trained on the rest -
-its reports never mention a held-out class and its ASL head does not have them - and the
-zero-shot mAP on the held-out group is measured on the patient-level validation split with
-prompt-ensembled text embeddings (`encode_prompt_ensembles`) of prompts synthesised from
-the class names with the same templates.
+Classes in `clip.holdout` are never mentioned in the reports and have no ASL output: the
+zero-shot proxy (training.zeroshot_proxy) measures the zero-shot mAP on them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +26,11 @@ from cxrlt.contract.preprocessing import PreprocessConfig
 
 from networks.clip import create_clip, encode_prompt_ensembles, tokenizer_for
 from training.data import Augment, CxrDataset
+from training.job import (Job, SplitData, TrainingError, autocast, data_loader, image_loader, init_weights_path,
+                          prevalence_map, register_job)
 from training.losses import AsymmetricLoss, ClipContrastiveLoss, DualBranchLoss
 from training.metrics import evaluate_predictions
 from training.recipes import Recipe
-from training.train import Job, SplitData, TrainingError, _loader, autocast, image_loader, init_weights_path
 
 FINDING_TEMPLATES: tuple[str, ...] = (
     "there is {finding}.",
@@ -106,6 +97,7 @@ class DualBranchModel(nn.Module):
         return image, text, self.head(image)
 
 
+@register_job("clip")
 class ClipJob(Job):
     def __init__(self, recipe: Recipe, data: SplitData) -> None:
         self.recipe = recipe
@@ -141,7 +133,7 @@ class ClipJob(Job):
 
     def train_loader(self, epoch: int):
         self._rng = np.random.default_rng([self.recipe.seed, epoch])  # reports of this epoch
-        return _loader(self.train_set, self.recipe.batch_size, self.recipe, epoch)
+        return data_loader(self.train_set, self.recipe.batch_size, self.recipe, epoch)
 
     def training_loss(self, module, batch, device, dtype):
         pixels, labels, _ = batch
@@ -192,7 +184,7 @@ class ClipJob(Job):
             held = self.zeroshot_map(module, embeds, labels, self.holdout)
             row["val_zs_holdout_mAP"] = held["mAP"]
             row["val_zs_holdout_mAUC"] = held["mAUC"]
-            row["val_holdout_prevalence_mAP"] = _prevalence(labels[:, [TASK1_LABELS.index(c) for c in self.holdout]])
+            row["val_holdout_prevalence_mAP"] = prevalence_map(labels[:, [TASK1_LABELS.index(c) for c in self.holdout]])
         return row
 
     def summary(self) -> dict[str, Any]:
@@ -206,109 +198,3 @@ def zeroshot_probabilities(embeds: np.ndarray, text: np.ndarray, alpha: float = 
     from cxrlt.contract.ensemble import zeroshot_scores
 
     return np.stack([zeroshot_scores(v, text, None, alpha)[0] for v in embeds]).astype(np.float64)
-
-
-def _prevalence(labels: np.ndarray) -> float:
-    rates = labels.mean(axis=0)
-    evaluable = (rates > 0) & (rates < 1)
-    return float(rates[evaluable].mean()) if evaluable.any() else float("nan")
-
-
-# ------------------------------------------------------------------------ proxy
-
-
-def proxy_groups(data: SplitData, n_groups: int = 3, group_size: int = 3) -> list[list[str]]:
-    """Deterministic pseudo-unseen groups: Task 1 findings (not Normal) with positives in both
-    the training and the validation split, ordered by training count (ties: label order); the
-    first n_groups * group_size are dealt round-robin so every group mixes frequencies."""
-    train_counts = data.table.labels[data.train].sum(axis=0)
-    val_counts = data.table.labels[data.val].sum(axis=0)
-    candidates = [i for i, label in enumerate(TASK1_LABELS)
-                  if i != NORMAL_INDEX and train_counts[i] > 0 and val_counts[i] > 0]
-    candidates.sort(key=lambda i: (-train_counts[i], i))
-    needed = n_groups * group_size
-    if len(candidates) < n_groups:
-        raise TrainingError(
-            f"only {len(candidates)} findings have positives in both splits; the proxy needs at least {n_groups} "
-            "(use more data)"
-        )
-    chosen = candidates[:needed]
-    return [[TASK1_LABELS[i] for i in chosen[g::n_groups]] for g in range(n_groups)]
-
-
-def parse_groups(text: str) -> list[list[str]]:
-    """'a,b,c;d,e,f' -> [[a, b, c], [d, e, f]], names checked against Task 1."""
-    groups = [[name.strip() for name in part.split(",") if name.strip()] for part in text.split(";") if part.strip()]
-    unknown = [name for group in groups for name in group if name not in TASK1_LABELS]
-    if unknown or not groups:
-        raise ValueError(f"unknown Task 1 class(es) {unknown} in groups {text!r}" if unknown else "no groups given")
-    return groups
-
-
-@dataclasses.dataclass
-class ProxyGroupResult:
-    group: int
-    classes: list[str]
-    zeroshot_mAP: float
-    zeroshot_mAUC: float
-    chance_mAP: float
-    seen_head_mAP: float
-    per_class_AP: dict[str, float]
-    val_positives: dict[str, int]
-    checkpoint: str
-    seconds: float
-
-
-def run_proxy(recipe: Recipe, data_csv: str | os.PathLike, out_dir: str | os.PathLike,
-              groups: list[list[str]] | None = None, epochs: int | None = None, device: str | None = None,
-              progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one dual-branch model per held-out group and measure zero-shot mAP on that group."""
-    from training.train import build_job, load_split, select_device, train
-
-    if recipe.task != "clip":
-        raise TrainingError(f"the zero-shot proxy needs a clip recipe (e.g. clip_dual_branch.yaml), not task {recipe.task!r}")
-    out = Path(out_dir)
-    data = load_split(data_csv, recipe.val_fraction, recipe.split_seed)
-    groups = groups or proxy_groups(data)
-    results: list[ProxyGroupResult] = []
-    for number, group in enumerate(groups, start=1):
-        held = dataclasses.replace(recipe, name=f"{recipe.name}-proxy{number}",
-                                   clip={**recipe.clip, "holdout": list(group)})
-        log(f"proxy group {number}/{len(groups)}: holding out {', '.join(group)}")
-        result = train(held, data_csv, out / f"group{number}", epochs=epochs, device=device, progress=progress, log=log)
-        # Measure the saved (EMA) model exactly as it was written.
-        job = build_job(held, data)
-        state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
-        job.module.clip.load_state_dict(state["ema_state_dict"])
-        job.module.head.load_state_dict(state["ema_extra_state_dict"])
-        torch_device = select_device(device)
-        job.to(torch_device)
-        embeds, logits, labels = job.embed_val(job.module, torch_device, None)
-        metrics = job.zeroshot_map(job.module, embeds, labels, group)
-        head = evaluate_predictions(labels[:, job.seen_index.numpy()], sigmoid(logits), list(job.seen))
-        columns = [TASK1_LABELS.index(c) for c in group]
-        results.append(ProxyGroupResult(
-            group=number, classes=list(group), zeroshot_mAP=metrics["mAP"], zeroshot_mAUC=metrics["mAUC"],
-            chance_mAP=_prevalence(labels[:, columns]), seen_head_mAP=head["mAP"],
-            per_class_AP={c: metrics["per_class"][c]["AP"] for c in group},
-            val_positives={c: int(labels[:, TASK1_LABELS.index(c)].sum()) for c in group},
-            checkpoint=str(result.checkpoint), seconds=result.seconds,
-        ))
-    report = {
-        "data": str(data_csv),
-        "recipe": recipe.source,
-        "clip_model": recipe.profile_spec.clip.model_name,
-        "val_images": int(len(data.val)),
-        "groups": [dataclasses.asdict(r) for r in results],
-        "mean_zeroshot_mAP": float(np.nanmean([r.zeroshot_mAP for r in results])),
-        "mean_chance_mAP": float(np.nanmean([r.chance_mAP for r in results])),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zeroshot_proxy.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    return report
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -1,0 +1,279 @@
+"""The training loop behind `cxrlt train`: one recipe (training/recipes.py) -> one checkpoint.
+
+The recipe's task picks the job (training.jobs: the network job for the router and the Task 1
+networks, the CLIP job for zero-shot fine-tuning); this loop is the same for all of them.
+
+What every recipe gets:
+* data: a CXR-LT CSV, split 9:1 by patient (training.data.patient_split, the same split
+  `cxrlt evaluate` and `cxrlt tune-weights` use), filtered to the recipe's projection;
+* AdamW (no weight decay on biases and norm weights), linear warm-up then cosine, per step;
+* gradient clipping, mixed precision on a GPU (torch.autocast, bf16 where supported, else
+  fp16 with a GradScaler), fp32 on CPU;
+* an EMA of the weights, which is what validation measures and what is served;
+* validation each epoch with the served test-time augmentation (logits averaged over the
+  views), metrics per epoch in `<model>.metrics.csv`;
+* a checkpoint `<model>.pt` after every epoch (`state_dict`, `ema_state_dict`, optimiser,
+  scheduler, scaler, epoch, metric history, recipe), which `cxrlt build-repo --checkpoints`
+  reads directly and `--resume` continues from.
+Each epoch is seeded from (seed, epoch), so an interrupted-and-resumed run reproduces an
+uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from networks.checkpoints import CheckpointError, checkpoint_path, file_sha256
+from training.ema import ModelEma
+from training.job import (Log, TrainingError, autocast_dtype, epoch_seed, init_weights_path, load_split,
+                          seed_everything, select_device, set_threads)
+from training.jobs import create_job
+from training.recipes import Recipe
+from training.schedule import WarmupCosine, warmup_cosine
+
+CHECKPOINT_FORMAT = "cxrlt-train/1"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    recipe: Recipe
+    checkpoint: Path
+    metrics_csv: Path
+    history: list[dict[str, Any]]
+    epoch: int
+    seconds: float
+    resumed_from: int | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    primary: str = "val_mAP"  # the headline validation metric of this recipe
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _write_history(history: list[dict[str, Any]], path: Path) -> None:
+    fields: list[str] = []
+    for row in history:
+        fields += [k for k in row if k not in fields]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def metrics_csv_path(out_dir: Path | str, model_name: str) -> Path:
+    return Path(out_dir) / f"{model_name}.metrics.csv"
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars only (checkpoints are read with torch.load(weights_only=True))."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def train(recipe: Recipe, data_csv: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False,
+          epochs: int | None = None, stop_after_epoch: int | None = None, device: str | None = None,
+          image_root: str | os.PathLike | None = None, progress: bool | None = None,
+          log: Log = print) -> TrainResult:
+    """Train one recipe and write OUT/<model>.pt and OUT/<model>.metrics.csv.
+
+    epochs: override the recipe's total. resume: continue from OUT/<model>.pt (model, EMA,
+    optimiser, scheduler, scaler, epoch, history). stop_after_epoch: end this run after that
+    epoch (a later --resume continues to `epochs`). progress: a tqdm bar per epoch (None: only
+    on a terminal).
+    """
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=int(epochs))
+    threads = torch.get_num_threads()
+    try:
+        return _train(recipe, data_csv, Path(out_dir), resume, stop_after_epoch, device, image_root, progress, log)
+    finally:
+        torch.set_num_threads(threads)  # the recipe's thread count is for this run only
+
+
+def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: int | None, device: str | None,
+           image_root, progress: bool | None, log: Log) -> TrainResult:
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(recipe.threads)
+    torch_device = select_device(device)
+    dtype = autocast_dtype(torch_device, recipe.precision)
+    seed_everything(recipe.seed)
+    started = time.perf_counter()
+
+    data = load_split(data_csv, recipe.val_fraction, recipe.split_seed, image_root=image_root)
+    job = create_job(recipe, data)
+    info = {**job.summary(), **job.before_training(out, log)}
+    if recipe.init_weights:
+        init = init_weights_path(recipe)
+        info.update(init_weights=str(init), init_weights_sha256=file_sha256(init))
+        log(f"{recipe.name}: started from the pretrained weights in {init}")
+    job.to(torch_device)
+    module = job.module
+    params = _param_groups(module, float(recipe.optimizer["weight_decay"]))
+    betas = tuple(recipe.optimizer.get("betas", (0.9, 0.999)))
+    optimizer = torch.optim.AdamW(params, lr=float(recipe.optimizer["lr"]), betas=betas,
+                                  eps=float(recipe.optimizer.get("eps", 1e-8)))
+    steps_per_epoch = max(1, len(job.train_loader(0)))
+    scheduler = warmup_cosine(optimizer, steps_per_epoch, recipe.epochs, float(recipe.schedule.get("warmup_epochs", 1)),
+                              float(recipe.schedule.get("min_lr_ratio", 0.01)))
+    ema = ModelEma(module, float(recipe.ema.get("decay", 0.999)), bool(recipe.ema.get("warmup", True)))
+    scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype == torch.float16)
+
+    ckpt_path = checkpoint_path(out, recipe.checkpoint_name())
+    csv_path = metrics_csv_path(out, recipe.checkpoint_name())
+    history: list[dict[str, Any]] = []
+    start_epoch, global_step, resumed_from = 0, 0, None
+    if resume:
+        if ckpt_path.is_file():
+            state = _load_training_checkpoint(ckpt_path, recipe)
+            job.served(module).load_state_dict(state["state_dict"])
+            job.served(ema.module).load_state_dict(state["ema_state_dict"])
+            if job.extra(module) is not None:
+                job.extra(module).load_state_dict(state["extra_state_dict"])
+                job.extra(ema.module).load_state_dict(state["ema_extra_state_dict"])
+            ema.load_ema_state(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            # the schedule follows this run's total (--epochs may have grown)
+            scheduler.lr_lambdas[0].__dict__.update(
+                WarmupCosine(steps_per_epoch * recipe.epochs, round(steps_per_epoch * float(recipe.schedule.get("warmup_epochs", 1))),
+                             float(recipe.schedule.get("min_lr_ratio", 0.01))).__dict__)
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+            history = list(state.get("history", []))
+            resumed_from = start_epoch
+            log(f"{recipe.name}: resumed from {ckpt_path} at epoch {start_epoch}/{recipe.epochs}")
+        else:
+            log(f"{recipe.name}: --resume but no {ckpt_path}; starting from scratch")
+    last_epoch = recipe.epochs if stop_after_epoch is None else min(recipe.epochs, int(stop_after_epoch))
+
+    for epoch in range(start_epoch, last_epoch):
+        epoch_started = time.perf_counter()
+        torch.manual_seed(epoch_seed(recipe.seed, epoch))
+        module.train()
+        loader = job.train_loader(epoch)
+        totals: dict[str, float] = {"train_loss": 0.0}
+        count = 0
+        bar = _progress(loader, f"{recipe.name} {epoch + 1}/{recipe.epochs}", progress)
+        for batch in bar:
+            loss, parts = job.training_loss(module, batch, torch_device, dtype)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{recipe.name}: the loss became {loss.item()} at epoch {epoch + 1}; lower optimizer.lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            ema.update(module)
+            global_step += 1
+            count += 1
+            totals["train_loss"] += float(loss.detach())
+            for key, value in parts.items():
+                totals[f"train_{key}"] = totals.get(f"train_{key}", 0.0) + float(value)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{totals['train_loss'] / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"]}
+        row.update({k: v / max(1, count) for k, v in totals.items()})
+        row.update(job.validate(ema.module, torch_device, dtype))
+        row["epoch_s"] = time.perf_counter() - epoch_started
+        history.append(_plain(row))
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": recipe.checkpoint_name(),
+            "profile": recipe.profile,
+            "task": recipe.task,
+            "state_dict": job.served(module).state_dict(),
+            "ema_state_dict": job.served(ema.module).state_dict(),
+            "ema": ema.ema_state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "epoch": epoch + 1,
+            "epochs": recipe.epochs,
+            "global_step": global_step,
+            "history": history,
+            "recipe": _plain(recipe.to_dict()),
+            "info": _plain(info),
+        }
+        if job.extra(module) is not None:
+            payload["extra_state_dict"] = job.extra(module).state_dict()
+            payload["ema_extra_state_dict"] = job.extra(ema.module).state_dict()
+        _atomic_save(payload, ckpt_path)
+        _write_history(history, csv_path)
+        log(_epoch_line(recipe, row, job.primary))
+
+    if last_epoch <= start_epoch:
+        log(f"{recipe.name}: already trained for {start_epoch} epoch(s); nothing to do (raise --epochs to continue)")
+    return TrainResult(recipe, ckpt_path, csv_path, history, max(start_epoch, last_epoch),
+                       time.perf_counter() - started, resumed_from, info, job.primary)
+
+
+def _load_training_checkpoint(path: Path, recipe: Recipe) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+        raise TrainingError(f"{path} is not a resumable `cxrlt train` checkpoint (a bare state_dict?); train without --resume")
+    if state.get("model_name") != recipe.checkpoint_name() or state.get("profile") != recipe.profile:
+        raise TrainingError(
+            f"{path} was trained for {state.get('model_name')} (profile {state.get('profile')}), not "
+            f"{recipe.checkpoint_name()} (profile {recipe.profile}); use another --out or drop --resume"
+        )
+    return state
+
+
+def _progress(iterable, description: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=None if progress is None else not progress)
+
+
+def _epoch_line(recipe: Recipe, row: dict[str, Any], primary: str) -> str:
+    shown = [f"{recipe.name} epoch {row['epoch']}/{recipe.epochs}", f"loss {row['train_loss']:.4f}"]
+    for key in (primary, "val_mAUC", "val_loss"):
+        value = row.get(key)
+        if isinstance(value, float) and not math.isnan(value):
+            shown.append(f"{key} {value:.4f}")
+    shown.append(f"{row['epoch_s']:.1f}s")
+    return "  ".join(shown)
