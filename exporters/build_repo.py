@@ -22,7 +22,7 @@ import torch
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_file_text
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
-from cxrlt.contract.profiles import Profile, get_profile
+from cxrlt.contract.profiles import Profile, QueuePolicy, get_profile
 from cxrlt.contract.served import MODEL_DESCRIPTIONS
 from cxrlt.contract.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
@@ -34,7 +34,7 @@ from python_backends.classifier import ROUTER_MODEL, ClassifierSettings
 from python_backends.in_process import member_execution
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
 
-from exporters.model_configs import TEMPLATES, parameters_block, render
+from exporters.model_configs import TEMPLATES, parameters_block, queue_policy_block, render
 from exporters.onnx_export import check_parity, export_onnx
 from exporters.torchscript_export import check_torchscript_parity, export_torchscript
 
@@ -68,6 +68,8 @@ class BuildOptions:
     engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
     device: str = "auto"  # torchscript engine: auto (CUDA when PyTorch has it), cpu or cuda
     fp16: bool = False  # torchscript engine on CUDA: autocast to float16
+    max_queue_size: int | None = None  # entry models' queue bound; None: the profile's
+    queue_timeout_ms: int | None = None  # entry models' queue timeout; None: the profile's
     classifier: ClassifierSettings | None = None  # None: the profile's defaults
     zeroshot: ZeroShotSettings | None = None
 
@@ -81,6 +83,15 @@ class BuildOptions:
             raise ValueError("member_execution 'in_process' runs the ONNX files with onnxruntime; it does not combine with engine 'torchscript'")
         if self.engine != "onnxruntime" and self.target != "embedded":
             raise ValueError("engine 'torchscript' applies to the embedded target; the ngc target serves ONNX")
+        for name in ("max_queue_size", "queue_timeout_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+
+    def queue_policy(self, profile: Profile) -> QueuePolicy:
+        """The profile's queue bounds with this build's overrides."""
+        overrides = {"max_queue_size": self.max_queue_size, "timeout_ms": self.queue_timeout_ms}
+        return dataclasses.replace(profile.queue, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _package_versions() -> dict[str, str]:
@@ -124,10 +135,12 @@ def _write(path: Path, text: str) -> None:
 
 def _network_config(options: BuildOptions, profile: Profile, name: str, size: int, output: str, dim: int, labels: bool) -> str:
     label_line = 'label_filename: "labels.txt"' if labels else ""
+    queue = options.queue_policy(profile)
     common = dict(
         name=name, profile=profile.name, max_batch_size=options.max_batch_size, image_size=size,
         output_name=output, output_dim=dim, label_line=label_line, queue_delay_us=options.queue_delay_us,
         instances=options.network_instances,
+        queue_policy=queue_policy_block(queue.network_max_queue_size, queue.member_timeout_ms),
     )
     if options.target == "ngc":
         optimization = (
@@ -184,15 +197,19 @@ def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: 
     return record
 
 
-def _bls_configs(out: Path, options: BuildOptions, classifier: ClassifierSettings, zeroshot: ZeroShotSettings, random_weights: bool) -> None:
-    common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances)
+def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
+                 random_weights: bool) -> None:
+    queue = options.queue_policy(profile)
+    common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances,
+                  queue_policy=queue_policy_block(queue.max_queue_size, queue.timeout_ms))
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
     flag = {"random_weights": "true" if random_weights else "false"}
-    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads)}
+    calls = {"member_timeout_ms": str(queue.member_timeout_ms)}
+    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads), **calls}
     params = {
         "cxr_classifier": {**classifier.to_parameters(), **members, **flag},
         "cxr_zeroshot": {**zeroshot.to_parameters(), **members, **flag},
-        "cxr_findings": flag,
+        "cxr_findings": {**calls, **flag},
     }
     # A plain tritonclient user reads the contract from the served config's description.
     texts = {
@@ -275,7 +292,7 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
 
     random_weights = any(m["checkpoint"] is None for m in models.values())
     step("writing Python models")
-    _bls_configs(out, options, classifier, zeroshot, random_weights)
+    _bls_configs(out, options, profile, classifier, zeroshot, random_weights)
 
     manifest = {
         "profile": profile.name,
@@ -290,6 +307,7 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
         "text_cache": text_cache,
         "classifier": classifier.to_parameters(),
         "zeroshot": zeroshot.to_parameters(),
+        "queue_policy": dataclasses.asdict(options.queue_policy(profile)),
         "packages": _package_versions(),
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

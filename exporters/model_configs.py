@@ -21,6 +21,21 @@ def parameters_block(params: Mapping[str, str]) -> str:
     return f"parameters [\n{entries}\n]"
 
 
+def queue_policy_block(max_queue_size: int, timeout_ms: int) -> str:
+    """`default_queue_policy` of a dynamic_batching block: a bounded queue whose overflow and
+    expired requests are rejected with UNAVAILABLE, and callers may shorten the timeout."""
+    if max_queue_size < 1 or timeout_ms < 1:
+        raise ValueError(f"queue bounds must be positive (max_queue_size {max_queue_size}, timeout_ms {timeout_ms})")
+    return (
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {timeout_ms * 1000}\n"
+        "    allow_timeout_override: true\n"
+        f"    max_queue_size: {max_queue_size}\n"
+        "  }"
+    )
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -6,6 +6,7 @@ in a fake; the model.py adapters pass the real module.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,18 +19,41 @@ from python_backends.pipeline_errors import INVALID_INPUT, MemberError, RequestE
 NETWORK_INPUT = "pixel_values"
 
 
-async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+def member_timeout_ms(params: Mapping[str, str]) -> int:
+    """The budget of one call to another model (`member_timeout_ms` of the config; 0: none)."""
+    value = params.get("member_timeout_ms", "0")
+    try:
+        timeout = int(value)
+    except ValueError:
+        raise ValueError(f"member_timeout_ms must be a whole number of milliseconds, not {value!r}") from None
+    if timeout < 0:
+        raise ValueError(f"member_timeout_ms must be >= 0, not {timeout}")
+    return timeout
+
+
+async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+                     timeout_ms: int = 0) -> dict[str, np.ndarray]:
     """Run another model of the server via BLS and return the named outputs.
 
     A callee's INVALID_ARG stays a request error (the caller's input was bad); any other
-    failure names the callee.
+    failure names the callee. With `timeout_ms`, the call may wait that long in the callee's
+    queue (Triton rejects it after) and as long again computing: a stuck member fails the
+    request as unavailable instead of holding this model's instance forever.
     """
     request = pb_utils.InferenceRequest(
         model_name=model_name,
         requested_output_names=list(outputs),
         inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+        **({"timeout": timeout_ms * 1000} if timeout_ms else {}),
     )
-    response = await request.async_exec()
+    if timeout_ms:
+        try:
+            response = await asyncio.wait_for(request.async_exec(), timeout=2 * timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise MemberError(model_name, f"no answer within {2 * timeout_ms} ms (member_timeout_ms {timeout_ms}); "
+                                          "the server is overloaded or the member is stuck", True) from None
+    else:
+        response = await request.async_exec()
     if response.has_error():
         error = response.error()
         code = error.code() if hasattr(error, "code") else None
@@ -43,13 +67,13 @@ async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.nda
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: str = "logits") -> Infer:
+def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: str = "logits", timeout_ms: int = 0) -> Infer:
     """An async `infer(model_name, pixel_values)` for the pipelines, backed by BLS."""
 
     async def infer(model_name: str, pixel_values: np.ndarray) -> np.ndarray:
         output_name = output_names.get(model_name, default_output)
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name]))[output_name]
+        return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms))[output_name]
 
     return infer
 
@@ -63,7 +87,7 @@ def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, s
     python_backends.in_process for the trade), created now so a missing file fails the load.
     """
     if member_execution(params.get("member_execution", "bls")) == "bls":
-        return make_infer(pb_utils, output_names or {})
+        return make_infer(pb_utils, output_names or {}, timeout_ms=member_timeout_ms(params))
     local = LocalNetworks(
         Path(args["model_repository"]).parent,  # the model's directory -> the repository
         intra_op_threads=int(params.get("member_intra_op_threads", "1")),

@@ -60,8 +60,9 @@ class FakeRequest:
 
 
 class InferenceRequest:
-    def __init__(self, model_name: str, requested_output_names, inputs):
+    def __init__(self, model_name: str, requested_output_names, inputs, timeout: int = 0):
         self.model_name, self.outputs, self.inputs = model_name, list(requested_output_names), list(inputs)
+        self.timeout = timeout  # microseconds, as Triton's
 
     async def async_exec(self) -> InferenceResponse:
         if self.model_name not in MODELS:

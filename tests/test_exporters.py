@@ -34,6 +34,31 @@ def test_rebuilding_the_same_inputs_gives_the_same_repository(tiny_repository, t
     assert differences(comparison) == []
 
 
+def test_every_config_bounds_its_queue_and_rejects_overflow(tiny_repository):
+    """Entry models hold the profile's queue bound; networks take the member budget; all REJECT."""
+    from cxrlt.contract.model_config import parse
+    from cxrlt.contract.profiles import get_profile
+    from exporters.model_configs import queue_policy_block
+
+    tiny = get_profile("tiny").queue
+    for config_path in tiny_repository.glob("*/config.pbtxt"):
+        config = read_config(config_path)
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == policy.REJECT and policy.allow_timeout_override, config.name
+        if config.name.startswith("cxr_"):
+            assert (policy.max_queue_size, policy.default_timeout_microseconds) == (tiny.max_queue_size, tiny.timeout_ms * 1000)
+            assert config.parameters["member_timeout_ms"].string_value == str(tiny.member_timeout_ms)
+        else:
+            assert policy.max_queue_size == tiny.network_max_queue_size
+            assert policy.default_timeout_microseconds == tiny.member_timeout_ms * 1000
+    overridden = BuildOptions(profile="tiny", max_queue_size=3, queue_timeout_ms=250).queue_policy(get_profile("tiny"))
+    assert (overridden.max_queue_size, overridden.timeout_ms, overridden.member_timeout_ms) == (3, 250, tiny.member_timeout_ms)
+    block = parse(f"name: 'm'\ndynamic_batching {{\n{queue_policy_block(3, 250)}\n}}").dynamic_batching.default_queue_policy
+    assert (block.max_queue_size, block.default_timeout_microseconds) == (3, 250_000)
+    with pytest.raises(ValueError, match="max_queue_size must be at least 1"):
+        BuildOptions(max_queue_size=0)
+
+
 def test_every_generated_config_parses_with_tritons_model_config(tiny_repository):
     names = sorted(p.parent.name for p in tiny_repository.glob("*/config.pbtxt"))
     assert len(names) == 11

@@ -28,12 +28,30 @@ class ClipSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueuePolicy:
+    """Bounds on Triton's queues, written into every model's `dynamic_batching.default_queue_policy`.
+
+    Entry models (`cxr_findings`, `cxr_classifier`, `cxr_zeroshot`) hold at most
+    `max_queue_size` waiting requests and reject one that waited `timeout_ms` (UNAVAILABLE,
+    so clients retry elsewhere or later), so overload is refused fast instead of queued
+    without limit. Their calls to the network models carry `member_timeout_ms`, the network
+    models' own queue timeout too, so a stuck member never holds a BLS instance forever.
+    """
+
+    max_queue_size: int
+    timeout_ms: int
+    member_timeout_ms: int
+    network_max_queue_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class Profile:
     name: str
     image_size: int
     router: NetworkSpec
     members: dict[str, NetworkSpec]  # pcam / cait / swin, the same for both projections
     clip: ClipSpec
+    queue: QueuePolicy
 
     def network_specs(self) -> dict[str, NetworkSpec]:
         """Model-repository name -> spec, for every network of Task 1."""
@@ -72,6 +90,8 @@ PROFILES: dict[str, Profile] = {
             ),
         },
         clip=ClipSpec("cxrlt-tiny-vit", image_size=224),
+        # An image takes milliseconds: a request that waited 2 s is better refused and retried.
+        queue=QueuePolicy(max_queue_size=8, timeout_ms=2_000, member_timeout_ms=10_000),
     ),
     "paper": Profile(
         name="paper",
@@ -87,6 +107,8 @@ PROFILES: dict[str, Profile] = {
             "swin": NetworkSpec("swinv2", {"variant": "swinv2_tiny_window16_256"}),
         },
         clip=ClipSpec("ViT-B-32", image_size=224),
+        # Seconds per image on a CPU, tens of milliseconds on a GPU: sized for the CPU.
+        queue=QueuePolicy(max_queue_size=8, timeout_ms=60_000, member_timeout_ms=120_000),
     ),
 }
 

@@ -8,18 +8,20 @@ import sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
 import asyncio
+import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backends import bls
+from python_backends.triton_params import parameters
 
 CLASSIFIER_OUTPUTS = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"]
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        pass
+        self.timeout_ms = bls.member_timeout_ms(parameters(json.loads(args["model_config"])))
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._respond(r) for r in requests)))
@@ -32,8 +34,8 @@ class TritonPythonModel:
             if hint is not None:
                 classifier_inputs["PROJECTION_HINT"] = hint.as_numpy()
             task1, task2 = await asyncio.gather(
-                bls.call_model(pb_utils, "cxr_classifier", classifier_inputs, CLASSIFIER_OUTPUTS),
-                bls.call_model(pb_utils, "cxr_zeroshot", {"IMAGE": image}, ["PROBABILITIES"]),
+                bls.call_model(pb_utils, "cxr_classifier", classifier_inputs, CLASSIFIER_OUTPUTS, self.timeout_ms),
+                bls.call_model(pb_utils, "cxr_zeroshot", {"IMAGE": image}, ["PROBABILITIES"], self.timeout_ms),
             )
         except Exception as exc:
             return bls.error_response(pb_utils, exc)

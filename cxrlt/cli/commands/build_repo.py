@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--queue-delay-us", type=int, default=0,
                         help="dynamic batcher max queue delay (default 0: merge only what queues while busy)")
+    parser.add_argument("--max-queue-size", type=int,
+                        help="requests each entry model (cxr_findings, cxr_classifier, cxr_zeroshot) may hold waiting; "
+                             "more are rejected at once with UNAVAILABLE (default: the profile's, 8)")
+    parser.add_argument("--queue-timeout-ms", type=int,
+                        help="an entry model rejects a request that waited this long with UNAVAILABLE; clients may ask "
+                             "for less (default: the profile's: tiny 2000, paper 60000)")
     parser.add_argument("--member-execution", default="bls", choices=["bls", "in-process"],
                         help="how cxr_classifier and cxr_zeroshot run their networks: bls (default) calls the network "
                              "models, so each member batches across requests and has its own statistics; in-process "
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
         queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"), tensorrt=args.tensorrt, classifier=classifier,
         engine=args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
+        max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
     )
     with console.status("building repository") as status:
         manifest = build_repository(args.out, options, on_step=lambda message: status.update(message))
