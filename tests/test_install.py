@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,8 +93,13 @@ def _rg1() -> str:
 
 @pytest.mark.timeout(1200)
 def test_the_wheel_builds_serves_and_classifies_outside_the_checkout(tmp_path):
+    # Built from a copy: setuptools leaves build/ in the source folder, and a stale one there
+    # could carry files the checkout no longer has into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(CHECKOUT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "model_repository"))
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, CHECKOUT], cwd=tmp_path)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source], cwd=tmp_path)
     wheel = next(dist.glob("cxrlt_triton-*.whl"))
 
     bin_dir = _venv(tmp_path / "venv")

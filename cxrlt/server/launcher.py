@@ -9,21 +9,25 @@ so the model.py files can import this project.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 from cxrlt.contract.resources import package_root
 
+_PR_SET_PDEATHSIG = 1
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.+)")
 _NOT_READY = re.compile(r"\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.+?)\s*\|")
 
@@ -90,11 +94,47 @@ class Endpoints:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def check_ports_free(endpoints: Endpoints) -> None:
+    """Raise ServerError naming the first port that something already listens on.
+
+    Triton itself would only log "Socket ... already in use" and exit, and an old server
+    still answering on that port could be mistaken for the new one.
+    """
+    for label, port in (("gRPC", endpoints.grpc_port), ("HTTP", endpoints.http_port), ("metrics", endpoints.metrics_port)):
+        family = socket.AF_INET6 if ":" in endpoints.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((endpoints.host, port))
+            except OSError as exc:
+                raise ServerError(
+                    f"{label} port {port} on {endpoints.host} is already in use ({exc.strerror}); another server "
+                    f"(perhaps an earlier tritonserver: `ss -ltnp 'sport = :{port}'` shows it) holds it: stop it, or "
+                    "choose other ports with --grpc-port / --http-port / --metrics-port"
+                ) from None
+
+
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM (a graceful Triton shutdown) when its parent dies.
+
+    Linux's PR_SET_PDEATHSIG; without it a killed launcher would leave tritonserver and all
+    its stubs running as orphans, holding the ports.
+    """
+
+    def arm() -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # not Linux: the launcher's own stop() still applies
+            return
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 class TritonServer:
@@ -147,9 +187,12 @@ class TritonServer:
                 f"model repository {self.model_repository} does not exist; build one with "
                 "`cxrlt build-repo --profile tiny --out DIR`"
             )
+        check_ports_free(self.endpoints)
+        command = self.command()
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
+            preexec_fn=_die_with(os.getpid()),
         )
         try:
             self._wait_ready(timeout)
@@ -167,10 +210,12 @@ class TritonServer:
             if self.process.poll() is not None:
                 raise ServerError(self._failure_message(f"tritonserver exited with status {self.process.returncode}"))
             try:
-                if client.is_server_ready():
-                    return
+                ready = client.is_server_ready()
             except Exception:  # not listening yet
-                pass
+                ready = False
+            # Answering is not enough: it must be our process that answers.
+            if ready and self.process.poll() is None:
+                return
             time.sleep(0.25)
         raise ServerError(self._failure_message(f"tritonserver was not ready after {timeout:.0f} s"))
 
@@ -180,14 +225,16 @@ class TritonServer:
         except OSError:
             return ""
 
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_text().strip().splitlines()[-lines:])
+
     def _failure_message(self, headline: str) -> str:
         log = self.log_text()
         failures = dict(_LOAD_FAILURE.findall(log)) or dict(_NOT_READY.findall(log))
         if failures:
             details = "\n".join(f"  model {name!r}: {reason.strip()}" for name, reason in failures.items())
             return f"{headline}; these models did not load:\n{details}\n(full server log: {self.log_path})"
-        tail = "\n".join(log.strip().splitlines()[-15:])
-        return f"{headline}. Last lines of the server log ({self.log_path}):\n{tail}"
+        return f"{headline}. Last lines of the server log ({self.log_path}):\n{self.log_tail()}"
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, wait for Triton's graceful shutdown, then SIGKILL if it hangs."""
