@@ -18,19 +18,14 @@ from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, projection_from_hint
 from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, normalize, parse_tta_views, prepare_square, tta_view, validate_image
 from cxrlt.contract.profiles import ensemble_model_name
+from cxrlt.contract.served import ROUTER_MODEL, network_names  # noqa: F401 (the adapters import network_names here)
 
 from python_backends.pipeline_errors import RequestError
 from python_backends.triton_params import as_bool, require
 
 Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 
-ROUTER_MODEL = "projection_router"
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000, beyond any chest radiograph detector
-
-
-def network_names() -> list[str]:
-    """Every network model the pipeline may call: the router and both projections' members."""
-    return [ROUTER_MODEL, *(ensemble_model_name(p, m) for p in PROJECTIONS for m in ensemble.MEMBERS)]
 
 
 @dataclasses.dataclass(frozen=True)

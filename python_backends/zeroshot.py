@@ -12,10 +12,10 @@ from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, preproces
 from cxrlt.contract.text_cache import TextCache
 
 from python_backends.classifier import DEFAULT_MAX_PIXELS, Infer
+from cxrlt.contract.served import ENCODER_MODEL
 from python_backends.pipeline_errors import RequestError
 from python_backends.triton_params import require
 
-ENCODER_MODEL = "clip_image_encoder"
 SCORINGS = ("sigmoid", "softmax")
 
 

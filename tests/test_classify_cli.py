@@ -84,14 +84,21 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 def json_run(url, mixed_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("json") / "results.json"
     code = main(["classify", str(mixed_folder), "--url", url, "--format", "json", "--out", str(out), "--concurrency", "3"])
-    return code, json.loads(out.read_text())
+    return code, _results(json.loads(out.read_text()))
+
+
+def _results(entries: list[dict]) -> list[dict]:
+    """The classified images of a JSON output (failed inputs are entries with an "error")."""
+    return [entry for entry in entries if "error" not in entry]
 
 
 def test_json_good_files_classified_bad_ones_reported(url, mixed_folder, capsys, tmp_path):
     code, _, err = _cli(capsys, str(mixed_folder), "--url", url, "--out", str(tmp_path / "r.json"))
     assert code == 2
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert {Path(r["source"]).name for r in results} == GOOD
+    entries = json.loads((tmp_path / "r.json").read_text())
+    assert {Path(r["source"]).name for r in _results(entries)} == GOOD
+    failed = {Path(e["source"]).name: e["error"] for e in entries if "error" in e}
+    assert set(failed) == set(BAD) and all(reason in failed[name] for name, reason in BAD.items())
     for name, reason in BAD.items():
         assert f"FAILED {mixed_folder / name}" in err, name
         assert reason in err.split(f"FAILED {mixed_folder / name}: ")[1].split(" FAILED ")[0], name
@@ -118,7 +125,7 @@ def test_shared_memory_gives_the_same_results(url, mixed_folder, json_run, capsy
     code, _, err = _cli(capsys, str(mixed_folder), "--url", url, "--out", str(out), "--concurrency", "3", "--shared-memory")
     assert code == 2 and "classified 3 of 7 files" in err  # the same files fail, for the same reasons
     by_source = {r["source"]: r["probabilities"] for r in json_run[1]}
-    assert {r["source"]: r["probabilities"] for r in json.loads(out.read_text())} == by_source
+    assert {r["source"]: r["probabilities"] for r in _results(json.loads(out.read_text()))} == by_source
 
 
 def test_csv_matches_the_challenge_format(url, mixed_folder, json_run, capsys, tmp_path):

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrlt.io.atomic import atomic_path
+
 from networks.checkpoints import CheckpointError, checkpoint_path, file_sha256
 from training.ema import ModelEma
 from training.job import (Log, TrainingError, autocast_dtype, epoch_seed, init_weights_path, load_split,
@@ -72,22 +74,19 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def _atomic_save(payload: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
     fields: list[str] = []
     for row in history:
         fields += [k for k in row if k not in fields]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def metrics_csv_path(out_dir: Path | str, model_name: str) -> Path:

@@ -10,6 +10,7 @@ from cxrlt.client.sdk import (
     ModelInfo,
     RequestTimeout,
     ServerFailed,
+    ServerOverloaded,
     ServerRejected,
     ServerUnavailable,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "RequestTimeout",
     "ServerFailed",
+    "ServerOverloaded",
     "ServerRejected",
     "ServerUnavailable",
 ]

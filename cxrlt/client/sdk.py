@@ -14,10 +14,18 @@ Two clients with the same behaviour, one synchronous and one for asyncio::
 
 Behaviour shared by both:
 
-* every RPC carries a deadline (``timeout_s``);
-* a call that meets gRPC ``UNAVAILABLE`` (server down, restarting, overloaded) is tried
-  ``retries`` times in all, sleeping ``backoff_s``, ``2 * backoff_s``, ... between tries;
-  then :class:`ServerUnavailable` names the URL and says how to start a server;
+* every RPC carries a timeout: ``timeout_s``, or the time left before the call's overall
+  ``deadline_s`` when that is sooner (the deadline covers every attempt and sleep of one
+  call, e.g. one image; ``None``: no overall deadline);
+* a call that meets gRPC ``UNAVAILABLE`` (server down, restarting, or overloaded: a full
+  queue, "Exceeds maximum queue size", or a queue timeout, "Request timeout expired") is
+  retried with exponential backoff and equal jitter: before retry k it sleeps a random
+  time in ``[b/2, b]``, ``b = min(max_backoff_s, backoff_s * 2**(k-1))`` (``seed`` makes
+  it repeatable). It stops at ``retries`` attempts in all or when the next sleep would
+  end past the deadline, whichever comes first; then :class:`ServerUnavailable`
+  (:class:`ServerOverloaded` when the server said it was overloaded) says how many
+  attempts were made in how many seconds and the server's last message;
+* a result records the attempts its call took (``FindingsResult.attempts``);
 * ``INVALID_ARGUMENT`` (the image or hint is bad) is never retried: :class:`ServerRejected`
   carries Triton's message; any other server error is :class:`ServerFailed`, a deadline
   is :class:`RequestTimeout`; all derive from :class:`ClientError`;
@@ -33,9 +41,9 @@ import abc
 import asyncio
 import dataclasses
 import logging
+import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +51,7 @@ import numpy as np
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from cxrlt.contract.results import FindingsResult
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 from cxrlt.client.shared_memory import Region, RegionPool
 
 __all__ = [
@@ -50,6 +59,7 @@ __all__ = [
     "MODEL_LABELS",
     "ClientError",
     "ServerUnavailable",
+    "ServerOverloaded",
     "ServerRejected",
     "ServerFailed",
     "RequestTimeout",
@@ -61,9 +71,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "127.0.0.1:8001"
-CLASSIFIER_MODEL = "cxr_classifier"
-ZEROSHOT_MODEL = "cxr_zeroshot"
-FINDINGS_MODEL = "cxr_findings"
 # Served model -> the labels of its PROBABILITIES output, in output order (the contract).
 MODEL_LABELS: dict[str, tuple[str, ...]] = {
     FINDINGS_MODEL: ALL_LABELS,
@@ -103,6 +110,10 @@ class ServerUnavailable(ClientError):
     """The server could not be reached (or stayed UNAVAILABLE) after every attempt."""
 
 
+class ServerOverloaded(ServerUnavailable):
+    """The server stayed overloaded (its queue full or timed out) for every attempt in the deadline."""
+
+
 class ServerRejected(ClientError):
     """The server answered INVALID_ARGUMENT: the input is bad; retrying cannot help."""
 
@@ -123,6 +134,31 @@ def _status_name(exc: Exception) -> str:
 def _server_message(exc: Exception) -> str:
     message = exc.message() if hasattr(exc, "message") and callable(exc.message) else None
     return str(message or exc)
+
+
+# What Triton's queue policy answers (UNAVAILABLE) when an entry model's queue is full or a
+# request waited past its queue timeout; a BLS model passes its members' answer on.
+OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+
+
+def _overloaded(message: str | None) -> bool:
+    return message is not None and any(phrase in message.lower() for phrase in OVERLOAD_MESSAGES)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+@dataclasses.dataclass
+class _Attempts:
+    """One call's retry state: what it does, when it started and must end, the attempts so far."""
+
+    what: str
+    started: float  # the client's clock
+    deadline: float | None  # the client's clock; None: no overall deadline
+    count: int = 0
+    timeout: float = 0.0  # the current attempt's RPC timeout
+    last_message: str | None = None  # the server's last UNAVAILABLE message
 
 
 # ----------------------------------------------------------------------------- model info
@@ -165,6 +201,9 @@ class _ClientBase(abc.ABC):
         timeout_s: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        deadline_s: float | None = None,
+        max_backoff_s: float = 5.0,
+        seed: int | None = None,
         ssl: bool = False,
         root_certificates: str | Path | None = None,
         private_key: str | Path | None = None,
@@ -177,12 +216,18 @@ class _ClientBase(abc.ABC):
             raise ValueError(f"unknown model {model!r}; use one of {', '.join(MODEL_LABELS)}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        if backoff_s < 0:
-            raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
+        if backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError(f"backoff_s and max_backoff_s must be >= 0, got {backoff_s} and {max_backoff_s}")
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError(f"deadline_s must be positive (or None), got {deadline_s}")
         self.url = url
         self.timeout_s = float(timeout_s)
         self.retries = max(1, int(retries))
         self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.deadline_s = None if deadline_s is None else float(deadline_s)
+        self._rng = random.Random(seed)
+        self._clock: Callable[[], float] = time.monotonic
         self.model = model
         self.labels = MODEL_LABELS[model]
         self._random_weights_override = bool(random_weights)
@@ -206,29 +251,75 @@ class _ClientBase(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, model={self.model!r})"
 
-    # --- retry policy --------------------------------------------------------------
+    # --- retry policy (one implementation; the sync and asyncio loops only sleep and await) ---
 
-    def _delays(self) -> Iterator[float]:
-        """Sleep before attempt 2, 3, ...: backoff_s * 2**k."""
-        for k in range(self.retries - 1):
-            yield self.backoff_s * (2**k)
+    def backoff(self, retry: int) -> float:
+        """The sleep before retry ``retry`` (1: before the 2nd attempt): exponential, capped, equal jitter."""
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
+        return ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
 
-    def _error(self, exc: Exception, what: str, attempts: int) -> ClientError:
+    def _begin(self, what: str) -> _Attempts:
+        now = self._clock()
+        return _Attempts(what, now, None if self.deadline_s is None else now + self.deadline_s)
+
+    def _next_attempt(self, state: _Attempts) -> float:
+        """Count an attempt; its RPC timeout: timeout_s, or the time left before the deadline if less."""
+        state.count += 1
+        state.timeout = self.timeout_s
+        if state.deadline is not None:
+            state.timeout = max(0.001, min(self.timeout_s, state.deadline - self._clock()))
+        return state.timeout
+
+    def _retry_delay(self, exc: Exception, state: _Attempts) -> float:
+        """The sleep before the next attempt, or raise: non-gRPC errors as they are, others as ClientError."""
+        if not hasattr(exc, "status"):
+            raise exc
+        if _status_name(exc) != "UNAVAILABLE":  # INVALID_ARGUMENT, INTERNAL, a timeout: never retried
+            raise self._error(exc, state) from None
+        state.last_message = _server_message(exc)
+        if state.count >= self.retries:
+            why = "retries off" if self.retries == 1 else f"all {self.retries} attempts used"
+            raise self._error(exc, state, why) from None
+        delay = self.backoff(state.count)
+        if state.deadline is not None and self._clock() + delay >= state.deadline:
+            raise self._error(exc, state, f"the {self.deadline_s:g} s deadline ran out") from None
+        log.info(
+            "attempt %d/%d to %s at %s failed (UNAVAILABLE: %s); retrying in %.2g s",
+            state.count, self.retries, state.what, self.url, state.last_message, delay,
+        )
+        return delay
+
+    def _error(self, exc: Exception, state: _Attempts, why: str = "") -> ClientError:
         status = _status_name(exc)
         message = _server_message(exc)
+        what, attempts = state.what, state.count
         common = dict(url=self.url, model=self.model, status=status, server_message=message, attempts=attempts)
+        tried = f"after {_plural(attempts, 'attempt')} in {self._clock() - state.started:.1f} s"
         if status == "UNAVAILABLE":
+            if _overloaded(message):
+                return ServerOverloaded(
+                    f"server overloaded: {self.url} could not {what} {tried} ({why}); last: {message}; "
+                    "lower the load, or allow more time (deadline_s, --deadline-s)",
+                    **common,
+                )
             return ServerUnavailable(
-                f"Triton server at {self.url} is unavailable ({message}) after {attempts} attempt"
-                f"{'s' if attempts != 1 else ''} to {what}; {_START_HINT}",
+                f"Triton server at {self.url} is unavailable: could not {what} {tried} ({why}); last: {message}; "
+                f"{_START_HINT}",
                 **common,
             )
         if status == "INVALID_ARGUMENT":
             return ServerRejected(f"{self.url} rejected the request to {what}: {message}", **common)
         if status == "DEADLINE_EXCEEDED":
+            cut = state.timeout < self.timeout_s  # the overall deadline, not timeout_s, ended this attempt
+            if cut and attempts > 1:
+                return RequestTimeout(
+                    f"{what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: {tried}; "
+                    f"last: {state.last_message}; lower the load or raise deadline_s (--deadline-s)",
+                    **common,
+                )
             return RequestTimeout(
-                f"{what} at {self.url} did not finish within {self.timeout_s:g} s; raise timeout_s "
-                "or check the server's load",
+                f"{what} at {self.url} did not finish within {state.timeout:g} s; raise "
+                f"{'deadline_s' if cut else 'timeout_s'} or check the server's load",
                 **common,
             )
         if status == "NOT_FOUND" or "unknown model" in message.lower() or "is not found" in message.lower():
@@ -238,26 +329,6 @@ class _ClientBase(abc.ABC):
                 **common,
             )
         return ServerFailed(f"{self.url} failed to {what} ({status}): {message}", **common)
-
-    @staticmethod
-    def _retryable(exc: Exception) -> bool:
-        return _status_name(exc) == "UNAVAILABLE"
-
-    def _retry_delay(self, exc: Exception, delays: Iterator[float], what: str, attempt: int) -> float:
-        """The sleep before the next attempt, or raise: non-gRPC errors as they are, others as ClientError."""
-        if not hasattr(exc, "status"):
-            raise exc
-        delay = next(delays, None) if self._retryable(exc) else None
-        if delay is None:
-            raise self._error(exc, what, attempt) from None
-        self._log_retry(exc, what, attempt, delay)
-        return delay
-
-    def _log_retry(self, exc: Exception, what: str, attempt: int, delay: float) -> None:
-        log.warning(
-            "attempt %d/%d to %s at %s failed (UNAVAILABLE: %s); retrying in %.2g s",
-            attempt, self.retries, what, self.url, _server_message(exc), delay,
-        )
 
     # --- requests and responses ----------------------------------------------------
 
@@ -317,7 +388,8 @@ class _ClientBase(abc.ABC):
             return [FINDINGS_MODEL, CLASSIFIER_MODEL, ZEROSHOT_MODEL]
         return [self.model]
 
-    def _result(self, response: Any, info: ModelInfo, hint: str | None, image_id: str, latency_ms: float) -> FindingsResult:
+    def _result(self, response: Any, info: ModelInfo, hint: str | None, image_id: str, latency_ms: float,
+                attempts: int = 1) -> FindingsResult:
         probabilities = np.asarray(response.as_numpy("PROBABILITIES"), dtype=np.float64).reshape(-1)
         if probabilities.size != len(self.labels):
             raise ClientError(
@@ -344,6 +416,7 @@ class _ClientBase(abc.ABC):
             model_version=meta.model_version,
             random_weights=info.random_weights,
             latency_ms=latency_ms,
+            attempts=attempts,
         )
 
 
@@ -383,9 +456,13 @@ class CxrltClient(_ClientBase):
     """Synchronous client (tritonclient.grpc). Thread-safe: one channel, many threads.
 
     url: ``host:port`` of Triton's gRPC endpoint.
-    timeout_s: deadline of every RPC.
+    timeout_s: the longest one RPC (one attempt) may take.
     retries: attempts in all for a call that meets UNAVAILABLE (1 = never retry).
-    backoff_s: sleep before the 2nd attempt; doubled before each further one.
+    backoff_s: the backoff before the 2nd attempt, doubled before each further one up to
+        max_backoff_s; each sleep is drawn from [backoff/2, backoff] (equal jitter).
+    deadline_s: time budget of one call (one image) over all its attempts and sleeps; each
+        attempt's RPC timeout is min(timeout_s, time left). None: only ``retries`` limits.
+    seed: seeds the jitter (repeatable sleeps, for tests).
     ssl, root_certificates, private_key, certificate_chain: TLS; the three are PEM *file paths*.
     model: ``cxr_findings`` (36), ``cxr_classifier`` (30) or ``cxr_zeroshot`` (6).
     random_weights: mark every result as random-weights even if the server does not say so
@@ -429,16 +506,14 @@ class CxrltClient(_ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, what: str, function: Callable[[], Any]) -> Any:
-        delays = self._delays()
-        attempt = 0
+    def _call(self, what: str, function: Callable[[float], Any]) -> tuple[Any, int]:
+        """``function(rpc_timeout)``'s value and the attempts it took, retried as the policy says."""
+        state = self._begin(what)
         while True:
-            attempt += 1
             try:
-                return function()
+                return function(self._next_attempt(state)), state.count
             except Exception as exc:
-                delay = self._retry_delay(exc, delays, what, attempt)
-                self._sleep(delay)
+                self._sleep(self._retry_delay(exc, state))
 
     def is_ready(self) -> bool:
         """True when the server is up and the model is READY (one try, never raises)."""
@@ -467,9 +542,9 @@ class CxrltClient(_ClientBase):
             if self._info is None:
                 configs = {}
                 for name in self._config_models():
-                    configs[name] = self._call(
+                    configs[name], _ = self._call(
                         f"read the config of {name}",
-                        lambda name=name: self._client.get_model_config(name, client_timeout=self.timeout_s).config,
+                        lambda timeout, name=name: self._client.get_model_config(name, client_timeout=timeout).config,
                     )
                 self._info = self._model_info(configs)
             return self._info
@@ -488,17 +563,17 @@ class CxrltClient(_ClientBase):
             outputs = self._outputs(self._grpcclient)
             timing: dict[str, float] = {}
 
-            def infer() -> Any:
+            def infer(timeout: float) -> Any:
                 start = time.perf_counter()
-                response = self._client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                response = self._client.infer(self.model, inputs, outputs=outputs, client_timeout=timeout)
                 timing["ms"] = (time.perf_counter() - start) * 1000.0
                 return response
 
-            response = self._call(f"classify {image_id!r} with {self.model}", infer)
+            response, attempts = self._call(f"classify {image_id!r} with {self.model}", infer)
         finally:
             if region is not None:
                 self._regions.release(region)
-        return self._result(response, info, hint, image_id, timing["ms"])
+        return self._result(response, info, hint, image_id, timing["ms"], attempts)
 
     def classify_file(self, path: str | Path) -> FindingsResult:
         """Load a DICOM/PNG with cxrlt.io.images.load_image (hint from the header) and classify it.
@@ -562,16 +637,14 @@ class AsyncCxrltClient(_ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, what: str, function: Callable[[], Any]) -> Any:
-        delays = self._delays()
-        attempt = 0
+    async def _call(self, what: str, function: Callable[[float], Any]) -> tuple[Any, int]:
+        """``await function(rpc_timeout)``'s value and the attempts it took, retried as the policy says."""
+        state = self._begin(what)
         while True:
-            attempt += 1
             try:
-                return await function()
+                return await function(self._next_attempt(state)), state.count
             except Exception as exc:
-                delay = self._retry_delay(exc, delays, what, attempt)
-                await self._sleep(delay)
+                await self._sleep(self._retry_delay(exc, state))
 
     async def is_ready(self) -> bool:
         try:
@@ -601,9 +674,9 @@ class AsyncCxrltClient(_ClientBase):
                 client = self._aio()
                 configs = {}
                 for name in self._config_models():
-                    response = await self._call(
+                    response, _ = await self._call(
                         f"read the config of {name}",
-                        lambda name=name: client.get_model_config(name, client_timeout=self.timeout_s),
+                        lambda timeout, name=name: client.get_model_config(name, client_timeout=timeout),
                     )
                     configs[name] = response.config
                 self._info = self._model_info(configs)
@@ -623,17 +696,17 @@ class AsyncCxrltClient(_ClientBase):
             client = self._aio()
             timing: dict[str, float] = {}
 
-            async def infer() -> Any:
+            async def infer(timeout: float) -> Any:
                 start = time.perf_counter()
-                response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=timeout)
                 timing["ms"] = (time.perf_counter() - start) * 1000.0
                 return response
 
-            response = await self._call(f"classify {image_id!r} with {self.model}", infer)
+            response, attempts = await self._call(f"classify {image_id!r} with {self.model}", infer)
         finally:
             if region is not None:
                 self._regions.release(region)
-        return self._result(response, info, hint, image_id, timing["ms"])
+        return self._result(response, info, hint, image_id, timing["ms"], attempts)
 
     async def classify_file(self, path: str | Path) -> FindingsResult:
         loaded = await asyncio.to_thread(_load, path)

@@ -20,6 +20,7 @@ class FindingsResult:
     model_version: str
     random_weights: bool = False  # served networks were randomly initialised: not diagnostic
     latency_ms: float | None = None
+    attempts: int = 1  # requests the client sent for this image (> 1: retried while the server was unavailable)
 
     def task1(self) -> dict[str, float]:
         return {label: self.probabilities[label] for label in TASK1_LABELS if label in self.probabilities}

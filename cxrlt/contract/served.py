@@ -4,6 +4,28 @@ config learns what `docs/contract.md` says."""
 
 from __future__ import annotations
 
+from cxrlt.contract.ensemble import MEMBERS
+from cxrlt.contract.labels import PROJECTIONS
+from cxrlt.contract.profiles import ensemble_model_name
+
+# The served models' names (the model repository contract).
+ROUTER_MODEL = "projection_router"
+ENCODER_MODEL = "clip_image_encoder"
+CLASSIFIER_MODEL = "cxr_classifier"
+ZEROSHOT_MODEL = "cxr_zeroshot"
+FINDINGS_MODEL = "cxr_findings"
+PIPELINE_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL, ZEROSHOT_MODEL)
+
+
+def network_names() -> list[str]:
+    """Every Task 1 network model: the router and both projections' members."""
+    return [ROUTER_MODEL, *(ensemble_model_name(p, m) for p in PROJECTIONS for m in MEMBERS)]
+
+
+def served_model_names() -> list[str]:
+    """Every model of a built repository: the networks, the CLIP encoder and the pipelines."""
+    return [*network_names(), ENCODER_MODEL, *PIPELINE_MODELS]
+
 _IMAGE = (
     "IMAGE UINT16 [1,H,W]: one grayscale radiograph, MONOCHROME2 meaning (higher = brighter; invert MONOCHROME1 "
     "before sending, a raw MONOCHROME1 array gives other answers), full-scale 16-bit (8-bit sources x257)"

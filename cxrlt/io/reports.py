@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
 from cxrlt.contract.results import FindingsResult
+from cxrlt.io.atomic import atomic_path
 
 __all__ = [
     "MANUFACTURER",
@@ -30,6 +31,7 @@ __all__ = [
     "NOT_FOR_CLINICAL_USE",
     "to_json",
     "write_challenge_csv",
+    "write_failures_csv",
     "build_sr",
     "write_sr",
     "read_sr_findings",
@@ -99,9 +101,22 @@ def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, tas
     path = Path(path)
     # repr-exact floats: the CSV must not lose precision that the metric can see. CRLF line
     # ends, as the csv module wrote them before.
-    pd.DataFrame(rows, columns=["ImageID", *columns]).to_csv(
-        path, index=False, float_format=_repr_float, na_rep="nan", lineterminator="\r\n", encoding="utf-8"
-    )
+    with atomic_path(path) as temporary:
+        pd.DataFrame(rows, columns=["ImageID", *columns]).to_csv(
+            temporary, index=False, float_format=_repr_float, na_rep="nan", lineterminator="\r\n", encoding="utf-8"
+        )
+    return path
+
+
+def write_failures_csv(failures: Sequence[tuple[str | Path, str]], path: str | Path) -> Path:
+    """The inputs that could not be classified, one ``path,reason`` row each (header only: none failed)."""
+    import pandas as pd
+
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        pd.DataFrame([(str(source), reason) for source, reason in failures], columns=["path", "reason"]).to_csv(
+            temporary, index=False, lineterminator="\r\n", encoding="utf-8"
+        )
     return path
 
 
@@ -251,7 +266,9 @@ def _add_notes(report: hd.sr.MeasurementReport, result: FindingsResult) -> None:
 def write_sr(result: FindingsResult, source_dataset: Dataset, path: str | Path) -> Path:
     """Build the SR for ``result`` and save it as a DICOM file at ``path``."""
     path = Path(path)
-    build_sr(result, source_dataset).save_as(path, enforce_file_format=True)
+    report = build_sr(result, source_dataset)
+    with atomic_path(path) as temporary:
+        report.save_as(temporary, enforce_file_format=True)
     return path
 
 

@@ -2,9 +2,14 @@
 submission CSV, or one DICOM SR per image.
 
 Folders are searched recursively and every non-hidden file is tried (DICOM files often have
-no extension). A file that cannot be classified is reported with its reason and the rest
-still run. Exit status: 0 all files classified, 2 some failed, 1 nothing could be done
-(server unreachable, no input files, bad options)."""
+no extension). A file that cannot be classified is reported once, with its reason, and the
+rest still run; the JSON output lists it as ``{"source": PATH, "error": REASON, "attempts":
+N}`` after the results, and ``--format csv`` writes ``failures.csv`` (``path,reason``) next to
+the challenge CSV. While the server answers UNAVAILABLE (overloaded or restarting) each
+image is retried with backoff within ``--retries`` attempts and ``--deadline-s`` seconds.
+Every output file is written under a temporary name and renamed into place, so a killed run
+leaves only complete files. Exit status: 0 all files classified, 2 some failed, 1 nothing
+could be done (server unreachable, no input files, bad options)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import argparse
 from pathlib import Path
 
 FORMATS = ("json", "csv", "sr")
+FAILURES_CSV = "failures.csv"  # next to the challenge CSV: path,reason of every input that failed
 TASKS = ("all", "task1", "task2")
 
 
@@ -27,8 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-id", default="auto", choices=["auto", "name"],
                         help="auto: SOPInstanceUID for DICOM, file stem otherwise; name: the file name "
                              "(as in the challenge's ImageID column, e.g. 'x.png')")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    parser.add_argument("--retries", type=int, default=3, help="attempts in all while the server is UNAVAILABLE (default 3)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds one attempt may take (default 60); never more than the time left in --deadline-s")
+    parser.add_argument("--retries", type=int, default=8,
+                        help="attempts in all per image while the server answers UNAVAILABLE (overloaded or "
+                             "restarting), with exponential backoff and jitter between them (default 8; 1: never "
+                             "retry); retrying stops at --retries or --deadline-s, whichever comes first")
+    parser.add_argument("--deadline-s", type=float, default=120.0,
+                        help="seconds one image may take over all its attempts and backoff sleeps (default 120)")
     parser.add_argument("--shared-memory", action="store_true",
                         help="send images through system shared memory instead of the gRPC message "
                              "(only with a server on this host)")
@@ -106,11 +118,13 @@ async def _run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cxrlt.client.sdk import MODEL_LABELS, AsyncCxrltClient, ClientError, ServerRejected, ServerUnavailable
+    from cxrlt.client.sdk import (MODEL_LABELS, AsyncCxrltClient, ClientError, RequestTimeout, ServerOverloaded,
+                                  ServerRejected, ServerUnavailable)
     from cxrlt.cli.console import console, warn_random_weights
     from cxrlt.io.images import InputError, load_image
     from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
-    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE, write_challenge_csv, write_sr
+    from cxrlt.io.atomic import write_text_atomic
+    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE, write_challenge_csv, write_failures_csv, write_sr
 
     task_labels = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}[args.task]
     missing_labels = [label for label in task_labels if label not in MODEL_LABELS[args.model]]
@@ -118,8 +132,11 @@ async def _run(args: argparse.Namespace) -> int:
         console.print(f"[red]cxrlt classify: --task {args.task} needs findings that {args.model} does not return "
                       f"({missing_labels[0]!r}, ...); use --model cxr_findings or a matching --task")
         return 1
-    if args.concurrency < 1:
-        console.print("[red]cxrlt classify: --concurrency must be at least 1")
+    if args.concurrency < 1 or args.retries < 1:
+        console.print("[red]cxrlt classify: --concurrency and --retries must be at least 1")
+        return 1
+    if args.timeout <= 0 or args.deadline_s <= 0:
+        console.print("[red]cxrlt classify: --timeout and --deadline-s must be positive")
         return 1
     to_stdout = args.out in (None, "-")
     if args.format == "sr" and to_stdout:
@@ -129,16 +146,20 @@ async def _run(args: argparse.Namespace) -> int:
     if args.format == "sr" and out.exists() and not out.is_dir():
         console.print(f"[red]cxrlt classify: --out {escape(str(out))} exists and is not a directory", soft_wrap=True)
         return 1
+    if args.format == "csv" and out is not None and out.name == FAILURES_CSV:
+        console.print(f"[red]cxrlt classify: --out cannot be named {FAILURES_CSV}: the failures go there", soft_wrap=True)
+        return 1
 
-    files, failures = expand_paths(args.paths)
-    for path, reason in failures:
+    files, missing = expand_paths(args.paths)
+    failures = [(path, reason, 0) for path, reason in missing]  # (path, reason, attempts)
+    for path, reason, _ in failures:
         _failed(console, path, reason)
     if not files:
         console.print("[red]cxrlt classify: no input files found in " + escape(", ".join(str(p) for p in args.paths)), soft_wrap=True)
         return 1
 
     client = AsyncCxrltClient(
-        args.url, timeout_s=args.timeout, retries=args.retries, model=args.model, ssl=args.ssl,
+        args.url, timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s, model=args.model, ssl=args.ssl,
         root_certificates=args.root_certificates, private_key=args.private_key, certificate_chain=args.certificate_chain,
         shared_memory=args.shared_memory,
     )
@@ -148,8 +169,6 @@ async def _run(args: argparse.Namespace) -> int:
         except ClientError as exc:
             console.print(f"[red]cxrlt classify: {escape(str(exc))}", soft_wrap=True)
             return 1
-        if info.random_weights:
-            warn_random_weights(NOT_FOR_CLINICAL_USE)
 
         if args.format == "sr":
             try:
@@ -159,11 +178,11 @@ async def _run(args: argparse.Namespace) -> int:
                 return 1
         sr_names: set[str] = set()
         semaphore = asyncio.Semaphore(args.concurrency)
-        unavailable: list[str] = []  # once the server is gone, stop sending
-        outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None)
+        unavailable: list[str] = []  # once the server is gone (not merely overloaded), stop sending
+        outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None, attempts)
 
-        def fail(path: Path, reason: str) -> None:
-            outcomes[path] = (None, reason)
+        def fail(path: Path, reason: str, attempts: int = 0) -> None:
+            outcomes[path] = (None, reason, attempts)
             _failed(progress.console, path, reason)
 
         async def one(path: Path) -> None:
@@ -180,14 +199,18 @@ async def _run(args: argparse.Namespace) -> int:
                         )
                     image_id = path.name if args.image_id == "name" else loaded.image_id
                     result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id)
+                except ServerOverloaded as exc:  # this image ran out of time; the others may not
+                    fail(path, str(exc), exc.attempts)
                 except ServerUnavailable as exc:
                     unavailable.append(f"the server at {args.url} became unavailable")
-                    fail(path, str(exc))
+                    fail(path, str(exc), exc.attempts)
                 except ServerRejected as exc:
-                    fail(path, f"rejected by the server: {exc.server_message}")
+                    fail(path, f"rejected by the server: {exc.server_message}", exc.attempts)
+                except RequestTimeout as exc:
+                    fail(path, str(exc), exc.attempts)
                 except ClientError as exc:
                     detail = f"server error ({exc.status}): {exc.server_message}" if exc.server_message else str(exc)
-                    fail(path, detail)
+                    fail(path, detail, exc.attempts)
                 except InputError as exc:
                     fail(path, _reason(path, exc))
                 except Exception as exc:  # one odd file must not stop the batch
@@ -202,9 +225,9 @@ async def _run(args: argparse.Namespace) -> int:
                         try:
                             await asyncio.to_thread(write_sr, result, loaded.dataset, out / name)
                         except Exception as exc:
-                            fail(path, f"could not write the SR: {_reason(path, exc)}")
+                            fail(path, f"could not write the SR: {_reason(path, exc)}", result.attempts)
                             return
-                    outcomes[path] = (result, None)
+                    outcomes[path] = (result, None, result.attempts)
                 finally:
                     progress.advance(task)
 
@@ -219,48 +242,61 @@ async def _run(args: argparse.Namespace) -> int:
 
     # ------------------------------------------------------------------ outputs, in input order
     done = [(path, outcomes[path][0]) for path in files if outcomes[path][0] is not None]
-    failures += [(path, outcomes[path][1]) for path in files if outcomes[path][0] is None]
+    failures += [(path, *outcomes[path][1:]) for path in files if outcomes[path][0] is None]
 
-    if done:
-        counts = Counter(result.image_id for _, result in done)
-        duplicates = sorted(image_id for image_id, n in counts.items() if n > 1)
-        if duplicates and args.format == "csv":
-            console.print(f"[yellow]warning:[/] {len(duplicates)} ImageID(s) appear more than once in the CSV "
-                          f"(e.g. {duplicates[0]!r}); the challenge expects one row per image")
-        try:
-            if args.format == "json":
-                text = json.dumps([{**result.to_dict(), "source": str(path)} for path, result in done], indent=2)
-                if to_stdout:
-                    sys.stdout.write(text + "\n")
-                    sys.stdout.flush()
-                else:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(text + "\n", encoding="utf-8")
-            elif args.format == "csv":
-                results = [result for _, result in done]
-                if to_stdout:
-                    import tempfile
+    counts = Counter(result.image_id for _, result in done)
+    duplicates = sorted(image_id for image_id, n in counts.items() if n > 1)
+    if duplicates and args.format == "csv":
+        console.print(f"[yellow]warning:[/] {len(duplicates)} ImageID(s) appear more than once in the CSV "
+                      f"(e.g. {duplicates[0]!r}); the challenge expects one row per image")
+    written = where = ""
+    try:
+        if args.format == "json":  # the results, then one {"source", "error", "attempts"} entry per failure
+            entries = [{**result.to_dict(), "source": str(path)} for path, result in done]
+            entries += [{"source": str(path), "error": reason, "attempts": attempts} for path, reason, attempts in failures]
+            text = json.dumps(entries, indent=2) + "\n"
+            if to_stdout:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                written = str(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(out, text)
+                where = f"; also in {out}" if failures else ""
+        elif args.format == "csv":
+            results = [result for _, result in done]
+            if to_stdout:
+                import tempfile
 
-                    with tempfile.TemporaryDirectory() as scratch:
-                        text = write_challenge_csv(results, Path(scratch) / "out.csv", task=args.task).read_text(encoding="utf-8")
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-                else:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    write_challenge_csv(results, out, task=args.task)
-        except OSError as exc:
-            console.print(f"[red]cxrlt classify: could not write {escape(str(args.out))}: {escape(str(exc))}", soft_wrap=True)
-            return 1
+                with tempfile.TemporaryDirectory() as scratch:
+                    text = write_challenge_csv(results, Path(scratch) / "out.csv", task=args.task).read_text(encoding="utf-8")
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                written = str(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_challenge_csv(results, out, task=args.task)
+                written = str(out.parent / FAILURES_CSV)  # always written: no stale list from an older run
+                write_failures_csv([(path, reason) for path, reason, _ in failures], out.parent / FAILURES_CSV)
+                where = f"; also in {out.parent / FAILURES_CSV}" if failures else ""
+    except OSError as exc:
+        console.print(f"[red]cxrlt classify: could not write {escape(written)}: {escape(str(exc))}", soft_wrap=True)
+        return 1
 
-    # ------------------------------------------------------------------ summary
+    # ------------------------------------------------------------------ summary (each failure was printed once, above)
     total = len(done) + len(failures)
-    where = "" if to_stdout else f" -> {out}"
+    target = "" if to_stdout else f" -> {out}"
     console.print(f"classified {len(done)} of {total} file{'s' if total != 1 else ''} with {args.model} at "
-                  f"{escape(args.url)}{escape(where)}", soft_wrap=True, highlight=False)
+                  f"{escape(args.url)}{escape(target)}", soft_wrap=True, highlight=False)
+    attempts = [result.attempts for _, result in done] + [n for _, _, n in failures]
+    retried = [n for n in attempts if n > 1]
+    if retried:
+        console.print(f"retries: {len(retried)} of {total} image{'s' if total != 1 else ''} needed more than one "
+                      f"attempt (at most {max(retried)}; the server was overloaded or restarting)", highlight=False)
+    else:
+        console.print("retries: none needed", highlight=False)
     if failures:
-        console.print(f"[red]{len(failures)} failed:[/]")
-        for path, reason in failures:
-            console.print(f"  {escape(str(path))}: {escape(reason)}", soft_wrap=True, highlight=False)
+        console.print(f"[red]{len(failures)} failed[/] (reasons above{escape(where)})", soft_wrap=True, highlight=False)
     if info.random_weights and done:
         warn_random_weights(NOT_FOR_CLINICAL_USE)
     if not done and unavailable:

@@ -1,11 +1,16 @@
 """Run the tritonserver that ships in the nvidia-pytriton wheel on a model repository, wait until
-every model is READY, print the endpoints, and shut down cleanly on Ctrl-C or SIGTERM."""
+every model is READY, print the endpoints, and shut down cleanly on Ctrl-C or SIGTERM.
+
+While it runs, a watchdog reloads any model whose Python-backend stub process died (Triton
+does not restart stubs itself), and if tritonserver dies, `cxrlt serve` exits non-zero with
+the tail of its log. The server dies with this process, so nothing outlives a killed launcher."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import threading
+import time
 from pathlib import Path
 
 
@@ -17,6 +22,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    parser.add_argument("--watchdog-interval", type=float, default=1.0,
+                        help="seconds between checks for dead stub processes (0 turns the watchdog off)")
+
+
+_SHM_SWEEP_S = 10.0
+
+
+def _sweep_orphaned_regions(url: str, console) -> bool:
+    """Free the shared-memory regions of local clients that died holding them; False if it cannot."""
+    from cxrlt.client.shared_memory import clean_up_orphaned_regions
+
+    try:
+        cleaned = clean_up_orphaned_regions(url)
+    except Exception as exc:  # noqa: BLE001 - e.g. the shared-memory API restricted: stop trying
+        console.print(f"[yellow]not sweeping orphaned shared-memory regions: {exc}")
+        return False
+    if cleaned:
+        console.print(f"[yellow]freed {len(cleaned)} shared-memory region(s) of clients that exited without releasing "
+                      f"them: {', '.join(cleaned)}")
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.cli.console import console, warn_random_weights
     from cxrlt.server.launcher import TritonServer
+    from cxrlt.server.watchdog import StubWatchdog
 
-    server = TritonServer(args.model_repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log_file)
+    # Explicit model control: the watchdog reloads a model whose stub died, through the repository API.
+    server = TritonServer(args.model_repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log_file,
+                          extra_args=("--model-control-mode=explicit", "--load-model=*"))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -37,9 +65,18 @@ def run(args: argparse.Namespace) -> int:
         manifest = args.model_repository / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("random_weights"):
             warn_random_weights(json.loads(manifest.read_text())["warning"])
-        while not stop.wait(1.0):
+        if args.watchdog_interval > 0:
+            watchdog = StubWatchdog(server.process.pid, server.endpoints.grpc, report=lambda m: console.print(f"[yellow]watchdog:[/] {m}"))
+            threading.Thread(target=watchdog.run, args=(stop, args.watchdog_interval), name="stub-watchdog", daemon=True).start()
+        next_sweep = time.monotonic() + _SHM_SWEEP_S
+        while not stop.wait(0.5):
+            if time.monotonic() > next_sweep:
+                swept = _sweep_orphaned_regions(server.endpoints.grpc, console)
+                next_sweep = time.monotonic() + _SHM_SWEEP_S if swept else float("inf")
             if server.process.poll() is not None:
-                console.print(f"[red]tritonserver exited unexpectedly ({server.process.returncode}); see {server.log_path}")
+                console.print(f"[red]tritonserver died (exit status {server.process.returncode}); last lines of its log "
+                              f"({server.log_path}):[/]", highlight=False)
+                console.print(server.log_tail(), markup=False, highlight=False)
                 return 1
     finally:
         console.print("shutting down tritonserver")

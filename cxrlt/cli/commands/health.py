@@ -1,0 +1,28 @@
+"""Check that a server really serves: every model ready and a tiny real inference through every
+network and through cxr_findings for both projections. Exit 0 when ready, 1 when not: usable
+as a Kubernetes readiness probe (`exec: cxrlt health --url 127.0.0.1:8001`), unlike
+/v2/health/ready, which stays 200 after a Python-backend stub has died."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (default 127.0.0.1:8001)")
+    parser.add_argument("--timeout-s", type=float, default=10.0, help="budget of each call (default 10 s)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from cxrlt.client.health import check_health
+
+    report = check_health(args.url, timeout_s=args.timeout_s)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ready else 1
