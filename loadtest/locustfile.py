@@ -63,6 +63,15 @@ def _add_arguments(parser) -> None:
                        help="seconds before a gRPC call counts as failed (default 30)")
     group.add_argument("--think-time", type=float, default=0.0, env_var="LOCUST_THINK_TIME",
                        help="seconds each user waits between requests (default 0: closed loop, back to back)")
+    group.add_argument("--ssl", action="store_true", default=False, env_var="LOCUST_SSL", help="TLS to the server")
+    for flag in ("--root-certificates", "--private-key", "--certificate-chain"):
+        group.add_argument(flag, default=None, env_var=f"LOCUST_{flag[2:].replace('-', '_').upper()}",
+                           help="PEM file for TLS (as `cxrlt classify`)")
+
+
+def tls_options(options) -> dict:
+    files = {name: getattr(options, name, None) for name in ("root_certificates", "private_key", "certificate_chain")}
+    return {"ssl": bool(getattr(options, "ssl", False) or any(files.values())), **files}
 
 
 def task_weights(options) -> dict[str, int]:
@@ -125,7 +134,7 @@ class CxrGrpcUser(User):
         super().__init__(environment)
         if not _REQUESTS:  # locust used as a library without the init event
             prepare_requests()
-        self.client = grpcclient.InferenceServerClient(grpc_address(self.host))
+        self.client = grpcclient.InferenceServerClient(grpc_address(self.host), **tls_options(environment.parsed_options))
         start = random.randrange(len(_PAYLOADS))
         self._images = itertools.islice(itertools.cycle(_PAYLOADS), start, None)
 

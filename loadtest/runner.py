@@ -65,6 +65,7 @@ class LoadTestConfig:
     metrics_url: str | None = None  # None: Triton's default port on the URL's host
     targets: Targets = dataclasses.field(default_factory=Targets)
     profile: str | None = None
+    tls: dict[str, Any] = dataclasses.field(default_factory=dict)  # ssl, root_certificates, private_key, certificate_chain
 
     def __post_init__(self) -> None:
         self.url = self.url.split("://", 1)[-1].rstrip("/")
@@ -93,6 +94,11 @@ def locust_command(config: LoadTestConfig) -> list[str]:
     ]
     if not config.send_hints:
         command.append("--no-hints")
+    if config.tls.get("ssl"):
+        command.append("--ssl")
+    for name in ("root_certificates", "private_key", "certificate_chain"):
+        if config.tls.get(name):
+            command += [f"--{name.replace('_', '-')}", str(config.tls[name])]
     return command
 
 
@@ -103,11 +109,11 @@ def _locust_environment() -> dict[str, str]:
     return env
 
 
-def check_server(url: str, models: list[str], timeout: float = 10.0) -> None:
+def check_server(url: str, models: list[str], timeout: float = 10.0, tls: dict[str, Any] | None = None) -> None:
     """Fail early, with a clear message, when nothing is serving the models at `url`."""
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(url)
+    client = grpcclient.InferenceServerClient(url, **(tls or {}))
     try:
         try:
             ready = client.is_server_ready(client_timeout=timeout)
@@ -195,7 +201,7 @@ def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
     """Run the whole load test and write report.json into config.out; return the report."""
     out = Path(config.out)
     active = [m for m, w in config.weights.items() if w > 0]
-    check_server(config.url, active)
+    check_server(config.url, active, tls=config.tls)
     metrics_url = config.metrics_url
     before, metrics_error = triton_metrics.try_scrape(metrics_url)
     started = time.time()

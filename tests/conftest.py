@@ -19,7 +19,7 @@ import pytest
 
 from cxrlt.server.launcher import TritonServer, free_port
 
-SERVER_FIXTURES = {"triton_server"}
+SERVER_FIXTURES = {"triton_server", "serve"}
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -74,6 +74,24 @@ def triton_server(tiny_repository, tmp_path_factory):
     server.start(timeout=300)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def serve(tiny_repository):
+    """Start `cxrlt serve ARGS` on the tiny repository (own ports); every one started is stopped."""
+    from tests.serve_process import Serve
+
+    started: list[Serve] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Serve:
+        server = Serve(tiny_repository, *args, env=env)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -25,85 +25,11 @@ from cxrlt.client import CxrltClient, ServerUnavailable
 from cxrlt.client.health import check_health
 from cxrlt.server.launcher import free_port
 from cxrlt.server.watchdog import stubs_of
+from tests.serve_process import children
 
 pytestmark = pytest.mark.e2e
 
 MEMBER = "ensemble_frontal_pcam"
-
-
-class Serve:
-    """`cxrlt serve` in a subprocess, with its own ports; stopped by PID whatever happens."""
-
-    def __init__(self, repository: Path, *args: str) -> None:
-        self.ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
-        command = [sys.executable, "-m", "cxrlt", "serve", "--model-repository", str(repository),
-                   "--grpc-port", str(self.ports["grpc"]), "--http-port", str(self.ports["http"]),
-                   "--metrics-port", str(self.ports["metrics"]), *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=dict(os.environ, COLUMNS="200"))
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and "READY" not in self.output:
-            if self.process.poll() is not None:
-                raise AssertionError(f"cxrlt serve exited {self.process.returncode}:\n{self.output[-3000:]}")
-            time.sleep(0.2)
-        assert "READY" in self.output, self.output[-3000:]
-
-    def server_pid(self) -> int:
-        (pid,) = [p for p, cmd in _children(self.process.pid).items() if "tritonserver" in cmd]
-        return pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@pytest.fixture
-def serve(tiny_repository):
-    started: list[Serve] = []
-
-    def start(*args: str) -> Serve:
-        server = Serve(tiny_repository, *args)
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-def _children(pid: int) -> dict[int, str]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                children[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-    return children
 
 
 def _running(pid: int) -> bool:

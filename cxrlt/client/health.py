@@ -42,14 +42,18 @@ def probe_image(size: int = 64) -> np.ndarray:
     return image.astype(np.uint16)[None]
 
 
-def check_health(url: str, timeout_s: float = 10.0, headers: dict[str, str] | None = None) -> HealthReport:
-    """Check the server at `url`; never raises for a server problem, reports it instead."""
+def check_health(url: str, timeout_s: float = 10.0, headers: dict[str, str] | None = None,
+                 tls: dict[str, Any] | None = None) -> HealthReport:
+    """Check the server at `url`; never raises for a server problem, reports it instead.
+
+    tls: `ssl`, `root_certificates`, `private_key`, `certificate_chain` as tritonclient takes them.
+    """
     import tritonclient.grpc as grpcclient
 
     started = time.monotonic()
     problems: list[str] = []
     checked: list[str] = []
-    client = grpcclient.InferenceServerClient(url)
+    client = grpcclient.InferenceServerClient(url, **(tls or {}))
     try:
         _check(client, timeout_s, headers, problems, checked)
     finally:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrlt.contract.regions import REGION_PREFIX, pool_prefix
+
 _ALIGN = 1 << 20  # round region sizes up to whole MiB so slightly larger images reuse a region
 
 
@@ -41,8 +43,8 @@ class Region:
 class RegionPool:
     """Free regions to reuse; `acquire` says whether the region is new (and must be registered)."""
 
-    def __init__(self, prefix: str = "cxrlt") -> None:
-        self.prefix = f"{prefix}_{os.getpid()}_{id(self):x}"
+    def __init__(self, prefix: str = REGION_PREFIX) -> None:
+        self.prefix = pool_prefix(os.getpid(), id(self), prefix)
         self._free: list[Region] = []
         self._all: list[Region] = []
         self._lock = threading.Lock()
@@ -86,50 +88,3 @@ class RegionPool:
 
         for region in regions:
             shm.destroy_shared_memory_region(region.handle)
-
-
-def _owner_pid(region_name: str, prefix: str = "cxrlt") -> int | None:
-    """The client PID a RegionPool wrote into a region name (`cxrlt_<pid>_<pool>_<n>`), else None."""
-    parts = region_name.split("_")
-    if len(parts) == 4 and parts[0] == prefix and parts[1].isdigit():
-        return int(parts[1])
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_up_orphaned_regions(url: str, headers: dict[str, str] | None = None) -> list[str]:
-    """Unregister and unlink the regions of clients on this host that died without cleaning up.
-
-    A client killed while it holds registered regions leaves them registered with the server
-    (which keeps the memory mapped) and in /dev/shm. Regions are named after the client's PID,
-    so on the server's host those of dead PIDs can be told apart from live ones. Returns the
-    names cleaned up. Run it on the host both ran on (`cxrlt serve` does, periodically).
-    """
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    cleaned = []
-    try:
-        status = client.get_system_shared_memory_status(headers=headers, as_json=True)
-        for region in status.get("regions", {}).values():
-            owner = _owner_pid(region["name"])
-            if owner is None or _alive(owner):
-                continue
-            client.unregister_system_shared_memory(region["name"], headers=headers)
-            try:
-                os.unlink(f"/dev/shm/{region['key'].lstrip('/')}")
-            except OSError:
-                pass  # already gone, or not a /dev/shm system
-            cleaned.append(region["name"])
-    finally:
-        client.close()
-    return cleaned

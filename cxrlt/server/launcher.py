@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import ipaddress
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from cxrlt.contract.resources import package_root
+from cxrlt.server.admin import ADMIN_HEADER, AdminApi
 
 _PR_SET_PDEATHSIG = 1
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.+)")
@@ -79,18 +81,54 @@ class Endpoints:
     grpc_port: int
     http_port: int
     metrics_port: int
+    http_host: str | None = None  # where HTTP listens when not on `host` (loopback only, under TLS)
 
     @property
     def grpc(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{_url_host(self.host)}:{self.grpc_port}"
 
     @property
     def http(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{_url_host(self.http_host or self.host)}:{self.http_port}"
 
     @property
     def metrics(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{_url_host(self.host)}:{self.metrics_port}/metrics"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """PEM files for TLS on the gRPC endpoint; `client_ca` turns on mutual TLS."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for label, path in (("certificate", self.cert), ("private key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"TLS {label} file {path} does not exist")
+
+    def arguments(self) -> list[str]:
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca:
+            args += [f"--grpc-root-cert={self.client_ca}", "--grpc-use-ssl-mutual=true"]
+        return args
+
+
+# The Triton APIs an admin key guards: everything but inference, health and metadata.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -153,9 +191,16 @@ class TritonServer:
         metrics_port: int = 8002,
         log_file: Path | str | None = None,
         extra_args: tuple[str, ...] = (),
+        tls: Tls | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        self.endpoints = Endpoints(host, grpc_port, http_port, metrics_port)
+        self.tls = tls
+        self.admin_key = admin_key
+        # Triton's HTTP endpoint has no TLS: with TLS on gRPC it stays on loopback, where the
+        # launcher (readiness, the watchdog) and a pod's probes use it.
+        http_host = "127.0.0.1" if tls is not None and not is_loopback(host) else None
+        self.endpoints = Endpoints(host, grpc_port, http_port, metrics_port, http_host)
         self.log_path = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
@@ -167,7 +212,7 @@ class TritonServer:
             str(binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_directory()}",
-            f"--http-address={self.endpoints.host}",
+            f"--http-address={self.endpoints.http_host or self.endpoints.host}",
             f"--http-port={self.endpoints.http_port}",
             f"--grpc-address={self.endpoints.host}",
             f"--grpc-port={self.endpoints.grpc_port}",
@@ -178,8 +223,22 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",
+            *(self.tls.arguments() if self.tls else []),
+            *self._restriction_arguments(),
             *self.extra_args,
         ]
+
+    def _restriction_arguments(self) -> list[str]:
+        if not self.admin_key:
+            return []
+        if not all(c.isalnum() or c in "-_.~+/=" for c in self.admin_key):
+            raise ServerError("the admin key may hold letters, digits and -_.~+/= only")
+        guarded = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+        return [f"--grpc-restricted-protocol={guarded}", f"--http-restricted-api={guarded}"]
+
+    def admin(self) -> AdminApi:
+        """The launcher's HTTP client of this server (with the admin key when there is one)."""
+        return AdminApi(self.endpoints.http, self.admin_key)
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         if not self.model_repository.is_dir():
@@ -202,17 +261,12 @@ class TritonServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(self.endpoints.grpc)
+        admin = AdminApi(self.endpoints.http, timeout_s=5.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(self._failure_message(f"tritonserver exited with status {self.process.returncode}"))
-            try:
-                ready = client.is_server_ready()
-            except Exception:  # not listening yet
-                ready = False
+            ready = admin.ready()
             # Answering is not enough: it must be our process that answers.
             if ready and self.process.poll() is None:
                 return

@@ -5,7 +5,7 @@ the model then fails with "Stub process '<instance>' is not healthy." while the 
 the model still report ready. The watchdog compares the stub processes of the server with
 those it saw when the server became ready; a model whose stub is gone (in two scans in a
 row, so a reload in progress is not mistaken for a death) is reloaded through the model
-repository API with a config override that differs only in its `stub_generation`
+repository API (over the launcher's loopback HTTP endpoint) with a config override that differs only in its `stub_generation`
 parameter: Triton skips a load whose files and config did not change, and this is the way
 to make it replace the instances.
 """
@@ -13,12 +13,13 @@ to make it replace the instances.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+from cxrlt.server.admin import AdminApi
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,10 @@ class StubWatchdog:
     mode in which the repository API may load models.
     """
 
-    def __init__(self, server_pid: int, grpc_url: str, headers: dict[str, str] | None = None,
-                 report: Callable[[str], None] = log.warning, settle_s: float = 60.0) -> None:
+    def __init__(self, server_pid: int, admin: AdminApi, report: Callable[[str], None] = log.warning,
+                 settle_s: float = 60.0) -> None:
         self.server_pid = server_pid
-        self.grpc_url = grpc_url
-        self.headers = headers
+        self.admin = admin
         self.report = report
         self.settle_s = settle_s
         self.expected: dict[str, str] = {s.instance: s.model for s in stubs_of(server_pid)}
@@ -97,23 +97,18 @@ class StubWatchdog:
         return done
 
     def _reload(self, model: str, instances: list[str]) -> Recovery:
-        import tritonclient.grpc as grpcclient
-
         self.report(f"stub process of {', '.join(instances)} died; reloading model {model!r}")
         started = time.monotonic()
         self._generation += 1
-        client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
-            config = client.get_model_config(model, as_json=True, headers=self.headers)["config"]
+            config = self.admin.model_config(model)
             config.setdefault("parameters", {})[GENERATION_PARAMETER] = {"string_value": str(self._generation)}
-            client.load_model(model, config=json.dumps(config), headers=self.headers)
+            self.admin.load_model(model, config)
             restored = self._wait_for_stubs(model)
         except Exception as exc:  # noqa: BLE001 - any failure is reported, the next round retries
             error = f"reloading {model!r} failed: {exc}"
             self.report(error)
             return Recovery(model, tuple(instances), time.monotonic() - started, error)
-        finally:
-            client.close()
         seconds = time.monotonic() - started
         for instance in instances:
             self.expected.pop(instance, None)

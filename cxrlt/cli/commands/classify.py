@@ -14,6 +14,8 @@ could be done (server unreachable, no input files, bad options)."""
 from __future__ import annotations
 
 import argparse
+
+from cxrlt.cli.options import add_tls_arguments, tls_options
 from pathlib import Path
 
 FORMATS = ("json", "csv", "sr")
@@ -44,10 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-memory", action="store_true",
                         help="send images through system shared memory instead of the gRPC message "
                              "(only with a server on this host)")
-    parser.add_argument("--ssl", action="store_true", help="use TLS")
-    parser.add_argument("--root-certificates", help="PEM file of root certificates (TLS)")
-    parser.add_argument("--private-key", help="PEM file of the client's private key (mutual TLS)")
-    parser.add_argument("--certificate-chain", help="PEM file of the client's certificate chain (mutual TLS)")
+    add_tls_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,8 +158,8 @@ async def _run(args: argparse.Namespace) -> int:
         return 1
 
     client = AsyncCxrltClient(
-        args.url, timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s, model=args.model, ssl=args.ssl,
-        root_certificates=args.root_certificates, private_key=args.private_key, certificate_chain=args.certificate_chain,
+        args.url, timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s, model=args.model,
+        **tls_options(args),
         shared_memory=args.shared_memory,
     )
     try:

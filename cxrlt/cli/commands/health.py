@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 
+from cxrlt.cli.options import add_tls_arguments, tls_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (default 127.0.0.1:8001)")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="budget of each call (default 10 s)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_tls_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.client.health import check_health
 
-    report = check_health(args.url, timeout_s=args.timeout_s)
+    report = check_health(args.url, timeout_s=args.timeout_s, tls=tls_options(args))
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2))
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.options import add_tls_arguments, tls_options
+
 DEFAULT_USERS = 2
 DEFAULT_SPAWN_RATE = 2.0
 DEFAULT_DURATION = "30s"
@@ -17,6 +19,7 @@ DEFAULT_DURATION = "30s"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)")
+    add_tls_arguments(parser)
     parser.add_argument("--users", type=int, help=f"concurrent locust users (default: profile, else {DEFAULT_USERS})")
     parser.add_argument("--spawn-rate", type=float, help=f"users started per second (default: profile, else {DEFAULT_SPAWN_RATE:g})")
     parser.add_argument("--duration", help=f"run time: seconds or e.g. 2m, 1m30s (default: profile, else {DEFAULT_DURATION})")
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         send_hints=not args.no_hints,
         request_timeout_s=args.request_timeout,
         metrics_url=metrics_url,
+        tls=tls_options(args),
         targets=targets,
         profile=profile.source,
     )

@@ -22,19 +22,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the server: TLS on the gRPC endpoint")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path,
+                        help="PEM CA certificates that sign client certificates: mutual TLS, clients without one are refused")
+    parser.add_argument("--admin-key-file", type=Path,
+                        help="file holding the key that guards the admin APIs (model repository, shared memory, "
+                             f"statistics, trace, logging); or set {ADMIN_KEY_ENV}. Off loopback they are always "
+                             "guarded: without a key one is generated and its file printed")
     parser.add_argument("--watchdog-interval", type=float, default=1.0,
                         help="seconds between checks for dead stub processes (0 turns the watchdog off)")
 
 
 _SHM_SWEEP_S = 10.0
+ADMIN_KEY_ENV = "CXRLT_ADMIN_KEY"
 
 
-def _sweep_orphaned_regions(url: str, console) -> bool:
+def admin_key(args: argparse.Namespace, console) -> str | None:
+    """The admin key from the file or the environment (never the command line, which `ps` shows).
+
+    On a loopback address the admin APIs stay open unless a key is given; on any other address
+    they are always guarded, with a generated key written to a private file when none is given.
+    """
+    import os
+    import secrets
+
+    from cxrlt.server import is_loopback
+
+    if args.admin_key_file:
+        key = args.admin_key_file.read_text().strip()
+        if not key:
+            raise ValueError(f"admin key file {args.admin_key_file} is empty")
+        return key
+    if os.environ.get(ADMIN_KEY_ENV):
+        return os.environ[ADMIN_KEY_ENV].strip()
+    if is_loopback(args.host):
+        return None
+    key = secrets.token_urlsafe(24)
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cxrlt"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"admin-key-{args.grpc_port}"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(key + "\n")
+    console.print(f"admin APIs guarded by a generated key, in {path} (send it as header "
+                  f"'triton-grpc-protocol-admin-key' on gRPC, 'admin-key' on HTTP)")
+    return key
+
+
+def _sweep_orphaned_regions(admin, console) -> bool:
     """Free the shared-memory regions of local clients that died holding them; False if it cannot."""
-    from cxrlt.client.shared_memory import clean_up_orphaned_regions
+    from cxrlt.server.regions import clean_up_orphaned_regions
 
     try:
-        cleaned = clean_up_orphaned_regions(url)
+        cleaned = clean_up_orphaned_regions(admin)
     except Exception as exc:  # noqa: BLE001 - e.g. the shared-memory API restricted: stop trying
         console.print(f"[yellow]not sweeping orphaned shared-memory regions: {exc}")
         return False
@@ -48,30 +89,39 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from cxrlt.cli.console import console, warn_random_weights
-    from cxrlt.server.launcher import TritonServer
+    from cxrlt.server import Tls, TritonServer, is_loopback
     from cxrlt.server.watchdog import StubWatchdog
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = Tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if not is_loopback(args.host) and tls is None:
+        console.print(f"[bold yellow]warning:[/] --host {args.host} without TLS: images and results cross the network "
+                      "in clear text; give --tls-cert and --tls-key", highlight=False)
     # Explicit model control: the watchdog reloads a model whose stub died, through the repository API.
     server = TritonServer(args.model_repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log_file,
-                          extra_args=("--model-control-mode=explicit", "--load-model=*"))
+                          extra_args=("--model-control-mode=explicit", "--load-model=*"), tls=tls,
+                          admin_key=admin_key(args, console))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     with console.status(f"starting tritonserver on {args.model_repository}"):
         server.start(args.timeout)
     try:
-        console.print(f"[bold green]READY[/] gRPC {server.endpoints.grpc}  HTTP {server.endpoints.http}  "
-                      f"metrics {server.endpoints.metrics}  (log: {server.log_path})")
+        console.print(f"[bold green]READY[/] gRPC {server.endpoints.grpc}{' (TLS)' if tls else ''}{' mutual' if tls and tls.client_ca else ''}  "
+                      f"HTTP {server.endpoints.http}  metrics {server.endpoints.metrics}  (log: {server.log_path})", highlight=False)
         manifest = args.model_repository / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("random_weights"):
             warn_random_weights(json.loads(manifest.read_text())["warning"])
         if args.watchdog_interval > 0:
-            watchdog = StubWatchdog(server.process.pid, server.endpoints.grpc, report=lambda m: console.print(f"[yellow]watchdog:[/] {m}"))
+            watchdog = StubWatchdog(server.process.pid, server.admin(), report=lambda m: console.print(f"[yellow]watchdog:[/] {m}"))
             threading.Thread(target=watchdog.run, args=(stop, args.watchdog_interval), name="stub-watchdog", daemon=True).start()
         next_sweep = time.monotonic() + _SHM_SWEEP_S
         while not stop.wait(0.5):
             if time.monotonic() > next_sweep:
-                swept = _sweep_orphaned_regions(server.endpoints.grpc, console)
+                swept = _sweep_orphaned_regions(server.admin(), console)
                 next_sweep = time.monotonic() + _SHM_SWEEP_S if swept else float("inf")
             if server.process.poll() is not None:
                 console.print(f"[red]tritonserver died (exit status {server.process.returncode}); last lines of its log "
