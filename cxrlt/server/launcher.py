@@ -193,10 +193,12 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
         tls: Tls | None = None,
         admin_key: str | None = None,
+        log_verbose: int = 0,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.tls = tls
         self.admin_key = admin_key
+        self.log_verbose = log_verbose
         # Triton's HTTP endpoint has no TLS: with TLS on gRPC it stays on loopback, where the
         # launcher (readiness, the watchdog) and a pod's probes use it.
         http_host = "127.0.0.1" if tls is not None and not is_loopback(host) else None
@@ -222,7 +224,7 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            "--log-verbose=0",
+            f"--log-verbose={self.log_verbose}",
             *(self.tls.arguments() if self.tls else []),
             *self._restriction_arguments(),
             *self.extra_args,

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level (0 quiet, 1 per request)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the server: TLS on the gRPC endpoint")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path,
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     # Explicit model control: the watchdog reloads a model whose stub died, through the repository API.
     server = TritonServer(args.model_repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log_file,
                           extra_args=("--model-control-mode=explicit", "--load-model=*"), tls=tls,
-                          admin_key=admin_key(args, console))
+                          admin_key=admin_key(args, console), log_verbose=args.log_verbose)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

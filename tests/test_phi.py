@@ -1,0 +1,109 @@
+"""No patient identifiers in logs or outputs: only the DICOM SR carries the patient module.
+
+A real radiograph gets sentinel values in the identifying attributes; after classifying it in
+every format (verbose), a demo run on it and a server at --log-verbose 1, no sentinel may
+appear in any stdout, stderr, server log, JSON or CSV. The SR, which belongs to the study,
+must carry them; the request the client sends holds the pixels and the hint only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+SENTINELS = {
+    "PatientName": "Sentinel^Phiname",
+    "PatientID": "SENTINELPID-4711",
+    "AccessionNumber": "SENTACC0815",
+    "PatientBirthDate": "19230417",
+    "InstitutionName": "Sentinel General Hospital",
+}
+
+
+@pytest.fixture(scope="module")
+def identified_dicom(tmp_path_factory) -> Path:
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    for keyword, value in SENTINELS.items():
+        setattr(ds, keyword, value)
+    path = tmp_path_factory.mktemp("phi") / "study" / "image.dcm"
+    path.parent.mkdir()
+    ds.save_as(path)
+    return path
+
+
+def _leaks(text: str) -> list[str]:
+    return [f"{k}={v!r}" for k, v in SENTINELS.items() if v in text or v.replace("^", " ") in text]
+
+
+def _cxrlt(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxrlt", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, COLUMNS="200"))
+
+
+@pytest.mark.timeout(900)
+def test_no_identifier_reaches_logs_or_outputs_only_the_sr(serve, identified_dicom, tmp_path):
+    log = tmp_path / "tritonserver.log"
+    server = serve("--log-verbose", "1", "--log-file", str(log))
+    outputs = {"json": tmp_path / "out.json", "csv": tmp_path / "out.csv", "sr": tmp_path / "sr"}
+    texts = []
+    for fmt, out in outputs.items():
+        run = _cxrlt("-v", "classify", str(identified_dicom), "--url", server.url, "--format", fmt, "--out", str(out),
+                     cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        texts += [run.stdout, run.stderr]
+    texts += [outputs["json"].read_text(), outputs["csv"].read_text(), server.output]
+    server.stop()
+    texts.append(log.read_text(errors="replace"))
+    assert "HTTP request" in texts[-1] or "infer" in texts[-1].lower(), "the server log is not verbose"
+    for text in texts:
+        assert not _leaks(text), _leaks(text)
+    (sr_path,) = list(outputs["sr"].glob("*.dcm"))
+    sr = pydicom.dcmread(sr_path)
+    assert str(sr.PatientName) == SENTINELS["PatientName"] and sr.PatientID == SENTINELS["PatientID"]
+    assert sr.AccessionNumber == SENTINELS["AccessionNumber"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_demo_on_an_identified_image_prints_no_identifier(identified_dicom, tmp_path):
+    run = _cxrlt("demo", "--image", str(identified_dicom), "--keep", cwd=tmp_path, timeout=800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not _leaks(run.stdout + run.stderr)
+    kept = re.findall(r"kept (\S+) \(repository and server log\)", " ".join(run.stdout.split()))
+    assert kept, run.stdout[-2000:]
+    logs = [log for folder in kept for log in Path(folder).rglob("*.log")]
+    assert logs
+    for folder in kept:
+        for log in folder.rglob("*.log"):
+            assert not _leaks(log.read_text(errors="replace")), log
+
+
+def test_the_client_sends_pixels_and_the_hint_only(monkeypatch, identified_dicom, url):
+    """Everything the SDK hands tritonclient for an inference: no header, no request parameter."""
+    import tritonclient.grpc as grpcclient
+
+    from cxrlt.client import CxrltClient
+
+    sent = []
+    original = grpcclient.InferenceServerClient.infer
+
+    def record(self, model_name, inputs, *args, **kwargs):
+        sent.append((model_name, {i.name(): i for i in inputs}, kwargs))
+        return original(self, model_name, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(grpcclient.InferenceServerClient, "infer", record)
+    with CxrltClient(url) as client:
+        result = client.classify_file(identified_dicom)
+    assert result.projection == "frontal"
+    ((model, inputs, kwargs),) = sent
+    assert set(inputs) == {"IMAGE", "PROJECTION_HINT"} and inputs["IMAGE"].datatype() == "UINT16"
+    assert inputs["PROJECTION_HINT"]._raw_content.endswith(b"PA")
+    assert not kwargs.get("parameters") and not kwargs.get("headers")
+    assert not kwargs.get("request_id") or not _leaks(str(kwargs["request_id"]))
