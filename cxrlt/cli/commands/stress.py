@@ -1,0 +1,93 @@
+"""Overload test: find the saturation throughput of a model with a closed loop (concurrency
+1, 2, 4, ... until throughput stops growing by more than 5 %), then send --overload times that
+rate as an open loop (asyncio gRPC, Poisson arrivals) for --duration-s seconds, and measure what
+the bounded queues do: requests admitted and rejected (queue full, queue timeout, other), how
+fast a rejection comes back, the latency and throughput (goodput) of what is admitted, whether
+the server stays live, and how long it takes to get back to its unloaded latency afterwards.
+Every answered request is compared with the in-process reference pipeline of --repo (max
+|difference| <= 1e-4).
+
+Prints each target with its measured value and PASS/MISS, and writes stress.json and stress.png
+to --out. Exits 1 when an answer was wrong, the server went down, or a request was refused by
+anything but the queue policy; a missed timing target exits 1 only with --strict. The server
+(e.g. `cxrlt serve`) runs on this host: the overload goes to loopback addresses only, and the
+server's process is found by its port to measure its CPU and see that it is still alive."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True, help="gRPC host:port of a server on this host (loopback) serving --repo")
+    parser.add_argument("--repo", required=True, type=Path, help="the model repository it serves (the reference pipeline's files)")
+    parser.add_argument("--metrics-url", help="its metrics endpoint (default http://<url host>:8002/metrics)")
+    parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
+    parser.add_argument("--overload", type=float, default=3.0, help="offered rate as a multiple of the saturation throughput (default 3)")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="length of the overload in seconds (default 30)")
+    parser.add_argument("--arrivals", default="poisson", choices=["poisson", "fixed"], help="open-loop arrivals (default poisson)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default 0)")
+    parser.add_argument("--request-timeout-s", type=float, default=10.0,
+                        help="client timeout of each overload request (default 10; keep it above the queue timeout)")
+    parser.add_argument("--max-in-flight", type=int, default=256, help="overload requests outstanding at most (default 256)")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="overload requests sent at most (default 20000)")
+    parser.add_argument("--saturation-requests", type=int, default=60,
+                        help="measured requests per concurrency level of the saturation sweep (default 60)")
+    parser.add_argument("--max-concurrency", type=int, default=32, help="largest concurrency of the sweep (default 32)")
+    parser.add_argument("--recovery-timeout-s", type=float, default=30.0, help="give up waiting for recovery after this (default 30)")
+    parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
+                        help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
+    parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 on a missed timing target too")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/stress-<time>)")
+    parser.add_argument("--json", type=Path, help="report JSON (default OUT/stress.json)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="timeline plot (default OUT/stress.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from cxrlt.cli.console import console
+    from loadtest.metrics import ModelTime, breakdown_table, print_wide
+    from loadtest.bench import write_json
+    from loadtest.stress import StressConfig, plot, run_stress, summary_table
+
+    out = args.out or Path("runs") / time.strftime("stress-%Y%m%d-%H%M%S")
+    config = StressConfig(
+        repo=args.repo, url=args.url, metrics_url=args.metrics_url, model=args.model, overload=args.overload,
+        duration_s=args.duration_s, arrivals=args.arrivals, seed=args.seed, request_timeout_s=args.request_timeout_s,
+        max_in_flight=args.max_in_flight, max_requests=args.max_requests, saturation_requests=args.saturation_requests,
+        max_concurrency=args.max_concurrency, recovery_timeout_s=args.recovery_timeout_s, image_set=args.image_set,
+        send_hints=not args.no_hints,
+    )
+    with console.status("stress test") as status:
+        report = run_stress(config, log=lambda message: status.update(message))
+    json_path = args.json or out / "stress.json"
+    png_path = args.plot or out / "stress.png"
+    report["files"] = {"json": str(json_path), "plot": str(png_path)}
+    plot(report, png_path)
+    write_json(report, json_path)
+
+    print_wide(console, summary_table(report), width=150)
+    if report["triton"]:
+        rows = [ModelTime(**{k: v for k, v in m.items() if k in ModelTime.__dataclass_fields__}) for m in report["triton"].values()]
+        print_wide(console, breakdown_table(rows, "Triton during the storm: per admitted request, queue vs compute"))
+    for kind in report["storm"]["rejected"]["kinds"][:5]:
+        console.print(f"{kind['count']} x {kind['reason']}: {kind['status']} {kind['message']}")
+    load, cpu, at_saturation = report["load_average"], report["storm"]["cpu"], report["saturation"]["cpu"]
+    server_cpu = "" if cpu["server_cores"] is None else (
+        f", the server {cpu['server_cores']:.2f} ({cpu['server_cpu_ms_per_admitted']} ms CPU per admitted image; "
+        f"{at_saturation['server_cores']:.2f} cores and {at_saturation['server_cpu_ms_per_admitted']} ms at saturation)")
+    console.print(f"storm: this client used {cpu['client_cores']:.2f} cores{server_cpu} of {cpu['cores']}; the machine was "
+                  f"{100 * cpu['machine_busy_share']:.0f} % busy; load average before {' '.join(map(str, load['before']))}, "
+                  f"after {' '.join(map(str, load['after']))}")
+    console.print(f"report: {json_path}  plot: {png_path}")
+    if report["failed_checks"]:
+        console.print(f"[bold red]failed check(s): {', '.join(report['failed_checks'])}[/]")
+        return 1
+    if report["missed_targets"]:
+        console.print(f"[{'bold red' if args.strict else 'yellow'}]missed target(s): {', '.join(report['missed_targets'])}"
+                      f"{'' if args.strict else ' (exit 0 without --strict)'}[/]")
+        return 1 if args.strict else 0
+    return 0
