@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-repo": ("build_repo", "export every network to ONNX and write a Triton model repository"),
     "build-text-cache": ("text_cache", "re-encode the zero-shot prompts of a built repository (no ONNX re-export)"),
     "serve": ("serve", "run the embedded tritonserver on a model repository"),
+    "local-cluster": ("local_cluster", "N replicas behind nginx (gRPC) with Prometheus and the HPA's recording rule, on loopback"),
     "health": ("health", "deep readiness check: every model ready and a tiny real inference through each (exit 0/1)"),
     "classify": ("classify", "classify DICOM/PNG files on a running server: JSON, challenge CSV or DICOM SR"),
     "demo": ("demo", "build the tiny repository, serve it and classify a real chest X-ray end to end"),

@@ -137,22 +137,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def check_ports_free(endpoints: Endpoints) -> None:
-    """Raise ServerError naming the first port that something already listens on.
+def check_ports_free(host: str, ports: dict[str, int], advice: str = "choose other ports with --grpc-port / "
+                     "--http-port / --metrics-port") -> None:
+    """Raise ServerError naming the first port (label -> port) that something already listens on.
 
     Triton itself would only log "Socket ... already in use" and exit, and an old server
     still answering on that port could be mistaken for the new one.
     """
-    for label, port in (("gRPC", endpoints.grpc_port), ("HTTP", endpoints.http_port), ("metrics", endpoints.metrics_port)):
-        family = socket.AF_INET6 if ":" in endpoints.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for label, port in ports.items():
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind((endpoints.host, port))
+                sock.bind((host, port))
             except OSError as exc:
                 raise ServerError(
-                    f"{label} port {port} on {endpoints.host} is already in use ({exc.strerror}); another server "
+                    f"{label} port {port} on {host} is already in use ({exc.strerror}); another server "
                     f"(perhaps an earlier tritonserver: `ss -ltnp 'sport = :{port}'` shows it) holds it: stop it, or "
-                    "choose other ports with --grpc-port / --http-port / --metrics-port"
+                    f"{advice}"
                 ) from None
 
 
@@ -248,7 +249,9 @@ class TritonServer:
                 f"model repository {self.model_repository} does not exist; build one with "
                 "`cxrlt build-repo --profile tiny --out DIR`"
             )
-        check_ports_free(self.endpoints)
+        ends = self.endpoints
+        check_ports_free(ends.host, {"gRPC": ends.grpc_port, "metrics": ends.metrics_port})
+        check_ports_free(ends.http_host or ends.host, {"HTTP": ends.http_port})
         command = self.command()
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
