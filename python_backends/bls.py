@@ -12,11 +12,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
 from python_backends.classifier import Infer
 from python_backends.in_process import LocalNetworks, member_execution
 from python_backends.pipeline_errors import INVALID_INPUT, MemberError, RequestError
 
 NETWORK_INPUT = "pixel_values"
+# A DICOM ViewPosition (VR CS) is at most 16 characters; anything much longer is not a hint.
+MAX_HINT_BYTES = 64
+_HINT_TERMS = f"send one of {', '.join(ACCEPTED_HINTS)}, or an empty string for no hint"
 
 
 def member_timeout_ms(params: Mapping[str, str]) -> int:
@@ -96,14 +100,52 @@ def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, s
     return local.load(networks).infer
 
 
+def required_input(pb_utils: Any, request: Any, name: str = "IMAGE") -> np.ndarray:
+    """A request's input as numpy; a missing one is the caller's error (Triton lets a request
+    without a non-optional input through when the model also has optional ones)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise RequestError(f"the request has no {name} input; send {name} UINT16 [1, H, W] (see docs/contract.md)")
+    return tensor.as_numpy()
+
+
 def optional_strings(tensor: Any, count: int) -> list[str | None]:
-    """An optional BYTES input [B, 1] as one str (or None) per image."""
+    """An optional BYTES input [B, 1] as one str (or None) per image.
+
+    Refused (RequestError) when the count does not match the images, or a value is not
+    UTF-8 text or longer than MAX_HINT_BYTES: a hint is never lost or mangled silently."""
     if tensor is None:
         return [None] * count
     values = tensor.as_numpy().reshape(-1)
     if len(values) != count:
         raise RequestError(f"PROJECTION_HINT has {len(values)} values for {count} images; send one per image")
-    return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+    return [_hint_text(v) for v in values]
+
+
+def _hint_text(value: Any) -> str:
+    size = len(value) if isinstance(value, bytes) else len(str(value).encode("utf-8", errors="replace"))
+    if size > MAX_HINT_BYTES:
+        raise RequestError(
+            f"PROJECTION_HINT is {size} bytes long, over the limit of {MAX_HINT_BYTES} "
+            f"(a DICOM ViewPosition term has at most 16 characters); {_HINT_TERMS}"
+        )
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"PROJECTION_HINT is not UTF-8 text ({value[:16]!r}); {_HINT_TERMS}") from None
+
+
+def projection_hints(tensor: Any, count: int) -> list[str | None]:
+    """:func:`optional_strings`, each value also checked as a ViewPosition term."""
+    hints = optional_strings(tensor, count)
+    for hint in hints:
+        try:
+            projection_from_hint(hint)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+    return hints
 
 
 def bytes_tensor(pb_utils: Any, name: str, values: Sequence[str]) -> Any:

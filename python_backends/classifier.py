@@ -16,16 +16,17 @@ import numpy as np
 
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, projection_from_hint
-from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, normalize, parse_tta_views, prepare_square, tta_view, validate_image
+from cxrlt.contract.preprocessing import (MAX_PIXELS, ImageError, PreprocessConfig, check_not_constant, normalize, parse_tta_views,
+                                          prepare_square, tta_view, validate_served_image)
 from cxrlt.contract.profiles import ensemble_model_name
 from cxrlt.contract.served import ROUTER_MODEL, network_names  # noqa: F401 (the adapters import network_names here)
 
-from python_backends.pipeline_errors import RequestError
+from python_backends.pipeline_errors import RequestError, check_finite_output
 from python_backends.triton_params import as_bool, require
 
 Infer = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 
-DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000, beyond any chest radiograph detector
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # ~7000 x 7000, beyond any chest radiograph detector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +79,12 @@ class ClassifierPipeline:
         self.infer = infer
 
     def _validate(self, image: np.ndarray, hint: str | bytes | None) -> tuple[np.ndarray, str | None]:
+        # Shape first, then the hint, then the content: the order cxr_findings relies on to
+        # report the same problem whichever of its two callees answers first.
         try:
-            validate_image(image, self.settings.max_pixels)
+            validate_served_image(image, self.settings.max_pixels)
             hinted = projection_from_hint(hint)
+            check_not_constant(image)
         except (ImageError, ValueError) as exc:
             raise RequestError(str(exc)) from None
         return prepare_square(image, self.settings.preprocess), hinted
@@ -99,6 +103,7 @@ class ClassifierPipeline:
         logits, probabilities = ensemble.ensemble_probabilities(
             dict(zip(members, outputs)), self.settings.weights[projection], self.settings.gating_alpha
         )
+        check_finite_output(probabilities, "cxr_classifier probabilities")
         return Classification(
             logits=logits,
             probabilities=probabilities,

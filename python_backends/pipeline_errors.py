@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 # Triton hands a BLS caller its callee's errors with the code INTERNAL, whatever the callee
 # said; this marker keeps "your input is bad" recognisable through a chain of BLS calls.
@@ -23,3 +25,24 @@ class MemberError(RuntimeError):
         super().__init__(f"model {model_name!r} {state}: {reason}")
         self.model_name = model_name
         self.unavailable = unavailable
+
+
+class NonFiniteOutput(RuntimeError):
+    """A network produced NaN or Inf (Triton INTERNAL): never handed back as probabilities."""
+
+
+def non_finite_count(array) -> int:
+    """How many values of a float array are NaN or +-Inf (0 for other dtypes)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def check_finite_output(array, what: str) -> None:
+    bad = non_finite_count(array)
+    if bad:
+        raise NonFiniteOutput(
+            f"{what}: {bad} non-finite value(s) (NaN or Inf) came out of the networks and were not returned; "
+            "the model's weights or its ONNX file are broken: rebuild the repository with `cxrlt build-repo`"
+        )

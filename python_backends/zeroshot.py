@@ -8,12 +8,12 @@ from typing import Mapping
 import numpy as np
 
 from cxrlt.contract import ensemble
-from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, preprocess, validate_image
+from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, check_not_constant, preprocess, validate_served_image
 from cxrlt.contract.text_cache import TextCache
 
 from python_backends.classifier import DEFAULT_MAX_PIXELS, Infer
 from cxrlt.contract.served import ENCODER_MODEL
-from python_backends.pipeline_errors import RequestError
+from python_backends.pipeline_errors import RequestError, check_finite_output
 from python_backends.triton_params import require
 
 SCORINGS = ("sigmoid", "softmax")
@@ -57,9 +57,12 @@ class ZeroShotPipeline:
     async def score(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities [C], similarities [C]) for one image."""
         try:
-            validate_image(image, self.settings.max_pixels)
+            validate_served_image(image, self.settings.max_pixels)
+            check_not_constant(image)
         except ImageError as exc:
             raise RequestError(str(exc)) from None
         embedding = (await self.infer(ENCODER_MODEL, preprocess(image, self.settings.preprocess)))[0]
         negative = self.cache.negative if self.settings.scoring == "softmax" else None
-        return ensemble.zeroshot_scores(embedding, self.cache.positive, negative, self.settings.alpha)
+        probabilities, similarities = ensemble.zeroshot_scores(embedding, self.cache.positive, negative, self.settings.alpha)
+        check_finite_output(probabilities, "cxr_zeroshot probabilities")
+        return probabilities, similarities

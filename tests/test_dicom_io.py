@@ -283,7 +283,11 @@ def test_multi_frame_is_refused(tmp_path):
 
 
 def test_colour_dicom_is_refused(tmp_path):
-    path = make_dicom(tmp_path / "rgb.dcm", np.zeros((4, 4, 3), np.uint8), photometric="RGB", sop_class=SECONDARY_CAPTURE, modality="OT")
+    # An RGB DICOM whose channels are equal is a grey image and is accepted (as PNG/JPEG are);
+    # this one is really coloured: red only.
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[..., 0] = 200
+    path = make_dicom(tmp_path / "rgb.dcm", colour, photometric="RGB", sop_class=SECONDARY_CAPTURE, modality="OT")
     with pytest.raises(InputError, match=r"rgb\.dcm: colour image \(PhotometricInterpretation RGB"):
         load_image(path)
 

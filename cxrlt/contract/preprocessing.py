@@ -26,6 +26,13 @@ TTA_VIEWS: tuple[str, ...] = ("identity", "hflip", "rot+5", "rot-5", "zoom1.1", 
 
 MIN_SIDE = 8  # smaller images carry no diagnostic content and break percentile clipping
 
+# What the server (and a client that checks before sending) accepts as a radiograph. Training
+# reads smaller synthetic images, so these apply to served images only (validate_served_image).
+MIN_SERVED_SIDE = 24  # a chest radiograph is hundreds of pixels on a side; below 24 it is an icon, not an image
+MAX_ASPECT_RATIO = 10.0  # long side / short side; detectors are at most about 2:1, a 10:1 strip is not a chest
+MAX_PIXELS = 50_000_000  # ~7000 x 7000, beyond any chest radiograph detector: the default `max_pixels` of the
+# served models, and the loaders' decompression-bomb guard (checked from the file's header before decoding)
+
 
 class ImageError(ValueError):
     """The input image cannot be classified; the message says why."""
@@ -82,8 +89,7 @@ class PreprocessConfig:
             ) from None
 
 
-def validate_image(image: np.ndarray, max_pixels: int | None = None) -> np.ndarray:
-    """Check a grayscale image and return it as a 2-D array, or raise ImageError."""
+def _check_array(image: np.ndarray) -> tuple[int, int]:
     if not isinstance(image, np.ndarray):
         raise ImageError(f"image must be a numpy array, got {type(image).__name__}")
     if image.dtype not in (np.uint8, np.uint16):
@@ -93,14 +99,62 @@ def validate_image(image: np.ndarray, max_pixels: int | None = None) -> np.ndarr
     height, width = image.shape
     if height == 0 or width == 0:
         raise ImageError(f"image is empty (shape {list(image.shape)})")
-    if height < MIN_SIDE or width < MIN_SIDE:
-        raise ImageError(
-            f"image of {height}x{width} pixels is too small; both sides must be >= {MIN_SIDE}"
-        )
+    return height, width
+
+
+def _check_pixel_limit(height: int, width: int, max_pixels: int | None) -> None:
     if max_pixels is not None and height * width > max_pixels:
         raise ImageError(
             f"image of {height}x{width} = {height * width} pixels exceeds the limit of "
             f"{max_pixels} pixels; downsample it before sending"
+        )
+
+
+def validate_image(image: np.ndarray, max_pixels: int | None = None) -> np.ndarray:
+    """Check a grayscale image that preprocessing can handle and return it, or raise ImageError.
+
+    The floor for every use, training included; what is served is checked by the stricter
+    :func:`validate_served_image`."""
+    height, width = _check_array(image)
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ImageError(
+            f"image of {height}x{width} pixels is too small; both sides must be >= {MIN_SIDE}"
+        )
+    _check_pixel_limit(height, width, max_pixels)
+    return image
+
+
+def validate_served_image(image: np.ndarray, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """The shape checks of every served image (cxr_classifier, cxr_zeroshot), in this order:
+    dtype, rank, empty, `max_pixels`, aspect ratio (<= MAX_ASPECT_RATIO), both sides >=
+    MIN_SERVED_SIDE. A client may call it before sending to get the server's own message.
+    The content check (:func:`check_not_constant`) is separate: the server runs it after the
+    projection hint is checked, so a bad hint is reported first."""
+    height, width = _check_array(image)
+    _check_pixel_limit(height, width, max_pixels)
+    long_side, short_side = max(height, width), min(height, width)
+    if long_side > MAX_ASPECT_RATIO * short_side:
+        raise ImageError(
+            f"image of {height}x{width} pixels has an aspect ratio of {long_side / short_side:.1f}:1, over the "
+            f"limit of {MAX_ASPECT_RATIO:.0f}:1; it is a strip, not a chest radiograph: check the export (Rows/Columns) "
+            "and send the whole image"
+        )
+    if short_side < MIN_SERVED_SIDE:
+        raise ImageError(
+            f"image of {height}x{width} pixels is too small; both sides must be >= {MIN_SERVED_SIDE} "
+            "(a chest radiograph is hundreds of pixels on a side): send the full-resolution image, not a thumbnail"
+        )
+    return image
+
+
+def check_not_constant(image: np.ndarray) -> np.ndarray:
+    """Refuse an image whose pixels all have one value: it carries nothing to classify
+    (a blank frame, a failed export), and every answer for it would be noise."""
+    low, high = image.min(), image.max()
+    if low == high:
+        raise ImageError(
+            f"constant image: all {image.shape[0]}x{image.shape[1]} pixels have the value {int(low)}, so there is "
+            "nothing to classify (a blank or failed export?); check the source and send the real radiograph"
         )
     return image
 

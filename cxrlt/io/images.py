@@ -10,13 +10,26 @@ standard gives (PS3.4 N.2): stored values -> Modality LUT / rescale -> VOI LUT o
 window -> MONOCHROME1 / Presentation LUT Shape INVERSE inversion. The projection hint comes
 from ViewPosition, or from ViewCodeSequence when ViewPosition is missing or not usable.
 
-Anything the models cannot use (not an image, no pixel data, CT/MR/US, multi-frame,
-colour, truncated pixel data) raises :class:`InputError` naming the file and what to do.
+Anything the models cannot use raises :class:`InputError` naming the file and what to do:
+an empty file, not an image, no pixel data, CT/MR/US, multi-frame, colour (in every format:
+an RGB image is accepted only when its three channels are equal, a grey image saved as RGB),
+1-bit or floating-point pixels, pixel data that is truncated or disagrees with Rows/Columns,
+a transfer syntax no installed decoder handles, and more than MAX_PIXELS pixels: that limit
+is checked from the header (DICOM Rows x Columns, the PNG/JPEG size) *before* anything is
+decoded, so a file claiming 60000 x 60000 pixels is refused without allocating them.
+
+What the server refuses for the image's shape or content (smaller than 24 px, an aspect ratio
+over 10:1, a constant image) is checked by :func:`cxrlt.contract.preprocessing.validate_served_image`
+and ``check_not_constant`` on the server, not here: training reads small synthetic images
+through this loader too. An unusable ViewPosition (unknown term, non-ASCII or over-long
+text) is logged as a warning and ignored: the image is classified without that hint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -27,11 +40,19 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 
-from cxrlt.contract.labels import projection_from_hint
+from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
+from cxrlt.contract.preprocessing import MAX_PIXELS
 
 __all__ = ["InputError", "LoadedImage", "load_image", "load_pixels", "hint_from_dataset", "dicom_to_uint16"]
 
+log = logging.getLogger(__name__)
+
 UINT16_MAX = 65535
+# An RGB image counts as grey when at most 1 % of its pixels have channels more than 8/255 of
+# full scale apart (lossy JPEG and YBR round trips move equal channels by a step or two).
+COLOUR_TOLERANCE = 8 / 255
+COLOUR_FRACTION = 0.01
+_BOMB = "decompression-bomb guard, checked before decoding"
 
 ACCEPTED_MODALITIES = ("CR", "DX")
 # Secondary Capture: exported/scanned films arrive with Modality OT (or anything else), so
@@ -108,15 +129,19 @@ def load_image(path: str | Path) -> LoadedImage:
         raise InputError(f"{path}: no such file; check the path")
     with path.open("rb") as handle:
         head = handle.read(132)
+    if not head:
+        raise InputError(f"{path}: empty file (0 bytes); the export or transfer failed: send it again")
     if head[128:132] == b"DICM":
         return _load_dicom(path)
-    pil_image = _try_pillow(path)
+    pil_image, pil_error = _try_pillow(path)
     if pil_image is not None:
         return _load_pillow(path, pil_image)
     # Some PACS exports are bare datasets without the 128-byte preamble.
     ds = _try_bare_dicom(path)
     if ds is not None:
         return _load_dicom(path, ds)
+    if pil_error is not None:
+        raise pil_error
     raise InputError(
         f"{path}: not a DICOM file and not an image Pillow can read; "
         "send a DICOM (CR, DX or Secondary Capture) or a grayscale PNG"
@@ -139,7 +164,7 @@ def _load_dicom(path: Path, ds: Dataset | None = None) -> LoadedImage:
     stored = _decode_pixels(path, ds)
     pixels = dicom_to_uint16(stored, ds, path)
     image_id = str(ds.get("SOPInstanceUID", "") or path.stem)
-    return LoadedImage(pixels=pixels, hint=hint_from_dataset(ds), image_id=image_id, dataset=ds, source=path)
+    return LoadedImage(pixels=pixels, hint=hint_from_dataset(ds, path), image_id=image_id, dataset=ds, source=path)
 
 
 def _read_dicom(path: Path) -> Dataset:
@@ -178,6 +203,7 @@ def _try_bare_dicom(path: Path) -> Dataset | None:
 
 
 def _check_usable(path: Path, ds: Dataset) -> None:
+    """Every refusal the header alone decides, before any pixel is decoded."""
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", "") or "").upper()
     is_sc = sop_class in SECONDARY_CAPTURE_SOP_CLASSES
@@ -188,26 +214,119 @@ def _check_usable(path: Path, ds: Dataset) -> None:
                 "is not a chest radiograph; only CR, DX and Secondary Capture images are accepted"
             )
     if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise InputError(
+                f"{path}: floating-point pixel data (Float/DoubleFloatPixelData, a parametric map); a radiograph "
+                "stores integer pixels: send the original CR/DX image"
+            )
         raise InputError(
             f"{path}: the DICOM object has no pixel data (it may be a report, presentation "
             "state or key-object note); send the image instance itself"
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _int(ds, "NumberOfFrames", 1)
+    rows, columns = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if rows <= 0 or columns <= 0:
+        raise InputError(f"{path}: the header gives no image size (Rows {rows}, Columns {columns}); fix the header or re-export")
+    if rows * columns * max(frames, 1) > MAX_PIXELS:
+        raise InputError(
+            f"{path}: the header claims {rows}x{columns}"
+            f"{f' x {frames} frames' if frames > 1 else ''} = {rows * columns * max(frames, 1)} pixels, over the limit "
+            f"of {MAX_PIXELS} pixels ({_BOMB}); downsample the image before sending"
+        )
     if frames > 1:
         raise InputError(
             f"{path}: multi-frame image ({frames} frames); send one radiograph per file"
         )
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _int(ds, "SamplesPerPixel", 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if samples == 1 and not photometric:
         raise InputError(
             f"{path}: the header has no PhotometricInterpretation, so black and white are "
             "unknown; fix the header (MONOCHROME1 or MONOCHROME2) or re-export the image"
         )
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    grey_or_rgb = (samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2")) or (
+        samples == 3 and photometric in _RGB_PHOTOMETRICS
+    )
+    if not grey_or_rgb:  # PALETTE COLOR and the like: colour by definition
+        raise InputError(_colour_message(path, f"PhotometricInterpretation {photometric or 'missing'}, "
+                                               f"{samples} sample{'s' if samples != 1 else ''} per pixel"))
+    if _int(ds, "BitsAllocated", 16) == 1:
+        raise InputError(_one_bit_message(path))
+    _check_pixel_data_length(path, ds, rows, columns, samples)
+    _check_decoder(path, ds)
+
+
+_RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
+def _colour_message(path: Path, detail: str) -> str:
+    return (
+        f"{path}: colour image ({detail}); a chest radiograph is grayscale: send the original "
+        "grayscale image (a DICOM CR/DX, or a grayscale PNG)"
+    )
+
+
+def _one_bit_message(path: Path) -> str:
+    return (
+        f"{path}: 1-bit (black and white) image: it has no grey levels, so it is a mask or a scanned "
+        "document, not a radiograph; send the original grayscale image"
+    )
+
+
+def _syntax(ds: Dataset):
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _check_pixel_data_length(path: Path, ds: Dataset, rows: int, columns: int, samples: int) -> None:
+    """Native (uncompressed) pixel data must hold what Rows x Columns x bits say, no less, no more."""
+    syntax = _syntax(ds)
+    if syntax is not None and syntax.is_encapsulated:
+        return
+    bits = _int(ds, "BitsAllocated", 16)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+        samples = 2  # chroma subsampled 2:1 horizontally: 2 values per pixel on average
+    expected = rows * columns * samples * bits // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
         raise InputError(
-            f"{path}: colour image (PhotometricInterpretation {photometric or 'missing'}, "
-            f"{samples} samples per pixel); send the original grayscale radiograph"
+            f"{path}: the pixel data is truncated, or Rows x Columns are wrong: it holds {actual} bytes but "
+            f"Rows x Columns ({rows} x {columns}, {bits}-bit, {samples} sample(s)) need {expected}; "
+            "re-export or re-transfer it from the PACS"
+        )
+    if actual > expected + 1:  # one byte of padding to an even length is allowed
+        raise InputError(
+            f"{path}: the header disagrees with the pixel data: Rows x Columns ({rows} x {columns}, {bits}-bit, "
+            f"{samples} sample(s)) need {expected} bytes but the pixel data holds {actual}; fix Rows/Columns "
+            "or re-export the image"
+        )
+
+
+def _check_decoder(path: Path, ds: Dataset) -> None:
+    """A compressed transfer syntax needs a decoder installed here: say which, before decoding."""
+    from pydicom.pixels import get_decoder
+
+    syntax = _syntax(ds)
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    name = getattr(syntax, "name", None) or str(syntax)
+    try:
+        decoder = get_decoder(syntax)
+        available = decoder.is_available
+        missing = "; ".join(decoder.missing_dependencies)
+    except NotImplementedError:
+        available, missing = False, "pydicom has no decoder for it at all"
+    if not available:
+        raise InputError(
+            f"{path}: the pixel data cannot be decoded here: no installed decoder handles transfer syntax "
+            f"{name} ({syntax}) ({missing or 'no plugin'}); install one of those, or re-export the image "
+            "uncompressed (Explicit VR Little Endian) or as JPEG 2000"
         )
 
 
@@ -225,9 +344,24 @@ def _decode_pixels(path: Path, ds: Dataset) -> np.ndarray:
             f"{type(exc).__name__}: {exc}); re-export it uncompressed, or check that "
             "pylibjpeg and its plugins are installed for compressed images"
         ) from exc
+    if stored.ndim == 3 and stored.shape[-1] == 3:  # RGB / YBR (pydicom converts YBR to RGB)
+        bits = _int(ds, "BitsStored", 0) or _int(ds, "BitsAllocated", 8)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        _check_grey(path, stored, 2**bits - 1, f"PhotometricInterpretation {photometric}, 3 samples per pixel")
+        stored = np.ascontiguousarray(stored[..., 0])
     if stored.ndim != 2:
         raise InputError(f"{path}: expected one grayscale frame, got pixel array of shape {stored.shape}")
     return stored
+
+
+def _check_grey(path: Path, rgb: np.ndarray, full_scale: float, what: str) -> None:
+    """Refuse an [H, W, 3] image whose channels differ (see COLOUR_TOLERANCE)."""
+    channels = rgb.astype(np.int64, copy=False)
+    spread = channels.max(axis=-1) - channels.min(axis=-1)
+    coloured = float(np.mean(spread > COLOUR_TOLERANCE * full_scale))
+    if coloured > COLOUR_FRACTION:
+        raise InputError(_colour_message(
+            path, f"{what}: its red, green and blue channels differ in {coloured:.0%} of the pixels"))
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -296,15 +430,31 @@ def dicom_to_uint16(stored: np.ndarray, ds: Dataset, path: str | Path = "<datase
     return np.clip(np.rint(scaled), 0, UINT16_MAX).astype(np.uint16)
 
 
-def hint_from_dataset(ds: Dataset) -> str | None:
-    """ViewPosition term for the image, or None; never raises on odd header values."""
-    view_position = str(ds.get("ViewPosition", "") or "").strip().upper()
+def hint_from_dataset(ds: Dataset, source: str | Path = "<dataset>") -> str | None:
+    """ViewPosition term for the image, or None; never raises on odd header values.
+
+    A ViewPosition that is not a projection term (an unknown or odd term, non-ASCII or
+    over-long text) gives no hint: it is logged as a warning and ignored, and
+    ViewCodeSequence is tried; the image is classified either way."""
+    try:
+        raw = ds.get("ViewPosition", "") or ""
+        view_position = str(raw).strip().upper()
+    except Exception:  # undecodable bytes in the element
+        view_position = "<undecodable>"
     if view_position:
+        usable = view_position.isascii() and len(view_position) <= 16
         try:
-            if projection_from_hint(view_position) is not None:
+            if usable and projection_from_hint(view_position) is not None:
                 return view_position
         except ValueError:
             pass  # e.g. 'LLO', 'OBLIQUE': fall back to the coded view
+        shown = view_position if len(view_position) <= 40 else view_position[:40] + "..."
+        log.warning(
+            "%s: ViewPosition %r is not a projection term (%s)%s; it is ignored, the image is classified "
+            "without that hint (ViewCodeSequence is used when present)",
+            source, shown, ", ".join(ACCEPTED_HINTS),
+            "" if usable else f" ({'non-ASCII' if not view_position.isascii() else 'over 16 characters'})",
+        )
     for item in ds.get("ViewCodeSequence", None) or []:
         code = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
         if code.upper() in _VIEW_CODES:
@@ -320,14 +470,41 @@ def hint_from_dataset(ds: Dataset) -> str | None:
 
 
 def _try_pillow(path: Path):
+    """(image, None) when Pillow reads the file; (None, InputError) when Pillow knows the format
+    but cannot decode it (raised only if the file is not a bare DICOM either); (None, None)
+    when it is not an image Pillow knows. The pixel count is checked from the header, before
+    decoding; a decompression bomb is refused at once."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(path)
-        image.load()
+    except Image.DecompressionBombError as exc:
+        match = re.search(r"\((\d+) pixels\)", str(exc))
+        claimed = f"{match.group(1)} pixels" if match else "more pixels than Pillow allows"
+        raise InputError(
+            f"{path}: the image header claims {claimed}, over the limit of {MAX_PIXELS} pixels ({_BOMB}); "
+            "downsample the image before sending"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
-    return image
+        return None, None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise InputError(
+            f"{path}: the {image.format or 'image'} header claims {height}x{width} = {width * height} pixels, over "
+            f"the limit of {MAX_PIXELS} pixels ({_BOMB}); downsample the image before sending"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except Exception as exc:  # truncated or corrupt data behind a valid header
+        image.close()
+        return None, InputError(
+            f"{path}: the {image.format or 'image'} file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+            "export it again"
+        )
+    return image, None
 
 
 def _load_pillow(path: Path, image) -> LoadedImage:
@@ -335,6 +512,7 @@ def _load_pillow(path: Path, image) -> LoadedImage:
 
     if getattr(image, "n_frames", 1) > 1:
         raise InputError(f"{path}: multi-frame image ({image.n_frames} frames); send one radiograph per file")
+    file_format = image.format or "image"
     image = ImageOps.exif_transpose(image)  # phone/camera JPEGs carry their rotation in EXIF
     mode = image.mode
     if mode.startswith("I;16"):
@@ -347,8 +525,13 @@ def _load_pillow(path: Path, image) -> LoadedImage:
         pixels = raw.astype(np.uint16)
     elif mode == "F":
         raise InputError(f"{path}: floating-point image; save it as 8- or 16-bit grayscale")
+    elif mode == "1":
+        raise InputError(_one_bit_message(path))
     else:
-        # L, 1, P, RGB, RGBA, LA, CMYK, YCbCr ... -> 8-bit luminance, then 0..255 -> 0..65535.
+        # L, LA, P, RGB, RGBA, CMYK, YCbCr ... -> 8-bit luminance, then 0..255 -> 0..65535.
+        # Anything with colour must be grey in fact (equal channels): a colour photograph is refused.
+        if mode not in ("L", "LA", "La"):
+            _check_grey(path, np.asarray(image.convert("RGB")), 255, f"{file_format} mode {mode}")
         eight_bit = np.array(image if mode == "L" else image.convert("L"), dtype=np.uint16)
         pixels = eight_bit * 257
     if pixels.ndim != 2:

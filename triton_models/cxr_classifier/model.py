@@ -30,7 +30,7 @@ class TritonPythonModel:
 
     async def _respond(self, request):
         try:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            images = bls.required_input(pb_utils, request, "IMAGE")
             hints = bls.optional_strings(pb_utils.get_input_tensor_by_name(request, "PROJECTION_HINT"), len(images))
             results = await asyncio.gather(*(self.pipeline.classify(i, h) for i, h in zip(images, hints)))
         except Exception as exc:

@@ -28,8 +28,11 @@ class TritonPythonModel:
 
     async def _respond(self, request):
         try:
-            image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            image = bls.required_input(pb_utils, request, "IMAGE")
             hint = pb_utils.get_input_tensor_by_name(request, "PROJECTION_HINT")
+            # The hint is checked here, before both callees run: a request with a bad hint and a
+            # bad image then always gets the hint's error, whichever callee would answer first.
+            bls.projection_hints(hint, len(image))
             classifier_inputs = {"IMAGE": image}
             if hint is not None:
                 classifier_inputs["PROJECTION_HINT"] = hint.as_numpy()

@@ -45,7 +45,7 @@ class TritonPythonModel:
 
     async def _respond(self, request):
         try:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            images = bls.required_input(pb_utils, request, "IMAGE")
             results = await asyncio.gather(*(self.pipeline.score(image) for image in images))
         except Exception as exc:
             return bls.error_response(pb_utils, exc)

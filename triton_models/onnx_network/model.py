@@ -3,7 +3,9 @@
 
 The repository builder copies this one file into every network model (router, the six
 ensemble members, the CLIP image encoder). Triton's dynamic batcher hands `execute` the
-requests it merged; they run as one onnxruntime call.
+requests it merged; they run as one onnxruntime call. A request with NaN or Inf in its input
+is refused alone (INVALID_ARG, "non-finite pixel values"); an output holding NaN or Inf is
+never returned (INTERNAL).
 """
 
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from python_backends.onnx_runner import OnnxRunner
+from python_backends.pipeline_errors import INVALID_INPUT, non_finite_count
 from python_backends.triton_params import parameters
 
 
@@ -39,10 +42,39 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
 
     def execute(self, requests):
-        batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        responses = [None] * len(requests)
+        batches, merged = [], []
+        for index, request in enumerate(requests):
+            batch = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            bad = non_finite_count(batch)
+            if bad:  # refused alone: the merged run must not see it
+                responses[index] = self._error(
+                    f"{INVALID_INPUT}non-finite pixel values: {self.input_name} holds {bad} NaN or Inf value(s); "
+                    "send finite float32 values, preprocessed as cxrlt.contract.preprocessing.preprocess does",
+                    pb_utils.TritonError.INVALID_ARG,
+                )
+            else:
+                batches.append(batch)
+                merged.append(index)
+        if not batches:
+            return responses
         try:
             outputs = self.runner.run_many(batches)
         except Exception as exc:  # engine failure: every merged request learns why
-            error = pb_utils.TritonError(f"{type(self.runner).__name__} failed: {exc}", pb_utils.TritonError.INTERNAL)
-            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
-        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]) for out in outputs]
+            outputs = [exc] * len(batches)
+        for index, out in zip(merged, outputs):
+            if isinstance(out, Exception):
+                responses[index] = self._error(f"{type(self.runner).__name__} failed: {out}", pb_utils.TritonError.INTERNAL)
+            elif non_finite_count(out):
+                responses[index] = self._error(
+                    f"{self.output_name} of this network holds {non_finite_count(out)} NaN or Inf value(s) for finite "
+                    "inputs and was not returned; its weights or ONNX file are broken: rebuild the repository",
+                    pb_utils.TritonError.INTERNAL,
+                )
+            else:
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
+        return responses
+
+    @staticmethod
+    def _error(message, code):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
