@@ -2,7 +2,8 @@
 an in-process `cxrlt` runner.
 
 Every test that uses the session's server (directly or through another fixture) is marked
-`e2e` here, so `pytest -m "not e2e and not slow"` never starts one.
+`e2e` here, and every other test that builds a repository `slow`, so the fast loop
+`pytest -m "not e2e and not slow"` neither starts a server nor exports a network.
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ SERVER_FIXTURES = {"triton_server", "serve"}
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Building a model repository exports nine networks to ONNX: tens of seconds on 2 cores.
+BUILD_FIXTURES = {"tiny_repository"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SERVER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.e2e)
+        elif BUILD_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

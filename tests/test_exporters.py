@@ -73,6 +73,7 @@ def test_every_generated_config_parses_with_tritons_model_config(tiny_repository
     assert not (tiny_repository.parent / "ngc" / "projection_router" / "1" / "model.py").exists()
 
 
+@pytest.mark.slow  # builds a repository or trains: tens of seconds on 2 cores
 def test_checkpoints_are_loaded_and_recorded(tmp_path):
     checkpoints = tmp_path / "ckpt"
     trained, _ = load_network(TINY, "ensemble_lateral_pcam", seed=7)
@@ -155,6 +156,7 @@ def test_text_cache_refuses_mismatches(tmp_path):
         load_text_cache(tmp_path / "missing", TASK2_LABELS, encoder)
 
 
+@pytest.mark.slow  # builds a repository or trains: tens of seconds on 2 cores
 def test_torchscript_engine_repository_serves_like_pytorch(tmp_path):
     """The TorchScript engine (PyTorch on CUDA where available) gives the same logits on CPU."""
     from cxrlt.server.launcher import TritonServer, free_port

@@ -38,6 +38,7 @@ def test_member_execution_values_are_checked():
         BuildOptions(member_execution="remote")
 
 
+@pytest.mark.slow  # builds a repository or trains: tens of seconds on 2 cores
 def test_build_repo_option_reaches_both_bls_configs(tmp_path):
     from cxrlt.cli.main import main
     from cxrlt.contract.model_config import config_parameters

@@ -76,7 +76,7 @@ def test_the_demo_on_an_identified_image_prints_no_identifier(identified_dicom, 
     run = _cxrlt("demo", "--image", str(identified_dicom), "--keep", cwd=tmp_path, timeout=800)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not _leaks(run.stdout + run.stderr)
-    kept = re.findall(r"kept (\S+) \(repository and server log\)", " ".join(run.stdout.split()))
+    kept = re.findall(r"kept (\S+) \(repository and server log\)", " ".join((run.stdout + run.stderr).split()))
     assert kept, run.stdout[-2000:]
     logs = [log for folder in kept for log in Path(folder).rglob("*.log")]
     assert logs

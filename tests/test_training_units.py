@@ -320,6 +320,7 @@ def test_job_registry_picks_the_job_by_task(small_csv):
         create_job(dataclasses.replace(router, task="segmentation"), data)
 
 
+@pytest.mark.slow  # builds a repository or trains: tens of seconds on 2 cores
 def test_bf16_autocast_training_step_runs_on_cpu(small_csv, tmp_path):
     """The mixed-precision path (as on a GPU) with torch's CPU bf16 autocast."""
     from training.loop import train
