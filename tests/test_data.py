@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,10 +35,11 @@ from training.synth import write_synthetic_dataset
 
 def test_counts_csv_packaged_copy_and_override(tmp_path, monkeypatch):
     monkeypatch.delenv(data.COUNTS_CSV_ENV, raising=False)
-    assert find_counts_csv() == data.COUNTS_CSV_CANDIDATES[0]
-    shared = data.COUNTS_CSV_CANDIDATES[1]
+    assert find_counts_csv() == data.PACKAGED_COUNTS_CSV
+    # The design card's original, beside the checkout (tests only: the product never reads it).
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "padchest_cxrlt2026_counts.csv"
     if shared.is_file():  # the packaged copy is verbatim
-        assert data.COUNTS_CSV_CANDIDATES[0].read_bytes() == shared.read_bytes()
+        assert data.PACKAGED_COUNTS_CSV.read_bytes() == shared.read_bytes()
     copy = tmp_path / "counts.csv"
     copy.write_bytes(find_counts_csv().read_bytes())
     monkeypatch.setenv(data.COUNTS_CSV_ENV, str(copy))

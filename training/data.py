@@ -31,16 +31,12 @@ from PIL import Image
 
 from cxrlt.contract.labels import ALL_LABELS, PROJECTIONS
 from cxrlt.contract.preprocessing import PreprocessConfig, normalize, prepare_square
+from cxrlt.contract.resources import package_file
 from cxrlt.io.images import load_pixels
 
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The packaged copy comes first so the package works outside this checkout; the shared
-# folder next to the repository is the project's original of the same file.
-COUNTS_CSV_CANDIDATES: tuple[Path, ...] = (
-    PACKAGE_DATA / "padchest_cxrlt2026_counts.csv",
-    REPO_ROOT.parent / "shared" / "data" / "padchest_cxrlt2026_counts.csv",
-)
+PACKAGE_DATA = package_file("training", "data")
+# The package's own copy of the PadChest counts (nothing outside the installed package is read).
+PACKAGED_COUNTS_CSV = PACKAGE_DATA / "padchest_cxrlt2026_counts.csv"
 COUNTS_CSV_ENV = "CXRLT_PADCHEST_COUNTS"
 DEFAULT_LABEL_MAP = PACKAGE_DATA / "padchest_label_map.yaml"
 
@@ -205,8 +201,7 @@ class ClassCounts:
 
 
 def find_counts_csv(path: str | os.PathLike | None = None) -> Path:
-    """The PadChest counts CSV: `path`, else $CXRLT_PADCHEST_COUNTS, else the packaged copy,
-    else `../shared/data/` next to the repository."""
+    """The PadChest counts CSV: `path`, else $CXRLT_PADCHEST_COUNTS, else the packaged copy."""
     if path is None and os.environ.get(COUNTS_CSV_ENV):
         path = os.environ[COUNTS_CSV_ENV]
     if path is not None:
@@ -214,14 +209,9 @@ def find_counts_csv(path: str | os.PathLike | None = None) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"PadChest counts CSV {path} does not exist; pass an existing file")
         return path
-    for candidate in COUNTS_CSV_CANDIDATES:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        "PadChest counts CSV not found in "
-        + ", ".join(str(c) for c in COUNTS_CSV_CANDIDATES)
-        + f"; pass its path or set ${COUNTS_CSV_ENV}"
-    )
+    if PACKAGED_COUNTS_CSV.is_file():
+        return PACKAGED_COUNTS_CSV
+    raise FileNotFoundError(f"PadChest counts CSV not found at {PACKAGED_COUNTS_CSV}; pass its path or set ${COUNTS_CSV_ENV}")
 
 
 def _split_terms(cell: str | None) -> tuple[str, ...]:
