@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from cxrlt.cli.main import main
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS
 from cxrlt.io.reports import read_sr_findings
 from cxrlt.server.launcher import free_port
+from tests.phi_sentinels import leaks, write_identified_dicom
+from tests.serve_process import children
 
 pytestmark = pytest.mark.e2e
 
@@ -206,32 +209,29 @@ def test_nothing_to_do_exits_one(url, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_runs_end_to_end(tmp_path):
-    """`cxrlt demo` builds the tiny repository, starts its own server, classifies RG1_UNCR.dcm, stops."""
+    """`cxrlt demo --image` builds the tiny repository, starts its own server, classifies a real
+    radiograph (RG1_UNCR carrying sentinel identifiers), stops; no identifier in its output or logs."""
+    image = write_identified_dicom(tmp_path / "study" / "image.dcm")
     env = dict(os.environ, COLUMNS="160")
     completed = subprocess.run(
-        [sys.executable, "-m", "cxrlt", "demo"], cwd=tmp_path, env=env,
+        [sys.executable, "-m", "cxrlt", "demo", "--image", str(image), "--keep"], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=280,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-3000:]
+    kept = re.findall(r"kept (\S+) \(repository and server log\)", " ".join(output.split()))
+    try:
+        logs = [log for folder in kept for log in Path(folder).rglob("*.log")]
+        assert logs, output[-2000:]
+        for text in (output, *(log.read_text(errors="replace") for log in logs)):
+            assert not leaks(text), leaks(text)
+    finally:
+        for folder in kept:
+            shutil.rmtree(folder, ignore_errors=True)
     assert "projection: frontal" in output and "ViewPosition PA" in output and "hint used: yes" in output
     assert "NOT DIAGNOSTIC" in output and "random weights" in output
     assert all(label in completed.stdout for label in ALL_LABELS)
     assert "latency:" in output
-
-
-def _children(pid: int) -> dict[int, str]:
-    """pid -> command line of the direct children of `pid` (from /proc)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                children[int(stat.parent.name)] = cmdline
-        except (OSError, IndexError, ValueError):
-            continue
-    return children
 
 
 @pytest.mark.slow
@@ -251,7 +251,7 @@ def test_demo_stops_its_server_on_ctrl_c(tmp_path):
         deadline = time.monotonic() + 240
         server_pid = None
         while server_pid is None and time.monotonic() < deadline and demo.poll() is None:
-            server_pid = next((pid for pid, cmd in _children(demo.pid).items() if "tritonserver" in cmd), None)
+            server_pid = next((pid for pid, cmd in children(demo.pid).items() if "tritonserver" in cmd), None)
             time.sleep(0.2)
         assert server_pid is not None, "the demo never started tritonserver"
         time.sleep(1.0)
