@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "build the tiny repository, serve it and classify a real chest X-ray end to end"),
     "loadtest": ("loadtest", "load-test a running server with locust over gRPC and check throughput/latency targets"),
     "bench": ("bench", "served pipeline vs the same pipeline in process (onnxruntime): images/s and latency per concurrency"),
+    "soak": ("soak", "many requests against one server: RSS, fds and /dev/shm of its process tree sampled, growth after warm-up judged"),
     "stress": ("stress", "overload test: saturation, then N x that rate; rejections, goodput, correctness, recovery"),
     "synth-data": ("synth_data", "write a synthetic, long-tailed CXR-like data set (16-bit PNGs + labels.csv)"),
     "train": ("train", "train networks from recipe YAMLs into <served model name>.pt checkpoints"),
