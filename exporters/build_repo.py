@@ -9,6 +9,7 @@ inputs always give the same repository, byte for byte.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -197,13 +198,17 @@ def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: 
     return record
 
 
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
-                 random_weights: bool) -> None:
+                 random_weights: bool, identity: str) -> None:
     queue = options.queue_policy(profile)
     common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances,
                   queue_policy=queue_policy_block(queue.max_queue_size, queue.timeout_ms))
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
-    flag = {"random_weights": "true" if random_weights else "false"}
+    flag = {"random_weights": "true" if random_weights else "false", "repository_sha256": identity}
     calls = {"member_timeout_ms": str(queue.member_timeout_ms)}
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads), **calls}
     params = {
@@ -291,8 +296,12 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
     text_cache = build_text_cache(out, clip_model, profile.clip.model_name, Path(options.prompts), clip_weights)
 
     random_weights = any(m["checkpoint"] is None for m in models.values())
+    # What the served answers depend on (weights, files, prompts, pipeline settings), in one hash
+    # the pipeline configs carry: e.g. the DICOM node derives its SR UIDs from it.
+    identity = sha256_json({"models": models, "text_cache": text_cache, "classifier": classifier.to_parameters(),
+                            "zeroshot": zeroshot.to_parameters()})
     step("writing Python models")
-    _bls_configs(out, options, profile, classifier, zeroshot, random_weights)
+    _bls_configs(out, options, profile, classifier, zeroshot, random_weights, identity)
 
     manifest = {
         "profile": profile.name,
@@ -308,6 +317,7 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
         "classifier": classifier.to_parameters(),
         "zeroshot": zeroshot.to_parameters(),
         "queue_policy": dataclasses.asdict(options.queue_policy(profile)),
+        "repository_sha256": identity,
         "packages": _package_versions(),
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

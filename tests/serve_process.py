@@ -17,8 +17,10 @@ from cxrlt.server.launcher import free_port
 class Serve:
     """`cxrlt serve` in a subprocess, with its own ports; stopped by PID whatever happens."""
 
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
+                 ports: dict[str, int] | None = None) -> None:
+        # ports: {"grpc", "http", "metrics"} to restart a server where its clients expect it
+        self.ports = dict(ports) if ports else {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
         command = [sys.executable, "-m", "cxrlt", "serve", "--model-repository", str(repository),
                    "--grpc-port", str(self.ports["grpc"]), "--http-port", str(self.ports["http"]),
                    "--metrics-port", str(self.ports["metrics"]), *args]

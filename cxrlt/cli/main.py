@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "local-cluster": ("local_cluster", "N replicas behind nginx (gRPC) with Prometheus and the HPA's recording rule, on loopback"),
     "health": ("health", "deep readiness check: every model ready and a tiny real inference through each (exit 0/1)"),
     "classify": ("classify", "classify DICOM/PNG files on a running server: JSON, challenge CSV or DICOM SR"),
+    "dicom-node": ("dicom_node", "DICOM Storage SCP: spool received chest radiographs, classify them, store one SR per image back"),
     "demo": ("demo", "build the tiny repository, serve it and classify a real chest X-ray end to end"),
     "loadtest": ("loadtest", "load-test a running server with locust over gRPC and check throughput/latency targets"),
     "bench": ("bench", "served pipeline vs the same pipeline in process (onnxruntime): images/s and latency per concurrency"),
@@ -31,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Top-level modules of the optional dependencies -> the extra that installs them.
 EXTRA_OF_MODULE: dict[str, str] = {
     "tritonclient": "client", "pydicom": "client", "highdicom": "client", "pylibjpeg": "client",
-    "openjpeg": "client", "pandas": "client", "grpc": "client",
+    "openjpeg": "client", "pandas": "client", "grpc": "client", "pynetdicom": "client", "dicomweb_client": "client",
     "pytriton": "serve", "onnxruntime": "serve",
     "torch": "export", "torchvision": "export", "timm": "export", "open_clip": "export", "onnx": "export",
     "onnxscript": "export",

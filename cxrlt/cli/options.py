@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 from typing import Any
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, name: str, plot_help: str) -> None:
+    """--out / --json / --plot of a measuring command (bench, stress, soak)."""
+    parser.add_argument("--out", type=Path, help=f"output directory (default runs/{name}-<time>)")
+    parser.add_argument("--json", type=Path, help=f"report JSON (default OUT/{name}.json)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help=f"{plot_help} (default OUT/{name}.png)")
+
+
+def report_folder(args: argparse.Namespace, name: str) -> Path:
+    """--out, or runs/<name>-<time>."""
+    return args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:

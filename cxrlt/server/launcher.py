@@ -147,6 +147,8 @@ def check_ports_free(host: str, ports: dict[str, int], advice: str = "choose oth
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for label, port in ports.items():
         with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # As the server binds: connections of a stopped server lingering in TIME_WAIT do not count.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as exc:

@@ -9,6 +9,8 @@ Starts the embedded tritonserver on the repository itself (free ports) unless --
 from __future__ import annotations
 
 import argparse
+
+from cxrlt.cli.options import add_report_arguments, report_folder
 from pathlib import Path
 
 
@@ -39,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-memory", action="store_true",
                         help="served side: pass each image through a system shared-memory region registered with the "
                              "server instead of inside the gRPC message (client and server on one host)")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/bench-<time>)")
-    parser.add_argument("--json", type=Path, help="figures JSON (default OUT/bench.json)")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="throughput/latency plot (default OUT/bench.png)")
+    add_report_arguments(parser, "bench", "throughput/latency plot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from loadtest.bench import BenchConfig, plot, run_bench, summary_table, write_json
     from loadtest.metrics import print_wide
 
-    out = args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    out = report_folder(args, "bench")
     config = BenchConfig(
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
         requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,

@@ -24,7 +24,12 @@ TASKS = ("all", "task1", "task2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders (searched recursively)")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders (searched recursively)")
+    parser.add_argument("--dicomweb", metavar="URL",
+                        help="instead of files: classify the radiographs of --study from this DICOMweb service root "
+                             "(e.g. http://pacs:8042/dicom-web); JSON output, one SR per image stored back with --store")
+    parser.add_argument("--study", metavar="UID", help="with --dicomweb: the StudyInstanceUID to classify")
+    parser.add_argument("--store", action="store_true", help="with --dicomweb: STOW-RS each image's SR back into its study")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT (default 127.0.0.1:8001)")
     parser.add_argument("--format", default="json", choices=FORMATS, help="json (default), the challenge csv, or sr (DICOM SR per image)")
     parser.add_argument("--out", help="output file (json, csv; '-' or absent: stdout) or directory (sr)")
@@ -52,7 +57,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    if args.dicomweb or args.study or args.store:
+        return _backfill(args)
+    if not args.paths:
+        raise ValueError("give files or folders to classify, or --dicomweb URL --study UID")
     return asyncio.run(_run(args))
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    """`--dicomweb URL --study UID [--store]`: the study's radiographs through the DICOM node's pipeline."""
+    import asyncio
+    import json
+
+    from cxrlt.cli.console import console
+    from cxrlt.io.atomic import write_text_atomic
+    from cxrlt.node.backfill import backfill
+
+    if not (args.dicomweb and args.study) or args.paths or args.format != "json":
+        raise ValueError("DICOMweb backfill takes --dicomweb URL and --study UID, no paths, and writes JSON")
+    entries = asyncio.run(backfill(args.dicomweb, args.study, args.url, store=args.store, tls=tls_options(args),
+                                   timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s,
+                                   concurrency=args.concurrency))
+    text = json.dumps(entries, indent=2) + "\n"
+    if args.out and args.out != "-":
+        write_text_atomic(args.out, text)
+    else:
+        print(text, end="")
+    failed = [e for e in entries if e.get("error")]
+    stored = sum(1 for e in entries if e.get("stored"))
+    console.print(f"{len(entries) - len(failed)} of {len(entries)} images of study {args.study} classified"
+                  + (f", {stored} SRs stored" if args.store else ""), highlight=False)
+    for entry in failed:
+        console.print(f"[red]{entry.get('source', entry.get('image_id'))}: {entry['error']}", highlight=False)
+    return 2 if failed else 0
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -13,6 +13,8 @@ ports itself and stops it at the end."""
 from __future__ import annotations
 
 import argparse
+
+from cxrlt.cli.options import add_report_arguments, report_folder
 from pathlib import Path
 
 
@@ -34,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rss-slope-mib", type=float, default=1.0,
                         help="target: RSS slope over the later half of the post-warm-up samples, in MiB per 1,000 "
                              "requests (default 1; a short run needs a larger bound, e.g. 50 for 2,000 requests)")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/soak-<time>)")
-    parser.add_argument("--json", type=Path, help="report JSON (default OUT/soak.json)")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="plot (default OUT/soak.png)")
+    add_report_arguments(parser, "soak", "plot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from loadtest.metrics import print_wide
     from loadtest.soak import SoakConfig, Targets, plot, run_soak, summary_table
 
-    out = args.out or Path("runs") / time.strftime("soak-%Y%m%d-%H%M%S")
+    out = report_folder(args, "soak")
     config = SoakConfig(
         requests=args.requests, url=args.url, server_pid=args.server_pid, repo=args.repo, sample_every=args.sample_every,
         warmup=args.warmup, concurrency=args.concurrency, image_set=args.image_set, send_hints=not args.no_hints,

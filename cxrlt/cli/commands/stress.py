@@ -16,6 +16,8 @@ server's process is found by its port to measure its CPU and see that it is stil
 from __future__ import annotations
 
 import argparse
+
+from cxrlt.cli.options import add_report_arguments, report_folder
 from pathlib import Path
 
 
@@ -40,9 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
     parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on a missed timing target too")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/stress-<time>)")
-    parser.add_argument("--json", type=Path, help="report JSON (default OUT/stress.json)")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="timeline plot (default OUT/stress.png)")
+    add_report_arguments(parser, "stress", "timeline plot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from loadtest.bench import write_json
     from loadtest.stress import StressConfig, plot, run_stress, summary_table
 
-    out = args.out or Path("runs") / time.strftime("stress-%Y%m%d-%H%M%S")
+    out = report_folder(args, "stress")
     config = StressConfig(
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, model=args.model, overload=args.overload,
         duration_s=args.duration_s, arrivals=args.arrivals, seed=args.seed, request_timeout_s=args.request_timeout_s,

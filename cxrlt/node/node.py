@@ -1,0 +1,441 @@
+"""`cxrlt dicom-node`: a DICOM Storage SCP that has chest radiographs classified and stores the SR back.
+
+Flow of one instance::
+
+    C-STORE -> spool (fsync, rename) -> success status     (durable before acknowledged)
+            -> worker: load (cxrlt.io.images) -> classify (AsyncCxrltClient, cxr_findings)
+            -> TID 1500 SR (cxrlt.io.reports, deterministic UIDs) -> C-STORE / STOW-RS
+            -> spool entry removed once the destination accepted the SR
+
+* Nothing lost: the server or the destination unavailable -> the entry stays spooled and is
+  retried with capped exponential backoff (and jitter); a restarted node replays its spool.
+  A failure that retrying cannot fix (a bad image, not a chest radiograph, the server refusing
+  the image) moves the entry to ``rejected/`` with a reason file, and the node goes on.
+* No loops, no duplicates: objects without pixel data (SR, presentation states, key objects)
+  are acknowledged and dropped; images that are not chest radiographs (modality, body part)
+  are rejected, never classified; the SR's UID is derived from the source's UID and the
+  served repository, so a re-sent image gives the same SR.
+* One log line per instance (SOPInstanceUID, outcome, latency), never a patient identifier;
+  counters in Prometheus' text format (:mod:`cxrlt.node.metrics`).
+* SIGTERM: stop accepting associations, let what is in flight finish within ``grace_s``;
+  anything unfinished stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from cxrlt.node import CHEST_BODY_PARTS
+from cxrlt.node.destinations import DestinationError
+from cxrlt.node.metrics import Metrics
+from cxrlt.node.report import build_node_sr, read_repository
+from cxrlt.node.spool import Spool, entry_name
+
+__all__ = ["NodeConfig", "DicomNode", "CHEST_BODY_PARTS", "transfer_syntaxes"]
+
+log = logging.getLogger("cxrlt.node")
+
+# C-STORE failure statuses (PS3.4 B.2.3)
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+DOES_NOT_MATCH = 0xA900  # the data set does not match the SOP class
+# Storage SOP classes that hold no radiograph: SR (and key objects), presentation states,
+# encapsulated documents, waveforms, raw data / registration / segmentation, surfaces, RT objects.
+NON_IMAGE_SOP_CLASSES = tuple(f"1.2.840.10008.5.1.4.1.1.{suffix}" for suffix in (
+    "88.", "11.", "104.", "9.", "66", "67", "68.", "481."))
+_BUILT_CACHE = 1000  # SRs kept while their destination is down, so a retry does not classify again
+
+
+@dataclasses.dataclass
+class NodeConfig:
+    ae_title: str
+    spool: Path
+    destination: Any  # CStoreDestination | StowDestination: .send(sr), str() names it
+    url: str = "127.0.0.1:8001"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    workers: int = 2
+    metrics_port: int | None = 9102  # None: no metrics endpoint
+    tls: dict[str, Any] = dataclasses.field(default_factory=dict)  # ssl / root_certificates / ...
+    timeout_s: float = 60.0  # one inference attempt
+    retries: int = 3  # attempts per classification inside the client (UNAVAILABLE)
+    deadline_s: float = 60.0  # one classification, all its attempts
+    backoff_s: float = 1.0  # the node's retry of a spooled entry: first wait ...
+    max_backoff_s: float = 60.0  # ... doubling up to this
+    grace_s: float = 10.0  # on SIGTERM, time for what is in flight
+    body_parts: tuple[str, ...] = CHEST_BODY_PARTS
+
+
+class _Reject(Exception):
+    """Retrying cannot help: the entry goes to rejected/ with this reason."""
+
+
+class _Retry(Exception):
+    """Retrying may help (server or destination unavailable): the entry stays spooled."""
+
+
+class _Connection:
+    """The clients of one connection to the server: the SDK's for inference, a plain one for configs.
+
+    Replaced after the server was unavailable: a gRPC channel that kept failing backs off its
+    reconnects (up to minutes), so a new channel finds a restarted server at once; it also
+    forgets what the old one cached about the served models.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        import tritonclient.grpc.aio as aioclient
+
+        from cxrlt.client.sdk import AsyncCxrltClient
+
+        self.created = time.monotonic()
+        self.client = AsyncCxrltClient(config.url, timeout_s=config.timeout_s, retries=config.retries,
+                                       deadline_s=config.deadline_s, **config.tls)
+        self.configs = aioclient.InferenceServerClient(config.url, **config.tls)  # the repository's identity
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.close()
+        with contextlib.suppress(Exception):
+            await self.configs.close()
+
+
+def transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes the SCP accepts: uncompressed always, compressed ones this host can decode."""
+    from pydicom import uid
+    from pydicom.pixels import get_decoder
+
+    native = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
+              uid.ExplicitVRBigEndian]
+    compressed = [uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLosslessSV1, uid.JPEGLossless,
+                  uid.JPEG2000Lossless, uid.JPEG2000, uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.RLELossless]
+    usable = []
+    for syntax in compressed:
+        try:
+            if get_decoder(syntax).is_available:
+                usable.append(syntax)
+        except NotImplementedError:
+            continue
+    return [*native, *usable]
+
+
+def _reason(path: Path, exc: BaseException) -> str:
+    message = str(exc) or type(exc).__name__
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+class DicomNode:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.metrics = Metrics(self.spool.count)
+        self.port: int | None = None  # the DICOM port, once listening
+        self.metrics_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[str] | None = None
+        self._pending: set[str] = set()  # queued, in work or waiting for a retry
+        self._again: set[str] = set()  # received again while pending
+        self._attempts: dict[str, int] = {}
+        self._built: dict[str, Any] = {}  # name -> SR whose delivery failed (resent without classifying again)
+        self._busy = 0
+        self._stopping = False
+        self._rng = random.Random()
+        self._connection: _Connection | None = None
+        self._retired: set[_Connection] = set()
+
+    # ------------------------------------------------------------------ receiving (pynetdicom's threads)
+
+    def _on_echo(self, event: Any) -> int:
+        return 0x0000
+
+    def _on_store(self, event: Any) -> int:
+        sop = str(event.request.AffectedSOPInstanceUID or "")
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        name = entry_name(sop)
+        self.metrics.inc("received")
+        try:
+            data = event.encoded_dataset()
+        except Exception as exc:  # nothing usable arrived
+            self._outcome(sop, "refused", 0.0, reason=f'"no data set: {exc}"')
+            return CANNOT_UNDERSTAND
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's warnings may quote element values
+                dataset = event.dataset
+                has_pixels = "PixelData" in dataset
+                identity = (str(dataset.get("SOPClassUID", "")), str(dataset.get("SOPInstanceUID", "")))
+        except Exception as exc:
+            return self._refuse(name, sop, data, CANNOT_UNDERSTAND,
+                                f"the data set could not be decoded ({type(exc).__name__}: {exc})")
+        if identity != (sop_class, sop):
+            return self._refuse(name, sop, data, DOES_NOT_MATCH,
+                                f"the data set does not match its C-STORE request (SOP class and instance "
+                                f"{identity[0]!r} / {identity[1]!r}, request {sop_class} / {sop})")
+        if not has_pixels or sop_class.startswith(NON_IMAGE_SOP_CLASSES):
+            # SR, KO, PR, documents ...: never classified, so the node's own SRs never loop back
+            self.metrics.inc("ignored")
+            self._outcome(sop, "ignored", 0.0, reason=f'"not an image (SOP class {sop_class})"')
+            return 0x0000
+        try:
+            self.spool.put(name, data)
+        except OSError as exc:
+            self._outcome(sop, "refused", 0.0, reason=f'"could not spool it: {exc}"')
+            return OUT_OF_RESOURCES
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended: the next start replays it
+                self._loop.call_soon_threadsafe(self._enqueue, name)
+        return 0x0000
+
+    def _refuse(self, name: str, sop: str, data: bytes, status: int, reason: str) -> int:
+        """Answer a failure status; keep what arrived in rejected/ with the reason, for a person to look at."""
+        reason = f"{reason}; refused with C-STORE status 0x{status:04X}"
+        try:
+            self.spool.reject(name, reason, data=data)
+        except OSError as exc:
+            log.error("sop=%s could not write rejected/%s: %s", sop, name, exc)
+        self.metrics.inc("rejected")
+        self._outcome(sop, "rejected", 0.0, reason=f'"{reason}"')
+        return status
+
+    # ------------------------------------------------------------------ scheduling (event loop)
+
+    def _enqueue(self, name: str) -> None:
+        if name in self._pending:
+            self._again.add(name)
+            return
+        self._pending.add(name)
+        assert self._queue is not None
+        self._queue.put_nowait(name)
+
+    def _requeue(self, name: str) -> None:
+        self._pending.discard(name)
+        if not self._stopping:
+            self._enqueue(name)
+
+    def _done(self, name: str) -> None:
+        self._pending.discard(name)
+        self._attempts.pop(name, None)
+        if name in self._again:
+            self._again.discard(name)
+            if self.spool.path(name).exists():
+                self._enqueue(name)
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
+        return ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
+
+    def _outcome(self, sop: str, outcome: str, latency_s: float, **fields: Any) -> None:
+        extra = "".join(f" {key}={value}" for key, value in fields.items() if value is not None)
+        log.info("sop=%s outcome=%s latency_s=%.2f%s", sop or "-", outcome, latency_s, extra)
+
+    # ------------------------------------------------------------------ work
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        while True:
+            name = await self._queue.get()
+            if self._stopping:
+                continue  # stays in the spool for the next start
+            self._busy += 1
+            try:
+                await self._process(name)
+            except Exception:  # a bug must not stop the node: keep the entry, try again later
+                log.exception("entry %s: unexpected error; it stays spooled and is retried", name)
+                self._retry_later(name, "unexpected error")
+            finally:
+                self._busy -= 1
+
+    def _retry_later(self, name: str, reason: str) -> None:
+        attempt = self._attempts[name] = self._attempts.get(name, 0) + 1
+        delay = self._backoff(attempt)
+        self.metrics.inc("retried")
+        sop = name.removesuffix(".dcm")
+        self._outcome(sop, "retry", self._age(name), attempt=attempt, next_s=f"{delay:.1f}", reason=f'"{reason}"')
+        assert self._loop is not None
+        self._loop.call_later(delay, self._requeue, name)
+
+    def _age(self, name: str) -> float:
+        try:
+            return max(0.0, time.time() - self.spool.path(name).stat().st_mtime)
+        except OSError:
+            return 0.0
+
+    async def _process(self, name: str) -> None:
+        path = self.spool.path(name)
+        if not path.exists():  # delivered or rejected meanwhile
+            self._done(name)
+            return
+        latency = self._age(name)
+        started = time.monotonic()
+        try:
+            sr, sop, detail = await self._report(name, path)
+            try:
+                await asyncio.to_thread(self.config.destination.send, sr)
+            except DestinationError as exc:
+                self._remember(name, (sr, sop, detail))
+                raise _Retry(str(exc)) from None
+        except _Retry as exc:
+            self._retry_later(name, str(exc))
+            return
+        except _Reject as exc:
+            try:
+                self.spool.reject(name, str(exc))
+            except FileNotFoundError:
+                pass
+            self.metrics.inc("rejected")
+            self._built.pop(name, None)
+            self._outcome(name.removesuffix(".dcm"), "rejected", latency + time.monotonic() - started,
+                          attempts=self._attempts.get(name, 0) + 1, reason=f'"{exc}"')
+            self._done(name)
+            return
+        self._built.pop(name, None)
+        self.spool.remove(name)
+        self.metrics.inc("sent")
+        self._outcome(sop, "sent", latency + time.monotonic() - started, attempts=self._attempts.get(name, 0) + 1,
+                      sr=str(sr.SOPInstanceUID), to=f'"{self.config.destination}"', **detail)
+        self._done(name)
+
+    def _reconnect(self, failed: _Connection) -> None:
+        """Use new clients from now on (at most once a second); close the failed ones when their calls are over."""
+        if self._connection is not failed or time.monotonic() - failed.created < 1.0:
+            return
+        self._connection = _Connection(self.config)
+        self._retired.add(failed)
+
+        def close() -> None:
+            self._retired.discard(failed)
+            asyncio.ensure_future(failed.close())
+
+        assert self._loop is not None
+        self._loop.call_later(self.config.deadline_s + self.config.timeout_s + 5.0, close)
+
+    def _remember(self, name: str, built: tuple) -> None:
+        if name in self._built or len(self._built) < _BUILT_CACHE:
+            self._built[name] = built
+
+    async def _report(self, name: str, path: Path) -> tuple[Any, str, dict]:
+        """(SR, source SOPInstanceUID, log fields) of a spooled image; raises _Retry or _Reject."""
+        from cxrlt.client.sdk import ClientError, ServerRejected
+        from cxrlt.io.images import InputError
+
+        if name in self._built:
+            return self._built[name]
+        try:
+            loaded = await asyncio.to_thread(self._load, path)
+        except InputError as exc:
+            raise _Reject(_reason(path, exc)) from None
+        sop = loaded.image_id
+        connection = self._connection
+        try:
+            repository = await read_repository(connection.configs, timeout_s=self.config.timeout_s)
+        except Exception as exc:  # tritonclient's errors: unreachable, loading, restarting
+            self._reconnect(connection)
+            message = getattr(exc, "message", lambda: None)() or str(exc)
+            raise _Retry(f"could not read the served models' configs at {self.config.url}: {message}") from None
+        try:
+            result = await connection.client.classify(loaded.pixels, hint=loaded.hint, image_id=sop)
+        except ServerRejected as exc:
+            raise _Reject(f"the server refused the image: {exc.server_message}") from None
+        except ClientError as exc:  # unavailable, overloaded, timed out, an internal error: may pass
+            self._reconnect(connection)
+            raise _Retry(str(exc)) from None
+        self.metrics.inc("classified")
+        try:
+            sr = await asyncio.to_thread(build_node_sr, result, loaded.dataset, repository)
+        except Exception as exc:
+            raise _Reject(f"could not build the SR: {type(exc).__name__}: {exc}") from None
+        detail = {"projection": result.projection, "score": f"{result.projection_score:.3f}",
+                  "repository": repository.sha256[:16]}
+        return sr, sop, detail
+
+    def _load(self, path: Path):
+        """cxrlt.io.images.load_image, after the body part check (header only, before decoding)."""
+        import pydicom
+
+        from cxrlt.io.images import InputError, load_image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+            body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+        except Exception:  # load_image says what is wrong with the file
+            body_part = ""
+        if body_part and not any(term in body_part for term in self.config.body_parts):
+            raise InputError(
+                f"{path}: body part {body_part!r} is not a chest (accepted: {', '.join(self.config.body_parts)}); "
+                "only chest radiographs are classified"
+            )
+        loaded = load_image(path)
+        if loaded.dataset is None:
+            raise InputError(f"{path}: not a DICOM image; the node only classifies DICOM instances")
+        return loaded
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _application_entity(self):
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_called_aet = True  # associations addressed to another AE title are refused
+        syntaxes = transfer_syntaxes()
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        return ae, handlers
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then shut down (see the module's docstring)."""
+        import pydicom
+
+        config = self.config
+        # pydicom's reading validation warns (and logs) element values, which may identify a patient
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._connection = _Connection(config)
+        ae, handlers = self._application_entity()
+        server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
+        self.port = int(server.server_address[1])
+        try:
+            if config.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            replay = self.spool.pending()
+            for name in replay:
+                self._enqueue(name)
+            workers = [asyncio.create_task(self._worker()) for _ in range(max(1, config.workers))]
+            log.info("listening as %s on %s:%d; classifying on %s; results to %s; spool %s (%d to replay); "
+                     "metrics on %s", config.ae_title, config.host, self.port, config.url, config.destination,
+                     config.spool, len(replay), f"{config.host}:{self.metrics_port}" if self.metrics_port else "off")
+            await stop.wait()
+            log.info("stopping: no new associations; %.0f s for what is in flight", config.grace_s)
+            deadline = time.monotonic() + config.grace_s
+            await asyncio.to_thread(server.shutdown)
+            server = None
+            self._stopping = True  # workers finish the image in hand and take no other
+            while (ae.active_associations or self._busy) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            for association in ae.active_associations:
+                association.abort()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            log.info("stopped; %d instance(s) left in the spool for the next start", self.spool.count())
+        finally:
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.shutdown()
+            self.metrics.close()
+            for connection in (self._connection, *self._retired):
+                if connection is not None:
+                    await connection.close()
