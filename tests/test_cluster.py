@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cxrlt.client import AsyncCxrltClient, CxrltClient
 from cxrlt.server.cluster import RECORDED_METRIC, LocalCluster
+from cxrlt.server.watchdog import stubs_of
 from loadtest.metrics import scrape
 
 # Needs Debian's nginx and prometheus, which .ci/run installs; without them LocalCluster says which to install.
@@ -82,6 +84,7 @@ def test_replicas_share_load_survive_a_kill_and_drive_the_scaling_metric(tiny_re
         runner = threading.Thread(target=lambda: asyncio.run(load(stop)), daemon=True)
         runner.start()
         time.sleep(3)
+        orphans = [s.pid for s in stubs_of(cluster.servers[1].process.pid)]
         cluster.kill_replica(1)
         time.sleep(8)
         stop.set()
@@ -102,3 +105,4 @@ def test_replicas_share_load_survive_a_kill_and_drive_the_scaling_metric(tiny_re
     for server in cluster.servers:
         assert server.process.poll() is not None
     assert cluster.nginx.poll() is not None and cluster.prometheus.poll() is not None
+    assert orphans and not [pid for pid in orphans if Path(f"/proc/{pid}").exists()], "the killed replica's stubs outlived it"

@@ -140,10 +140,13 @@ def test_a_taken_port_is_named_before_anything_starts(tiny_repository, cxrlt, ca
 @pytest.mark.timeout(300)
 def test_a_dead_tritonserver_ends_serve_with_its_log_and_clients_hear_unavailable(serve, real_cxr):
     server = serve()
-    os.kill(server.server_pid(), signal.SIGKILL)
+    tritonserver = server.server_pid()
+    stubs = [s.pid for s in stubs_of(tritonserver)]
+    os.kill(tritonserver, signal.SIGKILL)
     assert server.process.wait(20) == 1
     time.sleep(0.5)  # the reader thread drains the last lines
     assert "tritonserver died (exit status -9)" in server.output and "last lines of its log" in server.output
+    assert stubs and not [pid for pid in stubs if _running(pid)], "the dead server's stubs were left running"
     with CxrltClient(server.url, retries=2, backoff_s=0.1, timeout_s=5) as client:
         with pytest.raises(ServerUnavailable, match=server.url):
             client.classify(real_cxr)

@@ -298,7 +298,11 @@ class TritonServer:
         return f"{headline}. Last lines of the server log ({self.log_path}):\n{self.log_tail()}"
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait for Triton's graceful shutdown, then SIGKILL if it hangs."""
+        """SIGTERM, wait for Triton's graceful shutdown, then SIGKILL if it hangs.
+
+        Whatever is left of the server's process group afterwards is killed: the stubs of a
+        tritonserver that died abruptly (SIGKILL, a crash) outlive it otherwise.
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -308,6 +312,10 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the group is empty after a clean shutdown
+        except (ProcessLookupError, PermissionError):
+            pass
         if self._log:
             self._log.close()
         return self.process.returncode
