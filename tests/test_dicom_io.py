@@ -330,3 +330,20 @@ def test_jpeg_via_pillow(tmp_path):
     loaded = load_image(tmp_path / "film.jpg")
     assert loaded.pixels.shape == (32, 32)
     assert abs(float(loaded.pixels.mean()) - 128 * 257) < 2 * 257
+
+
+def test_jpeg_lossless_the_usual_cr_compression_is_decoded(tmp_path):
+    """JPEG Lossless SV1 (process 14), decoded through GDCM (the `client` extra), gives pydicom's pixels."""
+    from cxrlt.node.node import transfer_syntaxes
+
+    ds = pydicom.dcmread(_testdata("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    ds.Modality, ds.SOPClassUID = "CR", "1.2.840.10008.5.1.4.1.1.1"  # a CR compressed the same way
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.save_as(tmp_path / "lossless.dcm")
+    ds.decompress()  # the same image, uncompressed: lossless means identical served pixels
+    ds.save_as(tmp_path / "uncompressed.dcm")
+    loaded = load_image(tmp_path / "lossless.dcm")
+    assert loaded.pixels.shape == (768, 1024) and loaded.pixels.max() > 0
+    np.testing.assert_array_equal(loaded.pixels, load_image(tmp_path / "uncompressed.dcm").pixels)
+    assert pydicom.uid.JPEGLosslessSV1 in transfer_syntaxes()  # and the DICOM node accepts it
