@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Mapping
 
 from cxrlt.contract.model_config import parse

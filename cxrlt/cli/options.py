@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def add_report_arguments(parser: argparse.ArgumentParser, name: str, plot_help: str) -> None:
@@ -18,6 +18,18 @@ def add_report_arguments(parser: argparse.ArgumentParser, name: str, plot_help: 
 def report_folder(args: argparse.Namespace, name: str) -> Path:
     """--out, or runs/<name>-<time>."""
     return args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+
+
+def write_report(report: dict[str, Any], args: argparse.Namespace, out: Path, name: str,
+                 plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write a measuring command's plot and JSON (--json / --plot, else OUT/<name>.json|png)."""
+    from loadtest.bench import write_json
+
+    json_path = args.json or out / f"{name}.json"
+    png_path = args.plot or out / f"{name}.png"
+    report["files"] = {"json": str(json_path), "plot": str(png_path)}
+    plot(report, png_path)
+    write_json(report, json_path)
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:

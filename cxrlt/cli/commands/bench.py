@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_report_arguments, report_folder
+from cxrlt.cli.options import add_report_arguments, report_folder, write_report
 from pathlib import Path
 
 
@@ -45,10 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from cxrlt.cli.console import console
-    from loadtest.bench import BenchConfig, plot, run_bench, summary_table, write_json
+    from loadtest.bench import BenchConfig, plot, run_bench, summary_table
     from loadtest.metrics import print_wide
 
     out = report_folder(args, "bench")
@@ -63,11 +61,7 @@ def run(args: argparse.Namespace) -> int:
         config.metrics_url = default_metrics_url(args.url)
     with console.status("benchmarking") as status:
         report = run_bench(config, log=lambda message: status.update(message))
-    json_path = args.json or out / "bench.json"
-    png_path = args.plot or out / "bench.png"
-    report["files"] = {"json": str(json_path), "plot": str(png_path)}
-    plot(report, png_path)
-    write_json(report, json_path)
+    write_report(report, args, out, "bench", plot)
 
     print_wide(console, summary_table(report))
     best, overhead = report["best"], report["overhead_per_image_ms"]
@@ -100,5 +94,5 @@ def run(args: argparse.Namespace) -> int:
     if report["parity_max_abs_diff"] > 1e-3:
         console.print(f"[yellow]served and raw outputs differ by up to {report['parity_max_abs_diff']:.2e}: "
                       "is the server serving --repo?[/]")
-    console.print(f"figures: {json_path}  plot: {png_path}")
+    console.print(f"figures: {report['files']['json']}  plot: {report['files']['plot']}")
     return 0

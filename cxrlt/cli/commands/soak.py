@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_report_arguments, report_folder
+from cxrlt.cli.options import add_report_arguments, report_folder, write_report
 from pathlib import Path
 
 
@@ -40,10 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from cxrlt.cli.console import console
-    from loadtest.bench import write_json
     from loadtest.metrics import print_wide
     from loadtest.soak import SoakConfig, Targets, plot, run_soak, summary_table
 
@@ -57,11 +54,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with console.status(f"soak: {config.requests} requests") as status:
         report = run_soak(config, log=lambda message: status.update(f"soak: {message}"))
-    json_path = args.json or out / "soak.json"
-    png_path = args.plot or out / "soak.png"
-    report["files"] = {"json": str(json_path), "plot": str(png_path)}
-    plot(report, png_path)
-    write_json(report, json_path)
+    write_report(report, args, out, "soak", plot)
 
     print_wide(console, summary_table(report), width=140)
     machine = report["machine"]
@@ -72,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]{count} x {error}[/]")
     for check in report["checks"]:
         console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
-    console.print(f"report: {json_path}  plot: {png_path}")
+    console.print(f"report: {report['files']['json']}  plot: {report['files']['plot']}")
     if not report["passed"]:
         console.print(f"[bold red]missed target(s): {', '.join(report['missed'])}[/]")
         return 1

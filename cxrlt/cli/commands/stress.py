@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_report_arguments, report_folder
+from cxrlt.cli.options import add_report_arguments, report_folder, write_report
 from pathlib import Path
 
 
@@ -46,11 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from cxrlt.cli.console import console
     from loadtest.metrics import ModelTime, breakdown_table, print_wide
-    from loadtest.bench import write_json
     from loadtest.stress import StressConfig, plot, run_stress, summary_table
 
     out = report_folder(args, "stress")
@@ -63,11 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with console.status("stress test") as status:
         report = run_stress(config, log=lambda message: status.update(message))
-    json_path = args.json or out / "stress.json"
-    png_path = args.plot or out / "stress.png"
-    report["files"] = {"json": str(json_path), "plot": str(png_path)}
-    plot(report, png_path)
-    write_json(report, json_path)
+    write_report(report, args, out, "stress", plot)
 
     print_wide(console, summary_table(report), width=150)
     if report["triton"]:
@@ -82,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"storm: this client used {cpu['client_cores']:.2f} cores{server_cpu} of {cpu['cores']}; the machine was "
                   f"{100 * cpu['machine_busy_share']:.0f} % busy; load average before {' '.join(map(str, load['before']))}, "
                   f"after {' '.join(map(str, load['after']))}")
-    console.print(f"report: {json_path}  plot: {png_path}")
+    console.print(f"report: {report['files']['json']}  plot: {report['files']['plot']}")
     if report["failed_checks"]:
         console.print(f"[bold red]failed check(s): {', '.join(report['failed_checks'])}[/]")
         return 1
