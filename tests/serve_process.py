@@ -74,3 +74,11 @@ def children(pid: int) -> dict[int, str]:
         except (OSError, IndexError, ValueError):
             continue
     return children
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a killed process waits as a zombie until its parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from cxrlt.client import AsyncCxrltClient, CxrltClient
 from cxrlt.server.cluster import RECORDED_METRIC, LocalCluster
 from cxrlt.server.watchdog import stubs_of
+from tests.serve_process import running
 from loadtest.metrics import scrape
 
 # Needs Debian's nginx and prometheus, which .ci/run installs; without them LocalCluster says which to install.
@@ -105,4 +105,4 @@ def test_replicas_share_load_survive_a_kill_and_drive_the_scaling_metric(tiny_re
     for server in cluster.servers:
         assert server.process.poll() is not None
     assert cluster.nginx.poll() is not None and cluster.prometheus.poll() is not None
-    assert orphans and not [pid for pid in orphans if Path(f"/proc/{pid}").exists()], "the killed replica's stubs outlived it"
+    assert orphans and not [pid for pid in orphans if running(pid)], "the killed replica's stubs outlived it"

@@ -25,19 +25,11 @@ from cxrlt.client import CxrltClient, ServerUnavailable
 from cxrlt.client.health import check_health
 from cxrlt.server.launcher import free_port
 from cxrlt.server.watchdog import stubs_of
-from tests.serve_process import children
+from tests.serve_process import running
 
 pytestmark = pytest.mark.e2e
 
 MEMBER = "ensemble_frontal_pcam"
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _port_free(port: int) -> bool:
@@ -117,9 +109,9 @@ def test_a_killed_launcher_leaves_no_process_and_frees_its_ports(serve):
     server.process.kill()  # SIGKILL: no chance to clean up
     server.process.wait(10)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_running(pid) for pid in family):
+    while time.monotonic() < deadline and any(running(pid) for pid in family):
         time.sleep(0.2)
-    assert not [pid for pid in family if _running(pid)], "processes outlived the killed launcher"
+    assert not [pid for pid in family if running(pid)], "processes outlived the killed launcher"
     assert all(_port_free(port) for port in server.ports.values())
 
 
@@ -146,7 +138,7 @@ def test_a_dead_tritonserver_ends_serve_with_its_log_and_clients_hear_unavailabl
     assert server.process.wait(20) == 1
     time.sleep(0.5)  # the reader thread drains the last lines
     assert "tritonserver died (exit status -9)" in server.output and "last lines of its log" in server.output
-    assert stubs and not [pid for pid in stubs if _running(pid)], "the dead server's stubs were left running"
+    assert stubs and not [pid for pid in stubs if running(pid)], "the dead server's stubs were left running"
     with CxrltClient(server.url, retries=2, backoff_s=0.1, timeout_s=5) as client:
         with pytest.raises(ServerUnavailable, match=server.url):
             client.classify(real_cxr)
