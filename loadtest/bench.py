@@ -428,9 +428,16 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=8)
     best = report["best"]
     fig.suptitle(f"{report['model']} ({report['profile']} profile): served/raw at best = {best['ratio']:.2f}")
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a matplotlib figure (the bench, stress and soak plots)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

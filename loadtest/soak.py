@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from loadtest.bench import drive
+from loadtest.bench import drive, save_figure
 from loadtest.payloads import MODELS, Payload, grpc_inputs, load_payloads, requested_outputs
 
 MIB = 1024 * 1024
@@ -625,11 +625,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     verdict = "PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])
     fig.suptitle(f"cxrlt soak: {report['requests_completed']} requests at concurrency {report['load']['concurrency']} "
                  f"({', '.join(report['load']['models'])}), {verdict}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def summary_table(report: dict[str, Any]):

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from loadtest.bench import CpuProbe, Measurement, RawSide, ServedSide, drive
+from loadtest.bench import CpuProbe, Measurement, RawSide, ServedSide, drive, save_figure
 from loadtest.payloads import IMAGE_SETS, MODELS, Payload, grpc_inputs, load_payloads, requested_outputs
 
 REASONS = ("queue_full", "queue_timeout", "other")
@@ -728,8 +728,4 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
