@@ -210,7 +210,10 @@ def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier:
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
     flag = {"random_weights": "true" if random_weights else "false", "repository_sha256": identity}
     calls = {"member_timeout_ms": str(queue.member_timeout_ms)}
-    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads), **calls}
+    # The pipelines stack every merged request's images into one call per network, sliced to
+    # what the network models accept.
+    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
+               "member_max_batch_size": str(options.max_batch_size), **calls}
     params = {
         "cxr_classifier": {**classifier.to_parameters(), **members, **flag},
         "cxr_zeroshot": {**zeroshot.to_parameters(), **members, **flag},

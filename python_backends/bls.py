@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,19 +71,36 @@ async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.nda
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: str = "logits", timeout_ms: int = 0) -> Infer:
-    """An async `infer(model_name, pixel_values)` for the pipelines, backed by BLS."""
+def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: str = "logits", timeout_ms: int = 0,
+               max_batch_size: int = 0) -> Infer:
+    """An async `infer(model_name, pixel_values)` for the pipelines, backed by BLS.
+
+    A batch larger than the callee's `max_batch_size` (the pipelines stack every image of a
+    dynamic batch) goes as concurrent slices of at most that size and comes back whole.
+    """
+
+    async def call(model_name: str, pixels: np.ndarray) -> np.ndarray:
+        output_name = output_names.get(model_name, default_output)
+        return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms))[output_name]
 
     async def infer(model_name: str, pixel_values: np.ndarray) -> np.ndarray:
-        output_name = output_names.get(model_name, default_output)
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms))[output_name]
+        if not max_batch_size or len(pixels) <= max_batch_size:
+            return await call(model_name, pixels)
+        slices = [pixels[start : start + max_batch_size] for start in range(0, len(pixels), max_batch_size)]
+        return np.concatenate(await asyncio.gather(*(call(model_name, part) for part in slices)))
 
     return infer
 
 
+def member_max_batch_size(params: Mapping[str, str], own_max_batch_size: int) -> int:
+    """The network models' `max_batch_size` (parameter `member_max_batch_size`, written by the
+    repository builder; a repository from before it shares the calling model's own)."""
+    return int(params.get("member_max_batch_size", own_max_batch_size))
+
+
 def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, str], networks: Iterable[str],
-                  output_names: Mapping[str, str] | None = None) -> Infer:
+                  output_names: Mapping[str, str] | None = None, own_max_batch_size: int = 0) -> Infer:
     """The `infer` a BLS model's pipeline runs its networks with, as its config says.
 
     `member_execution: bls` (the default): BLS calls to the network models. `in_process`:
@@ -91,13 +108,50 @@ def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, s
     python_backends.in_process for the trade), created now so a missing file fails the load.
     """
     if member_execution(params.get("member_execution", "bls")) == "bls":
-        return make_infer(pb_utils, output_names or {}, timeout_ms=member_timeout_ms(params))
+        return make_infer(pb_utils, output_names or {}, timeout_ms=member_timeout_ms(params),
+                          max_batch_size=member_max_batch_size(params, own_max_batch_size))
     local = LocalNetworks(
         Path(args["model_repository"]).parent,  # the model's directory -> the repository
         intra_op_threads=int(params.get("member_intra_op_threads", "1")),
         providers=params.get("member_execution_provider", "auto"),
     )
     return local.load(networks).infer
+
+
+async def answer_each(pb_utils: Any, requests: Sequence[Any], parse: Callable[[Any], list],
+                      run_many: Callable[[list], Awaitable[list]], respond: Callable[[list], Any]) -> list:
+    """Responses for the requests of one `execute`, their images run together.
+
+    `parse(request)` gives the request's items (one per image) or raises; `run_many(items)`
+    gives each item's result or exception; `respond(results)` makes one request's response.
+    A request fails alone, with its own first error; the others' answers are unchanged.
+    """
+    spans: list[tuple[int, int] | BaseException] = []
+    items: list = []
+    for request in requests:
+        try:
+            mine = parse(request)
+        except Exception as exc:
+            spans.append(exc)
+            continue
+        spans.append((len(items), len(items) + len(mine)))
+        items.extend(mine)
+    results = await run_many(items) if items else []
+    responses = []
+    for span in spans:
+        if isinstance(span, BaseException):
+            responses.append(error_response(pb_utils, span))
+            continue
+        mine = results[span[0] : span[1]]
+        failure = next((r for r in mine if isinstance(r, BaseException)), None)
+        if failure is not None:
+            responses.append(error_response(pb_utils, failure))
+            continue
+        try:
+            responses.append(respond(mine))
+        except Exception as exc:
+            responses.append(error_response(pb_utils, exc))
+    return responses
 
 
 def required_input(pb_utils: Any, request: Any, name: str = "IMAGE") -> np.ndarray:

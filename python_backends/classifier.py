@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -73,7 +73,19 @@ class Classification:
     hint_used: bool
 
 
+Outcome = Union[Classification, Exception]
+
+
 class ClassifierPipeline:
+    """Task 1 for any number of images at once.
+
+    `classify_many` is what the BLS model runs for every image the dynamic batcher handed it:
+    one router call for all of them, then per projection one call per member with every
+    image's TTA views stacked, so four network calls serve a whole batch instead of four per
+    image. Each image keeps its own outcome: a bad image, or a network failing for one
+    projection, fails only the images it concerns.
+    """
+
     def __init__(self, settings: ClassifierSettings, infer: Infer) -> None:
         self.settings = settings
         self.infer = infer
@@ -90,25 +102,68 @@ class ClassifierPipeline:
         return prepare_square(image, self.settings.preprocess), hinted
 
     async def classify(self, image: np.ndarray, hint: str | bytes | None = None) -> Classification:
-        square, hinted = self._validate(image, hint)
-        router_input = normalize(square[None], self.settings.preprocess)
-        router_probs = ensemble.softmax(await self.infer(ROUTER_MODEL, router_input))[0]
-        routed = PROJECTIONS[int(np.argmax(router_probs))]
-        hint_used = hinted is not None and self.settings.trust_hint
-        projection = hinted if hint_used else routed
+        (outcome,) = await self.classify_many([(image, hint)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-        views = normalize(np.stack([tta_view(square, v) for v in self.settings.tta_views]), self.settings.preprocess)
+    async def classify_many(self, items: Sequence[tuple[np.ndarray, str | bytes | None]]) -> list[Outcome]:
+        """A Classification, or the exception that stopped it, for each (image, hint)."""
+        outcomes: list[Outcome | None] = [None] * len(items)
+        prepared: dict[int, tuple[np.ndarray, str | None]] = {}
+        for index, (image, hint) in enumerate(items):
+            try:
+                prepared[index] = self._validate(image, hint)
+            except Exception as exc:  # this image alone: the others go on
+                outcomes[index] = exc
+        if prepared:
+            indices = list(prepared)
+            squares = np.stack([prepared[i][0] for i in indices])
+            try:
+                router_probs = ensemble.softmax(await self.infer(ROUTER_MODEL, normalize(squares, self.settings.preprocess)))
+            except Exception as exc:  # the router serves every image: all of them learn why
+                for index in indices:
+                    outcomes[index] = exc
+            else:
+                routes = {}
+                for row, index in enumerate(indices):
+                    routed = PROJECTIONS[int(np.argmax(router_probs[row]))]
+                    hinted = prepared[index][1]
+                    hint_used = hinted is not None and self.settings.trust_hint
+                    routes[index] = (hinted if hint_used else routed, router_probs[row], hint_used)
+                groups = [[i for i in indices if routes[i][0] == projection] for projection in PROJECTIONS]
+                await asyncio.gather(*(self._ensemble(projection, group, np.stack([prepared[i][0] for i in group]), routes, outcomes)
+                                       for projection, group in zip(PROJECTIONS, groups) if group))
+        return outcomes  # type: ignore[return-value]
+
+    async def _ensemble(self, projection: str, group: list[int], squares: np.ndarray,
+                        routes: Mapping[int, tuple[str, np.ndarray, bool]], outcomes: list) -> None:
+        """The members of one projection on the stacked views of the images routed to it."""
+        view_count = len(self.settings.tta_views)
+        views = normalize(np.stack([tta_view(square, v) for square in squares for v in self.settings.tta_views]),
+                          self.settings.preprocess)
         members = list(ensemble.MEMBERS)
-        outputs = await asyncio.gather(*(self.infer(ensemble_model_name(projection, m), views) for m in members))
-        logits, probabilities = ensemble.ensemble_probabilities(
-            dict(zip(members, outputs)), self.settings.weights[projection], self.settings.gating_alpha
-        )
-        check_finite_output(probabilities, "cxr_classifier probabilities")
-        return Classification(
-            logits=logits,
-            probabilities=probabilities,
-            projection=projection,
-            projection_score=float(router_probs[PROJECTIONS.index(projection)]),
-            hint_used=hint_used,
-        )
-
+        try:
+            outputs = await asyncio.gather(*(self.infer(ensemble_model_name(projection, m), views) for m in members))
+        except Exception as exc:
+            for index in group:
+                outcomes[index] = exc
+            return
+        for position, index in enumerate(group):
+            rows = slice(position * view_count, (position + 1) * view_count)
+            try:
+                logits, probabilities = ensemble.ensemble_probabilities(
+                    {m: out[rows] for m, out in zip(members, outputs)}, self.settings.weights[projection], self.settings.gating_alpha
+                )
+                check_finite_output(probabilities, "cxr_classifier probabilities")
+            except Exception as exc:
+                outcomes[index] = exc
+                continue
+            _, router_probs, hint_used = routes[index]
+            outcomes[index] = Classification(
+                logits=logits,
+                probabilities=probabilities,
+                projection=projection,
+                projection_score=float(router_probs[PROJECTIONS.index(projection)]),
+                hint_used=hint_used,
+            )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -56,13 +56,39 @@ class ZeroShotPipeline:
 
     async def score(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities [C], similarities [C]) for one image."""
+        (outcome,) = await self.score_many([image])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def score_many(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+        """Each image's (probabilities, similarities), or the exception that stopped it; the
+        images that pass their checks share one encoder call."""
+        outcomes: list = [None] * len(images)
+        inputs: dict[int, np.ndarray] = {}
+        for index, image in enumerate(images):
+            try:
+                validate_served_image(image, self.settings.max_pixels)
+                check_not_constant(image)
+                inputs[index] = preprocess(image, self.settings.preprocess)[0]
+            except ImageError as exc:
+                outcomes[index] = RequestError(str(exc))
+            except Exception as exc:  # this image alone: the others go on
+                outcomes[index] = exc
+        if not inputs:
+            return outcomes
         try:
-            validate_served_image(image, self.settings.max_pixels)
-            check_not_constant(image)
-        except ImageError as exc:
-            raise RequestError(str(exc)) from None
-        embedding = (await self.infer(ENCODER_MODEL, preprocess(image, self.settings.preprocess)))[0]
+            embeddings = await self.infer(ENCODER_MODEL, np.stack(list(inputs.values())))
+        except Exception as exc:  # the encoder serves every image: all of them learn why
+            for index in inputs:
+                outcomes[index] = exc
+            return outcomes
         negative = self.cache.negative if self.settings.scoring == "softmax" else None
-        probabilities, similarities = ensemble.zeroshot_scores(embedding, self.cache.positive, negative, self.settings.alpha)
-        check_finite_output(probabilities, "cxr_zeroshot probabilities")
-        return probabilities, similarities
+        for index, embedding in zip(inputs, embeddings):
+            try:
+                probabilities, similarities = ensemble.zeroshot_scores(embedding, self.cache.positive, negative, self.settings.alpha)
+                check_finite_output(probabilities, "cxr_zeroshot probabilities")
+                outcomes[index] = (probabilities, similarities)
+            except Exception as exc:
+                outcomes[index] = exc
+        return outcomes

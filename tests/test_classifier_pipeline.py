@@ -123,3 +123,65 @@ def test_bad_weights_in_config_are_refused():
     params["weights_frontal"] = "pcam=0.5,swin=0.5"
     with pytest.raises(ValueError, match="missing \\['cait'\\]"):
         ClassifierSettings.from_parameters(params)
+
+
+class ContentNetworks:
+    """Outputs that follow each row's own pixels, so images mixed up in a stacked call show."""
+
+    def __init__(self, failing: str | None = None):
+        self.calls: list[tuple[str, int]] = []
+        self.failing = failing
+
+    async def __call__(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
+        self.calls.append((model_name, len(pixel_values)))
+        if model_name == self.failing:
+            raise RuntimeError(f"{model_name} is broken")
+        means = pixel_values.reshape(len(pixel_values), -1).mean(axis=1)
+        if model_name == "projection_router":
+            return np.stack([means, -means], axis=1).astype(np.float32)
+        offset = MEMBER_LOGIT[model_name.rsplit("_", 1)[1]]
+        return (means[:, None] * np.linspace(0.5, 1.5, 30)[None] + offset).astype(np.float32)
+
+
+def _mixed_items():
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 4000, (40 + 3 * i, 30 + 2 * i), dtype=np.uint16) for i in range(5)]
+    items = list(zip(images, [None, "LL", None, "PA", "LATERAL"]))
+    items.insert(2, (np.zeros((20, 20), np.uint16), None))  # too small: fails alone
+    return items
+
+
+def test_classify_many_stacks_every_image_and_matches_one_at_a_time():
+    items = _mixed_items()
+    networks = ContentNetworks()
+    outcomes = asyncio.run(ClassifierPipeline(_settings(), networks).classify_many(items))
+    assert isinstance(outcomes[2], RequestError) and "too small" in str(outcomes[2])
+    good = [i for i in range(len(items)) if i != 2]
+    # One router call for the five good images, then one call per member and projection, each
+    # carrying two TTA views of every image routed there.
+    assert networks.calls[0] == ("projection_router", 5)
+    member_calls = networks.calls[1:]
+    assert len(member_calls) == 6 and {n for n, _ in member_calls} == {
+        f"ensemble_{p}_{m}" for p in ("frontal", "lateral") for m in ("pcam", "cait", "swin")}
+    assert sum(size for _, size in member_calls) == 3 * 2 * 5
+    for index in good:
+        image, hint = items[index]
+        alone = asyncio.run(ClassifierPipeline(_settings(), ContentNetworks()).classify(image, hint))
+        together = outcomes[index]
+        assert together.projection == alone.projection and together.hint_used == alone.hint_used
+        assert together.projection_score == pytest.approx(alone.projection_score, abs=1e-6)
+        np.testing.assert_allclose(together.probabilities, alone.probabilities, atol=1e-6)
+    assert {outcomes[i].projection for i in good} == {"frontal", "lateral"}
+
+
+def test_a_failing_member_fails_only_the_images_routed_to_it():
+    items = _mixed_items()
+    outcomes = asyncio.run(ClassifierPipeline(_settings(), ContentNetworks(failing="ensemble_lateral_cait")).classify_many(items))
+    for index, outcome in enumerate(outcomes):
+        if index == 2:
+            assert isinstance(outcome, RequestError)
+        elif isinstance(outcome, Exception):
+            assert "ensemble_lateral_cait is broken" in str(outcome)
+        else:
+            assert outcome.projection == "frontal"
+    assert sum(isinstance(o, RuntimeError) for o in outcomes) >= 2  # the two hinted laterals at least

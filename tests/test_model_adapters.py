@@ -109,3 +109,60 @@ def test_findings_concatenates_and_propagates_invalid_argument():
     (bad,) = asyncio.run(model.execute([pb.FakeRequest(IMAGE=_image())]))
     assert bad.error().code() == pb.TritonError.INVALID_ARG and "image is empty" in bad.error().message()
     pb.MODELS.clear()
+
+
+def test_merged_requests_share_member_calls_sliced_to_the_members_batch_limit(networks):
+    calls = []
+
+    def counted(name, model):
+        def run(inputs):
+            calls.append((name, len(inputs["pixel_values"])))
+            return model(inputs)
+
+        return run
+
+    for name in list(networks):
+        networks[name] = counted(name, networks[name])
+    module = pb.load_model_py(TEMPLATES / "cxr_classifier" / "model.py")
+    model = module.TritonPythonModel()
+    params = {**ClassifierSettings(preprocess=PreprocessConfig(size=32), max_pixels=100_000).to_parameters(),
+              "member_max_batch_size": "4"}
+    model.initialize({"model_config": json.dumps({"max_batch_size": 8, "parameters": {k: {"string_value": v} for k, v in params.items()}})})
+    requests = [pb.FakeRequest(IMAGE=_image(40, 30)), pb.FakeRequest(IMAGE=np.concatenate([_image(50, 44), _image(50, 44)])),
+                pb.FakeRequest(IMAGE=_image(36, 36)), pb.FakeRequest(IMAGE=_image(64, 40))]
+    responses = asyncio.run(model.execute(requests))
+    assert not any(r.has_error() for r in responses)
+    assert [{t.name(): t.as_numpy() for t in r.output_tensors}["PROBABILITIES"].shape for r in responses] == [(1, 30), (2, 30), (1, 30), (1, 30)]
+    # Five images: the router in slices of 4 + 1; each member gets 5 x 2 TTA views in slices of 4, 4, 2.
+    assert sorted(size for name, size in calls if name == "projection_router") == [1, 4]
+    for member in ("pcam", "cait", "swin"):
+        assert sorted(size for name, size in calls if name == f"ensemble_frontal_{member}") == [2, 4, 4]
+    assert not any(name.startswith("ensemble_lateral") for name, _ in calls)
+
+
+def test_zeroshot_merged_requests_share_one_encoder_call_and_fail_alone():
+    from cxrlt.contract.labels import TASK2_LABELS
+    from cxrlt.contract.text_cache import TextCache
+    from python_backends import bls
+    from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings
+
+    calls = []
+
+    def encoder(inputs):
+        calls.append(len(inputs["pixel_values"]))
+        return {"image_embeds": np.ones((len(inputs["pixel_values"]), 8), np.float32)}
+
+    pb.MODELS.clear()
+    pb.MODELS[ENCODER_MODEL] = encoder
+    module = pb.load_model_py(TEMPLATES / "cxr_zeroshot" / "model.py")
+    model = module.TritonPythonModel()  # initialize() reads a repository; the pipeline is given instead
+    cache = TextCache(list(TASK2_LABELS), np.eye(len(TASK2_LABELS), 8, dtype=np.float32), None, {})
+    model.pipeline = ZeroShotPipeline(ZeroShotSettings(max_pixels=100_000), cache,
+                                      bls.make_infer(pb, {ENCODER_MODEL: "image_embeds"}))
+    requests = [pb.FakeRequest(IMAGE=_image()), pb.FakeRequest(IMAGE=np.full((1, 40, 40), 7, np.uint16)),
+                pb.FakeRequest(IMAGE=_image(60, 50))]
+    responses = asyncio.run(model.execute(requests))
+    assert [r.has_error() for r in responses] == [False, True, False]
+    assert "constant image" in responses[1].error().message() and responses[1].error().code() == pb.TritonError.INVALID_ARG
+    assert calls == [2]  # the two good images, one encoder call
+    pb.MODELS.clear()

@@ -7,7 +7,8 @@ import pytest
 
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
-from cxrlt.contract.preprocessing import TTA_VIEWS, ImageError, PreprocessConfig, fit_square, preprocess, scale_to_unit, tta_view
+from cxrlt.contract.preprocessing import (TTA_VIEWS, ImageError, PreprocessConfig, downscale_for_sending, fit_square, prepare_square,
+                                         preprocess, scale_to_unit, tta_view)
 
 
 def test_percentile_clip_scales_to_unit_range():
@@ -30,6 +31,64 @@ def test_fit_square_keeps_aspect_ratio_with_zero_padding():
     assert square.shape == (64, 64)
     assert square[:15].max() == 0 and square[-15:].max() == 0  # padded top and bottom
     assert square[32].min() == pytest.approx(1.0)
+
+
+def _radiograph(height: int = 1955, width: int = 1841) -> np.ndarray:
+    """A smooth 15-bit field with noise: the statistics of a detector image, not a flat one."""
+    rng = np.random.default_rng(7)
+    rows, cols = np.mgrid[0:height, 0:width]
+    field = 12_000 + 8_000 * np.sin(rows / 300.0) * np.cos(cols / 250.0) + rng.normal(0, 600, (height, width))
+    return np.clip(field, 0, 32767).astype(np.uint16)
+
+
+def _full_resolution_square(image: np.ndarray, size: int) -> np.ndarray:
+    """The slow definition the fast path replaces: percentile clip over every pixel, then a
+    plain bilinear resize of the full matrix."""
+    from PIL import Image
+
+    pixels = image.astype(np.float32)
+    low, high = np.percentile(pixels, (0.5, 99.5))
+    unit = (np.clip(pixels, low, high) - low) / (high - low)
+    height, width = image.shape
+    scale = size / max(height, width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    resized = np.asarray(Image.fromarray(unit, mode="F").resize((new_w, new_h), Image.BILINEAR))
+    out = np.zeros((size, size), np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_fast_path_stays_close_to_the_full_resolution_definition(size):
+    image = _radiograph()
+    fast = prepare_square(image, PreprocessConfig(size=size))
+    slow = _full_resolution_square(image, size)
+    assert fast.shape == slow.shape == (size, size)
+    assert fast.min() == 0.0 and fast.max() == pytest.approx(1.0)
+    padding = (slow == 0).all(axis=0)  # the image is taller than wide: black columns either side
+    assert padding.sum() >= 2 and (fast[:, padding] == 0).all() and (fast[:, ~padding] > 0).any(axis=0).all()
+    assert np.abs(fast - slow).mean() < 0.02  # the clip window moves a little, the picture does not
+
+
+def test_downscale_for_sending_keeps_dtype_and_what_the_server_computes():
+    image = _radiograph()
+    sent = downscale_for_sending(image, 224)
+    assert sent.dtype == np.uint16 and max(sent.shape) == 224
+    assert sent.shape[1] == round(1841 * 224 / 1955)
+    config = PreprocessConfig(size=64)
+    np.testing.assert_allclose(prepare_square(sent, config), prepare_square(image, config), atol=0.05)
+    small = image[:200, :180]
+    assert downscale_for_sending(small, 224) is small  # small enough already: sent as it is
+    with pytest.raises(ValueError, match="send size must be >= 24"):
+        downscale_for_sending(image, 8)
+
+
+def test_clip_mode_scale_comes_from_the_full_image_not_the_resized_one():
+    image = np.full((400, 400), 10, np.uint16)
+    image[0, 0] = 300  # one pixel above 8-bit: the source is 16-bit, however the resize averages it away
+    square = prepare_square(image, PreprocessConfig.clip(64))
+    assert square.max() < 300 / 65535 + 1e-6 and square[32, 32] == pytest.approx(10 / 65535, rel=1e-3)
 
 
 def test_preprocess_output_and_tta_views():

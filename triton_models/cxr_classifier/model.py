@@ -7,7 +7,6 @@ import sys
 # so the server's environment (its packages and this project) comes before the system's.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
-import asyncio
 import json
 
 import numpy as np
@@ -20,21 +19,24 @@ from python_backends.triton_params import parameters
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = parameters(json.loads(args["model_config"]))
-        infer = bls.network_infer(pb_utils, args, params, network_names())
+        config = json.loads(args["model_config"])
+        params = parameters(config)
+        infer = bls.network_infer(pb_utils, args, params, network_names(), own_max_batch_size=config.get("max_batch_size", 0))
         self.pipeline = ClassifierPipeline(ClassifierSettings.from_parameters(params), infer)
 
     async def execute(self, requests):
-        # Requests of one call are independent: a bad one fails alone.
-        return list(await asyncio.gather(*(self._respond(r) for r in requests)))
+        # Every image of every request the dynamic batcher merged shares the network calls
+        # (see ClassifierPipeline.classify_many); a bad request fails alone.
+        return await bls.answer_each(pb_utils, requests, self._items, self.pipeline.classify_many, self._response)
 
-    async def _respond(self, request):
-        try:
-            images = bls.required_input(pb_utils, request, "IMAGE")
-            hints = bls.optional_strings(pb_utils.get_input_tensor_by_name(request, "PROJECTION_HINT"), len(images))
-            results = await asyncio.gather(*(self.pipeline.classify(i, h) for i, h in zip(images, hints)))
-        except Exception as exc:
-            return bls.error_response(pb_utils, exc)
+    @staticmethod
+    def _items(request):
+        images = bls.required_input(pb_utils, request, "IMAGE")
+        hints = bls.optional_strings(pb_utils.get_input_tensor_by_name(request, "PROJECTION_HINT"), len(images))
+        return list(zip(images, hints))
+
+    @staticmethod
+    def _response(results):
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("PROBABILITIES", np.stack([r.probabilities for r in results])),

@@ -11,7 +11,6 @@ import sys
 # so the server's environment (its packages and this project) comes before the system's.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -37,18 +36,20 @@ class TritonPythonModel:
             repository / ENCODER_MODEL / "1" / ENCODER_RECORD,
             repository=repository,
         )
-        infer = bls.network_infer(pb_utils, args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"})
+        infer = bls.network_infer(pb_utils, args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"},
+                                  own_max_batch_size=json.loads(args["model_config"]).get("max_batch_size", 0))
         self.pipeline = ZeroShotPipeline(settings, cache, infer)
 
     async def execute(self, requests):
-        return list(await asyncio.gather(*(self._respond(r) for r in requests)))
+        # The images of every merged request share one encoder call; a bad request fails alone.
+        return await bls.answer_each(pb_utils, requests, self._images, self.pipeline.score_many, self._response)
 
-    async def _respond(self, request):
-        try:
-            images = bls.required_input(pb_utils, request, "IMAGE")
-            results = await asyncio.gather(*(self.pipeline.score(image) for image in images))
-        except Exception as exc:
-            return bls.error_response(pb_utils, exc)
+    @staticmethod
+    def _images(request):
+        return list(bls.required_input(pb_utils, request, "IMAGE"))
+
+    @staticmethod
+    def _response(results):
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("PROBABILITIES", np.stack([p for p, _ in results])),
