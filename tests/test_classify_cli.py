@@ -131,6 +131,20 @@ def test_shared_memory_gives_the_same_results(url, mixed_folder, json_run, capsy
     assert {r["source"]: r["probabilities"] for r in _results(json.loads(out.read_text()))} == by_source
 
 
+def test_send_size_gives_nearly_the_same_results(url, mixed_folder, json_run, capsys, tmp_path):
+    out = tmp_path / "small.json"
+    code, _, err = _cli(capsys, str(mixed_folder), "--url", url, "--out", str(out), "--send-size")
+    assert code == 2 and "classified 3 of 7 files" in err
+    full = {r["source"]: np.array(list(r["probabilities"].values())) for r in json_run[1]}
+    small = {r["source"]: np.array(list(r["probabilities"].values())) for r in _results(json.loads(out.read_text()))}
+    assert set(small) == set(full)
+    assert max(np.abs(full[k] - small[k]).max() for k in full) < 0.005
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(mixed_folder), "--url", url, "--send-size", "half"])
+    assert exit_info.value.code == 2
+    assert "--send-size takes a number of pixels or 'served', not 'half'" in capsys.readouterr().err
+
+
 def test_csv_matches_the_challenge_format(url, mixed_folder, json_run, capsys, tmp_path):
     out = tmp_path / "submission.csv"
     code, _, _ = _cli(capsys, str(mixed_folder), "--url", url, "--format", "csv", "--out", str(out))

@@ -145,6 +145,7 @@ def test_model_info_is_read_from_the_served_config(client):
     assert info.labels == ALL_LABELS
     assert info.trust_hint is True and info.random_weights is True and info.accepts_hint is True
     assert client.model_info() is info  # cached
+    assert info.input_size == 224  # the CLIP encoder's side; the tiny Task 1 networks take 64
     assert client.random_weights() is True
     with pytest.raises(ValueError, match="unknown model"):
         CxrltClient(client.url, model="ensemble_frontal_pcam")
@@ -173,6 +174,31 @@ def test_random_weights_can_be_forced_by_the_caller(url, real_cxr):
 
 
 # ----------------------------------------------------------------------------- asyncio
+
+
+@pytest.mark.parametrize("model", ["cxr_findings", "cxr_classifier"])
+def test_send_size_sends_a_smaller_image_with_nearly_the_same_answer(url, real_cxr, model):
+    with CxrltClient(url, model=model) as full_client, CxrltClient(url, model=model, send_size="served") as small_client:
+        sent = []
+        infer = small_client._client.infer
+
+        def recording(model_name, inputs, **kwargs):
+            sent.append(inputs[0].shape())
+            return infer(model_name, inputs, **kwargs)
+
+        small_client._client.infer = recording
+        full = _probs(full_client.classify(real_cxr, hint="PA"))
+        small = _probs(small_client.classify(real_cxr, hint="PA"))
+    side = small_client.model_info().input_size
+    assert side == (224 if model == "cxr_findings" else 64)
+    assert max(sent[0][1:]) == side and sent[0][1:] == [side, round(real_cxr.shape[1] * side / real_cxr.shape[0])]
+    assert np.abs(full - small).max() < 0.005  # measured: 4e-4 (findings), 2e-6 (classifier)
+
+
+def test_send_size_is_checked():
+    for bad in (0, 8, "half", 100.5):
+        with pytest.raises(ValueError, match="send_size must be"):
+            CxrltClient("127.0.0.1:1", send_size=bad)
 
 
 def test_async_client_equals_sync_client(url, rg1, real_cxr):

@@ -44,3 +44,7 @@ MODEL_DESCRIPTIONS: dict[str, str] = {
     "cxr_findings": f"All 36 findings in one call. {_IMAGE}; {_HINT}. Out: PROBABILITIES FP32 [36] in labels.txt "
                     f"order (the 30 of Task 1, then the 6 of Task 2); {_PROJECTION}.",
 }
+
+# A client's send size "as large as the served networks need": the largest preprocess_size in
+# the served configs (cxrlt.client.CxrltClient(send_size=...), `cxrlt classify --send-size`).
+SEND_SIZE_SERVED = "served"
