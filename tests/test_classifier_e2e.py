@@ -110,12 +110,13 @@ def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, 
         assert set(pool.map(call, range(32))) == {"frontal"}
     members = [f"ensemble_frontal_{member}" for member in ("pcam", "cait", "swin")]
     after = settled(lambda: _member_stats(grpc_client),
-                    lambda stats: all(stats[name][0] - before[name][0] >= 32 for name in members))
+                    lambda stats: all(stats[name][1] - before[name][1] >= 2 * 32 for name in members))
     for name in members:
         requests, inferences, executions = (a - b for a, b in zip(after[name], before[name]))
-        assert requests == 32 and inferences == 2 * 32  # one request per image, one item per TTA view
-        # sub-requests of concurrent images were merged into fewer onnxruntime runs
-        assert executions < requests, f"{name}: {executions} executions for {requests} requests"
+        assert inferences == 2 * 32  # one item per image and TTA view
+        # Images of merged cxr_classifier requests go as one member request (the BLS stacks them),
+        # and the member's own batcher merges requests of concurrent BLS instances: fewer runs.
+        assert requests <= 32 and executions < 32, f"{name}: {requests} requests, {executions} executions for 32 images"
 
 
 def test_in_process_members_give_the_same_result_without_calling_the_network_models(
