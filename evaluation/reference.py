@@ -12,6 +12,7 @@ instead of reading the cached tensor, so the cache itself is checked too.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +39,12 @@ def _checkpoint_dir(entry: dict) -> Path | None:
 
 
 class ReferencePipeline:
-    def __init__(self, repository: Path | str, engine: str = "torch", threads: int = 0) -> None:
+    def __init__(self, repository: Path | str, engine: str = "torch", threads: int = 0,
+                 executor: Executor | None = None, providers: str = "cpu") -> None:
+        """`executor`: run each network call on its threads, so a pipeline's concurrent calls
+        (an image's three ensemble members) overlap as a BLS model's do; without one they run
+        one after another. `providers`: the onnxruntime engine's execution providers
+        (python_backends.onnx_runner.select_providers)."""
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
         self.repository = Path(repository)
@@ -46,8 +52,9 @@ class ReferencePipeline:
         self.profile = manifest_profile(self.manifest)
         self.engine = engine
         self.threads = threads
+        self.executor = executor
         self._runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-        self._onnx = LocalNetworks(self.repository, threads, providers="cpu") if engine == "onnxruntime" else None
+        self._onnx = LocalNetworks(self.repository, threads, providers=providers) if engine == "onnxruntime" else None
         self.classifier_settings = ClassifierSettings.from_parameters(
             config_parameters(self.repository / "cxr_classifier" / "config.pbtxt")
         )
@@ -73,7 +80,10 @@ class ReferencePipeline:
 
     async def infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
         """Run one network in process: the `infer` the pipelines call (tune-weights taps it)."""
-        return self._runner(model_name)(pixel_values)
+        run = self._runner(model_name)
+        if self.executor is None:
+            return run(pixel_values)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, run, pixel_values)
 
     def _text_cache(self) -> TextCache:
         version_dir = self.repository / "cxr_zeroshot" / "1"

@@ -3,15 +3,22 @@
 Raw: evaluation.reference.ReferencePipeline with engine "onnxruntime", i.e. the very pipeline
 code of the Python backends (preprocessing, routing, TTA, ensemble, gating, zero-shot
 scoring) on the repository's own ONNX files, with onnxruntime sessions in this process.
-Concurrency N = N worker threads sharing the sessions (onnxruntime releases the GIL and an
-InferenceSession may be run from several threads at once).
+Concurrency N = N worker threads running the pipeline code; its network calls go to one
+shared thread pool (onnxruntime releases the GIL and an InferenceSession may be run from
+several threads at once), so an image's ensemble members run at the same time, as the served
+BLS model's calls to separate network models do.
 Served: N threads, each with its own gRPC client, calling the model on a tritonserver.
 
 Both sides see the same images in the same order and are measured in the same run,
 interleaved per concurrency (and alternating which goes first), so their ratio holds on a
-noisy machine. Thread budget: each raw onnxruntime session gets the intra-op thread count
-the served network models are configured with (read from the server), unless --threads says
-otherwise; the report writes down both sides' budgets.
+noisy machine. Thread budget, read from the server: each raw onnxruntime session gets the
+intra-op thread count of the served network models (--threads overrides it), and the pool
+as many threads as make the served networks' compute threads (instances x intra-op threads,
+summed; --raw-pool overrides it); raw sessions use the served networks' execution provider.
+The report writes down both sides' budgets.
+
+The default sweep (DEFAULT_LEVELS) goes to 16 images in flight, where both sides have
+flattened out on a 2-core machine, but no higher than the measured model admits at once.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import numpy as np
 from loadtest.payloads import MODELS, Payload, grpc_inputs, load_payloads, requested_outputs
 
 BLS_MODELS = frozenset(MODELS)
+# Up to 16 images in flight: where both sides have reached their plateau on a small machine.
+DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 
 
 @dataclasses.dataclass
@@ -39,12 +48,15 @@ class BenchConfig:
     repo: Path
     url: str | None = None  # None: start the embedded tritonserver on free ports
     metrics_url: str | None = None
-    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    concurrency: tuple[int, ...] | None = None  # None: default_levels
     requests: int = 64  # measured requests per side, concurrency and round
     rounds: int = 1  # repeats of the whole interleaved sweep, pooled (more rounds: steadier on a busy machine)
     warmup: int | None = None  # untimed requests per side and concurrency (default: max(concurrency, images))
     model: str = "cxr_classifier"
     threads: int | None = None  # raw onnxruntime intra-op threads per session (default: the server's)
+    raw_pool: int | None = None  # raw network-call threads (default: the served compute threads / `threads`)
+    raw_providers: str | None = None  # raw execution providers: auto, cpu, cuda (default: the served networks')
+    preprocessing_repeats: int = 20  # timed prepare_square calls per configuration and image
     image_set: str = "all"
     send_hints: bool = True
     # Served side: send IMAGE through a system shared-memory region (client and server on one
@@ -55,12 +67,16 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {', '.join(MODELS)}, not {self.model!r}")
-        if not self.concurrency or any(c < 1 for c in self.concurrency):
+        if self.concurrency is not None and (not self.concurrency or any(c < 1 for c in self.concurrency)):
             raise ValueError("concurrency levels must be positive integers")
         if self.requests < 1:
             raise ValueError("--requests must be at least 1")
         if self.rounds < 1:
             raise ValueError("--rounds must be at least 1")
+        if self.raw_pool is not None and self.raw_pool < 1:
+            raise ValueError("--raw-pool must be at least 1")
+        if self.preprocessing_repeats < 1:
+            raise ValueError("preprocessing repeats must be at least 1")
 
 
 @dataclasses.dataclass
@@ -124,12 +140,17 @@ def pool(measurements: Sequence[Measurement]) -> Measurement:
 
 
 class RawSide:
-    """The served pipeline's code with onnxruntime sessions in this process."""
+    """The served pipeline's code with onnxruntime sessions in this process.
 
-    def __init__(self, repo: Path, model: str, threads: int) -> None:
+    With `pool_threads`, the network calls run on a pool of that many threads; without, each
+    worker runs its image's calls one after another (enough for a reference answer).
+    """
+
+    def __init__(self, repo: Path, model: str, threads: int, pool_threads: int | None = None, providers: str = "cpu") -> None:
         from evaluation.reference import ReferencePipeline
 
-        self.pipeline = ReferencePipeline(repo, engine="onnxruntime", threads=threads)
+        self.pool = ThreadPoolExecutor(pool_threads, thread_name_prefix="raw-network") if pool_threads else None
+        self.pipeline = ReferencePipeline(repo, engine="onnxruntime", threads=threads, executor=self.pool, providers=providers)
         self.model = model
         # One event loop per worker slot, reused across sweeps and closed by close(): worker threads
         # come and go with each measurement, a loop left to the garbage collector fails to close.
@@ -147,6 +168,8 @@ class RawSide:
         for loop in self._loops.values():
             loop.close()
         self._loops.clear()
+        if self.pool is not None:
+            self.pool.shutdown()
 
     async def _run(self, payload: Payload) -> np.ndarray:
         hint = payload.hint
@@ -163,6 +186,10 @@ class RawSide:
 
     def sessions(self) -> int:
         return len(self.pipeline._runners)
+
+    def session_providers(self) -> dict[str, list[str]]:
+        """The execution providers each session got (onnxruntime falls back to CPU when CUDA fails to load)."""
+        return {name: self.pipeline._onnx.runner(name).providers for name in sorted(self.pipeline._runners)}
 
 
 class ServedSide:
@@ -239,8 +266,11 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
             batching = config.get("dynamic_batching")
             if batching is not None:
                 entry["max_queue_delay_us"] = int(batching.get("max_queue_delay_microseconds", 0))
+                entry["max_queue_size"] = int(batching.get("default_queue_policy", {}).get("max_queue_size", 0))
             if name not in BLS_MODELS:
                 entry["intra_op_threads"] = int(params.get("intra_op_threads") or 0)
+                entry["engine"] = params.get("engine", "onnxruntime")
+                entry["execution_provider"] = params.get("execution_provider")
             elif "member_execution" in params:
                 entry["member_execution"] = params["member_execution"]
             models[name] = entry
@@ -252,6 +282,68 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
         "network_intra_op_threads": max((m["intra_op_threads"] for m in networks.values()), default=1),
         "network_compute_threads_total": sum(m["instances"] * max(1, m["intra_op_threads"]) for m in networks.values()),
         "bls_processes_total": sum(models[m]["instances"] for m in MODELS if m in models),
+    }
+
+
+def admitted_concurrency(entry: dict[str, Any]) -> int | None:
+    """How many requests a model surely takes at once: one per instance plus its bounded queue
+    (None: unbounded). A closed loop above it meets "Exceeds maximum queue size"."""
+    return entry["instances"] + entry["max_queue_size"] if entry.get("max_queue_size") else None
+
+
+def default_levels(entry: dict[str, Any]) -> tuple[int, ...]:
+    """DEFAULT_LEVELS, the highest replaced by what the model admits when that is lower."""
+    admitted = admitted_concurrency(entry)
+    if admitted is None or admitted >= DEFAULT_LEVELS[-1]:
+        return DEFAULT_LEVELS
+    return tuple(sorted({*(level for level in DEFAULT_LEVELS if level < admitted), admitted}))
+
+
+def available_providers() -> list[str]:
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def served_provider_preference(budget: dict[str, Any]) -> str:
+    """The networks' `execution_provider` parameter when they agree, else "auto"."""
+    preferences = {m.get("execution_provider") for n, m in budget["models"].items() if n not in BLS_MODELS}
+    return preferences.pop() if len(preferences) == 1 and None not in preferences else "auto"
+
+
+# The real payload's shape: a detector matrix, the preprocessing's expensive case.
+RADIOGRAPH_SHAPE = (1955, 1841)
+
+
+def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int = 20) -> dict[str, Any]:
+    """prepare_square in this one thread, per distinct preprocessing of the served pipelines:
+    on a seeded 12-bit random image of RADIOGRAPH_SHAPE and on each payload."""
+    from cxrlt.contract.model_config import config_parameters
+    from cxrlt.contract.preprocessing import PreprocessConfig, prepare_square
+
+    configs: dict[PreprocessConfig, list[str]] = {}
+    for model in ("cxr_classifier", "cxr_zeroshot"):
+        configs.setdefault(PreprocessConfig.from_parameters(config_parameters(repo / model / "config.pbtxt")), []).append(model)
+    images = {"random_12bit": np.random.default_rng(0).integers(0, 4096, RADIOGRAPH_SHAPE, dtype=np.uint16),
+              **{p.name: p.pixels for p in payloads}}
+
+    def timed(image: np.ndarray, config: PreprocessConfig) -> dict[str, Any]:
+        prepare_square(image, config)  # warm-up: first-call allocations and imports
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            prepare_square(image, config)
+            times.append((time.perf_counter() - began) * 1000.0)
+        return {"median_ms": round(float(np.median(times)), 3), "min_ms": round(min(times), 3)}
+
+    return {
+        "function": "cxrlt.contract.preprocessing.prepare_square",
+        "repetitions": repeats,
+        "configs": [
+            {"models": models, "size": config.size, "mode": config.mode,
+             "images": [{"image": name, "shape": list(image.shape), **timed(image, config)} for name, image in images.items()]}
+            for config, models in configs.items()
+        ],
     }
 
 
@@ -293,11 +385,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
     from cxrlt.server.launcher import TritonServer, free_port
     from cxrlt.contract.manifest import read_manifest
 
-    from loadtest.metrics import add, diff, per_model, try_scrape
+    from loadtest.metrics import add, diff, member_calls_per_image, per_model, try_scrape
 
     manifest = read_manifest(config.repo)
     payloads = load_payloads(config.image_set)
-    server = None
+    log("timing preprocessing")
+    preprocessing = preprocessing_timings(config.repo, payloads, config.preprocessing_repeats)
+    server = raw = served = None
     url, metrics_url = config.url, config.metrics_url
     try:
         if url is None:
@@ -310,10 +404,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
             url, metrics_url = server.endpoints.grpc, server.endpoints.metrics
         budget = server_thread_budget(url, list(manifest["models"]))
         raw_threads = config.threads if config.threads is not None else budget["network_intra_op_threads"]
-        log(f"loading onnxruntime sessions (intra-op threads {raw_threads})")
-        raw = RawSide(config.repo, config.model, raw_threads)
+        raw_pool = config.raw_pool or max(1, budget["network_compute_threads_total"] // max(1, raw_threads))
+        raw_providers = config.raw_providers or served_provider_preference(budget)
+        log(f"loading onnxruntime sessions (intra-op threads {raw_threads}, pool {raw_pool}, providers {raw_providers})")
+        raw = RawSide(config.repo, config.model, raw_threads, raw_pool, raw_providers)
+        levels = config.concurrency or default_levels(budget["models"][config.model])
         served = ServedSide(url, config.model, payloads, config.send_hints, config.shared_memory)
-        served.ensure_clients(max(config.concurrency))
+        served.ensure_clients(max(levels))
 
         # Warm both sides on every image (creates all raw sessions single-threaded) and compare outputs.
         parity = 0.0
@@ -321,13 +418,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
             parity = max(parity, float(np.max(np.abs(raw(0, payload) - served(0, payload)))))
 
         # measurements[concurrency][side] -> one Measurement per round; Triton deltas summed over rounds
-        measurements: dict[int, dict[str, list[Measurement]]] = {c: {"raw": [], "served": []} for c in config.concurrency}
-        deltas: dict[int, Any] = {c: None for c in config.concurrency}
+        measurements: dict[int, dict[str, list[Measurement]]] = {c: {"raw": [], "served": []} for c in levels}
+        deltas: dict[int, Any] = {c: None for c in levels}
         probe = CpuProbe(server.process.pid if server is not None else None)
         cpu: dict[tuple[int, str], list[float]] = {}  # (concurrency, side) -> [this process s, server s]
-        orders: dict[int, list[list[str]]] = {c: [] for c in config.concurrency}
+        orders: dict[int, list[list[str]]] = {c: [] for c in levels}
         for round_index in range(config.rounds):
-            for index, concurrency in enumerate(config.concurrency):
+            for index, concurrency in enumerate(levels):
                 warmup = config.warmup if config.warmup is not None else max(concurrency, len(payloads))
                 total = max(config.requests, concurrency)
                 sides = ("raw", "served") if (index + round_index) % 2 == 0 else ("served", "raw")
@@ -347,10 +444,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
                     after = try_scrape(metrics_url, before, {config.model: total})[0] if before is not None else None
                     if after is not None:
                         deltas[concurrency] = add(deltas[concurrency], diff(before, after))
-        served.close()
-        raw.close()
+        session_providers = raw.session_providers()
         sweep = []
-        for concurrency in config.concurrency:
+        for concurrency in levels:
             row: dict[str, Any] = {"concurrency": concurrency, "order": orders[concurrency][0], "orders": orders[concurrency]}
             for side in ("raw", "served"):
                 pooled = pool(measurements[concurrency][side])
@@ -361,15 +457,23 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
                     "server": None if math.isnan(server_cpu) else round(1000 * server_cpu / pooled.requests, 3),
                 }
             if deltas[concurrency] is not None:
-                row["served"]["triton"] = {m.model: m.to_json() for m in per_model(deltas[concurrency])}
+                rows = per_model(deltas[concurrency])
+                row["served"]["triton"] = {m.model: m.to_json() for m in rows}
+                row["served"].update(member_calls_per_image(rows, config.model))
             row["ratio"] = round(row["served"]["images_per_s"] / row["raw"]["images_per_s"], 4) if row["raw"]["images_per_s"] else None
             per_round = [s.images_per_s / r.images_per_s for r, s in zip(measurements[concurrency]["raw"], measurements[concurrency]["served"])
                          if r.images_per_s]
             row["ratio_per_round"] = [round(x, 4) for x in per_round]
             sweep.append(row)
     finally:
-        if server is not None:
-            server.stop()
+        try:
+            if served is not None:
+                served.close()
+        finally:
+            if raw is not None:
+                raw.close()
+            if server is not None:
+                server.stop()
 
     best_raw = max(sweep, key=lambda r: r["raw"]["images_per_s"])
     best_served = max(sweep, key=lambda r: r["served"]["images_per_s"])
@@ -381,18 +485,29 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
         "url": config.url or "embedded (started by cxrlt bench)",
         "images": [{"name": p.name, "shape": list(p.pixels.shape), "hint": p.hint if config.send_hints else None} for p in payloads],
         "requests_per_point": config.requests,
+        "admitted_concurrency": admitted_concurrency(budget["models"][config.model]),
         "rounds": config.rounds,
         "thread_budget": {
             "served": budget,
-            "raw": {"intra_op_threads_per_session": raw_threads, "sessions": raw.sessions(),
-                    "workers": "= concurrency (threads sharing the sessions)"},
+            "raw": {"pool_threads": raw_pool, "intra_op_threads_per_session": raw_threads,
+                    "compute_threads_total": raw_pool * max(1, raw_threads), "sessions": raw.sessions(),
+                    "workers": "= concurrency (threads running the pipeline code; its network calls run on the pool)"},
         },
+        "execution_providers": {
+            "available": available_providers(),
+            "raw_preference": raw_providers,
+            "raw_sessions": session_providers,
+            "served_configured": {n: m.get("execution_provider") for n, m in budget["models"].items() if n not in BLS_MODELS},
+        },
+        "preprocessing_ms": preprocessing,
         "image_transport": "system shared memory" if config.shared_memory else "gRPC message",
         "parity_max_abs_diff": parity,
         "sweep": sweep,
         "best": {
             "raw": {"concurrency": best_raw["concurrency"], "images_per_s": best_raw["raw"]["images_per_s"]},
-            "served": {"concurrency": best_served["concurrency"], "images_per_s": best_served["served"]["images_per_s"]},
+            "served": {"concurrency": best_served["concurrency"], "images_per_s": best_served["served"]["images_per_s"],
+                       "member_requests_per_image": best_served["served"].get("member_requests_per_image"),
+                       "member_executions_per_image": best_served["served"].get("member_executions_per_image")},
             "ratio": round(best_served["served"]["images_per_s"] / best_raw["raw"]["images_per_s"], 4),
         },
         "overhead_per_image_ms": {
@@ -453,11 +568,14 @@ def summary_table(report: dict[str, Any]):
     from rich.table import Table
 
     table = Table(title=f"{report['model']}: raw (onnxruntime in process) vs served (Triton, gRPC)", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="img/s: images per second; p50/p95: latency per image in ms")
-    for column in ("conc", "raw img/s", "raw p50", "raw p95", "srv img/s", "srv p50", "srv p95", "srv/raw"):
+                  caption="img/s: images per second; p50/p95: latency per image in ms; member req/img: "
+                          "network requests (BLS calls) per image, from Triton's statistics")
+    for column in ("conc", "raw img/s", "raw p50", "raw p95", "srv img/s", "srv p50", "srv p95", "srv/raw", "member req/img"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in report["sweep"]:
+        members = r["served"].get("member_requests_per_image")
         table.add_row(str(r["concurrency"]), f"{r['raw']['images_per_s']:.2f}", f"{r['raw']['p50_ms']:.1f}",
                       f"{r['raw']['p95_ms']:.1f}", f"{r['served']['images_per_s']:.2f}", f"{r['served']['p50_ms']:.1f}",
-                      f"{r['served']['p95_ms']:.1f}", f"{r['ratio']:.2f}" if r["ratio"] is not None else "-")
+                      f"{r['served']['p95_ms']:.1f}", f"{r['ratio']:.2f}" if r["ratio"] is not None else "-",
+                      f"{members:.2f}" if members is not None else "-")
     return table

@@ -38,6 +38,9 @@ _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 # {metric: {model: value}}, summed over versions (and failure reasons)
 Snapshot = dict[str, dict[str, float]]
 
+# The models clients call (Python BLS); every other model is a network they call.
+PUBLIC_MODELS = ("cxr_findings", "cxr_classifier", "cxr_zeroshot")
+
 
 class MetricsError(RuntimeError):
     """The metrics endpoint could not be read."""
@@ -194,9 +197,25 @@ def per_model(delta: Snapshot) -> list[ModelTime]:
             )
         )
     # The public models first, then the networks they call.
-    public = ("cxr_findings", "cxr_classifier", "cxr_zeroshot")
-    rows.sort(key=lambda r: (public.index(r.model) if r.model in public else len(public), r.model))
+    rows.sort(key=lambda r: (PUBLIC_MODELS.index(r.model) if r.model in PUBLIC_MODELS else len(PUBLIC_MODELS), r.model))
     return rows
+
+
+def member_calls_per_image(rows: Iterable[ModelTime], entry_model: str) -> dict[str, float | None]:
+    """The network models' requests and executions per image `entry_model` classified.
+
+    Every network request is a BLS call, so this is what a BLS model spends per image: one
+    call per member and image (4 for cxr_classifier: the router and three members) unless it
+    stacks several images into one call; executions also count what the dynamic batcher merged.
+    None without a figure for the entry model.
+    """
+    rows = list(rows)
+    images = next((r.inferences for r in rows if r.model == entry_model), 0)
+    networks = [r for r in rows if r.model not in PUBLIC_MODELS]
+    if images <= 0:
+        return {"member_requests_per_image": None, "member_executions_per_image": None}
+    return {"member_requests_per_image": round(sum(r.requests for r in networks) / images, 3),
+            "member_executions_per_image": round(sum(r.executions for r in networks) / images, 3)}
 
 
 def default_metrics_url(grpc_url: str, port: int = 8002) -> str:

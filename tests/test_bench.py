@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
+import time
 
+import numpy as np
 import pytest
 
-from loadtest.bench import Measurement, drive
+from loadtest.bench import DEFAULT_LEVELS, Measurement, RawSide, default_levels, drive, preprocessing_timings
+from loadtest.metrics import ModelTime, member_calls_per_image
 from loadtest.payloads import Payload, load_payloads
 from tests.grpc_inputs import settled
 
@@ -39,6 +43,72 @@ def test_drive_hands_out_every_request_once_across_workers():
     assert sorted(n for _, n in seen) == sorted(payloads[i % len(payloads)].name for i in range(10))
     figures = Measurement(2, 4, 2.0, [1.0, 2.0, 3.0, 4.0]).to_json()
     assert figures["images_per_s"] == 2.0 and figures["p50_ms"] == 2.5
+
+
+def test_default_levels_stop_at_what_the_model_admits():
+    assert default_levels({"instances": 4, "max_queue_size": 8}) == (1, 2, 4, 8, 12)  # a default build's entry models
+    assert default_levels({"instances": 1, "max_queue_size": 2}) == (1, 2, 3)
+    assert default_levels({"instances": 16, "max_queue_size": 8}) == DEFAULT_LEVELS == (1, 2, 4, 8, 16)
+    assert default_levels({"instances": 4, "max_queue_size": 0}) == DEFAULT_LEVELS  # no bound
+
+
+def _model_time(model: str, requests: int, inferences: int, executions: int) -> ModelTime:
+    return ModelTime(model, requests, 0, inferences, executions, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_member_calls_are_counted_per_image_of_the_entry_model():
+    rows = [_model_time("cxr_classifier", 10, 10, 10), _model_time("cxr_zeroshot", 3, 3, 3),  # public: not members
+            _model_time("projection_router", 10, 10, 8), *(_model_time(f"ensemble_frontal_{m}", 5, 10, 5) for m in ("pcam", "cait", "swin"))]
+    assert member_calls_per_image(rows, "cxr_classifier") == {"member_requests_per_image": 2.5, "member_executions_per_image": 2.3}
+    assert member_calls_per_image(rows, "cxr_findings") == {"member_requests_per_image": None, "member_executions_per_image": None}
+
+
+def test_preprocessing_is_timed_once_per_distinct_config(tmp_path):
+    from cxrlt.contract.preprocessing import PreprocessConfig
+
+    def write_config(model: str, config: PreprocessConfig) -> None:
+        params = "".join(f'parameters {{ key: "{k}" value {{ string_value: {json.dumps(v)} }} }}\n'
+                         for k, v in config.to_parameters().items())
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "config.pbtxt").write_text(f'name: "{model}"\n{params}')
+
+    write_config("cxr_classifier", PreprocessConfig(size=64))
+    write_config("cxr_zeroshot", PreprocessConfig.clip(64))
+    timings = preprocessing_timings(tmp_path, load_payloads("synthetic"), repeats=2)
+    assert [(c["models"], c["size"], c["mode"]) for c in timings["configs"]] == [(["cxr_classifier"], 64, "percentile"),
+                                                                                (["cxr_zeroshot"], 64, "max")]
+    for config in timings["configs"]:
+        assert [i["image"] for i in config["images"]] == ["random_12bit", "synthetic_frontal", "synthetic_lateral"]
+        assert config["images"][0]["shape"] == [1955, 1841]
+        assert all(0 < i["min_ms"] <= i["median_ms"] for i in config["images"])
+
+
+def test_raw_side_runs_an_images_members_at_once(tiny_repository):
+    """With a pool, the three ensemble members of one image overlap, on the pool's threads."""
+    payload = load_payloads("synthetic")[0]
+    raw = RawSide(tiny_repository, "cxr_classifier", threads=1, pool_threads=4)
+    try:
+        raw(0, payload)  # creates the sessions
+        calls: list[tuple[str, str, float, float]] = []
+        runners = raw.pipeline._runners
+
+        def slowed(name, run):
+            def call(pixels: np.ndarray) -> np.ndarray:
+                began = time.perf_counter()
+                time.sleep(0.1)  # long enough that calls one after another could not overlap by chance
+                out = run(pixels)
+                calls.append((name, threading.current_thread().name, began, time.perf_counter()))
+                return out
+            return call
+
+        for name in list(runners):
+            runners[name] = slowed(name, runners[name])
+        raw(0, payload)
+    finally:
+        raw.close()
+    members = [c for c in calls if c[0].startswith("ensemble_")]
+    assert len(members) == 3 and all(thread.startswith("raw-network") for _, thread, _, _ in calls)
+    assert max(began for _, _, began, _ in members) < min(ended for _, _, _, ended in members)  # all three in flight together
 
 
 def test_payloads_carry_the_real_cxr_and_hints():
@@ -71,15 +141,21 @@ def test_bench_against_the_session_server(tiny_repository, triton_server, tmp_pa
         assert row["served"]["cpu_ms_per_image"]["server"] is None  # --url: the server's processes are not ours
         assert row["orders"][0] == row["orders"][1][::-1]  # which side goes first alternates between rounds
         assert row["served"]["triton"]["cxr_classifier"]["requests"] >= 6  # queue vs compute per concurrency
+        assert row["served"]["member_requests_per_image"] > 0 and row["served"]["member_executions_per_image"] > 0
     assert sorted(row["order"][0] for row in report["sweep"]) == ["raw", "served"]  # alternating across levels too
-    assert report["best"]["ratio"] > 0
+    assert report["best"]["ratio"] > 0 and report["best"]["served"]["member_requests_per_image"] > 0
     assert report["overhead_per_image_ms"]["concurrency"] == 1 and "p50" in report["overhead_per_image_ms"]
     # Same ONNX files, same pipeline code: both sides compute the same probabilities.
     assert report["parity_max_abs_diff"] < 1e-4
     budget = report["thread_budget"]
     assert budget["raw"]["intra_op_threads_per_session"] == budget["served"]["network_intra_op_threads"]
+    assert budget["raw"]["compute_threads_total"] == budget["served"]["network_compute_threads_total"]  # same budget both sides
+    providers = report["execution_providers"]
+    assert set(providers["raw_sessions"]) <= set(providers["served_configured"])
+    assert all(sessions[-1] == "CPUExecutionProvider" for sessions in providers["raw_sessions"].values())  # CUDA first, if any
+    assert {c["mode"] for c in report["preprocessing_ms"]["configs"]} == {"percentile", "max"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "served/raw" in printed
+    assert "served/raw" in printed and "member req/img" in printed and "preprocessing of cxr_classifier" in printed
 
 
 @pytest.mark.e2e

@@ -1,8 +1,11 @@
 """Benchmark a repository's pipeline served by Triton (gRPC) against the same pipeline run in
 process with onnxruntime on the same ONNX files (same preprocessing, TTA and ensemble math),
-at a sweep of concurrencies, both sides interleaved in one run. Prints images/s and p50/p95
-latency per side, the served/raw ratio per concurrency and at the best concurrency, and
-Triton's overhead per image at concurrency 1; writes a JSON of the figures and a PNG plot.
+at a sweep of concurrencies, both sides interleaved in one run; the in-process side runs an
+image's network calls concurrently on a thread pool as large as the served networks' thread
+budget. Prints images/s and p50/p95 latency per side, the served/raw ratio per concurrency and
+at the best concurrency, network requests per image from Triton's statistics, Triton's
+overhead per image at concurrency 1 and the preprocessing time per image; writes a JSON of the
+figures and a PNG plot.
 
 Starts the embedded tritonserver on the repository itself (free ports) unless --url is given."""
 
@@ -28,13 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", required=True, type=Path, help="model repository built by `cxrlt build-repo`")
     parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
     parser.add_argument("--metrics-url", help="its metrics endpoint, for queue vs compute per concurrency (with --url)")
-    parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8), help="comma-separated levels (default 1,2,4,8)")
+    parser.add_argument("--concurrency", type=_levels,
+                        help="comma-separated levels (default 1,2,4,8,16, the highest lowered to what --model admits at "
+                             "once, its instances plus max_queue_size: 1,2,4,8,12 for a default build)")
     parser.add_argument("--requests", type=int, default=64, help="measured requests per side, concurrency and round (default 64)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the interleaved sweep this many times and pool the figures (default 1)")
     parser.add_argument("--warmup", type=int, help="untimed requests per side and concurrency (default max(concurrency, images))")
     parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
     parser.add_argument("--threads", type=int, help="raw side onnxruntime intra-op threads per session (default: the served networks')")
+    parser.add_argument("--raw-pool", type=int, help="raw side threads running network calls (default: the served networks' "
+                                                     "compute threads, instances x intra-op threads summed, / --threads)")
+    parser.add_argument("--raw-providers", choices=["auto", "cpu", "cuda"],
+                        help="raw side onnxruntime execution providers (default: the served networks' execution_provider)")
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
                         help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
     parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
@@ -53,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
         requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
+        raw_pool=args.raw_pool, raw_providers=args.raw_providers,
         image_set=args.image_set, send_hints=not args.no_hints, shared_memory=args.shared_memory, server_log=None if args.url else out / "tritonserver.log",
     )
     if args.url and not args.metrics_url:
@@ -78,8 +88,17 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"threads: served networks {budget['served']['network_intra_op_threads']} intra-op x instances "
         f"({budget['served']['network_compute_threads_total']} in all, {budget['served']['bls_processes_total']} BLS processes); "
-        f"raw {budget['raw']['intra_op_threads_per_session']} intra-op per session, workers = concurrency"
+        f"raw pool of {budget['raw']['pool_threads']} threads x {budget['raw']['intra_op_threads_per_session']} intra-op per session "
+        f"({budget['raw']['compute_threads_total']} in all), workers = concurrency"
     )
+    if best["served"].get("member_requests_per_image") is not None:
+        console.print(f"network requests per image at the best served concurrency: {best['served']['member_requests_per_image']:.2f} "
+                      f"({best['served']['member_executions_per_image']:.2f} executions)")
+    for entry in report["preprocessing_ms"]["configs"]:
+        timings = ", ".join(f"{i['image']} {i['shape'][0]}x{i['shape'][1]} {i['median_ms']:.1f} ms (min {i['min_ms']:.1f})"
+                            for i in entry["images"])
+        console.print(f"preprocessing of {' and '.join(entry['models'])} ({entry['size']} px, {entry['mode']}; prepare_square "
+                      f"in one thread, median): {timings}", markup=False)
     served_model = budget["served"]["models"].get(report["model"], {})
     if served_model.get("member_execution") == "in_process":
         console.print(f"{report['model']} runs its networks in process (member_execution in_process): no BLS hops")

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU figures in one command: installs onnxruntime-gpu, builds the paper repository, serves
+# it, runs the bench for each public model and a load test, and writes OUT/gpu_bench.json
+# (see loadtest/gpu_run.py, which does the work, and loadtest/README.md).
+#
+#   loadtest/gpu_bench.sh [--venv DIR] [--dry-run] [--out DIR] [other loadtest/gpu_run.py options]
+#
+#   --venv DIR   run in the virtual environment DIR, created with the project's "all" extra when
+#                missing (default: the active one, else the checkout's .venv). Installing
+#                onnxruntime-gpu there replaces onnxruntime: the two install the same module.
+#   --dry-run    (or CXRLT_GPU_DRY_RUN=1) the same steps on the CPU with the tiny profile and a
+#                few requests, installing nothing: what CI runs.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dry_run="${CXRLT_GPU_DRY_RUN:-0}"
+venv=""
+args=()
+while (($#)); do
+    case "$1" in
+        --dry-run) dry_run=1 ;;
+        --venv) venv="${2:?--venv needs a directory}"; shift ;;
+        *) args+=("$1") ;;
+    esac
+    shift
+done
+
+if [[ -n "$venv" ]]; then
+    if [[ ! -x "$venv/bin/python" ]]; then
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install -e "$root[all]"
+    fi
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+elif [[ -z "${VIRTUAL_ENV:-}" && -x "$root/.venv/bin/python" ]]; then
+    # shellcheck disable=SC1091
+    source "$root/.venv/bin/activate"
+fi
+
+if [[ "$dry_run" == 1 ]]; then
+    export CXRLT_GPU_DRY_RUN=1
+else
+    if ! python -c 'import sys, onnxruntime; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' 2>/dev/null; then
+        python -m pip uninstall -y onnxruntime onnxruntime-gpu
+        # the cuda and cudnn extras bring the CUDA and cuDNN libraries it was built for, as nvidia-* wheels
+        python -m pip install "onnxruntime-gpu[cuda,cudnn]"
+    fi
+    # onnxruntime finds those wheels' libraries only on the loader's path; the server's Python
+    # stubs inherit it from this environment.
+    nvidia_libs="$(python -c 'import glob, os, sysconfig; print(os.pathsep.join(sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "lib")))))')"
+    if [[ -n "$nvidia_libs" ]]; then
+        export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+fi
+
+exec python -m loadtest.gpu_run ${args[@]+"${args[@]}"}

@@ -1,0 +1,301 @@
+"""The GPU run behind `loadtest/gpu_bench.sh`: every figure the GPU targets need, in one JSON.
+
+Builds the repository (or takes --repo), serves it with the embedded tritonserver (or uses
+--url), runs the bench (`cxrlt bench`: served against the same pipeline in process) for each
+public model and a mixed locust load test (`cxrlt loadtest`), and writes gpu_bench.json:
+p50 / p95 at concurrency 1 and images/s at saturation per model, GPU memory (nvidia-smi), the
+execution provider the networks got, and the targets with their measured values.
+
+The network models run ONNX with onnxruntime's provider "auto" (the builder's setting): CUDA
+when onnxruntime-gpu offers it. The server's stubs and this process import the same
+onnxruntime, so the providers the raw side's sessions get, asked for with the served models'
+parameter, are the providers the served sessions get; the GPU memory of the server's processes
+backs that up.
+
+--dry-run (or CXRLT_GPU_DRY_RUN=1) runs the same steps on the CPU with the tiny profile and a
+few requests, so CI keeps this path working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from loadtest.bench import BenchConfig, admitted_concurrency, run_bench, server_thread_budget, write_json
+from loadtest.payloads import IMAGE_SETS, MODELS
+
+DRY_RUN_ENV = "CXRLT_GPU_DRY_RUN"
+REPORT = "gpu_bench.json"
+CUDA = "CUDAExecutionProvider"
+PLATEAU_GROWTH = 0.05  # the last level is a plateau when it is at most 5 % above the best lower one
+
+# (model, figure, comparison, bound): the issue's targets for the paper profile on an H100/H200-class GPU.
+TARGETS = (
+    ("cxr_classifier", "p50_ms_at_concurrency_1", "<=", 15.0),
+    ("cxr_classifier", "images_per_s_at_saturation", ">=", 400.0),
+    ("cxr_zeroshot", "images_per_s_at_saturation", ">=", 2000.0),
+)
+
+
+@dataclasses.dataclass
+class GpuRunConfig:
+    out: Path
+    dry_run: bool = False
+    repo: Path | None = None  # None: build one into OUT/repository
+    checkpoints: Path | None = None  # None: seeded random weights (speed does not depend on them)
+    url: str | None = None  # None: start the embedded tritonserver
+    metrics_url: str | None = None
+    image_set: str = "all"
+    profile: str = "paper"
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    requests: int = 256
+    users: int = 32
+    duration_s: float = 60.0
+    preprocessing_repeats: int = 20
+
+    @classmethod
+    def dry(cls, out: Path, **overrides: Any) -> "GpuRunConfig":
+        """The CPU rehearsal: tiny profile, few requests, a short load test."""
+        return cls(out=out, dry_run=True, **{"profile": "tiny", "concurrency": (1, 2), "requests": 4, "users": 2,
+                                            "duration_s": 3.0, "preprocessing_repeats": 3, **overrides})
+
+    def __post_init__(self) -> None:
+        # Latency at concurrency 1 is a reported figure, so the sweep always has it.
+        self.concurrency = tuple(sorted({1, *self.concurrency}))
+        if self.url is not None and self.repo is None:
+            raise ValueError("--url needs --repo: the repository that server serves, for the in-process side")
+        if self.image_set not in IMAGE_SETS:
+            raise ValueError(f"image set must be one of {IMAGE_SETS}, not {self.image_set!r}")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]" under MIG, "[Not Supported]"
+        return None
+
+
+def nvidia_smi(query: str) -> list[list[str]] | None:
+    """Rows of `nvidia-smi --query-...=... --format=csv,noheader,nounits`, or None without it."""
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return None
+    try:
+        text = subprocess.run([binary, query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [[field.strip() for field in line.split(",")] for line in text.splitlines() if line.strip()]
+
+
+def gpu_memory(server_pids: set[int] | None) -> dict[str, Any] | None:
+    """Memory of every GPU, and what the server's processes hold on them (None: no nvidia-smi)."""
+    gpus = nvidia_smi("--query-gpu=index,name,memory.used,memory.total")
+    if gpus is None:
+        return None
+    apps = [(int(pid), _number(used)) for pid, used in (nvidia_smi("--query-compute-apps=pid,used_memory") or [])
+            if pid.isdigit()]
+    ours = [(pid, used) for pid, used in apps if server_pids is not None and pid in server_pids]
+    return {
+        "gpus": [{"index": int(index), "name": name, "memory_used_mib": _number(used), "memory_total_mib": _number(total)}
+                 for index, name, used, total in gpus],
+        "compute_apps": [{"pid": pid, "used_memory_mib": used} for pid, used in apps],
+        # In a container nvidia-smi may show the host's process ids: then none match and this is 0.
+        "server_processes_on_gpu": len(ours) if server_pids is not None else None,
+        "server_memory_mib": sum(used or 0.0 for _, used in ours) if server_pids is not None else None,
+    }
+
+
+def process_tree(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def model_figures(bench: dict[str, Any]) -> dict[str, Any]:
+    """One model's served (and raw) latency at concurrency 1 and throughput at saturation."""
+    from loadtest.stress import saturation_index
+
+    sweep = bench["sweep"]
+    first = next(row for row in sweep if row["concurrency"] == 1)
+    best = bench["best"]
+    served = [row["served"]["images_per_s"] for row in sweep]
+    return {
+        "p50_ms_at_concurrency_1": first["served"]["p50_ms"],
+        "p95_ms_at_concurrency_1": first["served"]["p95_ms"],
+        "images_per_s_at_saturation": best["served"]["images_per_s"],
+        "saturation_concurrency": best["served"]["concurrency"],
+        # False: throughput still grew at the highest level; saturation lies above the sweep.
+        "plateau_reached": saturation_index(served, PLATEAU_GROWTH)[1],
+        "member_requests_per_image": best["served"].get("member_requests_per_image"),
+        "raw": {"p50_ms_at_concurrency_1": first["raw"]["p50_ms"], "p95_ms_at_concurrency_1": first["raw"]["p95_ms"],
+                "images_per_s_at_saturation": best["raw"]["images_per_s"]},
+        "parity_max_abs_diff": bench["parity_max_abs_diff"],
+    }
+
+
+def execution_provider(bench: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, Any]:
+    providers = bench["execution_providers"]
+    first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
+    return {
+        # the provider every network session got; None when they differ
+        "provider": first.pop() if len(first) == 1 else None,
+        **providers,
+        "server_gpu_memory_mib": memory["server_memory_mib"] if memory else None,
+    }
+
+
+def judge(models: dict[str, Any], provider: str | None, profile: str) -> list[dict[str, Any]]:
+    """Each target with its measured value; judged only for the paper profile on CUDA."""
+    applies = profile == "paper" and provider == CUDA
+    checks = []
+    for model, figure, comparison, bound in TARGETS:
+        measured = models[model][figure]
+        met = measured <= bound if comparison == "<=" else measured >= bound
+        checks.append({"model": model, "figure": figure, "target": f"{comparison} {bound:g}", "measured": measured,
+                       "met": met if applies else None})
+    return checks
+
+
+def build(config: GpuRunConfig, log: Callable[[str], None]) -> Path:
+    from cxrlt.contract.profiles import get_profile
+    from exporters.build_repo import BuildOptions, build_repository
+
+    repo = config.out / "repository"
+    log(f"building the {config.profile} repository into {repo}")
+    # The entry models' queues must hold the closed loop's highest level, or the sweep meets
+    # "Exceeds maximum queue size" before it meets saturation.
+    queue = max(get_profile(config.profile).queue.max_queue_size, max(config.concurrency))
+    build_repository(repo, BuildOptions(profile=config.profile, checkpoints=config.checkpoints,
+                                        allow_random=config.checkpoints is None, max_queue_size=queue), on_step=log)
+    return repo
+
+
+def run(config: GpuRunConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Run every step; write and return the report."""
+    import onnxruntime
+
+    from cxrlt.server.launcher import TritonServer, free_port
+    from loadtest.metrics import default_metrics_url
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    if not config.dry_run and CUDA not in onnxruntime.get_available_providers():
+        raise RuntimeError("this onnxruntime has no CUDA execution provider: install onnxruntime-gpu "
+                           "(loadtest/gpu_bench.sh does), or rehearse on the CPU with --dry-run")
+    config.out.mkdir(parents=True, exist_ok=True)
+    repo = config.repo or build(config, log)
+    memory_before = gpu_memory(None)
+    server, server_pids = None, None
+    url, metrics_url = config.url, config.metrics_url
+    try:
+        if url is None:
+            log(f"starting tritonserver on {repo}")
+            server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                                  log_file=config.out / "tritonserver.log").start(timeout=600)
+            url, metrics_url = server.endpoints.grpc, server.endpoints.metrics
+            server_pids = process_tree(server.process.pid)
+        metrics_url = metrics_url or default_metrics_url(url)
+        entries = server_thread_budget(url, [])["models"]
+        benches = {}
+        for model in MODELS:
+            # a repository given with --repo may bound its queues below the sweep
+            admitted = admitted_concurrency(entries[model])
+            levels = tuple(level for level in config.concurrency if admitted is None or level <= admitted)
+            log(f"bench {model} at concurrency {', '.join(map(str, levels))}")
+            benches[model] = run_bench(BenchConfig(
+                repo=repo, url=url, metrics_url=metrics_url, concurrency=levels, requests=config.requests,
+                model=model, image_set=config.image_set, preprocessing_repeats=config.preprocessing_repeats), log)
+            write_json(benches[model], config.out / f"bench_{model}.json")
+        log(f"load test: {config.users} users for {config.duration_s:g} s")
+        loadtest = run_loadtest(LoadTestConfig(url=url, users=config.users, spawn_rate=float(config.users),
+                                               duration_s=config.duration_s, out=config.out / "loadtest",
+                                               image_set=config.image_set, metrics_url=metrics_url))
+        memory = gpu_memory(server_pids)  # with every session loaded and warm
+    finally:
+        if server is not None:
+            server.stop()
+
+    models = {model: model_figures(bench) for model, bench in benches.items()}
+    provider = execution_provider(benches["cxr_findings"], memory)  # its raw side holds every network's session
+    report = {
+        "dry_run": config.dry_run,
+        "profile": benches["cxr_classifier"]["profile"],
+        "repository": str(repo),
+        "url": config.url or "embedded (started by this run)",
+        "image_set": config.image_set,
+        "sweep": {"concurrency": {model: [row["concurrency"] for row in bench["sweep"]] for model, bench in benches.items()},
+                  "requests_per_point": config.requests},
+        "models": models,
+        "execution_provider": provider,
+        "gpu_memory": {"before_server": memory_before, "loaded": memory} if memory is not None else None,
+        "preprocessing_ms": benches["cxr_classifier"]["preprocessing_ms"],
+        "loadtest": {
+            "users": config.users, "duration_s": config.duration_s, "passed": loadtest["passed"],
+            "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}
+                       for model, figures in loadtest["locust"]["models"].items()},
+        },
+        "targets": judge(models, provider["provider"], config.profile),
+        "files": {"report": str(config.out / REPORT), "loadtest": loadtest["files"]["report"],
+                  **{f"bench_{model}": str(config.out / f"bench_{model}.json") for model in MODELS}},
+    }
+    write_json(report, config.out / REPORT)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> GpuRunConfig:
+    parser = argparse.ArgumentParser(prog="loadtest/gpu_bench.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", default=os.environ.get(DRY_RUN_ENV) == "1",
+                        help=f"tiny profile on the CPU, few requests (also {DRY_RUN_ENV}=1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_bench"), help="output folder (default runs/gpu_bench)")
+    parser.add_argument("--repo", type=Path, help="a repository built already (default: build one into OUT/repository)")
+    parser.add_argument("--checkpoints", type=Path, help="checkpoints to build from (default: seeded random weights)")
+    parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
+    parser.add_argument("--metrics-url", help="its metrics endpoint (default: port 8002 on the --url host)")
+    parser.add_argument("--image-set", choices=IMAGE_SETS, default="all")
+    parser.add_argument("--concurrency", help="comma-separated bench levels (1 is always added)")
+    parser.add_argument("--requests", type=int, help="measured bench requests per side and level")
+    parser.add_argument("--users", type=int, help="load-test users")
+    parser.add_argument("--duration-s", type=float, help="load-test duration")
+    args = parser.parse_args(argv)
+    overrides = {key: value for key, value in {
+        "repo": args.repo, "checkpoints": args.checkpoints, "url": args.url, "metrics_url": args.metrics_url,
+        "image_set": args.image_set, "requests": args.requests, "users": args.users, "duration_s": args.duration_s,
+        "concurrency": tuple(int(level) for level in args.concurrency.split(",")) if args.concurrency else None,
+    }.items() if value is not None}
+    return GpuRunConfig.dry(args.out, **overrides) if args.dry_run else GpuRunConfig(out=args.out, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        report = run(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (ValueError, RuntimeError) as exc:  # bad options, no CUDA provider, a server that did not start
+        print(f"gpu_bench: error: {exc}", file=sys.stderr)
+        return 1
+    provider = report["execution_provider"]["provider"]
+    for model, figures in report["models"].items():
+        print(f"{model}: p50 {figures['p50_ms_at_concurrency_1']:.1f} ms / p95 {figures['p95_ms_at_concurrency_1']:.1f} ms at "
+              f"concurrency 1; {figures['images_per_s_at_saturation']:.1f} images/s at concurrency {figures['saturation_concurrency']}"
+              + ("" if figures["plateau_reached"] else " (still growing at the highest level: raise --concurrency)"))
+    for check in report["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not judged (paper profile on CUDA only)"}[check["met"]]
+        print(f"target {check['model']} {check['figure']} {check['target']}: measured {check['measured']:.1f}, {verdict}")
+    print(f"execution provider: {provider}; report: {report['files']['report']}")
+    if not config.dry_run and provider != CUDA:
+        print(f"error: the networks ran on {provider}, not {CUDA}: check the CUDA and cuDNN libraries", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
