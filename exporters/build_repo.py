@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "torchscript")
+EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")  # python_backends.onnx_runner.select_providers
 BLS_MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
 _PACKAGES = ("torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "nvidia-pytriton", "numpy")
 
@@ -64,6 +65,9 @@ class BuildOptions:
     # "bls": the BLS models call the network models (per-member batching and statistics);
     # "in_process": they run the networks' ONNX files themselves (no hops; see python_backends.in_process)
     member_execution: str = "bls"
+    # onnxruntime's providers on the embedded target: "auto" takes CUDA when onnxruntime-gpu offers
+    # it, "cuda" insists (a model fails to load without it), "cpu" never uses a GPU
+    execution_provider: str = "auto"
     tensorrt: bool = False
     clip_model: str | None = None  # an open_clip config name replacing the profile's (e.g. "ViT-L-14")
     engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
@@ -80,6 +84,8 @@ class BuildOptions:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         member_execution(self.member_execution)
+        if self.execution_provider not in EXECUTION_PROVIDERS:
+            raise ValueError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not {self.execution_provider!r}")
         if self.member_execution == "in_process" and self.engine != "onnxruntime":
             raise ValueError("member_execution 'in_process' runs the ONNX files with onnxruntime; it does not combine with engine 'torchscript'")
         if self.engine != "onnxruntime" and self.target != "embedded":
@@ -149,7 +155,7 @@ def _network_config(options: BuildOptions, profile: Profile, name: str, size: in
             'parameters { key: "precision_mode" value: "FP16" } } ] } }' if options.tensorrt else ""
         )
         return render("onnx_network/config.ngc.pbtxt.template", optimization=optimization, **common)
-    params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.ort_threads), "execution_provider": "auto",
+    params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.ort_threads), "execution_provider": options.execution_provider,
               "engine": options.engine, "device": options.device, "fp16": "true" if options.fp16 else "false"}
     return render("onnx_network/config.pbtxt.template", parameters=parameters_block(params), **common)
 
@@ -213,6 +219,7 @@ def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier:
     # The pipelines stack every merged request's images into one call per network, sliced to
     # what the network models accept.
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
+               "member_execution_provider": options.execution_provider,
                "member_max_batch_size": str(options.max_batch_size), **calls}
     params = {
         "cxr_classifier": {**classifier.to_parameters(), **members, **flag},

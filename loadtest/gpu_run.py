@@ -176,8 +176,11 @@ def build(config: GpuRunConfig, log: Callable[[str], None]) -> Path:
     # The entry models' queues must hold the closed loop's highest level, or the sweep meets
     # "Exceeds maximum queue size" before it meets saturation.
     queue = max(get_profile(config.profile).queue.max_queue_size, max(config.concurrency))
-    build_repository(repo, BuildOptions(profile=config.profile, checkpoints=config.checkpoints,
-                                        allow_random=config.checkpoints is None, max_queue_size=queue), on_step=log)
+    # A GPU run insists on CUDA: a network that cannot get it fails to load instead of computing
+    # on the CPU unnoticed. The dry run takes what there is.
+    provider = "auto" if config.dry_run else "cuda"
+    build_repository(repo, BuildOptions(profile=config.profile, checkpoints=config.checkpoints, allow_random=config.checkpoints is None,
+                                        max_queue_size=queue, execution_provider=provider), on_step=log)
     return repo
 
 

@@ -198,3 +198,14 @@ def test_clip_model_is_selectable_and_recorded():
     assert get_profile("paper").clip.model_name == "ViT-B-32"
     assert manifest_profile({"profile": "tiny", "clip_model": "ViT-S-32"}).clip.model_name == "ViT-S-32"
     assert manifest_profile({"profile": "tiny"}).clip.model_name == TINY.clip.model_name
+
+
+def test_execution_provider_is_written_into_the_network_and_bls_configs():
+    from cxrlt.contract.profiles import get_profile
+    from exporters.build_repo import _network_config
+
+    text = _network_config(BuildOptions(profile="tiny", execution_provider="cuda"), get_profile("tiny"), "projection_router",
+                           64, "logits", 2, labels=False)
+    assert 'key: "execution_provider"' in text and 'string_value: "cuda"' in text.split('key: "execution_provider"')[1][:80]
+    with pytest.raises(ValueError, match="execution_provider must be one of auto, cpu, cuda"):
+        BuildOptions(execution_provider="tpu")

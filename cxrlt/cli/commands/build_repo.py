@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedded target: run networks with onnxruntime (CUDA provider when onnxruntime-gpu is "
                              "installed) or as TorchScript with PyTorch (CUDA when PyTorch has it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torchscript engine device")
+    parser.add_argument("--execution-provider", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="onnxruntime engine: auto (CUDA when onnxruntime-gpu offers it, else CPU; default), "
+                             "cuda (the models fail to load without it), cpu")
     parser.add_argument("--fp16", action="store_true", help="torchscript engine on CUDA: float16 autocast")
     parser.add_argument("--clip-model", help="open_clip config for zero-shot, replacing the profile's "
                         "(paper: ViT-B-32 as CheXzero; ViT-L-14 as WhyXrayCLIP)")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile, target=args.target, checkpoints=args.checkpoints, allow_random=args.allow_random,
         seed=args.seed, prompts=args.prompts or DEFAULT_PROMPTS, ort_threads=args.ort_threads,
         network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
-        queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"), tensorrt=args.tensorrt, classifier=classifier,
+        queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"),
+        execution_provider=args.execution_provider, tensorrt=args.tensorrt, classifier=classifier,
         engine=args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
     )
