@@ -136,7 +136,10 @@ async def answer_each(pb_utils: Any, requests: Sequence[Any], parse: Callable[[A
             continue
         spans.append((len(items), len(items) + len(mine)))
         items.extend(mine)
-    results = await run_many(items) if items else []
+    try:
+        results = await run_many(items) if items else []
+    except Exception as exc:  # a fault of the pipeline itself: every request of the batch learns it
+        results = [exc] * len(items)
     responses = []
     for span in spans:
         if isinstance(span, BaseException):
