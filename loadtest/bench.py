@@ -62,6 +62,9 @@ class BenchConfig:
     # Served side: send IMAGE through a system shared-memory region (client and server on one
     # host) instead of inside the gRPC message; each request still copies its image in.
     shared_memory: bool = False
+    # Served side: downscale each image to at most this long side before sending, in every request
+    # (cxrlt.client's send_size; "served": the served networks' largest input size)
+    send_size: int | str | None = None
     server_log: Path | None = None  # log of the server bench starts (default: a temporary file)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class BenchConfig:
             raise ValueError("--raw-pool must be at least 1")
         if self.preprocessing_repeats < 1:
             raise ValueError("preprocessing repeats must be at least 1")
+        if self.send_size is not None and self.shared_memory:
+            raise ValueError("--send-size is for a remote server and --shared-memory for one on this host: choose one")
 
 
 @dataclasses.dataclass
@@ -198,9 +203,12 @@ class ServedSide:
     With `shared_memory`, each worker owns a system shared-memory region registered with the
     server; a request copies its image into it and names it in IMAGE, so the 16-bit image does
     not travel inside the gRPC message (what a gateway on the server's host can do).
+    With `send_size`, every request downscales its image and serialises it anew, as a remote
+    client with `--send-size` does, so the served side pays that CPU.
     """
 
-    def __init__(self, url: str, model: str, payloads: Sequence[Payload], send_hints: bool, shared_memory: bool = False) -> None:
+    def __init__(self, url: str, model: str, payloads: Sequence[Payload], send_hints: bool, shared_memory: bool = False,
+                 send_size: int | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpcclient = grpcclient
@@ -208,6 +216,7 @@ class ServedSide:
         self.clients: list = []
         self.outputs = requested_outputs(model)
         self.inputs = {p.name: grpc_inputs(p, model, send_hints) for p in payloads}
+        self.send_hints, self.send_size = send_hints, send_size
         self._region_bytes = max(p.pixels.nbytes for p in payloads)
         self._pool = None
         self._regions: list = []  # one cxrlt.client.shared_memory.Region per worker
@@ -231,8 +240,19 @@ class ServedSide:
         self._regions[worker_id].attach(image, batch)
         return [image, *self.inputs[payload.name][1:]]  # the hint, when sent, stays in the message
 
+    def _downscaled_inputs(self, payload: Payload) -> list:
+        from cxrlt.contract.preprocessing import downscale_for_sending
+
+        smaller = dataclasses.replace(payload, pixels=downscale_for_sending(payload.pixels, self.send_size))
+        return grpc_inputs(smaller, self.model, self.send_hints)
+
     def __call__(self, worker_id: int, payload: Payload) -> np.ndarray:
-        inputs = self._shared_memory_inputs(worker_id, payload) if self._pool is not None else self.inputs[payload.name]
+        if self._pool is not None:
+            inputs = self._shared_memory_inputs(worker_id, payload)
+        elif self.send_size is not None:
+            inputs = self._downscaled_inputs(payload)
+        else:
+            inputs = self.inputs[payload.name]
         result = self.clients[worker_id].infer(self.model, inputs, outputs=self.outputs)
         return result.as_numpy("PROBABILITIES")[0]
 
@@ -285,10 +305,25 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
     }
 
 
+def served_send_size(url: str, model: str, send_size: int | str | None) -> int | None:
+    """--send-size as a number of pixels ("served": what cxrlt.client reads from the served configs)."""
+    from cxrlt.contract.served import SEND_SIZE_SERVED
+
+    if send_size != SEND_SIZE_SERVED:
+        return send_size
+    from cxrlt.client import CxrltClient
+
+    with CxrltClient(url, model=model, send_size=send_size) as client:
+        return client.model_info().input_size
+
+
 def admitted_concurrency(entry: dict[str, Any]) -> int | None:
-    """How many requests a model surely takes at once: one per instance plus its bounded queue
-    (None: unbounded). A closed loop above it meets "Exceeds maximum queue size"."""
-    return entry["instances"] + entry["max_queue_size"] if entry.get("max_queue_size") else None
+    """How many requests a model surely takes at once: its bounded queue (None: unbounded).
+
+    Not the queue plus one per instance: Triton frees an instance a moment after the client has
+    its response, so a closed loop's next requests can all be queued while every instance still
+    counts as busy, and a loop above the queue's size meets "Exceeds maximum queue size"."""
+    return entry["max_queue_size"] or None
 
 
 def default_levels(entry: dict[str, Any]) -> tuple[int, ...]:
@@ -409,7 +444,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
         log(f"loading onnxruntime sessions (intra-op threads {raw_threads}, pool {raw_pool}, providers {raw_providers})")
         raw = RawSide(config.repo, config.model, raw_threads, raw_pool, raw_providers)
         levels = config.concurrency or default_levels(budget["models"][config.model])
-        served = ServedSide(url, config.model, payloads, config.send_hints, config.shared_memory)
+        send_size = served_send_size(url, config.model, config.send_size)
+        served = ServedSide(url, config.model, payloads, config.send_hints, config.shared_memory, send_size)
         served.ensure_clients(max(levels))
 
         # Warm both sides on every image (creates all raw sessions single-threaded) and compare outputs.
@@ -501,6 +537,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
         },
         "preprocessing_ms": preprocessing,
         "image_transport": "system shared memory" if config.shared_memory else "gRPC message",
+        "send_size": send_size,
         "parity_max_abs_diff": parity,
         "sweep": sweep,
         "best": {

@@ -46,9 +46,9 @@ def test_drive_hands_out_every_request_once_across_workers():
 
 
 def test_default_levels_stop_at_what_the_model_admits():
-    assert default_levels({"instances": 4, "max_queue_size": 8}) == (1, 2, 4, 8, 12)  # a default build's entry models
-    assert default_levels({"instances": 1, "max_queue_size": 2}) == (1, 2, 3)
-    assert default_levels({"instances": 16, "max_queue_size": 8}) == DEFAULT_LEVELS == (1, 2, 4, 8, 16)
+    assert default_levels({"instances": 4, "max_queue_size": 8}) == (1, 2, 4, 8)  # a default build's entry models
+    assert default_levels({"instances": 1, "max_queue_size": 3}) == (1, 2, 3)
+    assert default_levels({"instances": 1, "max_queue_size": 32}) == DEFAULT_LEVELS == (1, 2, 4, 8, 16)
     assert default_levels({"instances": 4, "max_queue_size": 0}) == DEFAULT_LEVELS  # no bound
 
 

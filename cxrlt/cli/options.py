@@ -48,3 +48,21 @@ def tls_options(args: argparse.Namespace) -> dict[str, Any]:
     if (files["private_key"] is None) != (files["certificate_chain"] is None):
         raise ValueError("mutual TLS needs both --private-key and --certificate-chain")
     return {"ssl": bool(args.ssl or any(files.values())), **files}
+
+
+def add_send_size_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--send-size [N]`: downscale images before sending (cxrlt.client.CxrltClient's send_size)."""
+    from cxrlt.contract.served import SEND_SIZE_SERVED
+
+    def send_size(value: str) -> int | str:
+        if value == SEND_SIZE_SERVED:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--send-size takes a number of pixels or {SEND_SIZE_SERVED!r}, not {value!r}") from None
+
+    parser.add_argument("--send-size", nargs="?", const=SEND_SIZE_SERVED, default=None, metavar="N", type=send_size,
+                        help=f"downscale {what} to at most N pixels on its long side before sending, with the server's own "
+                             "resampling (less to send to a remote server); without N (put it after positional arguments, "
+                             f"or write --send-size={SEND_SIZE_SERVED}): the largest input size of the served networks")

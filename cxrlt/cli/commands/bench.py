@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_report_arguments, report_folder, write_report
+from cxrlt.cli.options import add_report_arguments, add_send_size_argument, report_folder, write_report
 from pathlib import Path
 
 
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-memory", action="store_true",
                         help="served side: pass each image through a system shared-memory region registered with the "
                              "server instead of inside the gRPC message (client and server on one host)")
+    add_send_size_argument(parser, "the served side's images (each request pays for it)")
     add_report_arguments(parser, "bench", "throughput/latency plot")
 
 
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
         requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
         raw_pool=args.raw_pool, raw_providers=args.raw_providers,
-        image_set=args.image_set, send_hints=not args.no_hints, shared_memory=args.shared_memory, server_log=None if args.url else out / "tritonserver.log",
+        image_set=args.image_set, send_hints=not args.no_hints, shared_memory=args.shared_memory,
+        send_size=args.send_size, server_log=None if args.url else out / "tritonserver.log",
     )
     if args.url and not args.metrics_url:
         from loadtest.metrics import default_metrics_url

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_tls_arguments, tls_options
-from cxrlt.contract.served import SEND_SIZE_SERVED
+from cxrlt.cli.options import add_send_size_argument, add_tls_arguments, tls_options
 from pathlib import Path
 
 FORMATS = ("json", "csv", "sr")
@@ -52,21 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-memory", action="store_true",
                         help="send images through system shared memory instead of the gRPC message "
                              "(only with a server on this host)")
-    parser.add_argument("--send-size", nargs="?", const=SEND_SIZE_SERVED, default=None, metavar="N",
-                        type=_send_size,
-                        help="downscale each image to at most N pixels on its long side before sending (less to "
-                             "send to a remote server); without N (put it after the paths, or write "
-                             f"--send-size={SEND_SIZE_SERVED}): the largest input size of the served networks")
+    add_send_size_argument(parser, "each image")
     add_tls_arguments(parser)
-
-
-def _send_size(value: str) -> int | str:
-    if value == SEND_SIZE_SERVED:
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--send-size takes a number of pixels or {SEND_SIZE_SERVED!r}, not {value!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
