@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cxrlt.contract.ensemble import MEMBERS
 from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
 from python_backends.classifier import Infer
 from python_backends.in_process import LocalNetworks, member_execution
@@ -114,6 +115,7 @@ def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, s
         Path(args["model_repository"]).parent,  # the model's directory -> the repository
         intra_op_threads=int(params.get("member_intra_op_threads", "1")),
         providers=params.get("member_execution_provider", "auto"),
+        concurrent_calls=len(MEMBERS),  # an image's ensemble members at once, as the network models run them
     )
     return local.load(networks).infer
 

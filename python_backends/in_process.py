@@ -13,7 +13,9 @@ per-member statistics, and loading or replacing a member without the BLS model.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -34,18 +36,20 @@ def member_execution(value: str) -> str:
 class LocalNetworks:
     """One onnxruntime session per network model of a repository, made on first use.
 
-    `infer` is the async `infer(model_name, pixel_values)` the pipelines take. It runs the
-    session in the calling thread: onnxruntime releases the GIL, so callers on several
-    threads (the bench's workers) run in parallel, and in a Triton stub the BLS model's
-    instances are the parallelism.
+    `infer` is the async `infer(model_name, pixel_values)` the pipelines take. With
+    `concurrent_calls`, it runs the sessions on a pool of that many threads (onnxruntime
+    releases the GIL), so an image's three ensemble members compute at once, as they do in
+    three network models; without, in the calling thread, one call after another.
     """
 
-    def __init__(self, repository: Path | str, intra_op_threads: int = 1, providers: str = "auto") -> None:
+    def __init__(self, repository: Path | str, intra_op_threads: int = 1, providers: str = "auto",
+                 concurrent_calls: int = 0) -> None:
         self.repository = Path(repository)
         self.intra_op_threads = intra_op_threads
         self.providers = providers
         self._runners: dict[str, OnnxRunner] = {}
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(concurrent_calls, thread_name_prefix="member") if concurrent_calls else None
 
     def onnx_path(self, model_name: str) -> Path:
         return self.repository / model_name / "1" / "model.onnx"
@@ -72,4 +76,7 @@ class LocalNetworks:
         return len(self._runners)
 
     async def infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
-        return self.runner(model_name).run(pixel_values)
+        run = self.runner(model_name).run
+        if self._pool is None:
+            return run(pixel_values)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run, pixel_values)
