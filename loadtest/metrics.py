@@ -207,15 +207,17 @@ def member_calls_per_image(rows: Iterable[ModelTime], entry_model: str) -> dict[
     Every network request is a BLS call, so this is what a BLS model spends per image: one
     call per member and image (4 for cxr_classifier: the router and three members) unless it
     stacks several images into one call; executions also count what the dynamic batcher merged.
-    None without a figure for the entry model.
+    `requests_per_image_by_network` has each network model's own figure: below 1 when the BLS
+    stacks. None without a figure for the entry model.
     """
     rows = list(rows)
     images = next((r.inferences for r in rows if r.model == entry_model), 0)
     networks = [r for r in rows if r.model not in PUBLIC_MODELS]
     if images <= 0:
-        return {"member_requests_per_image": None, "member_executions_per_image": None}
+        return {"member_requests_per_image": None, "member_executions_per_image": None, "requests_per_image_by_network": None}
     return {"member_requests_per_image": round(sum(r.requests for r in networks) / images, 3),
-            "member_executions_per_image": round(sum(r.executions for r in networks) / images, 3)}
+            "member_executions_per_image": round(sum(r.executions for r in networks) / images, 3),
+            "requests_per_image_by_network": {r.model: round(r.requests / images, 3) for r in networks}}
 
 
 def default_metrics_url(grpc_url: str, port: int = 8002) -> str:

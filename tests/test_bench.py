@@ -59,8 +59,11 @@ def _model_time(model: str, requests: int, inferences: int, executions: int) -> 
 def test_member_calls_are_counted_per_image_of_the_entry_model():
     rows = [_model_time("cxr_classifier", 10, 10, 10), _model_time("cxr_zeroshot", 3, 3, 3),  # public: not members
             _model_time("projection_router", 10, 10, 8), *(_model_time(f"ensemble_frontal_{m}", 5, 10, 5) for m in ("pcam", "cait", "swin"))]
-    assert member_calls_per_image(rows, "cxr_classifier") == {"member_requests_per_image": 2.5, "member_executions_per_image": 2.3}
-    assert member_calls_per_image(rows, "cxr_findings") == {"member_requests_per_image": None, "member_executions_per_image": None}
+    assert member_calls_per_image(rows, "cxr_classifier") == {
+        "member_requests_per_image": 2.5, "member_executions_per_image": 2.3,
+        "requests_per_image_by_network": {"projection_router": 1.0, **{f"ensemble_frontal_{m}": 0.5 for m in ("pcam", "cait", "swin")}}}
+    assert member_calls_per_image(rows, "cxr_findings") == {
+        "member_requests_per_image": None, "member_executions_per_image": None, "requests_per_image_by_network": None}
 
 
 def test_preprocessing_is_timed_once_per_distinct_config(tmp_path):
