@@ -33,7 +33,10 @@ MEMBER = "ensemble_frontal_pcam"
 
 
 def _port_free(port: int) -> bool:
+    """Whether a new server could listen on `port`. Binding as a server does (SO_REUSEADDR): the
+    killed server's accepted connections may linger in TIME_WAIT for a minute, but nothing listens."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
