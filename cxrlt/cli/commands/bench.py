@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
                             for i in entry["images"])
         console.print(f"preprocessing of {' and '.join(entry['models'])} ({entry['size']} px, {entry['mode']}; prepare_square "
                       f"in one thread, median): {timings}", markup=False)
+    console.print(f"served images travel in the {report['image_transport']}"
+                  + (f", downscaled by the client to {report['send_size']} px on the long side" if report.get("send_size") else ""))
     served_model = budget["served"]["models"].get(report["model"], {})
     if served_model.get("member_execution") == "in_process":
         console.print(f"{report['model']} runs its networks in process (member_execution in_process): no BLS hops")
