@@ -105,4 +105,9 @@ def test_replicas_share_load_survive_a_kill_and_drive_the_scaling_metric(tiny_re
     for server in cluster.servers:
         assert server.process.poll() is not None
     assert cluster.nginx.poll() is not None and cluster.prometheus.poll() is not None
+    # Leaving the cluster SIGKILLs what is left of each server's process group; a killed process
+    # may take a moment to be gone (unmapping its shared memory).
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(running(pid) for pid in orphans):
+        time.sleep(0.2)
     assert orphans and not [pid for pid in orphans if running(pid)], "the killed replica's stubs outlived it"
