@@ -23,25 +23,13 @@ import pytest
 
 from cxrlt.client import CxrltClient, ServerUnavailable
 from cxrlt.client.health import check_health
-from cxrlt.server.launcher import free_port
+from cxrlt.server.launcher import check_ports_free, free_port
 from cxrlt.server.watchdog import stubs_of
 from tests.serve_process import running
 
 pytestmark = pytest.mark.e2e
 
 MEMBER = "ensemble_frontal_pcam"
-
-
-def _port_free(port: int) -> bool:
-    """Whether a new server could listen on `port`. Binding as a server does (SO_REUSEADDR): the
-    killed server's accepted connections may linger in TIME_WAIT for a minute, but nothing listens."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _http_ready(port: int) -> int:
@@ -115,7 +103,7 @@ def test_a_killed_launcher_leaves_no_process_and_frees_its_ports(serve):
     while time.monotonic() < deadline and any(running(pid) for pid in family):
         time.sleep(0.2)
     assert not [pid for pid in family if running(pid)], "processes outlived the killed launcher"
-    assert all(_port_free(port) for port in server.ports.values())
+    check_ports_free("127.0.0.1", server.ports)  # the check `cxrlt serve` makes: raises naming a held port
 
 
 def test_a_taken_port_is_named_before_anything_starts(tiny_repository, cxrlt, capsys):
