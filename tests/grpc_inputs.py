@@ -22,6 +22,22 @@ def image_inputs(image: np.ndarray, hint: str | None = None, dtype: str = "UINT1
     return inputs
 
 
+def inference_counts(client: grpcclient.InferenceServerClient, model: str | None = None) -> dict[str, dict[str, int]]:
+    """model -> its cumulative counts from Triton's statistics API: "images" (batch items
+    inferred), "executions" (a dynamic batch is one), "success" and "fail" (requests); every
+    model's without `model`."""
+    entries = client.get_inference_statistics(model or "", as_json=True)["model_stats"]
+    return {
+        entry["name"]: {
+            "images": int(entry.get("inference_count", 0)),
+            "executions": int(entry.get("execution_count", 0)),
+            "success": int(entry["inference_stats"]["success"].get("count", 0)),
+            "fail": int(entry["inference_stats"]["fail"].get("count", 0)),
+        }
+        for entry in entries
+    }
+
+
 T = TypeVar("T")
 
 

@@ -4,26 +4,18 @@ their network calls, and each still gets its own answer or its own error."""
 from __future__ import annotations
 
 import queue
-import threading
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.grpc_inputs import image_inputs, settled
+from tests.grpc_inputs import image_inputs, inference_counts, settled
 
 BURST = 12  # the default build runs 4 at once and queues 8 (more are refused): 8 wait and merge
 
 
 def _stats(client, model: str) -> dict[str, int]:
-    (entry,) = client.get_inference_statistics(model, as_json=True)["model_stats"]
-    stats = entry["inference_stats"]
-    return {
-        "images": int(entry.get("inference_count", 0)),
-        "executions": int(entry.get("execution_count", 0)),
-        "success": int(stats["success"].get("count", 0)),
-        "fail": int(stats["fail"].get("count", 0)),
-    }
+    return inference_counts(client, model)[model]
 
 
 def _answer_to(answers: queue.Queue, index: int):

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from cxrlt.contract.model_config import set_config_parameters
-from tests.grpc_inputs import image_inputs, settled
+from tests.grpc_inputs import image_inputs, inference_counts, settled
 from evaluation.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
@@ -85,18 +85,9 @@ def test_config_weights_and_alpha_change_served_result_as_reference_predicts(
     np.testing.assert_allclose(lateral, reference.classify(synthetic_cxrs["lateral"], "LL").probabilities, atol=1e-4, rtol=0)
 
 
-def _member_stats(client) -> dict[str, tuple[int, int, int]]:
-    """member -> (requests, inferences (batch items), executions) from Triton's statistics API."""
-    stats = client.get_inference_statistics(as_json=True)["model_stats"]
-    return {
-        s["name"]: (
-            int(s["inference_stats"]["success"].get("count", 0)),
-            int(s.get("inference_count", 0)),
-            int(s.get("execution_count", 0)),
-        )
-        for s in stats
-        if s["name"].startswith("ensemble_")
-    }
+def _member_stats(client) -> dict[str, dict[str, int]]:
+    """Every ensemble member's counts from Triton's statistics API."""
+    return {name: counts for name, counts in inference_counts(client).items() if name.startswith("ensemble_")}
 
 
 def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, triton_server, synthetic_cxrs):
@@ -110,9 +101,9 @@ def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, 
         assert set(pool.map(call, range(32))) == {"frontal"}
     members = [f"ensemble_frontal_{member}" for member in ("pcam", "cait", "swin")]
     after = settled(lambda: _member_stats(grpc_client),
-                    lambda stats: all(stats[name][1] - before[name][1] >= 2 * 32 for name in members))
+                    lambda stats: all(stats[name]["images"] - before[name]["images"] >= 2 * 32 for name in members))
     for name in members:
-        requests, inferences, executions = (a - b for a, b in zip(after[name], before[name]))
+        requests, inferences, executions = (after[name][k] - before[name][k] for k in ("success", "images", "executions"))
         assert inferences == 2 * 32  # one item per image and TTA view
         # Images of merged cxr_classifier requests go as one member request (the BLS stacks them),
         # and the member's own batcher merges requests of concurrent BLS instances: fewer runs.
