@@ -7,7 +7,7 @@ import pytest
 
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
-from cxrlt.contract.preprocessing import (TTA_VIEWS, ImageError, PreprocessConfig, downscale_for_sending, fit_square, prepare_square,
+from cxrlt.contract.preprocessing import (TTA_VIEWS, ImageError, PreprocessConfig, downscale_for_sending, prepare_square,
                                          preprocess, scale_to_unit, tta_view)
 
 
@@ -25,9 +25,9 @@ def test_clip_mode_divides_by_the_source_maximum():
     assert scale_to_unit(np.full((8, 8), 32768, np.uint16), config).max() == pytest.approx(32768 / 65535)
 
 
-def test_fit_square_keeps_aspect_ratio_with_zero_padding():
-    wide = np.ones((50, 100), np.float32)
-    square = fit_square(wide, 64)
+def test_prepare_square_keeps_aspect_ratio_with_zero_padding():
+    wide = np.full((50, 100), 65535, np.uint16)  # "max" mode: every pixel scales to 1.0
+    square = prepare_square(wide, PreprocessConfig.clip(64))
     assert square.shape == (64, 64)
     assert square[:15].max() == 0 and square[-15:].max() == 0  # padded top and bottom
     assert square[32].min() == pytest.approx(1.0)

@@ -4,7 +4,7 @@ What it is for: exercising the whole training -> export -> serving path without 
 radiographs, with signals a small CNN can learn at 64 px:
 
 * projection: frontal images are square with two dark lung fields either side of a bright
-  mediastinum; lateral images are narrower (aspect 0.78, so `fit_square` pads them with
+  mediastinum; lateral images are narrower (aspect 0.78, so `prepare_square` pads them with
   black bars) with one lung field and the spine at the back;
 * classes: the 6 x 6 grid over the chest is read as 18 mirror pairs of cells (same row,
   columns c and 5 - c), and each pair is shared by two of the 36 classes of

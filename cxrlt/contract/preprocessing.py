@@ -197,10 +197,12 @@ def _resize(gray: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def fitted_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(height, width) scaled so the long side is `long_side`, keeping the aspect ratio."""
+def fit_long_side(gray: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize to float32 keeping the aspect ratio so the long side is `long_side`."""
+    height, width = gray.shape
     scale = long_side / max(height, width)
-    return max(1, min(long_side, round(height * scale))), max(1, min(long_side, round(width * scale)))
+    new_h, new_w = max(1, min(long_side, round(height * scale))), max(1, min(long_side, round(width * scale)))
+    return _resize(gray, new_w, new_h)
 
 
 def _pad_center(gray: np.ndarray, size: int) -> np.ndarray:
@@ -209,12 +211,6 @@ def _pad_center(gray: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - height) // 2, (size - width) // 2
     out[top : top + height, left : left + width] = gray
     return out
-
-
-def fit_square(gray: np.ndarray, size: int) -> np.ndarray:
-    """Resize keeping the aspect ratio so the long side is `size`, then zero-pad to a square."""
-    height, width = fitted_shape(*gray.shape, size)
-    return _pad_center(_resize(gray, width, height), size)
 
 
 def downscale_for_sending(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -229,8 +225,7 @@ def downscale_for_sending(image: np.ndarray, max_side: int) -> np.ndarray:
         raise ValueError(f"send size must be >= {MIN_SERVED_SIDE} pixels, not {max_side}")
     if max(image.shape) <= max_side:
         return image
-    height, width = fitted_shape(*image.shape, max_side)
-    resized = _resize(image, width, height)
+    resized = fit_long_side(image, max_side)
     limit = np.iinfo(image.dtype).max
     return np.clip(np.rint(resized), 0, limit).astype(image.dtype)
 
@@ -284,8 +279,7 @@ def prepare_square(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     percent of the range).
     """
     validate_image(image)
-    height, width = fitted_shape(*image.shape, config.size)
-    resized = _resize(image, width, height)
+    resized = fit_long_side(image, config.size)
     source_max = source_maximum(image) if config.mode == "max" else None
     return _pad_center(scale_to_unit(resized, config, source_max), config.size)
 
