@@ -24,7 +24,7 @@ from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
 from cxrlt.contract.profiles import Profile, QueuePolicy, get_profile
-from cxrlt.contract.served import MODEL_DESCRIPTIONS
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, MODEL_DESCRIPTIONS, ZEROSHOT_MODEL
 from cxrlt.contract.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
 from networks.checkpoints import file_sha256, state_dict_sha256
@@ -33,6 +33,7 @@ from networks.factory import count_parameters
 from networks.weights import RANDOM_WEIGHTS_WARNING, load_clip, load_network
 from python_backends.classifier import ROUTER_MODEL, ClassifierSettings
 from python_backends.in_process import member_execution
+from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, task_parameters
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
 
 from exporters.model_configs import TEMPLATES, parameters_block, queue_policy_block, render
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 TARGETS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "torchscript")
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")  # python_backends.onnx_runner.select_providers
-BLS_MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
 _PACKAGES = ("torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "nvidia-pytriton", "numpy")
 
 
@@ -221,22 +221,20 @@ def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier:
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
                "member_execution_provider": options.execution_provider,
                "member_max_batch_size": str(options.max_batch_size), **calls}
-    params = {
-        "cxr_classifier": {**classifier.to_parameters(), **members, **flag},
-        "cxr_zeroshot": {**zeroshot.to_parameters(), **members, **flag},
-        "cxr_findings": {**calls, **flag},
-    }
+    tasks = {CLASSIFIER_MODEL: (CLASSIFIER_TASK,), ZEROSHOT_MODEL: (ZEROSHOT_TASK,), FINDINGS_MODEL: (CLASSIFIER_TASK, ZEROSHOT_TASK)}
+    params = {name: {**task_parameters(run, classifier, zeroshot), **members, **flag} for name, run in tasks.items()}
     # A plain tritonclient user reads the contract from the served config's description.
     texts = {
         name: render(f"{name}/config.pbtxt.template", parameters=parameters_block({**values, "description": MODEL_DESCRIPTIONS[name]}), **common)
         for name, values in params.items()
     }
-    labels = {"cxr_classifier": TASK1_LABELS, "cxr_zeroshot": TASK2_LABELS, "cxr_findings": ALL_LABELS}
+    labels = {CLASSIFIER_MODEL: TASK1_LABELS, ZEROSHOT_MODEL: TASK2_LABELS, FINDINGS_MODEL: ALL_LABELS}
     for name, text in texts.items():
         _write(out / name / "config.pbtxt", text)
         _write(out / name / "labels.txt", label_file_text(labels[name]))
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(TEMPLATES / name / "model.py", out / name / "1" / "model.py")
+        # One Python model behind all three configs (python_backends.pipeline).
+        shutil.copyfile(TEMPLATES / "cxr_pipeline" / "model.py", out / name / "1" / "model.py")
 
 
 def default_classifier_settings(profile: Profile) -> ClassifierSettings:

@@ -1,7 +1,7 @@
 """Glue between the pipelines and Triton's Python-backend API (`pb_utils`).
 
-Kept free of a module-level `triton_python_backend_utils` import so unit tests can pass
-in a fake; the model.py adapters pass the real module.
+The one place `triton_python_backend_utils` is imported: inside Triton's stub it is the real
+module; unit tests install a fake under that name first (tests/fake_pb_utils.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import triton_python_backend_utils as pb_utils
 
 from cxrlt.contract.ensemble import MEMBERS
 from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
 from python_backends.classifier import Infer
 from python_backends.in_process import LocalNetworks, member_execution
-from python_backends.pipeline_errors import INVALID_INPUT, MemberError, RequestError
+from python_backends.pipeline_errors import INVALID_INPUT, MemberError, RequestError, ServingError
 
 NETWORK_INPUT = "pixel_values"
 # A DICOM ViewPosition (VR CS) is at most 16 characters; anything much longer is not a hint.
@@ -36,7 +37,7 @@ def member_timeout_ms(params: Mapping[str, str]) -> int:
     return timeout
 
 
-async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+async def call_model(model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
                      timeout_ms: int = 0) -> dict[str, np.ndarray]:
     """Run another model of the server via BLS and return the named outputs.
 
@@ -72,7 +73,7 @@ async def call_model(pb_utils: Any, model_name: str, inputs: Mapping[str, np.nda
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: str = "logits", timeout_ms: int = 0,
+def make_infer(output_names: Mapping[str, str], default_output: str = "logits", timeout_ms: int = 0,
                max_batch_size: int = 0) -> Infer:
     """An async `infer(model_name, pixel_values)` for the pipelines, backed by BLS.
 
@@ -82,7 +83,7 @@ def make_infer(pb_utils: Any, output_names: Mapping[str, str], default_output: s
 
     async def call(model_name: str, pixels: np.ndarray) -> np.ndarray:
         output_name = output_names.get(model_name, default_output)
-        return (await call_model(pb_utils, model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms))[output_name]
+        return (await call_model(model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms))[output_name]
 
     async def infer(model_name: str, pixel_values: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
@@ -100,7 +101,7 @@ def member_max_batch_size(params: Mapping[str, str], own_max_batch_size: int) ->
     return int(params.get("member_max_batch_size", own_max_batch_size))
 
 
-def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, str], networks: Iterable[str],
+def network_infer(args: Mapping[str, str], params: Mapping[str, str], networks: Iterable[str],
                   output_names: Mapping[str, str] | None = None, own_max_batch_size: int = 0) -> Infer:
     """The `infer` a BLS model's pipeline runs its networks with, as its config says.
 
@@ -109,7 +110,7 @@ def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, s
     python_backends.in_process for the trade), created now so a missing file fails the load.
     """
     if member_execution(params.get("member_execution", "bls")) == "bls":
-        return make_infer(pb_utils, output_names or {}, timeout_ms=member_timeout_ms(params),
+        return make_infer(output_names or {}, timeout_ms=member_timeout_ms(params),
                           max_batch_size=member_max_batch_size(params, own_max_batch_size))
     local = LocalNetworks(
         Path(args["model_repository"]).parent,  # the model's directory -> the repository
@@ -120,7 +121,7 @@ def network_infer(pb_utils: Any, args: Mapping[str, str], params: Mapping[str, s
     return local.load(networks).infer
 
 
-async def answer_each(pb_utils: Any, requests: Sequence[Any], parse: Callable[[Any], list],
+async def answer_each(requests: Sequence[Any], parse: Callable[[Any], list],
                       run_many: Callable[[list], Awaitable[list]], respond: Callable[[list], Any]) -> list:
     """Responses for the requests of one `execute`, their images run together.
 
@@ -145,21 +146,21 @@ async def answer_each(pb_utils: Any, requests: Sequence[Any], parse: Callable[[A
     responses = []
     for span in spans:
         if isinstance(span, BaseException):
-            responses.append(error_response(pb_utils, span))
+            responses.append(error_response(span))
             continue
         mine = results[span[0] : span[1]]
         failure = next((r for r in mine if isinstance(r, BaseException)), None)
         if failure is not None:
-            responses.append(error_response(pb_utils, failure))
+            responses.append(error_response(failure))
             continue
         try:
             responses.append(respond(mine))
         except Exception as exc:
-            responses.append(error_response(pb_utils, exc))
+            responses.append(error_response(exc))
     return responses
 
 
-def required_input(pb_utils: Any, request: Any, name: str = "IMAGE") -> np.ndarray:
+def required_input(request: Any, name: str = "IMAGE") -> np.ndarray:
     """A request's input as numpy; a missing one is the caller's error (Triton lets a request
     without a non-optional input through when the model also has optional ones)."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -207,11 +208,17 @@ def projection_hints(tensor: Any, count: int) -> list[str | None]:
     return hints
 
 
-def bytes_tensor(pb_utils: Any, name: str, values: Sequence[str]) -> Any:
-    return pb_utils.Tensor(name, np.array([[v.encode()] for v in values], dtype=np.object_))
+def get_input(request: Any, name: str) -> Any:
+    """A request's optional input tensor, or None."""
+    return pb_utils.get_input_tensor_by_name(request, name)
 
 
-def error_response(pb_utils: Any, exc: BaseException) -> Any:
+def response(tensors: Mapping[str, np.ndarray]) -> Any:
+    """One request's answer from its output arrays (name -> [B, ...])."""
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in tensors.items()])
+
+
+def error_response(exc: BaseException) -> Any:
     """One request's failure, with a code that tells the client whether to fix or retry."""
     if isinstance(exc, RequestError):
         code = pb_utils.TritonError.INVALID_ARG
@@ -219,5 +226,5 @@ def error_response(pb_utils: Any, exc: BaseException) -> Any:
         code = pb_utils.TritonError.UNAVAILABLE if exc.unavailable else pb_utils.TritonError.INTERNAL
     else:
         code = pb_utils.TritonError.INTERNAL
-    message = str(exc) if isinstance(exc, (RequestError, MemberError)) else f"{type(exc).__name__}: {exc}"
+    message = str(exc) if isinstance(exc, (RequestError, MemberError, ServingError)) else f"{type(exc).__name__}: {exc}"
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

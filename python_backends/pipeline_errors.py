@@ -27,7 +27,11 @@ class MemberError(RuntimeError):
         self.unavailable = unavailable
 
 
-class NonFiniteOutput(RuntimeError):
+class ServingError(RuntimeError):
+    """A fault on the server's side (Triton INTERNAL); the message is the whole story."""
+
+
+class NonFiniteOutput(ServingError):
     """A network produced NaN or Inf (Triton INTERNAL): never handed back as probabilities."""
 
 

@@ -165,10 +165,10 @@ class _Runner:
 
 
 def _network_model(runner: _Runner):
-    module = pb.load_model_py(package_file("triton_models") / "onnx_network" / "model.py")
-    model = module.TritonPythonModel()
-    model.runner, model.input_name, model.output_name = runner, "pixel_values", "logits"
-    return model
+    pb.install()
+    from python_backends.network import ServedNetwork
+
+    return ServedNetwork(runner, "pixel_values", "logits")
 
 
 def test_network_model_refuses_non_finite_inputs_alone_and_never_returns_nan():
@@ -200,6 +200,7 @@ class _Hints:
 
 
 def test_hint_text_is_checked_before_it_is_used():
+    pb.install()
     from python_backends import bls
     from python_backends.pipeline_errors import RequestError
 
@@ -215,24 +216,6 @@ def test_hint_text_is_checked_before_it_is_used():
         bls.projection_hints(_Hints([b"OBLIQUE"]), 1)
 
 
-def test_findings_reports_a_bad_hint_before_asking_its_callees():
-    pb.MODELS.clear()
-    asked = []
-    pb.MODELS["cxr_classifier"] = pb.MODELS["cxr_zeroshot"] = lambda inputs: asked.append(1) or {}
-    module = pb.load_model_py(package_file("triton_models") / "cxr_findings" / "model.py")
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": "{}"})
-    request = pb.FakeRequest(IMAGE=np.zeros((1, 64, 64), np.uint16), PROJECTION_HINT=np.array([[b"OBLIQUE"]], dtype=object))
-    (response,) = asyncio.run(model.execute([request]))
-    pb.MODELS.clear()
-    assert response.error().code() == pb.TritonError.INVALID_ARG and "unknown projection hint" in response.error().message()
-    assert asked == []
-
-
-# ----------------------------------------------------------------------------- a real server (e2e)
-
-
-@pytest.fixture(scope="module")
 def reference(triton_server):
     from evaluation.reference import ReferencePipeline
 

@@ -15,6 +15,7 @@ from python_backends.classifier import ClassifierSettings
 from tests import fake_pb_utils as pb
 
 TEMPLATES = package_file("triton_models")
+PIPELINE_MODEL_PY = TEMPLATES / "cxr_pipeline" / "model.py"
 
 
 def _config(params: dict[str, str]) -> str:
@@ -40,10 +41,10 @@ def networks():
 
 @pytest.fixture
 def classifier():
-    module = pb.load_model_py(TEMPLATES / "cxr_classifier" / "model.py")
+    module = pb.load_model_py(PIPELINE_MODEL_PY)
     model = module.TritonPythonModel()
     settings = ClassifierSettings(preprocess=PreprocessConfig(size=32), max_pixels=100_000)
-    model.initialize({"model_config": _config(settings.to_parameters())})
+    model.initialize({"model_config": _config({**settings.to_parameters(), "tasks": "classifier"})})
     return model
 
 
@@ -87,28 +88,40 @@ def test_unavailable_member_is_named(networks, classifier):
     assert response.error().code() == pb.TritonError.UNAVAILABLE
 
 
-def test_findings_concatenates_and_propagates_invalid_argument():
-    pb.MODELS.clear()
-    pb.MODELS["cxr_classifier"] = lambda i: {
-        "PROBABILITIES": np.full((1, 30), 0.25, np.float32),
-        "PROJECTION": np.array([[b"frontal"]], dtype=object),
-        "PROJECTION_SCORE": np.array([[0.9]], np.float32),
-    }
-    pb.MODELS["cxr_zeroshot"] = lambda i: {"PROBABILITIES": np.full((1, 6), 0.75, np.float32)}
-    module = pb.load_model_py(TEMPLATES / "cxr_findings" / "model.py")
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": "{}"})
-    (ok,) = asyncio.run(model.execute([pb.FakeRequest(IMAGE=_image())]))
-    probabilities = {t.name(): t.as_numpy() for t in ok.output_tensors}["PROBABILITIES"]
-    assert probabilities.shape == (1, 36) and probabilities[0, 29] == 0.25 and probabilities[0, 30] == 0.75
+def _zeroshot_pipeline(encoder_calls: list) -> "ZeroShotPipeline":
+    from cxrlt.contract.labels import TASK2_LABELS
+    from cxrlt.contract.text_cache import TextCache
+    from python_backends import bls
+    from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings
 
-    def reject(inputs):
-        raise ValueError("image is empty")
+    def encoder(inputs):
+        encoder_calls.append(len(inputs["pixel_values"]))
+        return {"image_embeds": np.ones((len(inputs["pixel_values"]), 8), np.float32)}
 
-    pb.MODELS["cxr_zeroshot"] = reject
-    (bad,) = asyncio.run(model.execute([pb.FakeRequest(IMAGE=_image())]))
-    assert bad.error().code() == pb.TritonError.INVALID_ARG and "image is empty" in bad.error().message()
-    pb.MODELS.clear()
+    pb.MODELS[ENCODER_MODEL] = encoder
+    cache = TextCache(list(TASK2_LABELS), np.eye(len(TASK2_LABELS), 8, dtype=np.float32), None, {})
+    return ZeroShotPipeline(ZeroShotSettings(max_pixels=100_000), cache, bls.make_infer({ENCODER_MODEL: "image_embeds"}))
+
+
+def test_findings_runs_both_tasks_in_one_stub_and_fails_a_request_once(networks, classifier):
+    """cxr_findings: one pipeline, both tasks on the same image; no second BLS level."""
+    from python_backends.pipeline import ServedPipeline
+
+    encoder_calls = []
+    findings = ServedPipeline(classifier.pipeline.classifier, _zeroshot_pipeline(encoder_calls))
+    requests = [pb.FakeRequest(IMAGE=_image()), pb.FakeRequest(IMAGE=np.full((1, 40, 40), 7, np.uint16)),
+                pb.FakeRequest(IMAGE=_image(), PROJECTION_HINT=np.array([[b"OBLIQUE"]], dtype=object))]
+    ok, constant, bad_hint = asyncio.run(findings.execute(requests))
+    outputs = {t.name(): t.as_numpy() for t in ok.output_tensors}
+    assert set(outputs) == {"PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"}
+    assert outputs["PROBABILITIES"].shape == (1, 36) and outputs["PROJECTION"].tolist() == [[b"frontal"]]
+    # Task 1's own answer and the zero-shot one, concatenated in label order
+    (task1,) = asyncio.run(classifier.execute([pb.FakeRequest(IMAGE=_image())]))
+    np.testing.assert_array_equal(outputs["PROBABILITIES"][:, :30], {t.name(): t.as_numpy() for t in task1.output_tensors}["PROBABILITIES"])
+    assert np.all(outputs["PROBABILITIES"][:, 30:] > 0.5)
+    assert constant.error().code() == pb.TritonError.INVALID_ARG and "constant image" in constant.error().message()
+    assert bad_hint.error().code() == pb.TritonError.INVALID_ARG and "unknown projection hint" in bad_hint.error().message()
+    assert encoder_calls == [1]  # the one good image; the bad hint was refused before any network ran
 
 
 def test_merged_requests_share_member_calls_sliced_to_the_members_batch_limit(networks):
@@ -123,10 +136,10 @@ def test_merged_requests_share_member_calls_sliced_to_the_members_batch_limit(ne
 
     for name in list(networks):
         networks[name] = counted(name, networks[name])
-    module = pb.load_model_py(TEMPLATES / "cxr_classifier" / "model.py")
+    module = pb.load_model_py(PIPELINE_MODEL_PY)
     model = module.TritonPythonModel()
     params = {**ClassifierSettings(preprocess=PreprocessConfig(size=32), max_pixels=100_000).to_parameters(),
-              "member_max_batch_size": "4"}
+              "member_max_batch_size": "4", "tasks": "classifier"}
     model.initialize({"model_config": json.dumps({"max_batch_size": 8, "parameters": {k: {"string_value": v} for k, v in params.items()}})})
     requests = [pb.FakeRequest(IMAGE=_image(40, 30)), pb.FakeRequest(IMAGE=np.concatenate([_image(50, 44), _image(50, 44)])),
                 pb.FakeRequest(IMAGE=_image(36, 36)), pb.FakeRequest(IMAGE=_image(64, 40))]
@@ -141,28 +154,25 @@ def test_merged_requests_share_member_calls_sliced_to_the_members_batch_limit(ne
 
 
 def test_zeroshot_merged_requests_share_one_encoder_call_and_fail_alone():
-    from cxrlt.contract.labels import TASK2_LABELS
-    from cxrlt.contract.text_cache import TextCache
-    from python_backends import bls
-    from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings
-
-    calls = []
-
-    def encoder(inputs):
-        calls.append(len(inputs["pixel_values"]))
-        return {"image_embeds": np.ones((len(inputs["pixel_values"]), 8), np.float32)}
+    from python_backends.pipeline import ServedPipeline
 
     pb.MODELS.clear()
-    pb.MODELS[ENCODER_MODEL] = encoder
-    module = pb.load_model_py(TEMPLATES / "cxr_zeroshot" / "model.py")
-    model = module.TritonPythonModel()  # initialize() reads a repository; the pipeline is given instead
-    cache = TextCache(list(TASK2_LABELS), np.eye(len(TASK2_LABELS), 8, dtype=np.float32), None, {})
-    model.pipeline = ZeroShotPipeline(ZeroShotSettings(max_pixels=100_000), cache,
-                                      bls.make_infer(pb, {ENCODER_MODEL: "image_embeds"}))
+    calls = []
+    model = ServedPipeline(None, _zeroshot_pipeline(calls))  # from_args reads a repository; the pipeline is given instead
     requests = [pb.FakeRequest(IMAGE=_image()), pb.FakeRequest(IMAGE=np.full((1, 40, 40), 7, np.uint16)),
                 pb.FakeRequest(IMAGE=_image(60, 50))]
     responses = asyncio.run(model.execute(requests))
     assert [r.has_error() for r in responses] == [False, True, False]
     assert "constant image" in responses[1].error().message() and responses[1].error().code() == pb.TritonError.INVALID_ARG
+    assert {t.name() for t in responses[0].output_tensors} == {"PROBABILITIES", "SIMILARITIES"}
     assert calls == [2]  # the two good images, one encoder call
     pb.MODELS.clear()
+
+
+def test_tasks_parameter_is_checked():
+    from python_backends.tasks import parse_tasks
+
+    assert parse_tasks("zeroshot, classifier") == ("classifier", "zeroshot")
+    for bad in ("", "classifier,classifier", "segmentation"):
+        with pytest.raises(ValueError, match="parameter tasks must name"):
+            parse_tasks(bad)

@@ -1,0 +1,99 @@
+"""The one pipeline model: `cxr_classifier`, `cxr_zeroshot` and `cxr_findings` are three configs of
+it, told apart by their `tasks` parameter.
+
+`cxr_findings` runs both tasks on each image in its own stub (the image crosses into Triton once),
+so there is no second BLS level: its network calls go straight to the router, the members and
+the CLIP encoder. Which tasks a config runs, and their parameters: python_backends.tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cxrlt.contract.labels import TASK2_LABELS
+from cxrlt.contract.served import ENCODER_MODEL, ZEROSHOT_MODEL, network_names
+from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
+from python_backends import bls
+from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
+from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, parse_tasks, zeroshot_settings
+from python_backends.triton_params import parameters, require
+from python_backends.zeroshot import ZeroShotPipeline
+
+
+@dataclasses.dataclass
+class ServedPipeline:
+    """What a pipeline model's `execute` runs: each task on every image the dynamic batcher merged.
+
+    A request fails alone, with its first error; with both tasks, Task 1's error comes first,
+    so a request with several problems always gets the same answer.
+    """
+
+    classifier: ClassifierPipeline | None
+    zeroshot: ZeroShotPipeline | None
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "ServedPipeline":
+        """The pipeline a Triton `initialize(args)` describes (its config, repository and version)."""
+        config = json.loads(args["model_config"])
+        params = parameters(config)
+        tasks = parse_tasks(require(params, "tasks"))
+        own_batch = config.get("max_batch_size", 0)
+        classifier = zeroshot = None
+        if CLASSIFIER_TASK in tasks:
+            infer = bls.network_infer(args, params, network_names(), own_max_batch_size=own_batch)
+            classifier = ClassifierPipeline(ClassifierSettings.from_parameters(params), infer)
+        if ZEROSHOT_TASK in tasks:
+            repository = Path(args["model_repository"]).parent
+            # The text cache lives with cxr_zeroshot and is checked against the served encoder.
+            cache = load_text_cache(repository / ZEROSHOT_MODEL / "1", TASK2_LABELS,
+                                    repository / ENCODER_MODEL / "1" / ENCODER_RECORD, repository=repository)
+            infer = bls.network_infer(args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"}, own_max_batch_size=own_batch)
+            zeroshot = ZeroShotPipeline(zeroshot_settings(params, tasks), cache, infer)
+        return cls(classifier, zeroshot)
+
+    async def execute(self, requests: Sequence[Any]) -> list:
+        return await bls.answer_each(requests, self._items, self._run_many, self._response)
+
+    def _items(self, request: Any) -> list[tuple[np.ndarray, str | None]]:
+        images = bls.required_input(request, "IMAGE")
+        if self.classifier is None:
+            return [(image, None) for image in images]
+        return list(zip(images, bls.projection_hints(bls.get_input(request, "PROJECTION_HINT"), len(images))))
+
+    async def _run_many(self, items: list[tuple[np.ndarray, str | None]]) -> list:
+        runs = []
+        if self.classifier is not None:
+            runs.append(self.classifier.classify_many(items))
+        if self.zeroshot is not None:
+            runs.append(self.zeroshot.score_many([image for image, _ in items]))
+        per_task = await asyncio.gather(*runs)
+        return [_first_error(outcomes) or outcomes for outcomes in zip(*per_task)]
+
+    def _response(self, results: list[tuple]) -> Any:
+        tensors: dict[str, np.ndarray] = {}
+        probabilities = []
+        if self.classifier is not None:
+            task1: list[Classification] = [r[0] for r in results]
+            probabilities.append(np.stack([c.probabilities for c in task1]))
+            tensors["LOGITS"] = np.stack([c.logits for c in task1])
+            tensors["PROJECTION"] = np.array([[c.projection.encode()] for c in task1], dtype=np.object_)
+            tensors["PROJECTION_SCORE"] = np.array([[c.projection_score] for c in task1], dtype=np.float32)
+        if self.zeroshot is not None:
+            task2 = [r[-1] for r in results]
+            probabilities.append(np.stack([p for p, _ in task2]))
+            tensors["SIMILARITIES"] = np.stack([s for _, s in task2])
+        tensors["PROBABILITIES"] = np.concatenate(probabilities, axis=1).astype(np.float32)
+        if self.classifier is not None and self.zeroshot is not None:
+            # cxr_findings' contract: 36 probabilities, the projection and its score.
+            tensors = {k: tensors[k] for k in ("PROBABILITIES", "PROJECTION", "PROJECTION_SCORE")}
+        return bls.response(tensors)
+
+
+def _first_error(outcomes: tuple) -> BaseException | None:
+    return next((o for o in outcomes if isinstance(o, BaseException)), None)
