@@ -11,8 +11,8 @@
    pairs), else by coordinate ascent from the best of the corners and the current weights.
    The current weights and every pair of single members are always candidates, so the result
    is never below the best single member nor below the weights it replaces.
-3. The chosen weights are written into cxr_classifier/config.pbtxt (weights_frontal,
-   weights_lateral; reload the model to apply) and recorded in manifest.json.
+3. The chosen weights are written into cxr_classifier/config.pbtxt and cxr_findings/config.pbtxt
+   (weights_frontal, weights_lateral; reload the models to apply) and recorded in manifest.json.
 """
 
 from __future__ import annotations
@@ -279,17 +279,20 @@ def _unique(weights: list[Mapping[str, float]]) -> list[Weights]:
 
 def write_weights(repository: str | os.PathLike, weights: Mapping[str, Mapping[str, float]],
                   record: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Put the weights into cxr_classifier/config.pbtxt (and the manifest's record of it)."""
+    """Put the weights into the configs that run Task 1, cxr_classifier and cxr_findings (and the
+    manifest's record of them)."""
     from cxrlt.contract.manifest import MANIFEST
     from cxrlt.contract.model_config import config_parameters, set_config_parameters
+    from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
 
     repository = Path(repository)
-    config = repository / "cxr_classifier" / "config.pbtxt"
     updates = {f"weights_{p}": ensemble.format_weights(ensemble.validate_weights(weights[p])) for p in PROJECTIONS}
-    set_config_parameters(config, updates)
-    written = config_parameters(config)
-    for p in PROJECTIONS:  # what the backend will parse back
-        ensemble.parse_weights(written[f"weights_{p}"])
+    for model in (CLASSIFIER_MODEL, FINDINGS_MODEL):
+        config = repository / model / "config.pbtxt"
+        set_config_parameters(config, updates)
+        written = config_parameters(config)
+        for p in PROJECTIONS:  # what the backend will parse back
+            ensemble.parse_weights(written[f"weights_{p}"])
     manifest_path = repository / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
