@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from cxrlt.cli.options import HelpFormatter
+
 # subcommand -> (module under cxrlt.cli.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "build-repo": ("build_repo", "export every network to ONNX and write a Triton model repository"),
@@ -42,20 +44,51 @@ EXTRA_OF_MODULE: dict[str, str] = {
 }
 
 
-def missing_extra(exc: ModuleNotFoundError) -> str | None:
-    """'pip install ...' advice when `exc` is an optional dependency of this project, else None."""
+# Each extra with the extras it installs (pyproject.toml's [project.optional-dependencies]).
+EXTRA_INCLUDES: dict[str, frozenset[str]] = {
+    "client": frozenset({"client"}),
+    "serve": frozenset({"serve"}),
+    "export": frozenset({"export", "client", "serve"}),
+    "train": frozenset({"train", "export", "client", "serve"}),
+    "loadtest": frozenset({"loadtest", "client"}),
+    "all": frozenset({"all", "train", "export", "client", "serve", "loadtest"}),
+}
+
+# The extra a command needs as a whole (README's install line for it); commands that need
+# several extras without one that holds them all are left out and get the module's extra.
+EXTRA_OF_COMMAND: dict[str, str] = {
+    "build-repo": "export", "build-text-cache": "export", "serve": "serve", "local-cluster": "serve",
+    "health": "client", "classify": "client", "dicom-node": "client", "demo": "all", "loadtest": "loadtest",
+    "synth-data": "train", "train": "train", "zeroshot-proxy": "train",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str | None = None) -> str | None:
+    """'pip install ...' advice when `exc` is an optional dependency of this project, else None.
+
+    The extra named is the command's own when that one installs the missing module (`cxrlt train`
+    without torch asks for [train], which brings torch with the rest of what training needs),
+    else the extra of the missing module.
+    """
     top = (exc.name or "").split(".")[0]
     extra = EXTRA_OF_MODULE.get(top)
-    return f"it needs the '{extra}' extra ({exc.name} is not installed): pip install 'cxrlt-triton[{extra}]'" if extra else None
+    if extra is None:
+        return None
+    wanted = EXTRA_OF_COMMAND.get(command or "")
+    if wanted is not None and extra in EXTRA_INCLUDES[wanted]:
+        extra = wanted
+    return f"it needs the '{extra}' extra ({exc.name} is not installed): pip install 'cxrlt-triton[{extra}]'"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrlt", description="CXR-LT 2026 chest X-ray findings on Triton Inference Server")
+    parser = argparse.ArgumentParser(prog="cxrlt", description="CXR-LT 2026 chest X-ray findings on Triton Inference Server",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"cxrlt.cli.commands.{module_name}")
-        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                                 formatter_class=HelpFormatter)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
@@ -72,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line for users; -v shows the traceback
         if args.verbose:
             raise
-        advice = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
+        advice = missing_extra(exc, args.command) if isinstance(exc, ModuleNotFoundError) else None
         print(f"cxrlt {args.command}: error: {advice or exc}", file=sys.stderr)
         return 1
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.options import add_engine_argument, add_repo_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="network sizes (default: tiny)")
-    parser.add_argument("--out", required=True, type=Path, help="repository directory to write")
+    add_repo_argument(parser, "the repository directory to write", "--out", required=True)
     parser.add_argument("--checkpoints", type=Path, help="directory of <model>.pt state_dicts (see networks/checkpoints.py)")
     parser.add_argument("--allow-random", action="store_true", help="serve networks without a checkpoint with random weights")
     parser.add_argument("--target", default="embedded", choices=["embedded", "ngc"],
                         help="embedded: Python-backend onnxruntime (pytriton's server); ngc: onnxruntime_onnx platform")
     parser.add_argument("--tensorrt", action="store_true", help="ngc target: enable the TensorRT FP16 accelerator")
-    parser.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "torchscript"],
-                        help="embedded target: run networks with onnxruntime (CUDA provider when onnxruntime-gpu is "
-                             "installed) or as TorchScript with PyTorch (CUDA when PyTorch has it)")
+    add_engine_argument(parser, "onnxruntime",
+                        "embedded target: run networks with onnxruntime (CUDA provider when onnxruntime-gpu is "
+                        "installed) or with PyTorch, as TorchScript (CUDA when PyTorch has it); 'torchscript' "
+                        "is an old name of torch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torchscript engine device")
     parser.add_argument("--execution-provider", default="auto", choices=["auto", "cpu", "cuda"],
                         help="onnxruntime engine: auto (CUDA when onnxruntime-gpu offers it, else CPU; default), "
@@ -70,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
         network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
         queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"),
         execution_provider=args.execution_provider, tensorrt=args.tensorrt, classifier=classifier,
-        engine=args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
+        engine="torchscript" if args.engine == "torch" else args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
     )
     with console.status("building repository") as status:
-        manifest = build_repository(args.out, options, on_step=lambda message: status.update(message))
-    table = Table(title=f"{args.out} (profile {args.profile}, target {args.target})")
+        manifest = build_repository(args.repo, options, on_step=lambda message: status.update(message))
+    table = Table(title=f"{args.repo} (profile {args.profile}, target {args.target})")
     for column in ("model", "architecture", "parameters", "max |ONNX - PyTorch|", "weights"):
         table.add_column(column)
     for name, entry in manifest["models"].items():
@@ -84,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     if manifest["random_weights"]:
         warn_random_weights(manifest["warning"])
-    console.print(f"serve it with: cxrlt serve --model-repository {args.out}")
+    console.print(f"serve it with: cxrlt serve --repo {args.repo}")
     return 0

@@ -8,43 +8,37 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-DEMO_IMAGE = "RG1_UNCR.dcm"
+from cxrlt.cli.options import add_option, add_repo_argument
+from cxrlt.io.samples import REAL_CXR
+
+DEMO_IMAGE = REAL_CXR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, help="directory of trained <model>.pt files (default: random weights)")
     parser.add_argument("--allow-random", action="store_true", help="with --checkpoints: random weights for missing ones")
-    parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="network sizes to build (default tiny)")
-    parser.add_argument("--repo", type=Path, help="serve this already-built repository instead of building one")
+    parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="network sizes to build")
+    add_repo_argument(parser, "serve this already-built repository instead of building one")
     parser.add_argument("--image", type=Path, help=f"a DICOM/PNG to classify (default: {DEMO_IMAGE} from pydicom-data)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (server log, repository if built there)")
     parser.add_argument("--no-cache", action="store_true",
                         help="build into a temporary folder instead of reusing the cached random-weights repository")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
+    add_option(parser, "--ready-timeout-s", "--timeout", type=float, default=300.0,
+               help="seconds to wait for the server to become ready")
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import os
     import shutil
     import signal
     import tempfile
     import time
 
     from rich.console import Console
-    from rich.markup import escape
-    from rich.panel import Panel
-    from rich.table import Table
 
-    from cxrlt.client.sdk import CxrltClient
-    from cxrlt.cli.console import console, warn_random_weights
-    from cxrlt.io.images import load_image
-    from cxrlt.contract.labels import TASK1_LABELS
-    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE
-    from cxrlt.server.launcher import TritonServer, free_port
+    from cxrlt.cli.console import console
 
-    out = Console()  # the report goes to stdout; progress and warnings to stderr
     image_path = args.image or _demo_image()
 
     def terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: the finally blocks stop the server
@@ -54,37 +48,65 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     workdir = Path(tempfile.mkdtemp(prefix="cxrlt-demo-"))
-    manifest: dict | None = None
-    server = None
     try:
-        if args.repo:
-            repo = args.repo
-            manifest_path = repo / "manifest.json"
-            if manifest_path.is_file():
-                manifest = json.loads(manifest_path.read_text())
+        repo, manifest = _repository(args, workdir, timings)
+        outcome = _classify_on_server(repo, image_path, args.ready_timeout_s, workdir, timings)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if args.keep:
+            console.print(f"kept {workdir} (repository and server log)")
         else:
-            cached = None if (args.checkpoints or args.no_cache) else _cached_repository(args.profile)
-            if cached is not None and (cached / "manifest.json").is_file():
-                repo = cached
-                os.utime(cached)  # in use: keep it from being pruned as stale
-                manifest = json.loads((cached / "manifest.json").read_text())
-                console.print(f"using the {args.profile} repository built earlier: {escape(str(cached))} (--no-cache rebuilds)")
-            else:
-                tick = time.perf_counter()
-                if cached is None:
-                    repo = workdir / "repository"
-                    manifest = _build(repo, args, console)
-                else:
-                    repo, manifest = _build_into_cache(cached, args, console)
-                timings["build repository"] = time.perf_counter() - tick
+            shutil.rmtree(workdir, ignore_errors=True)
+    timings["total"] = time.perf_counter() - started
+    random_weights = outcome["result"].random_weights or bool(manifest and manifest.get("random_weights"))
+    print_report(Console(), image_path=image_path, timings=timings, random_weights=random_weights, **outcome)
+    return 0
 
-        server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                              log_file=workdir / "tritonserver.log")
+
+def _repository(args: argparse.Namespace, workdir: Path, timings: dict[str, float]) -> tuple[Path, dict | None]:
+    """--repo, else the cached random-weights repository, else a fresh build; with its manifest."""
+    import json
+    import os
+    import time
+
+    from rich.markup import escape
+
+    from cxrlt.cli.console import console
+
+    if args.repo:
+        manifest_path = args.repo / "manifest.json"
+        return args.repo, json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    cached = None if (args.checkpoints or args.no_cache) else _cached_repository(args.profile)
+    if cached is not None and (cached / "manifest.json").is_file():
+        os.utime(cached)  # in use: keep it from being pruned as stale
+        console.print(f"using the {args.profile} repository built earlier: {escape(str(cached))} (--no-cache rebuilds)")
+        return cached, json.loads((cached / "manifest.json").read_text())
+    tick = time.perf_counter()
+    if cached is None:
+        repo, manifest = workdir / "repository", _build(workdir / "repository", args, console)
+    else:
+        repo, manifest = _build_into_cache(cached, args, console)
+    timings["build repository"] = time.perf_counter() - tick
+    return repo, manifest
+
+
+def _classify_on_server(repo: Path, image_path: Path, ready_timeout_s: float, workdir: Path,
+                        timings: dict[str, float]) -> dict[str, Any]:
+    """Start tritonserver on `repo`, classify the image twice (first and warm), stop the server."""
+    import time
+
+    from cxrlt.client.sdk import CxrltClient
+    from cxrlt.cli.console import console
+    from cxrlt.io.images import load_image
+    from cxrlt.server.launcher import TritonServer, free_port
+
+    server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                          log_file=workdir / "tritonserver.log")
+    try:
         tick = time.perf_counter()
         with console.status(f"starting tritonserver on {repo}"):
-            server.start(args.timeout)
+            server.start(ready_timeout_s)
         timings["start server"] = time.perf_counter() - tick
-
         with CxrltClient(server.endpoints.grpc, timeout_s=120) as client:
             client.wait_until_ready(30)
             loaded = load_image(image_path)
@@ -93,25 +115,31 @@ def run(args: argparse.Namespace) -> int:
             timings["classify (first request)"] = time.perf_counter() - tick
             warm = client.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)
     finally:
-        if server is not None:
-            with console.status("stopping tritonserver"):
-                server.stop()
-        signal.signal(signal.SIGTERM, previous)
-        if args.keep:
-            console.print(f"kept {workdir} (repository and server log)")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    timings["total"] = time.perf_counter() - started
+        with console.status("stopping tritonserver"):
+            server.stop()
+    return {"result": result, "warm": warm, "loaded": loaded, "endpoint": server.endpoints.grpc}
 
-    random_weights = result.random_weights or bool(manifest and manifest.get("random_weights"))
-    banner = Panel(
-        f"[bold]RANDOM WEIGHTS: NOT DIAGNOSTIC.[/] {NOT_FOR_CLINICAL_USE}\n"
-        "Pass --checkpoints DIR with trained networks for meaningful probabilities.",
-        title="[bold]WARNING[/]", style="bold red",
-    )
+
+def random_weights_banner():
+    """The one NOT DIAGNOSTIC warning of a demo on random weights."""
+    from rich.panel import Panel
+
+    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE
+
+    return Panel(f"[bold]RANDOM WEIGHTS: NOT DIAGNOSTIC.[/] {NOT_FOR_CLINICAL_USE}\n"
+                 "Pass --checkpoints DIR with trained networks for meaningful probabilities.",
+                 title="[bold]WARNING[/]", style="bold red")
+
+
+def print_report(out, *, result, warm, loaded, endpoint: str, image_path: Path, timings: dict[str, float],
+                 random_weights: bool) -> None:
+    """The demo's findings table and facts on `out` (stdout), under one random-weights warning."""
+    from rich.table import Table
+
+    from cxrlt.contract.labels import TASK1_LABELS
+
     if random_weights:
-        out.print(banner)
-
+        out.print(random_weights_banner())
     ds = loaded.dataset
     source = f"{image_path.name}: {loaded.pixels.shape[1]}x{loaded.pixels.shape[0]} px"
     if ds is not None:
@@ -133,13 +161,9 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"[bold]projection:[/] {result.projection} ({hint}; {routed}; router score for {result.projection}: "
               f"{result.projection_score:.3f})")
     out.print(f"[bold]hint used:[/] {'yes' if result.hint_used else 'no'}")
-    out.print(f"[bold]model:[/] {result.model_name} version {result.model_version} at {server.endpoints.grpc}")
+    out.print(f"[bold]model:[/] {result.model_name} version {result.model_version} at {endpoint}")
     out.print(f"[bold]latency:[/] {result.latency_ms:.0f} ms first request, {warm.latency_ms:.0f} ms warm")
     out.print("[bold]timings:[/] " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
-    if random_weights:
-        out.print(banner)
-        warn_random_weights(NOT_FOR_CLINICAL_USE)
-    return 0
 
 
 def _build(repo: Path, args: argparse.Namespace, console) -> dict:
@@ -213,12 +237,9 @@ def _cached_repository(profile: str) -> Path | None:
 
 
 def _demo_image() -> Path:
-    try:
-        from pydicom.data import get_testdata_file
+    from cxrlt.io.samples import pydicom_data_file
 
-        path = get_testdata_file(DEMO_IMAGE)
-    except Exception as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError(f"cannot find {DEMO_IMAGE} ({exc}); `pip install pydicom-data` or pass --image FILE") from None
-    if not path:
-        raise RuntimeError(f"cannot find {DEMO_IMAGE}; `pip install pydicom-data` or pass --image FILE")
-    return Path(path)
+    try:
+        return pydicom_data_file(DEMO_IMAGE)
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"{exc}; or pass --image FILE") from None

@@ -14,22 +14,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.options import add_engine_argument, add_hints_argument, add_repo_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV (images next to it)")
     source = parser.add_argument_group("source (one of)")
     source.add_argument("--url", help="gRPC HOST:PORT of a running server (its cxr_classifier is evaluated)")
-    source.add_argument("--repo", type=Path, help="a built repository: evaluated in process unless --url is given")
+    add_repo_argument(source, "a built repository: evaluated in process unless --url is given")
     source.add_argument("--checkpoints", type=Path, help="a checkpoint folder: build a temporary repository and evaluate it in process")
     parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="profile of --checkpoints (default tiny)")
     parser.add_argument("--allow-random", action="store_true", help="--checkpoints: random weights for missing networks")
-    parser.add_argument("--engine", default="torch", choices=["torch", "onnxruntime"],
-                        help="in process: PyTorch networks from the checkpoints (default) or the repository's ONNX files")
+    add_engine_argument(parser, "torch", "in process: the repository's ONNX files with onnxruntime, or its PyTorch "
+                                         "networks rebuilt from the checkpoints")
     parser.add_argument("--split", default="val", choices=["val", "all"], help="val: the patient-level validation split (default)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction of the split (default 0.1, as trained)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (default 0, as trained)")
-    parser.add_argument("--hints", action="store_true",
-                        help="send each image's CSV projection as a DICOM hint (PA/LL); default: the router decides")
+    add_hints_argument(parser, False, "send each image's CSV projection as a DICOM hint (PA/LL); "
+                                      "--no-hints: the router decides")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default 4)")
     parser.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
     parser.add_argument("--no-per-class", action="store_true", help="print only the macro and group rows")

@@ -13,7 +13,9 @@ from cxrlt.cli.options import add_tls_arguments, tls_options
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (default 127.0.0.1:8001)")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="budget of each call (default 10 s)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--format", default="text", choices=["text", "json"], help="how the report is printed")
+    # old name of --format json, kept for one release (--json takes a path in every other command)
+    parser.add_argument("--json", dest="format", action="store_const", const="json", help=argparse.SUPPRESS)
     add_tls_arguments(parser)
 
 
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrlt.client.health import check_health
 
     report = check_health(args.url, timeout_s=args.timeout_s, tls=tls_options(args))
-    if args.json:
+    if args.format == "json":
         print(json.dumps(dataclasses.asdict(report), indent=2))
     else:
         print("\n".join(report.lines()))

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.options import add_option, add_repo_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", required=True, type=Path, help="repository every replica serves")
+    add_repo_argument(parser, "the model repository every replica serves", "--model-repository", required=True)
     parser.add_argument("--replicas", type=int, default=2, help="tritonserver replicas (default 2)")
-    parser.add_argument("--port", type=int, default=0, help="nginx's gRPC port, what clients use (default: a free one)")
+    add_option(parser, "--grpc-port", "--port", type=int, default=0,
+               help="nginx's gRPC port, what clients use (default: a free one)")
     parser.add_argument("--prometheus-port", type=int, default=0, help="Prometheus's port (default: a free one)")
     parser.add_argument("--workdir", type=Path, help="configs, logs and Prometheus data (default: a temporary folder)")
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    cluster = LocalCluster(args.model_repository, args.replicas, args.port, args.prometheus_port, args.workdir)
+    cluster = LocalCluster(args.repo, args.replicas, args.grpc_port, args.prometheus_port, args.workdir)
     with console.status(f"starting {args.replicas} replicas, nginx and Prometheus"):
         cluster.start()
     try:

@@ -13,15 +13,19 @@ import threading
 import time
 from pathlib import Path
 
+from cxrlt.cli.options import add_option, add_repo_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", required=True, type=Path)
+    add_repo_argument(parser, "the model repository to serve (written by `cxrlt build-repo`)", "--model-repository",
+                      required=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, what clients use")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (/metrics)")
     parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    add_option(parser, "--ready-timeout-s", "--timeout", type=float, default=600.0,
+               help="seconds to wait for every model to become ready")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level (0 quiet, 1 per request)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the server: TLS on the gRPC endpoint")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -31,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the key that guards the admin APIs (model repository, shared memory, "
                              f"statistics, trace, logging); or set {ADMIN_KEY_ENV}. Off loopback they are always "
                              "guarded: without a key one is generated and its file printed")
-    parser.add_argument("--watchdog-interval", type=float, default=1.0,
-                        help="seconds between checks for dead stub processes (0 turns the watchdog off)")
+    add_option(parser, "--watchdog-interval-s", "--watchdog-interval", type=float, default=1.0,
+               help="seconds between checks for dead stub processes (0 turns the watchdog off)")
 
 
 _SHM_SWEEP_S = 10.0
@@ -102,23 +106,23 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold yellow]warning:[/] --host {args.host} without TLS: images and results cross the network "
                       "in clear text; give --tls-cert and --tls-key", highlight=False)
     # Explicit model control: the watchdog reloads a model whose stub died, through the repository API.
-    server = TritonServer(args.model_repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log_file,
+    server = TritonServer(args.repo, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log_file,
                           extra_args=("--model-control-mode=explicit", "--load-model=*"), tls=tls,
                           admin_key=admin_key(args, console), log_verbose=args.log_verbose)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with console.status(f"starting tritonserver on {args.model_repository}"):
-        server.start(args.timeout)
+    with console.status(f"starting tritonserver on {args.repo}"):
+        server.start(args.ready_timeout_s)
     try:
         console.print(f"[bold green]READY[/] gRPC {server.endpoints.grpc}{' (TLS)' if tls else ''}{' mutual' if tls and tls.client_ca else ''}  "
                       f"HTTP {server.endpoints.http}  metrics {server.endpoints.metrics}  (log: {server.log_path})", highlight=False)
-        manifest = args.model_repository / "manifest.json"
+        manifest = args.repo / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("random_weights"):
             warn_random_weights(json.loads(manifest.read_text())["warning"])
-        if args.watchdog_interval > 0:
+        if args.watchdog_interval_s > 0:
             watchdog = StubWatchdog(server.process.pid, server.admin(), report=lambda m: console.print(f"[yellow]watchdog:[/] {m}"))
-            threading.Thread(target=watchdog.run, args=(stop, args.watchdog_interval), name="stub-watchdog", daemon=True).start()
+            threading.Thread(target=watchdog.run, args=(stop, args.watchdog_interval_s), name="stub-watchdog", daemon=True).start()
         next_sweep = time.monotonic() + _SHM_SWEEP_S
         while not stop.wait(0.5):
             if time.monotonic() > next_sweep:

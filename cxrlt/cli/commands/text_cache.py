@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.options import add_repo_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", required=True, type=Path, help="a repository written by `cxrlt build-repo`")
+    add_repo_argument(parser, "a repository written by `cxrlt build-repo`", required=True)
     parser.add_argument("--prompts", type=Path, help="a new prompt file (default: the repository's cxr_zeroshot/1/prompts.yaml)")
 
 

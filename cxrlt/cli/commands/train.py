@@ -73,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(result.recipe.name, result.checkpoint.name, str(result.epoch), result.primary,
                       "-" if value is None else f"{value:.4f}", f"{result.seconds:.1f}s")
     console.print(table)
-    console.print(f"serve them with: cxrlt build-repo --checkpoints {args.out} --out REPO")
+    console.print(f"serve them with: cxrlt build-repo --checkpoints {args.out} --repo REPO")
     return 0

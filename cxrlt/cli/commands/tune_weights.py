@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.options import add_engine_argument, add_hints_argument, add_repo_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", required=True, type=Path, help="a repository written by `cxrlt build-repo`")
+    add_repo_argument(parser, "a repository written by `cxrlt build-repo`", required=True)
     parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV (images next to it)")
     parser.add_argument("--grid", type=float, default=0.1, help="simplex grid step (default 0.1: 66 weight triples per projection)")
-    parser.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "torch"],
-                        help="networks: the repository's ONNX files (default, what is served) or PyTorch from its checkpoints")
+    add_engine_argument(parser, "onnxruntime", "networks: the repository's ONNX files with onnxruntime (what is "
+                                               "served) or PyTorch from its checkpoints")
     parser.add_argument("--split", default="val", choices=["val", "all"], help="images to tune on (default: the validation split)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--hints", action="store_true", help="route by the CSV projection (as a PA/LL hint) instead of the router")
+    add_hints_argument(parser, False, "route by the CSV projection (as a PA/LL hint) instead of the router")
     parser.add_argument("--dry-run", action="store_true", help="report the search, change nothing")
     parser.add_argument("--json", type=Path, help="write the search report here (default REPO/weight_search.json)")
 
