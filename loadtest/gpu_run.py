@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from loadtest.bench import BenchConfig, admitted_concurrency, run_bench, server_thread_budget, write_json
+from loadtest.bench import BenchConfig, admitted_concurrency, run_bench, server_thread_budget
+from loadtest.kernel import process_tree, write_json
 from loadtest.payloads import IMAGE_SETS, MODELS
 
 DRY_RUN_ENV = "CXRLT_GPU_DRY_RUN"
@@ -112,19 +113,9 @@ def gpu_memory(server_pids: set[int] | None) -> dict[str, Any] | None:
     }
 
 
-def process_tree(pid: int) -> set[int]:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        return {pid, *(child.pid for child in root.children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
-
-
 def model_figures(bench: dict[str, Any]) -> dict[str, Any]:
     """One model's served (and raw) latency at concurrency 1 and throughput at saturation."""
-    from loadtest.stress import saturation_index
+    from loadtest.driver import saturation_index
 
     sweep = bench["sweep"]
     first = next(row for row in sweep if row["concurrency"] == 1)
@@ -206,7 +197,7 @@ def run(config: GpuRunConfig, log: Callable[[str], None] = lambda message: None)
             server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                                   log_file=config.out / "tritonserver.log").start(timeout=600)
             url, metrics_url = server.endpoints.grpc, server.endpoints.metrics
-            server_pids = process_tree(server.process.pid)
+            server_pids = set(process_tree(server.process.pid))
         metrics_url = metrics_url or default_metrics_url(url)
         entries = server_thread_budget(url, [])["models"]
         benches = {}

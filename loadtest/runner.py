@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import re
@@ -24,16 +23,13 @@ from typing import Any
 from cxrlt.contract.resources import package_file, package_root
 from loadtest import metrics as triton_metrics
 from loadtest.payloads import IMAGE_SETS, MODELS
-from loadtest.targets import Check, Targets, check_targets
+from loadtest.kernel import LoadTestError, verdicts, write_json
+from loadtest.targets import Targets, check_targets
 
 LOCUSTFILE = package_file("loadtest", "locustfile.py")
 PACKAGES_ROOT = package_root("loadtest")  # what locust's interpreter needs on sys.path
 REPORT = "report.json"
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
-
-
-class LoadTestError(RuntimeError):
-    """The load test could not run (no server, locust failed); the message says why."""
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -66,6 +62,7 @@ class LoadTestConfig:
     targets: Targets = dataclasses.field(default_factory=Targets)
     profile: str | None = None
     tls: dict[str, Any] = dataclasses.field(default_factory=dict)  # ssl, root_certificates, private_key, certificate_chain
+    report_path: Path | None = None  # None: OUT/report.json
 
     def __post_init__(self) -> None:
         self.url = self.url.split("://", 1)[-1].rstrip("/")
@@ -77,6 +74,14 @@ class LoadTestConfig:
             raise ValueError(f"image set must be one of {IMAGE_SETS}")
         if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
             raise ValueError(f"task weights must be >= 0 with at least one > 0, got {self.weights}")
+
+
+def require_locust() -> None:
+    """Fail in one line, naming the extra, when locust is not installed (before any folder or server)."""
+    import importlib.util
+
+    if importlib.util.find_spec("locust") is None:
+        raise LoadTestError("locust is not installed: cxrlt loadtest needs the 'loadtest' extra (pip install -e '.[loadtest]')")
 
 
 def locust_command(config: LoadTestConfig) -> list[str]:
@@ -200,7 +205,9 @@ def read_locust_failures(path: Path) -> list[dict[str, Any]]:
 def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
     """Run the whole load test and write report.json into config.out; return the report."""
     out = Path(config.out)
+    report_path = config.report_path or out / REPORT
     active = [m for m, w in config.weights.items() if w > 0]
+    require_locust()
     check_server(config.url, active, tls=config.tls)
     metrics_url = config.metrics_url
     before, metrics_error = triton_metrics.try_scrape(metrics_url)
@@ -228,18 +235,16 @@ def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
         "triton": {"models": triton_metrics.breakdown_json(triton)} if triton is not None else None,
         "triton_error": None if triton is not None else (after_error or metrics_error),
         "targets": config.targets.to_json(),
-        "checks": [c.to_json() for c in checks],
-        "missed": [c.target for c in checks if not c.passed],
-        "passed": all(c.passed for c in checks),
+        **verdicts(checks),
         "files": {
             "stats_csv": str(out / "locust_stats.csv"),
             "failures_csv": str(out / "locust_failures.csv"),
             "html": str(out / "report.html"),
             "locust_log": str(log_path),
-            "report": str(out / REPORT),
+            "report": str(report_path),
         },
     }
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, report_path)
     return report
 
 
@@ -279,9 +284,3 @@ def print_report(report: dict[str, Any], console) -> None:
 
 
 _MODEL_TIME_FIELDS = {f.name for f in dataclasses.fields(triton_metrics.ModelTime)}
-
-
-def missed_summary(checks: list[Check] | list[dict]) -> str:
-    names = [c["target"] if isinstance(c, dict) else c.target for c in checks
-             if not (c["passed"] if isinstance(c, dict) else c.passed)]
-    return ", ".join(names)

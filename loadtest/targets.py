@@ -23,6 +23,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from loadtest.kernel import Check
+
 TARGET_KEYS = ("min_rps", "max_p95_ms", "max_failures")
 LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
 
@@ -98,44 +100,26 @@ def load_profile(path: Path | str) -> Profile:
     return Profile(targets, load, str(path))
 
 
-@dataclasses.dataclass
-class Check:
-    target: str  # e.g. "min_rps" or "cxr_findings.max_p95_ms"
-    limit: float
-    measured: float | None
-    passed: bool
-
-    @property
-    def message(self) -> str:
-        name = self.target.rsplit(".", 1)[-1]
-        unit = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}[name]
-        relation = ">=" if name.startswith("min") else "<="
-        if self.measured is None:
-            return f"{self.target}: no completed requests to measure (target {relation} {self.limit:g} {unit})"
-        verdict = "met" if self.passed else "MISSED"
-        return f"{self.target} {verdict}: measured {self.measured:.4g} {unit}, target {relation} {self.limit:g} {unit}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "message": self.message}
+UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}
 
 
 def _check(target: str, limit: float | None, stats: Mapping[str, float] | None) -> Check | None:
+    """One target (e.g. "min_rps" or "cxr_findings.max_p95_ms") against locust's figures."""
     if limit is None:
         return None
     key = target.rsplit(".", 1)[-1]
+    relation, unit = (">=" if key.startswith("min") else "<="), UNITS[key]
     if stats is None or not stats.get("requests"):
         # Nothing ran: a failure budget is trivially kept, throughput and latency cannot be.
-        return Check(target, limit, 0.0 if key == "max_failures" else None, key == "max_failures")
-    if key == "min_rps":
-        measured = float(stats["rps"])
-        return Check(target, limit, measured, measured >= limit)
-    if key == "max_p95_ms":
-        if stats.get("p95_ms") is None:
-            return Check(target, limit, None, False)
-        measured = float(stats["p95_ms"])
-        return Check(target, limit, measured, measured <= limit)
-    measured = float(stats["failures"])
-    return Check(target, limit, measured, measured <= limit)
+        measured = 0.0 if key == "max_failures" else None
+    else:
+        measured = {"min_rps": stats["rps"], "max_p95_ms": stats.get("p95_ms"), "max_failures": stats["failures"]}[key]
+    if measured is None:
+        return Check(target, False, f"{target}: no completed requests to measure (target {relation} {limit:g} {unit})",
+                     None, limit=limit)
+    passed = measured >= limit if relation == ">=" else measured <= limit
+    return Check(target, passed, f"{target} {'met' if passed else 'MISSED'}: measured {float(measured):.4g} {unit}, "
+                                 f"target {relation} {limit:g} {unit}", float(measured), limit=limit)
 
 
 def check_targets(targets: Targets, aggregated: Mapping[str, float] | None,

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from loadtest.bench import DEFAULT_LEVELS, Measurement, RawSide, default_levels, drive, preprocessing_timings
+from loadtest.bench import DEFAULT_LEVELS, RawSide, default_levels, preprocessing_timings
+from loadtest.kernel import Measurement, drive
 from loadtest.metrics import ModelTime, member_calls_per_image
 from loadtest.payloads import Payload, load_payloads
 from tests.grpc_inputs import settled
@@ -86,32 +89,42 @@ def test_preprocessing_is_timed_once_per_distinct_config(tmp_path):
         assert all(0 < i["min_ms"] <= i["median_ms"] for i in config["images"])
 
 
-def test_raw_side_runs_an_images_members_at_once(tiny_repository):
+def test_raw_side_runs_an_images_members_at_once(tiny_repository, monkeypatch):
     """With a pool, the three ensemble members of one image overlap, on the pool's threads."""
+    from python_backends.onnx_runner import OnnxRunner
+
     payload = load_payloads("synthetic")[0]
     raw = RawSide(tiny_repository, "cxr_classifier", threads=1, pool_threads=4)
+    calls: list[tuple[str, float, float]] = []
+    run = OnnxRunner.run
+
+    def slowed(self, pixels: np.ndarray) -> np.ndarray:
+        began = time.perf_counter()
+        time.sleep(0.1)  # long enough that calls one after another could not overlap by chance
+        out = run(self, pixels)
+        calls.append((threading.current_thread().name, began, time.perf_counter()))
+        return out
+
     try:
         raw(0, payload)  # creates the sessions
-        calls: list[tuple[str, str, float, float]] = []
-        runners = raw.pipeline._runners
-
-        def slowed(name, run):
-            def call(pixels: np.ndarray) -> np.ndarray:
-                began = time.perf_counter()
-                time.sleep(0.1)  # long enough that calls one after another could not overlap by chance
-                out = run(pixels)
-                calls.append((name, threading.current_thread().name, began, time.perf_counter()))
-                return out
-            return call
-
-        for name in list(runners):
-            runners[name] = slowed(name, runners[name])
+        monkeypatch.setattr(OnnxRunner, "run", slowed)
         raw(0, payload)
     finally:
         raw.close()
-    members = [c for c in calls if c[0].startswith("ensemble_")]
-    assert len(members) == 3 and all(thread.startswith("raw-network") for _, thread, _, _ in calls)
-    assert max(began for _, _, began, _ in members) < min(ended for _, _, _, ended in members)  # all three in flight together
+    assert len(calls) == 4 and all(thread.startswith("raw-network") for thread, _, _ in calls)  # the router, then 3 members
+    members = sorted(calls, key=lambda c: c[1])[1:]
+    assert max(began for _, began, _ in members) < min(ended for _, _, ended in members)  # all three in flight together
+    assert len(raw.session_providers()) == 4
+
+
+def test_raw_side_needs_no_torch(tiny_repository):
+    """The loadtest extra runs the bench's raw side: onnxruntime and the Python backends' pipelines, no torch."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from loadtest.bench import RawSide\nfrom loadtest.payloads import load_payloads\n"
+            f"raw = RawSide({str(tiny_repository)!r}, 'cxr_findings', threads=1)\n"
+            "print(raw(0, load_payloads('synthetic')[0]).shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "(36,)", done.stderr[-2000:]
 
 
 def test_payloads_carry_the_real_cxr_and_hints():
@@ -180,3 +193,26 @@ def test_bench_passes_images_through_shared_memory(tiny_repository, triton_serve
 
     assert settled(served_since_before, lambda served: served >= 7) == 3 + 4  # parity pass over the three images, then the measured requests
     assert grpc_client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}  # unregistered
+
+
+def test_a_failed_bench_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """The server bench starts fails after its log's folder was made: the run removes the folder again."""
+    from cxrlt.cli.main import main
+    from cxrlt.contract.preprocessing import PreprocessConfig
+    from cxrlt.server.launcher import TritonServer
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("tritonserver did not start")
+
+    repo = tmp_path / "repo"
+    for model, config in (("cxr_classifier", PreprocessConfig(size=64)), ("cxr_zeroshot", PreprocessConfig.clip(64))):
+        params = "".join(f'parameters {{ key: "{k}" value {{ string_value: {json.dumps(v)} }} }}\n'
+                         for k, v in config.to_parameters().items())
+        (repo / model).mkdir(parents=True)
+        (repo / model / "config.pbtxt").write_text(f'name: "{model}"\n{params}')
+    (repo / "manifest.json").write_text('{"models": {}}')
+    monkeypatch.setattr(TritonServer, "start", fail)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--repo", str(repo), "--image-set", "synthetic"]) == 1
+    assert "tritonserver did not start" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

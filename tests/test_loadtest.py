@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -99,8 +98,8 @@ def test_checked_in_profile_and_target_checks(tmp_path):
     models = {"cxr_findings": {"requests": 10, "failures": 0, "rps": 1.0, "p95_ms": 1200.0}}
     checks = check_targets(Targets(min_rps=10, max_p95_ms=1000, max_failures=0, models={"cxr_findings": {"max_p95_ms": 1000}}),
                            aggregated, models)
-    assert [c.target for c in checks if not c.passed] == ["min_rps", "max_failures", "cxr_findings.max_p95_ms"]
-    assert "MISSED" in next(c for c in checks if c.target == "min_rps").message
+    assert [c.name for c in checks if not c.passed] == ["min_rps", "max_failures", "cxr_findings.max_p95_ms"]
+    assert "MISSED" in next(c for c in checks if c.name == "min_rps").message
     # No request completed: throughput and latency targets cannot be met.
     assert not all(c.passed for c in check_targets(Targets(min_rps=1, max_p95_ms=10), {"requests": 0, "failures": 0}, {}))
 
@@ -128,7 +127,7 @@ def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_
     endpoints = triton_server.endpoints
     out = tmp_path / "run"
     rc = cxrlt("loadtest", "--url", endpoints.grpc, "--metrics-url", endpoints.metrics, "--targets", str(PROFILE),
-               "--users", "2", "--duration", "8", "--out", str(out))
+               "--users", "2", "--duration-s", "8", "--out", str(out))
     printed = capsys.readouterr()
     assert rc == 0, printed.err
 
@@ -141,7 +140,7 @@ def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["missed"] == [] and report["locust"]["failures"] == []
     assert report["profile"] == str(PROFILE)
-    assert {c["target"] for c in report["checks"]} >= {"min_rps", "max_p95_ms", "max_failures"}
+    assert {c["name"] for c in report["checks"]} >= {"min_rps", "max_p95_ms", "max_failures"}
     triton = report["triton"]["models"]
     # The public models and the networks their BLS calls reach, each with queue vs compute time.
     for model in ("cxr_classifier", "cxr_zeroshot", "cxr_findings", "projection_router", "clip_image_encoder"):
@@ -191,3 +190,16 @@ def test_failed_calls_are_locust_failures(tmp_path):
     (failure,) = read_locust_failures(tmp_path / "locust_failures.csv")
     assert failure["model"] == "cxr_classifier" and failure["occurrences"] == aggregated["failures"]
     assert failure["error"].startswith("GrpcCallError") and "UNAVAILABLE" in failure["error"]  # the reason, not a bare name
+
+
+def test_without_locust_the_extra_is_named_and_no_folder_is_left(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cxrlt.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "locust", None)  # what importlib finds when locust is not installed
+    monkeypatch.chdir(tmp_path)
+    assert main(["loadtest", "--url", "127.0.0.1:1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "pip install -e '.[loadtest]'" in line and "locust" in line
+    assert not (tmp_path / "runs").exists()

@@ -122,7 +122,7 @@ def report_folder(args: argparse.Namespace, name: str) -> Path:
 def write_report(report: dict[str, Any], args: argparse.Namespace, out: Path, name: str,
                  plot: Callable[[dict[str, Any], Path], None]) -> None:
     """Write a measuring command's plot and JSON (--json / --plot, else OUT/<name>.json|png)."""
-    from loadtest.bench import write_json
+    from loadtest.kernel import write_json
 
     json_path = args.json or out / f"{name}.json"
     png_path = args.plot or out / f"{name}.png"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_report_arguments, add_send_size_argument, report_folder, write_report
-from pathlib import Path
+from cxrlt.cli.options import (add_hints_argument, add_repo_argument, add_report_arguments, add_send_size_argument,
+                               report_folder, write_report)
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -28,7 +28,7 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", required=True, type=Path, help="model repository built by `cxrlt build-repo`")
+    add_repo_argument(parser, "model repository built by `cxrlt build-repo`", required=True)
     parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
     parser.add_argument("--metrics-url", help="its metrics endpoint, for queue vs compute per concurrency (with --url)")
     parser.add_argument("--concurrency", type=_levels,
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw-providers", choices=["auto", "cpu", "cuda"],
                         help="raw side onnxruntime execution providers (default: the served networks' execution_provider)")
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
-                        help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
-    parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
+                        help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones")
+    add_hints_argument(parser, True, "send each image's projection hint (--no-hints: the router decides)")
     parser.add_argument("--shared-memory", action="store_true",
                         help="served side: pass each image through a system shared-memory region registered with the "
                              "server instead of inside the gRPC message (client and server on one host)")
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from loadtest.bench import BenchConfig, plot, run_bench, summary_table
+    from loadtest.kernel import run_folder
     from loadtest.metrics import print_wide
 
     out = report_folder(args, "bench")
@@ -64,16 +65,16 @@ def run(args: argparse.Namespace) -> int:
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
         requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
         raw_pool=args.raw_pool, raw_providers=args.raw_providers,
-        image_set=args.image_set, send_hints=not args.no_hints, shared_memory=args.shared_memory,
+        image_set=args.image_set, send_hints=args.hints, shared_memory=args.shared_memory,
         send_size=args.send_size, server_log=None if args.url else out / "tritonserver.log",
     )
     if args.url and not args.metrics_url:
         from loadtest.metrics import default_metrics_url
 
         config.metrics_url = default_metrics_url(args.url)
-    with console.status("benchmarking") as status:
+    with run_folder(out), console.status("benchmarking") as status:
         report = run_bench(config, log=lambda message: status.update(message))
-    write_report(report, args, out, "bench", plot)
+        write_report(report, args, out, "bench", plot)
 
     print_wide(console, summary_table(report))
     best, overhead = report["best"], report["overhead_per_image_ms"]

@@ -10,59 +10,58 @@ Every answered request is compared with the in-process reference pipeline of --r
 Prints each target with its measured value and PASS/MISS, and writes stress.json and stress.png
 to --out. Exits 1 when an answer was wrong, the server went down, or a request was refused by
 anything but the queue policy; a missed timing target exits 1 only with --strict. The server
-(e.g. `cxrlt serve`) runs on this host: the overload goes to loopback addresses only, and the
+(e.g. `cxrlt serve`; without --url, stress starts the embedded tritonserver on --repo) runs on this host: the overload goes to loopback addresses only, and the
 server's process is found by its port to measure its CPU and see that it is still alive."""
 
 from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli.options import add_report_arguments, report_folder, write_report
-from pathlib import Path
+from cxrlt.cli.options import add_hints_argument, add_option, add_repo_argument, add_report_arguments, report_folder, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", required=True, help="gRPC host:port of a server on this host (loopback) serving --repo")
-    parser.add_argument("--repo", required=True, type=Path, help="the model repository it serves (the reference pipeline's files)")
+    parser.add_argument("--url", help="gRPC host:port of a server on this host (loopback) serving --repo (default: start one on --repo)")
+    add_repo_argument(parser, "the model repository it serves (the reference pipeline's files)", required=True)
     parser.add_argument("--metrics-url", help="its metrics endpoint (default http://<url host>:8002/metrics)")
     parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
-    parser.add_argument("--overload", type=float, default=3.0, help="offered rate as a multiple of the saturation throughput (default 3)")
-    parser.add_argument("--duration-s", type=float, default=30.0, help="length of the overload in seconds (default 30)")
-    parser.add_argument("--arrivals", default="poisson", choices=["poisson", "fixed"], help="open-loop arrivals (default poisson)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default 0)")
-    parser.add_argument("--request-timeout-s", type=float, default=10.0,
-                        help="client timeout of each overload request (default 10; keep it above the queue timeout)")
-    parser.add_argument("--max-in-flight", type=int, default=256, help="overload requests outstanding at most (default 256)")
-    parser.add_argument("--max-requests", type=int, default=20_000, help="overload requests sent at most (default 20000)")
-    parser.add_argument("--saturation-requests", type=int, default=60,
-                        help="measured requests per concurrency level of the saturation sweep (default 60)")
-    parser.add_argument("--max-concurrency", type=int, default=32, help="largest concurrency of the sweep (default 32)")
-    parser.add_argument("--recovery-timeout-s", type=float, default=30.0, help="give up waiting for recovery after this (default 30)")
+    parser.add_argument("--overload", type=float, default=3.0, help="offered rate as a multiple of the saturation throughput")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="length of the overload in seconds")
+    parser.add_argument("--arrivals", default="poisson", choices=["poisson", "fixed"], help="open-loop arrivals")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    add_option(parser, "--timeout-s", "--request-timeout-s", type=float, default=10.0, dest="timeout_s",
+               help="client timeout of each overload request (keep it above the queue timeout)")
+    parser.add_argument("--max-in-flight", type=int, default=256, help="overload requests outstanding at most")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="overload requests sent at most")
+    parser.add_argument("--saturation-requests", type=int, default=60, help="measured requests per concurrency level of the saturation sweep")
+    parser.add_argument("--max-concurrency", type=int, default=32, help="largest concurrency of the sweep")
+    parser.add_argument("--recovery-timeout-s", type=float, default=30.0, help="give up waiting for recovery after this")
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
-                        help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones (default)")
-    parser.add_argument("--no-hints", action="store_true", help="send no projection hint (the router decides)")
+                        help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones")
+    add_hints_argument(parser, True, "send each image's projection hint (--no-hints: the router decides)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on a missed timing target too")
     add_report_arguments(parser, "stress", "timeline plot")
 
 
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
+    from loadtest.driver import StressConfig, run as drive, stress_plot, stress_table
+    from loadtest.kernel import run_folder
     from loadtest.metrics import ModelTime, breakdown_table, print_wide
-    from loadtest.stress import StressConfig, plot, run_stress, summary_table
 
     out = report_folder(args, "stress")
     config = StressConfig(
         repo=args.repo, url=args.url, metrics_url=args.metrics_url, model=args.model, overload=args.overload,
-        duration_s=args.duration_s, arrivals=args.arrivals, seed=args.seed, request_timeout_s=args.request_timeout_s,
+        duration_s=args.duration_s, arrivals=args.arrivals, seed=args.seed, request_timeout_s=args.timeout_s,
         max_in_flight=args.max_in_flight, max_requests=args.max_requests, saturation_requests=args.saturation_requests,
         max_concurrency=args.max_concurrency, recovery_timeout_s=args.recovery_timeout_s, image_set=args.image_set,
-        send_hints=not args.no_hints,
+        send_hints=args.hints, server_log=None if args.url else out / "tritonserver.log",
     )
-    with console.status("stress test") as status:
-        report = run_stress(config, log=lambda message: status.update(message))
-    write_report(report, args, out, "stress", plot)
+    with run_folder(out), console.status("stress test") as status:
+        report = drive(config, log=lambda message: status.update(message))
+        write_report(report, args, out, "stress", stress_plot)
 
-    print_wide(console, summary_table(report), width=150)
+    print_wide(console, stress_table(report), width=150)
     if report["triton"]:
         rows = [ModelTime(**{k: v for k, v in m.items() if k in ModelTime.__dataclass_fields__}) for m in report["triton"].values()]
         print_wide(console, breakdown_table(rows, "Triton during the storm: per admitted request, queue vs compute"))
