@@ -56,6 +56,23 @@ class CountingCalls:
         return self.function(*args, **kwargs)
 
 
+def _fake_sleeps(client: CxrltClient) -> list[float]:
+    """The client's backoff sleeps, recorded instead of slept."""
+    sleeps: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    client.aio._sleep = sleep
+    return sleeps
+
+
+def _rpc(client: CxrltClient):
+    """The tritonclient.grpc.aio client under a CxrltClient (opened in its loop by the first call)."""
+    client.model_info()
+    return client.aio._client
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -180,13 +197,14 @@ def test_random_weights_can_be_forced_by_the_caller(url, real_cxr):
 def test_send_size_sends_a_smaller_image_with_nearly_the_same_answer(url, real_cxr, model):
     with CxrltClient(url, model=model) as full_client, CxrltClient(url, model=model, send_size="served") as small_client:
         sent = []
-        infer = small_client._client.infer
+        rpc = _rpc(small_client)
+        infer = rpc.infer
 
         def recording(model_name, inputs, **kwargs):
             sent.append(inputs[0].shape())
             return infer(model_name, inputs, **kwargs)
 
-        small_client._client.infer = recording
+        rpc.infer = recording
         full = _probs(full_client.classify(real_cxr, hint="PA"))
         small = _probs(small_client.classify(real_cxr, hint="PA"))
     side = small_client.model_info().input_size
@@ -277,57 +295,21 @@ def test_readiness(client):
         closed.wait_until_ready(0.3)
 
 
-def test_closed_port_raises_after_retries_attempts_naming_the_url():
-    url = f"127.0.0.1:{free_port()}"
-    client = CxrltClient(url, retries=3, backoff_s=0.5)
-    sleeps: list[float] = []
-    client._sleep = sleeps.append
-    rpc = client._client.get_model_config = CountingCalls(client._client.get_model_config)
-    with pytest.raises(ServerUnavailable) as caught:
-        client.classify(np.zeros((64, 64), np.uint16))
-    assert rpc.calls == 3 and caught.value.attempts == 3
-    assert len(sleeps) == 2 and 0.25 <= sleeps[0] <= 0.5 and 0.5 <= sleeps[1] <= 1.0  # exponential, with jitter
-    message = str(caught.value)
-    assert url in message and "cxrlt serve" in message and "3 attempts" in message
-    assert caught.value.status == "UNAVAILABLE" and caught.value.url == url
-
-
-def test_async_closed_port_raises_after_retries_attempts():
-    url = f"127.0.0.1:{free_port()}"
-    sleeps: list[float] = []
-
-    async def fake_sleep(delay: float) -> None:
-        sleeps.append(delay)
-
-    async def go():
-        client = AsyncCxrltClient(url, retries=4, backoff_s=0.25)
-        client._sleep = fake_sleep
-        try:
-            await client.classify(np.zeros((64, 64), np.uint16))
-        finally:
-            await client.close()
-
-    with pytest.raises(ServerUnavailable, match=url) as caught:
-        asyncio.run(go())
-    assert caught.value.attempts == 4 and len(sleeps) == 3
-    assert all(0.125 * 2**k <= delay <= 0.25 * 2**k for k, delay in enumerate(sleeps))  # exponential, with jitter
-
-
 def test_unavailable_then_recovered_is_retried(url, real_cxr, rg1):
     """The first infer meets UNAVAILABLE (as during a server restart); the retry reaches the real server."""
     client = CxrltClient(url, retries=3, backoff_s=0.5)
-    sleeps: list[float] = []
-    client._sleep = sleeps.append
-    real_infer = client._client.infer
+    sleeps = _fake_sleeps(client)
+    rpc = _rpc(client)
+    real_infer = rpc.infer
     calls = []
 
-    def flaky_infer(*args, **kwargs):
+    async def flaky_infer(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE")
-        return real_infer(*args, **kwargs)
+        return await real_infer(*args, **kwargs)
 
-    client._client.infer = flaky_infer
+    rpc.infer = flaky_infer
     result = client.classify(real_cxr, hint="PA")
     assert len(calls) == 2 and len(sleeps) == 1 and 0.25 <= sleeps[0] <= 0.5
     assert result.probabilities == rg1["RG1_UNCR.dcm"].probabilities and result.attempts == 2
@@ -337,10 +319,8 @@ def test_unavailable_then_recovered_is_retried(url, real_cxr, rg1):
 @pytest.mark.parametrize("model", ["cxr_classifier", "cxr_zeroshot"])
 def test_invalid_argument_is_raised_at_once_without_retry(url, model):
     client = CxrltClient(url, model=model, retries=5)
-    sleeps: list[float] = []
-    client._sleep = sleeps.append
-    client.model_info()
-    rpc = client._client.infer = CountingCalls(client._client.infer)
+    sleeps = _fake_sleeps(client)
+    rpc = _rpc(client).infer = CountingCalls(_rpc(client).infer)
     with pytest.raises(ServerRejected) as caught:
         client.classify(np.zeros((2, 2), np.uint16))
     assert rpc.calls == 1 and sleeps == [] and caught.value.attempts == 1
@@ -357,10 +337,13 @@ def test_invalid_hint_is_rejected_with_triton_message(url, real_cxr):
 def test_cxr_findings_passes_its_callees_invalid_argument_through(client, monkeypatch):
     """A bad image sent to cxr_findings is INVALID_ARGUMENT (from cxr_classifier/cxr_zeroshot), not retried."""
     sleeps: list[float] = []
-    monkeypatch.setattr(client, "_sleep", sleeps.append)
-    client.model_info()
-    rpc = CountingCalls(client._client.infer)
-    monkeypatch.setattr(client._client, "infer", rpc)
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    monkeypatch.setattr(client.aio, "_sleep", sleep)
+    rpc = CountingCalls(_rpc(client).infer)
+    monkeypatch.setattr(_rpc(client), "infer", rpc)
     with pytest.raises(ServerRejected) as caught:
         client.classify(np.zeros((2, 2), np.uint16))
     assert rpc.calls == 1 and sleeps == [] and caught.value.attempts == 1
@@ -372,8 +355,7 @@ def test_cxr_findings_passes_its_callees_invalid_argument_through(client, monkey
 
 def test_per_call_timeout(url, real_cxr):
     client = CxrltClient(url, timeout_s=0.001, retries=3)
-    sleeps: list[float] = []
-    client._sleep = sleeps.append
+    sleeps = _fake_sleeps(client)
     with pytest.raises(RequestTimeout, match="0.001 s"):
         client.classify(real_cxr, hint="PA")
     assert sleeps == []  # a deadline is not UNAVAILABLE: no retry

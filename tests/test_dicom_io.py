@@ -347,3 +347,18 @@ def test_jpeg_lossless_the_usual_cr_compression_is_decoded(tmp_path):
     assert loaded.pixels.shape == (768, 1024) and loaded.pixels.max() > 0
     np.testing.assert_array_equal(loaded.pixels, load_image(tmp_path / "uncompressed.dcm").pixels)
     assert pydicom.uid.JPEGLosslessSV1 in transfer_syntaxes()  # and the DICOM node accepts it
+
+
+def test_a_file_its_bytes_and_its_dataset_load_alike(uncompressed):
+    """load_image takes a path, the file's content or a pydicom dataset (WADO-RS, C-STORE: no temporary file)."""
+    path = get_testdata_file("RG1_UNCR.dcm")
+    from_bytes = load_image(Path(path).read_bytes(), name="wado")
+    from_dataset = load_image(pydicom.dcmread(path))
+    for loaded in (from_bytes, from_dataset):
+        assert np.array_equal(loaded.pixels, uncompressed.pixels)
+        assert loaded.hint == uncompressed.hint and loaded.image_id == uncompressed.image_id
+        assert loaded.dataset is not None
+    with pytest.raises(InputError, match="^wado: empty file"):
+        load_image(b"", name="wado")
+    with pytest.raises(InputError, match="^<bytes>: not a DICOM file"):
+        load_image(b"not an image at all" * 20)

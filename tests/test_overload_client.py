@@ -12,6 +12,7 @@ import asyncio
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,23 +118,20 @@ INFO = ModelInfo(name="cxr_classifier", labels=TASK1_LABELS, accepts_hint=True, 
 
 
 def fake_client(errors, cls=CxrltClient, rpc_s: float = 0.5, **options):
-    """A client of `cls` whose RPCs, clock and sleeps are fake; returns (client, rpc, clock, sleeps)."""
+    """A client of `cls` whose RPCs, clock and sleeps are fake; returns (client, rpc, clock, sleeps).
+
+    The sync client is a wrapper over the async one: the fakes go into the async client it drives."""
     clock = Clock()
     client = cls(f"127.0.0.1:{free_port()}", model="cxr_classifier", **options)
-    rpc = (AsyncFakeRPC if cls is AsyncCxrltClient else FakeRPC)(clock, errors, rpc_s)
+    rpc = AsyncFakeRPC(clock, errors, rpc_s)
     sleeps: list[float] = []
 
-    def sleep(delay: float) -> None:
+    async def sleep(delay: float) -> None:
         sleeps.append(delay)
         clock.now += delay
 
-    async def async_sleep(delay: float) -> None:
-        sleep(delay)
-
-    if cls is CxrltClient:
-        client._client.close()
-    client._client, client._clock, client._info = rpc, clock, INFO
-    client._sleep = async_sleep if cls is AsyncCxrltClient else sleep
+    core = client.aio if cls is CxrltClient else client
+    core._client, core._clock, core._info, core._sleep = rpc, clock, INFO, sleep
     return client, rpc, clock, sleeps
 
 
@@ -240,6 +238,69 @@ def test_bad_options_are_refused():
         CxrltClient("127.0.0.1:1", deadline_s=0)
     with pytest.raises(ValueError, match="max_backoff_s"):
         CxrltClient("127.0.0.1:1", max_backoff_s=-1)
+
+
+# ----------------------------------------------------------------------------- unit: a server never reached
+
+
+def test_a_refused_port_fails_at_once_naming_the_url_and_the_fix():
+    """A server never reached (a wrong --url) is not retried: one clear error, well under a second."""
+    url = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with CxrltClient(url, retries=8, backoff_s=2.0) as client:
+        with pytest.raises(ServerUnavailable) as caught:
+            client.classify(np.zeros((64, 64), np.uint16))
+    assert time.monotonic() - started < 1.0
+    assert caught.value.attempts == 1 and caught.value.status == "UNAVAILABLE" and caught.value.url == url
+    message = str(caught.value)
+    assert f"no Triton server answers at {url}" in message and "cxrlt serve" in message and "--url" in message
+    assert "\n" not in message
+
+
+def test_async_refused_port_fails_at_once():
+    url = f"127.0.0.1:{free_port()}"
+
+    async def go():
+        async with AsyncCxrltClient(url, retries=4, backoff_s=1.0) as client:
+            await client.classify(np.zeros((64, 64), np.uint16))
+
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=url) as caught:
+        asyncio.run(go())
+    assert time.monotonic() - started < 1.0 and caught.value.attempts == 1
+
+
+def test_a_server_that_answered_before_is_retried_when_it_goes_away():
+    """After one answer, a refused connection (a restarting server) is retried with backoff."""
+    url = f"127.0.0.1:{free_port()}"
+    sleeps: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    with CxrltClient(url, retries=3, backoff_s=0.5) as client:
+        client.aio._sleep, client.aio._answered = fake_sleep, True
+        with pytest.raises(ServerUnavailable) as caught:
+            client.classify(np.zeros((64, 64), np.uint16))
+    assert caught.value.attempts == 3
+    assert len(sleeps) == 2 and 0.25 <= sleeps[0] <= 0.5 and 0.5 <= sleeps[1] <= 1.0  # exponential, with jitter
+    message = str(caught.value)
+    assert url in message and "cxrlt serve" in message and "3 attempts" in message
+
+
+def test_classify_with_a_wrong_url_says_so_at_once_in_one_line(capsys):
+    import tritonclient.grpc.aio  # noqa: F401  (imported first: the test times the command, not an import)
+
+    from cxrlt.cli.main import main
+
+    url = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code = main(["classify", get_testdata_file("RG1_UNCR.dcm"), "--url", url])  # --retries 8 by default
+    elapsed = time.monotonic() - started
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 1 and captured.out == "" and elapsed < 1.0
+    assert len(lines) == 1 and url in lines[0] and "cxrlt serve" in lines[0] and "--url" in lines[0], lines
 
 
 # ----------------------------------------------------------------------------- unit: atomic writes

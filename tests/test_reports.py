@@ -171,3 +171,30 @@ def test_sr_lateral_projection_and_pixelless_source(tmp_path, source_dataset):
 def test_sr_needs_a_dicom_source():
     with pytest.raises(ValueError, match="no StudyInstanceUID"):
         reports.build_sr(make_result(), pydicom.Dataset())
+
+
+def test_sr_takes_its_uids_and_notes_as_parameters(tmp_path, source_dataset):
+    """Deterministic UIDs (derived from the source and the repository) and extra notes, no patching afterwards."""
+    result = make_result(source_dataset.SOPInstanceUID, seed=1)
+    uids = reports.derived_uids(source_dataset, "ab" * 32)
+    assert uids == reports.derived_uids(source_dataset, "ab" * 32) != reports.derived_uids(source_dataset, "cd" * 32)
+    first = reports.build_sr(result, source_dataset, uids=uids, notes=["Model repository abab."])
+    again = reports.build_sr(result, source_dataset, uids=uids)
+    assert first.SOPInstanceUID == uids.sop_instance == first.file_meta.MediaStorageSOPInstanceUID
+    assert first.SeriesInstanceUID == uids.series_instance
+    path = reports.save_sr(first, tmp_path / "det.dcm")
+    sr = hd.sr.srread(path)
+    groups = sr.content.get_image_measurement_groups()
+    again_groups = hd.sr.srread(reports.save_sr(again, tmp_path / "again.dcm")).content.get_image_measurement_groups()
+    assert [g.tracking_uid for g in groups] == [g.tracking_uid for g in again_groups]
+    text = " ".join(str(item.TextValue) for item in _items(pydicom.dcmread(path)) if "TextValue" in item)
+    assert "Model repository abab." in text and "Projection frontal" in text
+    assert any(str(getattr(item, "UID", "")) == uids.device for item in _items(pydicom.dcmread(path)))
+    other = reports.build_sr(result, source_dataset)  # no uids: new random ones
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+
+
+def _items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _items(item)

@@ -2,6 +2,10 @@
 and the system shared-memory regions it can send images through. Needs the `client` extra."""
 
 from cxrlt.client.sdk import (
+    REPOSITORY_PARAMETER,
+    Repository,
+    backoff_delay,
+    repository_identity,
     DEFAULT_URL,
     MODEL_LABELS,
     AsyncCxrltClient,
@@ -16,6 +20,10 @@ from cxrlt.client.sdk import (
 )
 
 __all__ = [
+    "REPOSITORY_PARAMETER",
+    "Repository",
+    "backoff_delay",
+    "repository_identity",
     "DEFAULT_URL",
     "MODEL_LABELS",
     "AsyncCxrltClient",

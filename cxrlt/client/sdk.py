@@ -1,6 +1,7 @@
 """The gRPC client SDK: send a radiograph to Triton, get a :class:`FindingsResult` back.
 
-Two clients with the same behaviour, one synchronous and one for asyncio::
+One client, for asyncio, and a synchronous wrapper over it (:class:`CxrltClient` runs an
+:class:`AsyncCxrltClient` on a private event-loop thread, so both behave alike)::
 
     from cxrlt.client import CxrltClient
 
@@ -12,7 +13,7 @@ Two clients with the same behaviour, one synchronous and one for asyncio::
     async with AsyncCxrltClient("127.0.0.1:8001") as client:
         result = await client.classify(pixels, hint="PA")
 
-Behaviour shared by both:
+Behaviour:
 
 * every RPC carries a timeout: ``timeout_s``, or the time left before the call's overall
   ``deadline_s`` when that is sooner (the deadline covers every attempt and sleep of one
@@ -25,39 +26,50 @@ Behaviour shared by both:
   end past the deadline, whichever comes first; then :class:`ServerUnavailable`
   (:class:`ServerOverloaded` when the server said it was overloaded) says how many
   attempts were made in how many seconds and the server's last message;
+* a server that never answered (connection refused, unknown host: a wrong ``url``) fails at
+  once with :class:`ServerUnavailable` naming the URL; retries are for a server that answered
+  before, or that said UNAVAILABLE itself;
 * a result records the attempts its call took (``FindingsResult.attempts``);
 * ``INVALID_ARGUMENT`` (the image or hint is bad) is never retried: :class:`ServerRejected`
   carries Triton's message; any other server error is :class:`ServerFailed`, a deadline
   is :class:`RequestTimeout`; all derive from :class:`ClientError`;
-* the served model's config is read once and cached: ``trust_hint`` of ``cxr_classifier``
-  (to report whether the hint routed the image) and the ``random_weights`` parameter the
-  repository builder writes into every Python model's config.
+* the served pipeline models' configs are read once and cached (:meth:`model_info`):
+  ``trust_hint`` of ``cxr_classifier`` (to report whether the hint routed the image), the
+  ``random_weights`` parameter the repository builder writes into every Python model's config,
+  every served parameter (``ModelInfo.parameters``) and the repository's identity
+  (``ModelInfo.repository``, from which SR UIDs are derived).
 """
 
 from __future__ import annotations
 
-import abc
+from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 import random
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
 from cxrlt.contract.results import FindingsResult
-from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
+from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
+                                   ZEROSHOT_MODEL)
 from cxrlt.client.shared_memory import Region, RegionPool
+from python_backends.triton_params import as_bool
 
 __all__ = [
     "DEFAULT_URL",
     "MODEL_LABELS",
+    "REPOSITORY_PARAMETER",
     "ClientError",
     "ServerUnavailable",
     "ServerOverloaded",
@@ -65,6 +77,9 @@ __all__ = [
     "ServerFailed",
     "RequestTimeout",
     "ModelInfo",
+    "Repository",
+    "repository_identity",
+    "backoff_delay",
     "CxrltClient",
     "AsyncCxrltClient",
 ]
@@ -81,7 +96,9 @@ MODEL_LABELS: dict[str, tuple[str, ...]] = {
 # Models that take PROJECTION_HINT and return PROJECTION / PROJECTION_SCORE.
 _ROUTED_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL)
 
-_START_HINT = "start one with `cxrlt serve --model-repository DIR` (or try `cxrlt demo`)"
+_START_HINT = "start one with `cxrlt serve --repo DIR` (or try `cxrlt demo`)"
+# A served config parameter that names the repository outright (when the builder writes one).
+REPOSITORY_PARAMETER = "repository_sha256"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -111,9 +128,13 @@ class ClientError(RuntimeError):
 class ServerUnavailable(ClientError):
     """The server could not be reached (or stayed UNAVAILABLE) after every attempt."""
 
+    overloaded = False
+
 
 class ServerOverloaded(ServerUnavailable):
     """The server stayed overloaded (its queue full or timed out) for every attempt in the deadline."""
+
+    overloaded = True
 
 
 class ServerRejected(ClientError):
@@ -163,12 +184,72 @@ class _Attempts:
     last_message: str | None = None  # the server's last UNAVAILABLE message
 
 
+# What gRPC itself says (as UNAVAILABLE) when nothing answered at the address: no server there.
+UNREACHED_MESSAGES = ("failed to connect", "connection refused", "dns resolution failed", "name resolution",
+                      "no route to host", "network is unreachable", "http1.x server", "errors resolving",
+                      "lookup failed")
+
+
+def _unreached(message: str | None) -> bool:
+    return message is not None and any(phrase in message.lower() for phrase in UNREACHED_MESSAGES)
+
+
+def backoff_delay(retry: int, backoff_s: float, max_backoff_s: float, rng: random.Random) -> float:
+    """The sleep before retry ``retry`` (1: before the 2nd attempt): exponential, capped, equal jitter.
+
+    The one backoff of the project: the SDK's retries and the DICOM node's spool retries use it."""
+    ceiling = min(max_backoff_s, backoff_s * 2 ** (retry - 1))
+    return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
+
+
 # ----------------------------------------------------------------------------- model info
 
 
 @dataclasses.dataclass(frozen=True)
+class Repository:
+    """The identity of the served model repository (SR UIDs are derived from ``sha256``)."""
+
+    sha256: str
+    random_weights: bool  # some served network is randomly initialised: NOT DIAGNOSTIC
+    source: str  # where sha256 came from: the served parameter or a hash of the served parameters
+
+
+def _parameters(config: Any) -> dict[str, str]:
+    """A ModelConfig message's parameters (a plain {key: value} mapping passes through)."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def _flag(parameters: Mapping[str, str], key: str) -> bool:
+    value = parameters.get(key)
+    if value is None or not value.strip():
+        return False
+    try:
+        return as_bool(value)
+    except ValueError:
+        return False  # an odd value is not a claim of random weights or of a trusted hint
+
+
+def repository_identity(configs: Mapping[str, Any]) -> Repository:
+    """The repository behind these served configs (model -> ModelConfig message or its parameters).
+
+    The ``repository_sha256`` parameter when the server serves one, else a SHA-256 over the
+    pipeline models' served parameters (ensemble weights, preprocessing, TTA, gating, zero-shot
+    settings and the ``random_weights`` flag)."""
+    parameters = {name: _parameters(config) for name, config in configs.items()}
+    random_weights = any(_flag(p, "random_weights") for p in parameters.values())
+    served = next((p[REPOSITORY_PARAMETER] for p in parameters.values() if p.get(REPOSITORY_PARAMETER)), None)
+    if served:
+        return Repository(served.strip().lower(), random_weights, f"served {REPOSITORY_PARAMETER}")
+    canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"))
+    return Repository(hashlib.sha256(canonical.encode()).hexdigest(), random_weights,
+                      "sha256 of the pipeline models' served config parameters")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What the client learns once from the served model's config."""
+    """What the client learns once from the served models' configs."""
 
     name: str
     labels: tuple[str, ...]
@@ -176,15 +257,9 @@ class ModelInfo:
     trust_hint: bool  # cxr_classifier routes by a valid hint instead of its router
     random_weights: bool  # some served network is randomly initialised: NOT DIAGNOSTIC
     input_size: int | None = None  # the largest side any served network takes (its preprocess_size)
-
-
-def _parameter(config: Any, key: str) -> str | None:
-    parameters = config.parameters
-    return parameters[key].string_value if key in parameters else None
-
-
-def _as_bool(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+    # The served config parameters of the pipeline models the server has, by model.
+    parameters: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    repository: Repository | None = None  # the served repository's identity (None: no pipeline config read)
 
 
 def _output_dim(config: Any, name: str) -> int | None:
@@ -194,10 +269,67 @@ def _output_dim(config: Any, name: str) -> int | None:
     return None
 
 
-# ----------------------------------------------------------------------------- shared logic
+def _valid_hint(hint: str | None) -> bool:
+    try:
+        return projection_from_hint(hint) is not None
+    except ValueError:
+        return False
 
 
-class _ClientBase(abc.ABC):
+def _as_uint16(image: np.ndarray) -> np.ndarray:
+    """The server's IMAGE tensor: uint16 [H, W]; 8-bit images are scaled to full range (x 257)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 2:
+        raise ValueError(f"image must be a 2-D grayscale array [H, W], got shape {list(image.shape)}")
+    if image.dtype == np.uint8:
+        return image.astype(np.uint16) * 257
+    if image.dtype != np.uint16:
+        raise ValueError(
+            f"image dtype must be uint16 (or uint8), got {image.dtype}; load files with "
+            "cxrlt.io.images.load_image or classify_file"
+        )
+    return np.ascontiguousarray(image)
+
+
+def _load(source: Any):
+    from cxrlt.io.images import load_image  # pydicom, Pillow: only when files are classified
+
+    return load_image(source)
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class AsyncCxrltClient:
+    """The gRPC client (tritonclient.grpc.aio); :class:`CxrltClient` is its synchronous wrapper.
+
+    url: ``host:port`` of Triton's gRPC endpoint.
+    timeout_s: the longest one RPC (one attempt) may take.
+    retries: attempts in all for a call that meets UNAVAILABLE (1 = never retry).
+    backoff_s: the backoff before the 2nd attempt, doubled before each further one up to
+        max_backoff_s; each sleep is drawn from [backoff/2, backoff] (equal jitter).
+    deadline_s: time budget of one call (one image) over all its attempts and sleeps; each
+        attempt's RPC timeout is min(timeout_s, time left). None: only ``retries`` limits.
+    seed: seeds the jitter (repeatable sleeps, for tests).
+    ssl, root_certificates, private_key, certificate_chain: TLS; the three are PEM *file paths*.
+    model: ``cxr_findings`` (36), ``cxr_classifier`` (30) or ``cxr_zeroshot`` (6).
+    random_weights: mark every result as random-weights even if the server does not say so
+        (the flag is otherwise read from the served config's ``random_weights`` parameter).
+    shared_memory: send images through system shared-memory regions registered with the
+        server instead of inside the gRPC message; only for a server on this host.
+    send_size: for a remote server, downscale each image before sending to at most this many
+        pixels on its long side (``"served"``: the largest input size of the served networks,
+        from their configs), with the server's own resampling; a 1955 x 1841 radiograph then
+        travels as about 100 kB instead of 7 MB. None (default): send every pixel.
+    fail_fast: a server that never answered (connection refused, unknown host) fails the call
+        at once (default); False retries it like UNAVAILABLE (for a daemon that may start
+        before its server).
+
+    The gRPC channel is opened lazily inside the running event loop; use ``async with`` or
+    call :meth:`close`. File loading (:meth:`classify_file`) runs in a worker thread.
+    """
+
     def __init__(
         self,
         url: str = DEFAULT_URL,
@@ -215,6 +347,7 @@ class _ClientBase(abc.ABC):
         random_weights: bool = False,
         shared_memory: bool = False,
         send_size: int | str | None = None,
+        fail_fast: bool = True,
     ) -> None:
         if model not in MODEL_LABELS:
             raise ValueError(f"unknown model {model!r}; use one of {', '.join(MODEL_LABELS)}")
@@ -233,8 +366,10 @@ class _ClientBase(abc.ABC):
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self.deadline_s = None if deadline_s is None else float(deadline_s)
+        self.fail_fast = bool(fail_fast)
         self._rng = random.Random(seed)
         self._clock: Callable[[], float] = time.monotonic
+        self._sleep: Callable[[float], Any] = asyncio.sleep
         self.model = model
         self.labels = MODEL_LABELS[model]
         self._random_weights_override = bool(random_weights)
@@ -245,45 +380,80 @@ class _ClientBase(abc.ABC):
             certificate_chain=None if certificate_chain is None else str(certificate_chain),
         )
         self._info: ModelInfo | None = None
+        self._info_lock: asyncio.Lock | None = None
         self._regions = RegionPool() if shared_memory else None
-        import tritonclient.grpc as grpcclient  # InferInput & co, shared by the sync and aio clients
+        self._client: Any = None  # tritonclient.grpc.aio, opened lazily inside the running event loop
+        self._answered = False  # the server has answered this client at least once
+        import tritonclient.grpc as grpcclient  # InferInput & co
 
         self._grpcclient = grpcclient
-        self._connect()
-
-    @abc.abstractmethod
-    def _connect(self) -> None:
-        """Set up the transport (each client kind its own)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, model={self.model!r})"
 
-    # --- retry policy (one implementation; the sync and asyncio loops only sleep and await) ---
+    def _aio(self) -> Any:
+        if self._client is None:
+            import tritonclient.grpc.aio as aioclient
+
+            self._client = aioclient.InferenceServerClient(self.url, **self._grpc_kwargs)
+        return self._client
+
+    async def close(self) -> None:
+        regions = self._regions.drain() if self._regions is not None else []
+        if self._client is not None:
+            for region in regions:
+                try:
+                    await self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
+                except Exception as exc:  # the server may be gone; the memory is freed either way
+                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
+            await self._client.close()
+            self._client = None
+        RegionPool.destroy(regions)
+
+    async def __aenter__(self) -> "AsyncCxrltClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- retry policy -------------------------------------------------------------
 
     def backoff(self, retry: int) -> float:
         """The sleep before retry ``retry`` (1: before the 2nd attempt): exponential, capped, equal jitter."""
-        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
-        return ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
+        return backoff_delay(retry, self.backoff_s, self.max_backoff_s, self._rng)
 
-    def _begin(self, what: str) -> _Attempts:
+    async def _call(self, what: str, function: Callable[[float], Any]) -> tuple[Any, int]:
+        """``await function(rpc_timeout)``'s value and the attempts it took, retried as the policy says."""
         now = self._clock()
-        return _Attempts(what, now, None if self.deadline_s is None else now + self.deadline_s)
-
-    def _next_attempt(self, state: _Attempts) -> float:
-        """Count an attempt; its RPC timeout: timeout_s, or the time left before the deadline if less."""
-        state.count += 1
-        state.timeout = self.timeout_s
-        if state.deadline is not None:
-            state.timeout = max(0.001, min(self.timeout_s, state.deadline - self._clock()))
-        return state.timeout
+        state = _Attempts(what, now, None if self.deadline_s is None else now + self.deadline_s)
+        while True:
+            state.count += 1
+            state.timeout = self.timeout_s  # timeout_s, or the time left before the deadline if less
+            if state.deadline is not None:
+                state.timeout = max(0.001, min(self.timeout_s, state.deadline - self._clock()))
+            try:
+                value = await function(state.timeout)
+            except Exception as exc:
+                await self._sleep(self._retry_delay(exc, state))
+            else:
+                self._answered = True
+                return value, state.count
 
     def _retry_delay(self, exc: Exception, state: _Attempts) -> float:
         """The sleep before the next attempt, or raise: non-gRPC errors as they are, others as ClientError."""
         if not hasattr(exc, "status"):
             raise exc
         if _status_name(exc) != "UNAVAILABLE":  # INVALID_ARGUMENT, INTERNAL, a timeout: never retried
+            self._answered = True
             raise self._error(exc, state) from None
         state.last_message = _server_message(exc)
+        if self.fail_fast and not self._answered and _unreached(state.last_message):
+            raise ServerUnavailable(
+                f"no Triton server answers at {self.url} ({state.last_message}); {_START_HINT}, or check the "
+                "address (--url)",
+                url=self.url, model=self.model, status="UNAVAILABLE", server_message=state.last_message,
+                attempts=state.count,
+            ) from None
         if state.count >= self.retries:
             why = "retries off" if self.retries == 1 else f"all {self.retries} attempts used"
             raise self._error(exc, state, why) from None
@@ -317,18 +487,7 @@ class _ClientBase(abc.ABC):
         if status == "INVALID_ARGUMENT":
             return ServerRejected(f"{self.url} rejected the request to {what}: {message}", **common)
         if status == "DEADLINE_EXCEEDED":
-            cut = state.timeout < self.timeout_s  # the overall deadline, not timeout_s, ended this attempt
-            if cut and attempts > 1:
-                return RequestTimeout(
-                    f"{what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: {tried}; "
-                    f"last: {state.last_message}; lower the load or raise deadline_s (--deadline-s)",
-                    **common,
-                )
-            return RequestTimeout(
-                f"{what} at {self.url} did not finish within {state.timeout:g} s; raise "
-                f"{'deadline_s' if cut else 'timeout_s'} or check the server's load",
-                **common,
-            )
+            return self._timeout(state, tried, common)
         if status == "NOT_FOUND" or "unknown model" in message.lower() or "is not found" in message.lower():
             return ServerFailed(
                 f"{self.url} does not serve model {self.model!r} ({message}); is the repository built by "
@@ -337,22 +496,124 @@ class _ClientBase(abc.ABC):
             )
         return ServerFailed(f"{self.url} failed to {what} ({status}): {message}", **common)
 
-    # --- requests and responses ----------------------------------------------------
+    def _timeout(self, state: _Attempts, tried: str, common: dict[str, Any]) -> RequestTimeout:
+        cut = state.timeout < self.timeout_s  # the overall deadline, not timeout_s, ended this attempt
+        if cut and state.count > 1:
+            return RequestTimeout(
+                f"{state.what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: {tried}; "
+                f"last: {state.last_message}; lower the load or raise deadline_s (--deadline-s)",
+                **common,
+            )
+        return RequestTimeout(
+            f"{state.what} at {self.url} did not finish within {state.timeout:g} s; raise "
+            f"{'deadline_s' if cut else 'timeout_s'} or check the server's load",
+            **common,
+        )
 
-    def _inputs(self, grpc_module: Any, pixels: np.ndarray, hint: str | None,
-                region: Region | None = None) -> tuple[list[Any], str | None]:
-        image_input = grpc_module.InferInput("IMAGE", [1, *pixels.shape], "UINT16")
-        if region is None:
-            image_input.set_data_from_numpy(pixels[None])
-        else:  # the pixels go into the region; the request only names it
-            region.attach(image_input, pixels[None])
-        inputs = [image_input]
-        hint = None if hint is None or not str(hint).strip() else str(hint)
-        if hint is not None and self.model in _ROUTED_MODELS:
-            hint_input = grpc_module.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
-            hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
-            inputs.append(hint_input)
-        return inputs, hint
+    # --- readiness and the served configs -------------------------------------------
+
+    async def is_ready(self) -> bool:
+        """True when the server is up and the model is READY (one try, never raises)."""
+        try:
+            timeout = min(self.timeout_s, 5.0)
+            client = self._aio()
+            return bool(await client.is_server_ready(client_timeout=timeout)
+                        and await client.is_model_ready(self.model, client_timeout=timeout))
+        except Exception:
+            return False
+
+    async def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> None:
+        """Wait until :meth:`is_ready`; raise ServerUnavailable naming the URL after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not await self.is_ready():
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(
+                    f"Triton server at {self.url} did not become ready with model {self.model!r} within "
+                    f"{timeout_s:g} s; {_START_HINT}",
+                    url=self.url, model=self.model, status="UNAVAILABLE",
+                )
+            await asyncio.sleep(poll_s)
+
+    async def model_info(self) -> ModelInfo:
+        """The served model's labels, trust_hint, random_weights, parameters and repository (read once)."""
+        if self._info_lock is None:
+            self._info_lock = asyncio.Lock()
+        async with self._info_lock:
+            if self._info is None:
+                configs = {}
+                for name in (self.model, *(m for m in PIPELINE_MODELS if m != self.model)):
+                    configs[name] = await self._config(name, required=name in self._config_models())
+                self._info = self._model_info(configs)
+            return self._info
+
+    async def _config(self, name: str, required: bool) -> Any:
+        """The served ModelConfig of ``name``; None for a model not required that the server lacks."""
+        client = self._aio()
+        try:
+            response, _ = await self._call(
+                f"read the config of {name}",
+                lambda timeout: client.get_model_config(name, client_timeout=timeout),
+            )
+        except (ServerFailed, ServerRejected):
+            if required:
+                raise
+            return None
+        return response.config
+
+    async def random_weights(self) -> bool:
+        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
+        return (await self.model_info()).random_weights
+
+    async def repository(self) -> Repository:
+        """The served repository's identity (from the pipeline models' configs)."""
+        info = await self.model_info()
+        assert info.repository is not None
+        return info.repository
+
+    # --- classification ------------------------------------------------------------
+
+    async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
+        """Classify one uint16 [H, W] MONOCHROME2 image; ``hint`` is a DICOM ViewPosition term."""
+        info = await self.model_info()
+        pixels = self._pixels(image, info)
+        region = await self._region(pixels.nbytes)
+        try:
+            inputs, hint = self._inputs(pixels, hint, region)
+            outputs = self._outputs()
+            client = self._aio()
+            timing: dict[str, float] = {}
+
+            async def infer(timeout: float) -> Any:
+                start = time.perf_counter()
+                response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=timeout)
+                timing["ms"] = (time.perf_counter() - start) * 1000.0
+                return response
+
+            response, attempts = await self._call(f"classify {image_id!r} with {self.model}", infer)
+        finally:
+            if region is not None:
+                self._regions.release(region)
+        return self._result(response, info, hint, image_id, timing["ms"], attempts)
+
+    async def classify_file(self, source: Any) -> FindingsResult:
+        """Load a DICOM/PNG (a path, its bytes or a pydicom dataset) with cxrlt.io.images.load_image
+        (hint from the header) and classify it. Raises cxrlt.io.images.InputError for an input the
+        service cannot use."""
+        loaded = await asyncio.to_thread(_load, source)
+        return await self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)
+
+    async def _region(self, byte_size: int) -> Region | None:
+        if self._regions is None:
+            return None
+        region, new = self._regions.acquire(byte_size)
+        if new:
+            try:
+                await self._aio().register_system_shared_memory(region.name, region.key, region.byte_size,
+                                                                client_timeout=self.timeout_s)
+            except Exception as exc:
+                self._regions.discard(region)
+                raise self._registration_error(exc) from None
+        return region
 
     def _registration_error(self, exc: Exception) -> ClientError:
         return ClientError(
@@ -361,9 +622,23 @@ class _ClientBase(abc.ABC):
             url=self.url, model=self.model, status=_status_name(exc),
         )
 
-    def _outputs(self, grpc_module: Any) -> list[Any]:
+    def _inputs(self, pixels: np.ndarray, hint: str | None, region: Region | None = None) -> tuple[list[Any], str | None]:
+        image_input = self._grpcclient.InferInput("IMAGE", [1, *pixels.shape], "UINT16")
+        if region is None:
+            image_input.set_data_from_numpy(pixels[None])
+        else:  # the pixels go into the region; the request only names it
+            region.attach(image_input, pixels[None])
+        inputs = [image_input]
+        hint = None if hint is None or not str(hint).strip() else str(hint)
+        if hint is not None and self.model in _ROUTED_MODELS:
+            hint_input = self._grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
+            hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
+            inputs.append(hint_input)
+        return inputs, hint
+
+    def _outputs(self) -> list[Any]:
         names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in _ROUTED_MODELS else ["PROBABILITIES"]
-        return [grpc_module.InferRequestedOutput(name) for name in names]
+        return [self._grpcclient.InferRequestedOutput(name) for name in names]
 
     def _model_info(self, configs: dict[str, Any]) -> ModelInfo:
         config = configs[self.model]
@@ -374,21 +649,18 @@ class _ClientBase(abc.ABC):
                 f"{len(self.labels)}; the server and this client are from different versions",
                 url=self.url, model=self.model,
             )
-        random_weights = self._random_weights_override or any(
-            _as_bool(_parameter(c, "random_weights")) for c in configs.values() if c is not None
-        )
-        trust_hint = False
-        classifier = configs.get(CLASSIFIER_MODEL)
-        if classifier is not None:
-            trust_hint = _as_bool(_parameter(classifier, "trust_hint"))
-        sizes = [int(v) for c in configs.values() if c is not None for v in [_parameter(c, "preprocess_size")] if v]
+        served = {name: _parameters(c) for name, c in configs.items() if c is not None}
+        own = [served[name] for name in self._config_models() if name in served]  # the model and its callees
+        sizes = [int(p["preprocess_size"]) for p in own if p.get("preprocess_size")]
         return ModelInfo(
             name=self.model,
             labels=self.labels,
             accepts_hint=self.model in _ROUTED_MODELS,
-            trust_hint=trust_hint,
-            random_weights=random_weights,
+            trust_hint=_flag(served.get(CLASSIFIER_MODEL, {}), "trust_hint"),
+            random_weights=self._random_weights_override or any(_flag(p, "random_weights") for p in own),
             input_size=max(sizes, default=None),
+            parameters=served,
+            repository=repository_identity(served),
         )
 
     def _pixels(self, image: np.ndarray, info: ModelInfo) -> np.ndarray:
@@ -406,7 +678,7 @@ class _ClientBase(abc.ABC):
         return downscale_for_sending(pixels, int(self.send_size))
 
     def _config_models(self) -> list[str]:
-        """The configs to read: the model itself, and the models it calls (their input sizes too)."""
+        """The configs the model's own facts come from: the model, and the models it calls."""
         if self.model == FINDINGS_MODEL:
             return [FINDINGS_MODEL, CLASSIFIER_MODEL, ZEROSHOT_MODEL]
         return [self.model]
@@ -423,8 +695,7 @@ class _ClientBase(abc.ABC):
             raw = response.as_numpy("PROJECTION").reshape(-1)[0]
             projection = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             score = float(response.as_numpy("PROJECTION_SCORE").reshape(-1)[0])
-            valid_hint = _valid_hint(hint)
-            hint_used = valid_hint and info.trust_hint
+            hint_used = _valid_hint(hint) and info.trust_hint
         else:  # cxr_zeroshot does not route: there is no projection to report
             projection, score, hint_used = "", 0.0, False
         meta = response.get_response()
@@ -443,89 +714,55 @@ class _ClientBase(abc.ABC):
         )
 
 
-def _valid_hint(hint: str | None) -> bool:
-    try:
-        return projection_from_hint(hint) is not None
-    except ValueError:
-        return False
-
-
-def _as_uint16(image: np.ndarray) -> np.ndarray:
-    """The server's IMAGE tensor: uint16 [H, W]; 8-bit images are scaled to full range (x 257)."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.ndim != 2:
-        raise ValueError(f"image must be a 2-D grayscale array [H, W], got shape {list(image.shape)}")
-    if image.dtype == np.uint8:
-        return image.astype(np.uint16) * 257
-    if image.dtype != np.uint16:
-        raise ValueError(
-            f"image dtype must be uint16 (or uint8), got {image.dtype}; load files with "
-            "cxrlt.io.images.load_image or classify_file"
-        )
-    return np.ascontiguousarray(image)
-
-
-def _load(path: str | Path):
-    from cxrlt.io.images import load_image  # pydicom, Pillow: only when files are classified
-
-    return load_image(path)
-
-
 # ----------------------------------------------------------------------------- sync
 
 
-class CxrltClient(_ClientBase):
-    """Synchronous client (tritonclient.grpc). Thread-safe: one channel, many threads.
+def _shut_down(client: AsyncCxrltClient, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Close the async client on its loop, then stop the loop and its thread (idempotent)."""
+    if loop.is_closed():
+        return
+    if thread.is_alive():
+        try:
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=client.timeout_s + 5.0)
+        except Exception as exc:  # the server may be gone; the loop stops either way
+            log.debug("closing the client of %s: %s", client.url, exc)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10.0)
+    if not thread.is_alive():
+        loop.close()
 
-    url: ``host:port`` of Triton's gRPC endpoint.
-    timeout_s: the longest one RPC (one attempt) may take.
-    retries: attempts in all for a call that meets UNAVAILABLE (1 = never retry).
-    backoff_s: the backoff before the 2nd attempt, doubled before each further one up to
-        max_backoff_s; each sleep is drawn from [backoff/2, backoff] (equal jitter).
-    deadline_s: time budget of one call (one image) over all its attempts and sleeps; each
-        attempt's RPC timeout is min(timeout_s, time left). None: only ``retries`` limits.
-    seed: seeds the jitter (repeatable sleeps, for tests).
-    ssl, root_certificates, private_key, certificate_chain: TLS; the three are PEM *file paths*.
-    model: ``cxr_findings`` (36), ``cxr_classifier`` (30) or ``cxr_zeroshot`` (6).
-    random_weights: mark every result as random-weights even if the server does not say so
-        (the flag is otherwise read from the served config's ``random_weights`` parameter).
-    shared_memory: send images through system shared-memory regions registered with the
-        server instead of inside the gRPC message; only for a server on this host.
-    send_size: for a remote server, downscale each image before sending to at most this many
-        pixels on its long side (``"served"``: the largest input size of the served networks,
-        from their configs), with the server's own resampling; a 1955 x 1841 radiograph then
-        travels as about 100 kB instead of 7 MB. None (default): send every pixel.
+
+class CxrltClient:
+    """Synchronous client: an :class:`AsyncCxrltClient` (same arguments, same results) run on a
+    private event-loop thread. Thread-safe: many threads may call one client at once.
+
+    Attributes (``url``, ``model``, ``labels``, ``timeout_s``, ...) and :meth:`backoff` are the
+    async client's; ``aio`` is the async client itself.
     """
 
-    def _connect(self) -> None:
-        self._client = self._grpcclient.InferenceServerClient(self.url, **self._grpc_kwargs)
-        self._lock = threading.Lock()
-        self._sleep: Callable[[float], None] = time.sleep
+    def __init__(self, url: str = DEFAULT_URL, **options: Any) -> None:
+        self.aio = AsyncCxrltClient(url, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"cxrlt-client {url}", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _shut_down, self.aio, self._loop, self._thread)
+
+    def __getattr__(self, name: str) -> Any:  # only for what the wrapper itself lacks
+        if name == "aio":
+            raise AttributeError(name)
+        return getattr(self.aio, name)
+
+    def __repr__(self) -> str:
+        return f"CxrltClient(url={self.aio.url!r}, model={self.aio.model!r})"
+
+    def _run(self, coroutine: Any) -> Any:
+        if self._loop.is_closed():
+            coroutine.close()
+            raise ClientError(f"this client of {self.aio.url} is closed", url=self.aio.url, model=self.aio.model)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def close(self) -> None:
-        if self._regions is not None:
-            regions = self._regions.drain()
-            for region in regions:
-                try:
-                    self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
-                except Exception as exc:  # the server may be gone; the memory is freed either way
-                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
-            RegionPool.destroy(regions)
-        self._client.close()
-
-    def _region(self, byte_size: int) -> Region | None:
-        if self._regions is None:
-            return None
-        region, new = self._regions.acquire(byte_size)
-        if new:
-            try:
-                self._client.register_system_shared_memory(region.name, region.key, region.byte_size,
-                                                           client_timeout=self.timeout_s)
-            except Exception as exc:
-                self._regions.discard(region)
-                raise self._registration_error(exc) from None
-        return region
+        self._finalizer()
 
     def __enter__(self) -> "CxrltClient":
         return self
@@ -533,208 +770,24 @@ class CxrltClient(_ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, what: str, function: Callable[[float], Any]) -> tuple[Any, int]:
-        """``function(rpc_timeout)``'s value and the attempts it took, retried as the policy says."""
-        state = self._begin(what)
-        while True:
-            try:
-                return function(self._next_attempt(state)), state.count
-            except Exception as exc:
-                self._sleep(self._retry_delay(exc, state))
-
     def is_ready(self) -> bool:
-        """True when the server is up and the model is READY (one try, never raises)."""
-        try:
-            timeout = min(self.timeout_s, 5.0)
-            return bool(self._client.is_server_ready(client_timeout=timeout)
-                        and self._client.is_model_ready(self.model, client_timeout=timeout))
-        except Exception:
-            return False
+        return self._run(self.aio.is_ready())
 
     def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> None:
-        """Block until :meth:`is_ready`; raise ServerUnavailable naming the URL after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while not self.is_ready():
-            if time.monotonic() >= deadline:
-                raise ServerUnavailable(
-                    f"Triton server at {self.url} did not become ready with model {self.model!r} within "
-                    f"{timeout_s:g} s; {_START_HINT}",
-                    url=self.url, model=self.model, status="UNAVAILABLE",
-                )
-            time.sleep(poll_s)
+        return self._run(self.aio.wait_until_ready(timeout_s, poll_s))
 
     def model_info(self) -> ModelInfo:
-        """The served model's labels, trust_hint and random_weights (read once, then cached)."""
-        with self._lock:
-            if self._info is None:
-                configs = {}
-                for name in self._config_models():
-                    configs[name], _ = self._call(
-                        f"read the config of {name}",
-                        lambda timeout, name=name: self._client.get_model_config(name, client_timeout=timeout).config,
-                    )
-                self._info = self._model_info(configs)
-            return self._info
+        cached = self.aio._info  # read once; still there after close()
+        return cached if cached is not None else self._run(self.aio.model_info())
 
     def random_weights(self) -> bool:
-        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
-        return self.model_info().random_weights
+        return self._run(self.aio.random_weights())
+
+    def repository(self) -> Repository:
+        return self._run(self.aio.repository())
 
     def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
-        """Classify one uint16 [H, W] MONOCHROME2 image; ``hint`` is a DICOM ViewPosition term."""
-        info = self.model_info()
-        pixels = self._pixels(image, info)
-        region = self._region(pixels.nbytes)
-        try:
-            inputs, hint = self._inputs(self._grpcclient, pixels, hint, region)
-            outputs = self._outputs(self._grpcclient)
-            timing: dict[str, float] = {}
+        return self._run(self.aio.classify(image, hint, image_id))
 
-            def infer(timeout: float) -> Any:
-                start = time.perf_counter()
-                response = self._client.infer(self.model, inputs, outputs=outputs, client_timeout=timeout)
-                timing["ms"] = (time.perf_counter() - start) * 1000.0
-                return response
-
-            response, attempts = self._call(f"classify {image_id!r} with {self.model}", infer)
-        finally:
-            if region is not None:
-                self._regions.release(region)
-        return self._result(response, info, hint, image_id, timing["ms"], attempts)
-
-    def classify_file(self, path: str | Path) -> FindingsResult:
-        """Load a DICOM/PNG with cxrlt.io.images.load_image (hint from the header) and classify it.
-
-        Raises cxrlt.io.images.InputError for a file the service cannot use.
-        """
-        loaded = _load(path)
-        return self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)
-
-
-# ----------------------------------------------------------------------------- asyncio
-
-
-class AsyncCxrltClient(_ClientBase):
-    """asyncio client (tritonclient.grpc.aio); same arguments and results as :class:`CxrltClient`.
-
-    The gRPC channel is opened lazily inside the running event loop; use ``async with`` or
-    call :meth:`close`. File loading (:meth:`classify_file`) runs in a worker thread.
-    """
-
-    def _connect(self) -> None:
-        self._client: Any = None  # opened lazily inside the running event loop
-        self._info_lock: asyncio.Lock | None = None
-        self._sleep: Callable[[float], Any] = asyncio.sleep
-
-    def _aio(self) -> Any:
-        if self._client is None:
-            import tritonclient.grpc.aio as aioclient
-
-            self._client = aioclient.InferenceServerClient(self.url, **self._grpc_kwargs)
-        return self._client
-
-    async def close(self) -> None:
-        regions = self._regions.drain() if self._regions is not None else []
-        if self._client is not None:
-            for region in regions:
-                try:
-                    await self._client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
-                except Exception as exc:  # the server may be gone; the memory is freed either way
-                    log.warning("could not unregister shared-memory region %s at %s: %s", region.name, self.url, exc)
-            await self._client.close()
-            self._client = None
-        RegionPool.destroy(regions)
-
-    async def _region(self, byte_size: int) -> Region | None:
-        if self._regions is None:
-            return None
-        region, new = self._regions.acquire(byte_size)
-        if new:
-            try:
-                await self._aio().register_system_shared_memory(region.name, region.key, region.byte_size,
-                                                                client_timeout=self.timeout_s)
-            except Exception as exc:
-                self._regions.discard(region)
-                raise self._registration_error(exc) from None
-        return region
-
-    async def __aenter__(self) -> "AsyncCxrltClient":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _call(self, what: str, function: Callable[[float], Any]) -> tuple[Any, int]:
-        """``await function(rpc_timeout)``'s value and the attempts it took, retried as the policy says."""
-        state = self._begin(what)
-        while True:
-            try:
-                return await function(self._next_attempt(state)), state.count
-            except Exception as exc:
-                await self._sleep(self._retry_delay(exc, state))
-
-    async def is_ready(self) -> bool:
-        try:
-            timeout = min(self.timeout_s, 5.0)
-            client = self._aio()
-            return bool(await client.is_server_ready(client_timeout=timeout)
-                        and await client.is_model_ready(self.model, client_timeout=timeout))
-        except Exception:
-            return False
-
-    async def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not await self.is_ready():
-            if time.monotonic() >= deadline:
-                raise ServerUnavailable(
-                    f"Triton server at {self.url} did not become ready with model {self.model!r} within "
-                    f"{timeout_s:g} s; {_START_HINT}",
-                    url=self.url, model=self.model, status="UNAVAILABLE",
-                )
-            await asyncio.sleep(poll_s)
-
-    async def model_info(self) -> ModelInfo:
-        if self._info_lock is None:
-            self._info_lock = asyncio.Lock()
-        async with self._info_lock:
-            if self._info is None:
-                client = self._aio()
-                configs = {}
-                for name in self._config_models():
-                    response, _ = await self._call(
-                        f"read the config of {name}",
-                        lambda timeout, name=name: client.get_model_config(name, client_timeout=timeout),
-                    )
-                    configs[name] = response.config
-                self._info = self._model_info(configs)
-            return self._info
-
-    async def random_weights(self) -> bool:
-        """Whether the served networks are randomly initialised (outputs NOT DIAGNOSTIC)."""
-        return (await self.model_info()).random_weights
-
-    async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
-        info = await self.model_info()
-        pixels = self._pixels(image, info)
-        region = await self._region(pixels.nbytes)
-        try:
-            inputs, hint = self._inputs(self._grpcclient, pixels, hint, region)
-            outputs = self._outputs(self._grpcclient)
-            client = self._aio()
-            timing: dict[str, float] = {}
-
-            async def infer(timeout: float) -> Any:
-                start = time.perf_counter()
-                response = await client.infer(self.model, inputs, outputs=outputs, client_timeout=timeout)
-                timing["ms"] = (time.perf_counter() - start) * 1000.0
-                return response
-
-            response, attempts = await self._call(f"classify {image_id!r} with {self.model}", infer)
-        finally:
-            if region is not None:
-                self._regions.release(region)
-        return self._result(response, info, hint, image_id, timing["ms"], attempts)
-
-    async def classify_file(self, path: str | Path) -> FindingsResult:
-        loaded = await asyncio.to_thread(_load, path)
-        return await self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)
+    def classify_file(self, source: Any) -> FindingsResult:
+        return self._run(self.aio.classify_file(source))

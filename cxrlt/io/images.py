@@ -28,10 +28,12 @@ text) is logged as a warning and ignored: the image is classified without that h
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import re
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pydicom
@@ -118,26 +120,39 @@ class LoadedImage:
     source: Path
 
 
-def load_image(path: str | Path) -> LoadedImage:
+def load_image(source: str | Path | bytes | Dataset, name: str | Path | None = None) -> LoadedImage:
     """Load a DICOM, PNG or other Pillow-readable image as full-scale UINT16 MONOCHROME2.
 
-    The format is decided by content, not by extension: a DICOM file (with the 'DICM'
-    preamble, or a bare dataset that pydicom can parse) or anything Pillow can open.
+    ``source``: a file's path, its content (bytes, e.g. a C-STORE or WADO-RS payload) or a
+    pydicom Dataset (with its pixel data). ``name`` names a source that is not a path in
+    messages and in ``LoadedImage.source`` (default: ``<bytes>``, or the dataset's
+    SOPInstanceUID). The format is decided by content, not by extension: a DICOM file (with
+    the 'DICM' preamble, or a bare dataset that pydicom can parse) or anything Pillow can open.
     """
-    path = Path(path)
+    if isinstance(source, Dataset):
+        return _load_dicom(Path(str(name or source.get("SOPInstanceUID", "") or "<dataset>")), source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        content = bytes(source)
+        return _load_content(Path(str(name or "<bytes>")), content[:132], lambda: io.BytesIO(content))
+    path = Path(source)
     if not path.is_file():
         raise InputError(f"{path}: no such file; check the path")
     with path.open("rb") as handle:
         head = handle.read(132)
+    return _load_content(path, head, lambda: path)
+
+
+def _load_content(path: Path, head: bytes, open_file: Callable[[], Any]) -> LoadedImage:
+    """load_image of a file or bytes; ``path`` names it, ``open_file()`` gives what pydicom/Pillow read."""
     if not head:
         raise InputError(f"{path}: empty file (0 bytes); the export or transfer failed: send it again")
     if head[128:132] == b"DICM":
-        return _load_dicom(path)
-    pil_image, pil_error = _try_pillow(path)
+        return _load_dicom(path, _read_dicom(path, open_file()))
+    pil_image, pil_error = _try_pillow(path, open_file())
     if pil_image is not None:
         return _load_pillow(path, pil_image)
     # Some PACS exports are bare datasets without the 128-byte preamble.
-    ds = _try_bare_dicom(path)
+    ds = _try_bare_dicom(open_file())
     if ds is not None:
         return _load_dicom(path, ds)
     if pil_error is not None:
@@ -157,9 +172,7 @@ def load_pixels(path: str | Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- DICOM
 
 
-def _load_dicom(path: Path, ds: Dataset | None = None) -> LoadedImage:
-    if ds is None:
-        ds = _read_dicom(path)
+def _load_dicom(path: Path, ds: Dataset) -> LoadedImage:
     _check_usable(path, ds)
     stored = _decode_pixels(path, ds)
     pixels = dicom_to_uint16(stored, ds, path)
@@ -167,13 +180,13 @@ def _load_dicom(path: Path, ds: Dataset | None = None) -> LoadedImage:
     return LoadedImage(pixels=pixels, hint=hint_from_dataset(ds, path), image_id=image_id, dataset=ds, source=path)
 
 
-def _read_dicom(path: Path) -> Dataset:
+def _read_dicom(path: Path, file: Any) -> Dataset:
     # pydicom only *warns* when a file ends early (and then drops the unfinished element,
     # e.g. encapsulated PixelData); record that so the error can say "truncated".
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(file)
         except InvalidDicomError as exc:
             raise InputError(f"{path}: not a valid DICOM file ({exc})") from exc
         except Exception as exc:  # pydicom raises many types on damaged files
@@ -189,11 +202,11 @@ def _read_dicom(path: Path) -> Dataset:
     return ds
 
 
-def _try_bare_dicom(path: Path) -> Dataset | None:
+def _try_bare_dicom(file: Any) -> Dataset | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(file, force=True)
         except Exception:
             return None
     # force=True happily "parses" arbitrary bytes; demand the elements of a real image.
@@ -469,7 +482,7 @@ def hint_from_dataset(ds: Dataset, source: str | Path = "<dataset>") -> str | No
 # ----------------------------------------------------------------------------- Pillow
 
 
-def _try_pillow(path: Path):
+def _try_pillow(path: Path, file: Any):
     """(image, None) when Pillow reads the file; (None, InputError) when Pillow knows the format
     but cannot decode it (raised only if the file is not a bare DICOM either); (None, None)
     when it is not an image Pillow knows. The pixel count is checked from the header, before
@@ -477,7 +490,7 @@ def _try_pillow(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(path)
+        image = Image.open(file)
     except Image.DecompressionBombError as exc:
         match = re.search(r"\((\d+) pixels\)", str(exc))
         claimed = f"{match.group(1)} pixels" if match else "more pixels than Pillow allows"

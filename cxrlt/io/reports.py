@@ -10,6 +10,7 @@ projection that routed the image, and a reference to the source image.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,11 @@ __all__ = [
     "to_json",
     "write_challenge_csv",
     "write_failures_csv",
+    "SrUids",
+    "derived_uids",
     "build_sr",
     "write_sr",
+    "save_sr",
     "read_sr_findings",
 ]
 
@@ -150,51 +154,46 @@ def _evidence(source: Dataset) -> Dataset:
     return header
 
 
-def build_sr(result: FindingsResult, source_dataset: Dataset) -> hd.sr.ComprehensiveSR:
-    """A TID 1500 Measurement Report of ``result`` in the study of ``source_dataset``."""
-    evidence = _evidence(source_dataset)
-    source_image = hd.sr.SourceImageForMeasurementGroup(
-        referenced_sop_class_uid=evidence.SOPClassUID,
-        referenced_sop_instance_uid=evidence.SOPInstanceUID,
-    )
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=result.model_name or MANUFACTURER, version=result.model_version or SOFTWARE_VERSION
-    )
-    projection = _PROJECTION_CODES.get(result.projection)
-    groups = []
-    for label in ALL_LABELS:
-        if label not in result.probabilities:
-            continue
-        finding = _FINDING_CODES[label]
-        evaluations = None
-        if projection is not None:
-            evaluations = [hd.sr.QualitativeEvaluation(name=codes.DCM.ImageView, value=projection)]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(), identifier=f"{finding.value} {label}"[:64]
-                ),
-                finding_type=finding,
-                algorithm_id=algorithm,
-                source_images=[source_image],
-                measurements=[
-                    hd.sr.Measurement(
-                        name=finding,
-                        value=float(result.probabilities[label]),
-                        unit=_PROBABILITY_UNIT,
-                        algorithm_id=algorithm,
-                    )
-                ],
-                qualitative_evaluations=evaluations,
-            )
-        )
-    if not groups:
-        raise ValueError(f"result for {result.image_id!r} has no probabilities to report")
+@dataclasses.dataclass(frozen=True)
+class SrUids:
+    """The UIDs an SR is written with: its instance, its series and the observer device."""
 
+    sop_instance: str
+    series_instance: str
+    device: str
+
+    @classmethod
+    def random(cls) -> "SrUids":
+        return cls(generate_uid(), generate_uid(), generate_uid())
+
+
+def derived_uids(source: Dataset, repository_sha256: str) -> SrUids:
+    """Deterministic UIDs for the SR of ``source`` classified by the repository ``repository_sha256``.
+
+    One SR per source instance and repository (a re-sent image gives the same SR, which a PACS
+    keeps once), one SR series per source series and repository, one device per repository.
+    """
+    return SrUids(
+        sop_instance=generate_uid(entropy_srcs=["cxrlt-sr", str(source.SOPInstanceUID), repository_sha256]),
+        series_instance=generate_uid(entropy_srcs=["cxrlt-sr-series", str(source.SeriesInstanceUID), repository_sha256]),
+        device=generate_uid(entropy_srcs=["cxrlt-device", repository_sha256]),
+    )
+
+
+def build_sr(result: FindingsResult, source_dataset: Dataset, *, uids: SrUids | None = None,
+             notes: Sequence[str] = ()) -> hd.sr.ComprehensiveSR:
+    """A TID 1500 Measurement Report of ``result`` in the study of ``source_dataset``.
+
+    uids: the SR's UIDs (:func:`derived_uids` for deterministic ones; default: new random UIDs).
+    notes: free-text comments added after the standard ones (projection, model, software).
+    """
+    uids = uids or SrUids.random()
+    evidence = _evidence(source_dataset)
+    groups = _measurement_groups(result, evidence, uids.sop_instance)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(),
+            uid=uids.device,
             name=MANUFACTURER,
             manufacturer_name=MANUFACTURER,
             model_name=result.model_name or None,
@@ -205,7 +204,7 @@ def build_sr(result: FindingsResult, source_dataset: Dataset) -> hd.sr.Comprehen
         procedure_reported=_PROCEDURE,
         imaging_measurements=groups,
     )
-    _add_notes(report, result)
+    _add_notes(report, [*_standard_notes(result), *notes])
 
     description = "cxrlt findings"
     if result.random_weights:
@@ -213,9 +212,9 @@ def build_sr(result: FindingsResult, source_dataset: Dataset) -> hd.sr.Comprehen
     return hd.sr.ComprehensiveSR(
         evidence=[evidence],
         content=report,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uids.series_instance,
         series_number=9901,  # high, so the SR sorts after the acquisition series
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uids.sop_instance,
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=result.model_name or MANUFACTURER,
@@ -233,12 +232,51 @@ def build_sr(result: FindingsResult, source_dataset: Dataset) -> hd.sr.Comprehen
     )
 
 
-def _add_notes(report: hd.sr.MeasurementReport, result: FindingsResult) -> None:
-    """Free-text notes in the "Qualitative Evaluations" container of TID 1500.
+def _measurement_groups(result: FindingsResult, evidence: Dataset,
+                        sr_uid: str) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One image-level group per finding, in contract order; tracking UIDs derived from the SR's UID."""
+    source_image = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=evidence.SOPClassUID,
+        referenced_sop_instance_uid=evidence.SOPInstanceUID,
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=result.model_name or MANUFACTURER, version=result.model_version or SOFTWARE_VERSION
+    )
+    projection = _PROJECTION_CODES.get(result.projection)
+    evaluations = None
+    if projection is not None:
+        evaluations = [hd.sr.QualitativeEvaluation(name=codes.DCM.ImageView, value=projection)]
+    groups = []
+    for label in ALL_LABELS:
+        if label not in result.probabilities:
+            continue
+        finding = _FINDING_CODES[label]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(entropy_srcs=["cxrlt-tracking", sr_uid, finding.value]),
+                    identifier=f"{finding.value} {label}"[:64],
+                ),
+                finding_type=finding,
+                algorithm_id=algorithm,
+                source_images=[source_image],
+                measurements=[
+                    hd.sr.Measurement(
+                        name=finding,
+                        value=float(result.probabilities[label]),
+                        unit=_PROBABILITY_UNIT,
+                        algorithm_id=algorithm,
+                    )
+                ],
+                qualitative_evaluations=evaluations,
+            )
+        )
+    if not groups:
+        raise ValueError(f"result for {result.image_id!r} has no probabilities to report")
+    return groups
 
-    highdicom's MeasurementReport has no argument for that container, so it is appended
-    to the content tree highdicom built; any SR viewer shows it with the measurements.
-    """
+
+def _standard_notes(result: FindingsResult) -> list[str]:
     notes = []
     if result.random_weights:
         notes.append(NOT_FOR_CLINICAL_USE)
@@ -248,6 +286,15 @@ def _add_notes(report: hd.sr.MeasurementReport, result: FindingsResult) -> None:
         f"model {result.model_name} version {result.model_version}; "
         f"software {MANUFACTURER} {SOFTWARE_VERSION}."
     )
+    return notes
+
+
+def _add_notes(report: hd.sr.MeasurementReport, notes: Sequence[str]) -> None:
+    """Free-text notes in the "Qualitative Evaluations" container of TID 1500.
+
+    highdicom's MeasurementReport has no argument for that container, so it is appended
+    to the content tree highdicom built; any SR viewer shows it with the measurements.
+    """
     container = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -263,10 +310,15 @@ def _add_notes(report: hd.sr.MeasurementReport, result: FindingsResult) -> None:
     report[0].ContentSequence.append(container)
 
 
-def write_sr(result: FindingsResult, source_dataset: Dataset, path: str | Path) -> Path:
-    """Build the SR for ``result`` and save it as a DICOM file at ``path``."""
+def write_sr(result: FindingsResult, source_dataset: Dataset, path: str | Path, *, uids: SrUids | None = None,
+             notes: Sequence[str] = ()) -> Path:
+    """Build the SR for ``result`` (see :func:`build_sr`) and save it as a DICOM file at ``path``."""
+    return save_sr(build_sr(result, source_dataset, uids=uids, notes=notes), path)
+
+
+def save_sr(report: Dataset, path: str | Path) -> Path:
+    """Save a built SR as a DICOM file at ``path`` (atomically)."""
     path = Path(path)
-    report = build_sr(result, source_dataset)
     with atomic_path(path) as temporary:
         report.save_as(temporary, enforce_file_format=True)
     return path

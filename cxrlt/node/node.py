@@ -3,8 +3,9 @@
 Flow of one instance::
 
     C-STORE -> spool (fsync, rename) -> success status     (durable before acknowledged)
-            -> worker: load (cxrlt.io.images) -> classify (AsyncCxrltClient, cxr_findings)
-            -> TID 1500 SR (cxrlt.io.reports, deterministic UIDs) -> C-STORE / STOW-RS
+            -> worker: cxrlt.client.workflow.classify_image (load, classify, TID 1500 SR with
+               deterministic UIDs: the path `cxrlt classify` and the backfill take too)
+            -> C-STORE / STOW-RS
             -> spool entry removed once the destination accepted the SR
 
 * Nothing lost: the server or the destination unavailable -> the entry stays spooled and is
@@ -33,10 +34,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from cxrlt.client.sdk import DEFAULT_URL, backoff_delay
 from cxrlt.node import CHEST_BODY_PARTS
 from cxrlt.node.destinations import DestinationError
 from cxrlt.node.metrics import Metrics
-from cxrlt.node.report import build_node_sr, read_repository
 from cxrlt.node.spool import Spool, entry_name
 
 __all__ = ["NodeConfig", "DicomNode", "CHEST_BODY_PARTS", "transfer_syntaxes"]
@@ -59,7 +60,7 @@ class NodeConfig:
     ae_title: str
     spool: Path
     destination: Any  # CStoreDestination | StowDestination: .send(sr), str() names it
-    url: str = "127.0.0.1:8001"
+    url: str = DEFAULT_URL
     host: str = "127.0.0.1"
     port: int = 11112
     workers: int = 2
@@ -83,7 +84,7 @@ class _Retry(Exception):
 
 
 class _Connection:
-    """The clients of one connection to the server: the SDK's for inference, a plain one for configs.
+    """The SDK's client of one connection to the server (it also reads the served configs).
 
     Replaced after the server was unavailable: a gRPC channel that kept failing backs off its
     reconnects (up to minutes), so a new channel finds a restarted server at once; it also
@@ -91,20 +92,16 @@ class _Connection:
     """
 
     def __init__(self, config: NodeConfig) -> None:
-        import tritonclient.grpc.aio as aioclient
-
         from cxrlt.client.sdk import AsyncCxrltClient
 
         self.created = time.monotonic()
+        # fail_fast off: a node may start before its server; the spool keeps what cannot be classified yet
         self.client = AsyncCxrltClient(config.url, timeout_s=config.timeout_s, retries=config.retries,
-                                       deadline_s=config.deadline_s, **config.tls)
-        self.configs = aioclient.InferenceServerClient(config.url, **config.tls)  # the repository's identity
+                                       deadline_s=config.deadline_s, fail_fast=False, **config.tls)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.client.close()
-        with contextlib.suppress(Exception):
-            await self.configs.close()
 
 
 def transfer_syntaxes() -> list[str]:
@@ -124,12 +121,6 @@ def transfer_syntaxes() -> list[str]:
         except NotImplementedError:
             continue
     return [*native, *usable]
-
-
-def _reason(path: Path, exc: BaseException) -> str:
-    message = str(exc) or type(exc).__name__
-    prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 class DicomNode:
@@ -229,8 +220,7 @@ class DicomNode:
                 self._enqueue(name)
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
-        return ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
+        return backoff_delay(attempt, self.config.backoff_s, self.config.max_backoff_s, self._rng)
 
     def _outcome(self, sop: str, outcome: str, latency_s: float, **fields: Any) -> None:
         extra = "".join(f" {key}={value}" for key, value in fields.items() if value is not None)
@@ -323,61 +313,22 @@ class DicomNode:
 
     async def _report(self, name: str, path: Path) -> tuple[Any, str, dict]:
         """(SR, source SOPInstanceUID, log fields) of a spooled image; raises _Retry or _Reject."""
-        from cxrlt.client.sdk import ClientError, ServerRejected
-        from cxrlt.io.images import InputError
+        from cxrlt.client.workflow import ClassifyFailure, classify_image
 
         if name in self._built:
             return self._built[name]
-        try:
-            loaded = await asyncio.to_thread(self._load, path)
-        except InputError as exc:
-            raise _Reject(_reason(path, exc)) from None
-        sop = loaded.image_id
         connection = self._connection
         try:
-            repository = await read_repository(connection.configs, timeout_s=self.config.timeout_s)
-        except Exception as exc:  # tritonclient's errors: unreachable, loading, restarting
-            self._reconnect(connection)
-            message = getattr(exc, "message", lambda: None)() or str(exc)
-            raise _Retry(f"could not read the served models' configs at {self.config.url}: {message}") from None
-        try:
-            result = await connection.client.classify(loaded.pixels, hint=loaded.hint, image_id=sop)
-        except ServerRejected as exc:
-            raise _Reject(f"the server refused the image: {exc.server_message}") from None
-        except ClientError as exc:  # unavailable, overloaded, timed out, an internal error: may pass
-            self._reconnect(connection)
-            raise _Retry(str(exc)) from None
+            done = await classify_image(connection.client, path, sr=True, body_parts=self.config.body_parts)
+        except ClassifyFailure as exc:
+            if exc.server_trouble:  # unavailable, overloaded, timed out, an internal error: may pass
+                self._reconnect(connection)
+            raise (_Retry if exc.retry else _Reject)(exc.reason) from None
         self.metrics.inc("classified")
-        try:
-            sr = await asyncio.to_thread(build_node_sr, result, loaded.dataset, repository)
-        except Exception as exc:
-            raise _Reject(f"could not build the SR: {type(exc).__name__}: {exc}") from None
+        result, repository = done.result, await connection.client.repository()
         detail = {"projection": result.projection, "score": f"{result.projection_score:.3f}",
                   "repository": repository.sha256[:16]}
-        return sr, sop, detail
-
-    def _load(self, path: Path):
-        """cxrlt.io.images.load_image, after the body part check (header only, before decoding)."""
-        import pydicom
-
-        from cxrlt.io.images import InputError, load_image
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                header = pydicom.dcmread(path, stop_before_pixels=True)
-            body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
-        except Exception:  # load_image says what is wrong with the file
-            body_part = ""
-        if body_part and not any(term in body_part for term in self.config.body_parts):
-            raise InputError(
-                f"{path}: body part {body_part!r} is not a chest (accepted: {', '.join(self.config.body_parts)}); "
-                "only chest radiographs are classified"
-            )
-        loaded = load_image(path)
-        if loaded.dataset is None:
-            raise InputError(f"{path}: not a DICOM image; the node only classifies DICOM instances")
-        return loaded
+        return done.sr, result.image_id, detail
 
     # ------------------------------------------------------------------ lifecycle
 

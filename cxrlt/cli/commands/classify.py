@@ -6,7 +6,10 @@ no extension). A file that cannot be classified is reported once, with its reaso
 rest still run; the JSON output lists it as ``{"source": PATH, "error": REASON, "attempts":
 N}`` after the results, and ``--format csv`` writes ``failures.csv`` (``path,reason``) next to
 the challenge CSV. While the server answers UNAVAILABLE (overloaded or restarting) each
-image is retried with backoff within ``--retries`` attempts and ``--deadline-s`` seconds.
+image is retried with backoff within ``--retries`` attempts and ``--deadline-s`` seconds; a
+server that never answered (a wrong ``--url``) fails at once. ``--format sr`` gives each SR the
+same deterministic UIDs the DICOM node and ``--dicomweb ... --store`` give it (derived from the
+image's and the served repository's identity), so the same image is never filed twice.
 Every output file is written under a temporary name and renamed into place, so a killed run
 leaves only complete files. Exit status: 0 all files classified, 2 some failed, 1 nothing
 could be done (server unreachable, no input files, bad options)."""
@@ -14,13 +17,15 @@ could be done (server unreachable, no input files, bad options)."""
 from __future__ import annotations
 
 import argparse
-
-from cxrlt.cli.options import add_send_size_argument, add_tls_arguments, tls_options
 from pathlib import Path
+
+from cxrlt.cli.options import add_option, add_send_size_argument, add_tls_arguments, tls_options
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, ZEROSHOT_MODEL
 
 FORMATS = ("json", "csv", "sr")
 FAILURES_CSV = "failures.csv"  # next to the challenge CSV: path,reason of every input that failed
 TASKS = ("all", "task1", "task2")
+_TASK_MODELS = {"all": FINDINGS_MODEL, "task1": CLASSIFIER_MODEL, "task2": ZEROSHOT_MODEL}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,24 +35,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. http://pacs:8042/dicom-web); JSON output, one SR per image stored back with --store")
     parser.add_argument("--study", metavar="UID", help="with --dicomweb: the StudyInstanceUID to classify")
     parser.add_argument("--store", action="store_true", help="with --dicomweb: STOW-RS each image's SR back into its study")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT (default 127.0.0.1:8001)")
-    parser.add_argument("--format", default="json", choices=FORMATS, help="json (default), the challenge csv, or sr (DICOM SR per image)")
+    parser.add_argument("--url", default="127.0.0.1:8001", metavar="HOST:PORT", help="Triton gRPC endpoint")
+    parser.add_argument("--format", default="json", choices=FORMATS,
+                        help="json, the challenge csv, or sr (DICOM SR per image)")
     parser.add_argument("--out", help="output file (json, csv; '-' or absent: stdout) or directory (sr)")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the JSON results (and failures) to PATH; with --format json, the output file")
     parser.add_argument("--task", default="all", choices=TASKS, help="findings to write: task1 (30), task2 (6) or all (36)")
-    parser.add_argument("--model", default="cxr_findings", choices=["cxr_findings", "cxr_classifier", "cxr_zeroshot"],
-                        help="served model to call (default cxr_findings: all 36)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    parser.add_argument("--model", default=FINDINGS_MODEL, choices=list(PIPELINE_MODELS),
+                        help=f"served model to call ({FINDINGS_MODEL}: all 36)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--image-id", default="auto", choices=["auto", "name"],
                         help="auto: SOPInstanceUID for DICOM, file stem otherwise; name: the file name "
                              "(as in the challenge's ImageID column, e.g. 'x.png')")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds one attempt may take (default 60); never more than the time left in --deadline-s")
+    add_option(parser, "--timeout-s", "--timeout", type=float, default=60.0, metavar="S",
+               help="seconds one attempt may take; never more than the time left in --deadline-s")
     parser.add_argument("--retries", type=int, default=8,
                         help="attempts in all per image while the server answers UNAVAILABLE (overloaded or "
-                             "restarting), with exponential backoff and jitter between them (default 8; 1: never "
+                             "restarting), with exponential backoff and jitter between them (1: never "
                              "retry); retrying stops at --retries or --deadline-s, whichever comes first")
-    parser.add_argument("--deadline-s", type=float, default=120.0,
-                        help="seconds one image may take over all its attempts and backoff sleeps (default 120)")
+    parser.add_argument("--deadline-s", type=float, default=120.0, metavar="S",
+                        help="seconds one image may take over all its attempts and backoff sleeps")
     parser.add_argument("--shared-memory", action="store_true",
                         help="send images through system shared memory instead of the gRPC message "
                              "(only with a server on this host)")
@@ -77,11 +85,12 @@ def _backfill(args: argparse.Namespace) -> int:
     if not (args.dicomweb and args.study) or args.paths or args.format != "json":
         raise ValueError("DICOMweb backfill takes --dicomweb URL and --study UID, no paths, and writes JSON")
     entries = asyncio.run(backfill(args.dicomweb, args.study, args.url, store=args.store, tls=tls_options(args),
-                                   timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s,
+                                   timeout_s=args.timeout_s, retries=args.retries, deadline_s=args.deadline_s,
                                    concurrency=args.concurrency))
     text = json.dumps(entries, indent=2) + "\n"
-    if args.out and args.out != "-":
-        write_text_atomic(args.out, text)
+    out = args.json or (args.out if args.out and args.out != "-" else None)
+    if out:
+        write_text_atomic(out, text)
     else:
         print(text, end="")
     failed = [e for e in entries if e.get("error")]
@@ -113,13 +122,6 @@ def expand_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]
     return list(dict.fromkeys(files)), missing
 
 
-def _reason(path: Path, exc: BaseException) -> str:
-    """The error's message without a leading 'PATH: ' (the summary names the file already)."""
-    message = str(exc) or type(exc).__name__
-    prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
-
-
 def _failed(console, path: Path, reason: str) -> None:
     from rich.markup import escape
 
@@ -145,164 +147,193 @@ def _safe_name(text: str) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-async def _run(args: argparse.Namespace) -> int:
-    import asyncio
-    import dataclasses
-    import json
-    import sys
-    from collections import Counter
-
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from cxrlt.client.sdk import (MODEL_LABELS, AsyncCxrltClient, ClientError, RequestTimeout, ServerOverloaded,
-                                  ServerRejected, ServerUnavailable)
-    from cxrlt.cli.console import console, warn_random_weights
-    from cxrlt.io.images import InputError, load_image
+def _check_options(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options (None: nothing); resolves --json into --out for --format json."""
+    from cxrlt.client.sdk import MODEL_LABELS
     from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
-    from cxrlt.io.atomic import write_text_atomic
-    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE, write_challenge_csv, write_failures_csv, write_sr
 
     task_labels = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}[args.task]
     missing_labels = [label for label in task_labels if label not in MODEL_LABELS[args.model]]
     if missing_labels:
-        console.print(f"[red]cxrlt classify: --task {args.task} needs findings that {args.model} does not return "
-                      f"({missing_labels[0]!r}, ...); use --model cxr_findings or a matching --task")
-        return 1
+        return (f"--task {args.task} needs findings that {args.model} does not return ({missing_labels[0]!r}, ...); "
+                f"use --model {_TASK_MODELS['all']} or a matching --task")
     if args.concurrency < 1 or args.retries < 1:
-        console.print("[red]cxrlt classify: --concurrency and --retries must be at least 1")
-        return 1
-    if args.timeout <= 0 or args.deadline_s <= 0:
-        console.print("[red]cxrlt classify: --timeout and --deadline-s must be positive")
-        return 1
-    to_stdout = args.out in (None, "-")
-    if args.format == "sr" and to_stdout:
-        console.print("[red]cxrlt classify: --format sr writes one file per image: give --out DIRECTORY")
-        return 1
-    out = None if to_stdout else Path(args.out)
+        return "--concurrency and --retries must be at least 1"
+    if args.timeout_s <= 0 or args.deadline_s <= 0:
+        return "--timeout-s and --deadline-s must be positive"
+    if args.format == "json" and args.json is not None:
+        if args.out not in (None, "-") and Path(args.out) != args.json:
+            return "--format json writes one file: give --out or --json, not both"
+        args.out = str(args.json)
+    out = None if args.out in (None, "-") else Path(args.out)
+    if args.format == "sr" and out is None:
+        return "--format sr writes one file per image: give --out DIRECTORY"
     if args.format == "sr" and out.exists() and not out.is_dir():
-        console.print(f"[red]cxrlt classify: --out {escape(str(out))} exists and is not a directory", soft_wrap=True)
-        return 1
+        return f"--out {out} exists and is not a directory"
     if args.format == "csv" and out is not None and out.name == FAILURES_CSV:
-        console.print(f"[red]cxrlt classify: --out cannot be named {FAILURES_CSV}: the failures go there", soft_wrap=True)
-        return 1
+        return f"--out cannot be named {FAILURES_CSV}: the failures go there"
+    return None
 
-    files, missing = expand_paths(args.paths)
-    failures = [(path, reason, 0) for path, reason in missing]  # (path, reason, attempts)
-    for path, reason, _ in failures:
-        _failed(console, path, reason)
-    if not files:
-        console.print("[red]cxrlt classify: no input files found in " + escape(", ".join(str(p) for p in args.paths)), soft_wrap=True)
-        return 1
 
-    client = AsyncCxrltClient(
-        args.url, timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s, model=args.model,
-        **tls_options(args),
-        shared_memory=args.shared_memory, send_size=args.send_size,
-    )
-    try:
+class _Batch:
+    """One run's images through cxrlt.client.workflow.classify_image, each outcome kept by path."""
+
+    def __init__(self, args: argparse.Namespace, client, progress) -> None:
+        import asyncio
+
+        from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+
+        self.args, self.client, self.progress = args, client, progress
+        self.labels = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}[args.task]
+        self.out = None if args.out in (None, "-") else Path(args.out)
+        self.semaphore = asyncio.Semaphore(args.concurrency)
+        self.unavailable: list[str] = []  # once the server is gone (not merely overloaded), stop sending
+        self.outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None, attempts)
+        self.sr_names: set[str] = set()
+
+    def fail(self, path: Path, reason: str, attempts: int = 0) -> None:
+        self.outcomes[path] = (None, reason, attempts)
+        _failed(self.progress.console, path, reason)
+
+    async def one(self, path: Path, task) -> None:
+        import asyncio
+
+        from cxrlt.client.workflow import ClassifyFailure, classify_image, reason
+        from cxrlt.io.reports import save_sr
+
+        async with self.semaphore:
+            try:
+                if self.unavailable:
+                    self.fail(path, f"not sent: {self.unavailable[0]}")
+                    return
+                try:
+                    done = await classify_image(self.client, path, labels=self.labels, sr=self.args.format == "sr",
+                                                image_id=path.name if self.args.image_id == "name" else None)
+                except ClassifyFailure as exc:
+                    if exc.kind == ClassifyFailure.UNAVAILABLE:
+                        self.unavailable.append(f"the server at {self.args.url} became unavailable")
+                    self.fail(path, exc.reason, exc.attempts)
+                    return
+                result = done.result
+                if done.sr is not None:  # write now: holding every dataset (pixels included) would not scale
+                    name = _reserve_sr_name(self.out, result.image_id, self.sr_names)
+                    try:
+                        await asyncio.to_thread(save_sr, done.sr, self.out / name)
+                    except Exception as exc:
+                        self.fail(path, f"could not write the SR: {reason(path, exc)}", result.attempts)
+                        return
+                self.outcomes[path] = (result, None, result.attempts)
+            finally:
+                self.progress.advance(task)
+
+
+async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[dict[Path, tuple], list[str], object] | int:
+    """Every file classified (outcomes by path, 'unavailable' notes, the served ModelInfo), or an exit status."""
+    import asyncio
+
+    from rich.markup import escape
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from cxrlt.cli.console import console
+    from cxrlt.client.sdk import AsyncCxrltClient, ClientError
+
+    async with AsyncCxrltClient(args.url, timeout_s=args.timeout_s, retries=args.retries, deadline_s=args.deadline_s,
+                                model=args.model, **tls_options(args), shared_memory=args.shared_memory,
+                                send_size=args.send_size) as client:
         try:
             info = await client.model_info()
         except ClientError as exc:
             console.print(f"[red]cxrlt classify: {escape(str(exc))}", soft_wrap=True)
             return 1
-
         if args.format == "sr":
             try:
-                out.mkdir(parents=True, exist_ok=True)
+                Path(args.out).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                console.print(f"[red]cxrlt classify: cannot create {escape(str(out))}: {escape(str(exc))}", soft_wrap=True)
+                console.print(f"[red]cxrlt classify: cannot create {escape(str(args.out))}: {escape(str(exc))}",
+                              soft_wrap=True)
                 return 1
-        sr_names: set[str] = set()
-        semaphore = asyncio.Semaphore(args.concurrency)
-        unavailable: list[str] = []  # once the server is gone (not merely overloaded), stop sending
-        outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None, attempts)
-
-        def fail(path: Path, reason: str, attempts: int = 0) -> None:
-            outcomes[path] = (None, reason, attempts)
-            _failed(progress.console, path, reason)
-
-        async def one(path: Path) -> None:
-            async with semaphore:
-                if unavailable:
-                    fail(path, f"not sent: {unavailable[0]}")
-                    return
-                try:
-                    loaded = await asyncio.to_thread(load_image, path)
-                    if args.format == "sr" and loaded.dataset is None:
-                        raise InputError(
-                            f"{path}: SR output needs DICOM input (a {path.suffix or 'non-DICOM'} image has no "
-                            "study to report into); use --format json or csv for it"
-                        )
-                    image_id = path.name if args.image_id == "name" else loaded.image_id
-                    result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id)
-                except ServerOverloaded as exc:  # this image ran out of time; the others may not
-                    fail(path, str(exc), exc.attempts)
-                except ServerUnavailable as exc:
-                    unavailable.append(f"the server at {args.url} became unavailable")
-                    fail(path, str(exc), exc.attempts)
-                except ServerRejected as exc:
-                    fail(path, f"rejected by the server: {exc.server_message}", exc.attempts)
-                except RequestTimeout as exc:
-                    fail(path, str(exc), exc.attempts)
-                except ClientError as exc:
-                    detail = f"server error ({exc.status}): {exc.server_message}" if exc.server_message else str(exc)
-                    fail(path, detail, exc.attempts)
-                except InputError as exc:
-                    fail(path, _reason(path, exc))
-                except Exception as exc:  # one odd file must not stop the batch
-                    fail(path, f"{type(exc).__name__}: {exc}")
-                else:
-                    if task_labels != MODEL_LABELS[args.model]:
-                        result = dataclasses.replace(
-                            result, probabilities={label: result.probabilities[label] for label in task_labels}
-                        )
-                    if args.format == "sr":  # write now: holding every dataset (pixels included) would not scale
-                        name = _reserve_sr_name(out, result.image_id, sr_names)
-                        try:
-                            await asyncio.to_thread(write_sr, result, loaded.dataset, out / name)
-                        except Exception as exc:
-                            fail(path, f"could not write the SR: {_reason(path, exc)}", result.attempts)
-                            return
-                    outcomes[path] = (result, None, result.attempts)
-                finally:
-                    progress.advance(task)
-
         with Progress(
             SpinnerColumn(), TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), console=console, transient=True, disable=len(files) < 2 or not console.is_terminal,
         ) as progress:
+            batch = _Batch(args, client, progress)
             task = progress.add_task("classify", total=len(files))
-            await asyncio.gather(*(one(path) for path in files))
-    finally:
-        await client.close()
+            await asyncio.gather(*(batch.one(path, task) for path in files))
+    return batch.outcomes, batch.unavailable, info
 
-    # ------------------------------------------------------------------ outputs, in input order
+
+async def _run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from cxrlt.cli.console import console
+
+    problem = _check_options(args)
+    if problem is not None:
+        console.print(f"[red]cxrlt classify: {escape(problem)}", soft_wrap=True)
+        return 1
+    files, missing = expand_paths(args.paths)
+    failures = [(path, reason, 0) for path, reason in missing]  # (path, reason, attempts)
+    for path, reason, _ in failures:
+        _failed(console, path, reason)
+    if not files:
+        console.print("[red]cxrlt classify: no input files found in " + escape(", ".join(str(p) for p in args.paths)),
+                      soft_wrap=True)
+        return 1
+    classified = await _classify_all(args, files)
+    if isinstance(classified, int):
+        return classified
+    outcomes, unavailable, info = classified
     done = [(path, outcomes[path][0]) for path in files if outcomes[path][0] is not None]
     failures += [(path, *outcomes[path][1:]) for path in files if outcomes[path][0] is None]
+    where = _write_outputs(args, done, failures)
+    if where is None:
+        return 1
+    return _summary(args, done, failures, where, unavailable, info.random_weights)
+
+
+# ----------------------------------------------------------------------------- outputs, in input order
+
+
+def _json_text(done: list, failures: list) -> str:
+    """The results, then one {"source", "error", "attempts"} entry per failure."""
+    import json
+
+    entries = [{**result.to_dict(), "source": str(path)} for path, result in done]
+    entries += [{"source": str(path), "error": reason, "attempts": attempts} for path, reason, attempts in failures]
+    return json.dumps(entries, indent=2) + "\n"
+
+
+def _write_outputs(args: argparse.Namespace, done: list, failures: list) -> str | None:
+    """Write JSON / CSV (and --json); where the failures are listed ('' if nowhere), None after an error."""
+    import sys
+    from collections import Counter
+
+    from rich.markup import escape
+
+    from cxrlt.cli.console import console
+    from cxrlt.io.atomic import write_text_atomic
+    from cxrlt.io.reports import write_challenge_csv, write_failures_csv
 
     counts = Counter(result.image_id for _, result in done)
     duplicates = sorted(image_id for image_id, n in counts.items() if n > 1)
     if duplicates and args.format == "csv":
         console.print(f"[yellow]warning:[/] {len(duplicates)} ImageID(s) appear more than once in the CSV "
                       f"(e.g. {duplicates[0]!r}); the challenge expects one row per image")
+    out = None if args.out in (None, "-") else Path(args.out)
     written = where = ""
     try:
-        if args.format == "json":  # the results, then one {"source", "error", "attempts"} entry per failure
-            entries = [{**result.to_dict(), "source": str(path)} for path, result in done]
-            entries += [{"source": str(path), "error": reason, "attempts": attempts} for path, reason, attempts in failures]
-            text = json.dumps(entries, indent=2) + "\n"
-            if to_stdout:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            else:
-                written = str(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(out, text)
-                where = f"; also in {out}" if failures else ""
+        if args.format == "json" and out is None:
+            sys.stdout.write(_json_text(done, failures))
+            sys.stdout.flush()
+        elif args.format == "json":
+            written = str(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out, _json_text(done, failures))
+            where = f"; also in {out}" if failures else ""
         elif args.format == "csv":
             results = [result for _, result in done]
-            if to_stdout:
+            if out is None:
                 import tempfile
 
                 with tempfile.TemporaryDirectory() as scratch:
@@ -310,19 +341,33 @@ async def _run(args: argparse.Namespace) -> int:
                 sys.stdout.write(text)
                 sys.stdout.flush()
             else:
-                written = str(args.out)
+                written = str(out)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_challenge_csv(results, out, task=args.task)
                 written = str(out.parent / FAILURES_CSV)  # always written: no stale list from an older run
                 write_failures_csv([(path, reason) for path, reason, _ in failures], out.parent / FAILURES_CSV)
                 where = f"; also in {out.parent / FAILURES_CSV}" if failures else ""
+        if args.json is not None and args.format != "json":
+            written = str(args.json)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(args.json, _json_text(done, failures))
+            where = where or (f"; also in {args.json}" if failures else "")
     except OSError as exc:
         console.print(f"[red]cxrlt classify: could not write {escape(written)}: {escape(str(exc))}", soft_wrap=True)
-        return 1
+        return None
+    return where
 
-    # ------------------------------------------------------------------ summary (each failure was printed once, above)
+
+def _summary(args: argparse.Namespace, done: list, failures: list, where: str, unavailable: list[str],
+             random_weights: bool) -> int:
+    """The summary lines (each failure was printed once, as it happened) and the exit status."""
+    from rich.markup import escape
+
+    from cxrlt.cli.console import console, warn_random_weights
+    from cxrlt.io.reports import NOT_FOR_CLINICAL_USE
+
     total = len(done) + len(failures)
-    target = "" if to_stdout else f" -> {out}"
+    target = "" if args.out in (None, "-") else f" -> {args.out}"
     console.print(f"classified {len(done)} of {total} file{'s' if total != 1 else ''} with {args.model} at "
                   f"{escape(args.url)}{escape(target)}", soft_wrap=True, highlight=False)
     attempts = [result.attempts for _, result in done] + [n for _, _, n in failures]
@@ -334,10 +379,10 @@ async def _run(args: argparse.Namespace) -> int:
         console.print("retries: none needed", highlight=False)
     if failures:
         console.print(f"[red]{len(failures)} failed[/] (reasons above{escape(where)})", soft_wrap=True, highlight=False)
-    if info.random_weights and done:
+    if random_weights and done:
         warn_random_weights(NOT_FOR_CLINICAL_USE)
     if not done and unavailable:
         console.print(f"[red]nothing classified: the server at {escape(args.url)} is unavailable; "
-                      "start one with `cxrlt serve --model-repository DIR`")
+                      "start one with `cxrlt serve --repo DIR`")
         return 1
     return 2 if failures else 0

@@ -18,17 +18,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxrlt.cli.options import add_tls_arguments, tls_options
+from cxrlt.cli.options import add_option, add_tls_arguments, tls_options
 from cxrlt.node import CHEST_BODY_PARTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ae-title", default="CXRLT", help="this node's AE title (default CXRLT); associations "
+    parser.add_argument("--ae-title", default="CXRLT", help="this node's AE title; associations "
                         "addressed to another called AE title are refused")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the DICOM port and the metrics listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT (default 127.0.0.1:8001)")
+    add_option(parser, "--dicom-port", "--port", type=int, default=11112, metavar="N", help="the DICOM port this node listens on")
+    parser.add_argument("--url", default="127.0.0.1:8001", metavar="HOST:PORT", help="Triton gRPC endpoint")
     parser.add_argument("--destination", metavar="AE@HOST:PORT",
                         help="where the SRs go by C-STORE, e.g. PACS@10.0.0.5:104 (the calling AE title is --ae-title)")
     parser.add_argument("--stow-url", metavar="URL",
@@ -37,15 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding USER:PASSWORD for --stow-url (HTTP basic auth; kept off the command line)")
     parser.add_argument("--spool", required=True, type=Path, metavar="DIR",
                         help="spool folder: incoming/ (waiting), rejected/ (with reasons); keep it on a durable disk")
-    parser.add_argument("--workers", type=int, default=2, help="images classified and sent at once (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="images classified and sent at once")
     parser.add_argument("--metrics-port", type=int, default=9102,
                         help="Prometheus metrics on http://HOST:PORT/metrics (default 9102; 0: off)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds one inference attempt may take (default 60)")
+    add_option(parser, "--timeout-s", "--timeout", type=float, default=60.0, metavar="S",
+               help="seconds one inference attempt may take")
     parser.add_argument("--retries", type=int, default=3,
                         help="attempts per classification while the server answers UNAVAILABLE, before the image "
-                             "is put back in the spool for a later retry (default 3)")
+                             "is put back in the spool for a later retry")
     parser.add_argument("--deadline-s", type=float, default=60.0,
-                        help="seconds one classification may take over all its attempts (default 60)")
+                        metavar="S", help="seconds one classification may take over all its attempts")
     parser.add_argument("--max-backoff-s", type=float, default=60.0,
                         help="longest wait before a spooled image is tried again (default 60; the wait starts at "
                              "1 s and doubles)")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print("cxrlt dicom-node: error: give exactly one of --destination AE@HOST:PORT and --stow-url URL",
               file=sys.stderr)
         return 1
-    if args.workers < 1 or args.retries < 1 or args.timeout <= 0 or args.deadline_s <= 0 or args.max_backoff_s <= 0:
+    if args.workers < 1 or args.retries < 1 or args.timeout_s <= 0 or args.deadline_s <= 0 or args.max_backoff_s <= 0:
         print("cxrlt dicom-node: error: --workers and --retries must be at least 1, the times positive", file=sys.stderr)
         return 1
     destination = (CStoreDestination(parse_ae_address(args.destination), args.ae_title) if args.destination
@@ -79,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     body_parts = tuple(term.strip().upper() for term in args.body_parts.split(",") if term.strip())
     config = NodeConfig(
         ae_title=args.ae_title, spool=args.spool, destination=destination, url=args.url, host=args.host,
-        port=args.port, workers=args.workers, metrics_port=args.metrics_port or None, tls=tls_options(args),
-        timeout_s=args.timeout, retries=args.retries, deadline_s=args.deadline_s, max_backoff_s=args.max_backoff_s,
+        port=args.dicom_port, workers=args.workers, metrics_port=args.metrics_port or None, tls=tls_options(args),
+        timeout_s=args.timeout_s, retries=args.retries, deadline_s=args.deadline_s, max_backoff_s=args.max_backoff_s,
         grace_s=args.grace_s, body_parts=body_parts,
     )
     # One line per instance on stderr, with a timestamp; pynetdicom's own chatter stays at warnings.

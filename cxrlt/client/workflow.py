@@ -1,0 +1,187 @@
+"""Classify one image and report it: the one path `cxrlt classify`, the DICOM node and the
+DICOMweb backfill share.
+
+    load (cxrlt.io.images: a path, the bytes of a file or a pydicom dataset)
+      -> classify (the SDK's client: its retries, backoff and error classes)
+      -> TID 1500 SR (cxrlt.io.reports) with UIDs derived from the source and the served repository
+
+Every failure comes out as one :class:`ClassifyFailure` with the reason users read and its
+kind, from one exception mapping (:func:`failure`): whether retrying later may help (the
+server unavailable, overloaded, timed out or failing) or not (a bad input, an image the server
+refused, an SR that cannot be built), and whether the server is gone.
+
+The SR's UIDs depend only on the source image's UIDs and the served repository's identity
+(:attr:`cxrlt.client.sdk.ModelInfo.repository`), so the same image through the same
+repository gives the same SR on every path, and a PACS keeps one copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cxrlt.client.sdk import (AsyncCxrltClient, ClientError, Repository, RequestTimeout, ServerRejected,
+                              ServerUnavailable)
+from cxrlt.contract.results import FindingsResult
+
+__all__ = ["Classified", "ClassifyFailure", "classify_image", "build_report", "failure", "reason"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Classified:
+    """One classified image: its result, its DICOM dataset (None for PNG/JPEG) and its SR (if asked)."""
+
+    result: FindingsResult
+    dataset: Any  # pydicom Dataset | None
+    sr: Any = None  # highdicom ComprehensiveSR | None
+
+
+class ClassifyFailure(Exception):
+    """An image that could not be classified (or reported); ``str()`` is the reason users read."""
+
+    INPUT = "input"  # the file or dataset is unusable
+    REJECTED = "rejected"  # the server refused the image (INVALID_ARGUMENT)
+    REPORT = "report"  # the SR could not be built
+    SERVER = "server"  # overloaded, timed out or failing: another try later may pass
+    UNAVAILABLE = "unavailable"  # the server is gone (not merely overloaded)
+    UNEXPECTED = "unexpected"  # anything else (a bug or an odd input the loader did not foresee)
+
+    def __init__(self, reason: str, kind: str, attempts: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+        self.attempts = attempts
+
+    @property
+    def retry(self) -> bool:
+        """Whether trying again later may help."""
+        return self.kind in (self.SERVER, self.UNAVAILABLE, self.UNEXPECTED)
+
+    @property
+    def server_trouble(self) -> bool:
+        """Whether the server failed (a new connection may help)."""
+        return self.kind in (self.SERVER, self.UNAVAILABLE)
+
+
+def reason(name: str | Path, exc: BaseException) -> str:
+    """The error's message without a leading 'NAME: ' (the caller names the input already)."""
+    message = str(exc) or type(exc).__name__
+    prefix = f"{name}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def failure(exc: BaseException, name: str | Path) -> ClassifyFailure:
+    """The one mapping of what loading, classifying and reporting raise to a ClassifyFailure."""
+    from cxrlt.io.images import InputError
+
+    if isinstance(exc, ClassifyFailure):
+        return exc
+    if isinstance(exc, InputError):
+        return ClassifyFailure(reason(name, exc), ClassifyFailure.INPUT)
+    if isinstance(exc, ServerRejected):
+        return ClassifyFailure(f"rejected by the server: {exc.server_message}", ClassifyFailure.REJECTED, exc.attempts)
+    if isinstance(exc, ServerUnavailable):  # ServerOverloaded too: the server is there, only busy
+        kind = ClassifyFailure.SERVER if exc.overloaded else ClassifyFailure.UNAVAILABLE
+        return ClassifyFailure(str(exc), kind, exc.attempts)
+    if isinstance(exc, ClientError):
+        detail = str(exc)
+        if exc.server_message and not isinstance(exc, RequestTimeout):
+            detail = f"server error ({exc.status}): {exc.server_message}"
+        return ClassifyFailure(detail, ClassifyFailure.SERVER, exc.attempts)
+    return ClassifyFailure(f"{type(exc).__name__}: {exc}", ClassifyFailure.UNEXPECTED)
+
+
+def build_report(result: FindingsResult, source: Any, repository: Repository) -> Any:
+    """The SR of ``result``: deterministic UIDs (source x repository), the repository named in its notes.
+
+    A repository with random weights marks the SR NOT FOR CLINICAL USE even when the result
+    was not marked (the served flag wins)."""
+    from cxrlt.io.reports import build_sr, derived_uids
+
+    if repository.random_weights and not result.random_weights:
+        result = dataclasses.replace(result, random_weights=True)
+    note = (f"Model repository {repository.sha256} ({repository.source}). Source image {source.SOPInstanceUID}. "
+            "One SR per image: re-sending the image gives this SR again.")
+    return build_sr(result, source, uids=derived_uids(source, repository.sha256), notes=[note])
+
+
+async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | Path | None = None,
+                         image_id: str | None = None, labels: Sequence[str] | None = None, sr: bool = False,
+                         body_parts: Sequence[str] | None = None) -> Classified:
+    """Load ``source`` (a path, a file's bytes or a pydicom dataset), classify it, build its SR if ``sr``.
+
+    name: names a source that is not a path in reasons (default: the path, '<bytes>' or the
+        dataset's SOPInstanceUID).
+    image_id: the result's image_id (default: SOPInstanceUID for DICOM, the file stem otherwise).
+    labels: keep only these findings in the result (and the SR).
+    body_parts: refuse a DICOM whose BodyPartExamined holds none of these terms (read from the
+        header before anything is decoded; an empty BodyPartExamined passes). None: no check.
+    Raises :class:`ClassifyFailure` for every failure.
+    """
+    label = name if name is not None else _name(source)
+    try:
+        loaded = await asyncio.to_thread(_load, source, label, body_parts, sr)
+        result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id or loaded.image_id)
+        if labels is not None and tuple(labels) != tuple(result.probabilities):
+            result = dataclasses.replace(result, probabilities={k: result.probabilities[k] for k in labels})
+        if not sr:
+            return Classified(result, loaded.dataset)
+        repository = await client.repository()
+    except Exception as exc:
+        raise failure(exc, label) from None
+    try:
+        report = await asyncio.to_thread(build_report, result, loaded.dataset, repository)
+    except Exception as exc:
+        raise ClassifyFailure(f"could not build the SR: {type(exc).__name__}: {reason(label, exc)}",
+                              ClassifyFailure.REPORT, result.attempts) from None
+    return Classified(result, loaded.dataset, report)
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(getattr(source, "SOPInstanceUID", "") or "<dataset>")
+
+
+def _load(source: Any, name: str | Path, body_parts: Sequence[str] | None, sr: bool):
+    """cxrlt.io.images.load_image, after the body-part check (header only, before decoding)."""
+    from cxrlt.io.images import InputError, load_image
+
+    if body_parts is not None:
+        body_part = _body_part(source)
+        if body_part and not any(term in body_part for term in body_parts):
+            raise InputError(
+                f"{name}: body part {body_part!r} is not a chest (accepted: {', '.join(body_parts)}); "
+                "only chest radiographs are classified"
+            )
+    loaded = load_image(source, name=None if isinstance(source, (str, Path)) else name)
+    if sr and loaded.dataset is None:
+        raise InputError(
+            f"{name}: SR output needs DICOM input (a {Path(str(name)).suffix or 'non-DICOM'} image has no "
+            "study to report into); use --format json or csv for it"
+        )
+    return loaded
+
+
+def _body_part(source: Any) -> str:
+    """BodyPartExamined, upper case ('' when absent or unreadable: load_image says what is wrong)."""
+    import io
+
+    import pydicom
+
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            source = io.BytesIO(bytes(source))
+        if not isinstance(source, pydicom.Dataset):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                source = pydicom.dcmread(source, stop_before_pixels=True)
+        return str(source.get("BodyPartExamined", "") or "").strip().upper()
+    except Exception:
+        return ""
