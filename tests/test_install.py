@@ -57,7 +57,7 @@ def _site_packages(bin_dir: Path) -> Path:
 def _serve(bin_dir: Path, repository: Path, cwd: Path):
     """`cxrlt serve` from that environment; returns (process, grpc address) once READY."""
     grpc_port = free_port()
-    command = [str(bin_dir / "cxrlt"), "serve", "--model-repository", str(repository), "--grpc-port", str(grpc_port),
+    command = [str(bin_dir / "cxrlt"), "serve", "--repo", str(repository), "--grpc-port", str(grpc_port),
                "--http-port", str(free_port()), "--metrics-port", str(free_port())]
     process = subprocess.Popen(command, cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -86,9 +86,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _rg1() -> str:
-    from pydicom.data import get_testdata_file
+    from cxrlt.io.samples import pydicom_data_file
 
-    return get_testdata_file("RG1_UNCR.dcm")
+    return str(pydicom_data_file())
 
 
 @pytest.mark.timeout(1200)
@@ -117,7 +117,7 @@ def test_the_wheel_builds_serves_and_classifies_outside_the_checkout(tmp_path):
         assert Path(location).is_relative_to(site), f"{package} imported from {location}, not from the installed wheel"
 
     repository = work / "repo"
-    _run([bin_dir / "cxrlt", "build-repo", "--profile", "tiny", "--out", repository], cwd=work)
+    _run([bin_dir / "cxrlt", "build-repo", "--profile", "tiny", "--repo", repository], cwd=work)
     assert (repository / "cxr_classifier" / "1" / "model.py").is_file()
     assert (repository / "cxr_zeroshot" / "1" / "prompts.yaml").is_file()
 
@@ -153,9 +153,11 @@ def test_a_client_only_install_classifies_against_the_server_without_torch(tmp_p
     assert client_row["probabilities"] == full_row["probabilities"]
     assert client_row["projection"] == full_row["projection"] == "frontal"
 
-    # Commands of other roles say, in one line, which extra to install.
-    for command, extra in ((["build-repo", "--profile", "tiny", "--out", tmp_path / "r"], "export"),
-                           (["serve", "--model-repository", tmp_path], "serve")):
+    # Commands of other roles say, in one line, which extra to install: the command's own
+    # (train asks for [train], not for [export], the extra that brings torch).
+    for command, extra in ((["build-repo", "--profile", "tiny", "--repo", tmp_path / "r"], "export"),
+                           (["serve", "--repo", tmp_path], "serve"),
+                           (["train", "--config", "router", "--data", tmp_path / "labels.csv"], "train")):
         failed = _run([bin_dir / "cxrlt", *command], cwd=tmp_path, check=False)
         assert failed.returncode == 1
         assert f"pip install 'cxrlt-triton[{extra}]'" in failed.stderr, failed.stderr

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_serve_prints_endpoints_and_stops_on_sigterm(tiny_repository, tmp_path):
     grpc_port = free_port()
-    command = [sys.executable, "-m", "cxrlt", "serve", "--model-repository", str(tiny_repository),
+    command = [sys.executable, "-m", "cxrlt", "serve", "--repo", str(tiny_repository),
                "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
     env = dict(os.environ, COLUMNS="200")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
