@@ -109,8 +109,8 @@ def add_engine_argument(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def add_report_arguments(parser: argparse.ArgumentParser, name: str, plot_help: str) -> None:
     """--out / --json / --plot of a measuring command (bench, stress, soak)."""
-    parser.add_argument("--out", type=Path, help=f"output directory (default runs/{name}-<time>)")
-    parser.add_argument("--json", type=Path, help=f"report JSON (default OUT/{name}.json)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default runs/{name}-<time>)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help=f"report JSON (default OUT/{name}.json)")
     parser.add_argument("--plot", type=Path, metavar="PNG", help=f"{plot_help} (default OUT/{name}.png)")
 
 

@@ -72,6 +72,8 @@ def _default(action: argparse.Action) -> str:
 
     if action.required:
         return "required"
+    if isinstance(action, argparse.BooleanOptionalAction) and action.default is not None:
+        return visible_options(action)[0 if action.default else 1]
     return str(action.default) if _shows_default(action) else ""
 
 

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_hints_argument(parser, False, "send each image's CSV projection as a DICOM hint (PA/LL); "
                                       "--no-hints: the router decides")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default 4)")
-    parser.add_argument("--out", type=Path, help="output folder (default runs/eval-<time>)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default runs/eval-<time>)")
     parser.add_argument("--no-per-class", action="store_true", help="print only the macro and group rows")
 
 

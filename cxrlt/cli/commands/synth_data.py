@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="folder to write the images and labels.csv into")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the images and labels.csv into")
     parser.add_argument("--n", required=True, type=int, help="number of images (e.g. 600)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0; the data set is deterministic for it)")
     parser.add_argument("--image-size", type=int, default=256,

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe YAML file(s) or checked-in recipe name(s) (e.g. frontal_pcam); 'all' = every served network")
     parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV (images are found next to it)")
     parser.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
-    parser.add_argument("--out", type=Path, default=Path("runs/checkpoints"), help="checkpoint folder (default runs/checkpoints)")
+    parser.add_argument("--out", type=Path, default=Path("runs/checkpoints"), metavar="DIR", help="checkpoint folder (default runs/checkpoints)")
     parser.add_argument("--epochs", type=int, help="total epochs (overrides the recipe)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/<model>.pt (model, EMA, optimiser, scheduler, epoch)")
     parser.add_argument("--stop-after-epoch", type=int, metavar="N", help="end this run after epoch N (continue later with --resume)")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     add_hints_argument(parser, False, "route by the CSV projection (as a PA/LL hint) instead of the router")
     parser.add_argument("--dry-run", action="store_true", help="report the search, change nothing")
-    parser.add_argument("--json", type=Path, help="write the search report here (default REPO/weight_search.json)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the search report here (default REPO/weight_search.json)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="clip_dual_branch", help="the clip recipe (default clip_dual_branch)")
     parser.add_argument("--groups", help="held-out groups, e.g. 'cardiomegaly,Nodule,fracture;Mass,Hernia,Kyphosis;...'")
     parser.add_argument("--epochs", type=int, help="epochs per group (overrides the recipe)")
-    parser.add_argument("--out", type=Path, default=Path("runs/zeroshot_proxy"), help="output folder (default runs/zeroshot_proxy)")
+    parser.add_argument("--out", type=Path, default=Path("runs/zeroshot_proxy"), metavar="DIR", help="output folder (default runs/zeroshot_proxy)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (repeatable)")
     parser.add_argument("--device", default="auto")
