@@ -175,7 +175,7 @@ def test_trust_hint_off_is_reported_from_the_served_config(url, grpc_client, rea
     config["parameters"]["trust_hint"]["string_value"] = "false"
     grpc_client.load_model("cxr_classifier", config=json.dumps(config))
     try:
-        with CxrltClient(url) as fresh:
+        with CxrltClient(url, model="cxr_classifier") as fresh:
             assert fresh.model_info().trust_hint is False
             result = fresh.classify(real_cxr, hint="PA")
         assert result.hint == "PA" and result.hint_used is False

@@ -650,13 +650,14 @@ class AsyncCxrltClient:
                 url=self.url, model=self.model,
             )
         served = {name: _parameters(c) for name, c in configs.items() if c is not None}
+        own_config = served[self.model]  # trust_hint: the model's own, else cxr_classifier's (which routes for it)
         own = [served[name] for name in self._config_models() if name in served]  # the model and its callees
         sizes = [int(p["preprocess_size"]) for p in own if p.get("preprocess_size")]
         return ModelInfo(
             name=self.model,
             labels=self.labels,
             accepts_hint=self.model in _ROUTED_MODELS,
-            trust_hint=_flag(served.get(CLASSIFIER_MODEL, {}), "trust_hint"),
+            trust_hint=_flag(own_config if "trust_hint" in own_config else served.get(CLASSIFIER_MODEL, {}), "trust_hint"),
             random_weights=self._random_weights_override or any(_flag(p, "random_weights") for p in own),
             input_size=max(sizes, default=None),
             parameters=served,
