@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
+from cxrlt.contract.served import CLASSIFIER_MODEL
 from cxrlt.io.images import load_pixels
 
 from training.data import LabelTable
@@ -76,7 +77,7 @@ def server_classifier(url: str, timeout_s: float = 60.0):
     """Classification by a running server's cxr_classifier, through the client SDK."""
     from cxrlt.client.sdk import CxrltClient
 
-    client = CxrltClient(url, model="cxr_classifier", timeout_s=timeout_s)
+    client = CxrltClient(url, model=CLASSIFIER_MODEL, timeout_s=timeout_s)
     client.wait_until_ready(timeout_s)
 
     def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:

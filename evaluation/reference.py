@@ -24,6 +24,7 @@ from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, TextCache, l
 from cxrlt.contract.manifest import manifest_profile, read_manifest
 from cxrlt.contract.model_config import config_parameters
 from cxrlt.contract.prompts import load_prompts
+from cxrlt.contract.served import CLASSIFIER_MODEL, ZEROSHOT_MODEL
 from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
 from python_backends.in_process import LocalNetworks
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSettings
@@ -56,10 +57,10 @@ class ReferencePipeline:
         self._runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         self._onnx = LocalNetworks(self.repository, threads, providers=providers) if engine == "onnxruntime" else None
         self.classifier_settings = ClassifierSettings.from_parameters(
-            config_parameters(self.repository / "cxr_classifier" / "config.pbtxt")
+            config_parameters(self.repository / CLASSIFIER_MODEL / "config.pbtxt")
         )
         self.zeroshot_settings = ZeroShotSettings.from_parameters(
-            config_parameters(self.repository / "cxr_zeroshot" / "config.pbtxt")
+            config_parameters(self.repository / ZEROSHOT_MODEL / "config.pbtxt")
         )
         self.classifier = ClassifierPipeline(self.classifier_settings, self.infer)
         self.zeroshot = ZeroShotPipeline(self.zeroshot_settings, self._text_cache(), self.infer)
@@ -86,7 +87,7 @@ class ReferencePipeline:
         return await asyncio.get_running_loop().run_in_executor(self.executor, run, pixel_values)
 
     def _text_cache(self) -> TextCache:
-        version_dir = self.repository / "cxr_zeroshot" / "1"
+        version_dir = self.repository / ZEROSHOT_MODEL / "1"
         encoder_record = self.repository / ENCODER_MODEL / "1" / ENCODER_RECORD
         if self.engine == "onnxruntime":
             return load_text_cache(version_dir, TASK2_LABELS, encoder_record, self.repository)

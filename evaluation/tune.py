@@ -29,7 +29,7 @@ import numpy as np
 
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
-from cxrlt.contract.profiles import ensemble_model_name
+from cxrlt.contract.served import ensemble_model_name
 from cxrlt.io.images import load_pixels
 
 from evaluation.evaluate import evaluation_images, hint_for

@@ -188,7 +188,7 @@ def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: 
     tokenizer = tokenizer_for(model_name)
     positive = encode_prompt_ensembles(clip_model, tokenizer, prompts.prompts).numpy()
     negative = encode_prompt_ensembles(clip_model, tokenizer, prompts.negatives).numpy() if prompts.negatives else None
-    version_dir = repository / "cxr_zeroshot" / "1"
+    version_dir = repository / ZEROSHOT_MODEL / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     prompt_copy = version_dir / PROMPTS_FILE
     if prompts_path.resolve() != prompt_copy.resolve():
@@ -346,7 +346,7 @@ def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None
             f"the CLIP weights at {checkpoint or 'seeded random init'} no longer match the served image encoder; "
             f"rebuild the whole repository with `cxrlt build-repo`"
         )
-    prompts_path = Path(prompts) if prompts else repository / "cxr_zeroshot" / "1" / PROMPTS_FILE
+    prompts_path = Path(prompts) if prompts else repository / ZEROSHOT_MODEL / "1" / PROMPTS_FILE
     record = build_text_cache(repository, clip_model, profile.clip.model_name, prompts_path, weights)
     manifest["text_cache"] = record
     _write(repository / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cxrlt.contract.profiles import Profile
+from cxrlt.contract.served import ROUTER_MODEL
 
 from networks.checkpoints import CLIP_CHECKPOINT, CheckpointError, checkpoint_path, load_into
 from networks.clip import create_clip
@@ -36,7 +37,7 @@ class WeightsSource:
 
 
 def num_outputs(model_name: str) -> int:
-    return 2 if model_name == "projection_router" else 30
+    return 2 if model_name == ROUTER_MODEL else 30
 
 
 def _resolve(checkpoints: Path | str | None, name: str, allow_random: bool) -> Path | None:

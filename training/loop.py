@@ -126,15 +126,40 @@ def train(recipe: Recipe, data_csv: str | os.PathLike, out_dir: str | os.PathLik
         torch.set_num_threads(threads)  # the recipe's thread count is for this run only
 
 
-def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: int | None, device: str | None,
-           image_root, progress: bool | None, log: Log) -> TrainResult:
-    out.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass
+class _Run:
+    """One training run's moving parts: what a checkpoint holds and what an epoch advances."""
+
+    recipe: Recipe
+    job: Any
+    device: torch.device
+    dtype: Any
+    info: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: ModelEma
+    scaler: Any
+    steps_per_epoch: int
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    epoch: int = 0
+    global_step: int = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.job.module
+
+    def schedule(self) -> WarmupCosine:
+        return WarmupCosine(self.steps_per_epoch * self.recipe.epochs,
+                            round(self.steps_per_epoch * float(self.recipe.schedule.get("warmup_epochs", 1))),
+                            float(self.recipe.schedule.get("min_lr_ratio", 0.01)))
+
+
+def _start(recipe: Recipe, data_csv, device: str | None, image_root, out: Path, log: Log) -> _Run:
+    """Data, job, optimiser, schedule, EMA and scaler of a fresh run (the recipe's seed set first)."""
     set_threads(recipe.threads)
     torch_device = select_device(device)
     dtype = autocast_dtype(torch_device, recipe.precision)
     seed_everything(recipe.seed)
-    started = time.perf_counter()
-
     data = load_split(data_csv, recipe.val_fraction, recipe.split_seed, image_root=image_root)
     job = create_job(recipe, data)
     info = {**job.summary(), **job.before_training(out, log)}
@@ -143,108 +168,128 @@ def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: 
         info.update(init_weights=str(init), init_weights_sha256=file_sha256(init))
         log(f"{recipe.name}: started from the pretrained weights in {init}")
     job.to(torch_device)
-    module = job.module
-    params = _param_groups(module, float(recipe.optimizer["weight_decay"]))
-    betas = tuple(recipe.optimizer.get("betas", (0.9, 0.999)))
-    optimizer = torch.optim.AdamW(params, lr=float(recipe.optimizer["lr"]), betas=betas,
+    params = _param_groups(job.module, float(recipe.optimizer["weight_decay"]))
+    optimizer = torch.optim.AdamW(params, lr=float(recipe.optimizer["lr"]), betas=tuple(recipe.optimizer.get("betas", (0.9, 0.999))),
                                   eps=float(recipe.optimizer.get("eps", 1e-8)))
     steps_per_epoch = max(1, len(job.train_loader(0)))
     scheduler = warmup_cosine(optimizer, steps_per_epoch, recipe.epochs, float(recipe.schedule.get("warmup_epochs", 1)),
                               float(recipe.schedule.get("min_lr_ratio", 0.01)))
-    ema = ModelEma(module, float(recipe.ema.get("decay", 0.999)), bool(recipe.ema.get("warmup", True)))
+    ema = ModelEma(job.module, float(recipe.ema.get("decay", 0.999)), bool(recipe.ema.get("warmup", True)))
     scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype == torch.float16)
+    return _Run(recipe, job, torch_device, dtype, info, optimizer, scheduler, ema, scaler, steps_per_epoch)
 
+
+def _resume(run: _Run, ckpt_path: Path, log: Log) -> int | None:
+    """Continue `run` from its checkpoint; the epoch it resumed from, or None without one."""
+    if not ckpt_path.is_file():
+        log(f"{run.recipe.name}: --resume but no {ckpt_path}; starting from scratch")
+        return None
+    state = _load_training_checkpoint(ckpt_path, run.recipe)
+    job, ema = run.job, run.ema
+    job.served(run.module).load_state_dict(state["state_dict"])
+    job.served(ema.module).load_state_dict(state["ema_state_dict"])
+    if job.extra(run.module) is not None:
+        job.extra(run.module).load_state_dict(state["extra_state_dict"])
+        job.extra(ema.module).load_state_dict(state["ema_extra_state_dict"])
+    ema.load_ema_state(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scheduler.lr_lambdas[0].__dict__.update(run.schedule().__dict__)  # this run's total (--epochs may have grown)
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.global_step = int(state["epoch"]), int(state["global_step"])
+    run.history = list(state.get("history", []))
+    log(f"{run.recipe.name}: resumed from {ckpt_path} at epoch {run.epoch}/{run.recipe.epochs}")
+    return run.epoch
+
+
+def _train_epoch(run: _Run, progress: bool | None) -> dict[str, Any]:
+    """One epoch of optimisation (seeded from (seed, epoch)), then validation of the EMA weights."""
+    recipe, epoch, started = run.recipe, run.epoch, time.perf_counter()
+    torch.manual_seed(epoch_seed(recipe.seed, epoch))
+    run.module.train()
+    totals: dict[str, float] = {"train_loss": 0.0}
+    count = 0
+    bar = _progress(run.job.train_loader(epoch), f"{recipe.name} {epoch + 1}/{recipe.epochs}", progress)
+    for batch in bar:
+        loss, parts = run.job.training_loss(run.module, batch, run.device, run.dtype)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{recipe.name}: the loss became {loss.item()} at epoch {epoch + 1}; lower optimizer.lr")
+        _step(run, loss)
+        count += 1
+        totals["train_loss"] += float(loss.detach())
+        for key, value in parts.items():
+            totals[f"train_{key}"] = totals.get(f"train_{key}", 0.0) + float(value)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{totals['train_loss'] / count:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": run.global_step, "lr": run.optimizer.param_groups[0]["lr"]}
+    row.update({k: v / max(1, count) for k, v in totals.items()})
+    row.update(run.job.validate(run.ema.module, run.device, run.dtype))
+    row["epoch_s"] = time.perf_counter() - started
+    run.epoch += 1
+    run.history.append(_plain(row))
+    return row
+
+
+def _step(run: _Run, loss: torch.Tensor) -> None:
+    """One optimiser step: scaled backward, clipping, scheduler and EMA."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.recipe.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], run.recipe.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.ema.update(run.module)
+    run.global_step += 1
+
+
+def _checkpoint(run: _Run) -> dict[str, Any]:
+    recipe, job = run.recipe, run.job
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": recipe.checkpoint_name(),
+        "profile": recipe.profile,
+        "task": recipe.task,
+        "state_dict": job.served(run.module).state_dict(),
+        "ema_state_dict": job.served(run.ema.module).state_dict(),
+        "ema": run.ema.ema_state(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "epoch": run.epoch,
+        "epochs": recipe.epochs,
+        "global_step": run.global_step,
+        "history": run.history,
+        "recipe": _plain(recipe.to_dict()),
+        "info": _plain(run.info),
+    }
+    if job.extra(run.module) is not None:
+        payload["extra_state_dict"] = job.extra(run.module).state_dict()
+        payload["ema_extra_state_dict"] = job.extra(run.ema.module).state_dict()
+    return payload
+
+
+def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: int | None, device: str | None,
+           image_root, progress: bool | None, log: Log) -> TrainResult:
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run = _start(recipe, data_csv, device, image_root, out, log)
     ckpt_path = checkpoint_path(out, recipe.checkpoint_name())
     csv_path = metrics_csv_path(out, recipe.checkpoint_name())
-    history: list[dict[str, Any]] = []
-    start_epoch, global_step, resumed_from = 0, 0, None
-    if resume:
-        if ckpt_path.is_file():
-            state = _load_training_checkpoint(ckpt_path, recipe)
-            job.served(module).load_state_dict(state["state_dict"])
-            job.served(ema.module).load_state_dict(state["ema_state_dict"])
-            if job.extra(module) is not None:
-                job.extra(module).load_state_dict(state["extra_state_dict"])
-                job.extra(ema.module).load_state_dict(state["ema_extra_state_dict"])
-            ema.load_ema_state(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            # the schedule follows this run's total (--epochs may have grown)
-            scheduler.lr_lambdas[0].__dict__.update(
-                WarmupCosine(steps_per_epoch * recipe.epochs, round(steps_per_epoch * float(recipe.schedule.get("warmup_epochs", 1))),
-                             float(recipe.schedule.get("min_lr_ratio", 0.01))).__dict__)
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
-            history = list(state.get("history", []))
-            resumed_from = start_epoch
-            log(f"{recipe.name}: resumed from {ckpt_path} at epoch {start_epoch}/{recipe.epochs}")
-        else:
-            log(f"{recipe.name}: --resume but no {ckpt_path}; starting from scratch")
+    resumed_from = _resume(run, ckpt_path, log) if resume else None
+    start_epoch = run.epoch
     last_epoch = recipe.epochs if stop_after_epoch is None else min(recipe.epochs, int(stop_after_epoch))
-
-    for epoch in range(start_epoch, last_epoch):
-        epoch_started = time.perf_counter()
-        torch.manual_seed(epoch_seed(recipe.seed, epoch))
-        module.train()
-        loader = job.train_loader(epoch)
-        totals: dict[str, float] = {"train_loss": 0.0}
-        count = 0
-        bar = _progress(loader, f"{recipe.name} {epoch + 1}/{recipe.epochs}", progress)
-        for batch in bar:
-            loss, parts = job.training_loss(module, batch, torch_device, dtype)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{recipe.name}: the loss became {loss.item()} at epoch {epoch + 1}; lower optimizer.lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            ema.update(module)
-            global_step += 1
-            count += 1
-            totals["train_loss"] += float(loss.detach())
-            for key, value in parts.items():
-                totals[f"train_{key}"] = totals.get(f"train_{key}", 0.0) + float(value)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{totals['train_loss'] / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"]}
-        row.update({k: v / max(1, count) for k, v in totals.items()})
-        row.update(job.validate(ema.module, torch_device, dtype))
-        row["epoch_s"] = time.perf_counter() - epoch_started
-        history.append(_plain(row))
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "model_name": recipe.checkpoint_name(),
-            "profile": recipe.profile,
-            "task": recipe.task,
-            "state_dict": job.served(module).state_dict(),
-            "ema_state_dict": job.served(ema.module).state_dict(),
-            "ema": ema.ema_state(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": epoch + 1,
-            "epochs": recipe.epochs,
-            "global_step": global_step,
-            "history": history,
-            "recipe": _plain(recipe.to_dict()),
-            "info": _plain(info),
-        }
-        if job.extra(module) is not None:
-            payload["extra_state_dict"] = job.extra(module).state_dict()
-            payload["ema_extra_state_dict"] = job.extra(ema.module).state_dict()
-        _atomic_save(payload, ckpt_path)
-        _write_history(history, csv_path)
-        log(_epoch_line(recipe, row, job.primary))
-
+    while run.epoch < last_epoch:
+        row = _train_epoch(run, progress)
+        _atomic_save(_checkpoint(run), ckpt_path)
+        _write_history(run.history, csv_path)
+        log(_epoch_line(recipe, row, run.job.primary))
     if last_epoch <= start_epoch:
         log(f"{recipe.name}: already trained for {start_epoch} epoch(s); nothing to do (raise --epochs to continue)")
-    return TrainResult(recipe, ckpt_path, csv_path, history, max(start_epoch, last_epoch),
-                       time.perf_counter() - started, resumed_from, info, job.primary)
+    return TrainResult(recipe, ckpt_path, csv_path, run.history, max(start_epoch, last_epoch),
+                       time.perf_counter() - started, resumed_from, run.info, run.job.primary)
 
 
 def _load_training_checkpoint(path: Path, recipe: Recipe) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 import yaml
 
@@ -59,6 +59,7 @@ from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.contract.preprocessing import parse_tta_views
 from cxrlt.contract.profiles import PROFILES, NetworkSpec, Profile, get_profile
 from cxrlt.contract.resources import package_file
+from cxrlt.contract.served import ROUTER_MODEL
 
 CONFIG_DIR = package_file("training", "configs")
 TASKS = ("multilabel", "projection", "clip")
@@ -66,7 +67,6 @@ PROJECTION_FILTERS = (*PROJECTIONS, "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("none", "repeat_factor")
 LOSSES_MULTILABEL = ("asl", "db", "bce")
-ROUTER_MODEL = "projection_router"
 CLIP_MODEL = "clip"
 
 _DEFAULTS: dict[str, Any] = {
@@ -289,9 +289,20 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
     merged = _merge(_DEFAULTS, data)
     merged["name"] = merged["name"] or default_name
 
-    def fail(key: str, message: str) -> None:
+    def fail(key: str, message: str) -> NoReturn:
         raise RecipeError(f"{where}: {key}: {message}")
 
+    _check_model(merged, fail)
+    _check_optimisation(merged, fail)
+    _check_validation(merged, fail)
+    merged["epochs"], merged["batch_size"] = int(merged["epochs"]), int(merged["batch_size"])
+    merged["grad_clip"] = float(merged["grad_clip"] or 0.0)
+    merged["val_fraction"] = float(merged["val_fraction"])
+    return Recipe(**merged, source=source)
+
+
+def _check_model(merged: dict[str, Any], fail: Callable[[str, str], NoReturn]) -> None:
+    """Task, profile, projection and the model it writes (a served network, CLIP or an ablation)."""
     if merged["task"] not in TASKS:
         fail("task", f"must be one of {TASKS}, not {merged['task']!r}")
     try:
@@ -341,6 +352,10 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
         fail("init_weights", "a CaiT member starts from the frozen PCAM backbone (pcam_checkpoint); "
                              "give init_weights to the PCAM recipe instead")
 
+
+def _check_optimisation(merged: dict[str, Any], fail: Callable[[str, str], NoReturn]) -> None:
+    """Loss, sampler, optimiser, schedule, EMA, epochs and precision."""
+    task = merged["task"]
     loss = merged["loss"]
     if not isinstance(loss, dict) or "name" not in loss:
         fail("loss", "must be a mapping with a 'name'")
@@ -371,6 +386,11 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
         fail("epochs/batch_size", "must be positive integers")
     if merged["precision"] not in PRECISIONS:
         fail("precision", f"must be one of {PRECISIONS}")
+
+
+def _check_validation(merged: dict[str, Any], fail: Callable[[str, str], NoReturn]) -> None:
+    """Test-time augmentation, the validation split and the training augmentation."""
+    task = merged["task"]
     try:
         merged["tta"] = list(parse_tta_views(merged["tta"]))
     except ValueError as exc:
@@ -385,7 +405,3 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
         Augment(**merged["augment"])
     except TypeError as exc:
         fail("augment", f"{exc}; keys are {[f.name for f in dataclasses.fields(Augment)]}")
-    merged["epochs"], merged["batch_size"] = int(merged["epochs"]), int(merged["batch_size"])
-    merged["grad_clip"] = float(merged["grad_clip"] or 0.0)
-    merged["val_fraction"] = float(merged["val_fraction"])
-    return Recipe(**merged, source=source)

@@ -13,6 +13,7 @@ from typing import Any
 
 from cxrlt.contract.labels import PROJECTIONS
 from cxrlt.contract.ensemble import MEMBERS
+from cxrlt.contract.served import ROUTER_MODEL, ensemble_model_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +56,11 @@ class Profile:
 
     def network_specs(self) -> dict[str, NetworkSpec]:
         """Model-repository name -> spec, for every network of Task 1."""
-        specs = {"projection_router": self.router}
+        specs = {ROUTER_MODEL: self.router}
         for projection in PROJECTIONS:
             for member in MEMBERS:
                 specs[ensemble_model_name(projection, member)] = self.members[member]
         return specs
-
-
-def ensemble_model_name(projection: str, member: str) -> str:
-    return f"ensemble_{projection}_{member}"
 
 
 _TINY_CONVNEXT = {"variant": "convnextv2_atto", "depths": (1, 1, 2, 1), "dims": (16, 32, 48, 64)}

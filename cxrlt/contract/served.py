@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from cxrlt.contract.ensemble import MEMBERS
 from cxrlt.contract.labels import PROJECTIONS
-from cxrlt.contract.profiles import ensemble_model_name
 
 # The served models' names (the model repository contract).
 ROUTER_MODEL = "projection_router"
@@ -15,6 +14,11 @@ CLASSIFIER_MODEL = "cxr_classifier"
 ZEROSHOT_MODEL = "cxr_zeroshot"
 FINDINGS_MODEL = "cxr_findings"
 PIPELINE_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL, ZEROSHOT_MODEL)
+
+
+def ensemble_model_name(projection: str, member: str) -> str:
+    """The network model of one ensemble member, e.g. ensemble_frontal_pcam."""
+    return f"ensemble_{projection}_{member}"
 
 
 def network_names() -> list[str]:
