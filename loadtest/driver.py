@@ -265,7 +265,6 @@ def rejection_reason(status: str | None, message: str | None) -> str:
     return "other"
 
 
-
 def arrival_times(rate: float, duration_s: float, arrivals: str, seed: int, max_requests: int) -> np.ndarray:
     """Send times (seconds from the start) of an open loop at `rate` requests/s for `duration_s`."""
     if not rate > 0:
@@ -302,7 +301,6 @@ def recovered_after(probes: Sequence[tuple[float, float | None]], threshold_ms: 
         if len(latencies) == window and float(np.median(latencies)) <= threshold_ms:
             return at
     return None
-
 
 
 class Parity:
@@ -383,7 +381,6 @@ class Refusals:
         }
 
 
-
 # --- stress: saturation ------------------------------------------------------------------
 
 
@@ -440,7 +437,6 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
         "cpu": cpu_by_level[level],
         "sweep": [{"concurrency": c, **m.to_json(), "cpu": cpu_by_level[c]} for c, m in points],
     }
-
 
 
 class _Storm:
@@ -600,7 +596,6 @@ class _Storm:
         }
 
 
-
 def _cpu_figures(before: tuple[float, float | None], after: tuple[float, float | None], wall_s: float,
                  admitted: int) -> dict[str, float | None]:
     """Cores this client and the server's process tree used over `wall_s`, and server CPU ms per admitted image."""
@@ -627,7 +622,6 @@ def _timeline(sends: Sequence[tuple[float, str]], admitted: Sequence[tuple[float
     for second, latencies in by_second.items():
         rows[second]["admitted_p95_ms"] = figures(latencies)["p95_ms"]
     return rows
-
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -834,7 +828,6 @@ def check_growth(series: dict[str, Growth], targets: SoakTargets) -> list[Check]
     return checks
 
 
-
 def analyse(samples: Sequence[Sample], warmup: int) -> dict[str, Growth]:
     requests = [s.requests for s in samples]
     return {key: growth(key, requests, [getattr(s, key) for s in samples], warmup) for key in SERIES}
@@ -850,7 +843,6 @@ def growth_by_process(samples: Sequence[Sample], warmup: int) -> dict[str, dict[
         rows[label] = {"processes": e.get("processes", 0), "rss_after_warmup": a.get("rss", 0),
                        **{f"{key}_growth": e.get(key, 0) - a.get(key, 0) for key in ("rss", "anon", "shmem")}}
     return rows
-
 
 
 class _Counted:
