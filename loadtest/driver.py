@@ -1,32 +1,19 @@
-"""`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server.
+"""`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server on this host.
 
-Both find or start the server (`--url` on this host, its process found by its port, or the
-embedded tritonserver started on `--repo`), send the images of loadtest.payloads over gRPC, watch
-the server's process tree, and judge checks (loadtest.kernel.Check) at the end.
+Both find or start the server (`--url`, its process found by its port, or the embedded
+tritonserver started on `--repo`), send the images of loadtest.payloads over gRPC, sample the
+server's process tree and judge loadtest.kernel.Checks at the end (loadtest/README.md has the
+details).
 
-stress: what happens when clients send more than the server can do?
-1. Saturation: a closed loop (loadtest.kernel.drive) at concurrency 1, 2, 4, ... until
-   throughput stops growing by more than `growth` (5 %); saturation is the best level.
-2. Storm: an open loop (asyncio, one grpc.aio channel; each image's request serialised once by
-   loadtest.payloads.request_bytes) at `overload` times the saturation rate for `duration_s`,
-   Poisson or fixed arrivals, bounded in count and time. The entry models' bounded queues refuse
-   what they cannot hold: UNAVAILABLE "Exceeds maximum queue size" or "Request timeout expired"
-   (cxrlt.client.sdk.OVERLOAD_MESSAGES). A second channel asks the live endpoint twice a second.
-3. Recovery: sequential requests from the storm's end until the p50 of the last `2 x images` is
-   back within `recovery_factor` x the unloaded p50.
-Every answer is checked against the in-process pipeline (loadtest.bench.RawSide) on the same
-image: max |difference| <= `parity_tolerance`. Timing targets fail the command only with
---strict; correctness checks (no wrong answer, no crash, no refusal but the queue policy's) always.
+stress: saturation (a closed loop at concurrency 1, 2, 4, ... until throughput stops growing),
+a storm (an open loop at `overload` x that rate; what the bounded queues refuse, classified by
+cxrlt.client.sdk.OVERLOAD_MESSAGES), then recovery to the unloaded p50; every answer checked
+against the in-process pipeline (loadtest.bench.RawSide). Timing targets fail only with --strict.
 
-soak: N requests spread over cxr_classifier, cxr_zeroshot and cxr_findings in chunks; between
-chunks the server's process tree is sampled from /proc (RSS with its anon/file/shmem split, open
-fds, the /dev/shm files it holds; loadtest.kernel.sample_tree). After the warm-up each series is
-fitted by least squares: growth % over the post-warm-up requests, slopes per 1,000 requests over
-all of them and over their later half (a leak keeps its slope; an allocator or the Python
-backend's shared-memory pool reaching its high-water mark levels off). Targets: RSS growth < 5 %,
-later-half RSS slope < 1 MiB per 1,000 requests, no growth in fds or /dev/shm files (median of the
-last samples against the first after warm-up), no failure, every request sent in the time limit.
-/dev/shm bytes are reported, not judged.
+soak: N requests over the three public models in chunks, the process tree's RSS, fds and
+/dev/shm files sampled between chunks (loadtest.kernel.sample_tree); each series' growth after
+the warm-up fitted by least squares (growth %, slope per 1,000 requests overall and over the
+later half: a leak keeps its slope, a high-water mark levels off) and judged against targets.
 """
 
 from __future__ import annotations
