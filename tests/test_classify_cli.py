@@ -188,6 +188,22 @@ def test_sr_output_reads_back(url, mixed_folder, json_run, capsys, tmp_path):
         assert list(findings) == list(ALL_LABELS)
         assert findings == pytest.approx(expected[source_uid], abs=1e-12)
     assert referenced == {UNCR_UID, J2KR_UID}
+    # The SRs' UIDs are the ones the DICOM node and `--dicomweb --store` derive: a second run rewrites the same UIDs.
+    from cxrlt.client import CxrltClient
+    from cxrlt.io.reports import derived_uids
+
+    with CxrltClient(url) as client:
+        sha256 = client.repository().sha256
+    for path in srs:
+        ds = pydicom.dcmread(path)
+        source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm" if _references(ds) == UNCR_UID else "RG1_J2KR.dcm"),
+                                 stop_before_pixels=True)
+        assert str(ds.SOPInstanceUID) == derived_uids(source, sha256).sop_instance
+
+
+def _references(ds) -> str:
+    return str(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
 def test_all_good_exits_zero_and_prints_json(url, capsys):
