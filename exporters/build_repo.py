@@ -208,21 +208,27 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def pipeline_parameters(options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
+                        random_weights: bool, identity: str) -> dict[str, dict[str, str]]:
+    """The config parameters of the three pipeline models, by model name."""
+    queue = options.queue_policy(profile)
+    # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
+    flag = {"random_weights": "true" if random_weights else "false", "repository_sha256": identity}
+    # The pipelines stack every merged request's images into one call per network, sliced to
+    # what the network models accept.
+    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
+               "member_execution_provider": options.execution_provider,
+               "member_max_batch_size": str(options.max_batch_size), "member_timeout_ms": str(queue.member_timeout_ms)}
+    tasks = {CLASSIFIER_MODEL: (CLASSIFIER_TASK,), ZEROSHOT_MODEL: (ZEROSHOT_TASK,), FINDINGS_MODEL: (CLASSIFIER_TASK, ZEROSHOT_TASK)}
+    return {name: {**task_parameters(run, classifier, zeroshot), **members, **flag} for name, run in tasks.items()}
+
+
 def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
                  random_weights: bool, identity: str) -> None:
     queue = options.queue_policy(profile)
     common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances,
                   queue_policy=queue_policy_block(queue.max_queue_size, queue.timeout_ms))
-    # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
-    flag = {"random_weights": "true" if random_weights else "false", "repository_sha256": identity}
-    calls = {"member_timeout_ms": str(queue.member_timeout_ms)}
-    # The pipelines stack every merged request's images into one call per network, sliced to
-    # what the network models accept.
-    members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
-               "member_execution_provider": options.execution_provider,
-               "member_max_batch_size": str(options.max_batch_size), **calls}
-    tasks = {CLASSIFIER_MODEL: (CLASSIFIER_TASK,), ZEROSHOT_MODEL: (ZEROSHOT_TASK,), FINDINGS_MODEL: (CLASSIFIER_TASK, ZEROSHOT_TASK)}
-    params = {name: {**task_parameters(run, classifier, zeroshot), **members, **flag} for name, run in tasks.items()}
+    params = pipeline_parameters(options, profile, classifier, zeroshot, random_weights, identity)
     # A plain tritonclient user reads the contract from the served config's description.
     texts = {
         name: render(f"{name}/config.pbtxt.template", parameters=parameters_block({**values, "description": MODEL_DESCRIPTIONS[name]}), **common)

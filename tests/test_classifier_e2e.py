@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from cxrlt.contract.model_config import set_config_parameters
-from tests.grpc_inputs import image_inputs, inference_counts, settled
+from tests.grpc_inputs import image_inputs, inference_counts
 from evaluation.reference import ReferencePipeline
 
 pytestmark = pytest.mark.e2e
@@ -88,26 +88,6 @@ def test_config_weights_and_alpha_change_served_result_as_reference_predicts(
 def _member_stats(client) -> dict[str, dict[str, int]]:
     """Every ensemble member's counts from Triton's statistics API."""
     return {name: counts for name, counts in inference_counts(client).items() if name.startswith("ensemble_")}
-
-
-def test_dynamic_batching_merges_member_requests_under_concurrency(grpc_client, triton_server, synthetic_cxrs):
-    before = _member_stats(grpc_client)
-
-    def call(_):
-        client = grpcclient.InferenceServerClient(triton_server.endpoints.grpc)
-        return classify(client, synthetic_cxrs["frontal"], "PA")[1]
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        assert set(pool.map(call, range(32))) == {"frontal"}
-    members = [f"ensemble_frontal_{member}" for member in ("pcam", "cait", "swin")]
-    after = settled(lambda: _member_stats(grpc_client),
-                    lambda stats: all(stats[name]["images"] - before[name]["images"] >= 2 * 32 for name in members))
-    for name in members:
-        requests, inferences, executions = (after[name][k] - before[name][k] for k in ("success", "images", "executions"))
-        assert inferences == 2 * 32  # one item per image and TTA view
-        # Images of merged cxr_classifier requests go as one member request (the BLS stacks them),
-        # and the member's own batcher merges requests of concurrent BLS instances: fewer runs.
-        assert requests <= 32 and executions < 32, f"{name}: {requests} requests, {executions} executions for 32 images"
 
 
 def test_in_process_members_give_the_same_result_without_calling_the_network_models(

@@ -38,13 +38,14 @@ def test_member_execution_values_are_checked():
         BuildOptions(member_execution="remote")
 
 
-@pytest.mark.slow  # builds a repository or trains: tens of seconds on 2 cores
-def test_build_repo_option_reaches_both_bls_configs(tmp_path):
-    from cxrlt.cli.main import main
-    from cxrlt.contract.model_config import config_parameters
+def test_member_execution_option_reaches_every_pipeline_config():
+    from cxrlt.contract.profiles import get_profile
+    from exporters.build_repo import default_classifier_settings, default_zeroshot_settings, pipeline_parameters
 
-    out = tmp_path / "repo"
-    assert main(["build-repo", "--profile", "tiny", "--member-execution", "in-process", "--ort-threads", "2", "--out", str(out)]) == 0
-    for model in ("cxr_classifier", "cxr_zeroshot"):
-        params = config_parameters(out / model / "config.pbtxt")
-        assert params["member_execution"] == "in_process" and params["member_intra_op_threads"] == "2"
+    profile = get_profile("tiny")
+    options = BuildOptions(member_execution="in_process", ort_threads=2)
+    params = pipeline_parameters(options, profile, default_classifier_settings(profile), default_zeroshot_settings(profile),
+                                 random_weights=True, identity="x")
+    assert set(params) == {"cxr_classifier", "cxr_zeroshot", "cxr_findings"}
+    for values in params.values():
+        assert values["member_execution"] == "in_process" and values["member_intra_op_threads"] == "2"
