@@ -266,7 +266,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_demo_stops_its_server_on_ctrl_c(tmp_path):
+def test_demo_stops_its_server_on_ctrl_c(tmp_path, tiny_repository):
+    """On the session's repository (--repo): building is the other demo test's business."""
     import signal
     import time
 
@@ -274,7 +275,7 @@ def test_demo_stops_its_server_on_ctrl_c(tmp_path):
     # A job started in the background by a shell without job control (as CI runners may start
     # the tests) inherits SIGINT ignored, and Python then leaves it ignored: give the demo the
     # disposition a terminal's Ctrl-C meets.
-    demo = subprocess.Popen([sys.executable, "-m", "cxrlt", "demo"], cwd=tmp_path, env=env,
+    demo = subprocess.Popen([sys.executable, "-m", "cxrlt", "demo", "--repo", str(tiny_repository)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
