@@ -238,6 +238,17 @@ def test_missing_modality_is_accepted_for_radiography_sop_class(tmp_path):
     assert load_image(path).pixels.shape == (4, 4)
 
 
+def test_body_parts_refuse_another_body_part_and_pass_an_empty_one(tmp_path):
+    knee = make_dicom(tmp_path / "knee.dcm", np.zeros((4, 4), np.uint16), bits_stored=12, BodyPartExamined="KNEE")
+    with pytest.raises(InputError, match=r"knee\.dcm: body part 'KNEE' is not a chest \(accepted: CHEST, THORAX\)"):
+        load_image(knee, body_parts=("CHEST", "THORAX"))
+    assert load_image(knee).pixels.shape == (4, 4)  # no body_parts: no check
+    unnamed = make_dicom(tmp_path / "unnamed.dcm", np.zeros((4, 4), np.uint16), bits_stored=12)
+    assert load_image(unnamed, body_parts=("CHEST",)).pixels.shape == (4, 4)
+    chest = make_dicom(tmp_path / "chest.dcm", np.zeros((4, 4), np.uint16), bits_stored=12, BodyPartExamined="Chest ")
+    assert load_image(chest.read_bytes(), body_parts=("CHEST",)).pixels.shape == (4, 4)
+
+
 def test_non_dicom_file_is_refused(tmp_path):
     path = tmp_path / "notes.dcm"
     path.write_text("patient notes, not an image\n" * 20)

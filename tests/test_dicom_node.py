@@ -300,7 +300,7 @@ def served_repository(url: str):
     import tritonclient.grpc as grpcclient
 
     from cxrlt.contract.served import PIPELINE_MODELS
-    from cxrlt.node.report import repository_identity
+    from cxrlt.client.sdk import repository_identity
 
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -358,14 +358,14 @@ def test_orthanc_routes_chest_radiographs_and_stores_one_sr_per_image(pacs, back
     reference = classify_json(cxrlt, backend.url, images, work / "classify.json")
     repository = served_repository(backend.url)
     from cxrlt.io.reports import NOT_FOR_CLINICAL_USE
-    from cxrlt.node.report import sr_uids
+    from cxrlt.io.reports import derived_uids
 
     for source, path in zip(sources, images):
         assert len(srs[source]) == 1
         sr = srs[source][0]
         assert sr.study == STUDY  # in the source's study
         assert_same_findings(sr.findings, reference[source])
-        assert sr.uid == sr_uids(pydicom.dcmread(path, stop_before_pixels=True), repository.sha256)[0]
+        assert sr.uid == derived_uids(pydicom.dcmread(path, stop_before_pixels=True), repository.sha256).sop_instance
         assert repository.sha256 in sr.notes and NOT_FOR_CLINICAL_USE in sr.notes
         assert "Projection frontal (score" in sr.notes
     counts = node.metrics()
@@ -570,14 +570,15 @@ def test_the_sr_uid_depends_only_on_the_image_and_the_repository():
     from cxrlt.contract.labels import ALL_LABELS
     from cxrlt.contract.results import FindingsResult
     from cxrlt.io.reports import NOT_FOR_CLINICAL_USE
-    from cxrlt.node.report import Repository, build_node_sr
+    from cxrlt.client.sdk import Repository
+    from cxrlt.client.workflow import build_report
 
     source = pydicom.dcmread(sample_file("RG1_UNCR.dcm"))
     result = FindingsResult(str(source.SOPInstanceUID), {label: 0.25 for label in ALL_LABELS}, "frontal", 0.8, "PA",
                             True, "cxr_findings", "1", random_weights=False)
     repository = Repository("ab" * 32, random_weights=True, source="test")
-    first, again = build_node_sr(result, source, repository), build_node_sr(result, source, repository)
-    other = build_node_sr(result, source, Repository("cd" * 32, random_weights=False, source="test"))
+    first, again = build_report(result, source, repository), build_report(result, source, repository)
+    other = build_report(result, source, Repository("cd" * 32, random_weights=False, source="test"))
     assert first.SOPInstanceUID == again.SOPInstanceUID == first.file_meta.MediaStorageSOPInstanceUID
     assert first.SeriesInstanceUID == again.SeriesInstanceUID and first.StudyInstanceUID == source.StudyInstanceUID
     assert other.SOPInstanceUID != first.SOPInstanceUID

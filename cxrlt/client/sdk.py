@@ -42,11 +42,11 @@ Behaviour:
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import asyncio
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import random
@@ -67,21 +67,9 @@ from cxrlt.client.shared_memory import Region, RegionPool
 from python_backends.triton_params import as_bool
 
 __all__ = [
-    "DEFAULT_URL",
-    "MODEL_LABELS",
-    "REPOSITORY_PARAMETER",
-    "ClientError",
-    "ServerUnavailable",
-    "ServerOverloaded",
-    "ServerRejected",
-    "ServerFailed",
-    "RequestTimeout",
-    "ModelInfo",
-    "Repository",
-    "repository_identity",
-    "backoff_delay",
-    "CxrltClient",
-    "AsyncCxrltClient",
+    "DEFAULT_URL", "MODEL_LABELS", "REPOSITORY_PARAMETER", "ClientError", "ServerUnavailable", "ServerOverloaded",
+    "ServerRejected", "ServerFailed", "RequestTimeout", "ModelInfo", "Repository", "repository_identity",
+    "backoff_delay", "CxrltClient", "AsyncCxrltClient",
 ]
 
 log = logging.getLogger(__name__)
@@ -612,15 +600,12 @@ class AsyncCxrltClient:
                                                                 client_timeout=self.timeout_s)
             except Exception as exc:
                 self._regions.discard(region)
-                raise self._registration_error(exc) from None
+                raise ClientError(
+                    f"could not register a shared-memory region with {self.url} ({_server_message(exc)}); shared "
+                    "memory needs the client on the server's host: drop shared_memory (--shared-memory) for a "
+                    "remote server", url=self.url, model=self.model, status=_status_name(exc),
+                ) from None
         return region
-
-    def _registration_error(self, exc: Exception) -> ClientError:
-        return ClientError(
-            f"could not register a shared-memory region with {self.url} ({_server_message(exc)}); shared memory "
-            "needs the client on the server's host: drop shared_memory (--shared-memory) for a remote server",
-            url=self.url, model=self.model, status=_status_name(exc),
-        )
 
     def _inputs(self, pixels: np.ndarray, hint: str | None, region: Region | None = None) -> tuple[list[Any], str | None]:
         image_input = self._grpcclient.InferInput("IMAGE", [1, *pixels.shape], "UINT16")
@@ -734,11 +719,9 @@ def _shut_down(client: AsyncCxrltClient, loop: asyncio.AbstractEventLoop, thread
 
 
 class CxrltClient:
-    """Synchronous client: an :class:`AsyncCxrltClient` (same arguments, same results) run on a
-    private event-loop thread. Thread-safe: many threads may call one client at once.
-
-    Attributes (``url``, ``model``, ``labels``, ``timeout_s``, ...) and :meth:`backoff` are the
-    async client's; ``aio`` is the async client itself.
+    """Synchronous client: an :class:`AsyncCxrltClient` (same arguments, attributes, methods and
+    results, without ``await``) run on a private event-loop thread. Thread-safe: many threads may
+    call one client at once. ``aio`` is the async client itself.
     """
 
     def __init__(self, url: str = DEFAULT_URL, **options: Any) -> None:
@@ -748,19 +731,27 @@ class CxrltClient:
         self._thread.start()
         self._finalizer = weakref.finalize(self, _shut_down, self.aio, self._loop, self._thread)
 
-    def __getattr__(self, name: str) -> Any:  # only for what the wrapper itself lacks
+    def __getattr__(self, name: str) -> Any:
+        """The async client's attribute; its coroutine methods run on the loop thread and return their value."""
         if name == "aio":
             raise AttributeError(name)
-        return getattr(self.aio, name)
+        value = getattr(self.aio, name)
+        if not inspect.iscoroutinefunction(value):
+            return value
+
+        @functools.wraps(value)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if self._loop.is_closed():
+                raise ClientError(f"this client of {self.aio.url} is closed", url=self.aio.url, model=self.aio.model)
+            return asyncio.run_coroutine_threadsafe(value(*args, **kwargs), self._loop).result()
+
+        return run
 
     def __repr__(self) -> str:
         return f"CxrltClient(url={self.aio.url!r}, model={self.aio.model!r})"
 
-    def _run(self, coroutine: Any) -> Any:
-        if self._loop.is_closed():
-            coroutine.close()
-            raise ClientError(f"this client of {self.aio.url} is closed", url=self.aio.url, model=self.aio.model)
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+    def model_info(self) -> ModelInfo:  # read once; still there after close()
+        return self.aio._info or self.__getattr__("model_info")()
 
     def close(self) -> None:
         self._finalizer()
@@ -770,25 +761,3 @@ class CxrltClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def is_ready(self) -> bool:
-        return self._run(self.aio.is_ready())
-
-    def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> None:
-        return self._run(self.aio.wait_until_ready(timeout_s, poll_s))
-
-    def model_info(self) -> ModelInfo:
-        cached = self.aio._info  # read once; still there after close()
-        return cached if cached is not None else self._run(self.aio.model_info())
-
-    def random_weights(self) -> bool:
-        return self._run(self.aio.random_weights())
-
-    def repository(self) -> Repository:
-        return self._run(self.aio.repository())
-
-    def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
-        return self._run(self.aio.classify(image, hint, image_id))
-
-    def classify_file(self, source: Any) -> FindingsResult:
-        return self._run(self.aio.classify_file(source))

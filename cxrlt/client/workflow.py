@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,38 +149,12 @@ def _name(source: Any) -> str:
 
 
 def _load(source: Any, name: str | Path, body_parts: Sequence[str] | None, sr: bool):
-    """cxrlt.io.images.load_image, after the body-part check (header only, before decoding)."""
     from cxrlt.io.images import InputError, load_image
 
-    if body_parts is not None:
-        body_part = _body_part(source)
-        if body_part and not any(term in body_part for term in body_parts):
-            raise InputError(
-                f"{name}: body part {body_part!r} is not a chest (accepted: {', '.join(body_parts)}); "
-                "only chest radiographs are classified"
-            )
-    loaded = load_image(source, name=None if isinstance(source, (str, Path)) else name)
+    loaded = load_image(source, name=None if isinstance(source, (str, Path)) else name, body_parts=body_parts)
     if sr and loaded.dataset is None:
         raise InputError(
             f"{name}: SR output needs DICOM input (a {Path(str(name)).suffix or 'non-DICOM'} image has no "
             "study to report into); use --format json or csv for it"
         )
     return loaded
-
-
-def _body_part(source: Any) -> str:
-    """BodyPartExamined, upper case ('' when absent or unreadable: load_image says what is wrong)."""
-    import io
-
-    import pydicom
-
-    try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            source = io.BytesIO(bytes(source))
-        if not isinstance(source, pydicom.Dataset):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                source = pydicom.dcmread(source, stop_before_pixels=True)
-        return str(source.get("BodyPartExamined", "") or "").strip().upper()
-    except Exception:
-        return ""

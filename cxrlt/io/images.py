@@ -33,7 +33,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -120,7 +120,8 @@ class LoadedImage:
     source: Path
 
 
-def load_image(source: str | Path | bytes | Dataset, name: str | Path | None = None) -> LoadedImage:
+def load_image(source: str | Path | bytes | Dataset, name: str | Path | None = None,
+               body_parts: Sequence[str] | None = None) -> LoadedImage:
     """Load a DICOM, PNG or other Pillow-readable image as full-scale UINT16 MONOCHROME2.
 
     ``source``: a file's path, its content (bytes, e.g. a C-STORE or WADO-RS payload) or a
@@ -128,33 +129,35 @@ def load_image(source: str | Path | bytes | Dataset, name: str | Path | None = N
     messages and in ``LoadedImage.source`` (default: ``<bytes>``, or the dataset's
     SOPInstanceUID). The format is decided by content, not by extension: a DICOM file (with
     the 'DICM' preamble, or a bare dataset that pydicom can parse) or anything Pillow can open.
+    ``body_parts``: refuse a DICOM whose BodyPartExamined holds none of these (upper-case) terms,
+    from the header before anything is decoded (an empty BodyPartExamined passes); None: no check.
     """
     if isinstance(source, Dataset):
-        return _load_dicom(Path(str(name or source.get("SOPInstanceUID", "") or "<dataset>")), source)
+        return _load_dicom(Path(str(name or source.get("SOPInstanceUID", "") or "<dataset>")), source, body_parts)
     if isinstance(source, (bytes, bytearray, memoryview)):
         content = bytes(source)
-        return _load_content(Path(str(name or "<bytes>")), content[:132], lambda: io.BytesIO(content))
+        return _load_content(Path(str(name or "<bytes>")), content[:132], lambda: io.BytesIO(content), body_parts)
     path = Path(source)
     if not path.is_file():
         raise InputError(f"{path}: no such file; check the path")
     with path.open("rb") as handle:
         head = handle.read(132)
-    return _load_content(path, head, lambda: path)
+    return _load_content(path, head, lambda: path, body_parts)
 
 
-def _load_content(path: Path, head: bytes, open_file: Callable[[], Any]) -> LoadedImage:
+def _load_content(path: Path, head: bytes, open_file: Callable[[], Any], body_parts: Sequence[str] | None) -> LoadedImage:
     """load_image of a file or bytes; ``path`` names it, ``open_file()`` gives what pydicom/Pillow read."""
     if not head:
         raise InputError(f"{path}: empty file (0 bytes); the export or transfer failed: send it again")
     if head[128:132] == b"DICM":
-        return _load_dicom(path, _read_dicom(path, open_file()))
+        return _load_dicom(path, _read_dicom(path, open_file()), body_parts)
     pil_image, pil_error = _try_pillow(path, open_file())
     if pil_image is not None:
         return _load_pillow(path, pil_image)
     # Some PACS exports are bare datasets without the 128-byte preamble.
     ds = _try_bare_dicom(open_file())
     if ds is not None:
-        return _load_dicom(path, ds)
+        return _load_dicom(path, ds, body_parts)
     if pil_error is not None:
         raise pil_error
     raise InputError(
@@ -172,7 +175,14 @@ def load_pixels(path: str | Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- DICOM
 
 
-def _load_dicom(path: Path, ds: Dataset) -> LoadedImage:
+def _load_dicom(path: Path, ds: Dataset, body_parts: Sequence[str] | None = None) -> LoadedImage:
+    try:
+        body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    except Exception:  # undecodable bytes: no claim either way
+        body_part = ""
+    if body_parts is not None and body_part and not any(term in body_part for term in body_parts):
+        raise InputError(f"{path}: body part {body_part!r} is not a chest (accepted: {', '.join(body_parts)}); "
+                         "only chest radiographs are classified")
     _check_usable(path, ds)
     stored = _decode_pixels(path, ds)
     pixels = dicom_to_uint16(stored, ds, path)
