@@ -127,9 +127,9 @@ def real_looking_images() -> list[np.ndarray]:
     images = list(synthetic_radiographs().values())
     try:
         from cxrlt.io.images import load_image
-        from pydicom.data import get_testdata_file
+        from cxrlt.io.samples import pydicom_data_file
 
-        images.insert(0, load_image(get_testdata_file("RG1_UNCR.dcm")).pixels)
+        images.insert(0, load_image(pydicom_data_file()).pixels)
     except Exception as exc:  # pydicom-data missing: parity still runs on the others
         log.warning("real chest X-ray unavailable for parity checks (%s)", exc)
     return images
