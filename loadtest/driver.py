@@ -1,25 +1,18 @@
-"""`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server on this host.
+"""`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server on this host (loadtest/README.md).
 
-Both find or start the server (`--url`, its process found by its port, or the embedded
-tritonserver started on `--repo`), send the images of loadtest.payloads over gRPC, sample the
-server's process tree and judge loadtest.kernel.Checks at the end (loadtest/README.md has the
-details).
-
-stress: saturation (a closed loop at concurrency 1, 2, 4, ... until throughput stops growing),
-a storm (an open loop at `overload` x that rate; what the bounded queues refuse, classified by
-cxrlt.client.sdk.OVERLOAD_MESSAGES), then recovery to the unloaded p50; every answer checked
-against the in-process pipeline (loadtest.bench.RawSide). Timing targets fail only with --strict.
-
-soak: N requests over the three public models in chunks, the process tree's RSS, fds and
-/dev/shm files sampled between chunks (loadtest.kernel.sample_tree); each series' growth after
-the warm-up fitted by least squares (growth %, slope per 1,000 requests overall and over the
-later half: a leak keeps its slope, a high-water mark levels off) and judged against targets.
+stress: saturation (a closed loop at concurrency 1, 2, 4, ... until throughput stops growing), a
+storm (an open loop at `overload` x that rate; refusals classified by the queue policy's messages),
+then recovery to the unloaded p50; every answer checked against the in-process pipeline.
+soak: N requests over the three public models in chunks, the server's process tree sampled between
+chunks; each series' growth after the warm-up fitted by least squares (a leak keeps its slope over
+the later half, a high-water mark levels off) and judged against targets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -32,14 +25,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
-from loadtest.kernel import (MIB, Check, LoadTestError, Measurement, Sample, Served, alive, cpu_sample, drive, figures,
-                             load_average, pyplot, require_loopback, sample_tree, save_figure, target_server, verdicts)
-from loadtest.payloads import IMAGE_SETS, MODELS, Payload, load_payloads, request_bytes
+from loadtest.kernel import (IMAGE_SETS, MIB, MODELS, Check, LoadTestError, Measurement, Payload, Sample, Served, alive,
+                             cpu_sample, drive, figures, fmt, images_json, load_average, load_payloads, request_bytes,
+                             require_loopback, sample_tree, save_figure, subplots, table, target_server, verdict, verdicts)
 
 REASONS = ("queue_full", "queue_timeout", "other")
 QUEUE_MESSAGES = dict(zip(REASONS, OVERLOAD_MESSAGES))  # reason -> the queue policy's message, lower case
-ARRIVALS = ("poisson", "fixed")
 SERIES = ("rss_bytes", "rss_anon_bytes", "fds", "shm_files", "shm_bytes")
+
+
+def _at_least(config: Any, bound: float, names: Sequence[str], strict: bool = False) -> None:
+    for name in names:
+        if not (getattr(config, name) > bound if strict else getattr(config, name) >= bound):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if strict else f'at least {bound}'}, "
+                             f"not {getattr(config, name)!r}")
 
 
 @dataclasses.dataclass
@@ -68,10 +67,6 @@ class DriveConfig:
         if not self.request_timeout_s > 0:
             raise ValueError(f"--timeout-s must be positive, not {self.request_timeout_s!r}")
 
-    @property
-    def models(self) -> list[str]:
-        return list(MODELS)
-
 
 @dataclasses.dataclass
 class StressTargets:
@@ -87,7 +82,7 @@ class StressConfig(DriveConfig):
     model: str = "cxr_classifier"
     overload: float = 3.0  # offered rate = overload x saturation throughput
     duration_s: float = 30.0
-    arrivals: str = "poisson"
+    arrivals: str = "poisson"  # or "fixed"
     seed: int = 0
     request_timeout_s: float = 10.0  # client timeout of each storm request (> the queue timeout)
     max_in_flight: int = 256  # storm requests outstanding at once; an arrival beyond it is not sent
@@ -105,20 +100,11 @@ class StressConfig(DriveConfig):
         super().__post_init__()
         if self.repo is None:
             raise ValueError("cxrlt stress needs --repo: the repository served, for the reference answers")
-        if self.model not in MODELS:
-            raise ValueError(f"--model must be one of {', '.join(MODELS)}, not {self.model!r}")
-        if self.arrivals not in ARRIVALS:
-            raise ValueError(f"--arrivals must be one of {', '.join(ARRIVALS)}, not {self.arrivals!r}")
-        for name in ("overload", "duration_s", "recovery_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
-        for name in ("max_in_flight", "max_requests", "saturation_requests", "max_concurrency"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
-
-    @property
-    def models(self) -> list[str]:
-        return [self.model]
+        for name, value, choices in (("model", self.model, MODELS), ("arrivals", self.arrivals, ("poisson", "fixed"))):
+            if value not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
+        _at_least(self, 0, ("overload", "duration_s", "recovery_timeout_s"), strict=True)
+        _at_least(self, 1, ("max_in_flight", "max_requests", "saturation_requests", "max_concurrency"))
 
 
 @dataclasses.dataclass
@@ -148,20 +134,14 @@ class SoakConfig(DriveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("requests", "sample_every", "concurrency"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        _at_least(self, 1, ("requests", "sample_every", "concurrency"))
         if self.warmup < 0 or self.warmup >= self.requests:
             raise ValueError(f"--warmup ({self.warmup}) must be at least 0 and below --requests ({self.requests})")
         post = [b for b in chunk_bounds(self.requests, self.sample_every, self.warmup) if b >= self.warmup]
         if len(post) < 3:
             raise ValueError(f"only {len(post)} samples after the warm-up: lower --sample-every or raise --requests "
                              "(the slope needs at least 3)")
-        if not self.time_limit_s > 0:
-            raise ValueError("--time-limit-s must be positive")
-
-
-# --- the run ---------------------------------------------------------------------------------
+        _at_least(self, 0, ("time_limit_s",), strict=True)
 
 
 def run(config: DriveConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
@@ -169,24 +149,23 @@ def run(config: DriveConfig, log: Callable[[str], None] = lambda message: None) 
     from loadtest.metrics import default_metrics_url
     from loadtest.runner import check_server
 
-    payloads = load_payloads(config.image_set)
+    payloads, stress = load_payloads(config.image_set), isinstance(config, StressConfig)
+    models = [config.model] if stress else list(MODELS)
     before, started_at = load_average(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    stress = isinstance(config, StressConfig)
     with target_server(config.repo, config.url, config.server_log, config.server_pid, log) as (url, metrics_url, pid):
-        check_server(url, config.models)
+        check_server(url, models)
         if pid is not None and not alive(pid):
             raise LoadTestError(f"no running process {pid} (--server-pid)")
         metrics_url = config.metrics_url or metrics_url or default_metrics_url(url)
         report = (_stress if stress else _soak)(config, url, metrics_url, pid, payloads, log)
-        report["health_after"] = server_health(url, config.models, pid)
+        report["health_after"] = server_health(url, models, pid)
     report.update({
         "url": url, "server_pid": pid, "repository": str(config.repo) if config.repo else None, "started_at": started_at,
         "server": f"started by cxrlt {config.mode}" if config.url is None else "given (--url)",
-        "images": [{"name": p.name, "shape": list(p.pixels.shape), "hint": p.hint if config.send_hints else None}
-                   for p in payloads],
+        "images": images_json(payloads, config.send_hints),
         "load_average": {"before": before, "after": load_average()}, "cpus": os.cpu_count(),
     })
-    checks = stress_checks(report, config) if stress else soak_checks(report, config)
+    checks = (stress_checks if stress else soak_checks)(report, config)
     report.update(verdicts(checks))
     report["missed_targets"] = [c.name for c in checks if c.kind == "target" and not c.passed]
     report["failed_checks"] = [c.name for c in checks if c.kind == "check" and not c.passed]
@@ -218,10 +197,12 @@ def _stress(config: StressConfig, url: str, metrics_url: str, pid: int | None, p
             log: Callable[[str], None]) -> dict[str, Any]:
     from cxrlt.contract.manifest import read_manifest
 
-    from loadtest.metrics import breakdown_json, diff, per_model, try_scrape
+    from loadtest.bench import RawSide
+    from loadtest.metrics import breakdown_json, diff, try_scrape
 
     log("reference probabilities: the pipeline in process on the repository's ONNX files")
-    parity = Parity(reference_probabilities(config.repo, config.model, payloads), config.parity_tolerance)
+    with contextlib.closing(RawSide(config.repo, config.model, threads=1)) as raw:
+        parity = Parity({p.name: np.asarray(raw(0, p), dtype=np.float64) for p in payloads}, config.parity_tolerance)
     served = Served(url, config.model, config.send_hints)
     try:
         served.ensure_clients(1)
@@ -239,8 +220,8 @@ def _stress(config: StressConfig, url: str, metrics_url: str, pid: int | None, p
         served.close()
     return {"model": config.model, "profile": read_manifest(config.repo).get("profile"), "overload": config.overload,
             "request_timeout_s": config.request_timeout_s, "saturation": saturation, "storm": storm,
-            "parity": parity.to_json(), "targets": dataclasses.asdict(config.targets),
-            "triton": dict(breakdown_json(per_model(diff(before, after)))) if after is not None else None}
+            "parity": {f.name: getattr(parity, f.name) for f in dataclasses.fields(parity)[1:]}, "targets": dataclasses.asdict(config.targets),
+            "triton": breakdown_json(diff(before, after)) if after is not None else None}
 
 
 def rejection_reason(status: str | None, message: str | None) -> str:
@@ -260,78 +241,51 @@ def arrival_times(rate: float, duration_s: float, arrivals: str, seed: int, max_
     if arrivals == "fixed":
         times = np.arange(expected) / rate
     else:
-        rng = np.random.default_rng(seed)
-        times = np.cumsum(rng.exponential(1.0 / rate, size=expected + 10 * int(np.sqrt(expected)) + 10))
+        times = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, size=expected + 10 * int(np.sqrt(expected)) + 10))
     return times[times < duration_s][:max_requests]
 
 
 def saturation_index(throughputs: Sequence[float], growth: float) -> tuple[int, bool]:
-    """(index of the saturation level, whether the sweep stops after the last one).
-
-    The sweep stops once a level's throughput is not more than `growth` above the best so far;
-    saturation is the level with the highest throughput."""
-    best = int(np.argmax(throughputs))
+    """(index of the highest throughput, whether the sweep stops: the last level is not more than `growth`
+    above the best before it)."""
     stop = len(throughputs) > 1 and throughputs[-1] <= (1.0 + growth) * max(throughputs[:-1])
-    return best, stop
+    return int(np.argmax(throughputs)), stop
 
 
 def recovered_after(probes: Sequence[tuple[float, float | None]], threshold_ms: float, window: int) -> float | None:
-    """The first time (seconds after the storm) at which the p50 of the last `window` answered probes
-    is <= threshold_ms; probes are (answered at, latency ms or None when refused). A refused probe
-    starts the window again."""
+    """The first time (seconds after the storm) at which the p50 of the last `window` answered probes is
+    <= threshold_ms; probes are (answered at, latency ms or None when refused, which restarts the window)."""
     latencies: collections.deque[float] = collections.deque(maxlen=window)
     for at, latency in probes:
         if latency is None:
             latencies.clear()
-            continue
-        latencies.append(latency)
-        if len(latencies) == window and float(np.median(latencies)) <= threshold_ms:
-            return at
+        else:
+            latencies.append(latency)
+            if len(latencies) == window and float(np.median(latencies)) <= threshold_ms:
+                return at
     return None
 
 
+@dataclasses.dataclass
 class Parity:
     """Every answered request's probabilities against the reference for the same image."""
 
-    def __init__(self, reference: dict[str, np.ndarray], tolerance: float) -> None:
-        self.reference, self.tolerance = reference, tolerance
-        self.checked = 0
-        self.wrong = 0
-        self.max_abs_diff = 0.0
-        self._lock = threading.Lock()
+    reference: dict[str, np.ndarray] = dataclasses.field(repr=False)
+    tolerance: float
+    responses_checked: int = 0
+    wrong: int = 0
+    max_abs_diff: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
 
     def __call__(self, payload: Payload, probabilities: np.ndarray) -> bool:
         diff = float(np.max(np.abs(np.asarray(probabilities, dtype=np.float64) - self.reference[payload.name])))
-        with self._lock:
-            self.checked += 1
+        with self.lock:
+            self.responses_checked += 1
             self.max_abs_diff = max(self.max_abs_diff, diff)
-            if not diff <= self.tolerance:
-                self.wrong += 1
+            self.wrong += not diff <= self.tolerance
         return diff <= self.tolerance
-
-    def to_json(self) -> dict[str, Any]:
-        return {"responses_checked": self.checked, "wrong": self.wrong, "max_abs_diff": self.max_abs_diff,
-                "tolerance": self.tolerance}
-
-
-def reference_probabilities(repo: Path, model: str, payloads: Sequence[Payload]) -> dict[str, np.ndarray]:
-    """Each image's probabilities from the in-process pipeline on the repository's ONNX files."""
-    from loadtest.bench import RawSide
-
-    raw = RawSide(repo, model, threads=1)
-    try:
-        return {p.name: np.asarray(raw(0, p), dtype=np.float64) for p in payloads}
-    finally:
-        raw.close()
-
-
-def _error_fields(exc: Exception) -> tuple[str, str]:
-    """(status, message) of a tritonclient InferenceServerException or a grpc.aio.AioRpcError."""
-    if hasattr(exc, "code") and hasattr(exc, "details"):  # grpc's own error
-        return str(exc.code()), str(exc.details() or exc)
-    status = exc.status() if hasattr(exc, "status") else None
-    message = exc.message() if hasattr(exc, "message") else None
-    return str(status or type(exc).__name__), str(message or exc)
 
 
 class Refusals:
@@ -341,12 +295,16 @@ class Refusals:
         self.latencies_ms: dict[str, list[float]] = {reason: [] for reason in REASONS}
         self.kinds: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.by_image: dict[str, list[float]] = collections.defaultdict(list)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def add(self, exc: Exception, latency_ms: float, image: str | None = None) -> str:
-        status, message = _error_fields(exc)
+        if hasattr(exc, "code") and hasattr(exc, "details"):  # grpc.aio's own error
+            status, message = str(exc.code()), str(exc.details() or exc)
+        else:  # tritonclient's InferenceServerException, or any other
+            status = str((exc.status() if hasattr(exc, "status") else None) or type(exc).__name__)
+            message = str((exc.message() if hasattr(exc, "message") else None) or exc)
         reason = rejection_reason(status, message)
-        with self._lock:
+        with self.lock:
             self.latencies_ms[reason].append(latency_ms)
             self.kinds[reason, status, message[:300]] += 1
             if image is not None:
@@ -360,70 +318,51 @@ class Refusals:
     def to_json(self) -> dict[str, Any]:
         every = [x for v in self.latencies_ms.values() for x in v]
         return {
-            "total": self.total,
-            "by_reason": {reason: len(v) for reason, v in self.latencies_ms.items()},
+            "total": self.total, "by_reason": {reason: len(v) for reason, v in self.latencies_ms.items()},
             "latency": {"all": figures(every), **{reason: figures(v) for reason, v in self.latencies_ms.items()}},
             "latency_by_image": {image: {"count": len(v), **figures(v)} for image, v in sorted(self.by_image.items())},
             "kinds": [{"reason": r, "status": s, "message": m, "count": n} for (r, s, m), n in self.kinds.most_common()],
         }
 
 
-# --- stress: saturation ------------------------------------------------------------------
-
-
 def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity, config: StressConfig,
                     log: Callable[[str], None], server_pid: int | None = None) -> dict[str, Any]:
+    """The closed loop at concurrency 1, 2, 4, ... up to max_concurrency, until throughput stops growing."""
     from tritonclient.utils import InferenceServerException
-
-    refusals: dict[int, Refusals] = {}
 
     def call(worker: int, payload: Payload) -> None:
         try:
-            probabilities = served(worker, payload)
+            parity(payload, served(worker, payload))
         except InferenceServerException as exc:
-            refusals[level].add(exc, 0.0)
-            return
-        parity(payload, probabilities)
+            refusals.add(exc, 0.0)  # a closed-loop refusal's latency is not recorded
 
-    levels = [2 ** k for k in range(config.max_concurrency.bit_length()) if 2 ** k <= config.max_concurrency]
-    points: list[tuple[int, Measurement]] = []
-    cpu_by_level: dict[int, dict[str, float | None]] = {}
-    refused: dict[str, Any] | None = None
-    note = f"throughput still grew at the largest concurrency ({levels[-1]})"
+    levels = [2 ** k for k in range(config.max_concurrency.bit_length())]
+    points: list[tuple[int, Measurement, dict[str, Any]]] = []
+    refused, note = None, f"throughput still grew at the largest concurrency ({levels[-1]})"
     for level in levels:
         served.ensure_clients(level)
-        refusals[level] = Refusals()
+        refusals = Refusals()
         drive(call, payloads, level, max(level, len(payloads)))  # warm-up, untimed
         total = max(config.saturation_requests, 4 * level)
         log(f"saturation: closed loop at concurrency {level}, {total} requests")
         before = cpu_sample(server_pid)
         measurement = drive(call, payloads, level, total)
-        cpu_by_level[level] = _cpu_figures(before, cpu_sample(server_pid), measurement.wall_s, measurement.requests)
-        if refusals[level].total:
-            seen = refusals[level].to_json()  # a closed-loop refusal's latency is not recorded
-            refused = {"concurrency": level, **{k: seen[k] for k in ("total", "by_reason", "kinds")}}
-            note = f"concurrency {level} was refused {refusals[level].total} time(s): the closed loop outgrew the queue"
+        cpu = _cpu_figures(before, cpu_sample(server_pid), measurement.wall_s, measurement.requests)
+        if refusals.total:
+            refused = {"concurrency": level, **{k: v for k, v in refusals.to_json().items() if k in ("total", "by_reason", "kinds")}}
+            note = f"concurrency {level} was refused {refusals.total} time(s): the closed loop outgrew the queue"
             break
-        points.append((level, measurement))
-        _, stop = saturation_index([m.images_per_s for _, m in points], config.growth)
-        if stop:
+        points.append((level, measurement, cpu))
+        if saturation_index([m.images_per_s for _, m, _ in points], config.growth)[1]:
             note = f"throughput at concurrency {level} was not more than {100 * config.growth:g} % above the best lower level"
             break
     if not points:
-        raise LoadTestError(f"every request at concurrency 1 was refused: {refusals[1].to_json()['kinds']}")
-    best, _ = saturation_index([m.images_per_s for _, m in points], config.growth)
-    level, at = points[best]
-    return {
-        "concurrency": level,
-        "images_per_s": round(at.images_per_s, 3),
-        "p50_ms": round(at.percentile(50), 3),
-        "p95_ms": round(at.percentile(95), 3),
-        "unloaded_p50_ms": round(points[0][1].percentile(50), 3),
-        "stopped": note,
-        "refused": refused,
-        "cpu": cpu_by_level[level],
-        "sweep": [{"concurrency": c, **m.to_json(), "cpu": cpu_by_level[c]} for c, m in points],
-    }
+        raise LoadTestError(f"every request at concurrency 1 was refused: {refusals.to_json()['kinds']}")
+    level, at, cpu = points[saturation_index([m.images_per_s for _, m, _ in points], config.growth)[0]]
+    return {"concurrency": level, "images_per_s": round(at.images_per_s, 3), "p50_ms": round(at.percentile(50), 3),
+            "p95_ms": round(at.percentile(95), 3), "unloaded_p50_ms": round(points[0][1].percentile(50), 3),
+            "stopped": note, "refused": refused, "cpu": cpu,
+            "sweep": [{"concurrency": c, **m.to_json(), "cpu": u} for c, m, u in points]}
 
 
 class _Storm:
@@ -432,12 +371,10 @@ class _Storm:
     def __init__(self, config: StressConfig, url: str, payloads: Sequence[Payload], parity: Parity) -> None:
         self.config, self.url, self.payloads, self.parity = config, url, payloads, parity
         self.refusals = Refusals()
-        self.admitted: list[tuple[float, float, str]] = []  # (answered at, latency ms, image), seconds from the storm's start
+        self.admitted: list[tuple[float, float, str]] = []  # (answered at, latency ms, image), seconds from the start
         self.sends: list[tuple[float, str]] = []  # (sent at, outcome: admitted / reason)
-        self.not_sent = 0  # arrivals dropped at max_in_flight
-        self.in_flight = 0
+        self.not_sent = self.in_flight = 0  # arrivals dropped at max_in_flight; requests outstanding
         self.live: list[tuple[float, float | None]] = []  # (asked at, answer ms or None)
-        self.recovery_probes: list[tuple[float, float | None]] = []
         self.send_lag_ms: list[float] = []
 
     async def run(self, rate: float, served: Served, unloaded_p50_ms: float, server_pid: int | None) -> dict[str, Any]:
@@ -527,7 +464,6 @@ class _Storm:
         by_image: dict[str, list[float]] = collections.defaultdict(list)
         for _, latency, image in self.admitted:
             by_image[image].append(latency)
-        busy = (after[1][0] - before[1][0]) / max(after[1][1] - before[1][1], 1e-9)
         answers = [ms for _, ms in self.live if ms is not None]
         return {
             "rate_offered": round(rate, 3), "arrivals": self.config.arrivals, "duration_s": round(window, 3),
@@ -541,8 +477,8 @@ class _Storm:
             "rejected": self.refusals.to_json(),
             "live_probes": {"asked": len(self.live), "unanswered": len(self.live) - len(answers),
                             **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
-            "cpu": {**_cpu_figures(before[0], after[0], window, len(in_window)),
-                    "machine_busy_share": round(busy, 3), "cores": os.cpu_count()},
+            "cpu": {**_cpu_figures(before[0], after[0], window, len(in_window)), "cores": os.cpu_count(),
+                    "machine_busy_share": round((after[1][0] - before[1][0]) / max(after[1][1] - before[1][1], 1e-9), 3)},
             "timeline": _timeline(self.sends, self.admitted, window),
             "recovery": recovery,
         }
@@ -551,14 +487,11 @@ class _Storm:
         """Sequential requests from the end of the storm until the p50 of the last window is back."""
         from tritonclient.utils import InferenceServerException
 
-        config, loop = self.config, asyncio.get_running_loop()
-        window = 2 * len(self.payloads)
-        threshold = config.targets.recovery_factor * unloaded_p50_ms
-        recovered_at = None
-        index = 0
-        while recovered_at is None and loop.time() - storm_end < config.recovery_timeout_s:
-            payload = self.payloads[index % len(self.payloads)]
-            index += 1
+        config, loop, probes = self.config, asyncio.get_running_loop(), []
+        window, threshold, recovered_at = 2 * len(self.payloads), config.targets.recovery_factor * unloaded_p50_ms, None
+        for payload in itertools.cycle(self.payloads):
+            if recovered_at is not None or loop.time() - storm_end >= config.recovery_timeout_s:
+                break
             sent = loop.time()
             try:
                 probabilities = await asyncio.to_thread(served, 0, payload)
@@ -567,19 +500,16 @@ class _Storm:
             else:
                 latency = 1000 * (loop.time() - sent)
                 self.parity(payload, probabilities)
-            self.recovery_probes.append((loop.time() - storm_end, latency))
-            recovered_at = recovered_after(self.recovery_probes, threshold, window)
-        answered = [ms for _, ms in self.recovery_probes if ms is not None]
+            probes.append((loop.time() - storm_end, latency))
+            recovered_at = recovered_after(probes, threshold, window)
+        answered = [ms for _, ms in probes if ms is not None]
         return {
-            "recovered": recovered_at is not None,
-            "seconds": None if recovered_at is None else round(recovered_at, 3),
-            "threshold_p50_ms": round(threshold, 3),
-            "window_requests": window,
-            "probes": len(self.recovery_probes),
-            "probes_refused": len(self.recovery_probes) - len(answered),
+            "recovered": recovered_at is not None, "seconds": None if recovered_at is None else round(recovered_at, 3),
+            "threshold_p50_ms": round(threshold, 3), "window_requests": window, "probes": len(probes),
+            "probes_refused": len(probes) - len(answered),
             "p50_of_last_window_ms": round(float(np.median(answered[-window:])), 3) if answered else None,
             "gave_up_after_s": config.recovery_timeout_s,
-            "probe_latencies": [[round(at, 3), None if ms is None else round(ms, 2)] for at, ms in self.recovery_probes],
+            "probe_latencies": [[round(at, 3), None if ms is None else round(ms, 2)] for at, ms in probes],
         }
 
 
@@ -597,7 +527,7 @@ def _cpu_figures(before: tuple[float, float | None], after: tuple[float, float |
 def _timeline(sends: Sequence[tuple[float, str]], admitted: Sequence[tuple[float, float, str]], window: float) -> list[dict[str, Any]]:
     """Per second of the storm: requests sent and how they ended, and the p95 of what was answered then."""
     seconds = int(np.ceil(window)) or 1
-    rows = [{"second": s, "sent": 0, "admitted": 0, **{r: 0 for r in REASONS}, "admitted_p95_ms": None} for s in range(seconds)]
+    rows = [{"second": s, "sent": 0, "admitted": 0, **dict.fromkeys(REASONS, 0), "admitted_p95_ms": None} for s in range(seconds)]
     for at, outcome in sends:
         row = rows[min(int(at), seconds - 1)]
         row["sent"] += 1
@@ -618,36 +548,30 @@ def machine_cpu() -> tuple[float, float]:
     return busy, busy + idle + iowait
 
 
-def _shown(value: float | None, unit: str, spec: str = ".1f") -> str:
-    return "-" if value is None else f"{value:{spec}} {unit}"
-
-
 def _check(name: str, kind: str, figure: str, measured: float | None, shown: str, limit: str, passed: bool) -> Check:
     return Check(name, passed, f"{figure} {'met' if passed else 'MISSED'}: {shown}, target {limit}", measured, kind,
                  figure, shown, limit)
 
 
 def stress_checks(report: dict[str, Any], config: StressConfig) -> list[Check]:
-    t, saturation, storm = config.targets, report["saturation"], report["storm"]
+    t, saturation, storm, parity = config.targets, report["saturation"], report["storm"], report["parity"]
     rejected, recovery, after = storm["rejected"], storm["recovery"], report["health_after"]
-    live = storm["live_probes"]
-    down = after["process_alive"] is False or live["unanswered"] > 0 or not after["live"] or not after["ready"]
+    down = after["process_alive"] is False or storm["live_probes"]["unanswered"] > 0 or not after["live"] or not after["ready"]
     crashes = report["server_crashes"] = int(down)
     rejection_p95, admitted_p95 = rejected["latency"]["all"]["p95_ms"], storm["admitted_latency"]["p95_ms"]
     admitted_limit = t.max_admitted_p95_factor * saturation["p95_ms"]
     goodput, goodput_limit = storm["goodput_images_per_s"], t.min_goodput_share * saturation["images_per_s"]
-    parity = report["parity"]
     other = rejected["by_reason"]["other"] + ((saturation["refused"] or {}).get("by_reason") or {}).get("other", 0)
     return [
-        _check("rejection_p95", "target", "rejection latency p95", rejection_p95, _shown(rejection_p95, "ms"),
+        _check("rejection_p95", "target", "rejection latency p95", rejection_p95, fmt(rejection_p95, unit="ms"),
                f"< {t.max_rejection_p95_ms:g} ms", rejection_p95 is not None and rejection_p95 < t.max_rejection_p95_ms),
-        _check("admitted_p95", "target", "admitted p95", admitted_p95, _shown(admitted_p95, "ms"),
+        _check("admitted_p95", "target", "admitted p95", admitted_p95, fmt(admitted_p95, unit="ms"),
                f"<= {t.max_admitted_p95_factor:g} x p95 at saturation = {admitted_limit:.0f} ms",
                admitted_p95 is not None and admitted_p95 <= admitted_limit),
-        _check("goodput", "target", "goodput (admitted img/s)", goodput, _shown(goodput, "img/s"),
+        _check("goodput", "target", "goodput (admitted img/s)", goodput, fmt(goodput, unit="img/s"),
                f">= {100 * t.min_goodput_share:g} % of saturation = {goodput_limit:.1f} img/s", goodput >= goodput_limit),
         _check("recovery", "target", "recovery (p50 at concurrency 1)", recovery["seconds"],
-               _shown(recovery["seconds"], "s", ".2f") if recovery["recovered"] else f"not in {recovery['gave_up_after_s']:g} s",
+               fmt(recovery["seconds"], ".2f", "s") if recovery["recovered"] else f"not in {recovery['gave_up_after_s']:g} s",
                f"<= {t.max_recovery_s:g} s to p50 <= {t.recovery_factor:g} x unloaded = {recovery['threshold_p50_ms']:.0f} ms",
                recovery["recovered"] and recovery["seconds"] <= t.max_recovery_s),
         _check("wrong_responses", "check", f"wrong answers (of {parity['responses_checked']})", parity["wrong"],
@@ -659,66 +583,45 @@ def stress_checks(report: dict[str, Any], config: StressConfig) -> list[Check]:
 
 
 def stress_table(report: dict[str, Any]):
-    from rich import box
-    from rich.table import Table
-
     saturation, storm = report["saturation"], report["storm"]
-    rejected = storm["rejected"]
-    table = Table(title=f"{report['model']}: {report['overload']:g} x the saturation rate for {storm['duration_s']:.0f} s "
-                        f"({storm['arrivals']} arrivals)", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="target: timing, fails the command only with --strict; check: always")
-    for column, justify in (("figure", "left"), ("measured", "right"), ("target", "left"), ("", "left")):
-        table.add_column(column, justify=justify, no_wrap=True)
-
-    def ms(value) -> str:
-        return _shown(value, "ms")
-
-    by = rejected["by_reason"]
-    for figure, measured in (
+    rejected, by = storm["rejected"], storm["rejected"]["by_reason"]
+    rows = [
         (f"saturation (closed loop, concurrency {saturation['concurrency']})", f"{saturation['images_per_s']:.1f} img/s"),
-        ("p50 / p95 at saturation", f"{ms(saturation['p50_ms'])} / {ms(saturation['p95_ms'])}"),
-        ("unloaded p50 (concurrency 1)", ms(saturation["unloaded_p50_ms"])),
+        ("p50 / p95 at saturation", f"{fmt(saturation['p50_ms'], unit='ms')} / {fmt(saturation['p95_ms'], unit='ms')}"),
+        ("unloaded p50 (concurrency 1)", fmt(saturation["unloaded_p50_ms"], unit="ms")),
         ("offered / sent (send lag p95)", f"{storm['rate_offered']:.1f} / {storm['rate_sent']:.1f} req/s "
-                                          f"({ms(storm['send_lag']['p95_ms'])})"),
+                                          f"({fmt(storm['send_lag']['p95_ms'], unit='ms')})"),
         ("sent: admitted / rejected", f"{storm['sent']}: {storm['admitted']} / {rejected['total']}"),
         ("rejected: queue full / timeout / other", f"{by['queue_full']} / {by['queue_timeout']} / {by['other']}"),
-        ("rejection latency p50", ms(rejected["latency"]["all"]["p50_ms"])),
-    ):
-        table.add_row(figure, measured, "", "")
-    for check in report["checks"]:
-        verdict = "[green]PASS[/]" if check["passed"] else "[bold red]MISS[/]"
-        table.add_row(check["figure"], check["shown"], check["limit"], verdict)
-    return table
+        ("rejection latency p50", fmt(rejected["latency"]["all"]["p50_ms"], unit="ms")),
+    ]
+    return table(f"{report['model']}: {report['overload']:g} x the saturation rate for {storm['duration_s']:.0f} s "
+                 f"({storm['arrivals']} arrivals)", ("figure", "measured", "<target", "<"),
+                 [(*row, "", "") for row in rows] + [(c["figure"], c["shown"], c["limit"], verdict(c["passed"]))
+                                                     for c in report["checks"]],
+                 "target: timing, fails the command only with --strict; check: always")
 
 
 def stress_plot(report: dict[str, Any], path: Path) -> Path:
     """Per second of the storm: sent, admitted and rejected; admitted p95; then the recovery probes."""
-    plt = pyplot()
-    storm, saturation = report["storm"], report["saturation"]
-    rows = storm["timeline"]
+    storm, saturation, rows = report["storm"], report["saturation"], report["storm"]["timeline"]
     seconds = [r["second"] + 0.5 for r in rows]
-    fig, (ax_count, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax_count.plot(seconds, [r["sent"] for r in rows], "k-", label="sent")
-    ax_count.plot(seconds, [r["admitted"] for r in rows], "o-", color="tab:green", label="admitted")
-    ax_count.plot(seconds, [r["queue_full"] for r in rows], "s-", color="tab:red", label="queue full")
-    ax_count.plot(seconds, [r["queue_timeout"] + r["other"] for r in rows], "^-", color="tab:purple", label="timeout / other")
+    fig, (ax_count, ax_lat) = subplots(1, 2, figsize=(11, 4.2))
+    for style, color, label, count in (("-", "k", "sent", lambda r: r["sent"]), ("o-", "tab:green", "admitted", lambda r: r["admitted"]),
+                                       ("s-", "tab:red", "queue full", lambda r: r["queue_full"]),
+                                       ("^-", "tab:purple", "timeout / other", lambda r: r["queue_timeout"] + r["other"])):
+        ax_count.plot(seconds, [count(r) for r in rows], style, color=color, label=label)
     ax_count.axhline(saturation["images_per_s"], color="tab:blue", ls="--", label="saturation")
-    ax_count.set_xlabel("second of the storm (by send time)")
-    ax_count.set_ylabel("requests per second")
+    ax_count.set(xlabel="second of the storm (by send time)", ylabel="requests per second")
     ax_lat.plot(seconds, [r["admitted_p95_ms"] for r in rows], "o-", color="tab:green", label="admitted p95 (storm)")
     probes = [(storm["duration_s"] + at, ms) for at, ms in storm["recovery"]["probe_latencies"] if ms is not None]
     if probes:
         ax_lat.plot(*zip(*probes), ".", color="tab:orange", label="recovery probes (concurrency 1)")
     ax_lat.axhline(saturation["p95_ms"], color="tab:blue", ls="--", label="p95 at saturation")
     ax_lat.axvline(storm["duration_s"], color="grey", ls=":")
-    ax_lat.set_xlabel("seconds from the storm's start")
-    ax_lat.set_ylabel("ms")
-    for ax in (ax_count, ax_lat):
-        ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation")
-    return save_figure(fig, path)
+    ax_lat.set(xlabel="seconds from the storm's start", ylabel="ms")
+    return save_figure(fig, path, f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation",
+                       (ax_count, ax_lat))
 
 
 # --- soak ------------------------------------------------------------------------------------
@@ -741,25 +644,19 @@ class Growth:
     later_half_stderr_per_1000: float | None  # its standard error: what noise alone moves it by
     level_growth: float  # median of the last few samples - median of the first few after warm-up
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
-
 
 def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """Least-squares slope, intercept and the slope's standard error."""
     slope, intercept = np.polyfit(x, y, 1)
-    residuals = y - (slope * x + intercept)
-    spread = float(np.sum((x - x.mean()) ** 2))
+    residuals, spread = y - (slope * x + intercept), float(np.sum((x - x.mean()) ** 2))
     stderr = float(np.sqrt(np.sum(residuals ** 2) / (len(x) - 2) / spread)) if len(x) > 2 and spread > 0 else float("nan")
     return float(slope), float(intercept), stderr
 
 
 def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup: int) -> Growth:
     """Growth of `values` (sampled at `requests` completed requests) after `warmup` requests."""
-    x_all = np.asarray(requests, dtype=float)
-    y_all = np.asarray(values, dtype=float)
-    after = x_all >= warmup
-    x, y = x_all[after], y_all[after]
+    x_all, y_all = np.asarray(requests, dtype=float), np.asarray(values, dtype=float)
+    x, y = x_all[x_all >= warmup], y_all[x_all >= warmup]
     if len(x) < 3:
         raise LoadTestError(f"{metric}: {len(x)} samples after the warm-up; at least 3 are needed for a slope")
     slope, intercept, _ = _slope(x, y)
@@ -768,92 +665,46 @@ def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup
     later = _slope(x[half:], y[half:]) if len(x) - half >= 3 else None
     window = max(1, min(5, len(x) // 4))
     return Growth(
-        metric=metric, samples=int(len(x)), at_start=float(y_all[0]), after_warmup=float(y[0]), end=float(y[-1]),
-        fitted_after_warmup=start_fit, fitted_end=end_fit,
-        growth_pct=100.0 * (end_fit - start_fit) / start_fit if start_fit > 0 else None,
-        slope_per_1000=1000.0 * slope,
-        slope_per_1000_later_half=None if later is None else 1000.0 * later[0],
-        later_half_stderr_per_1000=None if later is None else 1000.0 * later[2],
-        level_growth=float(statistics.median(y[-window:]) - statistics.median(y[:window])),
+        metric, int(len(x)), float(y_all[0]), float(y[0]), float(y[-1]), start_fit, end_fit,
+        100.0 * (end_fit - start_fit) / start_fit if start_fit > 0 else None, 1000.0 * slope,
+        None if later is None else 1000.0 * later[0], None if later is None else 1000.0 * later[2],
+        float(statistics.median(y[-window:]) - statistics.median(y[:window])),
     )
 
 
-def _verdict(passed: bool) -> str:
+def _met(passed: bool) -> str:
     return "met" if passed else "MISSED"
 
 
 def check_growth(series: dict[str, Growth], targets: SoakTargets) -> list[Check]:
-    """The growth targets against the series 'rss_bytes', 'fds' and 'shm_files'.
-
-    RSS: the fitted growth over all post-warm-up samples (what the run cost), and the slope over
-    their later half (whether it still grows): a leak keeps its slope to the end, while an
-    allocator or a shared-memory pool reaching its high-water mark levels off. fds and /dev/shm
-    files: the median of the last few samples against that of the first few after warm-up.
-    /dev/shm bytes are reported, not judged: the Python backend grows its regions to the largest
-    load seen and never shrinks them, and their pages are in the tree's RSS anyway.
-    """
-    checks = []
+    """RSS: the fitted growth after warm-up (what the run cost) and the slope over the later half (whether it
+    still grows). fds and /dev/shm files: the median of the last few samples against the first few after
+    warm-up. /dev/shm bytes are not judged: the Python backend grows its regions to the largest load seen."""
     rss = series["rss_bytes"]
     pct = rss.growth_pct if rss.growth_pct is not None else float("inf")
-    passed = pct < targets.max_rss_growth_pct
-    checks.append(Check("rss_growth_pct", passed, f"RSS growth after warm-up {_verdict(passed)}: {pct:+.2f} % "
-                                                  f"(least-squares fit), target < {targets.max_rss_growth_pct:g} %"))
     later = rss.slope_per_1000_later_half if rss.slope_per_1000_later_half is not None else rss.slope_per_1000
     error = f" ± {rss.later_half_stderr_per_1000 / MIB:.3f}" if rss.later_half_stderr_per_1000 is not None else ""
-    passed = later / MIB < targets.max_rss_slope_mib_per_1000
-    checks.append(Check("rss_slope", passed,
-                        f"RSS slope over the later half after warm-up {_verdict(passed)}: {later / MIB:+.3f}{error} MiB per "
-                        f"1,000 requests (all after warm-up: {rss.slope_per_1000 / MIB:+.3f}), "
-                        f"target < {targets.max_rss_slope_mib_per_1000:g}"))
+    checks = [Check("rss_growth_pct", ok := pct < targets.max_rss_growth_pct, f"RSS growth after warm-up {_met(ok)}: "
+                    f"{pct:+.2f} % (least-squares fit), target < {targets.max_rss_growth_pct:g} %"),
+              Check("rss_slope", ok := later / MIB < targets.max_rss_slope_mib_per_1000,
+                    f"RSS slope over the later half after warm-up {_met(ok)}: {later / MIB:+.3f}{error} MiB per 1,000 "
+                    f"requests (all after warm-up: {rss.slope_per_1000 / MIB:+.3f}), "
+                    f"target < {targets.max_rss_slope_mib_per_1000:g}")]
     for key, name, limit in (("fds", "open file descriptors", targets.max_fd_growth),
                              ("shm_files", "/dev/shm files", targets.max_shm_file_growth)):
         g = series[key]
-        passed = g.level_growth <= limit
-        checks.append(Check(f"{key}_growth", passed,
-                            f"{name} growth {_verdict(passed)}: {g.level_growth:+g} ({g.after_warmup:g} after warm-up, "
+        checks.append(Check(f"{key}_growth", ok := g.level_growth <= limit,
+                            f"{name} growth {_met(ok)}: {g.level_growth:+g} ({g.after_warmup:g} after warm-up, "
                             f"{g.end:g} at the end; slope {g.slope_per_1000:+.3g} per 1,000 requests), target <= {limit:g}"))
     return checks
 
 
-def analyse(samples: Sequence[Sample], warmup: int) -> dict[str, Growth]:
-    requests = [s.requests for s in samples]
-    return {key: growth(key, requests, [getattr(s, key) for s in samples], warmup) for key in SERIES}
-
-
 def growth_by_process(samples: Sequence[Sample], warmup: int) -> dict[str, dict[str, int]]:
-    """Per process label: RSS, anonymous and shared-memory bytes at the end of the warm-up and their growth by the end."""
-    after = next(s for s in samples if s.requests >= warmup)
-    end = samples[-1]
-    rows = {}
-    for label in sorted(set(after.by_process) | set(end.by_process)):
-        a, e = after.by_process.get(label, {}), end.by_process.get(label, {})
-        rows[label] = {"processes": e.get("processes", 0), "rss_after_warmup": a.get("rss", 0),
-                       **{f"{key}_growth": e.get(key, 0) - a.get(key, 0) for key in ("rss", "anon", "shmem")}}
-    return rows
-
-
-class _Counted:
-    """Soak's calls: every failure counted by model and message, and the soak goes on."""
-
-    def __init__(self, served: Served) -> None:
-        self.served = served
-        self.sent: collections.Counter = collections.Counter()
-        self.failed: collections.Counter = collections.Counter()
-        self.errors: collections.Counter = collections.Counter()  # "model: message" -> count
-        self._lock = threading.Lock()
-
-    def __call__(self, worker: int, job: tuple[str, Payload]) -> None:
-        model = job[0]
-        try:
-            self.served(worker, job)
-            error = None
-        except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
-            error = f"{model}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
-        with self._lock:
-            self.sent[model] += 1
-            if error is not None:
-                self.failed[model] += 1
-                self.errors[error] += 1
+    """Per process label: RSS at the end of the warm-up, and RSS, anonymous and shared-memory growth by the end."""
+    after, end = next(s for s in samples if s.requests >= warmup).by_process, samples[-1].by_process
+    return {label: {"processes": end.get(label, {}).get("processes", 0), "rss_after_warmup": after.get(label, {}).get("rss", 0),
+                    **{f"{key}_growth": end.get(label, {}).get(key, 0) - after.get(label, {}).get(key, 0)
+                       for key in ("rss", "anon", "shmem")}} for label in sorted(set(after) | set(end))}
 
 
 def jobs(payloads: Sequence[Payload]) -> list[tuple[str, Payload]]:
@@ -865,19 +716,30 @@ def _soak(config: SoakConfig, url: str, metrics_url: str, pid: int | None, paylo
           log: Callable[[str], None]) -> dict[str, Any]:
     if pid is None:
         raise LoadTestError(f"no process listening on {url} is visible here: give --server-pid, the server's PID")
-    cycle = jobs(payloads)
-    served = Served(url, MODELS[0], config.send_hints, timeout_s=config.request_timeout_s)
+    cycle, served = jobs(payloads), Served(url, MODELS[0], config.send_hints, timeout_s=config.request_timeout_s)
     served.ensure_clients(config.concurrency)
-    caller = _Counted(served)
-    began, latencies, stopped = time.monotonic(), [], None
-    samples = [sample_tree(pid, 0, 0.0)]
+    sent, failed, errors, lock = collections.Counter(), collections.Counter(), collections.Counter(), threading.Lock()
+
+    def call(worker: int, job: tuple[str, Payload]) -> None:  # every failure is counted by model and message
+        try:
+            served(worker, job)
+            error = None
+        except Exception as exc:  # noqa: BLE001
+            error = f"{job[0]}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+        with lock:
+            sent[job[0]] += 1
+            if error is not None:
+                failed[job[0]] += 1
+                errors[error] += 1
+
+    began, latencies, stopped, samples = time.monotonic(), [], None, [sample_tree(pid, 0, 0.0)]
     try:
         for start, stop in itertools.pairwise(chunk_bounds(config.requests, config.sample_every, config.warmup)):
             if time.monotonic() - began > config.time_limit_s:
                 stopped = f"time limit of {config.time_limit_s:g} s reached after {start} requests"
                 break
             offset = start % len(cycle)
-            measurement = drive(caller, cycle[offset:] + cycle[:offset], config.concurrency, stop - start)
+            measurement = drive(call, cycle[offset:] + cycle[:offset], config.concurrency, stop - start)
             latencies.extend(measurement.latencies_ms)
             try:
                 if not alive(pid):
@@ -886,43 +748,39 @@ def _soak(config: SoakConfig, url: str, metrics_url: str, pid: int | None, paylo
             except LoadTestError as exc:
                 stopped = f"the server stopped after {stop} requests ({exc})"
                 break
-            sample.chunk_p50_ms = round(measurement.percentile(50), 2)
-            sample.chunk_p95_ms = round(measurement.percentile(95), 2)
+            sample.chunk_p50_ms, sample.chunk_p95_ms = (round(measurement.percentile(q), 2) for q in (50, 95))
             samples.append(sample)
             log(f"{stop}/{config.requests} requests: RSS {sample.rss_bytes / MIB:.0f} MiB, {sample.fds} fds, "
-                f"{sample.shm_files} shm files, {sum(caller.failed.values())} failures")
+                f"{sample.shm_files} shm files, {sum(failed.values())} failures")
     finally:
         served.close()
-    wall_s = time.monotonic() - began
-    done = samples[-1].requests
+    wall_s, done = time.monotonic() - began, samples[-1].requests
     try:
-        series, not_measured = analyse(samples, config.warmup), None
+        series = {key: growth(key, [s.requests for s in samples], [getattr(s, key) for s in samples], config.warmup)
+                  for key in SERIES}
+        not_measured = None
     except LoadTestError as exc:  # stopped before enough samples after warm-up
         series, not_measured = {}, str(exc)
+    load = {key: getattr(config, key) for key in ("requests", "warmup", "sample_every", "concurrency", "image_set",
+                                                  "send_hints", "request_timeout_s", "time_limit_s")}
     return {
-        "load": {"requests": config.requests, "warmup": config.warmup, "sample_every": config.sample_every,
-                 "concurrency": config.concurrency, "models": list(MODELS), "image_set": config.image_set,
-                 "send_hints": config.send_hints, "request_timeout_s": config.request_timeout_s,
-                 "time_limit_s": config.time_limit_s},
-        "requests_completed": done, "wall_s": round(wall_s, 2), "stopped": stopped, "not_measured": not_measured,
-        "requests_per_s": round(done / wall_s, 3) if wall_s > 0 else None,
+        "load": {**load, "models": list(MODELS)}, "requests_completed": done, "wall_s": round(wall_s, 2), "stopped": stopped,
+        "not_measured": not_measured, "requests_per_s": round(done / wall_s, 3) if wall_s > 0 else None,
         "latency_ms": ({"p50": round(float(np.percentile(latencies, 50)), 2), "p95": round(float(np.percentile(latencies, 95)), 2),
                         "mean": round(float(np.mean(latencies)), 2)} if latencies else None),
-        "sent": dict(caller.sent), "failed": dict(caller.failed), "errors": dict(caller.errors.most_common(10)),
-        "growth": {key: g.to_json() for key, g in series.items()},
+        "sent": dict(sent), "failed": dict(failed), "errors": dict(errors.most_common(10)),
+        "growth": {key: {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(g).items()}
+                   for key, g in series.items()},
         "growth_by_process": growth_by_process(samples, config.warmup) if series else None,
-        "targets": dataclasses.asdict(config.targets), "samples": [s.to_json() for s in samples],
+        "targets": dataclasses.asdict(config.targets), "samples": [dataclasses.asdict(s) for s in samples],
     }
 
 
 def soak_checks(report: dict[str, Any], config: SoakConfig) -> list[Check]:
-    checks: list[Check] = []
-    if report["not_measured"]:
-        checks.append(Check("samples", False, f"growth not measured: {report['not_measured']}"))
-    else:
-        checks.extend(check_growth({key: Growth(**g) for key, g in report["growth"].items()}, config.targets))
+    checks = ([Check("samples", False, f"growth not measured: {report['not_measured']}")] if report["not_measured"] else
+              check_growth({key: Growth(**g) for key, g in report["growth"].items()}, config.targets))
     failures, limit = sum(report["failed"].values()), config.targets.max_failures
-    checks.append(Check("max_failures", failures <= limit, f"failures {_verdict(failures <= limit)}: {failures} failed "
+    checks.append(Check("max_failures", failures <= limit, f"failures {_met(failures <= limit)}: {failures} failed "
                                                             f"requests, target <= {limit}", failures))
     done, stopped = report["requests_completed"], report["stopped"]
     passed = stopped is None and done == config.requests
@@ -931,110 +789,76 @@ def soak_checks(report: dict[str, Any], config: SoakConfig) -> list[Check]:
     return checks
 
 
+# (series, panel, scale, colour, label); panels: RSS, fds, /dev/shm (files left, MiB on a right axis), latency
+SOAK_LINES = (("rss_bytes", 0, MIB, "tab:blue", "RSS, whole tree"), ("rss_anon_bytes", 0, MIB, "tab:cyan", "of which anonymous"),
+              ("fds", 1, 1, "tab:green", "open fds, whole tree"), ("shm_files", 2, 1, "tab:purple", "files (server's tree)"),
+              ("shm_bytes", 4, MIB, "tab:orange", "MiB (right axis)"), ("chunk_p50_ms", 3, 1, "tab:red", "p50 per chunk"),
+              ("chunk_p95_ms", 3, 1, "tab:pink", "p95 per chunk"))
+
+
 def soak_plot(report: dict[str, Any], path: Path) -> Path:
     """RSS, file descriptors, /dev/shm and latency against requests, the warm-up shaded, fits drawn."""
-    plt = pyplot()
-    samples = report["samples"]
-    x = np.array([s["requests"] for s in samples], dtype=float)
-    warmup = report["load"]["warmup"]
-    growth_of = report["growth"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    (ax_rss, ax_fd), (ax_shm, ax_lat) = axes
-
-    def fit_line(ax, key: str, scale: float, color: str, unit: str = "") -> None:
-        g = growth_of.get(key)
-        if g:
+    samples, warmup, grown = report["samples"], report["load"]["warmup"], report["growth"]
+    fig, grid = subplots(2, 2, figsize=(11, 7), sharex=True)
+    axes = [*grid.flat, grid.flat[2].twinx()]
+    for key, panel, scale, color, label in SOAK_LINES:
+        points = [(s["requests"], s[key] / scale) for s in samples if s.get(key) is not None]
+        if points:
+            axes[panel].plot(*zip(*points), ".-", color=color, ms=3, lw=1, label=label)
+    for key, panel, scale, unit in (("rss_bytes", 0, MIB, " MiB"), ("fds", 1, 1, "")):
+        if g := grown.get(key):
             later = g["slope_per_1000_later_half"]
-            ax.plot([warmup, x[-1]], [g["fitted_after_warmup"] / scale, g["fitted_end"] / scale], "--", color=color,
-                    lw=1.2, label=f"fit after warm-up: {g['slope_per_1000'] / scale:+.3g}{unit} per 1,000 req"
-                                  + ("" if later is None else f" (later half {later / scale:+.3g})"))
-
-    ax_rss.plot(x, [s["rss_bytes"] / MIB for s in samples], ".-", color="tab:blue", ms=3, lw=1, label="RSS, whole tree")
-    ax_rss.plot(x, [s["rss_anon_bytes"] / MIB for s in samples], ".-", color="tab:cyan", ms=3, lw=1, label="of which anonymous")
-    fit_line(ax_rss, "rss_bytes", MIB, "black", " MiB")
-    rss = growth_of.get("rss_bytes")
-    ax_rss.set_title(f"RSS (tritonserver + {samples[-1]['processes'] - 1} children)"
-                     + (f": {rss['growth_pct']:+.2f} % after warm-up" if rss and rss["growth_pct"] is not None else ""))
-    ax_rss.set_ylabel("MiB")
-
-    ax_fd.plot(x, [s["fds"] for s in samples], ".-", color="tab:green", ms=3, lw=1, label="open fds, whole tree")
-    fit_line(ax_fd, "fds", 1.0, "black")
-    ax_fd.set_title("open file descriptors")
-    ax_fd.set_ylabel("fds")
-
-    ax_shm.plot(x, [s["shm_files"] for s in samples], ".-", color="tab:purple", ms=3, lw=1, label="files (server's tree)")
-    ax_shm.set_ylabel("files")
-    ax_shm.set_title("/dev/shm held by the server")
-    ax_bytes = ax_shm.twinx()
-    ax_bytes.plot(x, [s["shm_bytes"] / MIB for s in samples], ".-", color="tab:orange", ms=3, lw=1, label="MiB (right axis)")
-    ax_bytes.set_ylabel("MiB")
-    ax_bytes.set_ylim(bottom=0, top=max(1.0, 1.2 * max(s["shm_bytes"] for s in samples) / MIB))
-
-    timed = [(s["requests"], s["chunk_p50_ms"], s["chunk_p95_ms"]) for s in samples if s.get("chunk_p50_ms") is not None]
-    if timed:
-        ax_lat.plot([t[0] for t in timed], [t[1] for t in timed], ".-", color="tab:red", ms=3, lw=1, label="p50 per chunk")
-        ax_lat.plot([t[0] for t in timed], [t[2] for t in timed], ".-", color="tab:pink", ms=3, lw=1, label="p95 per chunk")
-    ax_lat.set_title("client latency")
-    ax_lat.set_ylabel("ms per request")
-
-    for ax in (ax_rss, ax_fd, ax_shm, ax_lat):
+            axes[panel].plot([warmup, samples[-1]["requests"]], [g["fitted_after_warmup"] / scale, g["fitted_end"] / scale], "--",
+                             color="black", lw=1.2, label=f"fit after warm-up: {g['slope_per_1000'] / scale:+.3g}{unit} per 1,000 "
+                             "req" + ("" if later is None else f" (later half {later / scale:+.3g})"))
+    rss = grown.get("rss_bytes")
+    titles = (f"RSS (tritonserver + {samples[-1]['processes'] - 1} children)" + (
+        f": {rss['growth_pct']:+.2f} % after warm-up" if rss and rss["growth_pct"] is not None else ""),
+        "open file descriptors", "/dev/shm held by the server", "client latency")
+    for ax, title, ylabel in zip(axes, titles, ("MiB", "fds", "files", "ms per request")):
+        ax.set(title=title, ylabel=ylabel)
         ax.axvspan(0, warmup, color="0.85", label="warm-up")
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
-    for ax in (ax_fd, ax_shm):  # small integer counts: leave headroom so a step shows
-        top = max(ax.get_lines()[0].get_ydata())
-        ax.set_ylim(0, max(1.0, top * 1.25))
-    handles, labels = ax_shm.get_legend_handles_labels()
-    more = ax_bytes.get_legend_handles_labels()
-    ax_shm.legend(handles + more[0], labels + more[1], fontsize=8, loc="lower right")
-    for ax in (ax_rss, ax_fd, ax_lat):
+    for ax in axes[1:3]:  # small integer counts: leave headroom so a step shows
+        ax.set_ylim(0, max(1.0, max(ax.get_lines()[0].get_ydata()) * 1.25))
+    axes[4].set(ylabel="MiB", ylim=(0, max(1.0, 1.2 * max(s["shm_bytes"] for s in samples) / MIB)))
+    handles, labels = (sum(pair, []) for pair in zip(axes[2].get_legend_handles_labels(), axes[4].get_legend_handles_labels()))
+    axes[2].legend(handles, labels, fontsize=8, loc="lower right")
+    for ax in (axes[0], axes[1], axes[3]):
         ax.legend(fontsize=8, loc="lower right")
-    for ax in (ax_shm, ax_lat):
+    for ax in axes[2:4]:
         ax.set_xlabel("requests completed")
-    verdict = "PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])
-    fig.suptitle(f"cxrlt soak: {report['requests_completed']} requests at concurrency {report['load']['concurrency']} "
-                 f"({', '.join(report['load']['models'])}), {verdict}", fontsize=10)
-    return save_figure(fig, path, dpi=90)
+    return save_figure(fig, path, f"cxrlt soak: {report['requests_completed']} requests at concurrency "
+                                  f"{report['load']['concurrency']} ({', '.join(report['load']['models'])}), "
+                                  + ("PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])), dpi=90)
 
 
 def soak_table(report: dict[str, Any]):
-    from rich import box
-    from rich.table import Table
+    checks, g, targets, rows = {c["name"]: c["passed"] for c in report["checks"]}, report["growth"], report["targets"], []
 
-    table = Table(title=f"soak: {report['requests_completed']} requests, warm-up {report['load']['warmup']}, "
-                        f"sampled every {report['load']['sample_every']}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="after warm-up: growth % and slopes per 1,000 requests from least squares; fds and shm: "
-                          "median of the last samples minus the first after warm-up; shm MiB is reported, not judged")
-    for column in ("metric", "start", "after warm-up", "end", "growth", "slope /1k", "later half /1k", "target", "verdict"):
-        table.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True)
-    checks = {c["name"]: c["passed"] for c in report["checks"]}
+    def row(name: str, key: str, scale: float, spec: str, growth: str, target: str = "", check: str = "") -> tuple[str, ...]:
+        s, later, error = g[key], g[key]["slope_per_1000_later_half"], g[key]["later_half_stderr_per_1000"]
+        return (name, *(format(s[k] / scale, spec) for k in ("at_start", "after_warmup", "end")), growth,
+                f"{s['slope_per_1000'] / scale:+.3g}",
+                fmt(later and later / scale, "+.3g") + (f" ±{error / scale:.2g}" if later is not None and error else ""),
+                target, verdict(checks.get(check)) if check else "")
 
-    def verdict(name: str) -> str:
-        return "-" if name not in checks else "[green]PASS[/]" if checks[name] else "[bold red]MISS[/]"
-
-    def slopes(g: dict[str, Any], scale: float) -> list[str]:
-        later, error = g["slope_per_1000_later_half"], g["later_half_stderr_per_1000"]
-        return [f"{g['slope_per_1000'] / scale:+.3g}",
-                "-" if later is None else f"{later / scale:+.3g}" + (f" ±{error / scale:.2g}" if error else "")]
-
-    g = report["growth"]
-    targets = report["targets"]
     if g:
-        for key, name, target, check in (("rss_bytes", "RSS (MiB)", f"growth < {targets['max_rss_growth_pct']:g} %", "rss_growth_pct"),
-                                         ("rss_anon_bytes", "  anonymous (MiB)", "", "")):
-            s = g[key]
-            table.add_row(name, f"{s['at_start'] / MIB:.1f}", f"{s['after_warmup'] / MIB:.1f}", f"{s['end'] / MIB:.1f}",
-                          f"{s['growth_pct']:+.2f} %", *slopes(s, MIB), target, verdict(check) if check else "")
-            if key == "rss_bytes":
-                table.add_row("  RSS still growing", "", "", "", "", "", "", f"later half < {targets['max_rss_slope_mib_per_1000']:g}",
-                              verdict("rss_slope"))
-        for key, name, scale, spec, target in (("fds", "open fds", 1, ".0f", f"growth <= {targets['max_fd_growth']}"),
-                                               ("shm_files", "/dev/shm files", 1, ".0f", f"growth <= {targets['max_shm_file_growth']}"),
-                                               ("shm_bytes", "/dev/shm MiB", MIB, ".1f", "")):
-            s = g[key]
-            table.add_row(name, format(s["at_start"] / scale, spec), format(s["after_warmup"] / scale, spec),
-                          format(s["end"] / scale, spec), f"{s['level_growth'] / scale:+{spec}}", *slopes(s, scale), target,
-                          verdict(f"{key}_growth") if target else "")
-    failures = sum(report["failed"].values())
-    table.add_row("failed requests", "", "", str(failures), "", "", "", f"<= {targets['max_failures']}", verdict("max_failures"))
-    return table
+        rows = [row("RSS (MiB)", "rss_bytes", MIB, ".1f", f"{g['rss_bytes']['growth_pct']:+.2f} %",
+                    f"growth < {targets['max_rss_growth_pct']:g} %", "rss_growth_pct"),
+                ("  RSS still growing", "", "", "", "", "", "", f"later half < {targets['max_rss_slope_mib_per_1000']:g}",
+                 verdict(checks.get("rss_slope"))),
+                row("  anonymous (MiB)", "rss_anon_bytes", MIB, ".1f", f"{g['rss_anon_bytes']['growth_pct']:+.2f} %")]
+        rows += [row(name, key, scale, spec, f"{g[key]['level_growth'] / scale:+{spec}}", target, target and f"{key}_growth")
+                 for key, name, scale, spec, target in (
+                     ("fds", "open fds", 1, ".0f", f"growth <= {targets['max_fd_growth']}"),
+                     ("shm_files", "/dev/shm files", 1, ".0f", f"growth <= {targets['max_shm_file_growth']}"),
+                     ("shm_bytes", "/dev/shm MiB", MIB, ".1f", ""))]
+    rows.append(("failed requests", "", "", str(sum(report["failed"].values())), "", "", "", f"<= {targets['max_failures']}",
+                 verdict(checks.get("max_failures"))))
+    return table(f"soak: {report['requests_completed']} requests, warm-up {report['load']['warmup']}, sampled every "
+                 f"{report['load']['sample_every']}", ("metric", "start", "after warm-up", "end", "growth", "slope /1k",
+                                                       "later half /1k", "target", "verdict"), rows,
+                 "after warm-up: growth % and slopes per 1,000 requests from least squares; fds and shm: median of the last "
+                 "samples minus the first after warm-up; shm MiB is reported, not judged")

@@ -1,38 +1,21 @@
-"""The GPU run behind `loadtest/gpu_bench.sh`: every figure the GPU targets need, in one JSON.
-
-Builds the repository (or takes --repo), serves it with the embedded tritonserver (or uses
---url), runs the bench (`cxrlt bench`: served against the same pipeline in process) for each
-public model and a mixed locust load test (`cxrlt loadtest`), and writes gpu_bench.json:
-p50 / p95 at concurrency 1 and images/s at saturation per model, GPU memory (nvidia-smi), the
-execution provider the networks got, and the targets with their measured values.
-
-The network models run ONNX with onnxruntime's provider "auto" (the builder's setting): CUDA
-when onnxruntime-gpu offers it. The server's stubs and this process import the same
-onnxruntime, so the providers the raw side's sessions get, asked for with the served models'
-parameter, are the providers the served sessions get; the GPU memory of the server's processes
-backs that up.
-
---dry-run (or CXRLT_GPU_DRY_RUN=1) runs the same steps on the CPU with the tiny profile and a
-few requests, so CI keeps this path working.
-"""
+"""The GPU run behind `loadtest/gpu_bench.sh`: builds (or takes --repo) and serves the repository, runs the
+bench for each public model and a mixed locust load test, and writes gpu_bench.json with the figures the GPU
+targets need, GPU memory and the execution provider the networks got (loadtest/README.md, "GPU run").
+--dry-run (or CXRLT_GPU_DRY_RUN=1): the same steps on the CPU with the tiny profile and a few requests."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from loadtest.bench import BenchConfig, admitted_concurrency, run_bench, server_thread_budget
-from loadtest.kernel import process_tree, write_json
-from loadtest.payloads import IMAGE_SETS, MODELS
+from loadtest.bench import BenchConfig, run_bench, server_thread_budget
+from loadtest.kernel import IMAGE_SETS, MODELS, process_tree, target_server, write_json
 
-DRY_RUN_ENV = "CXRLT_GPU_DRY_RUN"
-REPORT = "gpu_bench.json"
 CUDA = "CUDAExecutionProvider"
 PLATEAU_GROWTH = 0.05  # the last level is a plateau when it is at most 5 % above the best lower one
 
@@ -60,12 +43,6 @@ class GpuRunConfig:
     duration_s: float = 60.0
     preprocessing_repeats: int = 20
 
-    @classmethod
-    def dry(cls, out: Path, **overrides: Any) -> "GpuRunConfig":
-        """The CPU rehearsal: tiny profile, few requests, a short load test."""
-        return cls(out=out, dry_run=True, **{"profile": "tiny", "concurrency": (1, 2), "requests": 4, "users": 2,
-                                            "duration_s": 3.0, "preprocessing_repeats": 3, **overrides})
-
     def __post_init__(self) -> None:
         # Latency at concurrency 1 is a reported figure, so the sweep always has it.
         self.concurrency = tuple(sorted({1, *self.concurrency}))
@@ -84,11 +61,8 @@ def _number(text: str) -> float | None:
 
 def nvidia_smi(query: str) -> list[list[str]] | None:
     """Rows of `nvidia-smi --query-...=... --format=csv,noheader,nounits`, or None without it."""
-    binary = shutil.which("nvidia-smi")
-    if binary is None:
-        return None
     try:
-        text = subprocess.run([binary, query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+        text = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
                               timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -117,17 +91,12 @@ def model_figures(bench: dict[str, Any]) -> dict[str, Any]:
     """One model's served (and raw) latency at concurrency 1 and throughput at saturation."""
     from loadtest.driver import saturation_index
 
-    sweep = bench["sweep"]
-    first = next(row for row in sweep if row["concurrency"] == 1)
-    best = bench["best"]
-    served = [row["served"]["images_per_s"] for row in sweep]
+    first, best = next(row for row in bench["sweep"] if row["concurrency"] == 1), bench["best"]
     return {
-        "p50_ms_at_concurrency_1": first["served"]["p50_ms"],
-        "p95_ms_at_concurrency_1": first["served"]["p95_ms"],
-        "images_per_s_at_saturation": best["served"]["images_per_s"],
-        "saturation_concurrency": best["served"]["concurrency"],
+        "p50_ms_at_concurrency_1": first["served"]["p50_ms"], "p95_ms_at_concurrency_1": first["served"]["p95_ms"],
+        "images_per_s_at_saturation": best["served"]["images_per_s"], "saturation_concurrency": best["served"]["concurrency"],
         # False: throughput still grew at the highest level; saturation lies above the sweep.
-        "plateau_reached": saturation_index(served, PLATEAU_GROWTH)[1],
+        "plateau_reached": saturation_index([row["served"]["images_per_s"] for row in bench["sweep"]], PLATEAU_GROWTH)[1],
         "member_requests_per_image": best["served"].get("member_requests_per_image"),
         "raw": {"p50_ms_at_concurrency_1": first["raw"]["p50_ms"], "p95_ms_at_concurrency_1": first["raw"]["p95_ms"],
                 "images_per_s_at_saturation": best["raw"]["images_per_s"]},
@@ -135,43 +104,24 @@ def model_figures(bench: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def execution_provider(bench: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, Any]:
-    providers = bench["execution_providers"]
-    first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
-    return {
-        # the provider every network session got; None when they differ
-        "provider": first.pop() if len(first) == 1 else None,
-        **providers,
-        "server_gpu_memory_mib": memory["server_memory_mib"] if memory else None,
-    }
-
-
 def judge(models: dict[str, Any], provider: str | None, profile: str) -> list[dict[str, Any]]:
     """Each target with its measured value; judged only for the paper profile on CUDA."""
-    applies = profile == "paper" and provider == CUDA
-    checks = []
-    for model, figure, comparison, bound in TARGETS:
-        measured = models[model][figure]
-        met = measured <= bound if comparison == "<=" else measured >= bound
-        checks.append({"model": model, "figure": figure, "target": f"{comparison} {bound:g}", "measured": measured,
-                       "met": met if applies else None})
-    return checks
+    return [{"model": model, "figure": figure, "target": f"{comparison} {bound:g}", "measured": models[model][figure],
+             "met": (models[model][figure] <= bound if comparison == "<=" else models[model][figure] >= bound)
+             if profile == "paper" and provider == CUDA else None} for model, figure, comparison, bound in TARGETS]
 
 
 def build(config: GpuRunConfig, log: Callable[[str], None]) -> Path:
+    """The repository, its entry queues holding the sweep's highest level (else it meets "Exceeds maximum queue
+    size" before saturation); a GPU run insists on CUDA, so a network that cannot get it fails to load."""
     from cxrlt.contract.profiles import get_profile
     from exporters.build_repo import BuildOptions, build_repository
 
     repo = config.out / "repository"
     log(f"building the {config.profile} repository into {repo}")
-    # The entry models' queues must hold the closed loop's highest level, or the sweep meets
-    # "Exceeds maximum queue size" before it meets saturation.
     queue = max(get_profile(config.profile).queue.max_queue_size, max(config.concurrency))
-    # A GPU run insists on CUDA: a network that cannot get it fails to load instead of computing
-    # on the CPU unnoticed. The dry run takes what there is.
-    provider = "auto" if config.dry_run else "cuda"
     build_repository(repo, BuildOptions(profile=config.profile, checkpoints=config.checkpoints, allow_random=config.checkpoints is None,
-                                        max_queue_size=queue, execution_provider=provider), on_step=log)
+                                        max_queue_size=queue, execution_provider="auto" if config.dry_run else "cuda"), on_step=log)
     return repo
 
 
@@ -179,7 +129,6 @@ def run(config: GpuRunConfig, log: Callable[[str], None] = lambda message: None)
     """Run every step; write and return the report."""
     import onnxruntime
 
-    from cxrlt.server.launcher import TritonServer, free_port
     from loadtest.metrics import default_metrics_url
     from loadtest.runner import LoadTestConfig, run_loadtest
 
@@ -187,86 +136,66 @@ def run(config: GpuRunConfig, log: Callable[[str], None] = lambda message: None)
         raise RuntimeError("this onnxruntime has no CUDA execution provider: install onnxruntime-gpu "
                            "(loadtest/gpu_bench.sh does), or rehearse on the CPU with --dry-run")
     config.out.mkdir(parents=True, exist_ok=True)
-    repo = config.repo or build(config, log)
-    memory_before = gpu_memory(None)
-    server, server_pids = None, None
-    url, metrics_url = config.url, config.metrics_url
-    try:
-        if url is None:
-            log(f"starting tritonserver on {repo}")
-            server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                                  log_file=config.out / "tritonserver.log").start(timeout=600)
-            url, metrics_url = server.endpoints.grpc, server.endpoints.metrics
-            server_pids = set(process_tree(server.process.pid))
-        metrics_url = metrics_url or default_metrics_url(url)
+    repo, memory_before, benches, files = config.repo or build(config, log), gpu_memory(None), {}, {}
+    with target_server(repo, config.url, config.out / "tritonserver.log", log=log) as (url, metrics_url, pid):
+        server_pids = set(process_tree(pid)) if config.url is None else None
+        metrics_url = config.metrics_url or metrics_url or default_metrics_url(url)
         entries = server_thread_budget(url, [])["models"]
-        benches = {}
-        for model in MODELS:
-            # a repository given with --repo may bound its queues below the sweep
-            admitted = admitted_concurrency(entries[model])
-            levels = tuple(level for level in config.concurrency if admitted is None or level <= admitted)
+        for model in MODELS:  # a repository given with --repo may bound its queues below the sweep
+            levels = tuple(c for c in config.concurrency if not entries[model]["max_queue_size"]
+                           or c <= entries[model]["max_queue_size"])
             log(f"bench {model} at concurrency {', '.join(map(str, levels))}")
             benches[model] = run_bench(BenchConfig(
                 repo=repo, url=url, metrics_url=metrics_url, concurrency=levels, requests=config.requests,
                 model=model, image_set=config.image_set, preprocessing_repeats=config.preprocessing_repeats), log)
-            write_json(benches[model], config.out / f"bench_{model}.json")
+            files[f"bench_{model}"] = str(write_json(benches[model], config.out / f"bench_{model}.json"))
         log(f"load test: {config.users} users for {config.duration_s:g} s")
         loadtest = run_loadtest(LoadTestConfig(url=url, users=config.users, spawn_rate=float(config.users),
                                                duration_s=config.duration_s, out=config.out / "loadtest",
                                                image_set=config.image_set, metrics_url=metrics_url))
         memory = gpu_memory(server_pids)  # with every session loaded and warm
-    finally:
-        if server is not None:
-            server.stop()
-
     models = {model: model_figures(bench) for model, bench in benches.items()}
-    provider = execution_provider(benches["cxr_findings"], memory)  # its raw side holds every network's session
+    providers = benches["cxr_findings"]["execution_providers"]  # its raw side holds every network's session
+    first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
+    provider = {"provider": first.pop() if len(first) == 1 else None,  # what every network session got; None: they differ
+                **providers, "server_gpu_memory_mib": memory["server_memory_mib"] if memory else None}
     report = {
-        "dry_run": config.dry_run,
-        "profile": benches["cxr_classifier"]["profile"],
-        "repository": str(repo),
-        "url": config.url or "embedded (started by this run)",
-        "image_set": config.image_set,
+        "dry_run": config.dry_run, "profile": benches["cxr_classifier"]["profile"], "repository": str(repo),
+        "url": config.url or "embedded (started by this run)", "image_set": config.image_set,
         "sweep": {"concurrency": {model: [row["concurrency"] for row in bench["sweep"]] for model, bench in benches.items()},
                   "requests_per_point": config.requests},
-        "models": models,
-        "execution_provider": provider,
+        "models": models, "execution_provider": provider,
         "gpu_memory": {"before_server": memory_before, "loaded": memory} if memory is not None else None,
         "preprocessing_ms": benches["cxr_classifier"]["preprocessing_ms"],
-        "loadtest": {
-            "users": config.users, "duration_s": config.duration_s, "passed": loadtest["passed"],
-            "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}
-                       for model, figures in loadtest["locust"]["models"].items()},
-        },
+        "loadtest": {"users": config.users, "duration_s": config.duration_s, "passed": loadtest["passed"],
+                     "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}
+                                for model, figures in loadtest["locust"]["models"].items()}},
         "targets": judge(models, provider["provider"], config.profile),
-        "files": {"report": str(config.out / REPORT), "loadtest": loadtest["files"]["report"],
-                  **{f"bench_{model}": str(config.out / f"bench_{model}.json") for model in MODELS}},
+        "files": {"report": str(config.out / "gpu_bench.json"), "loadtest": loadtest["files"]["report"], **files},
     }
-    write_json(report, config.out / REPORT)
+    write_json(report, config.out / "gpu_bench.json")
     return report
 
 
 def parse_args(argv: list[str] | None) -> GpuRunConfig:
-    parser = argparse.ArgumentParser(prog="loadtest/gpu_bench.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", default=os.environ.get(DRY_RUN_ENV) == "1",
-                        help=f"tiny profile on the CPU, few requests (also {DRY_RUN_ENV}=1)")
+    parser = argparse.ArgumentParser(prog="loadtest/gpu_bench.sh", description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("CXRLT_GPU_DRY_RUN") == "1",
+                        help="tiny profile on the CPU, few requests (also CXRLT_GPU_DRY_RUN=1)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_bench"), help="output folder (default runs/gpu_bench)")
-    parser.add_argument("--repo", type=Path, help="a repository built already (default: build one into OUT/repository)")
-    parser.add_argument("--checkpoints", type=Path, help="checkpoints to build from (default: seeded random weights)")
-    parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
-    parser.add_argument("--metrics-url", help="its metrics endpoint (default: port 8002 on the --url host)")
-    parser.add_argument("--image-set", choices=IMAGE_SETS, default="all")
-    parser.add_argument("--concurrency", help="comma-separated bench levels (1 is always added)")
-    parser.add_argument("--requests", type=int, help="measured bench requests per side and level")
-    parser.add_argument("--users", type=int, help="load-test users")
-    parser.add_argument("--duration-s", type=float, help="load-test duration")
-    args = parser.parse_args(argv)
-    overrides = {key: value for key, value in {
-        "repo": args.repo, "checkpoints": args.checkpoints, "url": args.url, "metrics_url": args.metrics_url,
-        "image_set": args.image_set, "requests": args.requests, "users": args.users, "duration_s": args.duration_s,
-        "concurrency": tuple(int(level) for level in args.concurrency.split(",")) if args.concurrency else None,
-    }.items() if value is not None}
-    return GpuRunConfig.dry(args.out, **overrides) if args.dry_run else GpuRunConfig(out=args.out, **overrides)
+    for flag, kind, text in (
+            ("--repo", Path, "a repository built already (default: build one into OUT/repository)"),
+            ("--checkpoints", Path, "checkpoints to build from (default: seeded random weights)"),
+            ("--url", str, "gRPC host:port of a server already serving --repo (default: start one)"),
+            ("--metrics-url", str, "its metrics endpoint (default: port 8002 on the --url host)"),
+            ("--image-set", str, f"one of {', '.join(IMAGE_SETS)} (default all)"),
+            ("--concurrency", lambda text: tuple(int(level) for level in text.split(",")),
+             "comma-separated bench levels (1 is always added)"),
+            ("--requests", int, "measured bench requests per side and level"), ("--users", int, "load-test users"),
+            ("--duration-s", float, "load-test duration")):
+        parser.add_argument(flag, type=kind, help=text)
+    args = vars(parser.parse_args(argv))
+    dry = {"profile": "tiny", "concurrency": (1, 2), "requests": 4, "users": 2, "duration_s": 3.0, "preprocessing_repeats": 3}
+    return GpuRunConfig(**{**(dry if args["dry_run"] else {}), **{k: v for k, v in args.items() if v is not None}})
 
 
 def main(argv: list[str] | None = None) -> int:

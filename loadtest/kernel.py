@@ -1,13 +1,6 @@
-"""The load-test kernel: what bench, stress and soak share, once.
-
-- requests: `Served` (one gRPC client per worker; each image's tensors built once by
-  loadtest.payloads, or the SDK cxrlt.client for shared memory and --send-size) and `drive`,
-  a closed loop of N workers;
-- measurements (`Measurement`, `figures`) and checks (`Check`);
-- the server's process tree from /proc (`process_tree`, `tree_cpu_s`), the loopback rule and
-  the server these commands start or find (`target_server`);
-- output: `write_json`, `save_figure`.
-"""
+"""What bench, stress, soak and the load test share: the images sent, requests (`Served`, `drive`),
+measurements and checks, the server's process tree from /proc, the server a run starts or finds,
+and output (JSON, figures, rich tables)."""
 
 from __future__ import annotations
 
@@ -15,26 +8,110 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shutil
+import struct
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from loadtest.payloads import Payload, grpc_inputs, requested_outputs
-
-PROC = Path("/proc")
-SHM = Path("/dev/shm")
-MIB = 1024 * 1024
+PROC, SHM, MIB = Path("/proc"), Path("/dev/shm"), 1024 * 1024
+IMAGE_SETS = ("all", "real", "synthetic")
+MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
+HINTED_MODELS = frozenset({"cxr_classifier", "cxr_findings"})  # cxr_zeroshot takes no PROJECTION_HINT
+RSS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
 
 
 class LoadTestError(RuntimeError):
     """A run that cannot go on as asked (no server, a server that is gone, ...); the message says why."""
+
+
+# --- the images ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Payload:
+    name: str
+    pixels: np.ndarray  # uint16 [H, W], MONOCHROME2
+    hint: str | None  # DICOM ViewPosition term, or None when unknown
+
+
+@lru_cache(maxsize=None)
+def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
+    """The real pydicom-data radiograph (RG1_UNCR, 1955 x 1841, through the client's DICOM path) and/or
+    the builder's synthetic frontal and lateral ones, each with the hint a PACS would send; decoded once."""
+    if image_set not in IMAGE_SETS:
+        raise ValueError(f"image set must be one of {IMAGE_SETS}, not {image_set!r}")
+    payloads: list[Payload] = []
+    if image_set in ("all", "real"):
+        try:
+            from pydicom.data import get_testdata_file
+
+            from cxrlt.io.images import load_image
+
+            path = get_testdata_file("RG1_UNCR.dcm")
+            if path is None:
+                raise FileNotFoundError("RG1_UNCR.dcm is not in pydicom-data")
+            image = load_image(path)
+            payloads.append(Payload("RG1_UNCR", np.ascontiguousarray(image.pixels, dtype=np.uint16), image.hint))
+        except Exception as exc:
+            if image_set == "real":
+                raise RuntimeError(f"the real chest X-ray is unavailable ({exc}); install the dev extra (pydicom-data)") from exc
+            logging.getLogger(__name__).warning("real chest X-ray unavailable (%s); sending the synthetic radiographs only", exc)
+    if image_set in ("all", "synthetic"):
+        from cxrlt.io.synthetic import synthetic_radiographs
+
+        for projection, pixels in synthetic_radiographs().items():
+            payloads.append(Payload(f"synthetic_{projection}", np.ascontiguousarray(pixels, dtype=np.uint16),
+                                    {"frontal": "PA", "lateral": "LL"}[projection]))
+    return tuple(payloads)
+
+
+def output_names(model: str) -> list[str]:
+    return ["PROBABILITIES"] if model == "cxr_zeroshot" else ["PROBABILITIES", "PROJECTION"]
+
+
+def grpc_request(payload: Payload, model: str, send_hint: bool = True) -> tuple[list, list]:
+    """tritonclient.grpc (inputs, requested outputs) for one image: IMAGE and, where the model takes one, the hint."""
+    import tritonclient.grpc as grpcclient
+
+    image = grpcclient.InferInput("IMAGE", [1, *payload.pixels.shape], "UINT16")
+    image.set_data_from_numpy(payload.pixels[None])
+    inputs = [image]
+    if send_hint and payload.hint and model in HINTED_MODELS:
+        inputs.append(grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES"))
+        inputs[-1].set_data_from_numpy(np.array([[payload.hint.encode()]], dtype=np.object_))
+    return inputs, [grpcclient.InferRequestedOutput(name) for name in output_names(model)]
+
+
+def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes:
+    """One image's serialised ModelInferRequest (Triton's public protobuf): an open loop sends it as it is
+    instead of serialising 7 MB again in its event loop for every request."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="IMAGE", datatype="UINT16", shape=[1, *payload.pixels.shape])
+    request.raw_input_contents.append(np.ascontiguousarray(payload.pixels, dtype="<u2").tobytes())
+    if send_hint and payload.hint and model in HINTED_MODELS:
+        request.inputs.add(name="PROJECTION_HINT", datatype="BYTES", shape=[1, 1])
+        request.raw_input_contents.append(struct.pack("<I", len(payload.hint)) + payload.hint.encode())  # length, bytes
+    for name in output_names(model):
+        request.outputs.add(name=name)
+    return request.SerializeToString()
+
+
+def images_json(payloads: Sequence[Payload], send_hints: bool) -> list[dict[str, Any]]:
+    return [{"name": p.name, "shape": list(p.pixels.shape), "hint": p.hint if send_hints else None} for p in payloads]
+
+
+# --- requests and measurements ---------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -57,25 +134,16 @@ class Measurement:
                 "mean_ms": round(float(np.mean(self.latencies_ms)), 3)}
 
 
-def pool(measurements: Sequence[Measurement]) -> Measurement:
-    """Several rounds of one point as one measurement (requests and wall time summed, latencies pooled)."""
-    return Measurement(measurements[0].concurrency, sum(m.requests for m in measurements),
-                       sum(m.wall_s for m in measurements), [x for m in measurements for x in m.latencies_ms])
-
-
 def figures(latencies_ms: Sequence[float]) -> dict[str, float | None]:
     """p50 / p95 / max of a list of latencies (None when empty)."""
-    if not len(latencies_ms):
-        return {"p50_ms": None, "p95_ms": None, "max_ms": None}
     values = np.asarray(latencies_ms, dtype=float)
-    return {"p50_ms": round(float(np.percentile(values, 50)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3),
-            "max_ms": round(float(values.max()), 3)}
+    return {f"{name}_ms": round(float(np.percentile(values, q)), 3) if len(values) else None
+            for name, q in (("p50", 50), ("p95", 95), ("max", 100))}
 
 
 def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int) -> Measurement:
     """`total` calls spread over `concurrency` threads (a shared counter hands out the items in turn)."""
-    counter, lock = itertools.count(), threading.Lock()
-    start_gate = threading.Barrier(concurrency + 1)
+    counter, lock, start_gate = itertools.count(), threading.Lock(), threading.Barrier(concurrency + 1)
 
     def worker(worker_id: int) -> list[float]:
         latencies = []
@@ -93,78 +161,64 @@ def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: in
         futures = [workers.submit(worker, i) for i in range(concurrency)]
         start_gate.wait()
         began = time.perf_counter()
-        results = [f.result() for f in futures]
+        latencies = [x for f in futures for x in f.result()]
         wall = time.perf_counter() - began
-    latencies = [x for r in results for x in r]
     return Measurement(concurrency, len(latencies), wall, latencies)
 
 
 @dataclasses.dataclass
 class Check:
-    """One target or check with its measured value. kind "target": a timing, which fails stress only
-    with --strict; "check": always judged."""
+    """One target or check with its measured value. kind "target": a timing (fails stress only with --strict)."""
 
     name: str
     passed: bool
     message: str  # one line: what, measured, the bound, the verdict
     measured: float | None = None
     kind: str = "check"
-    figure: str = ""  # the row of a table: what is measured, the measured value and the bound as printed
+    figure: str = ""  # a table row: what is measured, the measured value and the bound as printed
     shown: str = ""
     limit: Any = None
 
     def __post_init__(self) -> None:
         self.passed = bool(self.passed)  # numpy comparisons give numpy booleans
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def verdicts(checks: Sequence[Check]) -> dict[str, Any]:
-    """The report's checks, the names of those missed, and whether all passed."""
-    return {"checks": [c.to_json() for c in checks], "missed": [c.name for c in checks if not c.passed],
+    return {"checks": [dataclasses.asdict(c) for c in checks], "missed": [c.name for c in checks if not c.passed],
             "passed": all(c.passed for c in checks)}
 
 
 class Served:
-    """One gRPC client per worker calling `model` (or the model of a (model, payload) item).
-
-    Plain: every (model, image) request's tensors are built once (loadtest.payloads). With
-    `shared_memory` or `send_size`, each worker is a cxrlt.client.CxrltClient: the image goes
-    through a system shared-memory region registered with the server, or is downscaled by the
-    client before sending, in every request, as the SDK does it.
-    """
+    """One gRPC client per worker calling `model` (or the model of a (model, payload) item), each request's
+    tensors built once; with `shared_memory` or `send_size`, each worker is a cxrlt.client.CxrltClient that
+    passes the image through shared memory or downscales it, in every request, as the SDK does."""
 
     def __init__(self, url: str, model: str, send_hints: bool = True, timeout_s: float | None = None,
                  shared_memory: bool = False, send_size: int | str | None = None) -> None:
         self.url, self.model, self.send_hints, self.timeout_s = url, model, send_hints, timeout_s
         self.sdk = dict(shared_memory=shared_memory, send_size=send_size) if shared_memory or send_size else None
         self.clients: list = []
-        self._requests: dict[tuple[str, str], tuple[list, list]] = {}
+        self.requests: dict[tuple[str, str], tuple[list, list]] = {}
 
     def ensure_clients(self, count: int) -> None:
+        import tritonclient.grpc as grpcclient
+
+        from cxrlt.client import CxrltClient
+
         while len(self.clients) < count:
-            if self.sdk is not None:
-                from cxrlt.client import CxrltClient
-
-                self.clients.append(CxrltClient(self.url, model=self.model, retries=1, timeout_s=self.timeout_s or 600.0,
-                                                **self.sdk))
-            else:
-                import tritonclient.grpc as grpcclient
-
-                self.clients.append(grpcclient.InferenceServerClient(self.url))
+            self.clients.append(grpcclient.InferenceServerClient(self.url) if self.sdk is None else CxrltClient(
+                self.url, model=self.model, retries=1, timeout_s=self.timeout_s or 600.0, **self.sdk))
 
     def __call__(self, worker: int, item: Payload | tuple[str, Payload]) -> np.ndarray:
         model, payload = item if isinstance(item, tuple) else (self.model, item)
-        client = self.clients[worker]
         if self.sdk is not None:
-            result = client.classify(payload.pixels, payload.hint if self.send_hints else None, payload.name)
+            result = self.clients[worker].classify(payload.pixels, payload.hint if self.send_hints else None, payload.name)
             return np.asarray(list(result.probabilities.values()))
-        key = (model, payload.name)
-        if key not in self._requests:
-            self._requests[key] = (grpc_inputs(payload, model, self.send_hints), requested_outputs(model))
-        inputs, outputs = self._requests[key]
-        return client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s).as_numpy("PROBABILITIES")[0]
+        if (model, payload.name) not in self.requests:
+            self.requests[model, payload.name] = grpc_request(payload, model, self.send_hints)
+        inputs, outputs = self.requests[model, payload.name]
+        result = self.clients[worker].infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        return result.as_numpy("PROBABILITIES")[0]
 
     def close(self) -> None:
         for client in self.clients:
@@ -195,65 +249,29 @@ def process_tree(root: int, proc: Path = PROC) -> list[int]:
     return tree
 
 
-def _status_kb(pid: int, proc: Path) -> dict[str, int]:
-    values = {}
-    for line in (proc / str(pid) / "status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-            values[key] = int(rest.split()[0])
-    return values
-
-
 def _label(pid: int, proc: Path) -> str:
     """'tritonserver', the served model a Python-backend stub runs (from its model.py path), or the command name."""
     args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
     name = Path(args[0].decode(errors="replace")).name
     if name == "triton_python_backend_stub" and len(args) > 1:
-        model_file = Path(args[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
-        return model_file.parent.parent.name or name
+        return Path(args[1].decode(errors="replace")).parent.parent.name or name  # <repository>/<model>/<version>/model.py
     return name or (proc / str(pid) / "comm").read_text().strip()
 
 
 def _shm_files(pid: int, proc: Path) -> dict[str, int]:
-    """/dev/shm files the process has open or mapped -> allocated bytes (tmpfs blocks)."""
-    files: dict[str, int] = {}
-    prefix = f"{SHM}/"
-    fd_dir = proc / str(pid) / "fd"
+    """/dev/shm files the process has open or mapped -> allocated bytes (0: unlinked but still mapped)."""
+    prefix, fd_dir, files = f"{SHM}/", proc / str(pid) / "fd", {}
     for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(fd_dir / fd)
-            if target.startswith(prefix):
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd_dir / fd)).startswith(prefix):
                 files[target.removesuffix(" (deleted)")] = os.stat(fd_dir / fd).st_blocks * 512
-        except OSError:
-            continue
     for line in (proc / str(pid) / "maps").read_text().splitlines():
-        where = line.find(prefix)
-        if where < 0:
-            continue
-        path = line[where:].removesuffix(" (deleted)")
-        if path not in files:
+        if (where := line.find(prefix)) >= 0 and (path := line[where:].removesuffix(" (deleted)")) not in files:
             try:
                 files[path] = os.stat(path).st_blocks * 512
-            except OSError:  # unlinked but still mapped: counted, its size unknown here
+            except OSError:
                 files[path] = 0
     return files
-
-
-def shm_usage(shm: Path = SHM) -> tuple[int, int]:
-    """(files, allocated bytes) of everything in /dev/shm."""
-    files = size = 0
-    try:
-        entries = list(os.scandir(shm))
-    except OSError:
-        return 0, 0
-    for entry in entries:
-        try:
-            if entry.is_file(follow_symlinks=False):
-                files += 1
-                size += entry.stat(follow_symlinks=False).st_blocks * 512
-        except OSError:
-            continue
-    return files, size
 
 
 @dataclasses.dataclass
@@ -270,48 +288,38 @@ class Sample:
     shm_bytes: int
     shm_all_files: int  # all of /dev/shm, context only
     shm_all_bytes: int
-    # label (tritonserver, a served model's stubs, ...) -> processes, and rss / anon / shmem bytes summed over them
-    by_process: dict[str, dict[str, int]]
+    by_process: dict[str, dict[str, int]]  # label -> processes, and rss / anon / shmem bytes summed over them
     chunk_p50_ms: float | None = None  # latency of the chunk that ended at this sample
     chunk_p95_ms: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0, proc: Path = PROC, shm: Path = SHM) -> Sample:
     """One sample of the process tree under `root` (processes that vanish while read are skipped)."""
-    totals: Counter = Counter()
-    by_label: dict[str, Counter] = {}
-    shm_files: dict[str, int] = {}
-    processes = 0
+    totals, by_label, shm_files, processes = Counter(), {}, {}, 0
     for pid in process_tree(root, proc):
         try:
-            status = _status_kb(pid, proc)
-            fds = len(os.listdir(proc / str(pid) / "fd"))
-            files = _shm_files(pid, proc)
-            label = _label(pid, proc)
+            status = {key: int(rest.split()[0]) * 1024 for key, _, rest in
+                      (line.partition(":") for line in (proc / str(pid) / "status").read_text().splitlines())
+                      if key in RSS_KEYS}
+            fds, files, label = len(os.listdir(proc / str(pid) / "fd")), _shm_files(pid, proc), _label(pid, proc)
         except (OSError, ValueError):
             continue
         processes += 1
-        for key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-            totals[key] += status.get(key, 0) * 1024
-        totals["fds"] += fds
+        totals.update({RSS_KEYS[key]: value for key, value in status.items()}, fds=fds)
         shm_files.update(files)
-        mine = by_label.setdefault(label, Counter())
-        mine["processes"] += 1
-        for key, name in (("VmRSS", "rss"), ("RssAnon", "anon"), ("RssShmem", "shmem")):
-            mine[name] += status.get(key, 0) * 1024
+        mine = by_label.setdefault(label, Counter(processes=0, rss=0, anon=0, shmem=0))
+        mine.update(processes=1, **{RSS_KEYS[key]: status.get(key, 0) for key in ("VmRSS", "RssAnon", "RssShmem")})
     if not processes:
         raise LoadTestError(f"process {root} is gone (or /proc/{root} is not readable)")
-    all_files, all_bytes = shm_usage(shm)
-    return Sample(
-        requests=requests, elapsed_s=round(elapsed_s, 3), processes=processes,
-        rss_bytes=totals["VmRSS"], rss_anon_bytes=totals["RssAnon"], rss_file_bytes=totals["RssFile"],
-        rss_shmem_bytes=totals["RssShmem"], fds=totals["fds"],
-        shm_files=len(shm_files), shm_bytes=sum(shm_files.values()), shm_all_files=all_files, shm_all_bytes=all_bytes,
-        by_process={label: dict(values) for label, values in sorted(by_label.items())},
-    )
+    every = Counter()  # all of /dev/shm
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(shm):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    every.update(files=1, size=entry.stat(follow_symlinks=False).st_blocks * 512)
+    return Sample(requests, round(elapsed_s, 3), processes, totals["rss"], totals["anon"], totals["file"], totals["shmem"],
+                  totals["fds"], len(shm_files), sum(shm_files.values()), every["files"], every["size"],
+                  {label: dict(values) for label, values in sorted(by_label.items())})
 
 
 def alive(pid: int) -> bool:
@@ -321,23 +329,19 @@ def alive(pid: int) -> bool:
         return False
 
 
-def tree_cpu_s(root: int | None) -> float | None:
-    """CPU seconds (user + system) the process tree under `root` has used; None without a root."""
+def cpu_sample(root: int | None) -> tuple[float, float | None]:
+    """(CPU seconds of this process, user + system seconds of the process tree under `root`, or None)."""
     if root is None:
-        return None
+        return time.process_time(), None
     total = 0
     for pid in process_tree(root):
-        try:
-            fields = _stat_fields(pid)
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):
+            total += sum(int(v) for v in _stat_fields(pid)[11:13])  # utime, stime (fields 14 and 15 of stat)
+    return time.process_time(), total / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_sample(server_pid: int | None) -> tuple[float, float | None]:
-    """(CPU seconds of this process, of the server's tree or None)."""
-    return time.process_time(), tree_cpu_s(server_pid)
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def require_loopback(url: str, why: str) -> str:
@@ -386,17 +390,28 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
         server.stop()
 
 
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 # --- output ----------------------------------------------------------------------------------
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
-    """Lay out, write and close a matplotlib figure."""
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """matplotlib's subplots on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path, title: str, axes: Sequence[Any] = (), dpi: int = 110) -> Path:
+    """Title, grid and legend on `axes`, then lay out, write and close the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -404,14 +419,35 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display)."""
-    import matplotlib
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str | None = None):
+    """A rich table: the first column and those named with a leading '<' left-aligned, the others right."""
+    from rich import box
+    from rich.table import Table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
+    for i, column in enumerate(columns):
+        out.add_column(column.lstrip("<"), justify="left" if i == 0 or column.startswith("<") else "right", no_wrap=True)
+    for row in rows:
+        out.add_row(*row)
+    return out
 
-    return plt
+
+def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}" + (f" {unit}" if unit else "")
+
+
+def verdict(passed: bool | None) -> str:
+    return "-" if passed is None else "[green]PASS[/]" if passed else "[bold red]MISS[/]"
+
+
+def print_wide(console, renderable, width: int = 120) -> None:
+    """Print at full width when the output is a file or a pipe (rich assumes 80 columns there)."""
+    if console.is_terminal or console.width >= width:
+        console.print(renderable)
+        return
+    from rich.console import Console
+
+    Console(file=console.file, width=width, highlight=False).print(renderable)
 
 
 @contextlib.contextmanager

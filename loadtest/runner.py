@@ -1,9 +1,14 @@
-"""`cxrlt loadtest`: locust headless against a Triton server, Triton's metrics around it, targets.
+"""`cxrlt loadtest`: locust headless (a subprocess: locust patches its interpreter for gevent) against a
+Triton server, Triton's metrics scraped around it, targets checked, `report.json` written.
 
-Runs `python -m locust -f loadtest/locustfile.py --headless ...` as a subprocess (locust
-monkey-patches the interpreter for gevent; the CLI process stays unpatched), keeps its CSV
-and HTML report, scrapes Triton's Prometheus endpoint before and after for a per-model
-queue vs compute breakdown, checks the targets and writes `report.json`.
+Targets and the load may come from a profile file (YAML):
+
+    load: {users: 2, spawn_rate: 2, duration_s: 8, weights: {cxr_classifier: 1}, image_set: all}
+    targets:
+      min_rps: 1.0             # aggregate requests/s over the run
+      max_p95_ms: 5000         # aggregate 95th percentile latency
+      max_failures: 0          # failed requests allowed
+      models: {cxr_findings: {max_p95_ms: 8000}}   # optional, per model, same keys
 """
 
 from __future__ import annotations
@@ -18,18 +23,100 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cxrlt.contract.resources import package_file, package_root
 from loadtest import metrics as triton_metrics
-from loadtest.payloads import IMAGE_SETS, MODELS
-from loadtest.kernel import LoadTestError, verdicts, write_json
-from loadtest.targets import Targets, check_targets
+from loadtest.kernel import IMAGE_SETS, MODELS, Check, LoadTestError, fmt, print_wide, table, verdicts, write_json
 
-LOCUSTFILE = package_file("loadtest", "locustfile.py")
-PACKAGES_ROOT = package_root("loadtest")  # what locust's interpreter needs on sys.path
-REPORT = "report.json"
+UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}  # the target keys
+LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
+# locust_stats.csv column -> figure (None: kept as it is, an int)
+STATS = {"Request Count": "requests", "Failure Count": "failures", "Requests/s": "rps", "Failures/s": "failures_per_s",
+         "Average Response Time": "avg_ms", "Min Response Time": "min_ms", "Max Response Time": "max_ms", "50%": "p50_ms",
+         "95%": "p95_ms", "99%": "p99_ms", "Average Content Size": "avg_response_bytes"}
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the key."""
+
+
+@dataclasses.dataclass
+class Targets:
+    min_rps: float | None = None
+    max_p95_ms: float | None = None
+    max_failures: int | None = 0  # "zero failures" unless a profile or the command line says otherwise
+    models: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Profile:
+    targets: Targets
+    load: dict[str, Any]
+    source: str | None = None
+
+
+def _target_values(section: Any, where: str) -> dict[str, float]:
+    if not isinstance(section, dict):
+        raise ProfileError(f"{where} must be a mapping")
+    if unknown := set(section) - set(UNITS):
+        raise ProfileError(f"{where}: unknown target(s) {sorted(unknown)}; known: {', '.join(UNITS)}")
+    for key, value in section.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                                  or value < 0):
+            raise ProfileError(f"{where}.{key} must be a non-negative number, not {value!r}")
+    return {key: float(value) for key, value in section.items() if value is not None}
+
+
+def load_profile(path: Path | str) -> Profile:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfileError(f"cannot read profile {path} (or it is not valid YAML): {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping with 'targets' (and optionally 'load')")
+    if unknown := set(data) - {"targets", "load", "description"}:
+        raise ProfileError(f"{path}: unknown section(s) {sorted(unknown)}; expected targets, load, description")
+    section = dict(data.get("targets") or {})
+    models = {model: _target_values(values, f"{path}: targets.models.{model}")
+              for model, values in (section.pop("models", None) or {}).items()}
+    values = _target_values(section, f"{path}: targets")
+    load = dict(data.get("load") or {})
+    if unknown := set(load) - set(LOAD_KEYS):
+        raise ProfileError(f"{path}: unknown load key(s) {sorted(unknown)}; known: {', '.join(LOAD_KEYS)}")
+    return Profile(Targets(values.get("min_rps"), values.get("max_p95_ms"), int(values.get("max_failures", 0)), models),
+                   load, str(path))
+
+
+def _check(target: str, limit: float | None, stats: Mapping[str, Any] | None) -> Check | None:
+    """One target (e.g. "min_rps" or "cxr_findings.max_p95_ms") against locust's figures."""
+    if limit is None:
+        return None
+    key = target.rsplit(".", 1)[-1]
+    relation, unit = (">=" if key.startswith("min") else "<="), UNITS[key]
+    if stats is None or not stats.get("requests"):  # nothing ran: only a failure budget is kept
+        measured = 0.0 if key == "max_failures" else None
+    else:
+        measured = {"min_rps": stats["rps"], "max_p95_ms": stats.get("p95_ms"), "max_failures": stats["failures"]}[key]
+    if measured is None:
+        return Check(target, False, f"{target}: no completed requests to measure (target {relation} {limit:g} {unit})",
+                     None, limit=limit)
+    passed = measured >= limit if relation == ">=" else measured <= limit
+    return Check(target, passed, f"{target} {'met' if passed else 'MISSED'}: measured {float(measured):.4g} {unit}, "
+                                 f"target {relation} {limit:g} {unit}", float(measured), limit=limit)
+
+
+def check_targets(targets: Targets, aggregated: Mapping[str, Any] | None,
+                  per_model: Mapping[str, Mapping[str, Any]]) -> list[Check]:
+    """Every target against locust's figures ('requests', failed included, 'failures', 'rps', 'p95_ms')."""
+    checks = [_check(key, getattr(targets, key), aggregated) for key in UNITS]
+    checks += [_check(f"{model}.{key}", values.get(key), per_model.get(model))
+               for model, values in targets.models.items() for key in UNITS]
+    return [c for c in checks if c is not None]
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -40,8 +127,7 @@ def parse_duration(text: str | float | int) -> float:
         match = _DURATION.match(str(text).strip().lower())
         if not match or not any(match.groups()):
             raise ValueError(f"cannot read duration {text!r}; use seconds (30, 30s) or e.g. 1m30s")
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
+        seconds = sum(float(g or 0) * scale for g, scale in zip(match.groups(), (3600, 60, 1)))
     if not seconds > 0:
         raise ValueError(f"duration must be positive, got {text!r}")
     return seconds
@@ -54,22 +140,20 @@ class LoadTestConfig:
     spawn_rate: float = 2.0
     duration_s: float = 30.0
     out: Path = Path("runs/loadtest")
-    weights: dict[str, int] = dataclasses.field(default_factory=lambda: {m: 1 for m in MODELS})
+    weights: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(MODELS, 1))
     image_set: str = "all"
     send_hints: bool = True
     request_timeout_s: float = 30.0
-    metrics_url: str | None = None  # None: Triton's default port on the URL's host
+    metrics_url: str | None = None  # None: no Triton metrics
     targets: Targets = dataclasses.field(default_factory=Targets)
     profile: str | None = None
     tls: dict[str, Any] = dataclasses.field(default_factory=dict)  # ssl, root_certificates, private_key, certificate_chain
     report_path: Path | None = None  # None: OUT/report.json
 
     def __post_init__(self) -> None:
-        self.url = self.url.split("://", 1)[-1].rstrip("/")
-        if self.users < 1:
-            raise ValueError("--users must be at least 1")
-        if not self.spawn_rate > 0:
-            raise ValueError("--spawn-rate must be positive")
+        self.url, self.out = self.url.split("://", 1)[-1].rstrip("/"), Path(self.out)
+        if self.users < 1 or not self.spawn_rate > 0:
+            raise ValueError("--users must be at least 1 and --spawn-rate positive")
         if self.image_set not in IMAGE_SETS:
             raise ValueError(f"image set must be one of {IMAGE_SETS}")
         if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
@@ -85,33 +169,19 @@ def require_locust() -> None:
 
 
 def locust_command(config: LoadTestConfig) -> list[str]:
-    out = Path(config.out)
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--host", f"grpc://{config.url}",
-        "-u", str(config.users), "-r", f"{config.spawn_rate:g}", "-t", f"{max(1, math.ceil(config.duration_s))}s",
-        "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary",
-        "--exit-code-on-error", "0", "--loglevel", "INFO",
-        "--classifier-weight", str(config.weights.get("cxr_classifier", 0)),
-        "--zeroshot-weight", str(config.weights.get("cxr_zeroshot", 0)),
-        "--findings-weight", str(config.weights.get("cxr_findings", 0)),
+        sys.executable, "-m", "locust", "-f", str(package_file("loadtest", "locustfile.py")), "--headless",
+        "--host", f"grpc://{config.url}", "-u", str(config.users), "-r", f"{config.spawn_rate:g}",
+        "-t", f"{max(1, math.ceil(config.duration_s))}s", "--csv", str(config.out / "locust"),
+        "--html", str(config.out / "report.html"), "--only-summary", "--exit-code-on-error", "0", "--loglevel", "INFO",
+        *(arg for model in MODELS for arg in (f"--{model.removeprefix('cxr_')}-weight", str(config.weights.get(model, 0)))),
         "--image-set", config.image_set, "--request-timeout", f"{config.request_timeout_s:g}",
     ]
-    if not config.send_hints:
-        command.append("--no-hints")
-    if config.tls.get("ssl"):
-        command.append("--ssl")
+    command += ["--no-hints"] * (not config.send_hints) + ["--ssl"] * bool(config.tls.get("ssl"))
     for name in ("root_certificates", "private_key", "certificate_chain"):
         if config.tls.get(name):
             command += [f"--{name.replace('_', '-')}", str(config.tls[name])]
     return command
-
-
-def _locust_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGES_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")  # the client decodes images, it does not need a thread pool
-    return env
 
 
 def check_server(url: str, models: list[str], timeout: float = 10.0, tls: dict[str, Any] | None = None) -> None:
@@ -126,8 +196,7 @@ def check_server(url: str, models: list[str], timeout: float = 10.0, tls: dict[s
             raise LoadTestError(f"no Triton server answers gRPC at {url} ({exc}); start one with `cxrlt serve`") from None
         if not ready:
             raise LoadTestError(f"the Triton server at {url} is not ready")
-        missing = [m for m in models if not client.is_model_ready(m, client_timeout=timeout)]
-        if missing:
+        if missing := [m for m in models if not client.is_model_ready(m, client_timeout=timeout)]:
             raise LoadTestError(f"the Triton server at {url} has no ready model {', '.join(missing)}")
     finally:
         client.close()
@@ -135,57 +204,45 @@ def check_server(url: str, models: list[str], timeout: float = 10.0, tls: dict[s
 
 def run_locust(config: LoadTestConfig) -> Path:
     """Run locust headless; return the path of its log. Raises LoadTestError if it produced no stats."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "locust.log"
+    config.out.mkdir(parents=True, exist_ok=True)
+    log_path = config.out / "locust.log"
     budget = config.duration_s + config.users / config.spawn_rate + config.request_timeout_s + 120.0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(package_root("loadtest")), os.environ.get("PYTHONPATH")) if p))
+    env.setdefault("OMP_NUM_THREADS", "1")  # the client decodes images, it does not need a thread pool
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(locust_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=out,
-                                   env=_locust_environment(), start_new_session=True)
+        process = subprocess.Popen(locust_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=config.out, env=env,
+                                   start_new_session=True)
         try:
             process.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        except BaseException as exc:
+            os.killpg(process.pid, signal.SIGKILL if isinstance(exc, subprocess.TimeoutExpired) else signal.SIGTERM)
             process.wait()
-            raise LoadTestError(f"locust did not finish within {budget:.0f} s and was stopped; see {log_path}") from None
-        except BaseException:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise LoadTestError(f"locust did not finish within {budget:.0f} s and was stopped; see {log_path}") from None
             raise
-    if not (out / "locust_stats.csv").is_file():
+    if not (config.out / "locust_stats.csv").is_file():
         tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-20:])
         raise LoadTestError(f"locust exited with status {process.returncode} and wrote no statistics:\n{tail}")
     return log_path
 
 
-def _float(value: str) -> float | None:
+def _number(value: str) -> float | None:
     try:
-        number = float(value)
+        return number if math.isfinite(number := float(value)) else None
     except (TypeError, ValueError):
         return None
-    return number if math.isfinite(number) else None
 
 
 def read_locust_stats(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """locust_stats.csv -> ({model: figures}, aggregated figures)."""
-    per_model: dict[str, dict[str, Any]] = {}
-    aggregated = None
+    per_model, aggregated = {}, None
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            requests = int(row["Request Count"])
-            figures = {
-                "requests": requests,
-                "failures": int(row["Failure Count"]),
-                "rps": _float(row["Requests/s"]) or 0.0,
-                "failures_per_s": _float(row["Failures/s"]) or 0.0,
-                "avg_ms": _float(row["Average Response Time"]),
-                "min_ms": _float(row["Min Response Time"]),
-                "max_ms": _float(row["Max Response Time"]),
-                "p50_ms": _float(row["50%"]) if requests else None,
-                "p95_ms": _float(row["95%"]) if requests else None,
-                "p99_ms": _float(row["99%"]) if requests else None,
-                "avg_response_bytes": _float(row["Average Content Size"]),
-            }
+            figures = {key: _number(row[column]) for column, key in STATS.items()}
+            figures.update(requests=int(row["Request Count"]), failures=int(row["Failure Count"]), rps=figures["rps"] or 0.0,
+                           failures_per_s=figures["failures_per_s"] or 0.0)
+            for key in ("p50_ms", "p95_ms", "p99_ms"):
+                figures[key] = figures[key] if figures["requests"] else None
             if row["Name"] == "Aggregated" and not row["Type"]:
                 aggregated = figures
             else:
@@ -204,83 +261,47 @@ def read_locust_failures(path: Path) -> list[dict[str, Any]]:
 
 def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
     """Run the whole load test and write report.json into config.out; return the report."""
-    out = Path(config.out)
-    report_path = config.report_path or out / REPORT
-    active = [m for m, w in config.weights.items() if w > 0]
+    out, report_path = config.out, config.report_path or config.out / "report.json"
     require_locust()
-    check_server(config.url, active, tls=config.tls)
-    metrics_url = config.metrics_url
-    before, metrics_error = triton_metrics.try_scrape(metrics_url)
+    check_server(config.url, [m for m, w in config.weights.items() if w > 0], tls=config.tls)
+    before, error = triton_metrics.try_scrape(config.metrics_url)
     started = time.time()
     log_path = run_locust(config)
     wall_s = time.time() - started
     per_model, aggregated = read_locust_stats(out / "locust_stats.csv")
-    sent = {model: figures["requests"] for model, figures in per_model.items()}
-    after, after_error = triton_metrics.try_scrape(metrics_url, before, sent) if before is not None else (None, metrics_error)
-    triton = None
-    if before is not None and after is not None:
-        triton = triton_metrics.per_model(triton_metrics.diff(before, after))
-    checks = check_targets(config.targets, aggregated, per_model)
+    if before is not None:
+        after, error = triton_metrics.try_scrape(config.metrics_url, before, {m: f["requests"] for m, f in per_model.items()})
+    triton = triton_metrics.breakdown_json(triton_metrics.diff(before, after)) if before is not None and after is not None else None
+    load = {key: getattr(config, key) for key in ("users", "spawn_rate", "duration_s", "weights", "image_set", "send_hints",
+                                                  "request_timeout_s")}
     report = {
-        "url": config.url,
-        "metrics_url": metrics_url,
-        "profile": config.profile,
-        "load": {
-            "users": config.users, "spawn_rate": config.spawn_rate, "duration_s": config.duration_s,
-            "weights": config.weights, "image_set": config.image_set, "send_hints": config.send_hints,
-            "request_timeout_s": config.request_timeout_s, "locust_wall_s": round(wall_s, 2),
-        },
-        "locust": {"models": per_model, "aggregated": aggregated,
-                   "failures": read_locust_failures(out / "locust_failures.csv")},
-        "triton": {"models": triton_metrics.breakdown_json(triton)} if triton is not None else None,
-        "triton_error": None if triton is not None else (after_error or metrics_error),
-        "targets": config.targets.to_json(),
-        **verdicts(checks),
-        "files": {
-            "stats_csv": str(out / "locust_stats.csv"),
-            "failures_csv": str(out / "locust_failures.csv"),
-            "html": str(out / "report.html"),
-            "locust_log": str(log_path),
-            "report": str(report_path),
-        },
+        "url": config.url, "metrics_url": config.metrics_url, "profile": config.profile,
+        "load": {**load, "locust_wall_s": round(wall_s, 2)},
+        "locust": {"models": per_model, "aggregated": aggregated, "failures": read_locust_failures(out / "locust_failures.csv")},
+        "triton": {"models": triton} if triton is not None else None, "triton_error": None if triton is not None else error,
+        "targets": dataclasses.asdict(config.targets), **verdicts(check_targets(config.targets, aggregated, per_model)),
+        "files": {"stats_csv": str(out / "locust_stats.csv"), "failures_csv": str(out / "locust_failures.csv"),
+                  "html": str(out / "report.html"), "locust_log": str(log_path), "report": str(report_path)},
     }
     write_json(report, report_path)
     return report
 
 
 def print_report(report: dict[str, Any], console) -> None:
-    from rich import box
-    from rich.table import Table
-
-    load = report["load"]
-    table = Table(title=f"locust: {load['users']} users for {load['duration_s']:g} s against {report['url']} (client side)",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("model", no_wrap=True)
-    for column in ("reqs", "fails", "req/s", "avg ms", "p50 ms", "p95 ms", "p99 ms", "bytes"):
-        table.add_column(column, justify="right", no_wrap=True)
-
-    def fmt(value, spec=".1f"):
-        return "-" if value is None else format(value, spec)
-
-    rows = list(report["locust"]["models"].items())
-    if report["locust"]["aggregated"]:
-        rows.append(("all", report["locust"]["aggregated"]))
-    for name, f in rows:
-        table.add_row(name, str(f["requests"]), str(f["failures"]), fmt(f["rps"], ".2f"), fmt(f["avg_ms"]),
-                      fmt(f["p50_ms"], ".0f"), fmt(f["p95_ms"], ".0f"), fmt(f["p99_ms"], ".0f"), fmt(f["avg_response_bytes"], ".0f"))
-    triton_metrics.print_wide(console, table)
+    load, locust = report["load"], report["locust"]
+    rows = [*locust["models"].items(), *([("all", locust["aggregated"])] if locust["aggregated"] else [])]
+    print_wide(console, table(f"locust: {load['users']} users for {load['duration_s']:g} s against {report['url']} (client side)",
+                              ("model", "reqs", "fails", "req/s", "avg ms", "p50 ms", "p95 ms", "p99 ms", "bytes"),
+                              [(name, str(f["requests"]), str(f["failures"]), fmt(f["rps"], ".2f"), fmt(f["avg_ms"]),
+                                *(fmt(f[k], ".0f") for k in ("p50_ms", "p95_ms", "p99_ms", "avg_response_bytes")))
+                               for name, f in rows]))
     if report["triton"] is not None:
-        rows = [triton_metrics.ModelTime(**{k: v for k, v in m.items() if k in _MODEL_TIME_FIELDS})
-                for m in report["triton"]["models"].values()]
-        triton_metrics.print_wide(console, triton_metrics.breakdown_table(rows, "Triton (server side): per request, queue vs compute"))
+        print_wide(console, triton_metrics.breakdown_table(report["triton"]["models"],
+                                                           "Triton (server side): per request, queue vs compute"))
     else:
         console.print(f"[yellow]no Triton metrics breakdown: {report['triton_error']}[/]")
-    for failure in report["locust"]["failures"][:5]:
+    for failure in locust["failures"][:5]:
         console.print(f"[red]{failure['occurrences']} x {failure['model']}: {failure['error']}[/]")
     for check in report["checks"]:
-        style = "green" if check["passed"] else "bold red"
-        console.print(f"[{style}]{check['message']}[/]")
+        console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
     console.print(f"report: {report['files']['report']}  html: {report['files']['html']}")
-
-
-_MODEL_TIME_FIELDS = {f.name for f in dataclasses.fields(triton_metrics.ModelTime)}

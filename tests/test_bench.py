@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from loadtest.bench import DEFAULT_LEVELS, RawSide, default_levels, preprocessing_timings
-from loadtest.kernel import Measurement, drive
+from loadtest.kernel import Measurement, Payload, drive, load_payloads
 from loadtest.metrics import ModelTime, member_calls_per_image
-from loadtest.payloads import Payload, load_payloads
 from tests.grpc_inputs import settled
 
 
@@ -111,7 +110,7 @@ def test_raw_side_runs_an_images_members_at_once(tiny_repository, monkeypatch):
         raw(0, payload)
     finally:
         raw.close()
-    assert len(calls) == 4 and all(thread.startswith("raw-network") for thread, _, _ in calls)  # the router, then 3 members
+    assert len(calls) == 4 and all(thread.startswith("member") for thread, _, _ in calls)  # the router, then 3 members
     members = sorted(calls, key=lambda c: c[1])[1:]
     assert max(began for _, began, _ in members) < min(ended for _, _, ended in members)  # all three in flight together
     assert len(raw.session_providers()) == 4
@@ -120,7 +119,7 @@ def test_raw_side_runs_an_images_members_at_once(tiny_repository, monkeypatch):
 def test_raw_side_needs_no_torch(tiny_repository):
     """The loadtest extra runs the bench's raw side: onnxruntime and the Python backends' pipelines, no torch."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from loadtest.bench import RawSide\nfrom loadtest.payloads import load_payloads\n"
+            "from loadtest.bench import RawSide\nfrom loadtest.kernel import load_payloads\n"
             f"raw = RawSide({str(tiny_repository)!r}, 'cxr_findings', threads=1)\n"
             "print(raw(0, load_payloads('synthetic')[0]).shape)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ import pytest
 
 from cxrlt.contract.resources import package_file
 from loadtest.metrics import add, diff, parse_prometheus, per_model, scrape_settled
-from loadtest.runner import LoadTestConfig, locust_command, parse_duration, read_locust_failures, read_locust_stats
-from loadtest.targets import ProfileError, Targets, check_targets, load_profile
+from loadtest.runner import (LoadTestConfig, ProfileError, Targets, check_targets, load_profile, locust_command, parse_duration,
+                             read_locust_failures, read_locust_stats)
 
 PROFILE = package_file("loadtest", "profiles", "tiny_cpu.yaml")
 
@@ -41,13 +41,13 @@ nv_cpu_utilization 0.5
 def test_metrics_breakdown_from_two_scrapes():
     before = parse_prometheus(SCRAPE % dict(success=10, execs=10, cq=1000, rq=20000, ci=100000, ri=30000, cr=101000, rr=50000))
     after = parse_prometheus(SCRAPE % dict(success=30, execs=20, cq=3000, rq=60000, ci=300000, ri=90000, cr=303000, rr=150000))
-    rows = {r.model: r for r in per_model(diff(before, after))}
+    rows = {r.model: r.to_json() for r in per_model(diff(before, after))}
     assert list(rows) == ["cxr_classifier", "projection_router"]  # public models first
     classifier, router = rows["cxr_classifier"], rows["projection_router"]
-    assert classifier.requests == 20 and classifier.executions == 20
-    assert classifier.queue_ms == pytest.approx(0.1) and classifier.compute_ms == pytest.approx(10.0)
-    assert router.queue_ms == pytest.approx(2.0) and router.compute_ms == pytest.approx(3.0)
-    assert router.avg_batch == pytest.approx(2.0) and router.queue_share == pytest.approx(0.4)
+    assert classifier["requests"] == 20 and classifier["executions"] == 20
+    assert classifier["queue_ms"] == pytest.approx(0.1) and classifier["compute_ms"] == pytest.approx(10.0)
+    assert router["queue_ms"] == pytest.approx(2.0) and router["compute_ms"] == pytest.approx(3.0)
+    assert router["avg_batch"] == pytest.approx(2.0) and router["queue_share"] == pytest.approx(0.4)
     doubled = {r.model: r for r in per_model(add(diff(before, after), diff(before, after)))}
     assert doubled["projection_router"].requests == 40 and doubled["projection_router"].queue_ms == pytest.approx(2.0)
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.payloads import MODELS, load_payloads
 from loadtest.driver import SoakConfig, SoakTargets as Targets, check_growth, chunk_bounds, growth, jobs
-from loadtest.kernel import MIB, LoadTestError, process_tree, sample_tree
+from loadtest.kernel import MIB, MODELS, LoadTestError, load_payloads, process_tree, sample_tree
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

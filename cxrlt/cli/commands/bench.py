@@ -57,8 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from loadtest.bench import BenchConfig, plot, run_bench, summary_table
-    from loadtest.kernel import run_folder
-    from loadtest.metrics import print_wide
+    from loadtest.kernel import print_wide, run_folder
 
     out = report_folder(args, "bench")
     config = BenchConfig(

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from loadtest.kernel import run_folder
     from loadtest.metrics import default_metrics_url
-    from loadtest.runner import LoadTestConfig, parse_duration, print_report, require_locust, run_loadtest
-    from loadtest.targets import Profile, Targets, load_profile
+    from loadtest.runner import (LoadTestConfig, Profile, Targets, load_profile, parse_duration, print_report, require_locust,
+                                 run_loadtest)
 
     require_locust()
     profile = load_profile(args.targets) if args.targets else Profile(Targets(), {}, None)

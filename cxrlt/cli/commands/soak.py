@@ -43,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from loadtest.driver import SoakConfig, SoakTargets, run as drive, soak_plot, soak_table
-    from loadtest.kernel import run_folder
-    from loadtest.metrics import print_wide
+    from loadtest.kernel import print_wide, run_folder
 
     out = report_folder(args, "soak")
     config = SoakConfig(

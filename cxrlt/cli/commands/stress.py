@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from loadtest.driver import StressConfig, run as drive, stress_plot, stress_table
-    from loadtest.kernel import run_folder
-    from loadtest.metrics import ModelTime, breakdown_table, print_wide
+    from loadtest.kernel import print_wide, run_folder
+    from loadtest.metrics import breakdown_table
 
     out = report_folder(args, "stress")
     config = StressConfig(
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     print_wide(console, stress_table(report), width=150)
     if report["triton"]:
-        rows = [ModelTime(**{k: v for k, v in m.items() if k in ModelTime.__dataclass_fields__}) for m in report["triton"].values()]
-        print_wide(console, breakdown_table(rows, "Triton during the storm: per admitted request, queue vs compute"))
+        print_wide(console, breakdown_table(report["triton"], "Triton during the storm: per admitted request, queue vs compute"))
     for kind in report["storm"]["rejected"]["kinds"][:5]:
         console.print(f"{kind['count']} x {kind['reason']}: {kind['status']} {kind['message']}")
     load, cpu, at_saturation = report["load_average"], report["storm"]["cpu"], report["saturation"]["cpu"]
