@@ -328,8 +328,6 @@ def test_a_write_that_raises_midway_leaves_no_partial_file(tmp_path):
 
 
 def test_report_writers_leave_no_partial_file(tmp_path, monkeypatch):
-    import pandas as pd
-
     from cxrlt.contract.results import FindingsResult
     from cxrlt.io.reports import write_challenge_csv
 
@@ -337,13 +335,13 @@ def test_report_writers_leave_no_partial_file(tmp_path, monkeypatch):
                             projection_score=0.9, hint=None, hint_used=False, model_name="m", model_version="1")
     out = write_challenge_csv([result], tmp_path / "submission.csv", task="task1")
     complete = out.read_text()
-    real_to_csv = pd.DataFrame.to_csv
+    real_write_text = Path.write_text
 
-    def dies_midway(self, path, **kwargs):
-        real_to_csv(self.iloc[:0], path, **kwargs)  # the header made it to disk, the rows did not
+    def dies_midway(self, text, **kwargs):
+        real_write_text(self, text[: len(text) // 2], **kwargs)  # half of it made it to disk
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", dies_midway)
+    monkeypatch.setattr(Path, "write_text", dies_midway)
     with pytest.raises(OSError, match="No space"):
         write_challenge_csv([result, result], out, task="task1")
     assert out.read_text() == complete and [p.name for p in tmp_path.iterdir()] == ["submission.csv"]

@@ -24,15 +24,16 @@ from pydicom.uid import generate_uid
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
 from cxrlt.contract.results import FindingsResult
-from cxrlt.io.atomic import atomic_path
+from cxrlt.io.atomic import atomic_path, write_text_atomic
 
 __all__ = [
     "MANUFACTURER",
     "SOFTWARE_VERSION",
     "NOT_FOR_CLINICAL_USE",
     "to_json",
+    "challenge_csv",
     "write_challenge_csv",
-    "write_failures_csv",
+    "failures_csv",
     "SrUids",
     "derived_uids",
     "build_sr",
@@ -82,17 +83,14 @@ def to_json(results: Sequence[FindingsResult]) -> str:
     return json.dumps([result.to_dict() for result in results], indent=2)
 
 
-def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, task: str = "all") -> Path:
-    """Write the challenge submission CSV: ``ImageID`` then one column per class.
-
-    task: 'task1' (30 columns), 'task2' (6) or 'all' (36), in contract order.
-    """
+def challenge_csv(results: Sequence[FindingsResult], task: str = "all") -> str:
+    """The challenge submission CSV: ``ImageID`` then one column per class of ``task`` ('task1' (30
+    columns), 'task2' (6) or 'all' (36)), in contract order; repr-exact floats (the metric sees
+    every digit), CRLF line ends."""
     try:
         columns = _TASK_COLUMNS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(_TASK_COLUMNS)}") from None
-    import pandas as pd  # lazy: importing this module stays cheap
-
     rows = []
     for result in results:
         missing = [label for label in columns if label not in result.probabilities]
@@ -102,30 +100,23 @@ def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, tas
                 f"({len(missing)} missing); classify with the model that covers {task}"
             )
         rows.append([result.image_id, *(float(result.probabilities[label]) for label in columns)])
-    path = Path(path)
-    # repr-exact floats: the CSV must not lose precision that the metric can see. CRLF line
-    # ends, as the csv module wrote them before.
-    with atomic_path(path) as temporary:
-        pd.DataFrame(rows, columns=["ImageID", *columns]).to_csv(
-            temporary, index=False, float_format=_repr_float, na_rep="nan", lineterminator="\r\n", encoding="utf-8"
-        )
-    return path
+    return _csv(rows, ["ImageID", *columns], float_format=lambda value: repr(float(value)), na_rep="nan")
 
 
-def write_failures_csv(failures: Sequence[tuple[str | Path, str]], path: str | Path) -> Path:
+def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, task: str = "all") -> Path:
+    """Write :func:`challenge_csv` to ``path`` (atomically)."""
+    return write_text_atomic(path, challenge_csv(results, task))
+
+
+def failures_csv(failures: Sequence[tuple[str | Path, str]]) -> str:
     """The inputs that could not be classified, one ``path,reason`` row each (header only: none failed)."""
-    import pandas as pd
-
-    path = Path(path)
-    with atomic_path(path) as temporary:
-        pd.DataFrame([(str(source), reason) for source, reason in failures], columns=["path", "reason"]).to_csv(
-            temporary, index=False, lineterminator="\r\n", encoding="utf-8"
-        )
-    return path
+    return _csv([(str(source), reason) for source, reason in failures], ["path", "reason"])
 
 
-def _repr_float(value: float) -> str:
-    return repr(float(value))
+def _csv(rows: list, columns: list[str], **options) -> str:
+    import pandas as pd  # lazy: importing this module stays cheap
+
+    return pd.DataFrame(rows, columns=columns).to_csv(index=False, lineterminator="\r\n", **options)
 
 
 # ----------------------------------------------------------------------------- DICOM SR

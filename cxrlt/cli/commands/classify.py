@@ -20,12 +20,12 @@ import argparse
 from pathlib import Path
 
 from cxrlt.cli.options import add_option, add_send_size_argument, add_tls_arguments, tls_options
-from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, ZEROSHOT_MODEL
+from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.served import FINDINGS_MODEL, PIPELINE_MODELS
 
 FORMATS = ("json", "csv", "sr")
 FAILURES_CSV = "failures.csv"  # next to the challenge CSV: path,reason of every input that failed
-TASKS = ("all", "task1", "task2")
-_TASK_MODELS = {"all": FINDINGS_MODEL, "task1": CLASSIFIER_MODEL, "task2": ZEROSHOT_MODEL}
+TASKS = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output file (json, csv; '-' or absent: stdout) or directory (sr)")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the JSON results (and failures) to PATH; with --format json, the output file")
-    parser.add_argument("--task", default="all", choices=TASKS, help="findings to write: task1 (30), task2 (6) or all (36)")
+    parser.add_argument("--task", default="all", choices=list(TASKS), help="findings to write: task1 (30), task2 (6) or all (36)")
     parser.add_argument("--model", default=FINDINGS_MODEL, choices=list(PIPELINE_MODELS),
                         help=f"served model to call ({FINDINGS_MODEL}: all 36)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
@@ -128,6 +128,16 @@ def _failed(console, path: Path, reason: str) -> None:
     console.print(f"[red]FAILED[/] {escape(str(path))}: {escape(reason)}", soft_wrap=True, highlight=False)
 
 
+def _error(message: str) -> int:
+    """Print the run's one error line; the exit status 1."""
+    from rich.markup import escape
+
+    from cxrlt.cli.console import console
+
+    console.print(f"[red]cxrlt classify: {escape(message)}", soft_wrap=True)
+    return 1
+
+
 def _reserve_sr_name(folder: Path, image_id: str, used: set[str]) -> str:
     """A file name for the SR of `image_id` that no other image of this run (or an older file) has."""
     stem = _safe_name(image_id)
@@ -150,13 +160,11 @@ def _safe_name(text: str) -> str:
 def _check_options(args: argparse.Namespace) -> str | None:
     """What is wrong with the options (None: nothing); resolves --json into --out for --format json."""
     from cxrlt.client.sdk import MODEL_LABELS
-    from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
 
-    task_labels = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}[args.task]
-    missing_labels = [label for label in task_labels if label not in MODEL_LABELS[args.model]]
+    missing_labels = [label for label in TASKS[args.task] if label not in MODEL_LABELS[args.model]]
     if missing_labels:
         return (f"--task {args.task} needs findings that {args.model} does not return ({missing_labels[0]!r}, ...); "
-                f"use --model {_TASK_MODELS['all']} or a matching --task")
+                f"use --model {FINDINGS_MODEL} or a matching --task")
     if args.concurrency < 1 or args.retries < 1:
         return "--concurrency and --retries must be at least 1"
     if args.timeout_s <= 0 or args.deadline_s <= 0:
@@ -181,11 +189,7 @@ class _Batch:
     def __init__(self, args: argparse.Namespace, client, progress) -> None:
         import asyncio
 
-        from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
-
         self.args, self.client, self.progress = args, client, progress
-        self.labels = {"all": ALL_LABELS, "task1": TASK1_LABELS, "task2": TASK2_LABELS}[args.task]
-        self.out = None if args.out in (None, "-") else Path(args.out)
         self.semaphore = asyncio.Semaphore(args.concurrency)
         self.unavailable: list[str] = []  # once the server is gone (not merely overloaded), stop sending
         self.outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None, attempts)
@@ -207,7 +211,7 @@ class _Batch:
                     self.fail(path, f"not sent: {self.unavailable[0]}")
                     return
                 try:
-                    done = await classify_image(self.client, path, labels=self.labels, sr=self.args.format == "sr",
+                    done = await classify_image(self.client, path, labels=TASKS[self.args.task], sr=self.args.format == "sr",
                                                 image_id=path.name if self.args.image_id == "name" else None)
                 except ClassifyFailure as exc:
                     if exc.kind == ClassifyFailure.UNAVAILABLE:
@@ -216,9 +220,9 @@ class _Batch:
                     return
                 result = done.result
                 if done.sr is not None:  # write now: holding every dataset (pixels included) would not scale
-                    name = _reserve_sr_name(self.out, result.image_id, self.sr_names)
+                    name = _reserve_sr_name(Path(self.args.out), result.image_id, self.sr_names)
                     try:
-                        await asyncio.to_thread(save_sr, done.sr, self.out / name)
+                        await asyncio.to_thread(save_sr, done.sr, Path(self.args.out) / name)
                     except Exception as exc:
                         self.fail(path, f"could not write the SR: {reason(path, exc)}", result.attempts)
                         return
@@ -231,7 +235,6 @@ async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[di
     """Every file classified (outcomes by path, 'unavailable' notes, the served ModelInfo), or an exit status."""
     import asyncio
 
-    from rich.markup import escape
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -244,15 +247,12 @@ async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[di
         try:
             info = await client.model_info()
         except ClientError as exc:
-            console.print(f"[red]cxrlt classify: {escape(str(exc))}", soft_wrap=True)
-            return 1
+            return _error(str(exc))
         if args.format == "sr":
             try:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                console.print(f"[red]cxrlt classify: cannot create {escape(str(args.out))}: {escape(str(exc))}",
-                              soft_wrap=True)
-                return 1
+                return _error(f"cannot create {args.out}: {exc}")
         with Progress(
             SpinnerColumn(), TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), console=console, transient=True, disable=len(files) < 2 or not console.is_terminal,
@@ -264,22 +264,17 @@ async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[di
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from cxrlt.cli.console import console
 
     problem = _check_options(args)
     if problem is not None:
-        console.print(f"[red]cxrlt classify: {escape(problem)}", soft_wrap=True)
-        return 1
+        return _error(problem)
     files, missing = expand_paths(args.paths)
     failures = [(path, reason, 0) for path, reason in missing]  # (path, reason, attempts)
     for path, reason, _ in failures:
         _failed(console, path, reason)
     if not files:
-        console.print("[red]cxrlt classify: no input files found in " + escape(", ".join(str(p) for p in args.paths)),
-                      soft_wrap=True)
-        return 1
+        return _error("no input files found in " + ", ".join(str(p) for p in args.paths))
     classified = await _classify_all(args, files)
     if isinstance(classified, int):
         return classified
@@ -309,11 +304,9 @@ def _write_outputs(args: argparse.Namespace, done: list, failures: list) -> str 
     import sys
     from collections import Counter
 
-    from rich.markup import escape
-
     from cxrlt.cli.console import console
     from cxrlt.io.atomic import write_text_atomic
-    from cxrlt.io.reports import write_challenge_csv, write_failures_csv
+    from cxrlt.io.reports import challenge_csv, failures_csv
 
     counts = Counter(result.image_id for _, result in done)
     duplicates = sorted(image_id for image_id, n in counts.items() if n > 1)
@@ -321,41 +314,27 @@ def _write_outputs(args: argparse.Namespace, done: list, failures: list) -> str 
         console.print(f"[yellow]warning:[/] {len(duplicates)} ImageID(s) appear more than once in the CSV "
                       f"(e.g. {duplicates[0]!r}); the challenge expects one row per image")
     out = None if args.out in (None, "-") else Path(args.out)
-    written = where = ""
-    try:
-        if args.format == "json" and out is None:
-            sys.stdout.write(_json_text(done, failures))
+    files: list[tuple[Path, str]] = []  # (path, text), written in this order; all but a challenge CSV list the failures
+    if args.format in ("json", "csv"):
+        text = _json_text(done, failures) if args.format == "json" else challenge_csv([r for _, r in done], args.task)
+        if out is None:
+            sys.stdout.write(text.replace("\r\n", "\n"))
             sys.stdout.flush()
-        elif args.format == "json":
-            written = str(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out, _json_text(done, failures))
-            where = f"; also in {out}" if failures else ""
-        elif args.format == "csv":
-            results = [result for _, result in done]
-            if out is None:
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as scratch:
-                    text = write_challenge_csv(results, Path(scratch) / "out.csv", task=args.task).read_text(encoding="utf-8")
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            else:
-                written = str(out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_challenge_csv(results, out, task=args.task)
-                written = str(out.parent / FAILURES_CSV)  # always written: no stale list from an older run
-                write_failures_csv([(path, reason) for path, reason, _ in failures], out.parent / FAILURES_CSV)
-                where = f"; also in {out.parent / FAILURES_CSV}" if failures else ""
-        if args.json is not None and args.format != "json":
-            written = str(args.json)
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(args.json, _json_text(done, failures))
-            where = where or (f"; also in {args.json}" if failures else "")
-    except OSError as exc:
-        console.print(f"[red]cxrlt classify: could not write {escape(written)}: {escape(str(exc))}", soft_wrap=True)
-        return None
-    return where
+        else:
+            files.append((out, text))
+    if args.format == "csv" and out is not None:  # always written: no stale list from an older run
+        files.append((out.parent / FAILURES_CSV, failures_csv([(path, reason) for path, reason, _ in failures])))
+    if args.json is not None and args.format != "json":
+        files.append((args.json, _json_text(done, failures)))
+    for path, text in files:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, text)
+        except OSError as exc:
+            _error(f"could not write {path}: {exc}")
+            return None
+    listed = [path for path, _ in files if not (args.format == "csv" and path == out)]
+    return f"; also in {listed[0]}" if failures and listed else ""
 
 
 def _summary(args: argparse.Namespace, done: list, failures: list, where: str, unavailable: list[str],
