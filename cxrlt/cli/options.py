@@ -45,19 +45,15 @@ class HelpFormatter(argparse.HelpFormatter):
     """
 
     def _format_action(self, action: argparse.Action) -> str:
-        hidden = getattr(action, "hidden_aliases", ())
-        if hidden or (action.help is None and _shows_default(action)):
+        if action.help is None and _shows_default(action):
             action = copy.copy(action)
-            action.option_strings = [o for o in action.option_strings if o not in hidden]
-            if action.help is None:
-                action.help = "(default: %(default)s)"
+            action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        hidden = getattr(action, "hidden_aliases", ())
-        if hidden:
+        if getattr(action, "hidden_aliases", ()):
             action = copy.copy(action)
-            action.option_strings = [o for o in action.option_strings if o not in hidden]
+            action.option_strings = visible_options(action)
         return super()._format_action_invocation(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -65,6 +61,12 @@ class HelpFormatter(argparse.HelpFormatter):
         if _shows_default(action) and "default" not in text.lower():
             text = f"{text} (default: %(default)s)".strip()
         return text
+
+
+def visible_options(action: argparse.Action) -> list[str]:
+    """The option strings --help shows for `action` (its hidden old names left out)."""
+    hidden = getattr(action, "hidden_aliases", ())
+    return [o for o in action.option_strings if o not in hidden]
 
 
 def _shows_default(action: argparse.Action) -> bool:

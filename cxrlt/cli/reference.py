@@ -11,6 +11,8 @@ import argparse
 import copy
 import sys
 
+from cxrlt.cli.options import _shows_default, visible_options
+
 REGENERATE = "python -m cxrlt.cli.reference > docs/cli.md"
 
 
@@ -25,12 +27,6 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def visible_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The arguments --help shows (no -h, nothing suppressed)."""
     return [a for a in parser._actions if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
-
-
-def visible_options(action: argparse.Action) -> list[str]:
-    """The option strings --help shows for `action` (its hidden old names left out)."""
-    hidden = getattr(action, "hidden_aliases", ())
-    return [o for o in action.option_strings if o not in hidden]
 
 
 def hidden_aliases(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -68,8 +64,6 @@ def _value(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
-    from cxrlt.cli.options import _shows_default
-
     if action.required:
         return "required"
     if isinstance(action, argparse.BooleanOptionalAction) and action.default is not None:

@@ -83,25 +83,9 @@ class _Retry(Exception):
     """Retrying may help (server or destination unavailable): the entry stays spooled."""
 
 
-class _Connection:
-    """The SDK's client of one connection to the server (it also reads the served configs).
-
-    Replaced after the server was unavailable: a gRPC channel that kept failing backs off its
-    reconnects (up to minutes), so a new channel finds a restarted server at once; it also
-    forgets what the old one cached about the served models.
-    """
-
-    def __init__(self, config: NodeConfig) -> None:
-        from cxrlt.client.sdk import AsyncCxrltClient
-
-        self.created = time.monotonic()
-        # fail_fast off: a node may start before its server; the spool keeps what cannot be classified yet
-        self.client = AsyncCxrltClient(config.url, timeout_s=config.timeout_s, retries=config.retries,
-                                       deadline_s=config.deadline_s, fail_fast=False, **config.tls)
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.client.close()
+async def _close(client: Any) -> None:
+    with contextlib.suppress(Exception):  # the server may be gone
+        await client.close()
 
 
 def transfer_syntaxes() -> list[str]:
@@ -139,13 +123,11 @@ class DicomNode:
         self._busy = 0
         self._stopping = False
         self._rng = random.Random()
-        self._connection: _Connection | None = None
-        self._retired: set[_Connection] = set()
+        self._client: Any = None  # the SDK's AsyncCxrltClient (it also reads the served configs)
+        self._client_since = 0.0
+        self._retired: set[Any] = set()  # replaced clients, closed once their calls are over
 
     # ------------------------------------------------------------------ receiving (pynetdicom's threads)
-
-    def _on_echo(self, event: Any) -> int:
-        return 0x0000
 
     def _on_store(self, event: Any) -> int:
         sop = str(event.request.AffectedSOPInstanceUID or "")
@@ -219,9 +201,6 @@ class DicomNode:
             if self.spool.path(name).exists():
                 self._enqueue(name)
 
-    def _backoff(self, attempt: int) -> float:
-        return backoff_delay(attempt, self.config.backoff_s, self.config.max_backoff_s, self._rng)
-
     def _outcome(self, sop: str, outcome: str, latency_s: float, **fields: Any) -> None:
         extra = "".join(f" {key}={value}" for key, value in fields.items() if value is not None)
         log.info("sop=%s outcome=%s latency_s=%.2f%s", sop or "-", outcome, latency_s, extra)
@@ -245,7 +224,7 @@ class DicomNode:
 
     def _retry_later(self, name: str, reason: str) -> None:
         attempt = self._attempts[name] = self._attempts.get(name, 0) + 1
-        delay = self._backoff(attempt)
+        delay = backoff_delay(attempt, self.config.backoff_s, self.config.max_backoff_s, self._rng)
         self.metrics.inc("retried")
         sop = name.removesuffix(".dcm")
         self._outcome(sop, "retry", self._age(name), attempt=attempt, next_s=f"{delay:.1f}", reason=f'"{reason}"')
@@ -270,7 +249,8 @@ class DicomNode:
             try:
                 await asyncio.to_thread(self.config.destination.send, sr)
             except DestinationError as exc:
-                self._remember(name, (sr, sop, detail))
+                if name in self._built or len(self._built) < _BUILT_CACHE:
+                    self._built[name] = (sr, sop, detail)
                 raise _Retry(str(exc)) from None
         except _Retry as exc:
             self._retry_later(name, str(exc))
@@ -293,23 +273,31 @@ class DicomNode:
                       sr=str(sr.SOPInstanceUID), to=f'"{self.config.destination}"', **detail)
         self._done(name)
 
-    def _reconnect(self, failed: _Connection) -> None:
-        """Use new clients from now on (at most once a second); close the failed ones when their calls are over."""
-        if self._connection is not failed or time.monotonic() - failed.created < 1.0:
+    def _connect(self) -> None:
+        from cxrlt.client.sdk import AsyncCxrltClient
+
+        config = self.config
+        # fail_fast off: a node may start before its server; the spool keeps what cannot be classified yet
+        self._client = AsyncCxrltClient(config.url, timeout_s=config.timeout_s, retries=config.retries,
+                                        deadline_s=config.deadline_s, fail_fast=False, **config.tls)
+        self._client_since = time.monotonic()
+
+    def _reconnect(self, failed: Any) -> None:
+        """Use a new client from now on (at most once a second); close the failed one when its calls are over.
+
+        A gRPC channel that kept failing backs off its reconnects (up to minutes), so a new one finds a
+        restarted server at once; it also forgets what the old client cached about the served models."""
+        if self._client is not failed or time.monotonic() - self._client_since < 1.0:
             return
-        self._connection = _Connection(self.config)
+        self._connect()
         self._retired.add(failed)
 
         def close() -> None:
             self._retired.discard(failed)
-            asyncio.ensure_future(failed.close())
+            asyncio.ensure_future(_close(failed))
 
         assert self._loop is not None
         self._loop.call_later(self.config.deadline_s + self.config.timeout_s + 5.0, close)
-
-    def _remember(self, name: str, built: tuple) -> None:
-        if name in self._built or len(self._built) < _BUILT_CACHE:
-            self._built[name] = built
 
     async def _report(self, name: str, path: Path) -> tuple[Any, str, dict]:
         """(SR, source SOPInstanceUID, log fields) of a spooled image; raises _Retry or _Reject."""
@@ -317,15 +305,15 @@ class DicomNode:
 
         if name in self._built:
             return self._built[name]
-        connection = self._connection
+        client = self._client
         try:
-            done = await classify_image(connection.client, path, sr=True, body_parts=self.config.body_parts)
+            done = await classify_image(client, path, sr=True, body_parts=self.config.body_parts)
         except ClassifyFailure as exc:
             if exc.server_trouble:  # unavailable, overloaded, timed out, an internal error: may pass
-                self._reconnect(connection)
+                self._reconnect(client)
             raise (_Retry if exc.retry else _Reject)(exc.reason) from None
         self.metrics.inc("classified")
-        result, repository = done.result, await connection.client.repository()
+        result, repository = done.result, await client.repository()
         detail = {"projection": result.projection, "score": f"{result.projection_score:.3f}",
                   "repository": repository.sha256[:16]}
         return done.sr, result.image_id, detail
@@ -342,7 +330,7 @@ class DicomNode:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         return ae, handlers
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -354,7 +342,7 @@ class DicomNode:
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._connection = _Connection(config)
+        self._connect()
         ae, handlers = self._application_entity()
         server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
         self.port = int(server.server_address[1])
@@ -387,6 +375,5 @@ class DicomNode:
                 with contextlib.suppress(Exception):
                     server.shutdown()
             self.metrics.close()
-            for connection in (self._connection, *self._retired):
-                if connection is not None:
-                    await connection.close()
+            for client in (self._client, *self._retired):
+                await _close(client)
