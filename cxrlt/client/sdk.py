@@ -13,31 +13,20 @@ One client, for asyncio, and a synchronous wrapper over it (:class:`CxrltClient`
     async with AsyncCxrltClient("127.0.0.1:8001") as client:
         result = await client.classify(pixels, hint="PA")
 
-Behaviour:
+Behaviour (the arguments are :class:`AsyncCxrltClient`'s):
 
-* every RPC carries a timeout: ``timeout_s``, or the time left before the call's overall
-  ``deadline_s`` when that is sooner (the deadline covers every attempt and sleep of one
-  call, e.g. one image; ``None``: no overall deadline);
-* a call that meets gRPC ``UNAVAILABLE`` (server down, restarting, or overloaded: a full
-  queue, "Exceeds maximum queue size", or a queue timeout, "Request timeout expired") is
-  retried with exponential backoff and equal jitter: before retry k it sleeps a random
-  time in ``[b/2, b]``, ``b = min(max_backoff_s, backoff_s * 2**(k-1))`` (``seed`` makes
-  it repeatable). It stops at ``retries`` attempts in all or when the next sleep would
-  end past the deadline, whichever comes first; then :class:`ServerUnavailable`
-  (:class:`ServerOverloaded` when the server said it was overloaded) says how many
-  attempts were made in how many seconds and the server's last message;
-* a server that never answered (connection refused, unknown host: a wrong ``url``) fails at
-  once with :class:`ServerUnavailable` naming the URL; retries are for a server that answered
-  before, or that said UNAVAILABLE itself;
-* a result records the attempts its call took (``FindingsResult.attempts``);
-* ``INVALID_ARGUMENT`` (the image or hint is bad) is never retried: :class:`ServerRejected`
-  carries Triton's message; any other server error is :class:`ServerFailed`, a deadline
-  is :class:`RequestTimeout`; all derive from :class:`ClientError`;
-* the served pipeline models' configs are read once and cached (:meth:`model_info`):
-  ``trust_hint`` of ``cxr_classifier`` (to report whether the hint routed the image), the
-  ``random_weights`` parameter the repository builder writes into every Python model's config,
-  every served parameter (``ModelInfo.parameters``) and the repository's identity
-  (``ModelInfo.repository``, from which SR UIDs are derived).
+* gRPC ``UNAVAILABLE`` (the server down, restarting, or overloaded: "Exceeds maximum queue
+  size", "Request timeout expired") is retried with exponential backoff and equal jitter
+  (:func:`backoff_delay`) until ``retries`` attempts, or until the next sleep would end past
+  the call's ``deadline_s``; then :class:`ServerUnavailable` (:class:`ServerOverloaded` when the
+  server said it was overloaded) says how many attempts in how many seconds and the server's
+  last message. A server that never answered (a wrong ``url``) fails at once;
+* ``INVALID_ARGUMENT`` (a bad image or hint) is never retried: :class:`ServerRejected`; any other
+  server error is :class:`ServerFailed`, a timeout :class:`RequestTimeout`; all are :class:`ClientError`;
+* a result records the attempts its call took (``FindingsResult.attempts``); the served
+  configs are read once (:meth:`AsyncCxrltClient.model_info`: labels, ``trust_hint``,
+  ``random_weights``, every served parameter and the repository's identity, from which SR
+  UIDs are derived).
 """
 
 from __future__ import annotations
@@ -95,16 +84,8 @@ REPOSITORY_PARAMETER = "repository_sha256"
 class ClientError(RuntimeError):
     """A request could not be completed. ``status`` is the gRPC code name (e.g. 'UNAVAILABLE')."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        url: str,
-        model: str | None = None,
-        status: str | None = None,
-        server_message: str | None = None,
-        attempts: int = 1,
-    ) -> None:
+    def __init__(self, message: str, *, url: str, model: str | None = None, status: str | None = None,
+                 server_message: str | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.url = url
         self.model = model
@@ -318,25 +299,11 @@ class AsyncCxrltClient:
     call :meth:`close`. File loading (:meth:`classify_file`) runs in a worker thread.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        timeout_s: float = 30.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        deadline_s: float | None = None,
-        max_backoff_s: float = 5.0,
-        seed: int | None = None,
-        ssl: bool = False,
-        root_certificates: str | Path | None = None,
-        private_key: str | Path | None = None,
-        certificate_chain: str | Path | None = None,
-        model: str = FINDINGS_MODEL,
-        random_weights: bool = False,
-        shared_memory: bool = False,
-        send_size: int | str | None = None,
-        fail_fast: bool = True,
-    ) -> None:
+    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5,
+                 deadline_s: float | None = None, max_backoff_s: float = 5.0, seed: int | None = None, ssl: bool = False,
+                 root_certificates: str | Path | None = None, private_key: str | Path | None = None,
+                 certificate_chain: str | Path | None = None, model: str = FINDINGS_MODEL, random_weights: bool = False,
+                 shared_memory: bool = False, send_size: int | str | None = None, fail_fast: bool = True) -> None:
         if model not in MODEL_LABELS:
             raise ValueError(f"unknown model {model!r}; use one of {', '.join(MODEL_LABELS)}")
         if timeout_s <= 0:

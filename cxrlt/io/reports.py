@@ -19,28 +19,15 @@ import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from cxrlt import __version__
 from pydicom.uid import generate_uid
 
+from cxrlt import __version__
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
 from cxrlt.contract.results import FindingsResult
 from cxrlt.io.atomic import atomic_path, write_text_atomic
 
-__all__ = [
-    "MANUFACTURER",
-    "SOFTWARE_VERSION",
-    "NOT_FOR_CLINICAL_USE",
-    "to_json",
-    "challenge_csv",
-    "write_challenge_csv",
-    "failures_csv",
-    "SrUids",
-    "derived_uids",
-    "build_sr",
-    "write_sr",
-    "save_sr",
-    "read_sr_findings",
-]
+__all__ = ["MANUFACTURER", "SOFTWARE_VERSION", "NOT_FOR_CLINICAL_USE", "to_json", "challenge_csv", "write_challenge_csv",
+           "failures_csv", "SrUids", "derived_uids", "build_sr", "write_sr", "save_sr", "read_sr_findings"]
 
 MANUFACTURER = "cxrlt-triton"
 SOFTWARE_VERSION = __version__
@@ -55,20 +42,11 @@ _TASK_COLUMNS = {"task1": TASK1_LABELS, "task2": TASK2_LABELS, "all": ALL_LABELS
 # them). Code values are stable per contract position: T1-01..T1-30, T2-01..T2-06.
 CODING_SCHEME = "99CXRLT"
 _FINDING_CODES: dict[str, CodedConcept] = {
-    **{
-        label: CodedConcept(f"T1-{i:02d}", CODING_SCHEME, label)
-        for i, label in enumerate(TASK1_LABELS, start=1)
-    },
-    **{
-        label: CodedConcept(f"T2-{i:02d}", CODING_SCHEME, label)
-        for i, label in enumerate(TASK2_LABELS, start=1)
-    },
+    label: CodedConcept(f"{task}-{i:02d}", CODING_SCHEME, label)
+    for task, labels in (("T1", TASK1_LABELS), ("T2", TASK2_LABELS)) for i, label in enumerate(labels, start=1)
 }
 _PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
-_PROJECTION_CODES = {
-    "frontal": codes.SCT.FrontalProjection,
-    "lateral": codes.SCT.LateralProjection,
-}
+_PROJECTION_CODES = {"frontal": codes.SCT.FrontalProjection, "lateral": codes.SCT.LateralProjection}
 # CID 100 lists only CT/MR/PET procedures; SNOMED CT "Plain chest X-ray" is the closest.
 _PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 # The concept TID 1500 uses for its free "Qualitative Evaluations" container.
@@ -153,10 +131,6 @@ class SrUids:
     series_instance: str
     device: str
 
-    @classmethod
-    def random(cls) -> "SrUids":
-        return cls(generate_uid(), generate_uid(), generate_uid())
-
 
 def derived_uids(source: Dataset, repository_sha256: str) -> SrUids:
     """Deterministic UIDs for the SR of ``source`` classified by the repository ``repository_sha256``.
@@ -178,46 +152,27 @@ def build_sr(result: FindingsResult, source_dataset: Dataset, *, uids: SrUids | 
     uids: the SR's UIDs (:func:`derived_uids` for deterministic ones; default: new random UIDs).
     notes: free-text comments added after the standard ones (projection, model, software).
     """
-    uids = uids or SrUids.random()
+    uids = uids or SrUids(generate_uid(), generate_uid(), generate_uid())
     evidence = _evidence(source_dataset)
-    groups = _measurement_groups(result, evidence, uids.sop_instance)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uids.device,
-            name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER,
-            model_name=result.model_name or None,
-        ),
+            uid=uids.device, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=result.model_name or None),
     )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_PROCEDURE,
-        imaging_measurements=groups,
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer), procedure_reported=_PROCEDURE,
+        imaging_measurements=_measurement_groups(result, evidence, uids.sop_instance),
     )
     _add_notes(report, [*_standard_notes(result), *notes])
-
-    description = "cxrlt findings"
-    if result.random_weights:
-        description = "cxrlt findings NOT FOR CLINICAL USE random weights"
+    description = "cxrlt findings NOT FOR CLINICAL USE random weights" if result.random_weights else "cxrlt findings"
     return hd.sr.ComprehensiveSR(
-        evidence=[evidence],
-        content=report,
-        series_instance_uid=uids.series_instance,
+        evidence=[evidence], content=report, series_instance_uid=uids.series_instance,
         series_number=9901,  # high, so the SR sorts after the acquisition series
-        sop_instance_uid=uids.sop_instance,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=result.model_name or MANUFACTURER,
-        software_versions=SOFTWARE_VERSION,
+        sop_instance_uid=uids.sop_instance, instance_number=1, manufacturer=MANUFACTURER,
+        manufacturer_model_name=result.model_name or MANUFACTURER, software_versions=SOFTWARE_VERSION,
         series_description=description[:64],
-        coding_schemes=[
-            hd.coding_schemes.CodingSchemeIdentificationItem(
-                designator=CODING_SCHEME,
-                name="CXR-LT 2026 findings",
-                responsible_organization=MANUFACTURER,
-            )
-        ],
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=CODING_SCHEME, name="CXR-LT 2026 findings", responsible_organization=MANUFACTURER)],
         is_complete=True,
         is_final=False,  # machine output, nobody has verified it
     )
@@ -226,58 +181,34 @@ def build_sr(result: FindingsResult, source_dataset: Dataset, *, uids: SrUids | 
 def _measurement_groups(result: FindingsResult, evidence: Dataset,
                         sr_uid: str) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     """One image-level group per finding, in contract order; tracking UIDs derived from the SR's UID."""
-    source_image = hd.sr.SourceImageForMeasurementGroup(
-        referenced_sop_class_uid=evidence.SOPClassUID,
-        referenced_sop_instance_uid=evidence.SOPInstanceUID,
-    )
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=result.model_name or MANUFACTURER, version=result.model_version or SOFTWARE_VERSION
-    )
+    source_image = hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=evidence.SOPClassUID,
+                                                        referenced_sop_instance_uid=evidence.SOPInstanceUID)
+    algorithm = hd.sr.AlgorithmIdentification(name=result.model_name or MANUFACTURER,
+                                              version=result.model_version or SOFTWARE_VERSION)
     projection = _PROJECTION_CODES.get(result.projection)
-    evaluations = None
-    if projection is not None:
-        evaluations = [hd.sr.QualitativeEvaluation(name=codes.DCM.ImageView, value=projection)]
+    evaluations = None if projection is None else [hd.sr.QualitativeEvaluation(name=codes.DCM.ImageView, value=projection)]
     groups = []
-    for label in ALL_LABELS:
-        if label not in result.probabilities:
-            continue
+    for label in (label for label in ALL_LABELS if label in result.probabilities):
         finding = _FINDING_CODES[label]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(entropy_srcs=["cxrlt-tracking", sr_uid, finding.value]),
-                    identifier=f"{finding.value} {label}"[:64],
-                ),
-                finding_type=finding,
-                algorithm_id=algorithm,
-                source_images=[source_image],
-                measurements=[
-                    hd.sr.Measurement(
-                        name=finding,
-                        value=float(result.probabilities[label]),
-                        unit=_PROBABILITY_UNIT,
-                        algorithm_id=algorithm,
-                    )
-                ],
-                qualitative_evaluations=evaluations,
-            )
-        )
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=["cxrlt-tracking", sr_uid, finding.value]),
+                identifier=f"{finding.value} {label}"[:64]),
+            finding_type=finding, algorithm_id=algorithm, source_images=[source_image],
+            measurements=[hd.sr.Measurement(name=finding, value=float(result.probabilities[label]),
+                                            unit=_PROBABILITY_UNIT, algorithm_id=algorithm)],
+            qualitative_evaluations=evaluations,
+        ))
     if not groups:
         raise ValueError(f"result for {result.image_id!r} has no probabilities to report")
     return groups
 
 
 def _standard_notes(result: FindingsResult) -> list[str]:
-    notes = []
-    if result.random_weights:
-        notes.append(NOT_FOR_CLINICAL_USE)
     hint = f"hint {result.hint}, {'used' if result.hint_used else 'not used'}" if result.hint else "no hint"
-    notes.append(
-        f"Projection {result.projection} (score {result.projection_score:.3f}, {hint}); "
-        f"model {result.model_name} version {result.model_version}; "
-        f"software {MANUFACTURER} {SOFTWARE_VERSION}."
-    )
-    return notes
+    return [*([NOT_FOR_CLINICAL_USE] if result.random_weights else []),
+            f"Projection {result.projection} (score {result.projection_score:.3f}, {hint}); "
+            f"model {result.model_name} version {result.model_version}; software {MANUFACTURER} {SOFTWARE_VERSION}."]
 
 
 def _add_notes(report: hd.sr.MeasurementReport, notes: Sequence[str]) -> None:
@@ -286,18 +217,10 @@ def _add_notes(report: hd.sr.MeasurementReport, notes: Sequence[str]) -> None:
     highdicom's MeasurementReport has no argument for that container, so it is appended
     to the content tree highdicom built; any SR viewer shows it with the measurements.
     """
-    container = hd.sr.ContainerContentItem(
-        name=_QUALITATIVE_EVALUATIONS,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = hd.sr.ContainerContentItem(name=_QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
-            for note in notes
-        ]
-    )
+        [hd.sr.TextContentItem(name=codes.DCM.Comment, value=note, relationship_type=contains) for note in notes])
     report[0].ContentSequence.append(container)
 
 
