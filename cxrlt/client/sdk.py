@@ -65,11 +65,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "127.0.0.1:8001"
 # Served model -> the labels of its PROBABILITIES output, in output order (the contract).
-MODEL_LABELS: dict[str, tuple[str, ...]] = {
-    FINDINGS_MODEL: ALL_LABELS,
-    CLASSIFIER_MODEL: TASK1_LABELS,
-    ZEROSHOT_MODEL: TASK2_LABELS,
-}
+MODEL_LABELS: dict[str, tuple[str, ...]] = {FINDINGS_MODEL: ALL_LABELS, CLASSIFIER_MODEL: TASK1_LABELS,
+                                             ZEROSHOT_MODEL: TASK2_LABELS}
 # Models that take PROJECTION_HINT and return PROJECTION / PROJECTION_SCORE.
 _ROUTED_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL)
 
@@ -87,11 +84,7 @@ class ClientError(RuntimeError):
     def __init__(self, message: str, *, url: str, model: str | None = None, status: str | None = None,
                  server_message: str | None = None, attempts: int = 1) -> None:
         super().__init__(message)
-        self.url = url
-        self.model = model
-        self.status = status
-        self.server_message = server_message
-        self.attempts = attempts
+        self.url, self.model, self.status, self.server_message, self.attempts = url, model, status, server_message, attempts
 
 
 class ServerUnavailable(ClientError):
@@ -133,12 +126,8 @@ def _server_message(exc: Exception) -> str:
 OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
 
 
-def _overloaded(message: str | None) -> bool:
-    return message is not None and any(phrase in message.lower() for phrase in OVERLOAD_MESSAGES)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def _mentions(message: str | None, phrases: tuple[str, ...]) -> bool:
+    return message is not None and any(phrase in message.lower() for phrase in phrases)
 
 
 @dataclasses.dataclass
@@ -157,10 +146,6 @@ class _Attempts:
 UNREACHED_MESSAGES = ("failed to connect", "connection refused", "dns resolution failed", "name resolution",
                       "no route to host", "network is unreachable", "http1.x server", "errors resolving",
                       "lookup failed")
-
-
-def _unreached(message: str | None) -> bool:
-    return message is not None and any(phrase in message.lower() for phrase in UNREACHED_MESSAGES)
 
 
 def backoff_delay(retry: int, backoff_s: float, max_backoff_s: float, rng: random.Random) -> float:
@@ -402,23 +387,19 @@ class AsyncCxrltClient:
             self._answered = True
             raise self._error(exc, state) from None
         state.last_message = _server_message(exc)
-        if self.fail_fast and not self._answered and _unreached(state.last_message):
+        if self.fail_fast and not self._answered and _mentions(state.last_message, UNREACHED_MESSAGES):
             raise ServerUnavailable(
                 f"no Triton server answers at {self.url} ({state.last_message}); {_START_HINT}, or check the "
-                "address (--url)",
-                url=self.url, model=self.model, status="UNAVAILABLE", server_message=state.last_message,
-                attempts=state.count,
-            ) from None
+                "address (--url)", url=self.url, model=self.model, status="UNAVAILABLE",
+                server_message=state.last_message, attempts=state.count) from None
         if state.count >= self.retries:
             why = "retries off" if self.retries == 1 else f"all {self.retries} attempts used"
             raise self._error(exc, state, why) from None
         delay = self.backoff(state.count)
         if state.deadline is not None and self._clock() + delay >= state.deadline:
             raise self._error(exc, state, f"the {self.deadline_s:g} s deadline ran out") from None
-        log.info(
-            "attempt %d/%d to %s at %s failed (UNAVAILABLE: %s); retrying in %.2g s",
-            state.count, self.retries, state.what, self.url, state.last_message, delay,
-        )
+        log.info("attempt %d/%d to %s at %s failed (UNAVAILABLE: %s); retrying in %.2g s",
+                 state.count, self.retries, state.what, self.url, state.last_message, delay)
         return delay
 
     def _error(self, exc: Exception, state: _Attempts, why: str = "") -> ClientError:
@@ -426,44 +407,31 @@ class AsyncCxrltClient:
         message = _server_message(exc)
         what, attempts = state.what, state.count
         common = dict(url=self.url, model=self.model, status=status, server_message=message, attempts=attempts)
-        tried = f"after {_plural(attempts, 'attempt')} in {self._clock() - state.started:.1f} s"
+        tried = f"after {attempts} attempt{'' if attempts == 1 else 's'} in {self._clock() - state.started:.1f} s"
         if status == "UNAVAILABLE":
-            if _overloaded(message):
-                return ServerOverloaded(
-                    f"server overloaded: {self.url} could not {what} {tried} ({why}); last: {message}; "
-                    "lower the load, or allow more time (deadline_s, --deadline-s)",
-                    **common,
-                )
-            return ServerUnavailable(
-                f"Triton server at {self.url} is unavailable: could not {what} {tried} ({why}); last: {message}; "
-                f"{_START_HINT}",
-                **common,
-            )
+            if _mentions(message, OVERLOAD_MESSAGES):
+                return ServerOverloaded(f"server overloaded: {self.url} could not {what} {tried} ({why}); last: "
+                                        f"{message}; lower the load, or allow more time (deadline_s, --deadline-s)",
+                                        **common)
+            return ServerUnavailable(f"Triton server at {self.url} is unavailable: could not {what} {tried} ({why}); "
+                                     f"last: {message}; {_START_HINT}", **common)
         if status == "INVALID_ARGUMENT":
             return ServerRejected(f"{self.url} rejected the request to {what}: {message}", **common)
         if status == "DEADLINE_EXCEEDED":
             return self._timeout(state, tried, common)
         if status == "NOT_FOUND" or "unknown model" in message.lower() or "is not found" in message.lower():
-            return ServerFailed(
-                f"{self.url} does not serve model {self.model!r} ({message}); is the repository built by "
-                "`cxrlt build-repo` and every model loaded?",
-                **common,
-            )
+            return ServerFailed(f"{self.url} does not serve model {self.model!r} ({message}); is the repository built "
+                                "by `cxrlt build-repo` and every model loaded?", **common)
         return ServerFailed(f"{self.url} failed to {what} ({status}): {message}", **common)
 
     def _timeout(self, state: _Attempts, tried: str, common: dict[str, Any]) -> RequestTimeout:
         cut = state.timeout < self.timeout_s  # the overall deadline, not timeout_s, ended this attempt
         if cut and state.count > 1:
-            return RequestTimeout(
-                f"{state.what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: {tried}; "
-                f"last: {state.last_message}; lower the load or raise deadline_s (--deadline-s)",
-                **common,
-            )
-        return RequestTimeout(
-            f"{state.what} at {self.url} did not finish within {state.timeout:g} s; raise "
-            f"{'deadline_s' if cut else 'timeout_s'} or check the server's load",
-            **common,
-        )
+            return RequestTimeout(f"{state.what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: "
+                                  f"{tried}; last: {state.last_message}; lower the load or raise deadline_s "
+                                  "(--deadline-s)", **common)
+        return RequestTimeout(f"{state.what} at {self.url} did not finish within {state.timeout:g} s; raise "
+                              f"{'deadline_s' if cut else 'timeout_s'} or check the server's load", **common)
 
     # --- readiness and the served configs -------------------------------------------
 

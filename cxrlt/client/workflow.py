@@ -5,14 +5,9 @@ DICOMweb backfill share.
       -> classify (the SDK's client: its retries, backoff and error classes)
       -> TID 1500 SR (cxrlt.io.reports) with UIDs derived from the source and the served repository
 
-Every failure comes out as one :class:`ClassifyFailure` with the reason users read and its
-kind, from one exception mapping (:func:`failure`): whether retrying later may help (the
-server unavailable, overloaded, timed out or failing) or not (a bad input, an image the server
-refused, an SR that cannot be built), and whether the server is gone.
-
-The SR's UIDs depend only on the source image's UIDs and the served repository's identity
-(:attr:`cxrlt.client.sdk.ModelInfo.repository`), so the same image through the same
-repository gives the same SR on every path, and a PACS keeps one copy.
+Every failure comes out as one :class:`ClassifyFailure` (the reason users read, and its kind).
+The SR's UIDs depend only on the source image's UIDs and the served repository's identity, so
+the same image through the same repository gives the same SR on every path, and a PACS keeps one copy.
 """
 
 from __future__ import annotations
@@ -117,8 +112,7 @@ async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | P
         dataset's SOPInstanceUID).
     image_id: the result's image_id (default: SOPInstanceUID for DICOM, the file stem otherwise).
     labels: keep only these findings in the result (and the SR).
-    body_parts: refuse a DICOM whose BodyPartExamined holds none of these terms (read from the
-        header before anything is decoded; an empty BodyPartExamined passes). None: no check.
+    body_parts: refuse a DICOM whose BodyPartExamined holds none of these terms (see load_image).
     Raises :class:`ClassifyFailure` for every failure.
     """
     label = name if name is not None else _name(source)

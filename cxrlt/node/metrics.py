@@ -1,15 +1,6 @@
-"""The DICOM node's counters, served in Prometheus' text format (no client library needed).
-
-``GET /metrics`` on ``--metrics-port`` answers::
-
-    cxrlt_node_received_total     instances received by C-STORE (all of them)
-    cxrlt_node_ignored_total      acknowledged, not for classification (SR, PR, KO: no pixel data)
-    cxrlt_node_classified_total   images classified by the server
-    cxrlt_node_sent_total         SRs the destination accepted
-    cxrlt_node_retried_total      attempts that failed for a reason retrying can fix (server or destination down)
-    cxrlt_node_rejected_total     instances moved to rejected/ (retrying cannot help)
-    cxrlt_node_spooled            instances waiting in the spool now
-"""
+"""The DICOM node's counters (:data:`COUNTERS`), served on ``GET /metrics`` in Prometheus' text format
+(no client library needed): ``cxrlt_node_<counter>_total``, and the gauge ``cxrlt_node_spooled``
+(instances waiting in the spool now)."""
 
 from __future__ import annotations
 
@@ -43,20 +34,15 @@ class Metrics:
         with self._lock:
             self._counts[name] += n
 
-    def snapshot(self) -> dict[str, int]:
+    def text(self) -> str:
         with self._lock:
             counts = dict(self._counts)
-        counts["spooled"] = self._spooled()
-        return counts
-
-    def text(self) -> str:
-        counts = self.snapshot()
         lines = []
         for name, help_text in COUNTERS.items():
             lines += [f"# HELP {PREFIX}{name}_total {help_text}", f"# TYPE {PREFIX}{name}_total counter",
                       f"{PREFIX}{name}_total {counts[name]}"]
         lines += [f"# HELP {PREFIX}spooled instances waiting in the spool now", f"# TYPE {PREFIX}spooled gauge",
-                  f"{PREFIX}spooled {counts['spooled']}"]
+                  f"{PREFIX}spooled {self._spooled()}"]
         return "\n".join(lines) + "\n"
 
     def serve(self, host: str, port: int) -> int:
