@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cxrlt.contract.served import CLASSIFIER_MODEL, ENCODER_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
 from loadtest.kernel import (MODELS, Measurement, Payload, Served, cpu_sample, drive, fmt, images_json, load_payloads,
                              save_figure, subplots, table, target_server)
 
@@ -37,7 +38,7 @@ class BenchConfig:
     requests: int = 64  # measured requests per side, concurrency and round
     rounds: int = 1  # repeats of the whole interleaved sweep, pooled
     warmup: int | None = None  # untimed requests per side and concurrency (default: max(concurrency, images))
-    model: str = "cxr_classifier"
+    model: str = CLASSIFIER_MODEL
     threads: int | None = None  # raw onnxruntime intra-op threads per session (default: the server's)
     raw_pool: int | None = None  # raw network-call threads (default: the served compute threads / `threads`)
     raw_providers: str | None = None  # raw execution providers: auto, cpu, cuda (default: the served networks')
@@ -67,7 +68,6 @@ class RawSide:
     def __init__(self, repo: Path, model: str, threads: int, pool_threads: int | None = None, providers: str = "cpu") -> None:
         from cxrlt.contract.labels import TASK2_LABELS
         from cxrlt.contract.model_config import config_parameters
-        from cxrlt.contract.served import ENCODER_MODEL
         from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
         from python_backends.classifier import ClassifierPipeline, ClassifierSettings
         from python_backends.in_process import LocalNetworks
@@ -76,19 +76,19 @@ class RawSide:
         repo = Path(repo)
         self.model, self.used, self.loops, self.lock = model, set(), {}, threading.Lock()
         self.networks = LocalNetworks(repo, threads, providers=providers, concurrent_calls=pool_threads or 0)
-        settings = {name: config_parameters(repo / name / "config.pbtxt") for name in ("cxr_classifier", "cxr_zeroshot")}
-        self.classifier = ClassifierPipeline(ClassifierSettings.from_parameters(settings["cxr_classifier"]), self.infer)
-        cache = load_text_cache(repo / "cxr_zeroshot" / "1", TASK2_LABELS, repo / ENCODER_MODEL / "1" / ENCODER_RECORD, repo)
-        self.zeroshot = ZeroShotPipeline(ZeroShotSettings.from_parameters(settings["cxr_zeroshot"]), cache, self.infer)
+        settings = {name: config_parameters(repo / name / "config.pbtxt") for name in (CLASSIFIER_MODEL, ZEROSHOT_MODEL)}
+        self.classifier = ClassifierPipeline(ClassifierSettings.from_parameters(settings[CLASSIFIER_MODEL]), self.infer)
+        cache = load_text_cache(repo / ZEROSHOT_MODEL / "1", TASK2_LABELS, repo / ENCODER_MODEL / "1" / ENCODER_RECORD, repo)
+        self.zeroshot = ZeroShotPipeline(ZeroShotSettings.from_parameters(settings[ZEROSHOT_MODEL]), cache, self.infer)
 
     async def infer(self, name: str, pixel_values: np.ndarray) -> np.ndarray:
         self.used.add(name)
         return await self.networks.infer(name, pixel_values)
 
     async def _run(self, payload: Payload) -> np.ndarray:
-        if self.model == "cxr_zeroshot":
+        if self.model == ZEROSHOT_MODEL:
             return (await self.zeroshot.score(payload.pixels))[0]
-        if self.model == "cxr_classifier":
+        if self.model == CLASSIFIER_MODEL:
             return (await self.classifier.classify(payload.pixels, payload.hint)).probabilities
         task1, (task2, _) = await asyncio.gather(self.classifier.classify(payload.pixels, payload.hint),
                                                  self.zeroshot.score(payload.pixels))
@@ -152,7 +152,7 @@ def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int 
     from cxrlt.contract.preprocessing import PreprocessConfig, prepare_square
 
     configs: dict[PreprocessConfig, list[str]] = {}
-    for model in ("cxr_classifier", "cxr_zeroshot"):
+    for model in (CLASSIFIER_MODEL, ZEROSHOT_MODEL):
         configs.setdefault(PreprocessConfig.from_parameters(config_parameters(repo / model / "config.pbtxt")), []).append(model)
     images = {"random_12bit": np.random.default_rng(0).integers(0, 4096, RADIOGRAPH_SHAPE, dtype=np.uint16),
               **{p.name: p.pixels for p in payloads}}
@@ -176,7 +176,6 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
     import onnxruntime
 
     from cxrlt.contract.manifest import read_manifest
-    from cxrlt.contract.served import SEND_SIZE_SERVED
 
     manifest, payloads = read_manifest(config.repo), load_payloads(config.image_set)
     log("timing preprocessing")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
+from cxrlt.contract.served import CLASSIFIER_MODEL
 from loadtest.kernel import (IMAGE_SETS, MIB, MODELS, Check, LoadTestError, Measurement, Payload, Sample, Served, alive,
                              cpu_sample, drive, figures, fmt, images_json, load_average, load_payloads, request_bytes,
                              require_loopback, sample_tree, save_figure, subplots, table, target_server, verdict, verdicts)
@@ -79,7 +80,7 @@ class StressTargets:
 
 @dataclasses.dataclass
 class StressConfig(DriveConfig):
-    model: str = "cxr_classifier"
+    model: str = CLASSIFIER_MODEL
     overload: float = 3.0  # offered rate = overload x saturation throughput
     duration_s: float = 30.0
     arrivals: str = "poisson"  # or "fixed"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 from loadtest.bench import BenchConfig, run_bench, server_thread_budget
 from loadtest.kernel import IMAGE_SETS, MODELS, process_tree, target_server, write_json
 
@@ -21,9 +22,9 @@ PLATEAU_GROWTH = 0.05  # the last level is a plateau when it is at most 5 % abov
 
 # (model, figure, comparison, bound): the targets for the paper profile on an H100/H200-class GPU.
 TARGETS = (
-    ("cxr_classifier", "p50_ms_at_concurrency_1", "<=", 15.0),
-    ("cxr_classifier", "images_per_s_at_saturation", ">=", 400.0),
-    ("cxr_zeroshot", "images_per_s_at_saturation", ">=", 2000.0),
+    (CLASSIFIER_MODEL, "p50_ms_at_concurrency_1", "<=", 15.0),
+    (CLASSIFIER_MODEL, "images_per_s_at_saturation", ">=", 400.0),
+    (ZEROSHOT_MODEL, "images_per_s_at_saturation", ">=", 2000.0),
 )
 
 
@@ -155,18 +156,18 @@ def run(config: GpuRunConfig, log: Callable[[str], None] = lambda message: None)
                                                image_set=config.image_set, metrics_url=metrics_url))
         memory = gpu_memory(server_pids)  # with every session loaded and warm
     models = {model: model_figures(bench) for model, bench in benches.items()}
-    providers = benches["cxr_findings"]["execution_providers"]  # its raw side holds every network's session
+    providers = benches[FINDINGS_MODEL]["execution_providers"]  # its raw side holds every network's session
     first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
     provider = {"provider": first.pop() if len(first) == 1 else None,  # what every network session got; None: they differ
                 **providers, "server_gpu_memory_mib": memory["server_memory_mib"] if memory else None}
     report = {
-        "dry_run": config.dry_run, "profile": benches["cxr_classifier"]["profile"], "repository": str(repo),
+        "dry_run": config.dry_run, "profile": benches[CLASSIFIER_MODEL]["profile"], "repository": str(repo),
         "url": config.url or "embedded (started by this run)", "image_set": config.image_set,
         "sweep": {"concurrency": {model: [row["concurrency"] for row in bench["sweep"]] for model, bench in benches.items()},
                   "requests_per_point": config.requests},
         "models": models, "execution_provider": provider,
         "gpu_memory": {"before_server": memory_before, "loaded": memory} if memory is not None else None,
-        "preprocessing_ms": benches["cxr_classifier"]["preprocessing_ms"],
+        "preprocessing_ms": benches[CLASSIFIER_MODEL]["preprocessing_ms"],
         "loadtest": {"users": config.users, "duration_s": config.duration_s, "passed": loadtest["passed"],
                      "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}
                                 for model, figures in loadtest["locust"]["models"].items()}},

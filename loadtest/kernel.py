@@ -22,10 +22,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
+
 PROC, SHM, MIB = Path("/proc"), Path("/dev/shm"), 1024 * 1024
 IMAGE_SETS = ("all", "real", "synthetic")
-MODELS = ("cxr_classifier", "cxr_zeroshot", "cxr_findings")
-HINTED_MODELS = frozenset({"cxr_classifier", "cxr_findings"})  # cxr_zeroshot takes no PROJECTION_HINT
+MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
+HINTED_MODELS = frozenset({CLASSIFIER_MODEL, FINDINGS_MODEL})  # cxr_zeroshot takes no PROJECTION_HINT
 RSS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
 
 
@@ -52,14 +54,10 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
     payloads: list[Payload] = []
     if image_set in ("all", "real"):
         try:
-            from pydicom.data import get_testdata_file
-
             from cxrlt.io.images import load_image
+            from cxrlt.io.samples import pydicom_data_file
 
-            path = get_testdata_file("RG1_UNCR.dcm")
-            if path is None:
-                raise FileNotFoundError("RG1_UNCR.dcm is not in pydicom-data")
-            image = load_image(path)
+            image = load_image(pydicom_data_file())
             payloads.append(Payload("RG1_UNCR", np.ascontiguousarray(image.pixels, dtype=np.uint16), image.hint))
         except Exception as exc:
             if image_set == "real":
@@ -75,7 +73,7 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
 
 
 def output_names(model: str) -> list[str]:
-    return ["PROBABILITIES"] if model == "cxr_zeroshot" else ["PROBABILITIES", "PROJECTION"]
+    return ["PROBABILITIES"] if model == ZEROSHOT_MODEL else ["PROBABILITIES", "PROJECTION"]
 
 
 def grpc_request(payload: Payload, model: str, send_hint: bool = True) -> tuple[list, list]:

@@ -23,9 +23,10 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, events  # noqa: E402
 from locust.runners import MasterRunner  # noqa: E402
 
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 from loadtest.kernel import IMAGE_SETS, MODELS, Payload, grpc_request, load_payloads  # noqa: E402
 
-OUTPUT_WIDTH = {"cxr_classifier": 30, "cxr_zeroshot": 6, "cxr_findings": 36}
+OUTPUT_WIDTH = {CLASSIFIER_MODEL: 30, ZEROSHOT_MODEL: 6, FINDINGS_MODEL: 36}
 TLS_FILES = ("root_certificates", "private_key", "certificate_chain")
 # Filled once per process at the init event: (image name, model) -> (inputs, outputs).
 _REQUESTS: dict[tuple[str, str], tuple[list, list]] = {}

@@ -15,6 +15,7 @@ import argparse
 
 from cxrlt.cli.options import (add_hints_argument, add_repo_argument, add_report_arguments, add_send_size_argument,
                                report_folder, write_report)
+from cxrlt.contract.served import CLASSIFIER_MODEL, PIPELINE_MODELS
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the interleaved sweep this many times and pool the figures (default 1)")
     parser.add_argument("--warmup", type=int, help="untimed requests per side and concurrency (default max(concurrency, images))")
-    parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
+    parser.add_argument("--model", default=CLASSIFIER_MODEL, choices=PIPELINE_MODELS)
     parser.add_argument("--threads", type=int, help="raw side onnxruntime intra-op threads per session (default: the served networks')")
     parser.add_argument("--raw-pool", type=int, help="raw side threads running network calls (default: the served networks' "
                                                      "compute threads, instances x intra-op threads summed, / --threads)")

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 
 from cxrlt.cli.options import add_hints_argument, add_option, add_repo_argument, add_report_arguments, report_folder, write_report
+from cxrlt.contract.served import CLASSIFIER_MODEL, PIPELINE_MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="gRPC host:port of a server on this host (loopback) serving --repo (default: start one on --repo)")
     add_repo_argument(parser, "the model repository it serves (the reference pipeline's files)", required=True)
     parser.add_argument("--metrics-url", help="its metrics endpoint (default http://<url host>:8002/metrics)")
-    parser.add_argument("--model", default="cxr_classifier", choices=["cxr_classifier", "cxr_zeroshot", "cxr_findings"])
+    parser.add_argument("--model", default=CLASSIFIER_MODEL, choices=PIPELINE_MODELS)
     parser.add_argument("--overload", type=float, default=3.0, help="offered rate as a multiple of the saturation throughput")
     parser.add_argument("--duration-s", type=float, default=30.0, help="length of the overload in seconds")
     parser.add_argument("--arrivals", default="poisson", choices=["poisson", "fixed"], help="open-loop arrivals")

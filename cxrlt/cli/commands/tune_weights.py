@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from cxrlt.cli.options import add_engine_argument, add_hints_argument, add_repo_argument
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         written = write_weights(args.repo, result.weights, report)
         console.print(f"wrote {', '.join(f'{k}={v}' for k, v in written.items())} into "
-                      f"{args.repo / 'cxr_classifier' / 'config.pbtxt'}; reload cxr_classifier to serve them")
+                      f"{args.repo / CLASSIFIER_MODEL / 'config.pbtxt'} and {FINDINGS_MODEL}'s; reload both to serve them")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0
