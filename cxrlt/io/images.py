@@ -88,15 +88,8 @@ _VIEW_CODES: dict[str, str] = {
     "R-102CD": "LATERAL",
 }
 # CodeMeaning text, normalised (lower case, no spaces/hyphens), for codes we do not know.
-_VIEW_MEANINGS: dict[str, str] = {
-    "posteroanterior": "PA",
-    "pa": "PA",
-    "anteroposterior": "AP",
-    "ap": "AP",
-    "rightlateral": "RL",
-    "leftlateral": "LL",
-    "lateral": "LATERAL",
-}
+_VIEW_MEANINGS: dict[str, str] = {"posteroanterior": "PA", "pa": "PA", "anteroposterior": "AP", "ap": "AP",
+                                  "rightlateral": "RL", "leftlateral": "LL", "lateral": "LATERAL"}
 
 
 class InputError(ValueError):
@@ -160,10 +153,8 @@ def _load_content(path: Path, head: bytes, open_file: Callable[[], Any], body_pa
         return _load_dicom(path, ds, body_parts)
     if pil_error is not None:
         raise pil_error
-    raise InputError(
-        f"{path}: not a DICOM file and not an image Pillow can read; "
-        "send a DICOM (CR, DX or Secondary Capture) or a grayscale PNG"
-    )
+    raise InputError(f"{path}: not a DICOM file and not an image Pillow can read; "
+                     "send a DICOM (CR, DX or Secondary Capture) or a grayscale PNG")
 
 
 def load_pixels(path: str | Path) -> np.ndarray:
@@ -257,9 +248,7 @@ def _check_usable(path: Path, ds: Dataset) -> None:
             f"of {MAX_PIXELS} pixels ({_BOMB}); downsample the image before sending"
         )
     if frames > 1:
-        raise InputError(
-            f"{path}: multi-frame image ({frames} frames); send one radiograph per file"
-        )
+        raise InputError(f"{path}: multi-frame image ({frames} frames); send one radiograph per file")
     samples = _int(ds, "SamplesPerPixel", 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if samples == 1 and not photometric:
@@ -360,8 +349,7 @@ def _decode_pixels(path: Path, ds: Dataset) -> np.ndarray:
             warnings.simplefilter("ignore")
             stored = ds.pixel_array
     except Exception as exc:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", None) or "unknown transfer syntax"
+        name = getattr(_syntax(ds), "name", None) or "unknown transfer syntax"
         raise InputError(
             f"{path}: the pixel data is truncated or cannot be decoded ({name}; "
             f"{type(exc).__name__}: {exc}); re-export it uncompressed, or check that "
@@ -435,9 +423,7 @@ def dicom_to_uint16(stored: np.ndarray, ds: Dataset, path: str | Path = "<datase
         ) from exc
     lo, hi = float(probe_out.min()), float(probe_out.max())
     if not hi > lo:
-        raise InputError(
-            f"{path}: the header's LUT/window maps every pixel to one value; the image is blank"
-        )
+        raise InputError(f"{path}: the header's LUT/window maps every pixel to one value; the image is blank")
 
     # MONOCHROME1 (and Presentation LUT Shape INVERSE) mean "higher = darker". Invert after
     # VOI and within the transform's own range; pydicom's apply_presentation_lut inverts
