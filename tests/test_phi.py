@@ -53,19 +53,20 @@ def test_no_identifier_reaches_logs_or_outputs_only_the_sr(serve, identified_dic
 
 
 def test_the_client_sends_pixels_and_the_hint_only(monkeypatch, identified_dicom, url):
-    """Everything the SDK hands tritonclient for an inference: no header, no request parameter."""
-    import tritonclient.grpc as grpcclient
+    """Everything the SDK hands tritonclient for an inference: no header, no request parameter.
+    (CxrltClient runs AsyncCxrltClient, which calls tritonclient.grpc.aio.)"""
+    import tritonclient.grpc.aio as aioclient
 
     from cxrlt.client import CxrltClient
 
     sent = []
-    original = grpcclient.InferenceServerClient.infer
+    original = aioclient.InferenceServerClient.infer
 
-    def record(self, model_name, inputs, *args, **kwargs):
+    async def record(self, model_name, inputs, *args, **kwargs):
         sent.append((model_name, {i.name(): i for i in inputs}, kwargs))
-        return original(self, model_name, inputs, *args, **kwargs)
+        return await original(self, model_name, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(grpcclient.InferenceServerClient, "infer", record)
+    monkeypatch.setattr(aioclient.InferenceServerClient, "infer", record)
     with CxrltClient(url) as client:
         result = client.classify_file(identified_dicom)
     assert result.projection == "frontal"
