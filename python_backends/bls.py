@@ -163,7 +163,7 @@ async def answer_each(requests: Sequence[Any], parse: Callable[[Any], list],
 def required_input(request: Any, name: str = "IMAGE") -> np.ndarray:
     """A request's input as numpy; a missing one is the caller's error (Triton lets a request
     without a non-optional input through when the model also has optional ones)."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    tensor = get_input(request, name)
     if tensor is None:
         raise RequestError(f"the request has no {name} input; send {name} UINT16 [1, H, W] (see docs/contract.md)")
     return tensor.as_numpy()

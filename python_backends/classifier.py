@@ -18,8 +18,7 @@ from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, projection_from_hint
 from cxrlt.contract.preprocessing import (MAX_PIXELS, ImageError, PreprocessConfig, check_not_constant, normalize, parse_tta_views,
                                           prepare_square, tta_view, validate_served_image)
-from cxrlt.contract.served import ensemble_model_name
-from cxrlt.contract.served import ROUTER_MODEL, network_names  # noqa: F401 (the adapters import network_names here)
+from cxrlt.contract.served import ROUTER_MODEL, ensemble_model_name, network_names  # noqa: F401 (network_names: re-exported)
 
 from python_backends.pipeline_errors import RequestError, check_finite_output
 from python_backends.triton_params import as_bool, require

@@ -22,6 +22,11 @@ from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
 from python_backends import bls
 from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
 from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, parse_tasks, zeroshot_settings
+
+# What each task can answer; a config declares which of them it serves (cxr_findings: no LOGITS
+# or SIMILARITIES, its PROBABILITIES are both tasks' concatenated).
+TASK_OUTPUTS = {CLASSIFIER_TASK: ("PROBABILITIES", "LOGITS", "PROJECTION", "PROJECTION_SCORE"),
+                ZEROSHOT_TASK: ("PROBABILITIES", "SIMILARITIES")}
 from python_backends.triton_params import parameters, require
 from python_backends.zeroshot import ZeroShotPipeline
 
@@ -36,6 +41,7 @@ class ServedPipeline:
 
     classifier: ClassifierPipeline | None
     zeroshot: ZeroShotPipeline | None
+    outputs: tuple[str, ...]  # the outputs the model's config declares, and so what each answer holds
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ServedPipeline":
@@ -55,7 +61,12 @@ class ServedPipeline:
                                     repository / ENCODER_MODEL / "1" / ENCODER_RECORD, repository=repository)
             infer = bls.network_infer(args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"}, own_max_batch_size=own_batch)
             zeroshot = ZeroShotPipeline(zeroshot_settings(params, tasks), cache, infer)
-        return cls(classifier, zeroshot)
+        outputs = tuple(output["name"] for output in config.get("output", []))
+        unknown = set(outputs) - set(TASK_OUTPUTS[CLASSIFIER_TASK] * (CLASSIFIER_TASK in tasks)
+                                     + TASK_OUTPUTS[ZEROSHOT_TASK] * (ZEROSHOT_TASK in tasks))
+        if unknown:
+            raise ValueError(f"the config declares outputs {sorted(unknown)} that tasks {','.join(tasks)} do not produce")
+        return cls(classifier, zeroshot, outputs)
 
     async def execute(self, requests: Sequence[Any]) -> list:
         return await bls.answer_each(requests, self._items, self._run_many, self._response)
@@ -89,10 +100,7 @@ class ServedPipeline:
             probabilities.append(np.stack([p for p, _ in task2]))
             tensors["SIMILARITIES"] = np.stack([s for _, s in task2])
         tensors["PROBABILITIES"] = np.concatenate(probabilities, axis=1).astype(np.float32)
-        if self.classifier is not None and self.zeroshot is not None:
-            # cxr_findings' contract: 36 probabilities, the projection and its score.
-            tensors = {k: tensors[k] for k in ("PROBABILITIES", "PROJECTION", "PROJECTION_SCORE")}
-        return bls.response(tensors)
+        return bls.response({name: tensors[name] for name in self.outputs})
 
 
 def _first_error(outcomes: tuple) -> BaseException | None:

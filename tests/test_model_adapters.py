@@ -18,8 +18,12 @@ TEMPLATES = package_file("triton_models")
 PIPELINE_MODEL_PY = TEMPLATES / "cxr_pipeline" / "model.py"
 
 
-def _config(params: dict[str, str]) -> str:
-    return json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}})
+# cxr_classifier's declared outputs, as its config.pbtxt lists them
+CLASSIFIER_OUTPUTS = [{"name": n} for n in ("PROBABILITIES", "LOGITS", "PROJECTION", "PROJECTION_SCORE")]
+
+
+def _config(params: dict[str, str], **config) -> str:
+    return json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}, "output": CLASSIFIER_OUTPUTS, **config})
 
 
 @pytest.fixture
@@ -108,7 +112,8 @@ def test_findings_runs_both_tasks_in_one_stub_and_fails_a_request_once(networks,
     from python_backends.pipeline import ServedPipeline
 
     encoder_calls = []
-    findings = ServedPipeline(classifier.pipeline.classifier, _zeroshot_pipeline(encoder_calls))
+    findings = ServedPipeline(classifier.pipeline.classifier, _zeroshot_pipeline(encoder_calls),
+                              ("PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"))
     requests = [pb.FakeRequest(IMAGE=_image()), pb.FakeRequest(IMAGE=np.full((1, 40, 40), 7, np.uint16)),
                 pb.FakeRequest(IMAGE=_image(), PROJECTION_HINT=np.array([[b"OBLIQUE"]], dtype=object))]
     ok, constant, bad_hint = asyncio.run(findings.execute(requests))
@@ -140,7 +145,7 @@ def test_merged_requests_share_member_calls_sliced_to_the_members_batch_limit(ne
     model = module.TritonPythonModel()
     params = {**ClassifierSettings(preprocess=PreprocessConfig(size=32), max_pixels=100_000).to_parameters(),
               "member_max_batch_size": "4", "tasks": "classifier"}
-    model.initialize({"model_config": json.dumps({"max_batch_size": 8, "parameters": {k: {"string_value": v} for k, v in params.items()}})})
+    model.initialize({"model_config": _config(params, max_batch_size=8)})
     requests = [pb.FakeRequest(IMAGE=_image(40, 30)), pb.FakeRequest(IMAGE=np.concatenate([_image(50, 44), _image(50, 44)])),
                 pb.FakeRequest(IMAGE=_image(36, 36)), pb.FakeRequest(IMAGE=_image(64, 40))]
     responses = asyncio.run(model.execute(requests))
@@ -158,7 +163,8 @@ def test_zeroshot_merged_requests_share_one_encoder_call_and_fail_alone():
 
     pb.MODELS.clear()
     calls = []
-    model = ServedPipeline(None, _zeroshot_pipeline(calls))  # from_args reads a repository; the pipeline is given instead
+    # from_args reads a repository; the pipeline is given instead
+    model = ServedPipeline(None, _zeroshot_pipeline(calls), ("PROBABILITIES", "SIMILARITIES"))
     requests = [pb.FakeRequest(IMAGE=_image()), pb.FakeRequest(IMAGE=np.full((1, 40, 40), 7, np.uint16)),
                 pb.FakeRequest(IMAGE=_image(60, 50))]
     responses = asyncio.run(model.execute(requests))
@@ -171,6 +177,11 @@ def test_zeroshot_merged_requests_share_one_encoder_call_and_fail_alone():
 
 def test_tasks_parameter_is_checked():
     from python_backends.tasks import parse_tasks
+    from python_backends.pipeline import ServedPipeline
+
+    with pytest.raises(ValueError, match=r"declares outputs \['SIMILARITIES'\] that tasks classifier do not produce"):
+        ServedPipeline.from_args({"model_config": _config({**ClassifierSettings(preprocess=PreprocessConfig(size=32)).to_parameters(),
+                                                           "tasks": "classifier"}, output=[{"name": "SIMILARITIES"}])})
 
     assert parse_tasks("zeroshot, classifier") == ("classifier", "zeroshot")
     for bad in ("", "classifier,classifier", "segmentation"):
