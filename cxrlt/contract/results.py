@@ -1,4 +1,4 @@
-"""Typed results of one classified image, as the client SDK returns them."""
+"""Typed results of one classified image (and of a study), as the client SDK returns them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,17 @@ import dataclasses
 from typing import Any
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One finding called at the repository's operating point (cxrlt.contract.operating_points)."""
+
+    positive: bool
+    threshold: float
+    policy: str  # how the threshold was chosen: youden, f1, sensitivity=X, ppv=X
+    sensitivity: float  # what the threshold achieved on the validation data
+    specificity: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +32,14 @@ class FindingsResult:
     random_weights: bool = False  # served networks were randomly initialised: not diagnostic
     latency_ms: float | None = None
     attempts: int = 1  # requests the client sent for this image (> 1: retried while the server was unavailable)
+    # label -> decision at the repository's operating points; None: the repository has none
+    decisions: dict[str, Decision] | None = None
+    calibrated_probabilities: dict[str, float] | None = None  # None: the repository is not calibrated
+    repository_sha256: str | None = None  # the served repository's identity
+    study_instance_uid: str | None = None  # of a DICOM source
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    source: str | None = None  # the path (or name) the image came from
 
     def task1(self) -> dict[str, float]:
         return {label: self.probabilities[label] for label in TASK1_LABELS if label in self.probabilities}
@@ -29,6 +48,24 @@ class FindingsResult:
         return {label: self.probabilities[label] for label in TASK2_LABELS if label in self.probabilities}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, plus ``findings``: per finding its probability and, when the
+        repository has operating points, ``positive``, ``threshold``, ``policy``, ``sensitivity`` and
+        ``specificity`` (and ``calibrated_probability`` when it is calibrated)."""
         data = dataclasses.asdict(self)
         data["probabilities"] = {label: float(self.probabilities[label]) for label in ALL_LABELS if label in self.probabilities}
+        data["findings"] = findings_dict(self.probabilities, self.decisions, self.calibrated_probabilities)
         return data
+
+
+def findings_dict(probabilities: dict[str, float], decisions: dict[str, Decision] | None,
+                  calibrated: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """label -> {probability, [calibrated_probability], [positive, threshold, policy, sensitivity, specificity]}."""
+    findings = {}
+    for label in (label for label in ALL_LABELS if label in probabilities):
+        entry: dict[str, Any] = {"probability": float(probabilities[label])}
+        if calibrated and label in calibrated:
+            entry["calibrated_probability"] = float(calibrated[label])
+        if decisions and label in decisions:
+            entry.update(dataclasses.asdict(decisions[label]))
+        findings[label] = entry
+    return findings
