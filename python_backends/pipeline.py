@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cxrlt.contract.labels import TASK2_LABELS
+from cxrlt.contract.labels import TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.operating_points import CONFIG_PARAMETER, NO_DECISION, OperatingPoints
 from cxrlt.contract.served import ENCODER_MODEL, ZEROSHOT_MODEL, network_names
 from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
 from python_backends import bls
@@ -24,9 +25,12 @@ from python_backends.classifier import Classification, ClassifierPipeline, Class
 from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, parse_tasks, zeroshot_settings
 
 # What each task can answer; a config declares which of them it serves (cxr_findings: no LOGITS
-# or SIMILARITIES, its PROBABILITIES are both tasks' concatenated).
-TASK_OUTPUTS = {CLASSIFIER_TASK: ("PROBABILITIES", "LOGITS", "PROJECTION", "PROJECTION_SCORE"),
-                ZEROSHOT_TASK: ("PROBABILITIES", "SIMILARITIES")}
+# or SIMILARITIES, its PROBABILITIES are both tasks' concatenated). DECISIONS and
+# CALIBRATED_PROBABILITIES follow PROBABILITIES, through the repository's operating points.
+DECIDED_OUTPUTS = ("PROBABILITIES", "DECISIONS", "CALIBRATED_PROBABILITIES")
+TASK_OUTPUTS = {CLASSIFIER_TASK: (*DECIDED_OUTPUTS, "LOGITS", "PROJECTION", "PROJECTION_SCORE"),
+                ZEROSHOT_TASK: (*DECIDED_OUTPUTS, "SIMILARITIES")}
+TASK_LABELS = {CLASSIFIER_TASK: TASK1_LABELS, ZEROSHOT_TASK: TASK2_LABELS}
 from python_backends.triton_params import parameters, require
 from python_backends.zeroshot import ZeroShotPipeline
 
@@ -42,6 +46,8 @@ class ServedPipeline:
     classifier: ClassifierPipeline | None
     zeroshot: ZeroShotPipeline | None
     outputs: tuple[str, ...]  # the outputs the model's config declares, and so what each answer holds
+    labels: tuple[str, ...] = ()  # the findings of PROBABILITIES, in order
+    operating_points: OperatingPoints | None = None  # None: no decisions (DECISIONS all NO_DECISION)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ServedPipeline":
@@ -66,7 +72,8 @@ class ServedPipeline:
                                      + TASK_OUTPUTS[ZEROSHOT_TASK] * (ZEROSHOT_TASK in tasks))
         if unknown:
             raise ValueError(f"the config declares outputs {sorted(unknown)} that tasks {','.join(tasks)} do not produce")
-        return cls(classifier, zeroshot, outputs)
+        labels = tuple(label for task in tasks for label in TASK_LABELS[task])
+        return cls(classifier, zeroshot, outputs, labels, _operating_points(params))
 
     async def execute(self, requests: Sequence[Any]) -> list:
         return await bls.answer_each(requests, self._items, self._run_many, self._response)
@@ -89,8 +96,10 @@ class ServedPipeline:
     def _response(self, results: list[tuple]) -> Any:
         tensors: dict[str, np.ndarray] = {}
         probabilities = []
+        projections: list[str | None] = [None] * len(results)
         if self.classifier is not None:
             task1: list[Classification] = [r[0] for r in results]
+            projections = [c.projection for c in task1]
             probabilities.append(np.stack([c.probabilities for c in task1]))
             tensors["LOGITS"] = np.stack([c.logits for c in task1])
             tensors["PROJECTION"] = np.array([[c.projection.encode()] for c in task1], dtype=np.object_)
@@ -100,7 +109,28 @@ class ServedPipeline:
             probabilities.append(np.stack([p for p, _ in task2]))
             tensors["SIMILARITIES"] = np.stack([s for _, s in task2])
         tensors["PROBABILITIES"] = np.concatenate(probabilities, axis=1).astype(np.float32)
+        tensors.update(self._decided(tensors["PROBABILITIES"], projections))
         return bls.response({name: tensors[name] for name in self.outputs})
+
+    def _decided(self, probabilities: np.ndarray, projections: list[str | None]) -> dict[str, np.ndarray]:
+        """DECISIONS and CALIBRATED_PROBABILITIES of the batch, at the repository's operating points."""
+        if self.operating_points is None:
+            return {"DECISIONS": np.full(probabilities.shape, NO_DECISION, dtype=np.int8),
+                    "CALIBRATED_PROBABILITIES": probabilities}
+        return {"DECISIONS": self.operating_points.decide(probabilities, self.labels, projections),
+                "CALIBRATED_PROBABILITIES": self.operating_points.calibrate(probabilities, self.labels).astype(np.float32)}
+
+
+def _operating_points(params: Mapping[str, str]) -> OperatingPoints | None:
+    """The config's operating points (written by `cxrlt operating-points`), or None without them."""
+    text = params.get(CONFIG_PARAMETER, "").strip()
+    if not text:
+        return None
+    try:
+        return OperatingPoints.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"config parameter {CONFIG_PARAMETER!r} is not a valid operating-points table ({exc}); "
+                         "rerun `cxrlt operating-points`") from None
 
 
 def _first_error(outcomes: tuple) -> BaseException | None:

@@ -187,3 +187,39 @@ def test_tasks_parameter_is_checked():
     for bad in ("", "classifier,classifier", "segmentation"):
         with pytest.raises(ValueError, match="parameter tasks must name"):
             parse_tasks(bad)
+
+
+def test_decisions_follow_the_operating_points_per_projection_and_none_without_them(networks):
+    """Members answer logit 0 (p = 0.5 before gating): a 0.2 threshold calls it positive, a 0.9 one
+    negative, the lateral point wins over `any` for a lateral image, a finding with no point gets -1;
+    without operating points every decision is -1 and the calibrated output equals PROBABILITIES."""
+    from cxrlt.contract.labels import TASK1_LABELS
+    from cxrlt.contract.operating_points import Calibration, OperatingPoint, OperatingPoints, parse_policy
+
+    def point(threshold):
+        return OperatingPoint(threshold, 0.8, 0.7, (0.7, 0.9), (0.6, 0.8), 10, 20)
+
+    table = OperatingPoints(parse_policy("sensitivity=0.8"),
+                            {"Normal": {"any": point(0.2)}, "cardiomegaly": {"any": point(0.2), "lateral": point(0.9)}},
+                            {"Normal": Calibration(2.0, 0.0)})
+    outputs = [{"name": n} for n in ("PROBABILITIES", "DECISIONS", "CALIBRATED_PROBABILITIES", "PROJECTION")]
+    settings = ClassifierSettings(preprocess=PreprocessConfig(size=32), max_pixels=100_000).to_parameters()
+    answers = {}
+    for name, extra in (("with", {"operating_points": table.to_json()}), ("without", {})):
+        model = pb.load_model_py(PIPELINE_MODEL_PY).TritonPythonModel()
+        model.initialize({"model_config": _config({**settings, "tasks": "classifier", **extra}, output=outputs)})
+        responses = asyncio.run(model.execute([pb.FakeRequest(IMAGE=_image()),
+                                               pb.FakeRequest(IMAGE=_image(), PROJECTION_HINT=np.array([[b"LL"]], dtype=object))]))
+        answers[name] = [{t.name(): t.as_numpy() for t in r.output_tensors} for r in responses]
+    frontal, lateral = answers["with"]
+    normal, cardiomegaly = TASK1_LABELS.index("Normal"), TASK1_LABELS.index("cardiomegaly")
+    assert frontal["DECISIONS"].dtype == np.int8 and frontal["DECISIONS"].shape == (1, 30)
+    assert frontal["DECISIONS"][0, normal] == 1 and frontal["DECISIONS"][0, cardiomegaly] == 1
+    assert lateral["DECISIONS"][0, cardiomegaly] == 0  # its lateral point (0.9), not the `any` one
+    assert set(np.delete(frontal["DECISIONS"][0], [normal, cardiomegaly]).tolist()) == {-1}
+    p = float(frontal["PROBABILITIES"][0, normal])
+    assert frontal["CALIBRATED_PROBABILITIES"][0, normal] == pytest.approx(1 / (1 + ((1 - p) / p) ** 2), abs=1e-6)
+    assert frontal["CALIBRATED_PROBABILITIES"][0, cardiomegaly] == pytest.approx(frontal["PROBABILITIES"][0, cardiomegaly])
+    for answer in answers["without"]:
+        assert set(answer["DECISIONS"].ravel().tolist()) == {-1}
+        assert np.array_equal(answer["CALIBRATED_PROBABILITIES"], answer["PROBABILITIES"])

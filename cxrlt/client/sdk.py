@@ -49,7 +49,9 @@ import numpy as np
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
-from cxrlt.contract.results import FindingsResult
+from cxrlt.contract.operating_points import CONFIG_PARAMETER as OPERATING_POINTS_PARAMETER
+from cxrlt.contract.operating_points import NO_DECISION, OperatingPoints
+from cxrlt.contract.results import Decision, FindingsResult
 from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
                                    ZEROSHOT_MODEL)
 from cxrlt.client.shared_memory import Region, RegionPool
@@ -214,6 +216,8 @@ class ModelInfo:
     # The served config parameters of the pipeline models the server has, by model.
     parameters: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     repository: Repository | None = None  # the served repository's identity (None: no pipeline config read)
+    decides: bool = False  # the model answers DECISIONS and CALIBRATED_PROBABILITIES
+    operating_points: OperatingPoints | None = None  # the served table (None: the repository has none)
 
 
 def _output_dim(config: Any, name: str) -> int | None:
@@ -502,7 +506,7 @@ class AsyncCxrltClient:
         region = await self._region(pixels.nbytes)
         try:
             inputs, hint = self._inputs(pixels, hint, region)
-            outputs = self._outputs()
+            outputs = self._outputs(info)
             client = self._aio()
             timing: dict[str, float] = {}
 
@@ -556,8 +560,10 @@ class AsyncCxrltClient:
             inputs.append(hint_input)
         return inputs, hint
 
-    def _outputs(self) -> list[Any]:
+    def _outputs(self, info: ModelInfo) -> list[Any]:
         names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in _ROUTED_MODELS else ["PROBABILITIES"]
+        if info.decides and info.operating_points is not None:
+            names += ["DECISIONS", "CALIBRATED_PROBABILITIES"]
         return [self._grpcclient.InferRequestedOutput(name) for name in names]
 
     def _model_info(self, configs: dict[str, Any]) -> ModelInfo:
@@ -582,7 +588,20 @@ class AsyncCxrltClient:
             input_size=max(sizes, default=None),
             parameters=served,
             repository=repository_identity(served),
+            decides=_output_dim(config, "DECISIONS") is not None,
+            operating_points=self._served_operating_points(own_config),
         )
+
+    def _served_operating_points(self, parameters: Mapping[str, str]) -> OperatingPoints | None:
+        text = parameters.get(OPERATING_POINTS_PARAMETER, "").strip()
+        if not text:
+            return None
+        try:
+            return OperatingPoints.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ClientError(f"{self.url} serves {self.model} with an unreadable {OPERATING_POINTS_PARAMETER} "
+                              f"parameter ({exc}); rerun `cxrlt operating-points` on its repository",
+                              url=self.url, model=self.model) from None
 
     def _pixels(self, image: np.ndarray, info: ModelInfo) -> np.ndarray:
         """The uint16 image to send: downscaled first when `send_size` asks for it."""
@@ -632,7 +651,27 @@ class AsyncCxrltClient:
             random_weights=info.random_weights,
             latency_ms=latency_ms,
             attempts=attempts,
+            repository_sha256=info.repository.sha256 if info.repository else None,
+            **self._decisions(response, info, projection or None),
         )
+
+    def _decisions(self, response: Any, info: ModelInfo, projection: str | None) -> dict[str, Any]:
+        """The served DECISIONS with their operating points, and the calibrated probabilities (when served)."""
+        points = info.operating_points
+        if points is None or not info.decides:
+            return {}
+        served = np.asarray(response.as_numpy("DECISIONS")).reshape(-1)
+        decisions = {}
+        for label, decision in zip(self.labels, served.tolist()):
+            point = points.point(label, projection)
+            if decision != NO_DECISION and point is not None:
+                decisions[label] = Decision(bool(decision), point.threshold, str(points.policy), point.sensitivity,
+                                            point.specificity)
+        calibrated = None
+        if points.calibrated:
+            values = np.asarray(response.as_numpy("CALIBRATED_PROBABILITIES"), dtype=np.float64).reshape(-1)
+            calibrated = {label: float(p) for label, p in zip(self.labels, values)}
+        return {"decisions": decisions, "calibrated_probabilities": calibrated}
 
 
 # ----------------------------------------------------------------------------- sync

@@ -119,8 +119,9 @@ async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | P
     try:
         loaded = await asyncio.to_thread(_load, source, label, body_parts, sr)
         result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id or loaded.image_id)
+        result = dataclasses.replace(result, **_identities(loaded.dataset, label))
         if labels is not None and tuple(labels) != tuple(result.probabilities):
-            result = dataclasses.replace(result, probabilities={k: result.probabilities[k] for k in labels})
+            result = _keep(result, labels)
         if not sr:
             return Classified(result, loaded.dataset)
         repository = await client.repository()
@@ -132,6 +133,23 @@ async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | P
         raise ClassifyFailure(f"could not build the SR: {type(exc).__name__}: {reason(label, exc)}",
                               ClassifyFailure.REPORT, result.attempts) from None
     return Classified(result, loaded.dataset, report)
+
+
+def _identities(dataset: Any, source: str | Path) -> dict[str, str | None]:
+    """Where a result came from: the source's name and, for DICOM, its study, series and instance UIDs."""
+    uids = {field: (str(dataset.get(keyword, "")) or None) if dataset is not None else None
+            for field, keyword in (("study_instance_uid", "StudyInstanceUID"), ("series_instance_uid", "SeriesInstanceUID"),
+                                   ("sop_instance_uid", "SOPInstanceUID"))}
+    return {"source": str(source), **uids}
+
+
+def _keep(result: FindingsResult, labels: Sequence[str]) -> FindingsResult:
+    """``result`` with only the findings ``labels`` (probabilities, calibrated values and decisions)."""
+    def only(values: dict | None) -> dict | None:
+        return None if values is None else {k: v for k, v in values.items() if k in labels}
+
+    return dataclasses.replace(result, probabilities={k: result.probabilities[k] for k in labels},
+                               decisions=only(result.decisions), calibrated_probabilities=only(result.calibrated_probabilities))
 
 
 def _name(source: Any) -> str:
