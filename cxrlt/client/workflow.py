@@ -22,7 +22,7 @@ from cxrlt.client.sdk import (AsyncCxrltClient, ClientError, Repository, Request
                               ServerUnavailable)
 from cxrlt.contract.results import FindingsResult
 
-__all__ = ["Classified", "ClassifyFailure", "classify_image", "build_report", "failure", "reason"]
+__all__ = ["Classified", "ClassifyFailure", "classify_image", "build_report", "build_study_report", "failure", "reason"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -101,6 +101,25 @@ def build_report(result: FindingsResult, source: Any, repository: Repository) ->
     note = (f"Model repository {repository.sha256} ({repository.source}). Source image {source.SOPInstanceUID}. "
             "One SR per image: re-sending the image gives this SR again.")
     return build_sr(result, source, uids=derived_uids(source, repository.sha256), notes=[note])
+
+
+def build_study_report(results: Sequence[FindingsResult], headers: Sequence[Any], repository: Repository,
+                       points: Any = None, notes: Sequence[str] = ()) -> Any:
+    """The study SR of one study's image ``results`` (their DICOM ``headers`` in the same order): the study
+    scores (cxrlt.contract.study.aggregate_study) called at ``points`` (the served OperatingPoints or None).
+
+    Its UIDs derive from the study, the images it covers and the repository: the same images give the
+    same SR in every path (the node, ``classify --by-study``), a study that gained an image a new one."""
+    from cxrlt.contract.study import aggregate_study
+    from cxrlt.io.reports import build_study_sr, derived_study_uids
+
+    study = aggregate_study(results, points)
+    if repository.random_weights and not study.random_weights:
+        study = dataclasses.replace(study, images=tuple(dataclasses.replace(r, random_weights=True) for r in results))
+    images = ",".join(sorted(str(r.sop_instance_uid) for r in results))
+    uids = derived_study_uids(f"{study.study_instance_uid}/{images}", repository.sha256)
+    note = f"Model repository {repository.sha256} ({repository.source}). Study of {len(results)} image(s)."
+    return build_study_sr(study, headers, uids=uids, notes=[note, *notes])
 
 
 async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | Path | None = None,

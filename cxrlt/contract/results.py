@@ -56,6 +56,15 @@ class FindingsResult:
         data["findings"] = findings_dict(self.probabilities, self.decisions, self.calibrated_probabilities)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FindingsResult":
+        """The result :meth:`to_dict` wrote (extra keys, e.g. ``findings``, are ignored)."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in fields}
+        if values.get("decisions") is not None:
+            values["decisions"] = {label: Decision(**decision) for label, decision in values["decisions"].items()}
+        return cls(**values)
+
 
 def findings_dict(probabilities: dict[str, float], decisions: dict[str, Decision] | None,
                   calibrated: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:

@@ -47,8 +47,7 @@ class StudyResult:
             "repository_sha256": next((i.repository_sha256 for i in self.images if i.repository_sha256), None),
             "probabilities": dict(self.probabilities),
             "findings": findings_dict(self.probabilities, self.decisions),
-            "images": [{"image_id": i.image_id, "source": i.source, "series_instance_uid": i.series_instance_uid,
-                        "sop_instance_uid": i.sop_instance_uid, "projection": i.projection} for i in self.images],
+            "images": [image.to_dict() for image in self.images],
         }
 
 

@@ -45,7 +45,7 @@ from pydicom.sr.codedict import codes
 from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
 from cxrlt.contract.preprocessing import MAX_PIXELS
 
-__all__ = ["InputError", "LoadedImage", "load_image", "load_pixels", "hint_from_dataset", "dicom_to_uint16"]
+__all__ = ["InputError", "LoadedImage", "load_image", "load_pixels", "hint_from_dataset", "dicom_to_uint16", "header_only"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,19 @@ def _load_content(path: Path, head: bytes, open_file: Callable[[], Any], body_pa
         raise pil_error
     raise InputError(f"{path}: not a DICOM file and not an image Pillow can read; "
                      "send a DICOM (CR, DX or Secondary Capture) or a grayscale PNG")
+
+
+def header_only(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without its pixel data (what a report about the image needs to reference it)."""
+    import copy
+
+    header = Dataset()
+    for element in ds:
+        if element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    if getattr(ds, "file_meta", None) is not None:
+        header.file_meta = copy.deepcopy(ds.file_meta)
+    return header
 
 
 def load_pixels(path: str | Path) -> np.ndarray:

@@ -15,6 +15,7 @@ COUNTERS: dict[str, str] = {
     "ignored": "instances acknowledged but not classified (no pixel data: SR, PR, KO and the like)",
     "classified": "images classified by the server",
     "sent": "SRs the destination accepted",
+    "study_sent": "study SRs the destination accepted (one per study, once it is quiet)",
     "retried": "attempts that failed for a reason retrying can fix (server or destination unavailable)",
     "rejected": "instances moved to rejected/ because retrying cannot help",
 }

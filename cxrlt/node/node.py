@@ -18,6 +18,8 @@ Flow of one instance::
   served repository, so a re-sent image gives the same SR.
 * One log line per instance (SOPInstanceUID, outcome, latency), never a patient identifier;
   counters in Prometheus' text format (:mod:`cxrlt.node.metrics`).
+* Studies (``study_sr``): besides (``also``, the default) or instead of (``only``) one SR per image,
+  one SR per study once no image of it has arrived for ``study_quiet_s`` (cxrlt.node.studies).
 * SIGTERM: stop accepting associations, let what is in flight finish within ``grace_s``;
   anything unfinished stays in the spool for the next start.
 """
@@ -39,6 +41,7 @@ from cxrlt.node import CHEST_BODY_PARTS
 from cxrlt.node.destinations import DestinationError
 from cxrlt.node.metrics import Metrics
 from cxrlt.node.spool import Spool, entry_name
+from cxrlt.node.studies import DEFAULT_STUDY_SR, STUDY_SR_MODES, StudyBook
 
 __all__ = ["NodeConfig", "DicomNode", "CHEST_BODY_PARTS", "transfer_syntaxes"]
 
@@ -73,6 +76,12 @@ class NodeConfig:
     max_backoff_s: float = 60.0  # ... doubling up to this
     grace_s: float = 10.0  # on SIGTERM, time for what is in flight
     body_parts: tuple[str, ...] = CHEST_BODY_PARTS
+    study_sr: str = DEFAULT_STUDY_SR  # off | also | only (see cxrlt.node.studies)
+    study_quiet_s: float = 30.0  # a study is reported once no image of it arrived for this long
+
+    def __post_init__(self) -> None:
+        if self.study_sr not in STUDY_SR_MODES:
+            raise ValueError(f"study_sr must be one of {', '.join(STUDY_SR_MODES)}, not {self.study_sr!r}")
 
 
 class _Reject(Exception):
@@ -112,6 +121,8 @@ class DicomNode:
         self.config = config
         self.spool = Spool(config.spool)
         self.metrics = Metrics(self.spool.count)
+        self.studies = None if config.study_sr == "off" else StudyBook(self.spool.root / "studies", config.study_quiet_s)
+        self._study_attempts: dict[str, int] = {}
         self.port: int | None = None  # the DICOM port, once listening
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -247,7 +258,8 @@ class DicomNode:
         try:
             sr, sop, detail = await self._report(name, path)
             try:
-                await asyncio.to_thread(self.config.destination.send, sr)
+                if sr is not None:  # None: study SRs only
+                    await asyncio.to_thread(self.config.destination.send, sr)
             except DestinationError as exc:
                 if name in self._built or len(self._built) < _BUILT_CACHE:
                     self._built[name] = (sr, sop, detail)
@@ -268,9 +280,11 @@ class DicomNode:
             return
         self._built.pop(name, None)
         self.spool.remove(name)
-        self.metrics.inc("sent")
-        self._outcome(sop, "sent", latency + time.monotonic() - started, attempts=self._attempts.get(name, 0) + 1,
-                      sr=str(sr.SOPInstanceUID), to=f'"{self.config.destination}"', **detail)
+        if sr is not None:
+            self.metrics.inc("sent")
+        self._outcome(sop, "sent" if sr is not None else "kept for its study SR", latency + time.monotonic() - started,
+                      attempts=self._attempts.get(name, 0) + 1, sr=str(sr.SOPInstanceUID) if sr is not None else None,
+                      to=f'"{self.config.destination}"', **detail)
         self._done(name)
 
     def _connect(self) -> None:
@@ -307,16 +321,58 @@ class DicomNode:
             return self._built[name]
         client = self._client
         try:
-            done = await classify_image(client, path, sr=True, body_parts=self.config.body_parts)
+            done = await classify_image(client, path, sr=self.config.study_sr != "only", body_parts=self.config.body_parts)
         except ClassifyFailure as exc:
             if exc.server_trouble:  # unavailable, overloaded, timed out, an internal error: may pass
                 self._reconnect(client)
             raise (_Retry if exc.retry else _Reject)(exc.reason) from None
         self.metrics.inc("classified")
         result, repository = done.result, await client.repository()
+        if self.studies is not None:
+            await asyncio.to_thread(self.studies.add, result, done.dataset)
         detail = {"projection": result.projection, "score": f"{result.projection_score:.3f}",
                   "repository": repository.sha256[:16]}
         return done.sr, result.image_id, detail
+
+    # ------------------------------------------------------------------ study SRs
+
+    async def _study_reporter(self) -> None:
+        """Send the SR of every study that has been quiet for the quiet period (cxrlt.node.studies)."""
+        assert self.studies is not None
+        while True:
+            await asyncio.sleep(min(1.0, self.config.study_quiet_s / 4))
+            for name in await asyncio.to_thread(self.studies.quiet):
+                if self._stopping:
+                    return
+                await self._send_study(name)
+
+    async def _send_study(self, name: str) -> None:
+        from cxrlt.client.sdk import ClientError
+        from cxrlt.client.workflow import build_study_report
+
+        assert self.studies is not None
+        started = time.monotonic()
+        results, headers = await asyncio.to_thread(self.studies.load, name)
+        try:
+            info, repository = await self._client.model_info(), await self._client.repository()
+            sr = await asyncio.to_thread(build_study_report, results, headers, repository, info.operating_points, [
+                f"Reported after {self.config.study_quiet_s:g} s without a new image of the study."])
+            await asyncio.to_thread(self.config.destination.send, sr)
+        except Exception as exc:  # the server, the destination or the study's files: all retried later
+            if not isinstance(exc, (DestinationError, ClientError)):
+                log.exception("study %s: unexpected error; it is retried later", name)
+            attempt = self._study_attempts[name] = self._study_attempts.get(name, 0) + 1
+            delay = backoff_delay(attempt, self.config.backoff_s, self.config.max_backoff_s, self._rng)
+            self.studies.retry_later(name, delay)
+            self.metrics.inc("retried")
+            self._outcome(f"study:{name}", "retry", time.monotonic() - started, attempt=attempt,
+                          next_s=f"{delay:.1f}", reason=f'"{exc}"')
+            return
+        await asyncio.to_thread(self.studies.remove, name, results)
+        self._study_attempts.pop(name, None)
+        self.metrics.inc("study_sent")
+        self._outcome(f"study:{name}", "sent", time.monotonic() - started, images=len(results),
+                      sr=str(sr.SOPInstanceUID), to=f'"{self.config.destination}"')
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -353,6 +409,8 @@ class DicomNode:
             for name in replay:
                 self._enqueue(name)
             workers = [asyncio.create_task(self._worker()) for _ in range(max(1, config.workers))]
+            if self.studies is not None:
+                workers.append(asyncio.create_task(self._study_reporter()))
             log.info("listening as %s on %s:%d; classifying on %s; results to %s; spool %s (%d to replay); "
                      "metrics on %s", config.ae_title, config.host, self.port, config.url, config.destination,
                      config.spool, len(replay), f"{config.host}:{self.metrics_port}" if self.metrics_port else "off")

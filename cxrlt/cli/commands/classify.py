@@ -41,6 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output file (json, csv; '-' or absent: stdout) or directory (sr)")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the JSON results (and failures) to PATH; with --format json, the output file")
+    parser.add_argument("--by-study", action="store_true",
+                        help="group DICOM images by StudyInstanceUID: per finding the mean over the study's frontal "
+                             "images and over its lateral ones, then the mean of the two, called at the repository's "
+                             "operating points; JSON gives one entry per study (its images inside), --format sr one "
+                             "SR per study")
+    parser.add_argument("--decisions-csv", type=Path, metavar="PATH",
+                        help="also write the decisions at the repository's operating points: one row per image (per "
+                             "study with --by-study): source, study/series/instance UIDs, projection, then 1/0 per "
+                             "finding (empty: no operating point)")
     parser.add_argument("--task", default="all", choices=list(TASKS), help="findings to write: task1 (30), task2 (6) or all (36)")
     parser.add_argument("--model", default=FINDINGS_MODEL, choices=list(PIPELINE_MODELS),
                         help=f"served model to call ({FINDINGS_MODEL}: all 36)")
@@ -178,6 +187,8 @@ def _check_options(args: argparse.Namespace) -> str | None:
         return "--format sr writes one file per image: give --out DIRECTORY"
     if args.format == "sr" and out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a directory"
+    if args.by_study and args.format == "csv":
+        return "--by-study has no challenge CSV (it is per image): use --format json or sr, and --decisions-csv"
     if args.format == "csv" and out is not None and out.name == FAILURES_CSV:
         return f"--out cannot be named {FAILURES_CSV}: the failures go there"
     return None
@@ -194,6 +205,7 @@ class _Batch:
         self.unavailable: list[str] = []  # once the server is gone (not merely overloaded), stop sending
         self.outcomes: dict[Path, tuple] = {}  # path -> (result or None, failure reason or None, attempts)
         self.sr_names: set[str] = set()
+        self.headers: dict[Path, object] = {}  # --by-study --format sr: each image's header (no pixels)
 
     def fail(self, path: Path, reason: str, attempts: int = 0) -> None:
         self.outcomes[path] = (None, reason, attempts)
@@ -203,6 +215,7 @@ class _Batch:
         import asyncio
 
         from cxrlt.client.workflow import ClassifyFailure, classify_image, reason
+        from cxrlt.io.images import header_only
         from cxrlt.io.reports import save_sr
 
         async with self.semaphore:
@@ -211,7 +224,8 @@ class _Batch:
                     self.fail(path, f"not sent: {self.unavailable[0]}")
                     return
                 try:
-                    done = await classify_image(self.client, path, labels=TASKS[self.args.task], sr=self.args.format == "sr",
+                    done = await classify_image(self.client, path, labels=TASKS[self.args.task],
+                                                sr=self.args.format == "sr" and not self.args.by_study,
                                                 image_id=path.name if self.args.image_id == "name" else None)
                 except ClassifyFailure as exc:
                     if exc.kind == ClassifyFailure.UNAVAILABLE:
@@ -219,6 +233,8 @@ class _Batch:
                     self.fail(path, exc.reason, exc.attempts)
                     return
                 result = done.result
+                if self.args.by_study and self.args.format == "sr" and done.dataset is not None:
+                    self.headers[path] = header_only(done.dataset)
                 if done.sr is not None:  # write now: holding every dataset (pixels included) would not scale
                     name = _reserve_sr_name(Path(self.args.out), result.image_id, self.sr_names)
                     try:
@@ -231,8 +247,9 @@ class _Batch:
                 self.progress.advance(task)
 
 
-async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[dict[Path, tuple], list[str], object] | int:
-    """Every file classified (outcomes by path, 'unavailable' notes, the served ModelInfo), or an exit status."""
+async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[dict[Path, tuple], list[str], object, dict] | int:
+    """Every file classified (outcomes by path, 'unavailable' notes, the served ModelInfo, the headers kept for
+    study SRs), or an exit status."""
     import asyncio
 
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
@@ -260,7 +277,7 @@ async def _classify_all(args: argparse.Namespace, files: list[Path]) -> tuple[di
             batch = _Batch(args, client, progress)
             task = progress.add_task("classify", total=len(files))
             await asyncio.gather(*(batch.one(path, task) for path in files))
-    return batch.outcomes, batch.unavailable, info
+    return batch.outcomes, batch.unavailable, info, batch.headers
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -278,10 +295,13 @@ async def _run(args: argparse.Namespace) -> int:
     classified = await _classify_all(args, files)
     if isinstance(classified, int):
         return classified
-    outcomes, unavailable, info = classified
+    outcomes, unavailable, info, headers = classified
     done = [(path, outcomes[path][0]) for path in files if outcomes[path][0] is not None]
     failures += [(path, *outcomes[path][1:]) for path in files if outcomes[path][0] is None]
-    where = _write_outputs(args, done, failures)
+    studies = _studies(done, info) if args.by_study else []
+    if args.by_study and args.format == "sr" and not await _write_study_srs(args, studies, headers, info):
+        return 1
+    where = _write_outputs(args, done, failures, studies)
     if where is None:
         return 1
     return _summary(args, done, failures, where, unavailable, info.random_weights)
@@ -290,16 +310,46 @@ async def _run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- outputs, in input order
 
 
-def _json_text(done: list, failures: list) -> str:
-    """The results, then one {"source", "error", "attempts"} entry per failure."""
+def _studies(done: list, info) -> list:
+    """The StudyResults of the DICOM images in ``done``, in input order of their first image."""
+    from cxrlt.contract.study import aggregate_study, group_by_study
+
+    return [aggregate_study(images, info.operating_points) for images in group_by_study(r for _, r in done).values()]
+
+
+async def _write_study_srs(args: argparse.Namespace, studies: list, headers: dict, info) -> bool:
+    """--by-study --format sr: one SR per study into --out (False after an error, which was printed)."""
+    import asyncio
+
+    from cxrlt.client.workflow import build_study_report
+    from cxrlt.io.reports import save_sr
+
+    used: set[str] = set()
+    for study in studies:
+        sources = [headers[Path(image.source)] for image in study.images]
+        try:
+            report = await asyncio.to_thread(build_study_report, list(study.images), sources, info.repository,
+                                             info.operating_points)
+            name = _reserve_sr_name(Path(args.out), f"study-{study.study_instance_uid}", used)
+            await asyncio.to_thread(save_sr, report, Path(args.out) / name)
+        except Exception as exc:
+            _error(f"could not write the study SR of {study.study_instance_uid}: {type(exc).__name__}: {exc}")
+            return False
+    return True
+
+
+def _json_text(done: list, failures: list, studies: list = ()) -> str:
+    """The results (by study, with --by-study), then one {"source", "error", "attempts"} entry per failure."""
     import json
 
-    entries = [{**result.to_dict(), "source": str(path)} for path, result in done]
+    in_studies = {id(image) for study in studies for image in study.images}
+    entries = [study.to_dict() for study in studies]
+    entries += [{**result.to_dict(), "source": str(path)} for path, result in done if id(result) not in in_studies]
     entries += [{"source": str(path), "error": reason, "attempts": attempts} for path, reason, attempts in failures]
     return json.dumps(entries, indent=2) + "\n"
 
 
-def _write_outputs(args: argparse.Namespace, done: list, failures: list) -> str | None:
+def _write_outputs(args: argparse.Namespace, done: list, failures: list, studies: list = ()) -> str | None:
     """Write JSON / CSV (and --json); where the failures are listed ('' if nowhere), None after an error."""
     import sys
     from collections import Counter
@@ -316,7 +366,7 @@ def _write_outputs(args: argparse.Namespace, done: list, failures: list) -> str 
     out = None if args.out in (None, "-") else Path(args.out)
     files: list[tuple[Path, str]] = []  # (path, text), written in this order; all but a challenge CSV list the failures
     if args.format in ("json", "csv"):
-        text = _json_text(done, failures) if args.format == "json" else challenge_csv([r for _, r in done], args.task)
+        text = _json_text(done, failures, studies) if args.format == "json" else challenge_csv([r for _, r in done], args.task)
         if out is None:
             sys.stdout.write(text.replace("\r\n", "\n"))
             sys.stdout.flush()
@@ -325,7 +375,11 @@ def _write_outputs(args: argparse.Namespace, done: list, failures: list) -> str 
     if args.format == "csv" and out is not None:  # always written: no stale list from an older run
         files.append((out.parent / FAILURES_CSV, failures_csv([(path, reason) for path, reason, _ in failures])))
     if args.json is not None and args.format != "json":
-        files.append((args.json, _json_text(done, failures)))
+        files.append((args.json, _json_text(done, failures, studies)))
+    if args.decisions_csv is not None:
+        from cxrlt.io.reports import decisions_csv
+
+        files.append((args.decisions_csv, decisions_csv(studies if args.by_study else [r for _, r in done])))
     for path, text in files:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cxrlt.cli.options import add_option, add_tls_arguments, tls_options
 from cxrlt.node import CHEST_BODY_PARTS
+from cxrlt.node.studies import DEFAULT_STUDY_SR, STUDY_SR_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-parts", default=",".join(CHEST_BODY_PARTS),
                         help="BodyPartExamined values taken as chest, comma-separated, matched as substrings "
                              "(an empty BodyPartExamined is accepted; default %(default)s)")
+    parser.add_argument("--study-sr", default=DEFAULT_STUDY_SR, choices=STUDY_SR_MODES,
+                        help="also: one SR per image and one per study once it is quiet (default); only: one SR per "
+                             "study; off: per image only. The study SR combines the frontal and lateral images")
+    parser.add_argument("--study-quiet-s", type=float, default=30.0, metavar="S",
+                        help="a study is reported once no image of it has arrived for S seconds (default 30)")
     add_tls_arguments(parser)
 
 
@@ -72,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print("cxrlt dicom-node: error: give exactly one of --destination AE@HOST:PORT and --stow-url URL",
               file=sys.stderr)
         return 1
-    if args.workers < 1 or args.retries < 1 or args.timeout_s <= 0 or args.deadline_s <= 0 or args.max_backoff_s <= 0:
+    if (args.workers < 1 or args.retries < 1 or args.timeout_s <= 0 or args.deadline_s <= 0 or args.max_backoff_s <= 0
+            or args.study_quiet_s <= 0):
         print("cxrlt dicom-node: error: --workers and --retries must be at least 1, the times positive", file=sys.stderr)
         return 1
     destination = (CStoreDestination(parse_ae_address(args.destination), args.ae_title) if args.destination
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         ae_title=args.ae_title, spool=args.spool, destination=destination, url=args.url, host=args.host,
         port=args.dicom_port, workers=args.workers, metrics_port=args.metrics_port or None, tls=tls_options(args),
         timeout_s=args.timeout_s, retries=args.retries, deadline_s=args.deadline_s, max_backoff_s=args.max_backoff_s,
-        grace_s=args.grace_s, body_parts=body_parts,
+        grace_s=args.grace_s, body_parts=body_parts, study_sr=args.study_sr, study_quiet_s=args.study_quiet_s,
     )
     # One line per instance on stderr, with a timestamp; pynetdicom's own chatter stays at warnings.
     handler = logging.StreamHandler(sys.stderr)
