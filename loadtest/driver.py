@@ -1,11 +1,10 @@
 """`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server on this host (loadtest/README.md).
 
-stress: saturation (a closed loop at concurrency 1, 2, 4, ... until throughput stops growing), a
-storm (an open loop at `overload` x that rate; refusals classified by the queue policy's messages),
-then recovery to the unloaded p50; every answer checked against the in-process pipeline.
-soak: N requests over the three public models in chunks, the server's process tree sampled between
-chunks; each series' growth after the warm-up fitted by least squares (a leak keeps its slope over
-the later half, a high-water mark levels off) and judged against targets.
+stress: saturation (a closed loop at concurrency 1, 2, 4, ... until throughput stops growing), a storm (an
+open loop at `overload` x that rate; refusals classified by the queue policy's messages), then recovery to
+the unloaded p50; every answer checked against the in-process pipeline. soak: N requests over the three
+public models in chunks, the server's process tree sampled between chunks, each series' growth after the
+warm-up fitted by least squares (a leak keeps its slope over the later half, a high-water mark levels off).
 """
 
 from __future__ import annotations
@@ -22,17 +21,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import grpc
 import numpy as np
+import psutil
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
 from cxrlt.contract.served import CLASSIFIER_MODEL
-from loadtest.kernel import (IMAGE_SETS, MIB, MODELS, Check, LoadTestError, Measurement, Payload, Sample, Served, alive,
-                             cpu_sample, drive, figures, fmt, images_json, load_average, load_payloads, request_bytes,
-                             require_loopback, sample_tree, save_figure, subplots, table, target_server, verdict, verdicts)
+from loadtest.kernel import (GRPC_OPTIONS, IMAGE_SETS, MIB, MODELS, Check, LoadTestError, Measurement, Payload, Sample,
+                             Served, alive, check_server, cpu_sample, drive, error_text, figures, fmt, images_json,
+                             load_average, load_payloads, model_infer, probabilities, request_bytes, require_loopback,
+                             sample_tree, save_figure, server_health, subplots, table, target_server, verdict, verdicts)
 
 REASONS = ("queue_full", "queue_timeout", "other")
 QUEUE_MESSAGES = dict(zip(REASONS, OVERLOAD_MESSAGES))  # reason -> the queue policy's message, lower case
-SERIES = ("rss_bytes", "rss_anon_bytes", "fds", "shm_files", "shm_bytes")
+SATURATION_GROWTH = 0.05  # the sweep stops at a level not more than 5 % above the best lower one
 
 
 def _at_least(config: Any, bound: float, names: Sequence[str], strict: bool = False) -> None:
@@ -65,8 +67,7 @@ class DriveConfig:
         if self.url is not None:
             self.url = self.url.split("://", 1)[-1].rstrip("/")
             require_loopback(self.url, f"cxrlt {self.mode}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"--timeout-s must be positive, not {self.request_timeout_s!r}")
+        _at_least(self, 0, ("request_timeout_s",), strict=True)
 
 
 @dataclasses.dataclass
@@ -90,7 +91,6 @@ class StressConfig(DriveConfig):
     max_requests: int = 20_000
     saturation_requests: int = 60  # measured requests per concurrency level of the closed loop
     max_concurrency: int = 32
-    growth: float = 0.05
     recovery_timeout_s: float = 30.0
     parity_tolerance: float = 1e-4
     targets: StressTargets = dataclasses.field(default_factory=StressTargets)
@@ -136,19 +136,18 @@ class SoakConfig(DriveConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, 1, ("requests", "sample_every", "concurrency"))
+        _at_least(self, 0, ("time_limit_s",), strict=True)
         if self.warmup < 0 or self.warmup >= self.requests:
             raise ValueError(f"--warmup ({self.warmup}) must be at least 0 and below --requests ({self.requests})")
         post = [b for b in chunk_bounds(self.requests, self.sample_every, self.warmup) if b >= self.warmup]
         if len(post) < 3:
             raise ValueError(f"only {len(post)} samples after the warm-up: lower --sample-every or raise --requests "
                              "(the slope needs at least 3)")
-        _at_least(self, 0, ("time_limit_s",), strict=True)
 
 
 def run(config: DriveConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Run the mode's phases against the server; return the figures and checks (JSON-ready)."""
     from loadtest.metrics import default_metrics_url
-    from loadtest.runner import check_server
 
     payloads, stress = load_payloads(config.image_set), isinstance(config, StressConfig)
     models = [config.model] if stress else list(MODELS)
@@ -173,31 +172,12 @@ def run(config: DriveConfig, log: Callable[[str], None] = lambda message: None) 
     return report
 
 
-def server_health(url: str, models: Sequence[str], pid: int | None = None) -> dict[str, Any]:
-    """Is the server process (when known) alive, and do its live, ready and model-ready endpoints say yes?"""
-    import tritonclient.grpc as grpcclient
-
-    health: dict[str, Any] = {"process_alive": None if pid is None else alive(pid)}
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        for key, ask in (("live", client.is_server_live), ("ready", client.is_server_ready),
-                         ("model_ready", lambda **kw: all(client.is_model_ready(m, **kw) for m in models))):
-            try:
-                health[key] = bool(ask(client_timeout=5.0))
-            except Exception:  # noqa: BLE001 - no answer is the finding
-                health[key] = False
-    finally:
-        client.close()
-    return health
-
-
 # --- stress ----------------------------------------------------------------------------------
 
 
 def _stress(config: StressConfig, url: str, metrics_url: str, pid: int | None, payloads: Sequence[Payload],
             log: Callable[[str], None]) -> dict[str, Any]:
     from cxrlt.contract.manifest import read_manifest
-
     from loadtest.bench import RawSide
     from loadtest.metrics import breakdown_json, diff, try_scrape
 
@@ -221,16 +201,14 @@ def _stress(config: StressConfig, url: str, metrics_url: str, pid: int | None, p
         served.close()
     return {"model": config.model, "profile": read_manifest(config.repo).get("profile"), "overload": config.overload,
             "request_timeout_s": config.request_timeout_s, "saturation": saturation, "storm": storm,
-            "parity": {f.name: getattr(parity, f.name) for f in dataclasses.fields(parity)[1:]}, "targets": dataclasses.asdict(config.targets),
+            "parity": parity.to_json(), "targets": dataclasses.asdict(config.targets),
             "triton": breakdown_json(diff(before, after)) if after is not None else None}
 
 
 def rejection_reason(status: str | None, message: str | None) -> str:
     """queue_full / queue_timeout (UNAVAILABLE from the queue policy), else other."""
     if "UNAVAILABLE" in (status or ""):
-        for reason, text in QUEUE_MESSAGES.items():
-            if text in (message or "").lower():
-                return reason
+        return next((reason for reason, text in QUEUE_MESSAGES.items() if text in (message or "").lower()), "other")
     return "other"
 
 
@@ -288,6 +266,9 @@ class Parity:
             self.wrong += not diff <= self.tolerance
         return diff <= self.tolerance
 
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[1:]}
+
 
 class Refusals:
     """Refused requests by reason, and each distinct (status, message) with its count."""
@@ -299,11 +280,7 @@ class Refusals:
         self.lock = threading.Lock()
 
     def add(self, exc: Exception, latency_ms: float, image: str | None = None) -> str:
-        if hasattr(exc, "code") and hasattr(exc, "details"):  # grpc.aio's own error
-            status, message = str(exc.code()), str(exc.details() or exc)
-        else:  # tritonclient's InferenceServerException, or any other
-            status = str((exc.status() if hasattr(exc, "status") else None) or type(exc).__name__)
-            message = str((exc.message() if hasattr(exc, "message") else None) or exc)
+        status, message = error_text(exc)
         reason = rejection_reason(status, message)
         with self.lock:
             self.latencies_ms[reason].append(latency_ms)
@@ -321,20 +298,23 @@ class Refusals:
         return {
             "total": self.total, "by_reason": {reason: len(v) for reason, v in self.latencies_ms.items()},
             "latency": {"all": figures(every), **{reason: figures(v) for reason, v in self.latencies_ms.items()}},
-            "latency_by_image": {image: {"count": len(v), **figures(v)} for image, v in sorted(self.by_image.items())},
+            "latency_by_image": _by_image(self.by_image.items()),
             "kinds": [{"reason": r, "status": s, "message": m, "count": n} for (r, s, m), n in self.kinds.most_common()],
         }
+
+
+def _by_image(latencies: Any) -> dict[str, dict[str, Any]]:
+    """(image, latencies) pairs -> per image: count and latency figures."""
+    return {image: {"count": len(v), **figures(v)} for image, v in sorted(latencies)}
 
 
 def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity, config: StressConfig,
                     log: Callable[[str], None], server_pid: int | None = None) -> dict[str, Any]:
     """The closed loop at concurrency 1, 2, 4, ... up to max_concurrency, until throughput stops growing."""
-    from tritonclient.utils import InferenceServerException
-
     def call(worker: int, payload: Payload) -> None:
         try:
             parity(payload, served(worker, payload))
-        except InferenceServerException as exc:
+        except grpc.RpcError as exc:
             refusals.add(exc, 0.0)  # a closed-loop refusal's latency is not recorded
 
     levels = [2 ** k for k in range(config.max_concurrency.bit_length())]
@@ -354,12 +334,12 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
             note = f"concurrency {level} was refused {refusals.total} time(s): the closed loop outgrew the queue"
             break
         points.append((level, measurement, cpu))
-        if saturation_index([m.images_per_s for _, m, _ in points], config.growth)[1]:
-            note = f"throughput at concurrency {level} was not more than {100 * config.growth:g} % above the best lower level"
+        if saturation_index([m.images_per_s for _, m, _ in points], SATURATION_GROWTH)[1]:
+            note = f"throughput at concurrency {level} was not more than {100 * SATURATION_GROWTH:g} % above the best lower level"
             break
     if not points:
         raise LoadTestError(f"every request at concurrency 1 was refused: {refusals.to_json()['kinds']}")
-    level, at, cpu = points[saturation_index([m.images_per_s for _, m, _ in points], config.growth)[0]]
+    level, at, cpu = points[saturation_index([m.images_per_s for _, m, _ in points], SATURATION_GROWTH)[0]]
     return {"concurrency": level, "images_per_s": round(at.images_per_s, 3), "p50_ms": round(at.percentile(50), 3),
             "p95_ms": round(at.percentile(95), 3), "unloaded_p50_ms": round(points[0][1].percentile(50), 3),
             "stopped": note, "refused": refused, "cpu": cpu,
@@ -367,35 +347,29 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
 
 
 class _Storm:
-    """The open loop (phase 2), then the recovery probes (phase 3)."""
+    """The open loop (phase 2) on one grpc.aio channel, each image's request serialised once, a second
+    channel asking the live endpoint twice a second; then the recovery probes (phase 3)."""
 
     def __init__(self, config: StressConfig, url: str, payloads: Sequence[Payload], parity: Parity) -> None:
         self.config, self.url, self.payloads, self.parity = config, url, payloads, parity
         self.refusals = Refusals()
         self.admitted: list[tuple[float, float, str]] = []  # (answered at, latency ms, image), seconds from the start
-        self.sends: list[tuple[float, str]] = []  # (sent at, outcome: admitted / reason)
+        self.sends: list[list[Any]] = []  # [sent at, outcome: pending / admitted / a refusal's reason]
         self.not_sent = self.in_flight = 0  # arrivals dropped at max_in_flight; requests outstanding
         self.live: list[tuple[float, float | None]] = []  # (asked at, answer ms or None)
         self.send_lag_ms: list[float] = []
 
     async def run(self, rate: float, served: Served, unloaded_p50_ms: float, server_pid: int | None) -> dict[str, Any]:
-        import grpc
         import tritonclient.grpc.aio as aio
-        from tritonclient.grpc import service_pb2
 
-        # No message size limit; Triton's ModelInfer taking each image's request serialised once.
-        monitor = aio.InferenceServerClient(self.url)
-        channel = grpc.aio.insecure_channel(self.url, options=[("grpc.max_send_message_length", -1),
-                                                               ("grpc.max_receive_message_length", -1)])
-        model_infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                          response_deserializer=service_pb2.ModelInferResponse.FromString)
+        monitor, channel = aio.InferenceServerClient(self.url), grpc.aio.insecure_channel(self.url, options=GRPC_OPTIONS)
         loop = asyncio.get_running_loop()
         self.start, done = loop.time(), asyncio.Event()
         watcher = asyncio.create_task(self._watch_live(monitor, done))
         times = arrival_times(rate, self.config.duration_s, self.config.arrivals, self.config.seed, self.config.max_requests)
         before = cpu_sample(server_pid), machine_cpu()
         try:
-            tasks = await self._send_all(model_infer, times)
+            tasks = await self._send_all(model_infer(channel), times)
             storm_end = loop.time()
             after = cpu_sample(server_pid), machine_cpu()
             recovery = await self._recover(served, unloaded_p50_ms, storm_end)
@@ -411,24 +385,21 @@ class _Storm:
             await monitor.close()
         return self._summary(rate, len(times), storm_end - self.start, before, after, recovery)
 
-    async def _send_all(self, model_infer: Callable, times: np.ndarray) -> set[asyncio.Task]:
-        from tritonclient.grpc import InferResult
-
+    async def _send_all(self, infer: Callable, times: np.ndarray) -> set[asyncio.Task]:
         config, loop, start = self.config, asyncio.get_running_loop(), self.start
         requests = {p.name: request_bytes(p, config.model, config.send_hints) for p in self.payloads}
 
-        async def one(payload: Payload, index: int) -> None:
-            sent = loop.time()
+        async def one(payload: Payload, send: list[Any]) -> None:
             self.in_flight += 1
             try:
-                response = await model_infer(requests[payload.name], timeout=config.request_timeout_s)
+                response = await infer(requests[payload.name], timeout=config.request_timeout_s)
             except Exception as exc:  # noqa: BLE001 - every refusal is classified, none is lost
-                self.sends[index] = (self.sends[index][0], self.refusals.add(exc, 1000 * (loop.time() - sent), payload.name))
+                send[1] = self.refusals.add(exc, 1000 * (loop.time() - start - send[0]), payload.name)
             else:
-                answered = loop.time()
-                self.admitted.append((answered - start, 1000 * (answered - sent), payload.name))
-                self.sends[index] = (self.sends[index][0], "admitted")
-                self.parity(payload, InferResult(response).as_numpy("PROBABILITIES")[0])
+                answered = loop.time() - start
+                self.admitted.append((answered, 1000 * (answered - send[0]), payload.name))
+                send[1] = "admitted"
+                self.parity(payload, probabilities(response)[0])
             finally:
                 self.in_flight -= 1
 
@@ -439,8 +410,8 @@ class _Storm:
             if self.in_flight >= config.max_in_flight:
                 self.not_sent += 1
                 continue
-            self.sends.append((loop.time() - start, "pending"))
-            task = asyncio.create_task(one(self.payloads[i % len(self.payloads)], len(self.sends) - 1))
+            self.sends.append([loop.time() - start, "pending"])
+            task = asyncio.create_task(one(self.payloads[i % len(self.payloads)], self.sends[-1]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         return tasks
@@ -454,53 +425,20 @@ class _Storm:
             except Exception:  # noqa: BLE001 - no answer is the finding
                 live = False
             self.live.append((asked - self.start, 1000 * (loop.time() - asked) if live else None))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
-
-    def _summary(self, rate: float, scheduled: int, window: float, before: tuple, after: tuple,
-                 recovery: dict[str, Any]) -> dict[str, Any]:
-        in_window = [latency for at, latency, _ in self.admitted if at <= window]
-        by_image: dict[str, list[float]] = collections.defaultdict(list)
-        for _, latency, image in self.admitted:
-            by_image[image].append(latency)
-        answers = [ms for _, ms in self.live if ms is not None]
-        return {
-            "rate_offered": round(rate, 3), "arrivals": self.config.arrivals, "duration_s": round(window, 3),
-            "scheduled": scheduled, "sent": len(self.sends), "not_sent_at_max_in_flight": self.not_sent,
-            "rate_sent": round(len(self.sends) / window, 3) if window > 0 else None,
-            "send_lag": figures(self.send_lag_ms),  # how far behind its schedule the client sent
-            "admitted": len(self.admitted), "admitted_in_storm": len(in_window),
-            "goodput_images_per_s": round(len(in_window) / window, 3) if window > 0 else 0.0,
-            "admitted_latency": figures([latency for _, latency, _ in self.admitted]),
-            "admitted_latency_by_image": {image: {"count": len(v), **figures(v)} for image, v in sorted(by_image.items())},
-            "rejected": self.refusals.to_json(),
-            "live_probes": {"asked": len(self.live), "unanswered": len(self.live) - len(answers),
-                            **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
-            "cpu": {**_cpu_figures(before[0], after[0], window, len(in_window)), "cores": os.cpu_count(),
-                    "machine_busy_share": round((after[1][0] - before[1][0]) / max(after[1][1] - before[1][1], 1e-9), 3)},
-            "timeline": _timeline(self.sends, self.admitted, window),
-            "recovery": recovery,
-        }
 
     async def _recover(self, served: Served, unloaded_p50_ms: float, storm_end: float) -> dict[str, Any]:
         """Sequential requests from the end of the storm until the p50 of the last window is back."""
-        from tritonclient.utils import InferenceServerException
-
         config, loop, probes = self.config, asyncio.get_running_loop(), []
         window, threshold, recovered_at = 2 * len(self.payloads), config.targets.recovery_factor * unloaded_p50_ms, None
         for payload in itertools.cycle(self.payloads):
             if recovered_at is not None or loop.time() - storm_end >= config.recovery_timeout_s:
                 break
-            sent = loop.time()
-            try:
-                probabilities = await asyncio.to_thread(served, 0, payload)
-            except InferenceServerException:
-                latency = None
-            else:
+            sent, latency = loop.time(), None
+            with contextlib.suppress(grpc.RpcError):
+                self.parity(payload, await asyncio.to_thread(served, 0, payload))
                 latency = 1000 * (loop.time() - sent)
-                self.parity(payload, probabilities)
             probes.append((loop.time() - storm_end, latency))
             recovered_at = recovered_after(probes, threshold, window)
         answered = [ms for _, ms in probes if ms is not None]
@@ -512,6 +450,43 @@ class _Storm:
             "gave_up_after_s": config.recovery_timeout_s,
             "probe_latencies": [[round(at, 3), None if ms is None else round(ms, 2)] for at, ms in probes],
         }
+
+    def _summary(self, rate: float, scheduled: int, window: float, before: tuple, after: tuple,
+                 recovery: dict[str, Any]) -> dict[str, Any]:
+        in_window = [latency for at, latency, _ in self.admitted if at <= window]
+        answers = [ms for _, ms in self.live if ms is not None]
+        busy, every = (a - b for a, b in zip(after[1], before[1]))
+        return {
+            "rate_offered": round(rate, 3), "arrivals": self.config.arrivals, "duration_s": round(window, 3),
+            "scheduled": scheduled, "sent": len(self.sends), "not_sent_at_max_in_flight": self.not_sent,
+            "rate_sent": round(len(self.sends) / window, 3) if window > 0 else None,
+            "send_lag": figures(self.send_lag_ms),  # how far behind its schedule the client sent
+            "admitted": len(self.admitted), "admitted_in_storm": len(in_window),
+            "goodput_images_per_s": round(len(in_window) / window, 3) if window > 0 else 0.0,
+            "admitted_latency": figures([latency for _, latency, _ in self.admitted]),
+            "admitted_latency_by_image": _by_image(_grouped((image, ms) for _, ms, image in self.admitted).items()),
+            "rejected": self.refusals.to_json(),
+            "live_probes": {"asked": len(self.live), "unanswered": len(self.live) - len(answers),
+                            **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
+            "cpu": {**_cpu_figures(before[0], after[0], window, len(in_window)), "cores": os.cpu_count(),
+                    "machine_busy_share": round(busy / max(every, 1e-9), 3)},
+            "timeline": _timeline(self.sends, self.admitted, window),
+            "recovery": recovery,
+        }
+
+
+def _grouped(pairs: Any) -> dict[Any, list[Any]]:
+    groups: dict[Any, list[Any]] = collections.defaultdict(list)
+    for key, value in pairs:
+        groups[key].append(value)
+    return groups
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine."""
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+    return busy, busy + t.idle + t.iowait
 
 
 def _cpu_figures(before: tuple[float, float | None], after: tuple[float, float | None], wall_s: float,
@@ -525,33 +500,14 @@ def _cpu_figures(before: tuple[float, float | None], after: tuple[float, float |
     }
 
 
-def _timeline(sends: Sequence[tuple[float, str]], admitted: Sequence[tuple[float, float, str]], window: float) -> list[dict[str, Any]]:
+def _timeline(sends: Sequence[Sequence[Any]], admitted: Sequence[tuple[float, float, str]], window: float) -> list[dict[str, Any]]:
     """Per second of the storm: requests sent and how they ended, and the p95 of what was answered then."""
     seconds = int(np.ceil(window)) or 1
-    rows = [{"second": s, "sent": 0, "admitted": 0, **dict.fromkeys(REASONS, 0), "admitted_p95_ms": None} for s in range(seconds)]
-    for at, outcome in sends:
-        row = rows[min(int(at), seconds - 1)]
-        row["sent"] += 1
-        if outcome in row:
-            row[outcome] += 1
-    by_second: dict[int, list[float]] = collections.defaultdict(list)
-    for at, latency, _ in admitted:
-        by_second[min(int(at), seconds - 1)].append(latency)
-    for second, latencies in by_second.items():
-        rows[second]["admitted_p95_ms"] = figures(latencies)["p95_ms"]
-    return rows
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, all) CPU time of the whole machine, from the first line of /proc/stat."""
-    user, nice, system, idle, iowait, irq, softirq, steal = (float(v) for v in Path("/proc/stat").read_text().split()[1:9])
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
-
-
-def _check(name: str, kind: str, figure: str, measured: float | None, shown: str, limit: str, passed: bool) -> Check:
-    return Check(name, passed, f"{figure} {'met' if passed else 'MISSED'}: {shown}, target {limit}", measured, kind,
-                 figure, shown, limit)
+    second = lambda at: min(int(at), seconds - 1)  # noqa: E731
+    outcomes, p95 = _grouped((second(at), outcome) for at, outcome in sends), _grouped((second(at), ms) for at, ms, _ in admitted)
+    return [{"second": s, "sent": len(outcomes[s]), "admitted": outcomes[s].count("admitted"),
+             **{reason: outcomes[s].count(reason) for reason in REASONS}, "admitted_p95_ms": figures(p95[s])["p95_ms"]}
+            for s in range(seconds)]
 
 
 def stress_checks(report: dict[str, Any], config: StressConfig) -> list[Check]:
@@ -564,26 +520,26 @@ def stress_checks(report: dict[str, Any], config: StressConfig) -> list[Check]:
     goodput, goodput_limit = storm["goodput_images_per_s"], t.min_goodput_share * saturation["images_per_s"]
     other = rejected["by_reason"]["other"] + ((saturation["refused"] or {}).get("by_reason") or {}).get("other", 0)
     return [
-        _check("rejection_p95", "target", "rejection latency p95", rejection_p95, fmt(rejection_p95, unit="ms"),
-               f"< {t.max_rejection_p95_ms:g} ms", rejection_p95 is not None and rejection_p95 < t.max_rejection_p95_ms),
-        _check("admitted_p95", "target", "admitted p95", admitted_p95, fmt(admitted_p95, unit="ms"),
-               f"<= {t.max_admitted_p95_factor:g} x p95 at saturation = {admitted_limit:.0f} ms",
-               admitted_p95 is not None and admitted_p95 <= admitted_limit),
-        _check("goodput", "target", "goodput (admitted img/s)", goodput, fmt(goodput, unit="img/s"),
-               f">= {100 * t.min_goodput_share:g} % of saturation = {goodput_limit:.1f} img/s", goodput >= goodput_limit),
-        _check("recovery", "target", "recovery (p50 at concurrency 1)", recovery["seconds"],
-               fmt(recovery["seconds"], ".2f", "s") if recovery["recovered"] else f"not in {recovery['gave_up_after_s']:g} s",
-               f"<= {t.max_recovery_s:g} s to p50 <= {t.recovery_factor:g} x unloaded = {recovery['threshold_p50_ms']:.0f} ms",
-               recovery["recovered"] and recovery["seconds"] <= t.max_recovery_s),
-        _check("wrong_responses", "check", f"wrong answers (of {parity['responses_checked']})", parity["wrong"],
-               f"{parity['wrong']} (max |diff| {parity['max_abs_diff']:.1e})", f"0 (|diff| <= {parity['tolerance']:g})",
-               parity["wrong"] == 0),
-        _check("server_crashes", "check", "server crashes", crashes, str(crashes), "0", crashes == 0 and after["model_ready"]),
-        _check("other_rejections", "check", "refused not by the queue policy", other, str(other), "0", other == 0),
+        Check("rejection_p95", rejection_p95 is not None and rejection_p95 < t.max_rejection_p95_ms, "rejection latency p95",
+              fmt(rejection_p95, unit="ms"), f"< {t.max_rejection_p95_ms:g} ms", rejection_p95, "target"),
+        Check("admitted_p95", admitted_p95 is not None and admitted_p95 <= admitted_limit, "admitted p95",
+              fmt(admitted_p95, unit="ms"), f"<= {t.max_admitted_p95_factor:g} x p95 at saturation = {admitted_limit:.0f} ms",
+              admitted_p95, "target"),
+        Check("goodput", goodput >= goodput_limit, "goodput (admitted img/s)", fmt(goodput, unit="img/s"),
+              f">= {100 * t.min_goodput_share:g} % of saturation = {goodput_limit:.1f} img/s", goodput, "target"),
+        Check("recovery", recovery["recovered"] and recovery["seconds"] <= t.max_recovery_s, "recovery (p50 at concurrency 1)",
+              fmt(recovery["seconds"], ".2f", "s") if recovery["recovered"] else f"not in {recovery['gave_up_after_s']:g} s",
+              f"<= {t.max_recovery_s:g} s to p50 <= {t.recovery_factor:g} x unloaded = {recovery['threshold_p50_ms']:.0f} ms",
+              recovery["seconds"], "target"),
+        Check("wrong_responses", parity["wrong"] == 0, f"wrong answers (of {parity['responses_checked']})",
+              f"{parity['wrong']} (max |diff| {parity['max_abs_diff']:.1e})", f"0 (|diff| <= {parity['tolerance']:g})",
+              parity["wrong"]),
+        Check("server_crashes", crashes == 0 and after["model_ready"], "server crashes", str(crashes), "0", crashes),
+        Check("other_rejections", other == 0, "refused not by the queue policy", str(other), "0", other),
     ]
 
 
-def stress_table(report: dict[str, Any]):
+def stress_table(report: dict[str, Any]) -> Any:
     saturation, storm = report["saturation"], report["storm"]
     rejected, by = storm["rejected"], storm["rejected"]["by_reason"]
     rows = [
@@ -608,15 +564,14 @@ def stress_plot(report: dict[str, Any], path: Path) -> Path:
     storm, saturation, rows = report["storm"], report["saturation"], report["storm"]["timeline"]
     seconds = [r["second"] + 0.5 for r in rows]
     fig, (ax_count, ax_lat) = subplots(1, 2, figsize=(11, 4.2))
-    for style, color, label, count in (("-", "k", "sent", lambda r: r["sent"]), ("o-", "tab:green", "admitted", lambda r: r["admitted"]),
-                                       ("s-", "tab:red", "queue full", lambda r: r["queue_full"]),
-                                       ("^-", "tab:purple", "timeout / other", lambda r: r["queue_timeout"] + r["other"])):
-        ax_count.plot(seconds, [count(r) for r in rows], style, color=color, label=label)
+    for style, color, label, keys in (("-", "k", "sent", ["sent"]), ("o-", "tab:green", "admitted", ["admitted"]),
+                                      ("s-", "tab:red", "queue full", ["queue_full"]),
+                                      ("^-", "tab:purple", "timeout / other", ["queue_timeout", "other"])):
+        ax_count.plot(seconds, [sum(r[key] for key in keys) for r in rows], style, color=color, label=label)
     ax_count.axhline(saturation["images_per_s"], color="tab:blue", ls="--", label="saturation")
     ax_count.set(xlabel="second of the storm (by send time)", ylabel="requests per second")
     ax_lat.plot(seconds, [r["admitted_p95_ms"] for r in rows], "o-", color="tab:green", label="admitted p95 (storm)")
-    probes = [(storm["duration_s"] + at, ms) for at, ms in storm["recovery"]["probe_latencies"] if ms is not None]
-    if probes:
+    if probes := [(storm["duration_s"] + at, ms) for at, ms in storm["recovery"]["probe_latencies"] if ms is not None]:
         ax_lat.plot(*zip(*probes), ".", color="tab:orange", label="recovery probes (concurrency 1)")
     ax_lat.axhline(saturation["p95_ms"], color="tab:blue", ls="--", label="p95 at saturation")
     ax_lat.axvline(storm["duration_s"], color="grey", ls=":")
@@ -626,6 +581,31 @@ def stress_plot(report: dict[str, Any], path: Path) -> Path:
 
 
 # --- soak ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One sampled series: how it is shown (table, plot panel) and judged."""
+
+    key: str
+    name: str  # the table's row
+    scale: float
+    spec: str
+    panel: int  # 0 RSS, 1 fds, 2 /dev/shm files, 3 latency, 4 /dev/shm MiB (right axis of panel 2)
+    color: str
+    label: str  # the plot's legend
+    growth_from: str = "growth_pct"  # the table's growth: the fitted % or the level difference
+    judged: str = ""  # the check on its growth
+
+
+SERIES = (
+    Series("rss_bytes", "RSS (MiB)", MIB, ".1f", 0, "tab:blue", "RSS, whole tree", judged="rss_growth_pct"),
+    Series("rss_anon_bytes", "  anonymous (MiB)", MIB, ".1f", 0, "tab:cyan", "of which anonymous"),
+    Series("fds", "open fds", 1, ".0f", 1, "tab:green", "open fds, whole tree", "level_growth", "fds_growth"),
+    Series("shm_files", "/dev/shm files", 1, ".0f", 2, "tab:purple", "files (server's tree)", "level_growth", "shm_files_growth"),
+    Series("shm_bytes", "/dev/shm MiB", MIB, ".1f", 4, "tab:orange", "MiB (right axis)", "level_growth"),
+)
+LATENCY_LINES = (("chunk_p50_ms", "tab:red", "p50 per chunk"), ("chunk_p95_ms", "tab:pink", "p95 per chunk"))
 
 
 @dataclasses.dataclass
@@ -662,19 +642,14 @@ def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup
         raise LoadTestError(f"{metric}: {len(x)} samples after the warm-up; at least 3 are needed for a slope")
     slope, intercept, _ = _slope(x, y)
     start_fit, end_fit = float(slope * x[0] + intercept), float(slope * x[-1] + intercept)
-    half = len(x) // 2
-    later = _slope(x[half:], y[half:]) if len(x) - half >= 3 else None
-    window = max(1, min(5, len(x) // 4))
+    half, window = len(x) // 2, max(1, min(5, len(x) // 4))
+    later = _slope(x[half:], y[half:]) if len(x) - half >= 3 else (None, None, None)
     return Growth(
         metric, int(len(x)), float(y_all[0]), float(y[0]), float(y[-1]), start_fit, end_fit,
         100.0 * (end_fit - start_fit) / start_fit if start_fit > 0 else None, 1000.0 * slope,
-        None if later is None else 1000.0 * later[0], None if later is None else 1000.0 * later[2],
+        *(None if value is None else 1000.0 * value for value in (later[0], later[2])),
         float(statistics.median(y[-window:]) - statistics.median(y[:window])),
     )
-
-
-def _met(passed: bool) -> str:
-    return "met" if passed else "MISSED"
 
 
 def check_growth(series: dict[str, Growth], targets: SoakTargets) -> list[Check]:
@@ -685,18 +660,17 @@ def check_growth(series: dict[str, Growth], targets: SoakTargets) -> list[Check]
     pct = rss.growth_pct if rss.growth_pct is not None else float("inf")
     later = rss.slope_per_1000_later_half if rss.slope_per_1000_later_half is not None else rss.slope_per_1000
     error = f" ± {rss.later_half_stderr_per_1000 / MIB:.3f}" if rss.later_half_stderr_per_1000 is not None else ""
-    checks = [Check("rss_growth_pct", ok := pct < targets.max_rss_growth_pct, f"RSS growth after warm-up {_met(ok)}: "
-                    f"{pct:+.2f} % (least-squares fit), target < {targets.max_rss_growth_pct:g} %"),
-              Check("rss_slope", ok := later / MIB < targets.max_rss_slope_mib_per_1000,
-                    f"RSS slope over the later half after warm-up {_met(ok)}: {later / MIB:+.3f}{error} MiB per 1,000 "
-                    f"requests (all after warm-up: {rss.slope_per_1000 / MIB:+.3f}), "
-                    f"target < {targets.max_rss_slope_mib_per_1000:g}")]
+    checks = [Check("rss_growth_pct", pct < targets.max_rss_growth_pct, "RSS growth after warm-up",
+                    f"{pct:+.2f} % (least-squares fit)", f"< {targets.max_rss_growth_pct:g} %", pct),
+              Check("rss_slope", later / MIB < targets.max_rss_slope_mib_per_1000, "RSS slope over the later half after warm-up",
+                    f"{later / MIB:+.3f}{error} MiB per 1,000 requests (all after warm-up: {rss.slope_per_1000 / MIB:+.3f})",
+                    f"< {targets.max_rss_slope_mib_per_1000:g}", later / MIB)]
     for key, name, limit in (("fds", "open file descriptors", targets.max_fd_growth),
                              ("shm_files", "/dev/shm files", targets.max_shm_file_growth)):
         g = series[key]
-        checks.append(Check(f"{key}_growth", ok := g.level_growth <= limit,
-                            f"{name} growth {_met(ok)}: {g.level_growth:+g} ({g.after_warmup:g} after warm-up, "
-                            f"{g.end:g} at the end; slope {g.slope_per_1000:+.3g} per 1,000 requests), target <= {limit:g}"))
+        checks.append(Check(f"{key}_growth", g.level_growth <= limit, f"{name} growth", f"{g.level_growth:+g} "
+                            f"({g.after_warmup:g} after warm-up, {g.end:g} at the end; slope {g.slope_per_1000:+.3g} per "
+                            "1,000 requests)", f"<= {limit:g}", g.level_growth))
     return checks
 
 
@@ -726,7 +700,7 @@ def _soak(config: SoakConfig, url: str, metrics_url: str, pid: int | None, paylo
             served(worker, job)
             error = None
         except Exception as exc:  # noqa: BLE001
-            error = f"{job[0]}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+            error = f"{job[0]}: {error_text(exc)[1].splitlines()[0][:200]}"
         with lock:
             sent[job[0]] += 1
             if error is not None:
@@ -755,13 +729,18 @@ def _soak(config: SoakConfig, url: str, metrics_url: str, pid: int | None, paylo
                 f"{sample.shm_files} shm files, {sum(failed.values())} failures")
     finally:
         served.close()
-    wall_s, done = time.monotonic() - began, samples[-1].requests
+    return _soak_report(config, samples, latencies, time.monotonic() - began, stopped, (sent, failed, errors))
+
+
+def _soak_report(config: SoakConfig, samples: list[Sample], latencies: list[float], wall_s: float, stopped: str | None,
+                 counts: tuple[collections.Counter, ...]) -> dict[str, Any]:
     try:
-        series = {key: growth(key, [s.requests for s in samples], [getattr(s, key) for s in samples], config.warmup)
-                  for key in SERIES}
+        series = {s.key: growth(s.key, [x.requests for x in samples], [getattr(x, s.key) for x in samples], config.warmup)
+                  for s in SERIES}
         not_measured = None
     except LoadTestError as exc:  # stopped before enough samples after warm-up
         series, not_measured = {}, str(exc)
+    done, (sent, failed, errors) = samples[-1].requests, counts
     load = {key: getattr(config, key) for key in ("requests", "warmup", "sample_every", "concurrency", "image_set",
                                                   "send_hints", "request_timeout_s", "time_limit_s")}
     return {
@@ -778,23 +757,14 @@ def _soak(config: SoakConfig, url: str, metrics_url: str, pid: int | None, paylo
 
 
 def soak_checks(report: dict[str, Any], config: SoakConfig) -> list[Check]:
-    checks = ([Check("samples", False, f"growth not measured: {report['not_measured']}")] if report["not_measured"] else
+    checks = ([Check("samples", False, "growth", "not measured", "3 samples after warm-up",
+                     message=f"growth not measured: {report['not_measured']}")] if report["not_measured"] else
               check_growth({key: Growth(**g) for key, g in report["growth"].items()}, config.targets))
     failures, limit = sum(report["failed"].values()), config.targets.max_failures
-    checks.append(Check("max_failures", failures <= limit, f"failures {_met(failures <= limit)}: {failures} failed "
-                                                            f"requests, target <= {limit}", failures))
     done, stopped = report["requests_completed"], report["stopped"]
-    passed = stopped is None and done == config.requests
-    checks.append(Check("completed", passed, f"requests {'all sent' if passed else 'MISSED'}: {done} of {config.requests}"
-                                             + (f" ({stopped})" if stopped else ""), done))
-    return checks
-
-
-# (series, panel, scale, colour, label); panels: RSS, fds, /dev/shm (files left, MiB on a right axis), latency
-SOAK_LINES = (("rss_bytes", 0, MIB, "tab:blue", "RSS, whole tree"), ("rss_anon_bytes", 0, MIB, "tab:cyan", "of which anonymous"),
-              ("fds", 1, 1, "tab:green", "open fds, whole tree"), ("shm_files", 2, 1, "tab:purple", "files (server's tree)"),
-              ("shm_bytes", 4, MIB, "tab:orange", "MiB (right axis)"), ("chunk_p50_ms", 3, 1, "tab:red", "p50 per chunk"),
-              ("chunk_p95_ms", 3, 1, "tab:pink", "p95 per chunk"))
+    return [*checks, Check("max_failures", failures <= limit, "failures", f"{failures} failed requests", f"<= {limit}", failures),
+            Check("completed", stopped is None and done == config.requests, "requests sent",
+                  f"{done} of {config.requests}" + (f" ({stopped})" if stopped else ""), f"all {config.requests}", done)]
 
 
 def soak_plot(report: dict[str, Any], path: Path) -> Path:
@@ -802,16 +772,16 @@ def soak_plot(report: dict[str, Any], path: Path) -> Path:
     samples, warmup, grown = report["samples"], report["load"]["warmup"], report["growth"]
     fig, grid = subplots(2, 2, figsize=(11, 7), sharex=True)
     axes = [*grid.flat, grid.flat[2].twinx()]
-    for key, panel, scale, color, label in SOAK_LINES:
-        points = [(s["requests"], s[key] / scale) for s in samples if s.get(key) is not None]
-        if points:
+    lines = [(s.key, s.panel, s.scale, s.color, s.label) for s in SERIES] + [(k, 3, 1, c, n) for k, c, n in LATENCY_LINES]
+    for key, panel, scale, color, label in lines:
+        if points := [(s["requests"], s[key] / scale) for s in samples if s.get(key) is not None]:
             axes[panel].plot(*zip(*points), ".-", color=color, ms=3, lw=1, label=label)
-    for key, panel, scale, unit in (("rss_bytes", 0, MIB, " MiB"), ("fds", 1, 1, "")):
-        if g := grown.get(key):
-            later = g["slope_per_1000_later_half"]
-            axes[panel].plot([warmup, samples[-1]["requests"]], [g["fitted_after_warmup"] / scale, g["fitted_end"] / scale], "--",
-                             color="black", lw=1.2, label=f"fit after warm-up: {g['slope_per_1000'] / scale:+.3g}{unit} per 1,000 "
-                             "req" + ("" if later is None else f" (later half {later / scale:+.3g})"))
+    for s in SERIES[0], SERIES[2]:  # the fits of RSS and fds
+        if g := grown.get(s.key):
+            later, unit = g["slope_per_1000_later_half"], " MiB" if s.scale == MIB else ""
+            axes[s.panel].plot([warmup, samples[-1]["requests"]], [g["fitted_after_warmup"] / s.scale, g["fitted_end"] / s.scale],
+                               "--", color="black", lw=1.2, label=f"fit after warm-up: {g['slope_per_1000'] / s.scale:+.3g}{unit} "
+                               "per 1,000 req" + ("" if later is None else f" (later half {later / s.scale:+.3g})"))
     rss = grown.get("rss_bytes")
     titles = (f"RSS (tritonserver + {samples[-1]['processes'] - 1} children)" + (
         f": {rss['growth_pct']:+.2f} % after warm-up" if rss and rss["growth_pct"] is not None else ""),
@@ -835,27 +805,23 @@ def soak_plot(report: dict[str, Any], path: Path) -> Path:
                                   + ("PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])), dpi=90)
 
 
-def soak_table(report: dict[str, Any]):
-    checks, g, targets, rows = {c["name"]: c["passed"] for c in report["checks"]}, report["growth"], report["targets"], []
+def soak_table(report: dict[str, Any]) -> Any:
+    checks, g, targets = {c["name"]: c["passed"] for c in report["checks"]}, report["growth"], report["targets"]
+    bounds = {"rss_growth_pct": f"growth < {targets['max_rss_growth_pct']:g} %", "fds_growth": f"growth <= {targets['max_fd_growth']}",
+              "shm_files_growth": f"growth <= {targets['max_shm_file_growth']}"}
 
-    def row(name: str, key: str, scale: float, spec: str, growth: str, target: str = "", check: str = "") -> tuple[str, ...]:
-        s, later, error = g[key], g[key]["slope_per_1000_later_half"], g[key]["later_half_stderr_per_1000"]
-        return (name, *(format(s[k] / scale, spec) for k in ("at_start", "after_warmup", "end")), growth,
-                f"{s['slope_per_1000'] / scale:+.3g}",
-                fmt(later and later / scale, "+.3g") + (f" ±{error / scale:.2g}" if later is not None and error else ""),
-                target, verdict(checks.get(check)) if check else "")
+    def row(s: Series) -> tuple[str, ...]:
+        values, later, error = g[s.key], g[s.key]["slope_per_1000_later_half"], g[s.key]["later_half_stderr_per_1000"]
+        grown = f"{values['growth_pct']:+.2f} %" if s.growth_from == "growth_pct" else f"{values['level_growth'] / s.scale:+{s.spec}}"
+        return (s.name, *(format(values[k] / s.scale, s.spec) for k in ("at_start", "after_warmup", "end")), grown,
+                f"{values['slope_per_1000'] / s.scale:+.3g}",
+                fmt(later and later / s.scale, "+.3g") + (f" ±{error / s.scale:.2g}" if later is not None and error else ""),
+                bounds.get(s.judged, ""), verdict(checks.get(s.judged)) if s.judged else "")
 
-    if g:
-        rows = [row("RSS (MiB)", "rss_bytes", MIB, ".1f", f"{g['rss_bytes']['growth_pct']:+.2f} %",
-                    f"growth < {targets['max_rss_growth_pct']:g} %", "rss_growth_pct"),
-                ("  RSS still growing", "", "", "", "", "", "", f"later half < {targets['max_rss_slope_mib_per_1000']:g}",
-                 verdict(checks.get("rss_slope"))),
-                row("  anonymous (MiB)", "rss_anon_bytes", MIB, ".1f", f"{g['rss_anon_bytes']['growth_pct']:+.2f} %")]
-        rows += [row(name, key, scale, spec, f"{g[key]['level_growth'] / scale:+{spec}}", target, target and f"{key}_growth")
-                 for key, name, scale, spec, target in (
-                     ("fds", "open fds", 1, ".0f", f"growth <= {targets['max_fd_growth']}"),
-                     ("shm_files", "/dev/shm files", 1, ".0f", f"growth <= {targets['max_shm_file_growth']}"),
-                     ("shm_bytes", "/dev/shm MiB", MIB, ".1f", ""))]
+    rows = [row(s) for s in SERIES] if g else []
+    if g:  # the later half's slope is the RSS's second verdict
+        rows.insert(1, ("  RSS still growing", "", "", "", "", "", "", f"later half < {targets['max_rss_slope_mib_per_1000']:g}",
+                        verdict(checks.get("rss_slope"))))
     rows.append(("failed requests", "", "", str(sum(report["failed"].values())), "", "", "", f"<= {targets['max_failures']}",
                  verdict(checks.get("max_failures"))))
     return table(f"soak: {report['requests_completed']} requests, warm-up {report['load']['warmup']}, sampled every "

@@ -1,5 +1,5 @@
-"""What bench, stress, soak and the load test share: the images sent, requests (`Served`, `drive`),
-measurements and checks, the server's process tree from /proc, the server a run starts or finds,
+"""The load-test kernel (loadtest/README.md): the images sent, requests (`request_bytes`, `Served`, `drive`),
+measurements and checks, the server's process tree, the loopback rule, the server a run starts or finds,
 and output (JSON, figures, rich tables)."""
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import grpc
 import numpy as np
+import psutil
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 
@@ -29,13 +34,14 @@ IMAGE_SETS = ("all", "real", "synthetic")
 MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
 HINTED_MODELS = frozenset({CLASSIFIER_MODEL, FINDINGS_MODEL})  # cxr_zeroshot takes no PROJECTION_HINT
 RSS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 class LoadTestError(RuntimeError):
     """A run that cannot go on as asked (no server, a server that is gone, ...); the message says why."""
 
 
-# --- the images ------------------------------------------------------------------------------
+# --- the images and their requests -----------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,26 +78,9 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
     return tuple(payloads)
 
 
-def output_names(model: str) -> list[str]:
-    return ["PROBABILITIES"] if model == ZEROSHOT_MODEL else ["PROBABILITIES", "PROJECTION"]
-
-
-def grpc_request(payload: Payload, model: str, send_hint: bool = True) -> tuple[list, list]:
-    """tritonclient.grpc (inputs, requested outputs) for one image: IMAGE and, where the model takes one, the hint."""
-    import tritonclient.grpc as grpcclient
-
-    image = grpcclient.InferInput("IMAGE", [1, *payload.pixels.shape], "UINT16")
-    image.set_data_from_numpy(payload.pixels[None])
-    inputs = [image]
-    if send_hint and payload.hint and model in HINTED_MODELS:
-        inputs.append(grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES"))
-        inputs[-1].set_data_from_numpy(np.array([[payload.hint.encode()]], dtype=np.object_))
-    return inputs, [grpcclient.InferRequestedOutput(name) for name in output_names(model)]
-
-
 def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes:
-    """One image's serialised ModelInferRequest (Triton's public protobuf): an open loop sends it as it is
-    instead of serialising 7 MB again in its event loop for every request."""
+    """One image's serialised ModelInferRequest (Triton's public protobuf): IMAGE and, where the model takes
+    one, the hint. Every client here sends it as it is instead of serialising 7 MB again for each request."""
     from tritonclient.grpc import service_pb2
 
     request = service_pb2.ModelInferRequest(model_name=model)
@@ -100,9 +89,32 @@ def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes
     if send_hint and payload.hint and model in HINTED_MODELS:
         request.inputs.add(name="PROJECTION_HINT", datatype="BYTES", shape=[1, 1])
         request.raw_input_contents.append(struct.pack("<I", len(payload.hint)) + payload.hint.encode())  # length, bytes
-    for name in output_names(model):
+    for name in ["PROBABILITIES"] + ["PROJECTION"] * (model != ZEROSHOT_MODEL):
         request.outputs.add(name=name)
     return request.SerializeToString()
+
+
+def model_infer(channel: Any) -> Callable:
+    """Triton's ModelInfer on a grpc (or grpc.aio) channel, taking `request_bytes`."""
+    from tritonclient.grpc import service_pb2
+
+    return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               response_deserializer=service_pb2.ModelInferResponse.FromString)
+
+
+def probabilities(response: Any) -> np.ndarray:
+    from tritonclient.grpc import InferResult
+
+    return InferResult(response).as_numpy("PROBABILITIES")
+
+
+def error_text(exc: BaseException) -> tuple[str, str]:
+    """(status, message) of a failed call: grpc's own error, tritonclient's, or any other."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
+        return str(exc.code()), str(exc.details() or exc)
+    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    message = exc.message() if callable(getattr(exc, "message", None)) else None
+    return str(status or type(exc).__name__), str(message or exc)
 
 
 def images_json(payloads: Sequence[Payload], send_hints: bool) -> list[dict[str, Any]]:
@@ -166,19 +178,21 @@ def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: in
 
 @dataclasses.dataclass
 class Check:
-    """One target or check with its measured value. kind "target": a timing (fails stress only with --strict)."""
+    """One target or check: what is measured, its value as shown and the bound. A "target" is a timing
+    (fails stress only with --strict); the message is one line: what, measured, the bound, the verdict."""
 
     name: str
     passed: bool
-    message: str  # one line: what, measured, the bound, the verdict
+    figure: str
+    shown: str
+    limit: str
     measured: float | None = None
     kind: str = "check"
-    figure: str = ""  # a table row: what is measured, the measured value and the bound as printed
-    shown: str = ""
-    limit: Any = None
+    message: str = ""
 
     def __post_init__(self) -> None:
         self.passed = bool(self.passed)  # numpy comparisons give numpy booleans
+        self.message = self.message or f"{self.figure} {'met' if self.passed else 'MISSED'}: {self.shown}, target {self.limit}"
 
 
 def verdicts(checks: Sequence[Check]) -> dict[str, Any]:
@@ -187,24 +201,22 @@ def verdicts(checks: Sequence[Check]) -> dict[str, Any]:
 
 
 class Served:
-    """One gRPC client per worker calling `model` (or the model of a (model, payload) item), each request's
-    tensors built once; with `shared_memory` or `send_size`, each worker is a cxrlt.client.CxrltClient that
-    passes the image through shared memory or downscales it, in every request, as the SDK does."""
+    """One gRPC channel per worker calling `model` (or the model of a (model, payload) item) with each image's
+    request serialised once; with `shared_memory` or `send_size`, each worker is a cxrlt.client.CxrltClient
+    that passes the image through shared memory or downscales it, in every request, as the SDK does."""
 
     def __init__(self, url: str, model: str, send_hints: bool = True, timeout_s: float | None = None,
                  shared_memory: bool = False, send_size: int | str | None = None) -> None:
         self.url, self.model, self.send_hints, self.timeout_s = url, model, send_hints, timeout_s
         self.sdk = dict(shared_memory=shared_memory, send_size=send_size) if shared_memory or send_size else None
         self.clients: list = []
-        self.requests: dict[tuple[str, str], tuple[list, list]] = {}
+        self.requests: dict[tuple[str, str], bytes] = {}
 
     def ensure_clients(self, count: int) -> None:
-        import tritonclient.grpc as grpcclient
-
         from cxrlt.client import CxrltClient
 
         while len(self.clients) < count:
-            self.clients.append(grpcclient.InferenceServerClient(self.url) if self.sdk is None else CxrltClient(
+            self.clients.append(grpc.insecure_channel(self.url, options=GRPC_OPTIONS) if self.sdk is None else CxrltClient(
                 self.url, model=self.model, retries=1, timeout_s=self.timeout_s or 600.0, **self.sdk))
 
     def __call__(self, worker: int, item: Payload | tuple[str, Payload]) -> np.ndarray:
@@ -213,10 +225,8 @@ class Served:
             result = self.clients[worker].classify(payload.pixels, payload.hint if self.send_hints else None, payload.name)
             return np.asarray(list(result.probabilities.values()))
         if (model, payload.name) not in self.requests:
-            self.requests[model, payload.name] = grpc_request(payload, model, self.send_hints)
-        inputs, outputs = self.requests[model, payload.name]
-        result = self.clients[worker].infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
-        return result.as_numpy("PROBABILITIES")[0]
+            self.requests[model, payload.name] = request_bytes(payload, model, self.send_hints)
+        return probabilities(model_infer(self.clients[worker])(self.requests[model, payload.name], timeout=self.timeout_s))[0]
 
     def close(self) -> None:
         for client in self.clients:
@@ -227,43 +237,31 @@ class Served:
 # --- the server's process tree ---------------------------------------------------------------
 
 
-def _stat_fields(pid: int, proc: Path = PROC) -> list[str]:
-    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses): state, ppid, ..."""
-    return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants ([] when `root` is gone)."""
+    try:
+        return [root, *(child.pid for child in psutil.Process(root).children(recursive=True))]
+    except psutil.Error:
+        return []
 
 
-def process_tree(root: int, proc: Path = PROC) -> list[int]:
-    """`root` and all its descendants (breadth first), from the ppid field of /proc/*/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                children.setdefault(int(_stat_fields(int(entry.name), proc)[1]), []).append(int(entry.name))
-            except (OSError, IndexError):  # gone since the listing
-                continue
-    tree = [root] if (proc / str(root)).is_dir() else []
-    for pid in tree:  # grows while iterating: breadth first
-        tree.extend(sorted(children.get(pid, [])))
-    return tree
-
-
-def _label(pid: int, proc: Path) -> str:
+def _label(process: psutil.Process) -> str:
     """'tritonserver', the served model a Python-backend stub runs (from its model.py path), or the command name."""
-    args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
-    name = Path(args[0].decode(errors="replace")).name
+    args = process.cmdline()
+    name = Path(args[0]).name if args else ""
     if name == "triton_python_backend_stub" and len(args) > 1:
-        return Path(args[1].decode(errors="replace")).parent.parent.name or name  # <repository>/<model>/<version>/model.py
-    return name or (proc / str(pid) / "comm").read_text().strip()
+        return Path(args[1]).parent.parent.name or name  # <repository>/<model>/<version>/model.py
+    return name or process.name()
 
 
-def _shm_files(pid: int, proc: Path) -> dict[str, int]:
+def _shm_files(pid: int) -> dict[str, int]:
     """/dev/shm files the process has open or mapped -> allocated bytes (0: unlinked but still mapped)."""
-    prefix, fd_dir, files = f"{SHM}/", proc / str(pid) / "fd", {}
+    prefix, fd_dir, files = f"{SHM}/", PROC / str(pid) / "fd", {}
     for fd in os.listdir(fd_dir):
         with contextlib.suppress(OSError):
             if (target := os.readlink(fd_dir / fd)).startswith(prefix):
                 files[target.removesuffix(" (deleted)")] = os.stat(fd_dir / fd).st_blocks * 512
-    for line in (proc / str(pid) / "maps").read_text().splitlines():
+    for line in (PROC / str(pid) / "maps").read_text().splitlines():
         if (where := line.find(prefix)) >= 0 and (path := line[where:].removesuffix(" (deleted)")) not in files:
             try:
                 files[path] = os.stat(path).st_blocks * 512
@@ -291,27 +289,27 @@ class Sample:
     chunk_p95_ms: float | None = None
 
 
-def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0, proc: Path = PROC, shm: Path = SHM) -> Sample:
+def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> Sample:
     """One sample of the process tree under `root` (processes that vanish while read are skipped)."""
     totals, by_label, shm_files, processes = Counter(), {}, {}, 0
-    for pid in process_tree(root, proc):
+    for pid in process_tree(root):
         try:
-            status = {key: int(rest.split()[0]) * 1024 for key, _, rest in
-                      (line.partition(":") for line in (proc / str(pid) / "status").read_text().splitlines())
-                      if key in RSS_KEYS}
-            fds, files, label = len(os.listdir(proc / str(pid) / "fd")), _shm_files(pid, proc), _label(pid, proc)
-        except (OSError, ValueError):
+            status = {RSS_KEYS[key]: int(rest.split()[0]) * 1024 for key, _, rest in
+                      (line.partition(":") for line in (PROC / str(pid) / "status").read_text().splitlines()) if key in RSS_KEYS}
+            process = psutil.Process(pid)
+            fds, files, label = process.num_fds(), _shm_files(pid), _label(process)
+        except (OSError, ValueError, psutil.Error):
             continue
         processes += 1
-        totals.update({RSS_KEYS[key]: value for key, value in status.items()}, fds=fds)
+        totals.update(status, fds=fds)
         shm_files.update(files)
-        mine = by_label.setdefault(label, Counter(processes=0, rss=0, anon=0, shmem=0))
-        mine.update(processes=1, **{RSS_KEYS[key]: status.get(key, 0) for key in ("VmRSS", "RssAnon", "RssShmem")})
+        by_label.setdefault(label, Counter(processes=0, rss=0, anon=0, shmem=0)).update(
+            processes=1, **{key: status.get(key, 0) for key in ("rss", "anon", "shmem")})
     if not processes:
         raise LoadTestError(f"process {root} is gone (or /proc/{root} is not readable)")
     every = Counter()  # all of /dev/shm
     with contextlib.suppress(OSError):
-        for entry in os.scandir(shm):
+        for entry in os.scandir(SHM):
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False):
                     every.update(files=1, size=entry.stat(follow_symlinks=False).st_blocks * 512)
@@ -322,20 +320,18 @@ def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0, proc: Path
 
 def alive(pid: int) -> bool:
     try:
-        return _stat_fields(pid)[0] not in ("Z", "X")
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
 
 
 def cpu_sample(root: int | None) -> tuple[float, float | None]:
     """(CPU seconds of this process, user + system seconds of the process tree under `root`, or None)."""
-    if root is None:
-        return time.process_time(), None
-    total = 0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError):
-            total += sum(int(v) for v in _stat_fields(pid)[11:13])  # utime, stime (fields 14 and 15 of stat)
-    return time.process_time(), total / os.sysconf("SC_CLK_TCK")
+    total = None if root is None else 0.0
+    for pid in process_tree(root) if root is not None else []:
+        with contextlib.suppress(psutil.Error):
+            total += sum(psutil.Process(pid).cpu_times()[:2])
+    return time.process_time(), total
 
 
 def load_average() -> list[float]:
@@ -356,8 +352,6 @@ def require_loopback(url: str, why: str) -> str:
 
 def listening_pid(url: str) -> int | None:
     """The process listening on the URL's port on this host, if visible."""
-    import psutil
-
     port = int(url.rsplit(":", 1)[1])
     try:
         connections = psutil.net_connections(kind="tcp")
@@ -365,6 +359,34 @@ def listening_pid(url: str) -> int | None:
         return None
     pids = {c.pid for c in connections if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
     return pids.pop() if len(pids) == 1 else None
+
+
+def server_health(url: str, models: Sequence[str], pid: int | None = None, timeout: float = 5.0,
+                  tls: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Is the server process (when known) alive, and do its live, ready and model-ready endpoints say yes?"""
+    import tritonclient.grpc as grpcclient
+
+    health: dict[str, Any] = {"process_alive": None if pid is None else alive(pid)}
+    client = grpcclient.InferenceServerClient(url, **(tls or {}))
+    try:
+        for key, ask in (("live", client.is_server_live), ("ready", client.is_server_ready),
+                         ("model_ready", lambda **kw: all(client.is_model_ready(m, **kw) for m in models))):
+            try:
+                health[key] = bool(ask(client_timeout=timeout))
+            except Exception:  # noqa: BLE001 - no answer is the finding
+                health[key] = False
+    finally:
+        client.close()
+    return health
+
+
+def check_server(url: str, models: Sequence[str], timeout: float = 10.0, tls: dict[str, Any] | None = None) -> None:
+    """Fail early, with a clear message, when nothing is serving the models at `url`."""
+    health = server_health(url, models, timeout=timeout, tls=tls)
+    if not health["live"]:
+        raise LoadTestError(f"no Triton server answers gRPC at {url}; start one with `cxrlt serve`")
+    if not health["ready"] or not health["model_ready"]:
+        raise LoadTestError(f"the Triton server at {url} is not ready to serve {', '.join(models)}")
 
 
 @contextlib.contextmanager
@@ -417,11 +439,8 @@ def save_figure(fig: Any, path: Path, title: str, axes: Sequence[Any] = (), dpi:
     return path
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str | None = None):
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str | None = None) -> Table:
     """A rich table: the first column and those named with a leading '<' left-aligned, the others right."""
-    from rich import box
-    from rich.table import Table
-
     out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
     for i, column in enumerate(columns):
         out.add_column(column.lstrip("<"), justify="left" if i == 0 or column.startswith("<") else "right", no_wrap=True)
@@ -438,14 +457,15 @@ def verdict(passed: bool | None) -> str:
     return "-" if passed is None else "[green]PASS[/]" if passed else "[bold red]MISS[/]"
 
 
-def print_wide(console, renderable, width: int = 120) -> None:
+def print_wide(console: Console, renderable: Any, width: int = 120) -> None:
     """Print at full width when the output is a file or a pipe (rich assumes 80 columns there)."""
-    if console.is_terminal or console.width >= width:
-        console.print(renderable)
-        return
-    from rich.console import Console
+    wide = console.is_terminal or console.width >= width
+    (console if wide else Console(file=console.file, width=width, highlight=False)).print(renderable)
 
-    Console(file=console.file, width=width, highlight=False).print(renderable)
+
+def print_checks(console: Console, checks: Sequence[dict[str, Any]]) -> None:
+    for check in checks:
+        console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
 
 
 @contextlib.contextmanager

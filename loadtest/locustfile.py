@@ -1,11 +1,11 @@
-"""Locust load test of the served CXR-LT pipeline over gRPC (tritonclient.grpc).
+"""Locust load test of the served CXR-LT pipeline over gRPC (Triton's ModelInfer).
 
     locust -f loadtest/locustfile.py --headless --host grpc://127.0.0.1:8001 -u 4 -r 2 -t 60s \
         --classifier-weight 2 --zeroshot-weight 1 --findings-weight 1
 
 or `cxrlt loadtest`, which adds Triton's metrics and target checks. Every call fires a locust request
-event (request_type "grpc", name = the model). The images' gRPC tensors are built once per process,
-at locust's init event. Custom options also read environment variables (LOCUST_CLASSIFIER_WEIGHT=3).
+event (request_type "grpc", name = the model). Each image's request is serialised once per process, at
+locust's init event. Custom options also read environment variables (LOCUST_CLASSIFIER_WEIGHT=3).
 """
 
 from __future__ import annotations
@@ -14,24 +14,26 @@ import itertools
 import logging
 import random
 import time
+from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 
-grpc_gevent.init_gevent()  # before tritonclient makes a channel: blocking gRPC calls then yield to other users
+grpc_gevent.init_gevent()  # before any channel exists: blocking gRPC calls then yield to other users
 
-import tritonclient.grpc as grpcclient  # noqa: E402
-from locust import User, events  # noqa: E402
+import grpc  # noqa: E402
+from locust import User, constant, events  # noqa: E402
 from locust.runners import MasterRunner  # noqa: E402
 
-from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
-from loadtest.kernel import IMAGE_SETS, MODELS, Payload, grpc_request, load_payloads  # noqa: E402
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL  # noqa: E402
+from loadtest.kernel import (GRPC_OPTIONS, IMAGE_SETS, MODELS, Payload, error_text, load_payloads, model_infer,  # noqa: E402
+                             probabilities, request_bytes)
 
 OUTPUT_WIDTH = {CLASSIFIER_MODEL: 30, ZEROSHOT_MODEL: 6, FINDINGS_MODEL: 36}
 TLS_FILES = ("root_certificates", "private_key", "certificate_chain")
-# Filled once per process at the init event: (image name, model) -> (inputs, outputs).
-_REQUESTS: dict[tuple[str, str], tuple[list, list]] = {}
+# Filled once per process at the init event: (image name, model) -> the serialised request.
+_REQUESTS: dict[tuple[str, str], bytes] = {}
 _PAYLOADS: list[Payload] = []
-_SETTINGS = {"request_timeout": 30.0, "think_time": 0.0}
+_SETTINGS = {"request_timeout": 30.0}
 
 
 @events.init_command_line_parser.add_listener
@@ -46,7 +48,6 @@ def _add_arguments(parser) -> None:
     add("--image-set", choices=IMAGE_SETS, default="all", help="all: the real CXR and the synthetic frontal and lateral ones")
     add("--no-hints", action="store_true", default=False, help="send no PROJECTION_HINT (the router decides the projection)")
     add("--request-timeout", type=float, default=30.0, help="seconds before a gRPC call counts as failed (default 30)")
-    add("--think-time", type=float, default=0.0, help="seconds each user waits between requests (default 0: back to back)")
     add("--ssl", action="store_true", default=False, help="TLS to the server")
     for name in TLS_FILES:
         add(f"--{name.replace('_', '-')}", default=None, help="PEM file for TLS (as `cxrlt classify`)")
@@ -60,18 +61,26 @@ def _on_init(environment, **_kwargs) -> None:
         raise ValueError(f"task weights must be >= 0 with at least one > 0, got {weights}")
     CxrGrpcUser.tasks = [task for model in MODELS for task in [lambda user, m=model: user.infer(m)] * weights[model]]
     if options is not None:
-        _SETTINGS.update(request_timeout=float(options.request_timeout), think_time=float(options.think_time))
+        _SETTINGS["request_timeout"] = float(options.request_timeout)
     if not isinstance(environment.runner, MasterRunner):  # the master of a distributed run sends nothing
         prepare_requests(getattr(options, "image_set", "all"), send_hints=not getattr(options, "no_hints", False))
         logging.getLogger("cxrlt.loadtest").info("cxrlt load test: weights %s, images %s", weights, [p.name for p in _PAYLOADS])
 
 
 def prepare_requests(image_set: str = "all", send_hints: bool = True) -> None:
-    """Decode the images and build every model's gRPC inputs once."""
+    """Decode the images and serialise every model's request once."""
     _PAYLOADS[:] = load_payloads(image_set)
     if not _PAYLOADS:
         raise RuntimeError(f"image set {image_set!r} has no images")
-    _REQUESTS.update({(p.name, m): grpc_request(p, m, send_hints) for p in _PAYLOADS for m in MODELS})
+    _REQUESTS.update({(p.name, m): request_bytes(p, m, send_hints) for p in _PAYLOADS for m in MODELS})
+
+
+def _channel(address: str, options) -> grpc.Channel:
+    files = {name: getattr(options, name, None) for name in TLS_FILES}
+    if not (getattr(options, "ssl", False) or any(files.values())):
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    pem = [Path(path).read_bytes() if path else None for path in files.values()]  # root, key, chain: grpc's order
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(*pem), options=GRPC_OPTIONS)
 
 
 class GrpcCallError(Exception):
@@ -82,39 +91,29 @@ class CxrGrpcUser(User):
     """A PACS integration sending one radiograph per call, round robin over the image set."""
 
     host = "grpc://127.0.0.1:8001"
-
-    def wait_time(self) -> float:
-        return _SETTINGS["think_time"]
+    wait_time = constant(0)
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
         if not _REQUESTS:  # locust used as a library without the init event
             prepare_requests()
-        options = environment.parsed_options
-        files = {name: getattr(options, name, None) for name in TLS_FILES}
         address = (self.host or "").split("://", 1)[-1].rstrip("/")
-        self.client = grpcclient.InferenceServerClient(address if ":" in address else f"{address}:8001",
-                                                       ssl=bool(getattr(options, "ssl", False) or any(files.values())), **files)
+        self.channel = _channel(address if ":" in address else f"{address}:8001", environment.parsed_options)
         self.images = itertools.islice(itertools.cycle(_PAYLOADS), random.randrange(len(_PAYLOADS)), None)
 
     def on_stop(self) -> None:
-        self.client.close()
+        self.channel.close()
 
     def infer(self, model: str) -> None:
         payload = next(self.images)
-        inputs, outputs = _REQUESTS[payload.name, model]
         length, exception, start = 0, None, time.perf_counter()
         try:
-            result = self.client.infer(model, inputs, outputs=outputs, client_timeout=_SETTINGS["request_timeout"])
-            probabilities = result.as_numpy("PROBABILITIES")
-            if probabilities is None or probabilities.shape != (1, OUTPUT_WIDTH[model]):
-                raise RuntimeError(f"{model} returned PROBABILITIES of shape "
-                                   f"{None if probabilities is None else probabilities.shape}, expected (1, {OUTPUT_WIDTH[model]})")
-            length = result.get_response().ByteSize()
+            response = model_infer(self.channel)(_REQUESTS[payload.name, model], timeout=_SETTINGS["request_timeout"])
+            if (shape := probabilities(response).shape) != (1, OUTPUT_WIDTH[model]):
+                raise RuntimeError(f"{model} returned PROBABILITIES of shape {shape}, expected (1, {OUTPUT_WIDTH[model]})")
+            length = response.ByteSize()
         except Exception as exc:  # noqa: BLE001 - every failure is a failed request in the report
-            status = exc.status() if callable(getattr(exc, "status", None)) else None
-            message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
-            exception = GrpcCallError(f"{status}: {message}" if status else f"{type(exc).__name__}: {message}")
+            exception = GrpcCallError("%s: %s" % error_text(exc))
         self.environment.events.request.fire(
             request_type="grpc", name=model, response_time=(time.perf_counter() - start) * 1000.0, response_length=length,
             exception=exception, context={"image": payload.name, "hint": payload.hint})

@@ -13,11 +13,9 @@ Targets and the load may come from a profile file (YAML):
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,17 +23,20 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+import pandas as pd
+
 from cxrlt.contract.resources import package_file, package_root
 from loadtest import metrics as triton_metrics
-from loadtest.kernel import IMAGE_SETS, MODELS, Check, LoadTestError, fmt, print_wide, table, verdicts, write_json
+from loadtest.kernel import (IMAGE_SETS, MODELS, Check, LoadTestError, check_server, fmt, print_checks, print_wide, table,
+                             verdicts, write_json)
 
 UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}  # the target keys
 LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
-# locust_stats.csv column -> figure (None: kept as it is, an int)
+FIGURES = {"min_rps": "rps", "max_p95_ms": "p95_ms", "max_failures": "failures"}  # target -> the figure it bounds
 STATS = {"Request Count": "requests", "Failure Count": "failures", "Requests/s": "rps", "Failures/s": "failures_per_s",
          "Average Response Time": "avg_ms", "Min Response Time": "min_ms", "Max Response Time": "max_ms", "50%": "p50_ms",
          "95%": "p95_ms", "99%": "p99_ms", "Average Content Size": "avg_response_bytes"}
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
 class ProfileError(ValueError):
@@ -92,42 +93,34 @@ def load_profile(path: Path | str) -> Profile:
                    load, str(path))
 
 
-def _check(target: str, limit: float | None, stats: Mapping[str, Any] | None) -> Check | None:
-    """One target (e.g. "min_rps" or "cxr_findings.max_p95_ms") against locust's figures."""
-    if limit is None:
-        return None
-    key = target.rsplit(".", 1)[-1]
-    relation, unit = (">=" if key.startswith("min") else "<="), UNITS[key]
-    if stats is None or not stats.get("requests"):  # nothing ran: only a failure budget is kept
-        measured = 0.0 if key == "max_failures" else None
-    else:
-        measured = {"min_rps": stats["rps"], "max_p95_ms": stats.get("p95_ms"), "max_failures": stats["failures"]}[key]
-    if measured is None:
-        return Check(target, False, f"{target}: no completed requests to measure (target {relation} {limit:g} {unit})",
-                     None, limit=limit)
-    passed = measured >= limit if relation == ">=" else measured <= limit
-    return Check(target, passed, f"{target} {'met' if passed else 'MISSED'}: measured {float(measured):.4g} {unit}, "
-                                 f"target {relation} {limit:g} {unit}", float(measured), limit=limit)
-
-
 def check_targets(targets: Targets, aggregated: Mapping[str, Any] | None,
                   per_model: Mapping[str, Mapping[str, Any]]) -> list[Check]:
-    """Every target against locust's figures ('requests', failed included, 'failures', 'rps', 'p95_ms')."""
-    checks = [_check(key, getattr(targets, key), aggregated) for key in UNITS]
-    checks += [_check(f"{model}.{key}", values.get(key), per_model.get(model))
-               for model, values in targets.models.items() for key in UNITS]
-    return [c for c in checks if c is not None]
+    """Every target (e.g. "min_rps" or "cxr_findings.max_p95_ms") against locust's figures ('requests', failed
+    included, 'failures', 'rps', 'p95_ms'); when nothing ran, only a failure budget is kept."""
+    wanted = [(key, getattr(targets, key), aggregated) for key in UNITS]
+    wanted += [(f"{model}.{key}", values.get(key), per_model.get(model)) for model, values in targets.models.items() for key in UNITS]
+    checks = []
+    for name, limit, stats in wanted:
+        if limit is None:
+            continue
+        key = name.rsplit(".", 1)[-1]
+        relation, unit = (">=" if key.startswith("min") else "<="), UNITS[key]
+        measured = (stats or {}).get(FIGURES[key]) if stats and stats.get("requests") else 0 if key == "max_failures" else None
+        passed = measured is not None and (measured >= limit if relation == ">=" else measured <= limit)
+        shown = "no completed requests to measure" if measured is None else f"measured {float(measured):.4g} {unit}"
+        checks.append(Check(name, passed, name, shown, f"{relation} {limit:g} {unit}", measured))
+    return checks
 
 
 def parse_duration(text: str | float | int) -> float:
     """'90', '90s', '1m30s', '2m', '1h' -> seconds."""
-    if isinstance(text, (int, float)):
+    try:
         seconds = float(text)
-    else:
-        match = _DURATION.match(str(text).strip().lower())
-        if not match or not any(match.groups()):
-            raise ValueError(f"cannot read duration {text!r}; use seconds (30, 30s) or e.g. 1m30s")
-        seconds = sum(float(g or 0) * scale for g, scale in zip(match.groups(), (3600, 60, 1)))
+    except ValueError:
+        try:
+            seconds = pd.Timedelta(str(text).strip().lower()).total_seconds()
+        except ValueError:
+            raise ValueError(f"cannot read duration {text!r}; use seconds (30, 30s) or e.g. 1m30s") from None
     if not seconds > 0:
         raise ValueError(f"duration must be positive, got {text!r}")
     return seconds
@@ -184,24 +177,6 @@ def locust_command(config: LoadTestConfig) -> list[str]:
     return command
 
 
-def check_server(url: str, models: list[str], timeout: float = 10.0, tls: dict[str, Any] | None = None) -> None:
-    """Fail early, with a clear message, when nothing is serving the models at `url`."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url, **(tls or {}))
-    try:
-        try:
-            ready = client.is_server_ready(client_timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - connection refused, timeout, ...
-            raise LoadTestError(f"no Triton server answers gRPC at {url} ({exc}); start one with `cxrlt serve`") from None
-        if not ready:
-            raise LoadTestError(f"the Triton server at {url} is not ready")
-        if missing := [m for m in models if not client.is_model_ready(m, client_timeout=timeout)]:
-            raise LoadTestError(f"the Triton server at {url} has no ready model {', '.join(missing)}")
-    finally:
-        client.close()
-
-
 def run_locust(config: LoadTestConfig) -> Path:
     """Run locust headless; return the path of its log. Raises LoadTestError if it produced no stats."""
     config.out.mkdir(parents=True, exist_ok=True)
@@ -226,37 +201,22 @@ def run_locust(config: LoadTestConfig) -> Path:
     return log_path
 
 
-def _number(value: str) -> float | None:
-    try:
-        return number if math.isfinite(number := float(value)) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def read_locust_stats(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """locust_stats.csv -> ({model: figures}, aggregated figures)."""
-    per_model, aggregated = {}, None
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            figures = {key: _number(row[column]) for column, key in STATS.items()}
-            figures.update(requests=int(row["Request Count"]), failures=int(row["Failure Count"]), rps=figures["rps"] or 0.0,
-                           failures_per_s=figures["failures_per_s"] or 0.0)
-            for key in ("p50_ms", "p95_ms", "p99_ms"):
-                figures[key] = figures[key] if figures["requests"] else None
-            if row["Name"] == "Aggregated" and not row["Type"]:
-                aggregated = figures
-            else:
-                per_model[row["Name"]] = figures
-    return per_model, aggregated
+    """locust_stats.csv -> ({model: figures}, aggregated figures); percentiles None where nothing completed."""
+    frame = pd.read_csv(path, keep_default_na=False, na_values=["N/A", ""]).rename(columns=STATS)
+    frame[["rps", "failures_per_s"]] = frame[["rps", "failures_per_s"]].fillna(0.0)
+    frame.loc[frame.requests == 0, ["p50_ms", "p95_ms", "p99_ms"]] = np.nan
+    frame = frame[["Name", *STATS.values()]].astype(object)
+    rows = {row.pop("Name"): row for row in frame.where(frame.notna(), None).to_dict("records")}
+    return {name: row for name, row in rows.items() if name != "Aggregated"}, rows.get("Aggregated")
 
 
 def read_locust_failures(path: Path) -> list[dict[str, Any]]:
     """locust_failures.csv -> [{model, error, occurrences}], most frequent first."""
     if not path.is_file():
         return []
-    with open(path, newline="") as handle:
-        rows = [{"model": r["Name"], "error": r["Error"], "occurrences": int(r["Occurrences"])} for r in csv.DictReader(handle)]
-    return sorted(rows, key=lambda r: -r["occurrences"])
+    frame = pd.read_csv(path, keep_default_na=False).sort_values("Occurrences", ascending=False, kind="stable")
+    return [{"model": r.Name, "error": r.Error, "occurrences": int(r.Occurrences)} for r in frame.itertuples()]
 
 
 def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
@@ -302,6 +262,5 @@ def print_report(report: dict[str, Any], console) -> None:
         console.print(f"[yellow]no Triton metrics breakdown: {report['triton_error']}[/]")
     for failure in locust["failures"][:5]:
         console.print(f"[red]{failure['occurrences']} x {failure['model']}: {failure['error']}[/]")
-    for check in report["checks"]:
-        console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
+    print_checks(console, report["checks"])
     console.print(f"report: {report['files']['report']}  html: {report['files']['html']}")
