@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,6 +36,8 @@ from cxrlt.io.images import load_pixels
 from evaluation.evaluate import evaluation_images, hint_for
 from training.job import load_split
 from training.metrics import evaluate_predictions
+
+log = logging.getLogger(__name__)
 
 EXHAUSTIVE_LIMIT = 20_000  # joint (frontal, lateral) pairs searched exhaustively
 Weights = dict[str, float]
@@ -280,10 +283,12 @@ def _unique(weights: list[Mapping[str, float]]) -> list[Weights]:
 def write_weights(repository: str | os.PathLike, weights: Mapping[str, Mapping[str, float]],
                   record: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Put the weights into the configs that run Task 1, cxr_classifier and cxr_findings (and the
-    manifest's record of them)."""
+    manifest's record of them), and recompute the repository's identity, which covers them."""
     from cxrlt.contract.manifest import MANIFEST
     from cxrlt.contract.model_config import config_parameters, set_config_parameters
+    from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
     from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
+    from exporters.build_repo import refresh_repository_identity
 
     repository = Path(repository)
     updates = {f"weights_{p}": ensemble.format_weights(ensemble.validate_weights(weights[p])) for p in PROJECTIONS}
@@ -300,4 +305,8 @@ def write_weights(repository: str | os.PathLike, weights: Mapping[str, Mapping[s
         if record is not None:
             manifest["weight_search"] = json.loads(json.dumps(record, default=float))
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        refresh_repository_identity(repository)
+    if (repository / OPERATING_POINTS_FILE).is_file():
+        log.warning("%s: the operating points were chosen with the previous ensemble weights; rerun "
+                    "`cxrlt operating-points --repo %s` to choose them for the new ones", repository, repository)
     return updates

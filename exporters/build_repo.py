@@ -15,13 +15,14 @@ import logging
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_file_text
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
+from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
 from cxrlt.contract.profiles import Profile, QueuePolicy, get_profile
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, MODEL_DESCRIPTIONS, ZEROSHOT_MODEL
@@ -208,12 +209,45 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# What the served answers depend on, as the manifest records it: the weights and files, the text
+# cache (prompts), the pipeline settings; and the operating points, when the repository has them.
+IDENTITY_FIELDS = ("models", "text_cache", "classifier", "zeroshot")
+IDENTITY_PARAMETER = "repository_sha256"  # the pipeline configs' copy of the identity
+PIPELINE_MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
+
+
+def repository_identity(manifest_fields: Mapping[str, Any], operating_points_sha256: str | None = None) -> str:
+    """The repository's identity (``repository_sha256``): one hash over what the served answers
+    depend on (IDENTITY_FIELDS of the manifest, and the SHA-256 of its operating-points file when
+    there is one). The pipeline configs carry it: e.g. the DICOM node derives its SR UIDs from it."""
+    covered = {field: manifest_fields[field] for field in IDENTITY_FIELDS}
+    if operating_points_sha256 is not None:
+        covered["operating_points_sha256"] = operating_points_sha256
+    return sha256_json(covered)
+
+
+def refresh_repository_identity(repository: Path | str) -> str:
+    """Recompute a built repository's identity after an edit (ensemble weights, operating points,
+    text cache) and write it into the manifest and the three pipeline configs."""
+    from cxrlt.contract.model_config import set_config_parameters
+
+    repository = Path(repository)
+    manifest = read_manifest(repository)
+    points = repository / OPERATING_POINTS_FILE
+    identity = repository_identity(manifest, file_sha256(points) if points.is_file() else None)
+    for model in PIPELINE_MODELS:
+        set_config_parameters(repository / model / "config.pbtxt", {IDENTITY_PARAMETER: identity})
+    manifest[IDENTITY_PARAMETER] = identity
+    _write(repository / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return identity
+
+
 def pipeline_parameters(options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
                         random_weights: bool, identity: str) -> dict[str, dict[str, str]]:
     """The config parameters of the three pipeline models, by model name."""
     queue = options.queue_policy(profile)
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
-    flag = {"random_weights": "true" if random_weights else "false", "repository_sha256": identity}
+    flag = {"random_weights": "true" if random_weights else "false", IDENTITY_PARAMETER: identity}
     # The pipelines stack every merged request's images into one call per network, sliced to
     # what the network models accept.
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
@@ -310,10 +344,8 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
     text_cache = build_text_cache(out, clip_model, profile.clip.model_name, Path(options.prompts), clip_weights)
 
     random_weights = any(m["checkpoint"] is None for m in models.values())
-    # What the served answers depend on (weights, files, prompts, pipeline settings), in one hash
-    # the pipeline configs carry: e.g. the DICOM node derives its SR UIDs from it.
-    identity = sha256_json({"models": models, "text_cache": text_cache, "classifier": classifier.to_parameters(),
-                            "zeroshot": zeroshot.to_parameters()})
+    identity = repository_identity({"models": models, "text_cache": text_cache, "classifier": classifier.to_parameters(),
+                                    "zeroshot": zeroshot.to_parameters()})
     step("writing Python models")
     _bls_configs(out, options, profile, classifier, zeroshot, random_weights, identity)
 
@@ -331,7 +363,7 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
         "classifier": classifier.to_parameters(),
         "zeroshot": zeroshot.to_parameters(),
         "queue_policy": dataclasses.asdict(options.queue_policy(profile)),
-        "repository_sha256": identity,
+        IDENTITY_PARAMETER: identity,
         "packages": _package_versions(),
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -356,4 +388,5 @@ def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None
     record = build_text_cache(repository, clip_model, profile.clip.model_name, prompts_path, weights)
     manifest["text_cache"] = record
     _write(repository / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    refresh_repository_identity(repository)  # the prompts are part of what is served
     return record
