@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
-from cxrlt.contract.served import CLASSIFIER_MODEL
+from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
 from cxrlt.io.images import load_pixels
 
 from training.data import LabelTable
@@ -41,10 +41,12 @@ HINT_FOR_PROJECTION = {"frontal": "PA", "lateral": "LL"}
 @dataclasses.dataclass
 class Predictions:
     image_ids: list[str]
-    probabilities: np.ndarray  # [N, 30] float64
-    labels: np.ndarray  # [N, 30]
+    probabilities: np.ndarray  # [N, L] float64, L = len(label_names) (Task 1: 30)
+    labels: np.ndarray  # [N, L]
     projections_used: list[str]  # the ensemble each image went to
     projections_true: list[str | None]
+    label_names: tuple[str, ...] = TASK1_LABELS
+    patient_ids: list[str] = dataclasses.field(default_factory=list)
 
 
 def evaluation_images(data: SplitData, split: str) -> LabelTable:
@@ -57,38 +59,60 @@ def hint_for(projection: str | None, use_hints: bool) -> str | None:
     return HINT_FOR_PROJECTION.get(projection) if use_hints and projection else None
 
 
+def csv_labels(data_csv: str | os.PathLike) -> tuple[str, ...]:
+    """The findings a label CSV can score: Task 1 (required) and the Task 2 columns it has."""
+    header = {str(c).strip().lower() for c in pd.read_csv(data_csv, nrows=0, dtype=str).columns}
+    return TASK1_LABELS + tuple(label for label in TASK2_LABELS if label.lower() in header)
+
+
+def needs_zeroshot(labels: Sequence[str]) -> bool:
+    return any(label in TASK2_LABELS for label in labels)
+
+
 Classify = Callable[[np.ndarray, str | None, str], tuple[np.ndarray, str]]
 
 
-def reference_classifier(repository: str | os.PathLike, engine: str = "torch") -> Classify:
-    """In-process classification with the repository's settings (evaluation.reference)."""
+def reference_classifier(repository: str | os.PathLike, engine: str = "torch",
+                         labels: Sequence[str] = TASK1_LABELS) -> Classify:
+    """In-process classification with the repository's settings (evaluation.reference): the
+    probabilities of `labels` (Task 2 ones through the zero-shot pipeline)."""
+    from cxrlt.contract.labels import ALL_LABELS
     from evaluation.reference import ReferencePipeline
 
     pipeline = ReferencePipeline(repository, engine=engine, threads=1)
+    columns = [ALL_LABELS.index(label) for label in labels]
 
     def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:
-        result = pipeline.classify(image, hint)
-        return np.asarray(result.probabilities, dtype=np.float64), result.projection
+        if needs_zeroshot(labels):
+            probabilities, result = pipeline.findings(image, hint)
+        else:
+            result = pipeline.classify(image, hint)
+            probabilities = result.probabilities
+        return np.asarray(probabilities, dtype=np.float64)[columns], result.projection
 
     return classify
 
 
-def server_classifier(url: str, timeout_s: float = 60.0):
-    """Classification by a running server's cxr_classifier, through the client SDK."""
+def server_classifier(url: str, timeout_s: float = 60.0, labels: Sequence[str] = TASK1_LABELS):
+    """Classification by a running server through the client SDK: its cxr_classifier, or its
+    cxr_findings when `labels` include Task 2 findings."""
     from cxrlt.client.sdk import CxrltClient
 
-    client = CxrltClient(url, model=CLASSIFIER_MODEL, timeout_s=timeout_s)
+    model = FINDINGS_MODEL if needs_zeroshot(labels) else CLASSIFIER_MODEL
+    client = CxrltClient(url, model=model, timeout_s=timeout_s)
     client.wait_until_ready(timeout_s)
 
     def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:
         result = client.classify(image, hint=hint, image_id=image_id)
-        return np.array([result.probabilities[label] for label in TASK1_LABELS], dtype=np.float64), result.projection
+        return np.array([result.probabilities[label] for label in labels], dtype=np.float64), result.projection
 
     return classify, client
 
 
 def predict(table: LabelTable, image_root: Path, classify: Classify, use_hints: bool = False,
-            concurrency: int = 1, on_image: Callable[[], None] | None = None) -> Predictions:
+            concurrency: int = 1, on_image: Callable[[], None] | None = None,
+            labels: Sequence[str] = TASK1_LABELS) -> Predictions:
+    """Every image of `table` through `classify` (which answers the probabilities of `labels`)."""
     def one(index: int) -> tuple[np.ndarray, str]:
         image = load_pixels(image_root / table.image_paths[index])  # what a client sends
         out = classify(image, hint_for(table.projections[index], use_hints), table.image_ids[index])
@@ -101,13 +125,14 @@ def predict(table: LabelTable, image_root: Path, classify: Classify, use_hints: 
             outputs = list(pool.map(one, range(len(table))))
     else:
         outputs = [one(i) for i in range(len(table))]
-    probabilities = np.stack([p for p, _ in outputs]) if outputs else np.zeros((0, len(TASK1_LABELS)))
-    return Predictions(list(table.image_ids), probabilities, table.columns(TASK1_LABELS),
-                       [projection for _, projection in outputs], list(table.projections))
+    probabilities = np.stack([p for p, _ in outputs]) if outputs else np.zeros((0, len(labels)))
+    return Predictions(list(table.image_ids), probabilities, table.columns(labels),
+                       [projection for _, projection in outputs], list(table.projections),
+                       tuple(labels), list(table.patient_ids))
 
 
 def summarize(predictions: Predictions, train_counts: Sequence[float]) -> dict[str, Any]:
-    metrics = evaluate_predictions(predictions.labels, predictions.probabilities, TASK1_LABELS, train_counts)
+    metrics = evaluate_predictions(predictions.labels, predictions.probabilities, predictions.label_names, train_counts)
     known = [(u, t) for u, t in zip(predictions.projections_used, predictions.projections_true) if t in PROJECTIONS]
     metrics["images"] = len(predictions.image_ids)
     metrics["projection_accuracy"] = float(np.mean([u == t for u, t in known])) if known else float("nan")
@@ -115,7 +140,7 @@ def summarize(predictions: Predictions, train_counts: Sequence[float]) -> dict[s
     for projection in PROJECTIONS:
         rows = [i for i, used in enumerate(predictions.projections_used) if used == projection]
         if rows:
-            sub = evaluate_predictions(predictions.labels[rows], predictions.probabilities[rows], TASK1_LABELS)
+            sub = evaluate_predictions(predictions.labels[rows], predictions.probabilities[rows], predictions.label_names)
             metrics["by_projection"][projection] = {"images": len(rows), "mAP": sub["mAP"], "mAUC": sub["mAUC"]}
     return metrics
 
@@ -132,8 +157,8 @@ def write_outputs(out_dir: Path, predictions: Predictions, metrics: dict[str, An
     )
     # The challenge's submission layout: ImageID, the Task 1 classes in contract order, then the
     # ensemble that classified the image.
-    submission = pd.DataFrame(np.asarray(predictions.probabilities, dtype=np.float64).reshape(-1, len(TASK1_LABELS)),
-                              columns=list(TASK1_LABELS))
+    submission = pd.DataFrame(np.asarray(predictions.probabilities, dtype=np.float64).reshape(-1, len(predictions.label_names)),
+                              columns=list(predictions.label_names))
     submission.insert(0, "ImageID", list(predictions.image_ids))
     submission["Projection"] = list(predictions.projections_used)
     for frame, path in ((per_class, paths["per_class"]), (submission, paths["predictions"])):
@@ -166,6 +191,7 @@ def metrics_table(metrics: dict[str, Any], title: str, per_class: bool = True):
 def evaluate(data_csv: str | os.PathLike, *, classify: Classify, split: str = "val", val_fraction: float = 0.1,
              split_seed: int = 0, use_hints: bool = False, concurrency: int = 1,
              on_image: Callable[[], None] | None = None) -> tuple[Predictions, dict[str, Any]]:
+    """The Task 1 metrics of `classify` on the split's images (and their predictions)."""
     data = load_split(data_csv, val_fraction, split_seed)
     table = evaluation_images(data, split)
     predictions = predict(table, data.image_root, classify, use_hints, concurrency, on_image)
