@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import highdicom as hd
@@ -13,8 +14,14 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 
 from cxrlt.io import reports
+from cxrlt.io.finding_codes import PRIVATE_SCHEME, finding_codes
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
-from cxrlt.contract.results import FindingsResult
+from cxrlt.contract.operating_points import ANY_PROJECTION, OperatingPoint, OperatingPoints, parse_policy
+from cxrlt.contract.results import Decision, FindingsResult
+from cxrlt.contract.study import aggregate_study
+from tests.test_dicom_io import make_dicom
+
+REPOSITORY = "ab" * 32
 
 
 def make_result(image_id: str = "img-1", *, seed: int = 0, random_weights: bool = False,
@@ -35,6 +42,13 @@ def make_result(image_id: str = "img-1", *, seed: int = 0, random_weights: bool 
         random_weights=random_weights,
         latency_ms=12.5,
     )
+
+
+def with_decisions(result: FindingsResult, labels=ALL_LABELS, threshold: float = 0.5) -> FindingsResult:
+    """The result as a repository with operating points answers it (a policy with an '=' in it on purpose)."""
+    decisions = {label: Decision(result.probabilities[label] >= threshold, threshold, "sensitivity=0.9",
+                                 0.9 + i / 1000, 1 / 3 + i / 1000) for i, label in enumerate(labels)}
+    return dataclasses.replace(result, decisions=decisions, repository_sha256=REPOSITORY)
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +138,21 @@ def test_sr_round_trip(tmp_path, source_dataset):
     # 36 image-level groups, each naming its finding and referencing the source image.
     groups = hd.sr.srread(path).content.get_image_measurement_groups()
     assert len(groups) == 36
-    assert [group.finding_type.meaning for group in groups] == list(ALL_LABELS)
+    table = finding_codes()
+    assert [(g.finding_type.scheme_designator, g.finding_type.value, g.finding_type.meaning) for g in groups] == [
+        (table[label].scheme, table[label].value, table[label].meaning) for label in ALL_LABELS]
+    pneumothorax = groups[ALL_LABELS.index("Pneumothorax")].finding_type
+    assert (pneumothorax.scheme_designator, pneumothorax.value) == ("SCT", "36118008")
     tracking_uids = {group.tracking_uid for group in groups}
     assert len(tracking_uids) == 36
     for group in groups:
         assert [image.referenced_sop_instance_uid for image in group.source_images] == [source_dataset.SOPInstanceUID]
         (measurement,) = group.get_measurements()
         assert measurement.unit.value == "{probability}" and measurement.unit.scheme_designator == "UCUM"
-        (view,) = group.get_qualitative_evaluations()
+        (view,) = group.get_qualitative_evaluations()  # no operating points: nothing called present or absent
         assert view.name == codes.DCM.ImageView and view.value == codes.SCT.FrontalProjection
+    # The algorithm: the model's name, and (no repository identity in this result) the model version.
+    assert _algorithm(pydicom.dcmread(path)) == ("cxr_findings", "1")
 
 
 def _all_text(dataset: pydicom.Dataset) -> list[str]:
@@ -198,3 +218,122 @@ def _items(dataset):
     for item in dataset.get("ContentSequence", []):
         yield item
         yield from _items(item)
+
+
+def _algorithm(dataset) -> tuple[str, str]:
+    """(Algorithm Name, Algorithm Version) of the SR's first measurement group."""
+    texts = {str(item.ConceptNameCodeSequence[0].CodeValue): str(item.TextValue)
+             for item in _items(dataset) if item.ValueType == "TEXT"}
+    return texts["111001"], texts["111003"]
+
+
+def _called(group) -> list:
+    """The group's present/absent evaluations: (name, value)."""
+    return [(e.name, e.value) for e in group.get_qualitative_evaluations()
+            if e.value in (codes.SCT.Present, codes.SCT.Absent)]
+
+
+def test_sr_calls_each_finding_at_its_operating_point(tmp_path, source_dataset):
+    result = with_decisions(make_result(source_dataset.SOPInstanceUID, seed=5))
+    assert {d.positive for d in result.decisions.values()} == {True, False}  # both calls are exercised
+    path = reports.write_sr(result, source_dataset, tmp_path / "called.dcm")
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    for label, group in zip(ALL_LABELS, groups):
+        expected = codes.SCT.Present if result.decisions[label].positive else codes.SCT.Absent
+        assert _called(group) == [(group.finding_type, expected)], label
+        assert group.get_qualitative_evaluations()[0].value == codes.SCT.FrontalProjection
+    assert codes.SCT.Present.value == "52101004"
+    # Policy, threshold, sensitivity and specificity come back exactly, with the probabilities.
+    assert reports.read_sr_decisions(path) == result.decisions
+    assert reports.read_sr_findings(path) == result.probabilities
+    sr = pydicom.dcmread(path)
+    assert _algorithm(sr) == ("cxr_findings", REPOSITORY)  # the repository's identity is the version
+    assert reports.NO_OPERATING_POINTS not in _all_text(sr)
+    assert any("threshold=0.5" == str(item.TextValue) for item in _items(sr) if item.ValueType == "TEXT")
+
+
+def test_sr_without_operating_points_calls_nothing_and_says_so(tmp_path, source_dataset):
+    path = reports.write_sr(make_result(seed=6), source_dataset, tmp_path / "uncalled.dcm")
+    sr = pydicom.dcmread(path)
+    assert reports.NO_OPERATING_POINTS in _all_text(sr)
+    assert not [item for item in _items(sr) if item.ValueType == "CODE"
+                and item.ConceptCodeSequence[0].CodeValue in (codes.SCT.Present.value, codes.SCT.Absent.value)]
+    assert reports.read_sr_decisions(path) == {}
+
+
+def test_a_finding_without_an_operating_point_is_not_called(tmp_path, source_dataset):
+    result = with_decisions(make_result(seed=7), labels=[label for label in ALL_LABELS if label != "Hernia"])
+    path = reports.write_sr(result, source_dataset, tmp_path / "partial.dcm")
+    groups = dict(zip(ALL_LABELS, hd.sr.srread(path).content.get_image_measurement_groups()))
+    assert _called(groups["Hernia"]) == [] and len(_called(groups["Mass"])) == 1
+    assert set(reports.read_sr_decisions(path)) == set(ALL_LABELS) - {"Hernia"}
+    assert reports.NO_OPERATING_POINTS not in _all_text(pydicom.dcmread(path))
+
+
+# ------------------------------------------------------------------ study SR
+
+
+def study_sources(source_dataset, tmp_path) -> list[pydicom.Dataset]:
+    """The study's frontal (the real PA radiograph) and a lateral image made in the same study."""
+    lateral = make_dicom(tmp_path / "lateral.dcm", None, StudyInstanceUID=source_dataset.StudyInstanceUID,
+                         PatientID=source_dataset.PatientID, PatientName=source_dataset.PatientName, ViewPosition="LL")
+    return [source_dataset, pydicom.dcmread(lateral)]
+
+
+def study_points(labels=ALL_LABELS) -> OperatingPoints:
+    point = OperatingPoint(0.4, 0.85, 0.7, (0.8, 0.9), (0.6, 0.8), 40, 400)
+    return OperatingPoints(parse_policy("youden"), {label: {ANY_PROJECTION: point} for label in labels})
+
+
+def make_study(sources, points: OperatingPoints | None):
+    images = [dataclasses.replace(make_result(str(source.SOPInstanceUID), seed=i, projection=projection),
+                                  study_instance_uid=str(source.StudyInstanceUID), repository_sha256=REPOSITORY,
+                                  sop_instance_uid=str(source.SOPInstanceUID))
+              for i, (source, projection) in enumerate(zip(sources, ("frontal", "lateral")))]
+    return aggregate_study(images, points)
+
+
+def test_study_sr_reports_the_study_score_and_decision_for_every_image(tmp_path, source_dataset):
+    sources = study_sources(source_dataset, tmp_path)
+    study = make_study(sources, study_points())
+    uids = reports.derived_study_uids(study.study_instance_uid, REPOSITORY)
+    path = reports.save_sr(reports.build_study_sr(study, sources, uids=uids), tmp_path / "study.dcm")
+    sr = pydicom.dcmread(path)
+    assert sr.StudyInstanceUID == source_dataset.StudyInstanceUID and sr.SOPInstanceUID == uids.sop_instance
+    assert sr.SeriesNumber == 9902
+    evidence = {str(ref.ReferencedSOPInstanceUID) for series in sr.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == {str(source.SOPInstanceUID) for source in sources}
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    assert len(groups) == 36
+    for group in groups:
+        assert {image.referenced_sop_instance_uid for image in group.source_images} == evidence
+        assert all(e.name != codes.DCM.ImageView for e in group.get_qualitative_evaluations())  # no one projection
+    assert reports.read_sr_findings(path) == study.probabilities != study.images[0].probabilities
+    assert reports.read_sr_decisions(path) == study.decisions and len(study.decisions) == 36
+    assert any(text.startswith("Study result of 2 images (1 frontal, 1 lateral)") for text in _all_text(sr))
+    assert _algorithm(sr) == ("cxr_findings", REPOSITORY)
+
+
+def test_study_sr_uids_are_one_per_study_and_repository(tmp_path, source_dataset):
+    study_uid = str(source_dataset.StudyInstanceUID)
+    uids = reports.derived_study_uids(study_uid, REPOSITORY)
+    assert uids == reports.derived_study_uids(study_uid, REPOSITORY)
+    assert uids.sop_instance != reports.derived_study_uids(study_uid, "cd" * 32).sop_instance
+    assert uids.sop_instance != reports.derived_study_uids("1.2.3", REPOSITORY).sop_instance
+    image = reports.derived_uids(source_dataset, REPOSITORY)
+    assert uids.sop_instance != image.sop_instance and uids.series_instance != image.series_instance
+    assert uids.device == image.device  # one observer device per repository
+
+
+def test_study_sr_without_points_and_with_foreign_sources(tmp_path, source_dataset):
+    sources = study_sources(source_dataset, tmp_path)
+    study = make_study(sources, None)
+    path = reports.save_sr(reports.build_study_sr(study, sources), tmp_path / "study.dcm")
+    assert reports.read_sr_decisions(path) == {}
+    assert reports.NO_OPERATING_POINTS in _all_text(pydicom.dcmread(path))
+    foreign = pydicom.dcmread(make_dicom(tmp_path / "other.dcm", None))
+    with pytest.raises(ValueError, match="not in study"):
+        reports.build_study_sr(study, [sources[0], foreign])
+    with pytest.raises(ValueError, match="needs the source images"):
+        reports.build_study_sr(study, [])
