@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train networks from recipe YAMLs into <served model name>.pt checkpoints"),
     "evaluate": ("evaluate", "mAP/mAUC/mF1/mECE of the served pipeline (server, repository or checkpoints) on labelled images"),
     "tune-weights": ("tune_weights", "grid-search the per-projection ensemble weights on validation data into a repository"),
+    "operating-points": ("operating_points", "choose per-finding decision thresholds and calibration on validation data into a repository"),
     "zeroshot-proxy": ("zeroshot_proxy", "leak-free proxy validation of zero-shot fine-tuning (held-out seen classes)"),
 }
 
