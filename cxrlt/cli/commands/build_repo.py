@@ -1,11 +1,15 @@
 """Export every network (router, six ensemble members, CLIP image encoder) to ONNX with a parity
-check, encode the zero-shot prompts, and write a complete Triton model repository."""
+check, encode the zero-shot prompts, and write a complete Triton model repository.
+
+With --operating-points-data, the built repository also gets its operating points and
+calibration, chosen on that CSV's validation split as `cxrlt operating-points` does."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from cxrlt.cli.commands.operating_points import policy_argument
 from cxrlt.cli.options import add_engine_argument, add_repo_argument
 
 
@@ -49,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "networks on CPU, e.g. the tiny profile; the network models stay served for direct calls)")
     parser.add_argument("--tta", help="TTA views, e.g. identity,hflip,rot+5,rot-5,zoom1.1,zoom0.9")
     parser.add_argument("--gating-alpha", type=float, help="normal gating exponent (default 0.5)")
+    parser.add_argument("--operating-points-data", type=Path, metavar="CSV",
+                        help="a CXR-LT label CSV: choose the operating points and calibration on its validation split "
+                             "(the split `cxrlt train` held out) and write them into the repository")
+    parser.add_argument("--operating-points-policy", type=policy_argument, default="youden", metavar="POLICY",
+                        help="with --operating-points-data: youden, f1, sensitivity=X or ppv=X (see `cxrlt operating-points`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +94,22 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(name, entry["arch"], f"{entry['parameters']:,}", f"{entry['parity_max_abs_diff']:.2e}",
                       entry["checkpoint"] or "RANDOM")
     console.print(table)
+    if args.operating_points_data:
+        add_operating_points(console, args.repo, args.operating_points_data, args.operating_points_policy)
     if manifest["random_weights"]:
         warn_random_weights(manifest["warning"])
     console.print(f"serve it with: cxrlt serve --repo {args.repo}")
     return 0
+
+
+def add_operating_points(console, repo: Path, data: Path, policy) -> None:
+    """Choose the operating points on `data`'s validation split, in process, and write them into `repo`."""
+    from cxrlt.cli.commands.operating_points import print_choice
+    from evaluation.operating_points import operating_points_from_data, write_operating_points
+
+    with console.status("choosing operating points on the validation split"):
+        choice = operating_points_from_data(repo, data, policy, engine="onnxruntime",
+                                            source={"classified_by": "in process (onnxruntime), after build-repo"})
+    print_choice(console, choice, "val")
+    record = write_operating_points(repo, choice.points)
+    console.print(f"wrote {repo / record['file']}; repository_sha256 {record['repository_sha256'][:12]}...")

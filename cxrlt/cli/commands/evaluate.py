@@ -7,6 +7,9 @@ Sources: a running server (--url, through the gRPC client), a built repository i
 --engine onnxruntime on its ONNX files), or a checkpoint folder (--checkpoints: a repository
 is built from it in a temporary folder first). By default only the patient-level validation
 split that `cxrlt train` held out is evaluated (--split all for every image).
+When the repository (--repo, also with --url) has operating points (`cxrlt operating-points`),
+the sensitivity and specificity of the decisions at them and the mECE after its calibration are
+reported too (metrics.json: operating_points).
 Writes OUT/metrics.json, OUT/per_class.csv and OUT/predictions.csv (challenge layout)."""
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.cli.console import console
     from evaluation.evaluate import evaluate, metrics_table, reference_classifier, server_classifier, write_outputs
+    from evaluation.operating_points import repository_decision_metrics
 
     if not (args.url or args.repo or args.checkpoints):
         raise ValueError("give a source: --url HOST:PORT, --repo DIR or --checkpoints DIR")
@@ -85,11 +89,29 @@ def run(args: argparse.Namespace) -> int:
                 client.close()
     meta = {**source, "data": str(args.data), "split": args.split, "hints": args.hints,
             "seconds": time.perf_counter() - started}
+    decisions = repository_decision_metrics(args.repo, predictions) if args.repo else None
+    if decisions is not None:
+        metrics["operating_points"] = decisions
     paths = write_outputs(out, predictions, metrics, meta)
     title = (f"{metrics['images']} {args.split} images, {metrics['n_evaluable']} evaluable classes "
              f"({source['source']}{', ' + args.url if args.url else ''})")
     console.print(metrics_table(metrics, title, per_class=not args.no_per_class))
     console.print(f"mAP {metrics['mAP']:.4f}  mAUC {metrics['mAUC']:.4f}  mF1 {metrics['mF1']:.4f}  "
                   f"mECE {metrics['mECE']:.4f}  projection accuracy {metrics['projection_accuracy']:.3f}")
+    if decisions is not None:
+        print_decisions(console, decisions)
     console.print(f"written: {paths['json']}  {paths['per_class']}  {paths['predictions']}")
     return 0
+
+
+def print_decisions(console, decisions: dict) -> None:
+    """mECE before and after the repository's calibration, and what its operating points decide."""
+    line = (f"operating points ({decisions['policy']}) on {len(decisions['per_class'])} findings: mean sensitivity "
+            f"{decisions['mean_sensitivity']:.3f}, mean specificity {decisions['mean_specificity']:.3f}")
+    if decisions["calibrated"]:
+        line += (f"; mECE {decisions['mECE_uncalibrated']:.4f} uncalibrated, "
+                 f"{decisions['mECE_calibrated']:.4f} calibrated")
+    console.print(line)
+    if decisions["stale"]:
+        console.print("[yellow]the operating points were chosen for other weights or settings than the repository now "
+                      "has: rerun `cxrlt operating-points`[/]")
