@@ -209,3 +209,26 @@ def test_execution_provider_is_written_into_the_network_and_bls_configs():
     assert 'key: "execution_provider"' in text and 'string_value: "cuda"' in text.split('key: "execution_provider"')[1][:80]
     with pytest.raises(ValueError, match="execution_provider must be one of auto, cpu, cuda"):
         BuildOptions(execution_provider="tpu")
+
+
+def test_repository_identity_is_one_function_and_edits_keep_it_current(tiny_repository, tmp_path):
+    """Build, tune-weights' writer and build-text-cache all give repository_identity(manifest) in the
+    manifest and the three pipeline configs."""
+    import shutil
+
+    from cxrlt.contract.manifest import read_manifest
+    from exporters.build_repo import PIPELINE_MODELS, repository_identity
+    from evaluation.tune import write_weights
+
+    def identities(repo):
+        manifest = read_manifest(repo)
+        served = {config_parameters(repo / model / "config.pbtxt")["repository_sha256"] for model in PIPELINE_MODELS}
+        return manifest["repository_sha256"], served, repository_identity(manifest)
+
+    built, served, recomputed = identities(tiny_repository)
+    assert served == {built} and recomputed == built
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    write_weights(repo, {"frontal": {"pcam": 1.0, "cait": 0.0, "swin": 0.0}, "lateral": {"pcam": 0.0, "cait": 0.5, "swin": 0.5}})
+    tuned, served, recomputed = identities(repo)
+    assert tuned != built and served == {tuned} and recomputed == tuned
