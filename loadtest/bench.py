@@ -1,18 +1,24 @@
-"""`cxrlt bench`: the served pipeline against the same pipeline run in process ("raw").
+"""`cxrlt bench`: the served pipeline against the same pipeline run in process ("raw"), and the GPU run
+behind `loadtest/gpu_bench.sh` (`python -m loadtest.bench`), which benches each public model and load-tests
+them on a GPU build (loadtest/README.md, "Benchmark" and "GPU run").
 
 Raw: the Python backends' own pipeline code with the repository's config.pbtxt settings, on its ONNX
 files with onnxruntime sessions in this process (no torch); an image's network calls run on a thread
-pool, as the served BLS model's calls to separate network models do. Served: one gRPC client per
+pool, as the served BLS model's calls to separate network models do. Served: one gRPC channel per
 worker. Both sides see the same images and are measured interleaved per concurrency (alternating
-which goes first), with the server's thread budget (loadtest/README.md has the details).
+which goes first), with the server's thread budget.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,13 +26,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cxrlt.contract.served import CLASSIFIER_MODEL, ENCODER_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
-from loadtest.kernel import (MODELS, Measurement, Payload, Served, cpu_sample, drive, fmt, images_json, load_payloads,
-                             save_figure, subplots, table, target_server)
+from cxrlt.contract.served import CLASSIFIER_MODEL, ENCODER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
+from loadtest.kernel import (IMAGE_SETS, MODELS, Measurement, Payload, Served, cpu_sample, drive, fmt, images_json,
+                             load_payloads, process_tree, save_figure, subplots, table, target_server, write_json)
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
 RADIOGRAPH_SHAPE = (1955, 1841)  # the real payload's detector matrix: the preprocessing's expensive case
+CUDA = "CUDAExecutionProvider"
+# (model, figure, comparison, bound): the GPU run's targets for the paper profile on an H100/H200-class GPU.
+TARGETS = (
+    (CLASSIFIER_MODEL, "p50_ms_at_concurrency_1", "<=", 15.0),
+    (CLASSIFIER_MODEL, "images_per_s_at_saturation", ">=", 400.0),
+    (ZEROSHOT_MODEL, "images_per_s_at_saturation", ">=", 2000.0),
+)
 
 
 @dataclasses.dataclass
@@ -308,3 +321,177 @@ def summary_table(report: dict[str, Any]):
                    fmt(r["ratio"], ".2f"), fmt(r["served"].get("member_requests_per_image"), ".2f")) for r in report["sweep"]],
                  "img/s: images per second; p50/p95: latency per image in ms; member req/img: "
                  "network requests (BLS calls) per image, from Triton's statistics")
+
+
+# --- the GPU run -----------------------------------------------------------------------------
+
+
+def gpu_model_figures(bench: dict[str, Any]) -> dict[str, Any]:
+    """One model's served (and raw) latency at concurrency 1 (the sweep's first level) and throughput at saturation."""
+    from loadtest.driver import SATURATION_GROWTH, saturation_index
+
+    first, best = bench["sweep"][0], bench["best"]
+    sides = {side: {"p50_ms_at_concurrency_1": first[side]["p50_ms"], "p95_ms_at_concurrency_1": first[side]["p95_ms"],
+                    "images_per_s_at_saturation": best[side]["images_per_s"]} for side in SIDES}
+    return {**sides["served"], "saturation_concurrency": best["served"]["concurrency"],
+            # False: throughput still grew at the highest level; saturation lies above the sweep.
+            "plateau_reached": saturation_index([r["served"]["images_per_s"] for r in bench["sweep"]], SATURATION_GROWTH)[1],
+            "member_requests_per_image": best["served"].get("member_requests_per_image"), "raw": sides["raw"],
+            "parity_max_abs_diff": bench["parity_max_abs_diff"]}
+
+
+def judge(models: dict[str, Any], provider: str | None, profile: str) -> list[dict[str, Any]]:
+    """Each target with its measured value; judged only for the paper profile on CUDA."""
+    return [{"model": model, "figure": figure, "target": f"{comparison} {bound:g}", "measured": models[model][figure],
+             "met": (models[model][figure] <= bound if comparison == "<=" else models[model][figure] >= bound)
+             if profile == "paper" and provider == CUDA else None} for model, figure, comparison, bound in TARGETS]
+
+
+def gpu_memory(server_pids: set[int] | None) -> dict[str, Any] | None:
+    """Memory of every GPU, and what the server's processes hold on them (None: no nvidia-smi)."""
+    def query(what: str) -> list[list[str]] | None:
+        try:
+            text = subprocess.run(["nvidia-smi", what, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                                  timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return [[field.strip() for field in line.split(",")] for line in text.splitlines() if line.strip()]
+
+    def mib(text: str) -> float | None:
+        return float(text) if text.replace(".", "", 1).isdigit() else None  # "[N/A]" under MIG, "[Not Supported]"
+
+    if (gpus := query("--query-gpu=index,name,memory.used,memory.total")) is None:
+        return None
+    apps = [(int(pid), mib(used)) for pid, used in query("--query-compute-apps=pid,used_memory") or [] if pid.isdigit()]
+    ours = [used or 0.0 for pid, used in apps if server_pids is not None and pid in server_pids]
+    return {"gpus": [{"index": int(index), "name": name, "memory_used_mib": mib(used), "memory_total_mib": mib(total)}
+                     for index, name, used, total in gpus],
+            "compute_apps": [{"pid": pid, "used_memory_mib": used} for pid, used in apps],
+            # In a container nvidia-smi may show the host's process ids: then none match and this is 0.
+            "server_processes_on_gpu": len(ours) if server_pids is not None else None,
+            "server_memory_mib": sum(ours) if server_pids is not None else None}
+
+
+def build_gpu_repository(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    """The repository, its entry queues holding the sweep's highest level (else it meets "Exceeds maximum queue
+    size" before saturation); a GPU run insists on CUDA, so a network that cannot get it fails to load."""
+    from cxrlt.contract.profiles import get_profile
+    from exporters.build_repo import BuildOptions, build_repository
+
+    repo = args.out / "repository"
+    log(f"building the {args.profile} repository into {repo}")
+    queue = max(get_profile(args.profile).queue.max_queue_size, max(args.concurrency))
+    build_repository(repo, BuildOptions(profile=args.profile, checkpoints=args.checkpoints, allow_random=args.checkpoints is None,
+                                        max_queue_size=queue, execution_provider="auto" if args.dry_run else "cuda"), on_step=log)
+    return repo
+
+
+def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Build (or take --repo) and serve the repository, bench each public model, load-test them; write the report."""
+    import onnxruntime
+
+    from loadtest.metrics import default_metrics_url
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    if not args.dry_run and CUDA not in onnxruntime.get_available_providers():
+        raise RuntimeError("this onnxruntime has no CUDA execution provider: install onnxruntime-gpu "
+                           "(loadtest/gpu_bench.sh does), or rehearse on the CPU with --dry-run")
+    args.out.mkdir(parents=True, exist_ok=True)
+    repo, memory_before, benches, files = args.repo or build_gpu_repository(args, log), gpu_memory(None), {}, {}
+    with target_server(repo, args.url, args.out / "tritonserver.log", log=log) as (url, metrics_url, pid):
+        server_pids = set(process_tree(pid)) if args.url is None else None
+        metrics_url = args.metrics_url or metrics_url or default_metrics_url(url)
+        entries = server_thread_budget(url, [])["models"]
+        for model in MODELS:  # a repository given with --repo may bound its queues below the sweep
+            queue = entries[model]["max_queue_size"]
+            levels = tuple(c for c in args.concurrency if not queue or c <= queue)
+            log(f"bench {model} at concurrency {', '.join(map(str, levels))}")
+            benches[model] = run_bench(BenchConfig(
+                repo=repo, url=url, metrics_url=metrics_url, concurrency=levels, requests=args.requests, model=model,
+                image_set=args.image_set, preprocessing_repeats=args.preprocessing_repeats), log)
+            files[f"bench_{model}"] = str(write_json(benches[model], args.out / f"bench_{model}.json"))
+        log(f"load test: {args.users} users for {args.duration_s:g} s")
+        loadtest = run_loadtest(LoadTestConfig(url=url, users=args.users, spawn_rate=float(args.users), duration_s=args.duration_s,
+                                               out=args.out / "loadtest", image_set=args.image_set, metrics_url=metrics_url))
+        memory = gpu_memory(server_pids)  # with every session loaded and warm
+    return _gpu_report(args, repo, benches, loadtest, (memory_before, memory), files)
+
+
+def _gpu_report(args: argparse.Namespace, repo: Path, benches: dict[str, Any], loadtest: dict[str, Any],
+                memory: tuple[Any, Any], files: dict[str, str]) -> dict[str, Any]:
+    models = {model: gpu_model_figures(bench) for model, bench in benches.items()}
+    providers = benches[FINDINGS_MODEL]["execution_providers"]  # its raw side holds every network's session
+    first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
+    provider = {"provider": first.pop() if len(first) == 1 else None,  # what every network session got; None: they differ
+                **providers, "server_gpu_memory_mib": memory[1]["server_memory_mib"] if memory[1] else None}
+    report = {
+        "dry_run": args.dry_run, "profile": benches[CLASSIFIER_MODEL]["profile"], "repository": str(repo),
+        "url": args.url or "embedded (started by this run)", "image_set": args.image_set,
+        "sweep": {"concurrency": {model: [row["concurrency"] for row in bench["sweep"]] for model, bench in benches.items()},
+                  "requests_per_point": args.requests},
+        "models": models, "execution_provider": provider,
+        "gpu_memory": {"before_server": memory[0], "loaded": memory[1]} if memory[1] is not None else None,
+        "preprocessing_ms": benches[CLASSIFIER_MODEL]["preprocessing_ms"],
+        "loadtest": {"users": args.users, "duration_s": args.duration_s, "passed": loadtest["passed"],
+                     "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}
+                                for model, figures in loadtest["locust"]["models"].items()}},
+        "targets": judge(models, provider["provider"], args.profile),
+        "files": {"report": str(args.out / "gpu_bench.json"), "loadtest": loadtest["files"]["report"], **files},
+    }
+    write_json(report, args.out / "gpu_bench.json")
+    return report
+
+
+def gpu_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="loadtest/gpu_bench.sh", description="The GPU run: bench each public model, "
+                                     "load-test them, write gpu_bench.json")
+    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("CXRLT_GPU_DRY_RUN") == "1",
+                        help="tiny profile on the CPU, few requests (also CXRLT_GPU_DRY_RUN=1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_bench"), help="output folder (default runs/gpu_bench)")
+    for flag, kind, text in (
+            ("--repo", Path, "a repository built already (default: build one into OUT/repository)"),
+            ("--checkpoints", Path, "checkpoints to build from (default: seeded random weights)"),
+            ("--url", str, "gRPC host:port of a server already serving --repo (default: start one)"),
+            ("--metrics-url", str, "its metrics endpoint (default: port 8002 on the --url host)"),
+            ("--concurrency", lambda text: tuple(int(level) for level in text.split(",")),
+             "comma-separated bench levels (1 is always added)"),
+            ("--requests", int, "measured bench requests per side and level"), ("--users", int, "load-test users"),
+            ("--duration-s", float, "load-test duration")):
+        parser.add_argument(flag, type=kind, help=text)
+    parser.add_argument("--image-set", choices=IMAGE_SETS, default="all", help="the images sent (default all)")
+    args = parser.parse_args(argv)
+    if args.url is not None and args.repo is None:
+        parser.error("--url needs --repo: the repository that server serves, for the in-process side")
+    dry = {"profile": "tiny", "concurrency": (1, 2), "requests": 4, "users": 2, "duration_s": 3.0, "preprocessing_repeats": 3}
+    full = {"profile": "paper", "concurrency": (1, 4, 16, 64), "requests": 256, "users": 32, "duration_s": 60.0,
+            "preprocessing_repeats": 20}
+    for key, value in (dry if args.dry_run else full).items():
+        setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
+    args.concurrency = tuple(sorted({1, *args.concurrency}))  # latency at concurrency 1 is a reported figure
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = gpu_arguments(argv)
+    try:
+        report = gpu_run(args, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (ValueError, RuntimeError) as exc:  # no CUDA provider, a server that did not start
+        print(f"gpu_bench: error: {exc}", file=sys.stderr)
+        return 1
+    provider = report["execution_provider"]["provider"]
+    for model, figures in report["models"].items():
+        print(f"{model}: p50 {figures['p50_ms_at_concurrency_1']:.1f} ms / p95 {figures['p95_ms_at_concurrency_1']:.1f} ms at "
+              f"concurrency 1; {figures['images_per_s_at_saturation']:.1f} images/s at concurrency {figures['saturation_concurrency']}"
+              + ("" if figures["plateau_reached"] else " (still growing at the highest level: raise --concurrency)"))
+    for check in report["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not judged (paper profile on CUDA only)"}[check["met"]]
+        print(f"target {check['model']} {check['figure']} {check['target']}: measured {check['measured']:.1f}, {verdict}")
+    print(f"execution provider: {provider}; report: {report['files']['report']}")
+    if not args.dry_run and provider != CUDA:
+        print(f"error: the networks ran on {provider}, not {CUDA}: check the CUDA and cuDNN libraries", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures in one command: installs onnxruntime-gpu, builds the paper repository, serves
 # it, runs the bench for each public model and a load test, and writes OUT/gpu_bench.json
-# (see loadtest/gpu_run.py, which does the work, and loadtest/README.md).
+# (see the GPU run in loadtest/bench.py, which does the work, and loadtest/README.md).
 #
-#   loadtest/gpu_bench.sh [--venv DIR] [--dry-run] [--out DIR] [other loadtest/gpu_run.py options]
+#   loadtest/gpu_bench.sh [--venv DIR] [--dry-run] [--out DIR] [other options of python -m loadtest.bench]
 #
 #   --venv DIR   run in the virtual environment DIR, created with the project's "all" extra when
 #                missing (default: the active one, else the checkout's .venv). Installing
@@ -53,4 +53,4 @@ else
     fi
 fi
 
-exec python -m loadtest.gpu_run ${args[@]+"${args[@]}"}
+exec python -m loadtest.bench ${args[@]+"${args[@]}"}

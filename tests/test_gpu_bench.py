@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.gpu_run import CUDA, TARGETS, judge
+from loadtest.bench import CUDA, TARGETS, judge
 
 SCRIPT = Path(__file__).resolve().parents[1] / "loadtest" / "gpu_bench.sh"
 

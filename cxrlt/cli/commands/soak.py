@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from loadtest.driver import SoakConfig, SoakTargets, run as drive, soak_plot, soak_table
-    from loadtest.kernel import print_wide, run_folder
+    from loadtest.kernel import print_checks, print_wide, run_folder
 
     out = report_folder(args, "soak")
     config = SoakConfig(
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
                   f"({report['cpus']} CPUs)")
     for error, count in report["errors"].items():
         console.print(f"[red]{count} x {error}[/]")
-    for check in report["checks"]:
-        console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
+    print_checks(console, report["checks"])
     console.print(f"report: {report['files']['json']}  plot: {report['files']['plot']}")
     if not report["passed"]:
         console.print(f"[bold red]missed target(s): {', '.join(report['missed'])}[/]")
