@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from cxrlt.contract.operating_points import (Calibration, OperatingPoint, OperatingPoints, load_operating_points,
                                              parse_policy)
 from cxrlt.contract.results import Decision, FindingsResult
-from cxrlt.contract.study import aggregate_study, group_by_study
+from cxrlt.contract.study import aggregate_study, decisions_at, group_by_study
 
 
 def _point(threshold: float) -> OperatingPoint:
@@ -104,3 +105,20 @@ def test_decisions_at_the_points_match_numpy_thresholding():
     probabilities = np.array([[0.6, 0.1], [0.6, 0.9]])
     decisions = table.decide(probabilities, ["Normal", "Mass"], ["frontal", "lateral"])
     assert decisions.tolist() == [[1, -1], [0, -1]]
+
+
+def test_the_decisions_csv_names_each_source_and_leaves_no_decision_empty():
+    import pandas as pd
+    from io import StringIO
+
+    from cxrlt.contract.labels import ALL_LABELS
+    from cxrlt.io.reports import decisions_csv
+
+    table = OperatingPoints(parse_policy("youden"), {"Normal": {"any": _point(0.5)}})
+    images = [_result("1.1", "frontal", 0.7, source="a/x.dcm"), _result("1.2", "lateral", 0.2, source="b/x.dcm")]
+    images = [dataclasses.replace(r, decisions=decisions_at(table, r.probabilities, r.projection)) for r in images]
+    frame = pd.read_csv(StringIO(decisions_csv([*images, aggregate_study(images, table)])), dtype=str, keep_default_na=False)
+    assert list(frame.columns) == ["source", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "projection", *ALL_LABELS]
+    assert frame["source"].tolist() == ["a/x.dcm", "b/x.dcm", ""] and frame["projection"].tolist() == ["frontal", "lateral", "study"]
+    assert frame["Normal"].tolist() == ["1", "0", "0"]  # the study: (0.7 + 0.2) / 2 < 0.5
+    assert set(frame["cardiomegaly"]) == {""}  # no operating point: no decision, not a 0

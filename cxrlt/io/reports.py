@@ -39,7 +39,7 @@ from cxrlt.io.atomic import atomic_path, write_text_atomic
 from cxrlt.io.finding_codes import PRIVATE_SCHEME, FindingCode, finding_codes, label_for_code
 
 __all__ = ["MANUFACTURER", "SOFTWARE_VERSION", "NOT_FOR_CLINICAL_USE", "to_json", "challenge_csv", "write_challenge_csv",
-           "failures_csv", "NO_OPERATING_POINTS", "SrUids", "derived_uids", "derived_study_uids", "build_sr",
+           "failures_csv", "decisions_csv", "NO_OPERATING_POINTS", "SrUids", "derived_uids", "derived_study_uids", "build_sr",
            "build_study_sr", "write_sr", "save_sr", "read_sr_findings", "read_sr_decisions"]
 
 MANUFACTURER = "cxrlt-triton"
@@ -99,6 +99,23 @@ def write_challenge_csv(results: Sequence[FindingsResult], path: str | Path, tas
 def failures_csv(failures: Sequence[tuple[str | Path, str]]) -> str:
     """The inputs that could not be classified, one ``path,reason`` row each (header only: none failed)."""
     return _csv([(str(source), reason) for source, reason in failures], ["path", "reason"])
+
+
+def decisions_csv(results: Sequence[FindingsResult | StudyResult]) -> str:
+    """The decisions at the repository's operating points, beside the challenge CSV: one row per image
+    (or per study), naming its source and DICOM identities, then 1 (positive) / 0 per finding; a cell is
+    empty where the finding has no operating point (or the repository has none)."""
+    rows = []
+    for result in results:
+        decisions = result.decisions or {}
+        if isinstance(result, StudyResult):
+            identity = ["", result.study_instance_uid, "", "", "study"]
+        else:
+            identity = [result.source or result.image_id, result.study_instance_uid or "", result.series_instance_uid or "",
+                        result.sop_instance_uid or "", result.projection]
+        rows.append([*identity, *(int(decisions[label].positive) if label in decisions else None for label in ALL_LABELS)])
+    columns = ["source", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "projection", *ALL_LABELS]
+    return _csv(rows, columns, na_rep="", float_format="%.0f")
 
 
 def _csv(rows: list, columns: list[str], **options) -> str:
