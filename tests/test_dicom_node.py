@@ -112,14 +112,15 @@ class Node:
     """`cxrlt dicom-node` in a subprocess; its log in a file; stopped (or killed) by PID."""
 
     def __init__(self, spool: Path, backend: Backend, *destination: str, ae_title: str = NODE_AET,
-                 port: int | None = None) -> None:
+                 port: int | None = None, study_sr: tuple[str, ...] = ("--study-sr", "off")) -> None:
         self.spool = spool
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.ae_title = ae_title
         self.command = [sys.executable, "-m", "cxrlt", "dicom-node", "--ae-title", ae_title, "--port", str(self.port),
                         "--url", backend.url, "--spool", str(spool), "--metrics-port", str(self.metrics_port),
-                        "--max-backoff-s", "2", "--retries", "1", "--deadline-s", "20", "--grace-s", "5", *destination]
+                        "--max-backoff-s", "2", "--retries", "1", "--deadline-s", "20", "--grace-s", "5", *study_sr,
+                        *destination]
         self.log_path = spool.parent / f"{spool.name}.log"
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -551,6 +552,58 @@ def test_dicomweb_backfill_classifies_a_study_and_stores_the_same_srs(pacs, back
     assert entry["image_id"] == str(header.SOPInstanceUID) and entry["stored"], entry
     found = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": entry["sr"]}})
     assert len(found) == 1
+
+
+@with_orthanc
+def test_a_frontal_and_lateral_study_gets_one_study_sr_with_the_mean_of_both_views(pacs, backend, work, cxrlt):
+    """--study-sr also: the per-image SRs, then, once the study is quiet, one study SR referencing both images
+    whose findings are the mean of the frontal and the lateral probabilities; `classify --by-study --format sr`
+    writes the same SR (same UID)."""
+    from pydicom.uid import generate_uid
+
+    from cxrlt.contract.labels import ALL_LABELS
+    from cxrlt.io.reports import read_sr_findings
+
+    orthanc, _ = pacs
+    study = generate_uid(entropy_srcs=["cxrlt-test", "two-view-study"])
+
+    def view(position: str):
+        def mutate(dataset) -> None:
+            dataset.StudyInstanceUID, dataset.ViewPosition = study, position
+        return mutate
+
+    images = [variant(work, "study-pa", mutate=view("PA")), variant(work, "study-ll", mutate=view("LL"))]
+    node = Node(work / "study-spool", backend, "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                study_sr=("--study-sr", "also", "--study-quiet-s", "3"))  # Orthanc knows the AE title CXRLT
+    node.start()
+    try:
+        assert store(node.port, NODE_AET, *images) == [0, 0]
+        wait_for(lambda: node.metrics()["study_sent"] == 1, DELIVERY_S, "the study SR")
+        assert node.metrics()["sent"] == 2 and not list((node.spool / "studies").iterdir())
+    finally:
+        node.stop()
+    srs = {}
+    for instance in orthanc.instances(study, "SR"):
+        path = work / f"study-{instance['ID']}.dcm"
+        path.write_bytes(orthanc.file(instance["ID"]))
+        srs[path] = pydicom.dcmread(path)
+    referenced = {path: {str(item.ReferencedSOPInstanceUID) for series in sr.CurrentRequestedProcedureEvidenceSequence
+                         for ref in series.ReferencedSeriesSequence for item in ref.ReferencedSOPSequence}
+                  for path, sr in srs.items()}
+    [study_sr] = [path for path, refs in referenced.items() if len(refs) == 2]
+    assert len(srs) == 3 and referenced[study_sr] == {sop_uid(path) for path in images}
+
+    per_image = classify_json(cxrlt, backend.url, images, work / "study.json")
+    frontal, lateral = (per_image[sop_uid(path)] for path in images)
+    study_findings = read_sr_findings(study_sr)
+    assert list(study_findings) == list(ALL_LABELS)
+    for label in ALL_LABELS:
+        assert study_findings[label] == pytest.approx((frontal[label] + lateral[label]) / 2, abs=1e-6), label
+
+    out = work / "by-study"
+    assert cxrlt("classify", *images, "--url", backend.url, "--by-study", "--format", "sr", "--out", out) == 0
+    [written] = list(out.iterdir())
+    assert pydicom.dcmread(written).SOPInstanceUID == srs[study_sr].SOPInstanceUID
 
 
 # ----------------------------------------------------------------------------- without a server
