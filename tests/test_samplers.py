@@ -66,3 +66,73 @@ def test_sampler_increases_rare_class_exposure():
 def test_sampler_needs_one_input():
     with pytest.raises(ValueError, match="either labels"):
         RepeatFactorSampler()
+
+
+# ------------------------------------------------------------------ distributed sampling
+
+from training.samplers import DistributedBatchSampler, ShuffleDraw, plan_steps  # noqa: E402
+
+
+def _all_ranks(draw, batch, world, accumulate, epoch):
+    samplers = [DistributedBatchSampler(draw, batch, rank, world, accumulate) for rank in range(world)]
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    return samplers, [[list(b) for b in sampler] for sampler in samplers]
+
+
+@pytest.mark.parametrize("world, accumulate, batch", [(1, 1, 8), (2, 1, 8), (3, 1, 8), (2, 2, 16), (4, 1, 6), (2, 3, 7)])
+@pytest.mark.parametrize("kind", ["repeat_factor", "shuffle"])
+def test_ranks_draw_disjoint_shares_that_make_up_the_one_process_epoch(world, accumulate, batch, kind):
+    labels = np.random.default_rng(0).random((53, 4)) < np.array([0.5, 0.2, 0.05, 0.02])
+    draw = RepeatFactorSampler(labels, threshold=0.1, seed=3) if kind == "repeat_factor" else ShuffleDraw(53, seed=3)
+    for epoch in (0, 1):
+        whole = draw.epoch_indices(epoch)
+        samplers, batches = _all_ranks(draw, batch, world, accumulate, epoch)
+        # every process runs the same number of passes, none of them empty
+        assert len({len(b) for b in batches}) == 1 and all(len(x) > 0 for b in batches for x in b)
+        # disjoint positions of the draw, together exactly the draw: the same multiset as one process
+        assert sorted(i for b in batches for x in b for i in x) == sorted(whole.tolist())
+        one = [i for b in _all_ranks(draw, batch, 1, 1, epoch)[1] for x in b for i in x]
+        assert sorted(one) == sorted(whole.tolist())
+        # step by step, the ranks' shares of a pass are consecutive pieces of the draw
+        flat = [i for step in zip(*[iter(b) for b in batches]) for share in step for i in share]
+        assert flat == whole.tolist()
+        # each step's shares over all processes and passes add up to the whole step
+        passes = [s.passes(epoch) for s in samplers]
+        steps = samplers[0].steps(epoch)
+        assert sum(f for p in passes for f, _ in p) == pytest.approx(steps)
+        assert all(sum(last for _, last in p) == steps for p in passes)
+        assert len(samplers[0]) == steps * accumulate
+
+
+def test_distributed_draw_is_deterministic_per_seed_and_epoch():
+    a = DistributedBatchSampler(ShuffleDraw(40, seed=1), 8, rank=1, world=2)
+    b = DistributedBatchSampler(ShuffleDraw(40, seed=1), 8, rank=1, world=2)
+    assert a.shares(4)[0].tolist() == b.shares(4)[0].tolist()
+    assert [s.tolist() for s in a.shares(4)] != [s.tolist() for s in a.shares(5)]
+    assert [s.tolist() for s in a.shares(4)] != [s.tolist() for s in DistributedBatchSampler(ShuffleDraw(40, seed=2), 8, 1, 2).shares(4)]
+
+
+def test_a_short_last_step_joins_the_one_before_it():
+    steps = plan_steps(np.arange(17), global_batch=8, parts=2)  # 8 + 8 + 1: the 1 cannot be shared by 2
+    assert [sum(len(p) for p in step) for step in steps] == [8, 9]
+    assert [len(p) for p in steps[1]] == [5, 4]
+    assert [sum(len(p) for p in step) for step in plan_steps(np.arange(17), 8, 1)] == [8, 8, 1]  # one process: as before
+    with pytest.raises(ValueError, match="cannot be shared"):
+        plan_steps(np.arange(3), 8, 4)
+
+
+def test_one_process_without_accumulation_keeps_the_plain_loader(tmp_path):
+    import torch
+
+    from training.job import data_loader
+    from training.recipes import load_recipe
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(20))
+    recipe = load_recipe("router")
+    assert not isinstance(data_loader(dataset, 4, recipe, 0).batch_sampler, DistributedBatchSampler)
+    import dataclasses
+
+    accumulating = data_loader(dataset, 8, dataclasses.replace(recipe, accumulate_steps=2), 0)
+    assert isinstance(accumulating.batch_sampler, DistributedBatchSampler)
+    assert [len(b[0]) for b in accumulating] == [4, 4, 4, 4, 2, 2]

@@ -26,7 +26,8 @@ from cxrlt.contract.preprocessing import PreprocessConfig
 
 from networks.clip import create_clip, encode_prompt_ensembles, tokenizer_for
 from training.data import Augment, CxrDataset
-from training.job import (Job, SplitData, TrainingError, autocast, data_loader, image_loader, init_weights_path,
+from training.distributed import gather, sharded, unwrap
+from training.job import (Job, SplitData, TrainingError, autocast, data_loader, init_weights_path,
                           prevalence_map, register_job)
 from training.losses import AsymmetricLoss, ClipContrastiveLoss, DualBranchLoss
 from training.metrics import evaluate_predictions
@@ -107,7 +108,7 @@ class ClipJob(Job):
         self.primary = "val_zs_holdout_mAP" if self.holdout else "val_zs_seen_mAP"
         self.model_name = recipe.profile_spec.clip.model_name
         config = PreprocessConfig.clip(recipe.image_size)
-        loader = image_loader(recipe.cache_images)
+        loader = data.loader(recipe.cache_images, recipe.image_size)
         self.train_table = data.select(recipe.projection, "train")
         self.val_table = data.select(recipe.projection, "val")
         if len(self.train_table) == 0 or len(self.val_table) == 0:
@@ -141,7 +142,7 @@ class ClipJob(Job):
         tokens = self.tokenizer(reports).to(device)
         with autocast(device, dtype):
             image, text, logits = module(pixels.to(device), tokens)
-        scale = module.clip.logit_scale.exp().clamp(max=100.0)
+        scale = unwrap(module).clip.logit_scale.exp().clamp(max=100.0)
         total, parts = self.loss_fn(image.float(), text.float(), logits.float(),
                                     labels[:, self.seen_index].to(device), logit_scale=scale, return_parts=True)
         return total, {k: float(v) for k, v in parts.items()}
@@ -151,7 +152,7 @@ class ClipJob(Job):
         """(unit image embeddings [N, D] as served, ASL head logits [N, seen], labels [N, 30])."""
         module.eval()
         embeds, logits, labels = [], [], []
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.recipe.batch_size, shuffle=False,
+        loader = torch.utils.data.DataLoader(sharded(self.val_set), batch_size=self.recipe.batch_size, shuffle=False,
                                              num_workers=self.recipe.num_workers)
         for pixels, target, _ in loader:
             with autocast(device, dtype):
@@ -159,7 +160,8 @@ class ClipJob(Job):
             embeds.append(F.normalize(image, dim=-1).cpu())
             logits.append(module.head(image).float().cpu())
             labels.append(target)
-        return torch.cat(embeds).double().numpy(), torch.cat(logits).double().numpy(), torch.cat(labels).numpy()
+        return tuple(gather([torch.cat(embeds).double().numpy(), torch.cat(logits).double().numpy(),
+                             torch.cat(labels).numpy()]))
 
     def text_embeddings(self, module: DualBranchModel, classes: Sequence[str]) -> np.ndarray:
         clip = module.clip

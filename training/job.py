@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +29,10 @@ from torch import nn
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.io.images import load_pixels
 
+from training import image_cache
 from training.data import LabelTable, patient_split, read_cxrlt_csv
 from training.recipes import Recipe
+from training.samplers import DistributedBatchSampler, ShuffleDraw
 
 Log = Callable[[str], None]
 
@@ -49,6 +52,12 @@ class SplitData:
     image_root: Path
     train: np.ndarray
     val: np.ndarray
+    resized_root: Path | None = None  # a `cxrlt prepare-data` cache (training.image_cache), if any
+
+    def loader(self, memory: bool, size: int) -> Callable[[Path], np.ndarray]:
+        """The image loader of one recipe: through the cache of `size` when it is present."""
+        folder = image_cache.find(self.resized_root, size)
+        return image_loader(memory, image_cache.ResizedLoader(folder, self.image_root) if folder else None)
 
     def select(self, projection: str, part: str) -> LabelTable:
         """The train or val images of one projection ('all': every image with a known projection
@@ -60,8 +69,11 @@ class SplitData:
 
 
 def load_split(data_csv: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
-               labels: tuple[str, ...] = TASK1_LABELS, image_root: str | os.PathLike | None = None) -> SplitData:
-    """Read a CXR-LT CSV and split it 9:1 by patient (deterministic for seed and fraction)."""
+               labels: tuple[str, ...] = TASK1_LABELS, image_root: str | os.PathLike | None = None,
+               resized: str | os.PathLike | None = "auto") -> SplitData:
+    """Read a CXR-LT CSV and split it 9:1 by patient (deterministic for seed and fraction).
+
+    resized: the pre-resized image cache's folder ("auto": `resized/` next to the CSV; None: none)."""
     data_csv = Path(data_csv)
     if not data_csv.is_file():
         raise TrainingError(f"data CSV {data_csv} does not exist; make one with `cxrlt synth-data --out DIR --n 600`")
@@ -69,7 +81,8 @@ def load_split(data_csv: str | os.PathLike, val_fraction: float = 0.1, seed: int
     if len(table) < 2:
         raise TrainingError(f"{data_csv} holds {len(table)} image(s); training needs at least two patients")
     train, val = patient_split(table.patient_ids, val_fraction, seed)
-    return SplitData(table, Path(image_root) if image_root else data_csv.parent, train, val)
+    root = image_cache.default_root(data_csv) if resized == "auto" else (Path(resized) if resized else None)
+    return SplitData(table, Path(image_root) if image_root else data_csv.parent, train, val, root)
 
 
 def prevalence_map(labels: np.ndarray) -> float:
@@ -80,24 +93,30 @@ def prevalence_map(labels: np.ndarray) -> float:
 
 
 CACHE_MAX_IMAGE_BYTES = 1 << 20  # full-size radiographs are re-read, never kept in memory
-_IMAGE_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+_IMAGE_CACHE: dict[tuple[str, int, int, str], np.ndarray] = {}
 
 
-def _cached_image(path: Path) -> np.ndarray:
+def _cached_image(path: Path, load: Callable[[Path], np.ndarray] = load_pixels, tag: str = "") -> np.ndarray:
     stat = os.stat(path)
-    key = (str(path), stat.st_mtime_ns, stat.st_size)  # a rewritten file is read again
+    key = (str(path), stat.st_mtime_ns, stat.st_size, tag)  # a rewritten file is read again
     image = _IMAGE_CACHE.get(key)
     if image is None:
-        image = load_pixels(path)
+        image = load(path)
         if image.nbytes <= CACHE_MAX_IMAGE_BYTES:
             image.setflags(write=False)
             _IMAGE_CACHE[key] = image
     return image
 
 
-def image_loader(cache: bool) -> Callable[[Path], np.ndarray]:
-    """cxrlt.io.images.load_pixels, optionally memoised (images up to 1 MiB: the tiny profile's)."""
-    return _cached_image if cache else load_pixels
+def image_loader(cache: bool, resized: Callable[[Path], np.ndarray] | None = None) -> Callable[[Path], np.ndarray]:
+    """cxrlt.io.images.load_pixels, or `resized` (a training.image_cache.ResizedLoader), optionally
+    memoised (images up to 1 MiB: the tiny profile's)."""
+    load = resized or load_pixels
+    if not cache:
+        return load
+    if resized is None:
+        return _cached_image
+    return functools.partial(_cached_image, load=load, tag=str(getattr(resized, "folder", "resized")))
 
 
 def init_weights_path(recipe: Recipe) -> Path | None:
@@ -154,17 +173,34 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 17) % (2**31)
 
 
+def rank_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one process's epoch (augmentation): epoch_seed for rank 0, offset for the others."""
+    return (epoch_seed(seed, epoch) + 1_000_033 * int(rank)) % (2**31)
+
+
 def data_loader(dataset, batch_size: int, recipe: Recipe, epoch: int, sampler=None, shuffle: bool = True,
                 device: torch.device | None = None) -> torch.utils.data.DataLoader:
-    """The training batches of one epoch, shuffled (or sampled) from a seed of (recipe.seed, epoch)."""
+    """The training batches of one epoch, shuffled (or sampled) from a seed of (recipe.seed, epoch).
+
+    In a distributed run, or with recipe.accumulate_steps > 1, the epoch's draw (the sampler's,
+    or a shuffle from (seed, epoch)) is shared out by a DistributedBatchSampler: batch_size
+    images per optimiser step over all processes and accumulation passes together."""
+    from training.distributed import world
+
     generator = torch.Generator().manual_seed(epoch_seed(recipe.seed, epoch))
+    common = dict(num_workers=recipe.num_workers, generator=generator,
+                  pin_memory=bool(device is not None and device.type == "cuda"), persistent_workers=False)
+    current = world()
+    if current.distributed or recipe.accumulate_steps > 1:
+        draw = sampler if sampler is not None else ShuffleDraw(len(dataset), recipe.seed)
+        batches = DistributedBatchSampler(draw, batch_size, current.rank, current.size, recipe.accumulate_steps)
+        batches.set_epoch(epoch)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
     if sampler is not None:
         sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-        num_workers=recipe.num_workers, generator=generator, drop_last=False,
-        pin_memory=bool(device is not None and device.type == "cuda"),
-        persistent_workers=False,
+        drop_last=False, **common,
     )
 
 

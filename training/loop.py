@@ -17,12 +17,21 @@ What every recipe gets:
   reads directly and `--resume` continues from.
 Each epoch is seeded from (seed, epoch), so an interrupted-and-resumed run reproduces an
 uninterrupted one exactly on CPU.
+
+Launched by torchrun (`cxrlt train --nproc N`), the same loop trains data-parallel
+(training.distributed): DistributedDataParallel, each epoch's draw shared out between the
+processes, validation sharded and gathered, checkpoints, metrics and logs from rank 0 only.
+`batch_size` is the images of one optimiser step over all processes and `accumulate_steps`
+passes, so the optimiser, schedule and EMA in a checkpoint mean the same at any process count
+and a run resumes with another one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -35,12 +44,14 @@ from torch import nn
 
 from cxrlt.io.atomic import atomic_path
 
-from networks.checkpoints import CheckpointError, checkpoint_path, file_sha256
+from networks.checkpoints import CheckpointError, checkpoint_path, file_sha256, state_dict_sha256
+from training import distributed, image_cache
 from training.ema import ModelEma
-from training.job import (Log, TrainingError, autocast_dtype, epoch_seed, init_weights_path, load_split,
+from training.job import (Log, TrainingError, autocast_dtype, init_weights_path, load_split, rank_seed,
                           seed_everything, select_device, set_threads)
 from training.jobs import create_job
 from training.recipes import Recipe
+from training.samplers import DistributedBatchSampler
 from training.schedule import WarmupCosine, warmup_cosine
 
 CHECKPOINT_FORMAT = "cxrlt-train/1"
@@ -109,19 +120,20 @@ def _plain(value: Any) -> Any:
 def train(recipe: Recipe, data_csv: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False,
           epochs: int | None = None, stop_after_epoch: int | None = None, device: str | None = None,
           image_root: str | os.PathLike | None = None, progress: bool | None = None,
-          log: Log = print) -> TrainResult:
+          resized: str | os.PathLike | None = "auto", log: Log = print) -> TrainResult:
     """Train one recipe and write OUT/<model>.pt and OUT/<model>.metrics.csv.
 
     epochs: override the recipe's total. resume: continue from OUT/<model>.pt (model, EMA,
     optimiser, scheduler, scaler, epoch, history). stop_after_epoch: end this run after that
     epoch (a later --resume continues to `epochs`). progress: a tqdm bar per epoch (None: only
-    on a terminal).
+    on a terminal). resized: the `cxrlt prepare-data` cache to read images from when it holds
+    the recipe's size ("auto": `resized/` next to the CSV; None: always decode the sources).
     """
     if epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=int(epochs))
     threads = torch.get_num_threads()
     try:
-        return _train(recipe, data_csv, Path(out_dir), resume, stop_after_epoch, device, image_root, progress, log)
+        return _train(recipe, data_csv, Path(out_dir), resume, stop_after_epoch, device, (image_root, resized), progress, log)
     finally:
         torch.set_num_threads(threads)  # the recipe's thread count is for this run only
 
@@ -140,9 +152,12 @@ class _Run:
     ema: ModelEma
     scaler: Any
     steps_per_epoch: int
+    model: nn.Module | None = None  # what the batches go through: the module, DDP-wrapped when distributed
+    world: distributed.World = distributed.World()
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     epoch: int = 0
     global_step: int = 0
+    pending: int = 0  # backward passes since the last optimiser step
 
     @property
     def module(self) -> nn.Module:
@@ -154,13 +169,17 @@ class _Run:
                             float(self.recipe.schedule.get("min_lr_ratio", 0.01)))
 
 
-def _start(recipe: Recipe, data_csv, device: str | None, image_root, out: Path, log: Log) -> _Run:
+def _start(recipe: Recipe, data_csv, device: str | None, images: tuple, out: Path, log: Log) -> _Run:
     """Data, job, optimiser, schedule, EMA and scaler of a fresh run (the recipe's seed set first)."""
     set_threads(recipe.threads)
-    torch_device = select_device(device)
+    torch_device = distributed.process_device(select_device(device))
+    world = distributed.setup(torch_device)
     dtype = autocast_dtype(torch_device, recipe.precision)
     seed_everything(recipe.seed)
-    data = load_split(data_csv, recipe.val_fraction, recipe.split_seed, image_root=image_root)
+    data = load_split(data_csv, recipe.val_fraction, recipe.split_seed, image_root=images[0], resized=images[1])
+    cache = image_cache.find(data.resized_root, recipe.image_size)
+    if cache is not None:
+        log(f"{recipe.name}: reading images pre-resized to {recipe.image_size} px from {cache}")
     job = create_job(recipe, data)
     info = {**job.summary(), **job.before_training(out, log)}
     if recipe.init_weights:
@@ -171,12 +190,26 @@ def _start(recipe: Recipe, data_csv, device: str | None, image_root, out: Path, 
     params = _param_groups(job.module, float(recipe.optimizer["weight_decay"]))
     optimizer = torch.optim.AdamW(params, lr=float(recipe.optimizer["lr"]), betas=tuple(recipe.optimizer.get("betas", (0.9, 0.999))),
                                   eps=float(recipe.optimizer.get("eps", 1e-8)))
-    steps_per_epoch = max(1, len(job.train_loader(0)))
+    steps_per_epoch = max(1, _optimizer_steps(job.train_loader(0), 0))
     scheduler = warmup_cosine(optimizer, steps_per_epoch, recipe.epochs, float(recipe.schedule.get("warmup_epochs", 1)),
                               float(recipe.schedule.get("min_lr_ratio", 0.01)))
     ema = ModelEma(job.module, float(recipe.ema.get("decay", 0.999)), bool(recipe.ema.get("warmup", True)))
     scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype == torch.float16)
-    return _Run(recipe, job, torch_device, dtype, info, optimizer, scheduler, ema, scaler, steps_per_epoch)
+    model = distributed.wrap(job.module, torch_device)
+    return _Run(recipe, job, torch_device, dtype, info, optimizer, scheduler, ema, scaler, steps_per_epoch, model, world)
+
+
+def _optimizer_steps(loader, epoch: int) -> int:
+    sampler = getattr(loader, "batch_sampler", None)
+    return sampler.steps(epoch) if isinstance(sampler, DistributedBatchSampler) else len(loader)
+
+
+def _passes(loader, epoch: int):
+    """Per batch: (its share of the step's images over all processes, whether it ends the step)."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, DistributedBatchSampler):
+        return sampler.passes(epoch)
+    return itertools.repeat((1.0, True))
 
 
 def _resume(run: _Run, ckpt_path: Path, log: Log) -> int | None:
@@ -206,41 +239,63 @@ def _resume(run: _Run, ckpt_path: Path, log: Log) -> int | None:
 def _train_epoch(run: _Run, progress: bool | None) -> dict[str, Any]:
     """One epoch of optimisation (seeded from (seed, epoch)), then validation of the EMA weights."""
     recipe, epoch, started = run.recipe, run.epoch, time.perf_counter()
-    torch.manual_seed(epoch_seed(recipe.seed, epoch))
-    run.module.train()
+    torch.manual_seed(rank_seed(recipe.seed, epoch, run.world.rank))
+    run.model.train()
     totals: dict[str, float] = {"train_loss": 0.0}
     count = 0
-    bar = _progress(run.job.train_loader(epoch), f"{recipe.name} {epoch + 1}/{recipe.epochs}", progress)
-    for batch in bar:
-        loss, parts = run.job.training_loss(run.module, batch, run.device, run.dtype)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{recipe.name}: the loss became {loss.item()} at epoch {epoch + 1}; lower optimizer.lr")
-        _step(run, loss)
+    loader = run.job.train_loader(epoch)
+    bar = _progress(loader, f"{recipe.name} {epoch + 1}/{recipe.epochs}", progress if run.world.main else False)
+    for batch, (share, last) in zip(bar, _passes(loader, epoch)):
+        loss, parts = _backward(run, batch, share, last)
+        if not last:
+            continue
+        _step(run)
         count += 1
-        totals["train_loss"] += float(loss.detach())
+        totals["train_loss"] += float(loss.detach()) * share
         for key, value in parts.items():
-            totals[f"train_{key}"] = totals.get(f"train_{key}", 0.0) + float(value)
+            totals[f"train_{key}"] = totals.get(f"train_{key}", 0.0) + float(value) * share
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{totals['train_loss'] / count:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+    totals = distributed.reduce_sums(totals)  # each step's images over every process
     row: dict[str, Any] = {"epoch": epoch + 1, "step": run.global_step, "lr": run.optimizer.param_groups[0]["lr"]}
     row.update({k: v / max(1, count) for k, v in totals.items()})
     row.update(run.job.validate(run.ema.module, run.device, run.dtype))
+    if run.world.distributed:
+        distributed.check_same(state_dict_sha256(run.ema.module), f"{recipe.name}: the EMA weights after epoch {epoch + 1}")
+        row["processes"] = run.world.size
     row["epoch_s"] = time.perf_counter() - started
     run.epoch += 1
     run.history.append(_plain(row))
     return row
 
 
-def _step(run: _Run, loss: torch.Tensor) -> None:
-    """One optimiser step: scaled backward, clipping, scheduler and EMA."""
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+def _backward(run: _Run, batch, share: float, last: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward and scaled backward of one batch. Its loss counts by its share of the step's
+    images (DDP averages over the processes, accumulation adds the passes), so a step's gradient
+    is that of the mean loss over all its images, whatever the process and pass count. Only the
+    step's last pass synchronises the gradients."""
+    if run.pending == 0:
+        run.optimizer.zero_grad(set_to_none=True)
+    quiet = not last and run.model is not run.module
+    with run.model.no_sync() if quiet else contextlib.nullcontext():
+        loss, parts = run.job.training_loss(run.model, batch, run.device, run.dtype)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{run.recipe.name}: the loss became {loss.item()} at epoch {run.epoch + 1}; lower optimizer.lr")
+        weight = share * run.world.size
+        run.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
+    run.pending = 0 if last else run.pending + 1
+    return loss, parts
+
+
+def _step(run: _Run) -> None:
+    """One optimiser step after the step's backward passes: clipping, scheduler and EMA."""
     if run.recipe.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], run.recipe.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
+    distributed.sync_buffers(run.module)  # rank 0's batch-norm statistics, so every EMA is the same
     run.ema.update(run.module)
     run.global_step += 1
 
@@ -272,10 +327,12 @@ def _checkpoint(run: _Run) -> dict[str, Any]:
 
 
 def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: int | None, device: str | None,
-           image_root, progress: bool | None, log: Log) -> TrainResult:
+           images: tuple, progress: bool | None, log: Log) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run = _start(recipe, data_csv, device, image_root, out, log)
+    if distributed.env_rank() != 0:
+        log = _silent  # rank 0 alone logs and writes
+    run = _start(recipe, data_csv, device, images, out, log)
     ckpt_path = checkpoint_path(out, recipe.checkpoint_name())
     csv_path = metrics_csv_path(out, recipe.checkpoint_name())
     resumed_from = _resume(run, ckpt_path, log) if resume else None
@@ -283,13 +340,19 @@ def _train(recipe: Recipe, data_csv, out: Path, resume: bool, stop_after_epoch: 
     last_epoch = recipe.epochs if stop_after_epoch is None else min(recipe.epochs, int(stop_after_epoch))
     while run.epoch < last_epoch:
         row = _train_epoch(run, progress)
-        _atomic_save(_checkpoint(run), ckpt_path)
-        _write_history(run.history, csv_path)
+        if run.world.main:
+            _atomic_save(_checkpoint(run), ckpt_path)
+            _write_history(run.history, csv_path)
         log(_epoch_line(recipe, row, run.job.primary))
+    distributed.barrier()  # every process returns once rank 0's checkpoint is written
     if last_epoch <= start_epoch:
         log(f"{recipe.name}: already trained for {start_epoch} epoch(s); nothing to do (raise --epochs to continue)")
     return TrainResult(recipe, ckpt_path, csv_path, run.history, max(start_epoch, last_epoch),
                        time.perf_counter() - started, resumed_from, run.info, run.job.primary)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _load_training_checkpoint(path: Path, recipe: Recipe) -> dict[str, Any]:

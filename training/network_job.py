@@ -23,7 +23,8 @@ from cxrlt.io.images import load_pixels
 
 from networks.checkpoints import CheckpointError, read_state_dict, state_dict_sha256
 from training.data import Augment, CxrDataset, LabelTable
-from training.job import (Job, Log, SplitData, TrainingError, autocast, data_loader, image_loader, init_weights_path,
+from training.distributed import gather, sharded
+from training.job import (Job, Log, SplitData, TrainingError, autocast, data_loader, init_weights_path,
                           prevalence_map, register_job)
 from training.losses import create_loss
 from training.metrics import evaluate_predictions
@@ -62,7 +63,7 @@ class NetworkJob(Job):
         self.router = recipe.task == "projection"
         self.primary = "val_acc" if self.router else "val_mAP"
         config = PreprocessConfig(size=recipe.image_size)
-        loader = image_loader(recipe.cache_images)
+        loader = data.loader(recipe.cache_images, recipe.image_size)
         self.train_table = data.select(recipe.projection, "train")
         self.val_table = data.select(recipe.projection, "val")
         if self.router:  # the router learns from images whose projection is known
@@ -127,7 +128,7 @@ class NetworkJob(Job):
         """(TTA-averaged logits float64 [N, K], labels [N, C], projections [N]) of the val set."""
         module.eval()
         logits, labels, projections = [], [], []
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=max(1, self.recipe.batch_size // len(self.recipe.tta)),
+        loader = torch.utils.data.DataLoader(sharded(self.val_set), batch_size=max(1, self.recipe.batch_size // len(self.recipe.tta)),
                                              shuffle=False, num_workers=self.recipe.num_workers)
         for views, target, projection in loader:
             batch, n_views = views.shape[:2]
@@ -137,7 +138,7 @@ class NetworkJob(Job):
             logits.append(out)
             labels.append(target)
             projections.append(projection)
-        return torch.cat(logits).numpy(), torch.cat(labels).numpy(), torch.cat(projections).numpy()
+        return tuple(gather([torch.cat(logits).numpy(), torch.cat(labels).numpy(), torch.cat(projections).numpy()]))
 
     def validate(self, module, device, dtype):
         logits, labels, projections = self.predict(module, device, dtype)

@@ -35,6 +35,10 @@ A recipe names what it trains and how; the data (`--data CSV`) and the output fo
     schedule      {warmup_epochs, min_lr_ratio}: linear warm-up then cosine, per step
     ema           {decay, warmup}: EMA of the weights (saved as ema_state_dict, served)
     epochs, batch_size, grad_clip (max global norm; 0 = off)
+                  batch_size is the images of one optimiser step over all processes together
+    accumulate_steps  gradient accumulation: each optimiser step is this many forward/backward
+                  passes per process (default 1), so a machine with fewer GPUs or less memory
+                  reaches the same batch_size (training.distributed)
     augment       training.data.Augment parameters ({} = the paper's: its defaults)
     profile_overrides  optional: {profile: {key: value, ...}} merged over the recipe when it
                   trains that profile, below what the command line sets (e.g. the tiny
@@ -87,6 +91,7 @@ _DEFAULTS: dict[str, Any] = {
     "ema": {"decay": 0.999, "warmup": True},
     "epochs": 10,
     "batch_size": 32,
+    "accumulate_steps": 1,
     "grad_clip": 1.0,
     "augment": {},
     "precision": "auto",
@@ -125,6 +130,7 @@ class Recipe:
     ema: dict
     epochs: int
     batch_size: int
+    accumulate_steps: int
     grad_clip: float
     augment: dict
     precision: str
@@ -296,6 +302,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None, default
     _check_optimisation(merged, fail)
     _check_validation(merged, fail)
     merged["epochs"], merged["batch_size"] = int(merged["epochs"]), int(merged["batch_size"])
+    merged["accumulate_steps"] = int(merged["accumulate_steps"])
     merged["grad_clip"] = float(merged["grad_clip"] or 0.0)
     merged["val_fraction"] = float(merged["val_fraction"])
     return Recipe(**merged, source=source)
@@ -384,6 +391,8 @@ def _check_optimisation(merged: dict[str, Any], fail: Callable[[str, str], NoRet
         fail("ema.decay", "must be in [0, 1)")
     if int(merged["epochs"]) < 1 or int(merged["batch_size"]) < 1:
         fail("epochs/batch_size", "must be positive integers")
+    if int(merged["accumulate_steps"]) < 1:
+        fail("accumulate_steps", "must be a positive integer (1 = no accumulation)")
     if merged["precision"] not in PRECISIONS:
         fail("precision", f"must be one of {PRECISIONS}")
 

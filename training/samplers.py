@@ -80,3 +80,84 @@ class RepeatFactorSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.epoch_indices(self.epoch))
+
+
+# ------------------------------------------------------------------ distributed sampling
+
+
+class ShuffleDraw:
+    """Every image once per epoch in an order drawn from (seed, epoch): the plain shuffle's
+    draw when it is shared between processes (same `epoch_indices` interface as the
+    repeat-factor sampler)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed = int(size), int(seed)
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(self.size).astype(np.int64)
+
+
+def plan_steps(order: np.ndarray, global_batch: int, parts: int) -> list[list[np.ndarray]]:
+    """One epoch's draw cut into optimiser steps of `global_batch` images, each split into
+    `parts` (processes x accumulation steps) near-equal, non-empty shares.
+
+    A last step with fewer images than `parts` joins the step before it, so no share is ever
+    empty (every process runs the same number of passes) and no image is dropped or repeated.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    if len(order) < parts:
+        raise ValueError(f"an epoch of {len(order)} image(s) cannot be shared by {parts} processes x accumulation steps")
+    steps = [order[start:start + global_batch] for start in range(0, len(order), global_batch)]
+    if len(steps) > 1 and len(steps[-1]) < parts:
+        steps[-2:] = [np.concatenate(steps[-2:])]
+    return [np.array_split(step, parts) for step in steps]
+
+
+class DistributedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """This process's batches of an epoch drawn once for all processes.
+
+    `draw.epoch_indices(epoch)` is the epoch's draw (the repeat-factor sampler's, or a
+    `ShuffleDraw`), the same in every process because it depends only on (seed, epoch). Each
+    optimiser step takes the next `global_batch` indices of it and splits them into
+    world x accumulate shares (training.samplers.plan_steps); process `rank` takes share
+    a * world + rank in accumulation pass a. The shares of all processes are disjoint and
+    together are exactly the draw: an N-process epoch sees the images a 1-process epoch sees.
+    `passes(epoch)` tells the loop, per batch, the fraction of its step's images it holds and
+    whether it ends the step.
+    """
+
+    def __init__(self, draw, global_batch: int, rank: int = 0, world: int = 1, accumulate: int = 1) -> None:
+        if not 0 <= rank < world or accumulate < 1 or global_batch < 1:
+            raise ValueError(f"need 0 <= rank < world, accumulate >= 1 and batch >= 1 (got {rank}, {world}, {accumulate}, {global_batch})")
+        self.draw, self.global_batch = draw, int(global_batch)
+        self.rank, self.world, self.accumulate = int(rank), int(world), int(accumulate)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, epoch: int) -> list[list[np.ndarray]]:
+        """Every process's shares: plan[step][pass * world + rank]."""
+        return plan_steps(self.draw.epoch_indices(epoch), self.global_batch, self.world * self.accumulate)
+
+    def shares(self, epoch: int) -> list[np.ndarray]:
+        """This process's batches, in order."""
+        return [step[a * self.world + self.rank] for step in self.plan(epoch) for a in range(self.accumulate)]
+
+    def passes(self, epoch: int) -> list[tuple[float, bool]]:
+        """Per batch of this process: (its images / its step's images, last pass of the step)."""
+        out = []
+        for step in self.plan(epoch):
+            total = sum(len(share) for share in step)
+            for a in range(self.accumulate):
+                out.append((len(step[a * self.world + self.rank]) / total, a == self.accumulate - 1))
+        return out
+
+    def steps(self, epoch: int) -> int:
+        return len(self.plan(epoch))
+
+    def __iter__(self):
+        return iter([share.tolist() for share in self.shares(self.epoch)])
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch)) * self.accumulate

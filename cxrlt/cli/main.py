@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "soak": ("soak", "many requests against one server: RSS, fds and /dev/shm of its process tree sampled, growth after warm-up judged"),
     "stress": ("stress", "overload test: saturation, then N x that rate; rejections, goodput, correctness, recovery"),
     "synth-data": ("synth_data", "write a synthetic, long-tailed CXR-like data set (16-bit PNGs + labels.csv)"),
+    "prepare-data": ("prepare_data", "resize every image of a label CSV once into the cache training reads (uint16, process pool, resumable)"),
     "train": ("train", "train networks from recipe YAMLs into <served model name>.pt checkpoints"),
     "evaluate": ("evaluate", "mAP/mAUC/mF1/mECE of the served pipeline (server, repository or checkpoints) on labelled images"),
     "tune-weights": ("tune_weights", "grid-search the per-projection ensemble weights on validation data into a repository"),

@@ -5,11 +5,20 @@ state) and OUT/<name>.metrics.csv, so `cxrlt build-repo --checkpoints OUT` serve
 `--resume` continues an interrupted run.
 
 `--config all` trains every served network's recipe in dependency order (PCAM before the
-CaiT that freezes its backbone)."""
+CaiT that freezes its backbone).
+
+Data-parallel: `--nproc N` runs this same command under torchrun with N processes on this
+machine (one GPU each, NCCL; gloo on CPU); for several machines run
+`torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m cxrlt train ...`
+on each. Images come from the `cxrlt prepare-data` cache when one of the recipe's size is
+present (`resized/` next to the CSV, or --cache DIR)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 # The served networks' recipes, in an order that trains each PCAM before its CaiT.
@@ -32,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train data-parallel with N processes on this machine (torchrun; one per GPU, or gloo on CPU)")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="pre-resized image cache from `cxrlt prepare-data` (default: resized/ next to the CSV, when present)")
+    parser.add_argument("--no-cache", action="store_true", help="decode the source images even when a cache is present")
 
 
 def expand_configs(configs: list[str]) -> list[str]:
@@ -41,7 +55,32 @@ def expand_configs(configs: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m cxrlt train ARGV` (ARGV without --nproc)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "cxrlt", "train", *rest]
+
+
+def launch(nproc: int) -> int:
+    """Run this command again under torchrun with `nproc` processes; its exit status."""
+    argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else sys.argv[1:]
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo talks over loopback
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(torchrun_command(argv, nproc), env=env)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.nproc)
     from rich.table import Table
 
     from cxrlt.cli.console import console
@@ -58,13 +97,17 @@ def run(args: argparse.Namespace) -> int:
     recipes.sort(key=lambda recipe: 1 if recipe.pcam_checkpoint else 0)
     results = []
     for recipe in recipes:
-        console.print(f"[bold]training {recipe.name}[/] -> {args.out / (recipe.checkpoint_name() + '.pt')} "
-                      f"(profile {recipe.profile}, {args.epochs or recipe.epochs} epochs)")
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(f"[bold]training {recipe.name}[/] -> {args.out / (recipe.checkpoint_name() + '.pt')} "
+                          f"(profile {recipe.profile}, {args.epochs or recipe.epochs} epochs)")
         results.append(train(
             recipe, args.data, args.out, resume=args.resume, epochs=args.epochs, stop_after_epoch=args.stop_after_epoch,
             device=args.device, image_root=args.images, progress=False if args.no_progress else None,
+            resized=None if args.no_cache else (args.cache or "auto"),
             log=lambda line: console.print(line, highlight=False, soft_wrap=True),
         ))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     table = Table(title=f"trained into {args.out}")
     for column in ("recipe", "checkpoint", "epoch", "metric", "value", "time"):
         table.add_column(column)
