@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
-import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,10 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, ENCODER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
-from loadtest.kernel import (IMAGE_SETS, MODELS, Measurement, Payload, Served, cpu_sample, drive, fmt, images_json,
-                             load_payloads, process_tree, save_figure, subplots, table, target_server, write_json)
+from loadtest.kernel import (IMAGE_SETS, MODELS, Payload, Served, closed_loop_figures, images_json, load_payloads,
+                             measure_level, pyplot, save_figure, target_server, write_json)
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
@@ -42,36 +40,11 @@ TARGETS = (
 )
 
 
-@dataclasses.dataclass
-class BenchConfig:
-    repo: Path
-    url: str | None = None  # None: start the embedded tritonserver on free ports
-    metrics_url: str | None = None
-    concurrency: tuple[int, ...] | None = None  # None: default_levels
-    requests: int = 64  # measured requests per side, concurrency and round
-    rounds: int = 1  # repeats of the whole interleaved sweep, pooled
-    warmup: int | None = None  # untimed requests per side and concurrency (default: max(concurrency, images))
-    model: str = CLASSIFIER_MODEL
-    threads: int | None = None  # raw onnxruntime intra-op threads per session (default: the server's)
-    raw_pool: int | None = None  # raw network-call threads (default: the served compute threads / `threads`)
-    raw_providers: str | None = None  # raw execution providers: auto, cpu, cuda (default: the served networks')
-    preprocessing_repeats: int = 20  # timed prepare_square calls per configuration and image
-    image_set: str = "all"
-    send_hints: bool = True
-    shared_memory: bool = False  # served: IMAGE through a system shared-memory region (the SDK's)
-    send_size: int | str | None = None  # served: downscale before sending (the SDK's send_size)
-    server_log: Path | None = None  # log of the server bench starts
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"--model must be one of {', '.join(MODELS)}, not {self.model!r}")
-        if self.concurrency is not None and (not self.concurrency or any(c < 1 for c in self.concurrency)):
-            raise ValueError("concurrency levels must be positive integers")
-        for name in ("requests", "rounds", "preprocessing_repeats", "raw_pool"):
-            if (value := getattr(self, name)) is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.send_size is not None and self.shared_memory:
-            raise ValueError("--send-size is for a remote server and --shared-memory for one on this host: choose one")
+# `cxrlt bench`'s options and their defaults, for a run that does not come from its command line (the GPU run).
+BENCH_DEFAULTS = {"url": None, "metrics_url": None, "concurrency": None, "requests": 64, "rounds": 1, "warmup": None,
+                  "model": CLASSIFIER_MODEL, "threads": None, "raw_pool": None, "raw_providers": None, "image_set": "all",
+                  "hints": True, "shared_memory": False, "send_size": None}
+PREPROCESSING_REPEATS = 20  # timed prepare_square calls per configuration and image
 
 
 class RawSide:
@@ -184,103 +157,97 @@ def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int 
         for config, models in configs.items()]}
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Run the sweep; return the figures (JSON-ready)."""
+def run_bench(args: argparse.Namespace, server_log: Path | None = None, preprocessing_repeats: int = PREPROCESSING_REPEATS,
+              log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Run the sweep with `cxrlt bench`'s options (BENCH_DEFAULTS for those not given); return the figures (JSON-ready)."""
     import onnxruntime
 
     from cxrlt.contract.manifest import read_manifest
 
-    manifest, payloads = read_manifest(config.repo), load_payloads(config.image_set)
+    manifest, payloads = read_manifest(args.repo), load_payloads(args.image_set)
     log("timing preprocessing")
-    preprocessing = preprocessing_timings(config.repo, payloads, config.preprocessing_repeats)
+    preprocessing = preprocessing_timings(args.repo, payloads, preprocessing_repeats)
     with contextlib.ExitStack() as stack:
-        url, metrics_url, pid = stack.enter_context(target_server(config.repo, config.url, config.server_log, log=log))
+        url, metrics_url, pid = stack.enter_context(target_server(args.repo, args.url, server_log, log=log))
         budget = server_thread_budget(url, list(manifest["models"]))
         served_networks = {n: m.get("execution_provider") for n, m in budget["models"].items() if n not in MODELS}
-        threads = config.threads if config.threads is not None else budget["network_intra_op_threads"]
-        raw_pool = config.raw_pool or max(1, budget["network_compute_threads_total"] // max(1, threads))
+        threads = args.threads if args.threads is not None else budget["network_intra_op_threads"]
+        raw_pool = args.raw_pool or max(1, budget["network_compute_threads_total"] // max(1, threads))
         preferences = set(served_networks.values())  # the networks' provider when they agree, else "auto"
-        providers = config.raw_providers or (preferences.pop() if len(preferences) == 1 and None not in preferences else "auto")
+        providers = args.raw_providers or (preferences.pop() if len(preferences) == 1 and None not in preferences else "auto")
         log(f"loading onnxruntime sessions (intra-op threads {threads}, pool {raw_pool}, providers {providers})")
-        raw = stack.enter_context(contextlib.closing(RawSide(config.repo, config.model, threads, raw_pool, providers)))
-        levels = config.concurrency or default_levels(budget["models"][config.model])
-        send_size = config.send_size
+        raw = stack.enter_context(contextlib.closing(RawSide(args.repo, args.model, threads, raw_pool, providers)))
+        levels = args.concurrency or default_levels(budget["models"][args.model])
+        send_size = args.send_size
         if send_size == SEND_SIZE_SERVED:  # the number of pixels cxrlt.client reads from the served configs
             from cxrlt.client import CxrltClient
 
-            with CxrltClient(url, model=config.model, send_size=send_size) as client:
+            with CxrltClient(url, model=args.model, send_size=send_size) as client:
                 send_size = client.model_info().input_size
-        served = stack.enter_context(contextlib.closing(Served(url, config.model, config.send_hints,
-                                                               shared_memory=config.shared_memory, send_size=send_size)))
+        served = stack.enter_context(contextlib.closing(Served(url, args.model, args.hints,
+                                                               shared_memory=args.shared_memory, send_size=send_size)))
         served.ensure_clients(max(levels))
         # Warm both sides on every image (creates all raw sessions single-threaded) and compare outputs.
         parity = max(float(np.max(np.abs(raw(0, p) - served(0, p)))) for p in payloads)
-        server_pid = pid if config.url is None else None  # --url: the server's processes are not ours to measure
-        sweep = _sweep(config, levels, payloads, {"raw": raw, "served": served}, config.metrics_url or metrics_url, server_pid, log)
+        server_pid = pid if args.url is None else None  # --url: the server's processes are not ours to measure
+        sweep = _sweep(args, levels, payloads, {"raw": raw, "served": served}, args.metrics_url or metrics_url, server_pid, log)
         raw_json = {"pool_threads": raw_pool, "intra_op_threads_per_session": threads,
                     "compute_threads_total": raw_pool * max(1, threads), "sessions": len(raw.networks),
                     "workers": "= concurrency (threads running the pipeline code; its network calls run on the pool)"}
         providers_json = {"available": onnxruntime.get_available_providers(), "raw_preference": providers,
                           "raw_sessions": raw.session_providers(), "served_configured": served_networks}
     return {
-        "model": config.model, "repository": str(config.repo), "profile": manifest.get("profile"),
-        "url": config.url or "embedded (started by cxrlt bench)", "images": images_json(payloads, config.send_hints),
-        "requests_per_point": config.requests, "admitted_concurrency": budget["models"][config.model]["max_queue_size"] or None,
-        "rounds": config.rounds, "thread_budget": {"served": budget, "raw": raw_json},
+        "model": args.model, "repository": str(args.repo), "profile": manifest.get("profile"),
+        "url": args.url or "embedded (started by cxrlt bench)", "images": images_json(payloads, args.hints),
+        "requests_per_point": args.requests, "admitted_concurrency": budget["models"][args.model]["max_queue_size"] or None,
+        "rounds": args.rounds, "thread_budget": {"served": budget, "raw": raw_json},
         "execution_providers": providers_json, "preprocessing_ms": preprocessing,
-        "image_transport": "system shared memory" if config.shared_memory else "gRPC message", "send_size": send_size,
+        "image_transport": "system shared memory" if args.shared_memory else "gRPC message", "send_size": send_size,
         "parity_max_abs_diff": parity, "sweep": sweep, **_best(sweep),
     }
 
 
-def _sweep(config: BenchConfig, levels: Sequence[int], payloads: Sequence[Payload], sides: dict[str, Callable],
+def _sweep(args: argparse.Namespace, levels: Sequence[int], payloads: Sequence[Payload], sides: dict[str, Callable],
            metrics_url: str | None, server_pid: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every round over every level, both sides back to back (which goes first alternates)."""
-    from loadtest.metrics import add, diff, try_scrape
+    from loadtest.metrics import add
 
-    measured: dict[tuple[int, str], list[Measurement]] = {(c, s): [] for c in levels for s in SIDES}
-    cpu = {(c, s): np.zeros(2) for c in levels for s in SIDES}  # [this process s, server s]
+    measured: dict[tuple[int, str], list[dict[str, Any]]] = {(c, s): [] for c in levels for s in SIDES}
     deltas: dict[int, Any] = dict.fromkeys(levels)
     orders: dict[int, list[list[str]]] = {c: [] for c in levels}
-    for round_index in range(config.rounds):
+    for round_index in range(args.rounds):
         for index, concurrency in enumerate(levels):
-            warmup = config.warmup if config.warmup is not None else max(concurrency, len(payloads))
-            total = max(config.requests, concurrency)
+            warmup = args.warmup if args.warmup is not None else max(concurrency, len(payloads))
+            total = max(args.requests, concurrency)
             orders[concurrency].append(list(SIDES if (index + round_index) % 2 == 0 else SIDES[::-1]))
             for side in orders[concurrency][-1]:
-                if warmup:
-                    drive(sides[side], payloads, concurrency, warmup)
-                before = try_scrape(metrics_url)[0] if side == "served" else None
-                log(f"round {round_index + 1}/{config.rounds}, concurrency {concurrency}: {side}, {total} requests")
-                cpu_before = cpu_sample(server_pid)
-                measured[concurrency, side].append(drive(sides[side], payloads, concurrency, total))
-                cpu[concurrency, side] += [b - a if a is not None else math.nan
-                                           for a, b in zip(cpu_before, cpu_sample(server_pid))]
-                if before is not None and (after := try_scrape(metrics_url, before, {config.model: total})[0]) is not None:
-                    deltas[concurrency] = add(deltas[concurrency], diff(before, after))
-    return [_row(config.model, c, orders[c], {s: measured[c, s] for s in SIDES}, {s: cpu[c, s] for s in SIDES}, deltas[c])
-            for c in levels]
+                log(f"round {round_index + 1}/{args.rounds}, concurrency {concurrency}: {side}, {total} requests")
+                point = measure_level(sides[side], payloads, concurrency, total, warmup, server_pid,
+                                      metrics_url if side == "served" else None, args.model)
+                measured[concurrency, side].append(point)
+                if point["triton"] is not None:
+                    deltas[concurrency] = add(deltas[concurrency], point["triton"])
+    return [_row(args.model, c, orders[c], {s: measured[c, s] for s in SIDES}, deltas[c]) for c in levels]
 
 
-def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[str, list[Measurement]],
-         cpu: dict[str, np.ndarray], delta: Any) -> dict[str, Any]:
-    from loadtest.metrics import member_calls_per_image, per_model
+def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[str, list[dict[str, Any]]],
+         delta: Any) -> dict[str, Any]:
+    """One level's figures per side, its rounds pooled, and the served/raw ratio (pooled and per round)."""
+    from loadtest.metrics import breakdown_json, member_calls_per_image, per_model
 
     row: dict[str, Any] = {"concurrency": concurrency, "order": orders[0], "orders": orders}
     for side in SIDES:
         runs = measured[side]
-        pooled = Measurement(concurrency, sum(m.requests for m in runs), sum(m.wall_s for m in runs),
-                             [x for m in runs for x in m.latencies_ms])
-        own, server = (None if math.isnan(s) else round(1000 * s / pooled.requests, 3) for s in cpu[side])
-        row[side] = {**pooled.to_json(), "cpu_ms_per_image": {"this_process": own, "server": server}}
+        pooled = closed_loop_figures([x for r in runs for x in r["latencies_ms"]], sum(r["wall_s"] for r in runs))
+        own, server = (None if any(r["cpu_s"][i] is None for r in runs) else
+                       round(1000 * sum(r["cpu_s"][i] for r in runs) / pooled["requests"], 3) for i in (0, 1))
+        row[side] = {**pooled, "cpu_ms_per_image": {"this_process": own, "server": server}}
     if delta is not None:
-        rows = per_model(delta)
-        row["served"]["triton"] = {m.model: m.to_json() for m in rows}
-        row["served"].update(member_calls_per_image(rows, model))
+        row["served"].update(triton=breakdown_json(delta), **member_calls_per_image(per_model(delta), model))
     raw_rate = row["raw"]["images_per_s"]
     row["ratio"] = round(row["served"]["images_per_s"] / raw_rate, 4) if raw_rate else None
-    row["ratio_per_round"] = [round(s.images_per_s / r.images_per_s, 4) for r, s in zip(measured["raw"], measured["served"])
-                              if r.images_per_s]
+    rates = {side: [len(r["latencies_ms"]) / r["wall_s"] for r in measured[side]] for side in SIDES}
+    row["ratio_per_round"] = [round(s / r, 4) for r, s in zip(rates["raw"], rates["served"]) if r]
     return row
 
 
@@ -299,28 +266,19 @@ def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    levels, sweep = [r["concurrency"] for r in report["sweep"]], report["sweep"]
-    fig, axes = subplots(1, 2, figsize=(11, 4.2))
-    for side, color, label in (("raw", "tab:blue", "raw (onnxruntime in process)"), ("served", "tab:orange", "served (Triton, gRPC)")):
-        axes[0].plot(levels, [r[side]["images_per_s"] for r in sweep], "o-", color=color, label=label)
-        for q, style in (("p50", "o-"), ("p95", "s--")):
-            axes[1].plot(levels, [r[side][f"{q}_ms"] for r in sweep], style, color=color, label=f"{side} {q}")
-    for ax, title, ylabel in zip(axes, ("throughput", "latency"), ("images/s", "ms per image")):
+    """Throughput and p50 / p95 latency per concurrency, raw and served."""
+    sweep = pd.json_normalize(report["sweep"]).set_index("concurrency")
+    fig, (throughput, latency) = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    sweep[[f"{side}.images_per_s" for side in SIDES]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
+    sweep[[f"{side}.{q}_ms" for side in SIDES for q in ("p50", "p95")]].plot(ax=latency, style="o-", title="latency",
+                                                                              ylabel="ms per image")
+    for ax in (throughput, latency):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.set(xlabel="concurrency", ylabel=ylabel, title=title)
-    return save_figure(fig, path, f"{report['model']} ({report['profile']} profile): served/raw at best = "
-                                  f"{report['best']['ratio']:.2f}", axes)
-
-
-def summary_table(report: dict[str, Any]):
-    return table(f"{report['model']}: raw (onnxruntime in process) vs served (Triton, gRPC)",
-                 ("conc", "raw img/s", "raw p50", "raw p95", "srv img/s", "srv p50", "srv p95", "srv/raw", "member req/img"),
-                 [(str(r["concurrency"]), *(f"{r[side][key]:{spec}}" for side in SIDES for key, spec in
-                                            (("images_per_s", ".2f"), ("p50_ms", ".1f"), ("p95_ms", ".1f"))),
-                   fmt(r["ratio"], ".2f"), fmt(r["served"].get("member_requests_per_image"), ".2f")) for r in report["sweep"]],
-                 "img/s: images per second; p50/p95: latency per image in ms; member req/img: "
-                 "network requests (BLS calls) per image, from Triton's statistics")
+        ax.set(xticks=sweep.index, xticklabels=sweep.index, ylim=(0, None))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path, f"{report['model']} ({report['profile']} profile): raw (onnxruntime in process) vs "
+                                  f"served (Triton, gRPC), served/raw at best = {report['best']['ratio']:.2f}")
 
 
 # --- the GPU run -----------------------------------------------------------------------------
@@ -345,31 +303,6 @@ def judge(models: dict[str, Any], provider: str | None, profile: str) -> list[di
     return [{"model": model, "figure": figure, "target": f"{comparison} {bound:g}", "measured": models[model][figure],
              "met": (models[model][figure] <= bound if comparison == "<=" else models[model][figure] >= bound)
              if profile == "paper" and provider == CUDA else None} for model, figure, comparison, bound in TARGETS]
-
-
-def gpu_memory(server_pids: set[int] | None) -> dict[str, Any] | None:
-    """Memory of every GPU, and what the server's processes hold on them (None: no nvidia-smi)."""
-    def query(what: str) -> list[list[str]] | None:
-        try:
-            text = subprocess.run(["nvidia-smi", what, "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                  timeout=30, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return [[field.strip() for field in line.split(",")] for line in text.splitlines() if line.strip()]
-
-    def mib(text: str) -> float | None:
-        return float(text) if text.replace(".", "", 1).isdigit() else None  # "[N/A]" under MIG, "[Not Supported]"
-
-    if (gpus := query("--query-gpu=index,name,memory.used,memory.total")) is None:
-        return None
-    apps = [(int(pid), mib(used)) for pid, used in query("--query-compute-apps=pid,used_memory") or [] if pid.isdigit()]
-    ours = [used or 0.0 for pid, used in apps if server_pids is not None and pid in server_pids]
-    return {"gpus": [{"index": int(index), "name": name, "memory_used_mib": mib(used), "memory_total_mib": mib(total)}
-                     for index, name, used, total in gpus],
-            "compute_apps": [{"pid": pid, "used_memory_mib": used} for pid, used in apps],
-            # In a container nvidia-smi may show the host's process ids: then none match and this is 0.
-            "server_processes_on_gpu": len(ours) if server_pids is not None else None,
-            "server_memory_mib": sum(ours) if server_pids is not None else None}
 
 
 def build_gpu_repository(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
@@ -397,40 +330,37 @@ def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda messag
         raise RuntimeError("this onnxruntime has no CUDA execution provider: install onnxruntime-gpu "
                            "(loadtest/gpu_bench.sh does), or rehearse on the CPU with --dry-run")
     args.out.mkdir(parents=True, exist_ok=True)
-    repo, memory_before, benches, files = args.repo or build_gpu_repository(args, log), gpu_memory(None), {}, {}
-    with target_server(repo, args.url, args.out / "tritonserver.log", log=log) as (url, metrics_url, pid):
-        server_pids = set(process_tree(pid)) if args.url is None else None
+    repo, benches, files = args.repo or build_gpu_repository(args, log), {}, {}
+    with target_server(repo, args.url, args.out / "tritonserver.log", log=log) as (url, metrics_url, _):
         metrics_url = args.metrics_url or metrics_url or default_metrics_url(url)
         entries = server_thread_budget(url, [])["models"]
         for model in MODELS:  # a repository given with --repo may bound its queues below the sweep
             queue = entries[model]["max_queue_size"]
             levels = tuple(c for c in args.concurrency if not queue or c <= queue)
             log(f"bench {model} at concurrency {', '.join(map(str, levels))}")
-            benches[model] = run_bench(BenchConfig(
-                repo=repo, url=url, metrics_url=metrics_url, concurrency=levels, requests=args.requests, model=model,
-                image_set=args.image_set, preprocessing_repeats=args.preprocessing_repeats), log)
+            options = argparse.Namespace(**{**BENCH_DEFAULTS, "repo": repo, "url": url, "metrics_url": metrics_url, "model": model,
+                                            "concurrency": levels, "requests": args.requests, "image_set": args.image_set})
+            benches[model] = run_bench(options, preprocessing_repeats=args.preprocessing_repeats, log=log)
             files[f"bench_{model}"] = str(write_json(benches[model], args.out / f"bench_{model}.json"))
         log(f"load test: {args.users} users for {args.duration_s:g} s")
         loadtest = run_loadtest(LoadTestConfig(url=url, users=args.users, spawn_rate=float(args.users), duration_s=args.duration_s,
                                                out=args.out / "loadtest", image_set=args.image_set, metrics_url=metrics_url))
-        memory = gpu_memory(server_pids)  # with every session loaded and warm
-    return _gpu_report(args, repo, benches, loadtest, (memory_before, memory), files)
+    return _gpu_report(args, repo, benches, loadtest, files)
 
 
 def _gpu_report(args: argparse.Namespace, repo: Path, benches: dict[str, Any], loadtest: dict[str, Any],
-                memory: tuple[Any, Any], files: dict[str, str]) -> dict[str, Any]:
+                files: dict[str, str]) -> dict[str, Any]:
     models = {model: gpu_model_figures(bench) for model, bench in benches.items()}
     providers = benches[FINDINGS_MODEL]["execution_providers"]  # its raw side holds every network's session
     first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
-    provider = {"provider": first.pop() if len(first) == 1 else None,  # what every network session got; None: they differ
-                **providers, "server_gpu_memory_mib": memory[1]["server_memory_mib"] if memory[1] else None}
+    # provider: what every network session got; None when they differ
+    provider = {"provider": first.pop() if len(first) == 1 else None, **providers}
     report = {
         "dry_run": args.dry_run, "profile": benches[CLASSIFIER_MODEL]["profile"], "repository": str(repo),
         "url": args.url or "embedded (started by this run)", "image_set": args.image_set,
         "sweep": {"concurrency": {model: [row["concurrency"] for row in bench["sweep"]] for model, bench in benches.items()},
                   "requests_per_point": args.requests},
         "models": models, "execution_provider": provider,
-        "gpu_memory": {"before_server": memory[0], "loaded": memory[1]} if memory[1] is not None else None,
         "preprocessing_ms": benches[CLASSIFIER_MODEL]["preprocessing_ms"],
         "loadtest": {"users": args.users, "duration_s": args.duration_s, "passed": loadtest["passed"],
                      "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}

@@ -1,6 +1,6 @@
 """The load-test kernel (loadtest/README.md): the images sent, requests (`request_bytes`, `Served`, `drive`),
 measurements and checks, the server's process tree, the loopback rule, the server a run starts or finds,
-and output (JSON, figures, rich tables)."""
+and output (JSON, figures)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,6 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 import numpy as np
 import psutil
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 
@@ -33,7 +30,7 @@ PROC, SHM, MIB = Path("/proc"), Path("/dev/shm"), 1024 * 1024
 IMAGE_SETS = ("all", "real", "synthetic")
 MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
 HINTED_MODELS = frozenset({CLASSIFIER_MODEL, FINDINGS_MODEL})  # cxr_zeroshot takes no PROJECTION_HINT
-RSS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+RSS_KEYS = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes", "RssShmem": "rss_shmem_bytes"}
 GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -124,26 +121,6 @@ def images_json(payloads: Sequence[Payload], send_hints: bool) -> list[dict[str,
 # --- requests and measurements ---------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Measurement:
-    concurrency: int
-    requests: int
-    wall_s: float
-    latencies_ms: list[float]
-
-    @property
-    def images_per_s(self) -> float:
-        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"requests": self.requests, "wall_s": round(self.wall_s, 4), "images_per_s": round(self.images_per_s, 3),
-                "p50_ms": round(self.percentile(50), 3), "p95_ms": round(self.percentile(95), 3),
-                "mean_ms": round(float(np.mean(self.latencies_ms)), 3)}
-
-
 def figures(latencies_ms: Sequence[float]) -> dict[str, float | None]:
     """p50 / p95 / max of a list of latencies (None when empty)."""
     values = np.asarray(latencies_ms, dtype=float)
@@ -151,8 +128,18 @@ def figures(latencies_ms: Sequence[float]) -> dict[str, float | None]:
             for name, q in (("p50", 50), ("p95", 95), ("max", 100))}
 
 
-def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int) -> Measurement:
-    """`total` calls spread over `concurrency` threads (a shared counter hands out the items in turn)."""
+def closed_loop_figures(latencies_ms: Sequence[float], wall_s: float) -> dict[str, Any]:
+    """Throughput and latency of a closed loop: its requests, wall time, images/s, p50 / p95 / mean."""
+    values = np.asarray(latencies_ms, dtype=float)
+    return {"requests": len(values), "wall_s": round(wall_s, 4),
+            "images_per_s": round(len(values) / wall_s, 3) if wall_s > 0 else 0.0,
+            "p50_ms": round(float(np.percentile(values, 50)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3),
+            "mean_ms": round(float(np.mean(values)), 3)}
+
+
+def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int) -> tuple[list[float], float]:
+    """`total` calls spread over `concurrency` threads (a shared counter hands out the items in turn):
+    (the latency of each call in ms, the wall time in s)."""
     counter, lock, start_gate = itertools.count(), threading.Lock(), threading.Barrier(concurrency + 1)
 
     def worker(worker_id: int) -> list[float]:
@@ -172,32 +159,41 @@ def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: in
         start_gate.wait()
         began = time.perf_counter()
         latencies = [x for f in futures for x in f.result()]
-        wall = time.perf_counter() - began
-    return Measurement(concurrency, len(latencies), wall, latencies)
+        return latencies, time.perf_counter() - began
 
 
-@dataclasses.dataclass
-class Check:
+def measure_level(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int, warmup: int,
+                  server_pid: int | None = None, metrics_url: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """One concurrency level of a closed loop (bench's sweep, stress's saturation search): `warmup` untimed calls,
+    then `total` timed ones: their latencies, the wall time, CPU seconds of this process and of the server's tree
+    (None: not known), and with `metrics_url` Triton's counters over the timed calls (None: no scrape)."""
+    from loadtest.metrics import diff, try_scrape
+
+    if warmup:
+        drive(call, items, concurrency, warmup)
+    scraped, before = try_scrape(metrics_url)[0], cpu_sample(server_pid)
+    latencies, wall_s = drive(call, items, concurrency, total)
+    cpu_s = [None if a is None else b - a for a, b in zip(before, cpu_sample(server_pid))]
+    after = try_scrape(metrics_url, scraped, {model: total})[0] if scraped is not None else None
+    return {"latencies_ms": latencies, "wall_s": wall_s, "cpu_s": cpu_s, "triton": None if after is None else diff(scraped, after)}
+
+
+def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}" + (f" {unit}" if unit else "")
+
+
+def check(name: str, passed: bool, figure: str, shown: str, limit: str, measured: float | None = None,
+          kind: str = "check", message: str = "") -> dict[str, Any]:
     """One target or check: what is measured, its value as shown and the bound. A "target" is a timing
     (fails stress only with --strict); the message is one line: what, measured, the bound, the verdict."""
-
-    name: str
-    passed: bool
-    figure: str
-    shown: str
-    limit: str
-    measured: float | None = None
-    kind: str = "check"
-    message: str = ""
-
-    def __post_init__(self) -> None:
-        self.passed = bool(self.passed)  # numpy comparisons give numpy booleans
-        self.message = self.message or f"{self.figure} {'met' if self.passed else 'MISSED'}: {self.shown}, target {self.limit}"
+    passed = bool(passed)  # numpy comparisons give numpy booleans
+    return {"name": name, "passed": passed, "figure": figure, "shown": shown, "limit": limit, "measured": measured,
+            "kind": kind, "message": message or f"{figure} {'met' if passed else 'MISSED'}: {shown}, target {limit}"}
 
 
-def verdicts(checks: Sequence[Check]) -> dict[str, Any]:
-    return {"checks": [dataclasses.asdict(c) for c in checks], "missed": [c.name for c in checks if not c.passed],
-            "passed": all(c.passed for c in checks)}
+def verdicts(checks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"checks": list(checks), "missed": [c["name"] for c in checks if not c["passed"]],
+            "passed": all(c["passed"] for c in checks)}
 
 
 class Served:
@@ -245,15 +241,6 @@ def process_tree(root: int) -> list[int]:
         return []
 
 
-def _label(process: psutil.Process) -> str:
-    """'tritonserver', the served model a Python-backend stub runs (from its model.py path), or the command name."""
-    args = process.cmdline()
-    name = Path(args[0]).name if args else ""
-    if name == "triton_python_backend_stub" and len(args) > 1:
-        return Path(args[1]).parent.parent.name or name  # <repository>/<model>/<version>/model.py
-    return name or process.name()
-
-
 def _shm_files(pid: int) -> dict[str, int]:
     """/dev/shm files the process has open or mapped -> allocated bytes (0: unlinked but still mapped)."""
     prefix, fd_dir, files = f"{SHM}/", PROC / str(pid) / "fd", {}
@@ -270,41 +257,21 @@ def _shm_files(pid: int) -> dict[str, int]:
     return files
 
 
-@dataclasses.dataclass
-class Sample:
-    requests: int  # requests completed when the sample was taken
-    elapsed_s: float
-    processes: int
-    rss_bytes: int
-    rss_anon_bytes: int
-    rss_file_bytes: int
-    rss_shmem_bytes: int
-    fds: int
-    shm_files: int  # /dev/shm files the server's tree holds open or mapped
-    shm_bytes: int
-    shm_all_files: int  # all of /dev/shm, context only
-    shm_all_bytes: int
-    by_process: dict[str, dict[str, int]]  # label -> processes, and rss / anon / shmem bytes summed over them
-    chunk_p50_ms: float | None = None  # latency of the chunk that ended at this sample
-    chunk_p95_ms: float | None = None
-
-
-def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> Sample:
-    """One sample of the process tree under `root` (processes that vanish while read are skipped)."""
-    totals, by_label, shm_files, processes = Counter(), {}, {}, 0
+def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> dict[str, Any]:
+    """One sample of the process tree under `root` (processes that vanish while read are skipped): its
+    processes, RSS (and its anonymous / file / shmem split), open fds, the /dev/shm files the tree holds
+    open or mapped and their bytes, and all of /dev/shm (context only)."""
+    totals, shm_files, processes = Counter(), {}, 0
     for pid in process_tree(root):
         try:
             status = {RSS_KEYS[key]: int(rest.split()[0]) * 1024 for key, _, rest in
                       (line.partition(":") for line in (PROC / str(pid) / "status").read_text().splitlines()) if key in RSS_KEYS}
-            process = psutil.Process(pid)
-            fds, files, label = process.num_fds(), _shm_files(pid), _label(process)
+            fds, files = psutil.Process(pid).num_fds(), _shm_files(pid)
         except (OSError, ValueError, psutil.Error):
             continue
         processes += 1
         totals.update(status, fds=fds)
         shm_files.update(files)
-        by_label.setdefault(label, Counter(processes=0, rss=0, anon=0, shmem=0)).update(
-            processes=1, **{key: status.get(key, 0) for key in ("rss", "anon", "shmem")})
     if not processes:
         raise LoadTestError(f"process {root} is gone (or /proc/{root} is not readable)")
     every = Counter()  # all of /dev/shm
@@ -313,9 +280,10 @@ def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> Sample:
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False):
                     every.update(files=1, size=entry.stat(follow_symlinks=False).st_blocks * 512)
-    return Sample(requests, round(elapsed_s, 3), processes, totals["rss"], totals["anon"], totals["file"], totals["shmem"],
-                  totals["fds"], len(shm_files), sum(shm_files.values()), every["files"], every["size"],
-                  {label: dict(values) for label, values in sorted(by_label.items())})
+    return {"requests": requests, "elapsed_s": round(elapsed_s, 3), "processes": processes,
+            **{key: totals[key] for key in RSS_KEYS.values()},
+            "fds": totals["fds"], "shm_files": len(shm_files), "shm_bytes": sum(shm_files.values()),
+            "shm_all_files": every["files"], "shm_all_bytes": every["size"]}
 
 
 def alive(pid: int) -> bool:
@@ -413,59 +381,25 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
 # --- output ----------------------------------------------------------------------------------
 
 
-def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
-    """matplotlib's subplots on the Agg backend (no display)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(*args, **kwargs)
+    return plt
 
 
-def save_figure(fig: Any, path: Path, title: str, axes: Sequence[Any] = (), dpi: int = 110) -> Path:
-    """Title, grid and legend on `axes`, then lay out, write and close the figure."""
-    import matplotlib.pyplot as plt
-
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+def save_figure(fig: Any, path: Path, title: str) -> Path:
+    """Title, lay out, write and close a matplotlib figure."""
+    plt = pyplot()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str | None = None) -> Table:
-    """A rich table: the first column and those named with a leading '<' left-aligned, the others right."""
-    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
-    for i, column in enumerate(columns):
-        out.add_column(column.lstrip("<"), justify="left" if i == 0 or column.startswith("<") else "right", no_wrap=True)
-    for row in rows:
-        out.add_row(*row)
-    return out
-
-
-def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}" + (f" {unit}" if unit else "")
-
-
-def verdict(passed: bool | None) -> str:
-    return "-" if passed is None else "[green]PASS[/]" if passed else "[bold red]MISS[/]"
-
-
-def print_wide(console: Console, renderable: Any, width: int = 120) -> None:
-    """Print at full width when the output is a file or a pipe (rich assumes 80 columns there)."""
-    wide = console.is_terminal or console.width >= width
-    (console if wide else Console(file=console.file, width=width, highlight=False)).print(renderable)
-
-
-def print_checks(console: Console, checks: Sequence[dict[str, Any]]) -> None:
-    for check in checks:
-        console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
 
 
 @contextlib.contextmanager

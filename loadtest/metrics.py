@@ -7,7 +7,6 @@ to the networks); request: end to end inside Triton.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -15,9 +14,11 @@ import urllib.request
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
-from loadtest.kernel import MODELS, table
+import pandas as pd
 
-# ModelTime field -> Triton counter: counts, then durations (averaged per successful request, in ms)
+from loadtest.kernel import MODELS
+
+# per_model's column -> Triton counter: counts, then durations (averaged per successful request, in ms)
 COUNTS = {"requests": "nv_inference_request_success", "failures": "nv_inference_request_failure",
           "inferences": "nv_inference_count", "executions": "nv_inference_exec_count"}
 DURATIONS = {"queue_ms": "nv_inference_queue_duration_us", "compute_input_ms": "nv_inference_compute_input_duration_us",
@@ -101,68 +102,39 @@ def add(total: Snapshot | None, delta: Snapshot) -> Snapshot:
     return out
 
 
-@dataclasses.dataclass
-class ModelTime:
-    """One model's share of a run, averaged per successful request (milliseconds)."""
-
-    model: str
-    requests: int  # successful requests (for a network model: BLS calls from the pipelines)
-    failures: int
-    inferences: int  # images (batch entries) inferred
-    executions: int  # model executions (a dynamic batch is one)
-    queue_ms: float
-    compute_input_ms: float
-    compute_infer_ms: float
-    compute_output_ms: float
-    request_ms: float
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(compute_ms=self.compute_input_ms + self.compute_infer_ms + self.compute_output_ms,
-                    avg_batch=self.inferences / self.executions if self.executions else 0.0,
-                    queue_share=self.queue_ms / self.request_ms if self.request_ms > 0 else 0.0)
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in data.items()}
-
-
-def per_model(delta: Snapshot) -> list[ModelTime]:
-    """Per-model averages from a diff of two scrapes, the public models first; models without requests left out."""
-    rows = []
-    for model in sorted({m for values in delta.values() for m in values}):
-        counts = {key: delta.get(name, {}).get(model, 0.0) for key, name in COUNTS.items()}
-        if counts["requests"] <= 0 and counts["failures"] <= 0:
-            continue
-        ms = {key: delta.get(name, {}).get(model, 0.0) / counts["requests"] / 1000.0 if counts["requests"] > 0 else 0.0
-              for key, name in DURATIONS.items()}
-        rows.append(ModelTime(model, **{key: int(round(value)) for key, value in counts.items()}, **ms))
-    return sorted(rows, key=lambda r: (MODELS.index(r.model) if r.model in MODELS else len(MODELS), r.model))
+def per_model(delta: Snapshot) -> pd.DataFrame:
+    """One row per model from a diff of two scrapes, the public models first, models without requests left out:
+    its counts (requests: successful ones, for a network model the BLS calls from the pipelines; inferences: images
+    inferred; executions: a dynamic batch is one) and its times averaged per successful request in ms."""
+    frame = pd.DataFrame({key: pd.Series(delta.get(name, {}), dtype=float) for key, name in {**COUNTS, **DURATIONS}.items()})
+    frame = frame.fillna(0.0)
+    frame = frame[(frame.requests > 0) | (frame.failures > 0)]
+    frame[list(DURATIONS)] = frame[list(DURATIONS)].div(frame.requests.where(frame.requests > 0), axis=0).fillna(0.0) / 1000.0
+    frame[list(COUNTS)] = frame[list(COUNTS)].round().astype(int)
+    frame["compute_ms"] = frame.compute_input_ms + frame.compute_infer_ms + frame.compute_output_ms
+    frame["avg_batch"] = (frame.inferences / frame.executions.where(frame.executions > 0)).fillna(0.0)
+    frame["queue_share"] = (frame.queue_ms / frame.request_ms.where(frame.request_ms > 0)).fillna(0.0)
+    order = sorted(frame.index, key=lambda model: (MODELS.index(model) if model in MODELS else len(MODELS), model))
+    return frame.loc[order].round(3)
 
 
 def breakdown_json(delta: Snapshot) -> dict[str, dict[str, Any]]:
-    return {r.model: r.to_json() for r in per_model(delta)}
+    return per_model(delta).to_dict("index")
 
 
-def member_calls_per_image(rows: Iterable[ModelTime], entry_model: str) -> dict[str, Any]:
+def member_calls_per_image(rows: pd.DataFrame, entry_model: str) -> dict[str, Any]:
     """The network models' requests (BLS calls) and executions per image `entry_model` classified: one call
     per member and image unless the BLS stacks images; executions also count what the batcher merged."""
-    rows = list(rows)
-    images = next((r.inferences for r in rows if r.model == entry_model), 0)
-    networks = [r for r in rows if r.model not in MODELS]
+    images = rows.inferences.get(entry_model, 0)
+    networks = rows[~rows.index.isin(MODELS)]
     if images <= 0:
         return dict.fromkeys(("member_requests_per_image", "member_executions_per_image", "requests_per_image_by_network"))
-    return {"member_requests_per_image": round(sum(r.requests for r in networks) / images, 3),
-            "member_executions_per_image": round(sum(r.executions for r in networks) / images, 3),
-            "requests_per_image_by_network": {r.model: round(r.requests / images, 3) for r in networks}}
+    return {"member_requests_per_image": round(networks.requests.sum() / images, 3),
+            "member_executions_per_image": round(networks.executions.sum() / images, 3),
+            "requests_per_image_by_network": (networks.requests / images).round(3).to_dict()}
 
 
 def default_metrics_url(grpc_url: str, port: int = 8002) -> str:
     """Triton's default metrics URL on the gRPC endpoint's host."""
     host = grpc_url.split("://", 1)[-1].rsplit(":", 1)[0] or "127.0.0.1"
     return f"http://{host}:{port}/metrics"
-
-
-def breakdown_table(models: Mapping[str, Mapping[str, Any]], title: str):
-    """Per-model queue vs compute time, from `breakdown_json`."""
-    return table(title, ("model", "reqs", "fails", "execs", "batch", "queue", "compute", "request", "queue%"), [
-        (name, str(m["requests"]), str(m["failures"]), str(m["executions"]), f"{m['avg_batch']:.2f}", f"{m['queue_ms']:.2f}",
-         f"{m['compute_ms']:.2f}", f"{m['request_ms']:.2f}", f"{100 * m['queue_share']:.0f}%") for name, m in models.items()],
-        "queue/compute/request: ms per successful request; batch: images per execution")

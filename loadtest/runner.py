@@ -28,8 +28,7 @@ import pandas as pd
 
 from cxrlt.contract.resources import package_file, package_root
 from loadtest import metrics as triton_metrics
-from loadtest.kernel import (IMAGE_SETS, MODELS, Check, LoadTestError, check_server, fmt, print_checks, print_wide, table,
-                             verdicts, write_json)
+from loadtest.kernel import IMAGE_SETS, MODELS, LoadTestError, check, check_server, verdicts, write_json
 
 UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}  # the target keys
 LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
@@ -41,21 +40,6 @@ STATS = {"Request Count": "requests", "Failure Count": "failures", "Requests/s":
 
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the key."""
-
-
-@dataclasses.dataclass
-class Targets:
-    min_rps: float | None = None
-    max_p95_ms: float | None = None
-    max_failures: int | None = 0  # "zero failures" unless a profile or the command line says otherwise
-    models: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class Profile:
-    targets: Targets
-    load: dict[str, Any]
-    source: str | None = None
 
 
 def _target_values(section: Any, where: str) -> dict[str, float]:
@@ -70,9 +54,13 @@ def _target_values(section: Any, where: str) -> dict[str, float]:
     return {key: float(value) for key, value in section.items() if value is not None}
 
 
-def load_profile(path: Path | str) -> Profile:
+def load_profile(path: Path | str | None) -> dict[str, Any]:
+    """{"targets": {min_rps, max_p95_ms, max_failures (default 0), models: {model: the same keys}}, "load": {...},
+    "source": the file}; without a file, no targets but zero failures."""
     import yaml
 
+    if path is None:
+        return {"targets": {"max_failures": 0, "models": {}}, "load": {}, "source": None}
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -85,20 +73,21 @@ def load_profile(path: Path | str) -> Profile:
     section = dict(data.get("targets") or {})
     models = {model: _target_values(values, f"{path}: targets.models.{model}")
               for model, values in (section.pop("models", None) or {}).items()}
-    values = _target_values(section, f"{path}: targets")
+    targets = {"max_failures": 0, **_target_values(section, f"{path}: targets"), "models": models}
+    targets["max_failures"] = int(targets["max_failures"])
     load = dict(data.get("load") or {})
     if unknown := set(load) - set(LOAD_KEYS):
         raise ProfileError(f"{path}: unknown load key(s) {sorted(unknown)}; known: {', '.join(LOAD_KEYS)}")
-    return Profile(Targets(values.get("min_rps"), values.get("max_p95_ms"), int(values.get("max_failures", 0)), models),
-                   load, str(path))
+    return {"targets": targets, "load": load, "source": str(path)}
 
 
-def check_targets(targets: Targets, aggregated: Mapping[str, Any] | None,
-                  per_model: Mapping[str, Mapping[str, Any]]) -> list[Check]:
+def check_targets(targets: Mapping[str, Any], aggregated: Mapping[str, Any] | None,
+                  per_model: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every target (e.g. "min_rps" or "cxr_findings.max_p95_ms") against locust's figures ('requests', failed
     included, 'failures', 'rps', 'p95_ms'); when nothing ran, only a failure budget is kept."""
-    wanted = [(key, getattr(targets, key), aggregated) for key in UNITS]
-    wanted += [(f"{model}.{key}", values.get(key), per_model.get(model)) for model, values in targets.models.items() for key in UNITS]
+    wanted = [(key, targets.get(key), aggregated) for key in UNITS]
+    wanted += [(f"{model}.{key}", values.get(key), per_model.get(model))
+               for model, values in targets.get("models", {}).items() for key in UNITS]
     checks = []
     for name, limit, stats in wanted:
         if limit is None:
@@ -108,7 +97,7 @@ def check_targets(targets: Targets, aggregated: Mapping[str, Any] | None,
         measured = (stats or {}).get(FIGURES[key]) if stats and stats.get("requests") else 0 if key == "max_failures" else None
         passed = measured is not None and (measured >= limit if relation == ">=" else measured <= limit)
         shown = "no completed requests to measure" if measured is None else f"measured {float(measured):.4g} {unit}"
-        checks.append(Check(name, passed, name, shown, f"{relation} {limit:g} {unit}", measured))
+        checks.append(check(name, passed, name, shown, f"{relation} {limit:g} {unit}", measured))
     return checks
 
 
@@ -138,7 +127,7 @@ class LoadTestConfig:
     send_hints: bool = True
     request_timeout_s: float = 30.0
     metrics_url: str | None = None  # None: no Triton metrics
-    targets: Targets = dataclasses.field(default_factory=Targets)
+    targets: dict[str, Any] = dataclasses.field(default_factory=lambda: load_profile(None)["targets"])
     profile: str | None = None
     tls: dict[str, Any] = dataclasses.field(default_factory=dict)  # ssl, root_certificates, private_key, certificate_chain
     report_path: Path | None = None  # None: OUT/report.json
@@ -239,28 +228,9 @@ def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
         "load": {**load, "locust_wall_s": round(wall_s, 2)},
         "locust": {"models": per_model, "aggregated": aggregated, "failures": read_locust_failures(out / "locust_failures.csv")},
         "triton": {"models": triton} if triton is not None else None, "triton_error": None if triton is not None else error,
-        "targets": dataclasses.asdict(config.targets), **verdicts(check_targets(config.targets, aggregated, per_model)),
+        "targets": config.targets, **verdicts(check_targets(config.targets, aggregated, per_model)),
         "files": {"stats_csv": str(out / "locust_stats.csv"), "failures_csv": str(out / "locust_failures.csv"),
                   "html": str(out / "report.html"), "locust_log": str(log_path), "report": str(report_path)},
     }
     write_json(report, report_path)
     return report
-
-
-def print_report(report: dict[str, Any], console) -> None:
-    load, locust = report["load"], report["locust"]
-    rows = [*locust["models"].items(), *([("all", locust["aggregated"])] if locust["aggregated"] else [])]
-    print_wide(console, table(f"locust: {load['users']} users for {load['duration_s']:g} s against {report['url']} (client side)",
-                              ("model", "reqs", "fails", "req/s", "avg ms", "p50 ms", "p95 ms", "p99 ms", "bytes"),
-                              [(name, str(f["requests"]), str(f["failures"]), fmt(f["rps"], ".2f"), fmt(f["avg_ms"]),
-                                *(fmt(f[k], ".0f") for k in ("p50_ms", "p95_ms", "p99_ms", "avg_response_bytes")))
-                               for name, f in rows]))
-    if report["triton"] is not None:
-        print_wide(console, triton_metrics.breakdown_table(report["triton"]["models"],
-                                                           "Triton (server side): per request, queue vs compute"))
-    else:
-        console.print(f"[yellow]no Triton metrics breakdown: {report['triton_error']}[/]")
-    for failure in locust["failures"][:5]:
-        console.print(f"[red]{failure['occurrences']} x {failure['model']}: {failure['error']}[/]")
-    print_checks(console, report["checks"])
-    console.print(f"report: {report['files']['report']}  html: {report['files']['html']}")

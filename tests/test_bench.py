@@ -14,11 +14,12 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from loadtest.bench import DEFAULT_LEVELS, RawSide, default_levels, preprocessing_timings
-from loadtest.kernel import Measurement, Payload, drive, load_payloads
-from loadtest.metrics import ModelTime, member_calls_per_image
+from loadtest.kernel import Payload, closed_loop_figures, drive, load_payloads
+from loadtest.metrics import COUNTS, member_calls_per_image
 from tests.grpc_inputs import settled
 
 
@@ -39,12 +40,12 @@ def test_drive_hands_out_every_request_once_across_workers():
     def call(worker: int, payload: Payload) -> None:
         seen.append((worker, payload.name))
 
-    measurement = drive(call, payloads, concurrency=3, total=10)
-    assert measurement.requests == len(measurement.latencies_ms) == len(seen) == 10
+    latencies, wall_s = drive(call, payloads, concurrency=3, total=10)
+    assert len(latencies) == len(seen) == 10 and wall_s > 0
     assert {w for w, _ in seen} <= {0, 1, 2}
     assert sorted(n for _, n in seen) == sorted(payloads[i % len(payloads)].name for i in range(10))
-    figures = Measurement(2, 4, 2.0, [1.0, 2.0, 3.0, 4.0]).to_json()
-    assert figures["images_per_s"] == 2.0 and figures["p50_ms"] == 2.5
+    figures = closed_loop_figures([1.0, 2.0, 3.0, 4.0], 2.0)
+    assert figures["requests"] == 4 and figures["images_per_s"] == 2.0 and figures["p50_ms"] == 2.5
 
 
 def test_default_levels_stop_at_what_the_model_admits():
@@ -54,13 +55,10 @@ def test_default_levels_stop_at_what_the_model_admits():
     assert default_levels({"instances": 4, "max_queue_size": 0}) == DEFAULT_LEVELS  # no bound
 
 
-def _model_time(model: str, requests: int, inferences: int, executions: int) -> ModelTime:
-    return ModelTime(model, requests, 0, inferences, executions, 0.0, 0.0, 0.0, 0.0, 0.0)
-
-
 def test_member_calls_are_counted_per_image_of_the_entry_model():
-    rows = [_model_time("cxr_classifier", 10, 10, 10), _model_time("cxr_zeroshot", 3, 3, 3),  # public: not members
-            _model_time("projection_router", 10, 10, 8), *(_model_time(f"ensemble_frontal_{m}", 5, 10, 5) for m in ("pcam", "cait", "swin"))]
+    counts = {"cxr_classifier": (10, 10, 10), "cxr_zeroshot": (3, 3, 3),  # public: not members
+              "projection_router": (10, 10, 8), **{f"ensemble_frontal_{m}": (5, 10, 5) for m in ("pcam", "cait", "swin")}}
+    rows = pd.DataFrame(counts, index=[c for c in COUNTS if c != "failures"]).T
     assert member_calls_per_image(rows, "cxr_classifier") == {
         "member_requests_per_image": 2.5, "member_executions_per_image": 2.3,
         "requests_per_image_by_network": {"projection_router": 1.0, **{f"ensemble_frontal_{m}": 0.5 for m in ("pcam", "cait", "swin")}}}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -62,10 +61,6 @@ def test_dry_run_writes_every_figure(tiny_repository, triton_server, tmp_path):
     # CPU here; a dry run where onnxruntime-gpu is installed takes CUDA as the served models' "auto" does
     assert providers["provider"] == (CUDA if CUDA in providers["available"] else "CPUExecutionProvider")
     assert set(report["execution_provider"]["served_configured"].values()) == {"auto"}
-    if shutil.which("nvidia-smi") is None:
-        assert report["gpu_memory"] is None
-    else:
-        assert report["gpu_memory"]["loaded"]["gpus"][0]["memory_total_mib"] > 0
     loadtest = report["loadtest"]
     assert loadtest["passed"] and set(loadtest["models"]) == set(report["models"])
     assert all(m["requests"] > 0 and m["failures"] == 0 for m in loadtest["models"].values())

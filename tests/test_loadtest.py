@@ -10,7 +10,7 @@ import pytest
 
 from cxrlt.contract.resources import package_file
 from loadtest.metrics import add, diff, parse_prometheus, per_model, scrape_settled
-from loadtest.runner import (LoadTestConfig, ProfileError, Targets, check_targets, load_profile, locust_command, parse_duration,
+from loadtest.runner import (LoadTestConfig, ProfileError, check_targets, load_profile, locust_command, parse_duration,
                              read_locust_failures, read_locust_stats)
 
 PROFILE = package_file("loadtest", "profiles", "tiny_cpu.yaml")
@@ -41,15 +41,15 @@ nv_cpu_utilization 0.5
 def test_metrics_breakdown_from_two_scrapes():
     before = parse_prometheus(SCRAPE % dict(success=10, execs=10, cq=1000, rq=20000, ci=100000, ri=30000, cr=101000, rr=50000))
     after = parse_prometheus(SCRAPE % dict(success=30, execs=20, cq=3000, rq=60000, ci=300000, ri=90000, cr=303000, rr=150000))
-    rows = {r.model: r.to_json() for r in per_model(diff(before, after))}
+    rows = per_model(diff(before, after)).to_dict("index")
     assert list(rows) == ["cxr_classifier", "projection_router"]  # public models first
     classifier, router = rows["cxr_classifier"], rows["projection_router"]
     assert classifier["requests"] == 20 and classifier["executions"] == 20
     assert classifier["queue_ms"] == pytest.approx(0.1) and classifier["compute_ms"] == pytest.approx(10.0)
     assert router["queue_ms"] == pytest.approx(2.0) and router["compute_ms"] == pytest.approx(3.0)
     assert router["avg_batch"] == pytest.approx(2.0) and router["queue_share"] == pytest.approx(0.4)
-    doubled = {r.model: r for r in per_model(add(diff(before, after), diff(before, after)))}
-    assert doubled["projection_router"].requests == 40 and doubled["projection_router"].queue_ms == pytest.approx(2.0)
+    doubled = per_model(add(diff(before, after), diff(before, after))).loc["projection_router"]
+    assert doubled.requests == 40 and doubled.queue_ms == pytest.approx(2.0)
 
 
 def _serve_scrapes(pages: list[str]) -> tuple[http.server.HTTPServer, list[int]]:
@@ -81,27 +81,28 @@ def test_scrape_after_a_run_waits_for_the_last_request_to_be_counted():
     try:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
         after = scrape_settled(url, before, {"cxr_classifier": 20}, interval=0.01)
-        assert per_model(diff(before, after))[0].requests == 20 and served[0] == 3
+        assert per_model(diff(before, after)).requests.iloc[0] == 20 and served[0] == 3
         # A request that never reached Triton never counts: the wait ends at the timeout.
         after = scrape_settled(url, before, {"cxr_classifier": 21}, timeout=0.1, interval=0.01)
-        assert per_model(diff(before, after))[0].requests == 20 and served[0] > 4
+        assert per_model(diff(before, after)).requests.iloc[0] == 20 and served[0] > 4
     finally:
         server.shutdown()
 
 
 def test_checked_in_profile_and_target_checks(tmp_path):
     profile = load_profile(PROFILE)
-    assert profile.targets.min_rps and profile.targets.max_p95_ms and profile.targets.max_failures == 0
-    assert profile.load["users"] >= 1
+    assert profile["targets"]["min_rps"] and profile["targets"]["max_p95_ms"] and profile["targets"]["max_failures"] == 0
+    assert profile["load"]["users"] >= 1 and profile["source"] == str(PROFILE)
+    assert load_profile(None)["targets"] == {"max_failures": 0, "models": {}}  # no file: zero failures, nothing else
 
     aggregated = {"requests": 40, "failures": 1, "rps": 5.0, "p95_ms": 900.0}
     models = {"cxr_findings": {"requests": 10, "failures": 0, "rps": 1.0, "p95_ms": 1200.0}}
-    checks = check_targets(Targets(min_rps=10, max_p95_ms=1000, max_failures=0, models={"cxr_findings": {"max_p95_ms": 1000}}),
+    checks = check_targets({"min_rps": 10, "max_p95_ms": 1000, "max_failures": 0, "models": {"cxr_findings": {"max_p95_ms": 1000}}},
                            aggregated, models)
-    assert [c.name for c in checks if not c.passed] == ["min_rps", "max_failures", "cxr_findings.max_p95_ms"]
-    assert "MISSED" in next(c for c in checks if c.name == "min_rps").message
+    assert [c["name"] for c in checks if not c["passed"]] == ["min_rps", "max_failures", "cxr_findings.max_p95_ms"]
+    assert "MISSED" in next(c for c in checks if c["name"] == "min_rps")["message"]
     # No request completed: throughput and latency targets cannot be met.
-    assert not all(c.passed for c in check_targets(Targets(min_rps=1, max_p95_ms=10), {"requests": 0, "failures": 0}, {}))
+    assert not all(c["passed"] for c in check_targets({"min_rps": 1, "max_p95_ms": 10}, {"requests": 0, "failures": 0}, {}))
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("targets:\n  min_rsp: 3\n")

@@ -12,6 +12,7 @@ Starts the embedded tritonserver on the repository itself (free ports) unless --
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cxrlt.cli.options import (add_hints_argument, add_repo_argument, add_report_arguments, add_send_size_argument,
                                report_folder, write_report)
@@ -56,24 +57,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxrlt.cli.commands.loadtest import print_wide
     from cxrlt.cli.console import console
-    from loadtest.bench import BenchConfig, plot, run_bench, summary_table
-    from loadtest.kernel import print_wide, run_folder
+    from loadtest.bench import plot, run_bench
+    from loadtest.kernel import run_folder
 
-    out = report_folder(args, "bench")
-    config = BenchConfig(
-        repo=args.repo, url=args.url, metrics_url=args.metrics_url, concurrency=args.concurrency,
-        requests=args.requests, rounds=args.rounds, warmup=args.warmup, model=args.model, threads=args.threads,
-        raw_pool=args.raw_pool, raw_providers=args.raw_providers,
-        image_set=args.image_set, send_hints=args.hints, shared_memory=args.shared_memory,
-        send_size=args.send_size, server_log=None if args.url else out / "tritonserver.log",
-    )
+    for name in ("requests", "rounds", "raw_pool"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.send_size is not None and args.shared_memory:
+        raise ValueError("--send-size is for a remote server and --shared-memory for one on this host: choose one")
     if args.url and not args.metrics_url:
         from loadtest.metrics import default_metrics_url
 
-        config.metrics_url = default_metrics_url(args.url)
+        args.metrics_url = default_metrics_url(args.url)
+    out = report_folder(args, "bench")
     with run_folder(out), console.status("benchmarking") as status:
-        report = run_bench(config, log=lambda message: status.update(message))
+        report = run_bench(args, None if args.url else out / "tritonserver.log", log=lambda message: status.update(message))
         write_report(report, args, out, "bench", plot)
 
     print_wide(console, summary_table(report))
@@ -120,3 +120,16 @@ def run(args: argparse.Namespace) -> int:
                       "is the server serving --repo?[/]")
     console.print(f"figures: {report['files']['json']}  plot: {report['files']['plot']}")
     return 0
+
+
+def summary_table(report: dict[str, Any]) -> Any:
+    from cxrlt.cli.commands.loadtest import table
+    from loadtest.kernel import fmt
+
+    return table(f"{report['model']}: raw (onnxruntime in process) vs served (Triton, gRPC)",
+                 ("conc", "raw img/s", "raw p50", "raw p95", "srv img/s", "srv p50", "srv p95", "srv/raw", "member req/img"),
+                 [(str(r["concurrency"]), *(f"{r[side][key]:{spec}}" for side in ("raw", "served") for key, spec in
+                                            (("images_per_s", ".2f"), ("p50_ms", ".1f"), ("p95_ms", ".1f"))),
+                   fmt(r["ratio"], ".2f"), fmt(r["served"].get("member_requests_per_image"), ".2f")) for r in report["sweep"]],
+                 "img/s: images per second; p50/p95: latency per image in ms; member req/img: "
+                 "network requests (BLS calls) per image, from Triton's statistics")

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from cxrlt.cli.options import add_hints_argument, add_option, add_tls_arguments, tls_options
 
@@ -41,25 +46,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
     import time
 
     from cxrlt.cli.console import console
     from loadtest.kernel import run_folder
     from loadtest.metrics import default_metrics_url
-    from loadtest.runner import (LoadTestConfig, Profile, Targets, load_profile, parse_duration, print_report, require_locust,
-                                 run_loadtest)
+    from loadtest.runner import LoadTestConfig, load_profile, parse_duration, require_locust, run_loadtest
 
     require_locust()
-    profile = load_profile(args.targets) if args.targets else Profile(Targets(), {}, None)
-    load = profile.load
+    profile = load_profile(args.targets)
+    load = profile["load"]
     weights = {f"cxr_{m}": int(load.get("weights", {}).get(f"cxr_{m}", 1)) for m in ("classifier", "zeroshot", "findings")}
     for m in ("classifier", "zeroshot", "findings"):
         if getattr(args, f"{m}_weight") is not None:
             weights[f"cxr_{m}"] = getattr(args, f"{m}_weight")
     overrides = {k: v for k, v in {"min_rps": args.min_rps, "max_p95_ms": args.max_p95_ms,
                                     "max_failures": args.max_failures}.items() if v is not None}
-    targets = dataclasses.replace(profile.targets, **overrides)
     metrics_url = None if args.no_metrics else (args.metrics_url or default_metrics_url(args.url))
     config = LoadTestConfig(
         url=args.url,
@@ -74,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         report_path=args.json,
         metrics_url=metrics_url,
         tls=tls_options(args),
-        targets=targets,
-        profile=profile.source,
+        targets={**profile["targets"], **overrides},
+        profile=profile["source"],
     )
     with run_folder(config.out), console.status(f"locust: {config.users} users for {config.duration_s:g} s against {config.url}"):
         report = run_loadtest(config)
@@ -84,3 +86,59 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]missed target(s): {', '.join(report['missed'])}[/]")
         return 1
     return 0
+
+
+# --- presentation of the load-test results, shared by bench, stress and soak ------------------------
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str | None = None) -> Table:
+    """A rich table: the first column and those named with a leading '<' left-aligned, the others right."""
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
+    for i, column in enumerate(columns):
+        out.add_column(column.lstrip("<"), justify="left" if i == 0 or column.startswith("<") else "right", no_wrap=True)
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+def verdict(passed: bool | None) -> str:
+    return "-" if passed is None else "[green]PASS[/]" if passed else "[bold red]MISS[/]"
+
+
+def print_wide(console: Console, renderable: Any, width: int = 120) -> None:
+    """Print at full width when the output is a file or a pipe (rich assumes 80 columns there)."""
+    wide = console.is_terminal or console.width >= width
+    (console if wide else Console(file=console.file, width=width, highlight=False)).print(renderable)
+
+
+def print_checks(console: Console, checks: Sequence[dict[str, Any]]) -> None:
+    for check in checks:
+        console.print(f"[{'green' if check['passed'] else 'bold red'}]{check['message']}[/]")
+
+
+def breakdown_table(models: Mapping[str, Mapping[str, Any]], title: str) -> Table:
+    """Per-model queue vs compute time, from `loadtest.metrics.breakdown_json`."""
+    return table(title, ("model", "reqs", "fails", "execs", "batch", "queue", "compute", "request", "queue%"), [
+        (name, str(m["requests"]), str(m["failures"]), str(m["executions"]), f"{m['avg_batch']:.2f}", f"{m['queue_ms']:.2f}",
+         f"{m['compute_ms']:.2f}", f"{m['request_ms']:.2f}", f"{100 * m['queue_share']:.0f}%") for name, m in models.items()],
+        "queue/compute/request: ms per successful request; batch: images per execution")
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    from loadtest.kernel import fmt
+
+    load, locust = report["load"], report["locust"]
+    rows = [*locust["models"].items(), *([("all", locust["aggregated"])] if locust["aggregated"] else [])]
+    print_wide(console, table(f"locust: {load['users']} users for {load['duration_s']:g} s against {report['url']} (client side)",
+                              ("model", "reqs", "fails", "req/s", "avg ms", "p50 ms", "p95 ms", "p99 ms", "bytes"),
+                              [(name, str(f["requests"]), str(f["failures"]), fmt(f["rps"], ".2f"), fmt(f["avg_ms"]),
+                                *(fmt(f[k], ".0f") for k in ("p50_ms", "p95_ms", "p99_ms", "avg_response_bytes")))
+                               for name, f in rows]))
+    if report["triton"] is not None:
+        print_wide(console, breakdown_table(report["triton"]["models"], "Triton (server side): per request, queue vs compute"))
+    else:
+        console.print(f"[yellow]no Triton metrics breakdown: {report['triton_error']}[/]")
+    for failure in locust["failures"][:5]:
+        console.print(f"[red]{failure['occurrences']} x {failure['model']}: {failure['error']}[/]")
+    print_checks(console, report["checks"])
+    console.print(f"report: {report['files']['report']}  html: {report['files']['html']}")

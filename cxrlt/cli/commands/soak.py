@@ -13,8 +13,11 @@ ports itself and stops it at the end."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cxrlt.cli.options import add_hints_argument, add_option, add_repo_argument, add_report_arguments, report_folder, write_report
+
+MIB = 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,20 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxrlt.cli.commands.loadtest import print_checks, print_wide
     from cxrlt.cli.console import console
-    from loadtest.driver import SoakConfig, SoakTargets, run as drive, soak_plot, soak_table
-    from loadtest.kernel import print_checks, print_wide, run_folder
+    from loadtest.driver import run as drive, soak_plot
+    from loadtest.kernel import run_folder
 
     out = report_folder(args, "soak")
-    config = SoakConfig(
-        requests=args.requests, url=args.url, server_pid=args.server_pid, repo=args.repo, sample_every=args.sample_every,
-        warmup=args.warmup, concurrency=args.concurrency, image_set=args.image_set, send_hints=args.hints,
-        request_timeout_s=args.timeout_s, time_limit_s=args.time_limit_s,
-        targets=SoakTargets(max_rss_growth_pct=args.max_rss_growth_pct, max_rss_slope_mib_per_1000=args.max_rss_slope_mib),
-        server_log=out / "tritonserver.log" if args.url is None else None,
-    )
-    with run_folder(out), console.status(f"soak: {config.requests} requests") as status:
-        report = drive(config, log=lambda message: status.update(f"soak: {message}"))
+    with run_folder(out), console.status(f"soak: {args.requests} requests") as status:
+        report = drive(args, "soak", out / "tritonserver.log" if args.url is None else None,
+                       log=lambda message: status.update(f"soak: {message}"))
         write_report(report, args, out, "soak", soak_plot)
 
     print_wide(console, soak_table(report), width=140)
@@ -69,3 +67,42 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]missed target(s): {', '.join(report['missed'])}[/]")
         return 1
     return 0
+
+
+# The table's rows: (series, name, scale, format, growth shown: the fitted % or the level difference, its check).
+SERIES_ROWS = (
+    ("rss_bytes", "RSS (MiB)", MIB, ".1f", "growth_pct", "rss_growth_pct"),
+    ("rss_anon_bytes", "  anonymous (MiB)", MIB, ".1f", "growth_pct", ""),
+    ("fds", "open fds", 1, ".0f", "level_growth", "fds_growth"),
+    ("shm_files", "/dev/shm files", 1, ".0f", "level_growth", "shm_files_growth"),
+    ("shm_bytes", "/dev/shm MiB", MIB, ".1f", "level_growth", ""),
+)
+
+
+def soak_table(report: dict[str, Any]) -> Any:
+    from cxrlt.cli.commands.loadtest import table, verdict
+    from loadtest.kernel import fmt
+
+    checks, g, targets = {c["name"]: c["passed"] for c in report["checks"]}, report["growth"], report["targets"]
+    bounds = {"rss_growth_pct": f"growth < {targets['max_rss_growth_pct']:g} %", "fds_growth": f"growth <= {targets['max_fd_growth']}",
+              "shm_files_growth": f"growth <= {targets['max_shm_file_growth']}"}
+
+    def row(key: str, name: str, scale: float, spec: str, growth_from: str, judged: str) -> tuple[str, ...]:
+        values, later, error = g[key], g[key]["slope_per_1000_later_half"], g[key]["later_half_stderr_per_1000"]
+        grown = f"{values['growth_pct']:+.2f} %" if growth_from == "growth_pct" else f"{values['level_growth'] / scale:+{spec}}"
+        return (name, *(format(values[k] / scale, spec) for k in ("at_start", "after_warmup", "end")), grown,
+                f"{values['slope_per_1000'] / scale:+.3g}",
+                fmt(later and later / scale, "+.3g") + (f" ±{error / scale:.2g}" if later is not None and error else ""),
+                bounds.get(judged, ""), verdict(checks.get(judged)) if judged else "")
+
+    rows = [row(*series) for series in SERIES_ROWS] if g else []
+    if g:  # the later half's slope is the RSS's second verdict
+        rows.insert(1, ("  RSS still growing", "", "", "", "", "", "", f"later half < {targets['max_rss_slope_mib_per_1000']:g}",
+                        verdict(checks.get("rss_slope"))))
+    rows.append(("failed requests", "", "", str(sum(report["failed"].values())), "", "", "", f"<= {targets['max_failures']}",
+                 verdict(checks.get("max_failures"))))
+    return table(f"soak: {report['requests_completed']} requests, warm-up {report['load']['warmup']}, sampled every "
+                 f"{report['load']['sample_every']}", ("metric", "start", "after warm-up", "end", "growth", "slope /1k",
+                                                       "later half /1k", "target", "verdict"), rows,
+                 "after warm-up: growth % and slopes per 1,000 requests from least squares; fds and shm: median of the last "
+                 "samples minus the first after warm-up; shm MiB is reported, not judged")

@@ -16,6 +16,7 @@ server's process is found by its port to measure its CPU and see that it is stil
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cxrlt.cli.options import add_hints_argument, add_option, add_repo_argument, add_report_arguments, report_folder, write_report
 from cxrlt.contract.served import CLASSIFIER_MODEL, PIPELINE_MODELS
@@ -45,21 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxrlt.cli.commands.loadtest import breakdown_table, print_wide
     from cxrlt.cli.console import console
-    from loadtest.driver import StressConfig, run as drive, stress_plot, stress_table
-    from loadtest.kernel import print_wide, run_folder
-    from loadtest.metrics import breakdown_table
+    from loadtest.driver import run as drive, stress_plot
+    from loadtest.kernel import run_folder
 
     out = report_folder(args, "stress")
-    config = StressConfig(
-        repo=args.repo, url=args.url, metrics_url=args.metrics_url, model=args.model, overload=args.overload,
-        duration_s=args.duration_s, arrivals=args.arrivals, seed=args.seed, request_timeout_s=args.timeout_s,
-        max_in_flight=args.max_in_flight, max_requests=args.max_requests, saturation_requests=args.saturation_requests,
-        max_concurrency=args.max_concurrency, recovery_timeout_s=args.recovery_timeout_s, image_set=args.image_set,
-        send_hints=args.hints, server_log=None if args.url else out / "tritonserver.log",
-    )
     with run_folder(out), console.status("stress test") as status:
-        report = drive(config, log=lambda message: status.update(message))
+        report = drive(args, "stress", None if args.url else out / "tritonserver.log", log=lambda message: status.update(message))
         write_report(report, args, out, "stress", stress_plot)
 
     print_wide(console, stress_table(report), width=150)
@@ -83,3 +77,26 @@ def run(args: argparse.Namespace) -> int:
                       f"{'' if args.strict else ' (exit 0 without --strict)'}[/]")
         return 1 if args.strict else 0
     return 0
+
+
+def stress_table(report: dict[str, Any]) -> Any:
+    from cxrlt.cli.commands.loadtest import table, verdict
+    from loadtest.kernel import fmt
+
+    saturation, storm = report["saturation"], report["storm"]
+    rejected, by = storm["rejected"], storm["rejected"]["by_reason"]
+    rows = [
+        (f"saturation (closed loop, concurrency {saturation['concurrency']})", f"{saturation['images_per_s']:.1f} img/s"),
+        ("p50 / p95 at saturation", f"{fmt(saturation['p50_ms'], unit='ms')} / {fmt(saturation['p95_ms'], unit='ms')}"),
+        ("unloaded p50 (concurrency 1)", fmt(saturation["unloaded_p50_ms"], unit="ms")),
+        ("offered / sent (send lag p95)", f"{storm['rate_offered']:.1f} / {storm['rate_sent']:.1f} req/s "
+                                          f"({fmt(storm['send_lag']['p95_ms'], unit='ms')})"),
+        ("sent: admitted / rejected", f"{storm['sent']}: {storm['admitted']} / {rejected['total']}"),
+        ("rejected: queue full / timeout / other", f"{by['queue_full']} / {by['queue_timeout']} / {by['other']}"),
+        ("rejection latency p50", fmt(rejected["latency"]["all"]["p50_ms"], unit="ms")),
+    ]
+    return table(f"{report['model']}: {report['overload']:g} x the saturation rate for {storm['duration_s']:.0f} s "
+                 f"({storm['arrivals']} arrivals)", ("figure", "measured", "<target", "<"),
+                 [(*row, "", "") for row in rows] + [(c["figure"], c["shown"], c["limit"], verdict(c["passed"]))
+                                                     for c in report["checks"]],
+                 "target: timing, fails the command only with --strict; check: always")
