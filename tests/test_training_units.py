@@ -434,3 +434,10 @@ def test_clip_training_starts_from_an_open_clip_state_dict(small_csv, tmp_path):
     key = next(k for k in start if k.endswith("proj") or "conv1.weight" in k)
     served = {k.split("clip.", 1)[-1]: v for k, v in trained.items()}
     assert torch.equal(served[key], start[key]), key
+
+
+def test_accumulate_steps_must_be_a_positive_integer():
+    assert load_recipe("router").accumulate_steps == 1
+    assert load_recipe("router", assignments=["accumulate_steps=4"]).accumulate_steps == 4
+    with pytest.raises(RecipeError, match="accumulate_steps"):
+        load_recipe("router", assignments=["accumulate_steps=0"])

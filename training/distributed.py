@@ -93,8 +93,12 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """The module DistributedDataParallel-wrapped when the run is distributed, else itself."""
     if not world().distributed:
         return module
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # depthwise convolutions' gradients are laid out unlike DDP's buckets: a copy, not an error
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -247,14 +247,13 @@ def _train_epoch(run: _Run, progress: bool | None) -> dict[str, Any]:
     bar = _progress(loader, f"{recipe.name} {epoch + 1}/{recipe.epochs}", progress if run.world.main else False)
     for batch, (share, last) in zip(bar, _passes(loader, epoch)):
         loss, parts = _backward(run, batch, share, last)
-        if not last:
-            continue
-        _step(run)
-        count += 1
+        if last:
+            _step(run)
+            count += 1
         totals["train_loss"] += float(loss.detach()) * share
         for key, value in parts.items():
             totals[f"train_{key}"] = totals.get(f"train_{key}", 0.0) + float(value) * share
-        if hasattr(bar, "set_postfix"):
+        if last and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{totals['train_loss'] / count:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
     totals = distributed.reduce_sums(totals)  # each step's images over every process
     row: dict[str, Any] = {"epoch": epoch + 1, "step": run.global_step, "lr": run.optimizer.param_groups[0]["lr"]}
