@@ -61,7 +61,7 @@ EXTRA_INCLUDES: dict[str, frozenset[str]] = {
 EXTRA_OF_COMMAND: dict[str, str] = {
     "build-repo": "export", "build-text-cache": "export", "serve": "serve", "local-cluster": "serve",
     "health": "client", "classify": "client", "dicom-node": "client", "demo": "all", "loadtest": "loadtest",
-    "synth-data": "train", "train": "train", "zeroshot-proxy": "train",
+    "synth-data": "train", "train": "train", "prepare-data": "train", "zeroshot-proxy": "train",
 }
 
 
