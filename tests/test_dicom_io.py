@@ -242,7 +242,10 @@ def test_body_parts_refuse_another_body_part_and_pass_an_empty_one(tmp_path):
     knee = make_dicom(tmp_path / "knee.dcm", np.zeros((4, 4), np.uint16), bits_stored=12, BodyPartExamined="KNEE")
     with pytest.raises(InputError, match=r"knee\.dcm: body part 'KNEE' is not a chest \(accepted: CHEST, THORAX\)"):
         load_image(knee, body_parts=("CHEST", "THORAX"))
-    assert load_image(knee).pixels.shape == (4, 4)  # no body_parts: no check
+    # no body_parts: the one rule set's chest terms (cxrlt.contract.acceptance), for every path
+    with pytest.raises(InputError, match=r"body part 'KNEE' is not a chest \(accepted: CHEST, THORAX, TORAX"):
+        load_image(knee)
+    assert load_image(knee, body_parts=("KNEE",)).pixels.shape == (4, 4)  # an override replaces them
     unnamed = make_dicom(tmp_path / "unnamed.dcm", np.zeros((4, 4), np.uint16), bits_stored=12)
     assert load_image(unnamed, body_parts=("CHEST",)).pixels.shape == (4, 4)
     chest = make_dicom(tmp_path / "chest.dcm", np.zeros((4, 4), np.uint16), bits_stored=12, BodyPartExamined="Chest ")

@@ -131,7 +131,8 @@ async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | P
         dataset's SOPInstanceUID).
     image_id: the result's image_id (default: SOPInstanceUID for DICOM, the file stem otherwise).
     labels: keep only these findings in the result (and the SR).
-    body_parts: refuse a DICOM whose BodyPartExamined holds none of these terms (see load_image).
+    body_parts: the BodyPartExamined terms taken as a chest, replacing the default ones of the one rule
+        set (cxrlt.contract.acceptance, applied by load_image to every DICOM: modality, SOP class, body part).
     Raises :class:`ClassifyFailure` for every failure.
     """
     label = name if name is not None else _name(source)

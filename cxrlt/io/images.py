@@ -42,6 +42,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 
+from cxrlt.contract.acceptance import (ACCEPTED_MODALITIES, SECONDARY_CAPTURE_SOP_CLASSES,  # noqa: F401 (re-exported)
+                                       body_part_problem, modality_problem)
 from cxrlt.contract.labels import ACCEPTED_HINTS, projection_from_hint
 from cxrlt.contract.preprocessing import MAX_PIXELS
 
@@ -55,22 +57,6 @@ UINT16_MAX = 65535
 COLOUR_TOLERANCE = 8 / 255
 COLOUR_FRACTION = 0.01
 _BOMB = "decompression-bomb guard, checked before decoding"
-
-ACCEPTED_MODALITIES = ("CR", "DX")
-# Secondary Capture: exported/scanned films arrive with Modality OT (or anything else), so
-# these are accepted by SOP class regardless of Modality. The multi-frame grayscale SC
-# classes are accepted too, as long as they hold a single frame.
-SECONDARY_CAPTURE_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
-    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
-    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
-)
-# CR and DX SOP classes, for files that omit Modality (Type 1, but PACS exports vary).
-_RADIOGRAPHY_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.1",  # CR
-    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
-)
 
 # ViewCodeSequence (CID 4010 "DX View") -> ViewPosition term. Current SNOMED CT codes come
 # from pydicom's code dictionary; the legacy SNOMED RT (SRT) codes are what older
@@ -122,8 +108,9 @@ def load_image(source: str | Path | bytes | Dataset, name: str | Path | None = N
     messages and in ``LoadedImage.source`` (default: ``<bytes>``, or the dataset's
     SOPInstanceUID). The format is decided by content, not by extension: a DICOM file (with
     the 'DICM' preamble, or a bare dataset that pydicom can parse) or anything Pillow can open.
-    ``body_parts``: refuse a DICOM whose BodyPartExamined holds none of these (upper-case) terms,
-    from the header before anything is decoded (an empty BodyPartExamined passes); None: no check.
+    A DICOM is checked against the one rule set of cxrlt.contract.acceptance (modality, SOP class,
+    body part) from the header before anything is decoded. ``body_parts`` replaces the accepted
+    BodyPartExamined terms (default: CHEST_BODY_PARTS; an empty BodyPartExamined passes).
     """
     if isinstance(source, Dataset):
         return _load_dicom(Path(str(name or source.get("SOPInstanceUID", "") or "<dataset>")), source, body_parts)
@@ -181,12 +168,12 @@ def load_pixels(path: str | Path) -> np.ndarray:
 
 def _load_dicom(path: Path, ds: Dataset, body_parts: Sequence[str] | None = None) -> LoadedImage:
     try:
-        body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+        body_part = str(ds.get("BodyPartExamined", "") or "")
     except Exception:  # undecodable bytes: no claim either way
         body_part = ""
-    if body_parts is not None and body_part and not any(term in body_part for term in body_parts):
-        raise InputError(f"{path}: body part {body_part!r} is not a chest (accepted: {', '.join(body_parts)}); "
-                         "only chest radiographs are classified")
+    problem = body_part_problem(body_part, body_parts)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     _check_usable(path, ds)
     stored = _decode_pixels(path, ds)
     pixels = dicom_to_uint16(stored, ds, path)
@@ -231,15 +218,9 @@ def _try_bare_dicom(file: Any) -> Dataset | None:
 
 def _check_usable(path: Path, ds: Dataset) -> None:
     """Every refusal the header alone decides, before any pixel is decoded."""
-    sop_class = str(ds.get("SOPClassUID", ""))
-    modality = str(ds.get("Modality", "") or "").upper()
-    is_sc = sop_class in SECONDARY_CAPTURE_SOP_CLASSES
-    if not is_sc and modality not in ACCEPTED_MODALITIES:
-        if modality or sop_class not in _RADIOGRAPHY_SOP_CLASSES:
-            raise InputError(
-                f"{path}: modality {modality or 'unknown'!s} (SOP class {sop_class or 'unknown'}) "
-                "is not a chest radiograph; only CR, DX and Secondary Capture images are accepted"
-            )
+    problem = modality_problem(str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "")))
+    if problem:
+        raise InputError(f"{path}: {problem}")
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise InputError(

@@ -2,6 +2,6 @@
 radiographs classified by the server and stores a TID 1500 SR back (C-STORE or STOW-RS).
 Needs the `client` extra (pynetdicom, dicomweb-client)."""
 
-# BodyPartExamined values taken as a chest (upper case, matched as substrings); an empty or
-# absent BodyPartExamined is accepted. Local terms exist (TORAX, PECHO): `--body-parts` extends them.
-CHEST_BODY_PARTS = ("CHEST", "THORAX", "TORAX", "LUNG", "PECHO", "TORACE")
+# BodyPartExamined values taken as a chest: the one rule set every path applies
+# (cxrlt.contract.acceptance); the node's `--body-parts` replaces them.
+from cxrlt.contract.acceptance import CHEST_BODY_PARTS  # noqa: F401 (re-exported)

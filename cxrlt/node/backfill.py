@@ -18,16 +18,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from cxrlt.contract.acceptance import IMAGE_SOP_CLASSES
+
 __all__ = ["RADIOGRAPH_SOP_CLASSES", "backfill"]
 
-RADIOGRAPH_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.1",  # CR
-    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
-    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
-)
+# What a radiograph can arrive as (CR, DX, Secondary Capture): the one rule set's SOP classes. The
+# retrieved instances then pass the same header checks as every other path (load_image).
+RADIOGRAPH_SOP_CLASSES = IMAGE_SOP_CLASSES
 
 
 def _value(entry: dict[str, Any], tag: str) -> str:
