@@ -22,6 +22,7 @@ import torch
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_file_text
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
+from cxrlt.contract.ood_gate import ACTION_PARAMETER, DEFAULT_ACTION, GATE_FILE, THRESHOLD_PARAMETER
 from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
 from cxrlt.contract.profiles import Profile, QueuePolicy, get_profile
@@ -77,6 +78,7 @@ class BuildOptions:
     max_queue_size: int | None = None  # entry models' queue bound; None: the profile's
     queue_timeout_ms: int | None = None  # entry models' queue timeout; None: the profile's
     classifier: ClassifierSettings | None = None  # None: the profile's defaults
+    ood_action: str = DEFAULT_ACTION  # above the fitted gate's threshold: "refuse" or "flag" (cxrlt.contract.ood_gate)
     zeroshot: ZeroShotSettings | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +87,8 @@ class BuildOptions:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         member_execution(self.member_execution)
+        if self.ood_action not in ("refuse", "flag"):
+            raise ValueError(f"ood_action must be refuse or flag, not {self.ood_action!r}")
         if self.execution_provider not in EXECUTION_PROVIDERS:
             raise ValueError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not {self.execution_provider!r}")
         if self.member_execution == "in_process" and self.engine != "onnxruntime":
@@ -210,31 +214,41 @@ def sha256_json(value: Any) -> str:
 
 
 # What the served answers depend on, as the manifest records it: the weights and files, the text
-# cache (prompts), the pipeline settings; and the operating points, when the repository has them.
+# cache (prompts), the pipeline settings; and the weight-bound files at the repository root, those
+# of WEIGHT_BOUND_FILES it has (fitted on the networks' outputs or features: they travel with them).
 IDENTITY_FIELDS = ("models", "text_cache", "classifier", "zeroshot")
+WEIGHT_BOUND_FILES = (OPERATING_POINTS_FILE, GATE_FILE)
 IDENTITY_PARAMETER = "repository_sha256"  # the pipeline configs' copy of the identity
 PIPELINE_MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
 
 
-def repository_identity(manifest_fields: Mapping[str, Any], operating_points_sha256: str | None = None) -> str:
+def repository_identity(manifest_fields: Mapping[str, Any], files: Mapping[str, str] | str | None = None) -> str:
     """The repository's identity (``repository_sha256``): one hash over what the served answers
-    depend on (IDENTITY_FIELDS of the manifest, and the SHA-256 of its operating-points file when
-    there is one). The pipeline configs carry it: e.g. the DICOM node derives its SR UIDs from it."""
+    depend on: IDENTITY_FIELDS of the manifest and the SHA-256 of each weight-bound root file
+    (``files``: {file name: sha256}, see weight_bound_files; a plain string is the operating points'
+    SHA-256). The pipeline configs carry it: e.g. the DICOM node derives its SR UIDs from it."""
+    if isinstance(files, str):
+        files = {OPERATING_POINTS_FILE: files}
     covered = {field: manifest_fields[field] for field in IDENTITY_FIELDS}
-    if operating_points_sha256 is not None:
-        covered["operating_points_sha256"] = operating_points_sha256
+    for name, sha256 in sorted((files or {}).items()):
+        covered[f"{Path(name).stem}_sha256"] = sha256  # operating_points.json -> operating_points_sha256
     return sha256_json(covered)
+
+
+def weight_bound_files(repository: Path | str) -> dict[str, str]:
+    """{file name: sha256} of the WEIGHT_BOUND_FILES the repository has at its root."""
+    repository = Path(repository)
+    return {name: file_sha256(repository / name) for name in WEIGHT_BOUND_FILES if (repository / name).is_file()}
 
 
 def refresh_repository_identity(repository: Path | str) -> str:
     """Recompute a built repository's identity after an edit (ensemble weights, operating points,
-    text cache) and write it into the manifest and the three pipeline configs."""
+    gate, text cache) and write it into the manifest and the three pipeline configs."""
     from cxrlt.contract.model_config import set_config_parameters
 
     repository = Path(repository)
     manifest = read_manifest(repository)
-    points = repository / OPERATING_POINTS_FILE
-    identity = repository_identity(manifest, file_sha256(points) if points.is_file() else None)
+    identity = repository_identity(manifest, weight_bound_files(repository))
     for model in PIPELINE_MODELS:
         set_config_parameters(repository / model / "config.pbtxt", {IDENTITY_PARAMETER: identity})
     manifest[IDENTITY_PARAMETER] = identity
@@ -247,7 +261,9 @@ def pipeline_parameters(options: BuildOptions, profile: Profile, classifier: Cla
     """The config parameters of the three pipeline models, by model name."""
     queue = options.queue_policy(profile)
     # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
-    flag = {"random_weights": "true" if random_weights else "false", IDENTITY_PARAMETER: identity}
+    flag = {"random_weights": "true" if random_weights else "false", IDENTITY_PARAMETER: identity,
+            # the out-of-distribution gate: what to do above its threshold, and the threshold (set when fitted)
+            ACTION_PARAMETER: options.ood_action, THRESHOLD_PARAMETER: ""}
     # The pipelines stack every merged request's images into one call per network, sliced to
     # what the network models accept.
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),

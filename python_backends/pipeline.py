@@ -27,10 +27,12 @@ from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, parse_tasks, z
 # What each task can answer; a config declares which of them it serves (cxr_findings: no LOGITS
 # or SIMILARITIES, its PROBABILITIES are both tasks' concatenated). DECISIONS and
 # CALIBRATED_PROBABILITIES follow PROBABILITIES, through the repository's operating points.
-DECIDED_OUTPUTS = ("PROBABILITIES", "DECISIONS", "CALIBRATED_PROBABILITIES")
+# OOD_SCORE: the out-of-distribution gate's score of the image (python_backends.gate; NaN without one).
+DECIDED_OUTPUTS = ("PROBABILITIES", "DECISIONS", "CALIBRATED_PROBABILITIES", "OOD_SCORE")
 TASK_OUTPUTS = {CLASSIFIER_TASK: (*DECIDED_OUTPUTS, "LOGITS", "PROJECTION", "PROJECTION_SCORE"),
                 ZEROSHOT_TASK: (*DECIDED_OUTPUTS, "SIMILARITIES")}
 TASK_LABELS = {CLASSIFIER_TASK: TASK1_LABELS, ZEROSHOT_TASK: TASK2_LABELS}
+from python_backends.gate import ServedGate
 from python_backends.triton_params import parameters, require
 from python_backends.zeroshot import ZeroShotPipeline
 
@@ -48,6 +50,7 @@ class ServedPipeline:
     outputs: tuple[str, ...]  # the outputs the model's config declares, and so what each answer holds
     labels: tuple[str, ...] = ()  # the findings of PROBABILITIES, in order
     operating_points: OperatingPoints | None = None  # None: no decisions (DECISIONS all NO_DECISION)
+    gate: ServedGate = dataclasses.field(default_factory=ServedGate)  # unfitted: OOD_SCORE NaN, nothing refused
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ServedPipeline":
@@ -73,7 +76,9 @@ class ServedPipeline:
         if unknown:
             raise ValueError(f"the config declares outputs {sorted(unknown)} that tasks {','.join(tasks)} do not produce")
         labels = tuple(label for task in tasks for label in TASK_LABELS[task])
-        return cls(classifier, zeroshot, outputs, labels, _operating_points(params))
+        gate = ServedGate.from_args(args, params, lambda: bls.network_infer(
+            args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"}, own_max_batch_size=own_batch), zeroshot)
+        return cls(classifier, zeroshot, outputs, labels, _operating_points(params), gate)
 
     async def execute(self, requests: Sequence[Any]) -> list:
         return await bls.answer_each(requests, self._items, self._run_many, self._response)
@@ -85,12 +90,14 @@ class ServedPipeline:
         return list(zip(images, bls.projection_hints(bls.get_input(request, "PROJECTION_HINT"), len(images))))
 
     async def _run_many(self, items: list[tuple[np.ndarray, str | None]]) -> list:
-        runs = []
-        if self.classifier is not None:
-            runs.append(self.classifier.classify_many(items))
+        """Per image (Task 1's outcome?, the gate's score, the zero-shot outcome?) or its first error.
+        The CLIP embeddings run beside Task 1 and serve both the gate and the zero-shot task."""
+        runs = [self.classifier.classify_many(items)] if self.classifier is not None else []
+        runs.append(self.gate.embed_many([image for image, _ in items], self.zeroshot))
+        *per_task, embeddings = await asyncio.gather(*runs)
+        per_task.append(self.gate.judge(embeddings))
         if self.zeroshot is not None:
-            runs.append(self.zeroshot.score_many([image for image, _ in items]))
-        per_task = await asyncio.gather(*runs)
+            per_task.append(self.zeroshot.scores(embeddings))
         return [_first_error(outcomes) or outcomes for outcomes in zip(*per_task)]
 
     def _response(self, results: list[tuple]) -> Any:
@@ -104,6 +111,7 @@ class ServedPipeline:
             tensors["LOGITS"] = np.stack([c.logits for c in task1])
             tensors["PROJECTION"] = np.array([[c.projection.encode()] for c in task1], dtype=np.object_)
             tensors["PROJECTION_SCORE"] = np.array([[c.projection_score] for c in task1], dtype=np.float32)
+        tensors["OOD_SCORE"] = np.array([[r[1 if self.classifier is not None else 0]] for r in results], dtype=np.float32)
         if self.zeroshot is not None:
             task2 = [r[-1] for r in results]
             probabilities.append(np.stack([p for p, _ in task2]))

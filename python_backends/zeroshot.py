@@ -64,31 +64,52 @@ class ZeroShotPipeline:
     async def score_many(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         """Each image's (probabilities, similarities), or the exception that stopped it; the
         images that pass their checks share one encoder call."""
-        outcomes: list = [None] * len(images)
-        inputs: dict[int, np.ndarray] = {}
-        for index, image in enumerate(images):
-            try:
-                validate_served_image(image, self.settings.max_pixels)
-                check_not_constant(image)
-                inputs[index] = preprocess(image, self.settings.preprocess)[0]
-            except ImageError as exc:
-                outcomes[index] = RequestError(str(exc))
-            except Exception as exc:  # this image alone: the others go on
-                outcomes[index] = exc
-        if not inputs:
-            return outcomes
-        try:
-            embeddings = await self.infer(ENCODER_MODEL, np.stack(list(inputs.values())))
-        except Exception as exc:  # the encoder serves every image: all of them learn why
-            for index in inputs:
-                outcomes[index] = exc
-            return outcomes
+        return self.scores(await self.embed_many(images))
+
+    async def embed_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray | Exception]:
+        """Each image's CLIP embedding (what the out-of-distribution gate scores too), or its exception."""
+        return await embed_many(images, self.settings.preprocess, self.settings.max_pixels, self.infer)
+
+    def scores(self, embeddings: Sequence[np.ndarray | Exception]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+        """(probabilities, similarities) of each embedding; an exception stays the image's outcome."""
         negative = self.cache.negative if self.settings.scoring == "softmax" else None
-        for index, embedding in zip(inputs, embeddings):
+        outcomes: list = []
+        for embedding in embeddings:
+            if isinstance(embedding, BaseException):
+                outcomes.append(embedding)
+                continue
             try:
                 probabilities, similarities = ensemble.zeroshot_scores(embedding, self.cache.positive, negative, self.settings.alpha)
                 check_finite_output(probabilities, "cxr_zeroshot probabilities")
-                outcomes[index] = (probabilities, similarities)
+                outcomes.append((probabilities, similarities))
             except Exception as exc:
-                outcomes[index] = exc
+                outcomes.append(exc)
         return outcomes
+
+
+async def embed_many(images: Sequence[np.ndarray], config: PreprocessConfig, max_pixels: int,
+                     infer: Infer) -> list[np.ndarray | Exception]:
+    """The CLIP image embedding of each image, or the exception that stopped it: the served image
+    checks, the CLIP preprocessing, then one encoder call for every image that passed."""
+    outcomes: list = [None] * len(images)
+    inputs: dict[int, np.ndarray] = {}
+    for index, image in enumerate(images):
+        try:
+            validate_served_image(image, max_pixels)
+            check_not_constant(image)
+            inputs[index] = preprocess(image, config)[0]
+        except ImageError as exc:
+            outcomes[index] = RequestError(str(exc))
+        except Exception as exc:  # this image alone: the others go on
+            outcomes[index] = exc
+    if not inputs:
+        return outcomes
+    try:
+        embeddings = await infer(ENCODER_MODEL, np.stack(list(inputs.values())))
+    except Exception as exc:  # the encoder serves every image: all of them learn why
+        for index in inputs:
+            outcomes[index] = exc
+        return outcomes
+    for index, embedding in zip(inputs, embeddings):
+        outcomes[index] = embedding
+    return outcomes

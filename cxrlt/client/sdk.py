@@ -38,6 +38,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -49,6 +50,7 @@ import numpy as np
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
+from cxrlt.contract.ood_gate import THRESHOLD_PARAMETER as OOD_THRESHOLD_PARAMETER
 from cxrlt.contract.operating_points import CONFIG_PARAMETER as OPERATING_POINTS_PARAMETER
 from cxrlt.contract.operating_points import NO_DECISION, OperatingPoints
 from cxrlt.contract.results import Decision, FindingsResult
@@ -218,6 +220,8 @@ class ModelInfo:
     repository: Repository | None = None  # the served repository's identity (None: no pipeline config read)
     decides: bool = False  # the model answers DECISIONS and CALIBRATED_PROBABILITIES
     operating_points: OperatingPoints | None = None  # the served table (None: the repository has none)
+    ood_scored: bool = False  # the model answers OOD_SCORE
+    ood_threshold: float | None = None  # the fitted gate's threshold in force (None: no gate fitted)
 
 
 def _output_dim(config: Any, name: str) -> int | None:
@@ -225,6 +229,25 @@ def _output_dim(config: Any, name: str) -> int | None:
         if output.name == name:
             return int(output.dims[-1]) if output.dims else None
     return None
+
+
+def _ood_threshold(parameters: Mapping[str, str]) -> float | None:
+    """The served gate's threshold (config parameter ood_threshold; empty or absent: no gate fitted)."""
+    try:
+        value = float(parameters.get(OOD_THRESHOLD_PARAMETER, "") or "nan")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _ood(response: Any, info: ModelInfo) -> dict[str, Any]:
+    """The result's gate fields: OOD_SCORE, the threshold and the flag (none without a fitted gate)."""
+    if not info.ood_scored or info.ood_threshold is None:
+        return {}
+    score = float(np.asarray(response.as_numpy("OOD_SCORE")).reshape(-1)[0])
+    if not math.isfinite(score):
+        return {}
+    return {"ood_score": score, "ood_threshold": info.ood_threshold, "out_of_distribution": score > info.ood_threshold}
 
 
 def _valid_hint(hint: str | None) -> bool:
@@ -564,6 +587,8 @@ class AsyncCxrltClient:
         names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in _ROUTED_MODELS else ["PROBABILITIES"]
         if info.decides and info.operating_points is not None:
             names += ["DECISIONS", "CALIBRATED_PROBABILITIES"]
+        if info.ood_scored:
+            names.append("OOD_SCORE")
         return [self._grpcclient.InferRequestedOutput(name) for name in names]
 
     def _model_info(self, configs: dict[str, Any]) -> ModelInfo:
@@ -590,6 +615,8 @@ class AsyncCxrltClient:
             repository=repository_identity(served),
             decides=_output_dim(config, "DECISIONS") is not None,
             operating_points=self._served_operating_points(own_config),
+            ood_scored=_output_dim(config, "OOD_SCORE") is not None,
+            ood_threshold=_ood_threshold(own_config),
         )
 
     def _served_operating_points(self, parameters: Mapping[str, str]) -> OperatingPoints | None:
@@ -653,6 +680,7 @@ class AsyncCxrltClient:
             attempts=attempts,
             repository_sha256=info.repository.sha256 if info.repository else None,
             **self._decisions(response, info, projection or None),
+            **_ood(response, info),
         )
 
     def _decisions(self, response: Any, info: ModelInfo, projection: str | None) -> dict[str, Any]:

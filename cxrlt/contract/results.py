@@ -40,6 +40,12 @@ class FindingsResult:
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     source: str | None = None  # the path (or name) the image came from
+    # The out-of-distribution gate (docs/gate.md): the image's OOD_SCORE, the threshold in force, and
+    # whether the score is above it (an image the server answered despite that: ood_action "flag");
+    # all None when the repository has no fitted gate
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    out_of_distribution: bool | None = None
 
     def task1(self) -> dict[str, float]:
         return {label: self.probabilities[label] for label in TASK1_LABELS if label in self.probabilities}

@@ -2,7 +2,8 @@
 check, encode the zero-shot prompts, and write a complete Triton model repository.
 
 With --operating-points-data, the built repository also gets its operating points and
-calibration, chosen on that CSV's validation split as `cxrlt operating-points` does."""
+calibration, chosen on that CSV's validation split as `cxrlt operating-points` does. With
+--reference-images, it gets its out-of-distribution gate (docs/gate.md), fitted on those images."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the split `cxrlt train` held out) and write them into the repository")
     parser.add_argument("--operating-points-policy", type=policy_argument, default="youden", metavar="POLICY",
                         help="with --operating-points-data: youden, f1, sensitivity=X or ppv=X (see `cxrlt operating-points`)")
+    parser.add_argument("--reference-images", type=Path, metavar="DIR|CSV",
+                        help="fit the out-of-distribution gate on these in-distribution images: a folder (DICOM or "
+                             "PNG files below it) or a CXR-LT label CSV (its training split); see docs/gate.md")
+    parser.add_argument("--ood-percentile", type=float, default=99.0, metavar="P",
+                        help="with --reference-images: the gate's threshold is this percentile of the distances of "
+                             "reference images held out of the fit (default 99: about 1 %% of such images refused)")
+    parser.add_argument("--ood-action", default="refuse", choices=["refuse", "flag"],
+                        help="above the gate's threshold: refuse the image with INVALID_ARGUMENT (default) or only "
+                             "report OOD_SCORE (the client flags it); the config parameter ood_action")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"),
         execution_provider=args.execution_provider, tensorrt=args.tensorrt, classifier=classifier,
         engine="torchscript" if args.engine == "torch" else args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
-        max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
+        max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms, ood_action=args.ood_action,
     )
     with console.status("building repository") as status:
         manifest = build_repository(args.repo, options, on_step=lambda message: status.update(message))
@@ -96,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     if args.operating_points_data:
         add_operating_points(console, args.repo, args.operating_points_data, args.operating_points_policy)
+    if args.reference_images:
+        add_gate(console, args.repo, args.reference_images, args.ood_percentile)
     if manifest["random_weights"]:
         warn_random_weights(manifest["warning"])
     console.print(f"serve it with: cxrlt serve --repo {args.repo}")
@@ -113,3 +125,15 @@ def add_operating_points(console, repo: Path, data: Path, policy) -> None:
     print_choice(console, choice, "val")
     record = write_operating_points(repo, choice.points)
     console.print(f"wrote {repo / record['file']}; repository_sha256 {record['repository_sha256'][:12]}...")
+
+
+def add_gate(console, repo: Path, source: Path, percentile: float) -> None:
+    """Fit the out-of-distribution gate on `source`'s images, in process, and write it into `repo`."""
+    from evaluation.ood_sets import reference_images
+    from exporters.ood_gate import fit_repository_gate
+
+    with console.status("fitting the out-of-distribution gate on the reference images"):
+        record = fit_repository_gate(repo, reference_images(source), str(source), percentile=percentile)
+    console.print(f"wrote {repo / record['file']}: Mahalanobis distance of the CLIP embeddings, fitted on "
+                  f"{record['fit_images']} images, threshold {record['threshold']:.2f} (the {record['percentile']:g}th "
+                  f"percentile of {record['heldout_images']} held-out ones); repository_sha256 {record['repository_sha256'][:12]}...")

@@ -1,0 +1,140 @@
+"""Fitting the out-of-distribution gate of a built repository (`cxrlt build-repo --reference-images`).
+
+The reference images go through the served CLIP image encoder (the repository's own ONNX file, with
+the zero-shot preprocessing); a seeded share is held out, a Gaussian with a Ledoit-Wolf shrunk
+covariance is fitted to the rest, and the threshold is a percentile (default the 99th) of the
+held-out images' Mahalanobis distances. The gate (cxrlt.contract.ood_gate.GATE_FILE) is written at
+the repository root, recorded in the manifest, its threshold in the pipeline configs, and the
+repository's identity is refreshed so that it covers the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from cxrlt.contract.manifest import MANIFEST, read_manifest
+from cxrlt.contract.ood_gate import DEFAULT_PERCENTILE, FEATURE, GATE_FILE, THRESHOLD_PARAMETER, OodGate
+from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, check_not_constant, preprocess, validate_served_image
+from cxrlt.contract.served import ENCODER_MODEL
+from cxrlt.contract.text_cache import ENCODER_RECORD
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_SEED = 0
+MIN_FIT_IMAGES = 20
+
+
+def encoder_preprocess(repository: Path | str) -> PreprocessConfig:
+    """The CLIP preprocessing the repository's zero-shot task serves (so the gate sees what it will score)."""
+    return PreprocessConfig.from_parameters(read_manifest(repository)["zeroshot"])
+
+
+class Embedder:
+    """The repository's CLIP image encoder (its ONNX file, onnxruntime on CPU) after the served
+    image checks and preprocessing: images -> embeddings [N, D]."""
+
+    def __init__(self, repository: Path | str, batch: int = 16) -> None:
+        import onnxruntime
+
+        repository = Path(repository)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(repository / ENCODER_MODEL / "1" / "model.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.config = encoder_preprocess(repository)
+        self.batch = batch
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings of images that pass the served checks (those that do not raise ImageError)."""
+        pixels = []
+        for image in images:
+            validate_served_image(image)
+            check_not_constant(image)
+            pixels.append(preprocess(image, self.config)[0])
+        if not pixels:
+            return np.zeros((0, 0), np.float32)
+        out = [self.session.run(None, {"pixel_values": np.stack(pixels[i : i + self.batch]).astype(np.float32)})[0]
+               for i in range(0, len(pixels), self.batch)]
+        return np.concatenate(out)
+
+    def embed_each(self, images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
+        """(embeddings of the usable images, how many were skipped by the served image checks)."""
+        usable, skipped = [], 0
+        for image in images:
+            try:
+                validate_served_image(image)
+                check_not_constant(image)
+            except ImageError:
+                skipped += 1
+                continue
+            usable.append(image)
+        return self(usable), skipped
+
+
+def fit_gate(embeddings: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, holdout_fraction: float = HOLDOUT_FRACTION,
+             seed: int = HOLDOUT_SEED, meta: Mapping[str, Any] | None = None) -> OodGate:
+    """A gate fitted on a seeded (1 - holdout_fraction) share of `embeddings` [N, D] (Ledoit-Wolf),
+    its threshold the `percentile` of the held-out rows' distances."""
+    from sklearn.covariance import LedoitWolf
+
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    count = len(embeddings)
+    held = int(round(count * holdout_fraction))
+    if count - held < MIN_FIT_IMAGES or held < 1:
+        raise ValueError(f"{count} reference images are too few to fit the gate and hold some out; "
+                         f"give at least {int(np.ceil(MIN_FIT_IMAGES / (1 - holdout_fraction))) + 1}")
+    order = np.random.default_rng(seed).permutation(count)
+    fit_rows, held_rows = order[held:], order[:held]
+    estimator = LedoitWolf().fit(embeddings[fit_rows])
+    probe = OodGate(estimator.location_, estimator.precision_, 1.0)
+    held_scores = probe.score(embeddings[held_rows])
+    threshold = float(np.percentile(held_scores, percentile))
+    record = {
+        **(meta or {}), "feature": FEATURE, "fit_images": int(len(fit_rows)), "heldout_images": int(held),
+        "heldout_fraction": holdout_fraction, "heldout_seed": seed, "percentile": percentile,
+        "shrinkage": float(estimator.shrinkage_), "threshold": threshold,
+        "heldout_scores": {q: float(np.percentile(held_scores, float(q))) for q in ("50", "90", "95", "99", "100")},
+        "heldout_refused": float(np.mean(held_scores > threshold)),
+    }
+    return OodGate(estimator.location_, estimator.precision_, threshold, record)
+
+
+def fit_repository_gate(repository: Path | str, images: Iterable[np.ndarray], source: str, *,
+                        percentile: float = DEFAULT_PERCENTILE, holdout_fraction: float = HOLDOUT_FRACTION,
+                        seed: int = HOLDOUT_SEED) -> dict[str, Any]:
+    """Fit the gate of a built repository on the in-distribution reference `images` (named `source` in
+    the record; evaluation.ood_sets.reference_images reads a folder or a label CSV's training split)
+    and write it in. Returns the manifest record (and the refreshed repository_sha256)."""
+    repository = Path(repository)
+    embeddings, skipped = Embedder(repository).embed_each(images)
+    encoder = json.loads((repository / ENCODER_MODEL / "1" / ENCODER_RECORD).read_text())
+    meta = {"reference_images": str(source), "skipped_images": skipped, "encoder_weights_sha256": encoder["weights_sha256"],
+            "preprocess": encoder_preprocess(repository).to_parameters()}
+    gate = fit_gate(embeddings, percentile=percentile, holdout_fraction=holdout_fraction, seed=seed, meta=meta)
+    return write_gate(repository, gate)
+
+
+def write_gate(repository: Path | str, gate: OodGate) -> dict[str, Any]:
+    """Write `gate` into a built repository: GATE_FILE at its root, the threshold in the three pipeline
+    configs (`ood_threshold`), the manifest's `ood_gate` record, and the identity that covers the file."""
+    from cxrlt.contract.model_config import set_config_parameters
+    from exporters.build_repo import PIPELINE_MODELS, refresh_repository_identity
+    from networks.checkpoints import file_sha256
+
+    repository = Path(repository)
+    path = gate.save(repository / GATE_FILE)
+    for model in PIPELINE_MODELS:
+        set_config_parameters(repository / model / "config.pbtxt", {THRESHOLD_PARAMETER: repr(float(gate.threshold))})
+    manifest = read_manifest(repository)
+    record = {"file": GATE_FILE, "sha256": file_sha256(path), "dim": gate.dim,
+              **{k: v for k, v in gate.meta.items() if k != "preprocess"}}
+    manifest["ood_gate"] = record
+    (repository / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    record["repository_sha256"] = refresh_repository_identity(repository)
+    return record
