@@ -1,7 +1,8 @@
 """Training end to end on the synthetic data set (tiny profile, CPU), trained once per module:
 
-synth-data -> train every recipe -> build-repo --checkpoints -> a real tritonserver ->
-evaluate (server vs PyTorch) -> tune-weights -> zero-shot proxy; plus resume.
+synth-data -> train every recipe -> build-repo --checkpoints (with operating points and
+calibration chosen on the validation split) -> a real tritonserver -> evaluate (server vs
+PyTorch) -> tune-weights -> zero-shot proxy; plus resume.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def trained(synth_csv, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo(trained, tmp_path_factory) -> Path:
+def repo(trained, synth_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repo") / "tiny"
-    cli("build-repo", "--profile", "tiny", "--checkpoints", trained, "--out", out)
+    cli("build-repo", "--profile", "tiny", "--checkpoints", trained, "--out", out, "--operating-points-data", synth_csv)
     return out
 
 
@@ -243,8 +244,35 @@ def test_repository_serves_the_trained_checkpoints(repo, trained):
         assert Path(entry["checkpoint"]) == checkpoint_path(trained, expected)
 
 
-def test_served_map_equals_pytorch_map(server, trained, synth_csv, tmp_path):
-    cli("evaluate", "--data", synth_csv, "--url", server.endpoints.grpc, "--out", tmp_path / "served")
+def test_repository_carries_operating_points_and_calibration(repo):
+    """build-repo --operating-points-data: points on the validation split, calibration, and an
+    identity that covers the file (what the pipeline configs serve)."""
+    from cxrlt.contract.labels import TASK2_LABELS
+    from cxrlt.contract.operating_points import OPERATING_POINTS_FILE, OperatingPoints, load_operating_points
+    from exporters.build_repo import PIPELINE_MODELS, repository_identity
+    from networks.checkpoints import file_sha256
+
+    points = load_operating_points(repo)
+    assert points is not None and str(points.policy) == "youden" and points.calibrated
+    assert points.source["split"] == "val" and points.source["bootstrap"]["resampled"] == "patient"
+    assert {"frontal", "lateral"} & set(points.points["Normal"])  # a common finding gets projection points
+    assert set(TASK2_LABELS) & set(points.points)  # the synthetic CSV has the zero-shot columns
+    mece = points.source["mECE"]
+    assert mece["calibrated"] <= mece["uncalibrated"]
+    manifest = read_manifest(repo)
+    identity = manifest["repository_sha256"]
+    assert identity != repository_identity(manifest)  # the points changed it...
+    assert identity == repository_identity(manifest, file_sha256(repo / OPERATING_POINTS_FILE))  # ...and it covers them
+    assert manifest["operating_points"]["sha256"] == file_sha256(repo / OPERATING_POINTS_FILE)
+    for model in PIPELINE_MODELS:
+        params = config_parameters(repo / model / "config.pbtxt")
+        assert params["repository_sha256"] == identity
+        assert OperatingPoints.from_json(params["operating_points"]).policy == points.policy
+    assert config_parameters(repo / "cxr_classifier" / "config.pbtxt")["calibrated"] == "true"
+
+
+def test_served_map_equals_pytorch_map(server, repo, trained, synth_csv, tmp_path):
+    cli("evaluate", "--data", synth_csv, "--url", server.endpoints.grpc, "--repo", repo, "--out", tmp_path / "served")
     cli("evaluate", "--data", synth_csv, "--checkpoints", trained, "--profile", "tiny", "--out", tmp_path / "torch")
     served = json.loads((tmp_path / "served" / "metrics.json").read_text())
     direct = json.loads((tmp_path / "torch" / "metrics.json").read_text())
@@ -259,6 +287,11 @@ def test_served_map_equals_pytorch_map(server, trained, synth_csv, tmp_path):
     assert served["mAP"] > 0.5  # the served ensemble, far above prevalence
     assert set(served["groups"]) == {"head", "medium", "tail"}
     assert (tmp_path / "served" / "per_class.csv").is_file()
+    # the repository's operating points and calibration, measured on the served validation predictions
+    decisions = served["operating_points"]
+    assert decisions["stale"] is False and decisions["calibrated"] is True
+    assert decisions["mECE_uncalibrated"] == pytest.approx(served["mECE"], abs=1e-9)
+    assert decisions["mECE_calibrated"] <= decisions["mECE_uncalibrated"] + 1e-6
     with open(tmp_path / "served" / "predictions.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][:2] == ["ImageID", TASK1_LABELS[0]] and len(rows) == served["images"] + 1
@@ -284,6 +317,7 @@ def test_tune_weights_changes_served_weights_and_beats_single_members(repo, synt
     cli("evaluate", "--data", synth_csv, "--repo", tuned, "--engine", "onnxruntime", "--out", tmp_path / "eval")
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["mAP"] == pytest.approx(report["mAP_after"], abs=1e-6)
+    assert measured["operating_points"]["stale"] is True  # chosen for the weights tune-weights replaced
     assert read_manifest(tuned)["classifier"]["weights_frontal"] == after["weights_frontal"]
 
 
