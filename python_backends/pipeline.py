@@ -33,6 +33,7 @@ TASK_OUTPUTS = {CLASSIFIER_TASK: (*DECIDED_OUTPUTS, "LOGITS", "PROJECTION", "PRO
                 ZEROSHOT_TASK: (*DECIDED_OUTPUTS, "SIMILARITIES")}
 TASK_LABELS = {CLASSIFIER_TASK: TASK1_LABELS, ZEROSHOT_TASK: TASK2_LABELS}
 from python_backends.gate import ServedGate
+from python_backends.monitoring import PipelineMetrics
 from python_backends.triton_params import parameters, require
 from python_backends.zeroshot import ZeroShotPipeline
 
@@ -51,6 +52,7 @@ class ServedPipeline:
     labels: tuple[str, ...] = ()  # the findings of PROBABILITIES, in order
     operating_points: OperatingPoints | None = None  # None: no decisions (DECISIONS all NO_DECISION)
     gate: ServedGate = dataclasses.field(default_factory=ServedGate)  # unfitted: OOD_SCORE NaN, nothing refused
+    metrics: PipelineMetrics | None = None  # the cxrlt_* metrics on Triton's /metrics (python_backends.monitoring)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ServedPipeline":
@@ -78,10 +80,19 @@ class ServedPipeline:
         labels = tuple(label for task in tasks for label in TASK_LABELS[task])
         gate = ServedGate.from_args(args, params, lambda: bls.network_infer(
             args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"}, own_max_batch_size=own_batch), zeroshot)
-        return cls(classifier, zeroshot, outputs, labels, _operating_points(params), gate)
+        return cls(classifier, zeroshot, outputs, labels, _operating_points(params), gate,
+                   PipelineMetrics.from_args(args, params, labels))
 
     async def execute(self, requests: Sequence[Any]) -> list:
-        return await bls.answer_each(requests, self._items, self._run_many, self._response)
+        return await bls.answer_each(requests, self._counted_items if self.metrics else self._items,
+                                     self._run_many, self._response)
+
+    def _counted_items(self, request: Any) -> list[tuple[np.ndarray, str | None]]:
+        try:
+            return self._items(request)
+        except Exception as exc:
+            self.metrics.refused_errors([exc])
+            raise
 
     def _items(self, request: Any) -> list[tuple[np.ndarray, str | None]]:
         images = bls.required_input(request, "IMAGE")
@@ -98,7 +109,10 @@ class ServedPipeline:
         per_task.append(self.gate.judge(embeddings))
         if self.zeroshot is not None:
             per_task.append(self.zeroshot.scores(embeddings))
-        return [_first_error(outcomes) or outcomes for outcomes in zip(*per_task)]
+        results = [_first_error(outcomes) or outcomes for outcomes in zip(*per_task)]
+        if self.metrics is not None:
+            self.metrics.refused_errors(results)
+        return results
 
     def _response(self, results: list[tuple]) -> Any:
         tensors: dict[str, np.ndarray] = {}
@@ -118,6 +132,11 @@ class ServedPipeline:
             tensors["SIMILARITIES"] = np.stack([s for _, s in task2])
         tensors["PROBABILITIES"] = np.concatenate(probabilities, axis=1).astype(np.float32)
         tensors.update(self._decided(tensors["PROBABILITIES"], projections))
+        if self.metrics is not None:
+            routed = [r[0] for r in results] if self.classifier is not None else None
+            self.metrics.classified(tensors["PROBABILITIES"], tensors["DECISIONS"], projections,
+                                    routed and ["hint" if c.hint_used else "router" for c in routed],
+                                    routed and [c.projection_score for c in routed], tensors.get("OOD_SCORE"))
         return bls.response({name: tensors[name] for name in self.outputs})
 
     def _decided(self, probabilities: np.ndarray, projections: list[str | None]) -> dict[str, np.ndarray]:

@@ -76,6 +76,70 @@ class InferenceRequest:
         return InferenceResponse([Tensor(name, result[name]) for name in self.outputs])
 
 
+class Metric:
+    """One labelled metric of a fake MetricFamily: a counter's or gauge's value, or a histogram's
+    observations (`calls` counts the messages a real stub would send to Triton)."""
+
+    def __init__(self, family: "MetricFamily", labels: dict[str, str], buckets: list[float] | None = None):
+        self.family, self.labels, self.buckets = family, dict(labels), buckets
+        self._value, self.observations, self.calls = 0.0, [], 0
+
+    def increment(self, value: float) -> None:
+        if self.family.kind != MetricFamily.COUNTER or value < 0:
+            raise ValueError("increment: a counter only goes up")
+        self._value += value
+        self.calls += 1
+
+    def set(self, value: float) -> None:
+        if self.family.kind != MetricFamily.GAUGE:
+            raise ValueError("set: gauges only")
+        self._value = value
+        self.calls += 1
+
+    def observe(self, value: float) -> None:
+        if self.family.kind != MetricFamily.HISTOGRAM:
+            raise ValueError("observe: histograms only")
+        self.observations.append(float(value))
+        self.calls += 1
+
+    def value(self) -> float:
+        return self._value
+
+
+class MetricFamily:
+    """pb_utils.MetricFamily as the stub has it: COUNTER, GAUGE, HISTOGRAM; one family per name (a
+    second with the same name and kind is the same family, as Triton shares it across instances)."""
+
+    COUNTER, GAUGE, HISTOGRAM = "COUNTER", "GAUGE", "HISTOGRAM"
+    REGISTRY: dict[str, "MetricFamily"] = {}
+
+    def __init__(self, name: str, description: str, kind: str):
+        known = MetricFamily.REGISTRY.get(name)
+        if known is not None and known.kind != kind:
+            raise ValueError(f"metric family {name!r} exists with another kind")
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: dict[tuple, Metric] = known.metrics if known is not None else {}
+        MetricFamily.REGISTRY[name] = self
+
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> Metric:  # noqa: N802 - the stub's name
+        if (self.kind == MetricFamily.HISTOGRAM) != (buckets is not None):
+            raise ValueError("a histogram metric needs buckets, and only a histogram takes them")
+        key = tuple(sorted(labels.items()))
+        if key not in self.metrics:
+            self.metrics[key] = Metric(self, labels, buckets)
+        return self.metrics[key]
+
+
+def metric(name: str, **labels: str) -> Metric | None:
+    """The fake metric of family `name` with exactly these labels, or None."""
+    family = MetricFamily.REGISTRY.get(name)
+    return family.metrics.get(tuple(sorted(labels.items()))) if family is not None else None
+
+
+def reset_metrics() -> None:
+    MetricFamily.REGISTRY.clear()
+
+
 def get_input_tensor_by_name(request, name):
     return next((t for t in request.inputs if t.name() == name), None)
 

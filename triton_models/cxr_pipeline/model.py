@@ -19,3 +19,7 @@ class TritonPythonModel:
         # Every image of every request the dynamic batcher merged shares the network calls;
         # a bad request fails alone.
         return await self.pipeline.execute(requests)
+
+    def finalize(self):
+        if self.pipeline.metrics is not None:  # stop the metrics' flusher thread, send the last counts
+            self.pipeline.metrics.close()
