@@ -187,6 +187,7 @@ class Choice:
     images: int
     units: int  # patients (or images) the bootstrap resampled
     grouped_by: str  # "patient" or "image"
+    predictions: Any = None  # evaluation.evaluate.Predictions they were chosen on (operating_points_from_data)
 
     @property
     def mECE(self) -> tuple[float, float]:
@@ -291,9 +292,11 @@ def operating_points_from_data(repository: str | os.PathLike, data_csv: str | os
     record = {"data": str(data_csv), "split": split, "val_fraction": val_fraction, "split_seed": split_seed,
               "hints": use_hints, "chosen_for_repository_sha256": repository_identity(read_manifest(repository)),
               **(source or {})}
-    return choose_operating_points(predictions.labels, predictions.probabilities, list(labels),
-                                   predictions.projections_used, predictions.patient_ids, policy,
-                                   resamples=resamples, seed=seed, source=record)
+    choice = choose_operating_points(predictions.labels, predictions.probabilities, list(labels),
+                                     predictions.projections_used, predictions.patient_ids, policy,
+                                     resamples=resamples, seed=seed, source=record)
+    choice.predictions = predictions  # the monitoring baseline is computed from the same predictions
+    return choice
 
 
 # ------------------------------------------------------------------------------ writing

@@ -22,6 +22,7 @@ import torch
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_file_text
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
+from cxrlt.contract.monitoring import MONITORING_BASELINE_FILE
 from cxrlt.contract.ood_gate import ACTION_PARAMETER, DEFAULT_ACTION, GATE_FILE, THRESHOLD_PARAMETER
 from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
@@ -217,7 +218,7 @@ def sha256_json(value: Any) -> str:
 # cache (prompts), the pipeline settings; and the weight-bound files at the repository root, those
 # of WEIGHT_BOUND_FILES it has (fitted on the networks' outputs or features: they travel with them).
 IDENTITY_FIELDS = ("models", "text_cache", "classifier", "zeroshot")
-WEIGHT_BOUND_FILES = (OPERATING_POINTS_FILE, GATE_FILE)
+WEIGHT_BOUND_FILES = (OPERATING_POINTS_FILE, GATE_FILE, MONITORING_BASELINE_FILE)
 IDENTITY_PARAMETER = "repository_sha256"  # the pipeline configs' copy of the identity
 PIPELINE_MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
 

@@ -26,7 +26,7 @@ counts are per model, not per instance.
 Cost: a metric update is a message from the stub to Triton (about 18 us each, measured on the
 bundled 2.51), and 36 findings x 2 projections of histograms are hundreds of series. So updates are
 summed in numpy by the batches and sent every ``metrics_flush_s`` seconds (config parameter,
-default 1; 0: at every batch) by a thread of the stub, one increment per changed series (checked on
+default 5; 0: at every batch) by a thread of the stub, one increment per changed series (checked on
 the bundled 2.51: a stub thread's increments are exact beside the model's own). A histogram is
 therefore a set of counters (``_bucket`` with cumulative ``le``, ``_count``, ``_sum``):
 ``histogram_quantile`` reads it as it reads a native one, and it takes a whole batch's counts at
@@ -51,7 +51,7 @@ from python_backends.pipeline_errors import RequestError
 
 ENABLE_PARAMETER = "metrics"  # pipeline config: "false" turns the metrics off
 FLUSH_PARAMETER = "metrics_flush_s"  # pipeline config: seconds between sends to Triton (0: every batch)
-DEFAULT_FLUSH_S = 1.0
+DEFAULT_FLUSH_S = 5.0
 
 _HELP = {
     IMAGES: "Images the pipeline model answered with results",

@@ -211,7 +211,7 @@ def test_validator_rejects_broken_manifests(rendered):
         validate(unknown_field)
     kubernetes_validate.validate(unknown_field, K8S_VERSION, strict=False)  # ... which only strict mode catches
 
-    broken_crd = copy.deepcopy(only(rendered["cpu"], "PrometheusRule"))
+    broken_crd = copy.deepcopy(only(rendered["cpu"], "PrometheusRule", "cxrlt-triton"))
     del broken_crd["spec"]["groups"][0]["rules"][0]["expr"]
     with pytest.raises(AssertionError):
         validate(broken_crd)
@@ -509,7 +509,7 @@ def test_hpa_metric_is_the_recorded_and_adapted_series(rendered, overlay):
     else:
         assert target["name"] in deployments
 
-    recorded = _recording_rules(only(objects, "PrometheusRule")["spec"]["groups"])
+    recorded = _recording_rules(only(objects, "PrometheusRule", "cxrlt-triton")["spec"]["groups"])
     plain = _recording_rules(load_yaml(DEPLOY / "prometheus" / "recording_rules.yml")["groups"])
     assert name in recorded and name in plain
     assert recorded[name] == plain[name], "the PrometheusRule and recording_rules.yml disagree"
@@ -523,3 +523,40 @@ def test_hpa_metric_is_the_recorded_and_adapted_series(rendered, overlay):
     assert re.fullmatch(rule["name"]["matches"], name)
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+# ------------------------------------------------------------------------------ drift rules
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        pytest.skip("promtool is not installed (Debian's prometheus package; .ci/run installs it)")
+    return found
+
+
+def test_shipped_drift_rules_pass_promtool_and_match_the_prometheus_rule():
+    rules = DEPLOY / "prometheus" / "drift_rules.yml"
+    checked = subprocess.run([_promtool(), "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    resource = load_yaml(DEPLOY / "base" / "prometheusrule-cxrlt-drift.yaml")
+    assert resource["kind"] == "PrometheusRule" and resource["spec"]["groups"] == load_yaml(rules)["groups"]
+    alerts = {r["alert"] for g in resource["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {"CxrltFindingRateDrift", "CxrltProjectionMixDrift"} <= alerts
+
+
+def test_every_grafana_query_names_a_shipped_recording_rule_or_alert():
+    import json
+
+    groups = load_yaml(DEPLOY / "prometheus" / "drift_rules.yml")["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
+    dashboard = json.loads((DEPLOY / "grafana" / "cxrlt-drift-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert queries
+    for query in queries:
+        names = set(re.findall(r"cxrlt:[a-z_:]+", query))
+        assert names or "ALERTS" in query, query
+        assert names <= recorded, f"{query}: {names - recorded} is no shipped recording rule"
+        for alert in re.findall(r"Cxrlt[A-Za-z]+", query):
+            assert alert in alerts, f"{query}: no alert {alert}"

@@ -124,3 +124,46 @@ def test_a_thread_sends_the_counts_every_flush_interval():
     assert pb.metric(m.IMAGES, model="cxr_zeroshot").value() == 1
     assert pb.metric(m.POSITIVES, model="cxr_zeroshot", finding="Scoliosis", projection="none").value() == 1
     assert not metrics._thread.is_alive()
+
+
+def _baseline(with_ood: bool = True):
+    from cxrlt.contract.labels import ALL_LABELS
+    from evaluation.baseline import compute_baseline, ood_baseline
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.random((400, 36))
+    projections = ["lateral" if i % 3 == 0 else "frontal" for i in range(400)]
+    ood = ood_baseline(rng.normal(10, 2, 400), threshold=15.0) if with_ood else None
+    return compute_baseline(probabilities, ALL_LABELS, projections, None, ood)
+
+
+def test_baseline_rates_projection_mix_and_ood():
+    baseline = _baseline()
+    assert baseline["images"] == 400 and len(baseline["findings"]) == 36
+    assert baseline["projections"]["lateral_fraction"] == pytest.approx(134 / 400)
+    normal = baseline["findings"]["Normal"]
+    assert 0.4 < normal["positive_rate"] < 0.6 and normal["probability_cdf"]["0.5"] == pytest.approx(1 - normal["positive_rate"])
+    assert baseline["ood"]["mean"] == pytest.approx(10, abs=0.3) and baseline["ood"]["refusal_rate"] < 0.02
+
+
+def test_generated_rules_pass_promtool_and_the_simulation_keeps_false_alarms_rare(tmp_path):
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from evaluation.drift import ALERTS, simulate, write_rules
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus)")
+    rules, manifest = write_rules(_baseline(), tmp_path, window_images=200, images_per_second=20, evaluation_interval="1s")
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    assert {r["alert"] for g in groups for r in g["rules"] if "alert" in r} == set(ALERTS)
+    assert "[10s]" in rules.read_text()  # 200 images at 20 images/s
+    assert yaml.safe_load(manifest.read_text())["spec"]["groups"] == groups
+    result = simulate(_baseline(), window_images=200, streams=4, images=5000)
+    assert result["false_alarms_per_10k_images"] < 1.0
+    assert result["images_to_alarm_rate_shift_max"] <= 500 and result["images_to_alarm_mix_shift_max"] <= 500

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "mAP/mAUC/mF1/mECE of the served pipeline (server, repository or checkpoints) on labelled images"),
     "tune-weights": ("tune_weights", "grid-search the per-projection ensemble weights on validation data into a repository"),
     "operating-points": ("operating_points", "choose per-finding decision thresholds and calibration on validation data into a repository"),
+    "monitoring-rules": ("monitoring_rules", "write Prometheus drift rules (recording, alerts, PrometheusRule) from a repository's monitoring baseline"),
+    "monitor": ("monitor", "drift status per finding from Prometheus's drift rules; exit 1 while an alert fires"),
     "zeroshot-proxy": ("zeroshot_proxy", "leak-free proxy validation of zero-shot fine-tuning (held-out seen classes)"),
 }
 

@@ -7,7 +7,9 @@ images and, for Task 1 findings with at least 5 positives and 5 negatives of a p
 projection's images, with bootstrap 95 % intervals of sensitivity and specificity (patients
 resampled). Task 2 (zero-shot) findings get points when the CSV has their columns.
 Writes REPO/operating_points.json, the pipeline configs' `operating_points` and `calibrated`
-parameters and a new repository_sha256; reload cxr_classifier, cxr_zeroshot and cxr_findings
+parameters, the monitoring baseline REPO/monitoring_baseline.json (per-finding positive rates at
+these points and probability distributions, the projection mix, and with a gate the OOD scores of
+the same images: the reference of `cxrlt monitoring-rules`) and a new repository_sha256; reload cxr_classifier, cxr_zeroshot and cxr_findings
 (or restart the server) to serve them."""
 
 from __future__ import annotations
@@ -84,12 +86,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         record = write_operating_points(args.repo, choice.points)
         report["written"] = record
-        console.print(f"wrote {args.repo / record['file']} and the pipeline configs' operating points; repository_sha256 "
-                      f"{record['repository_sha256'][:12]}...; reload the pipeline models to serve them")
+        report["monitoring_baseline"] = baseline = write_monitoring_baseline(args, choice)
+        console.print(f"wrote {args.repo / record['file']}, the pipeline configs' operating points and "
+                      f"{baseline['file']} ({baseline['images']} images{', with OOD scores' if baseline['ood'] else ''}); "
+                      f"repository_sha256 {baseline['repository_sha256'][:12]}...; reload the pipeline models to serve them")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0
+
+
+def write_monitoring_baseline(args: argparse.Namespace, choice: Any) -> dict[str, Any]:
+    """The monitoring baseline of the predictions the points were chosen on, written into the repository."""
+    from evaluation.baseline import compute_baseline, repository_ood_baseline, write_baseline
+
+    predictions = choice.predictions
+    ood = repository_ood_baseline(args.repo, args.data, args.split)
+    baseline = compute_baseline(predictions.probabilities, predictions.label_names, predictions.projections_used,
+                                choice.points, ood, source={**choice.points.source, "labels": list(predictions.label_names)})
+    return write_baseline(args.repo, baseline)
 
 
 def print_choice(console: Any, choice: Any, split: str) -> None:

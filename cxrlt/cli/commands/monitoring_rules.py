@@ -1,0 +1,50 @@
+"""Write Prometheus drift rules for a repository: recording rules of the pipeline's metrics over
+a window of images, its monitoring baseline as series, and the alerts (a finding's positive rate
+out of its binomial band, Bonferroni over the 36 findings; the projection mix; the OOD refusal
+rate and mean OOD score), as a rules file and a Kubernetes PrometheusRule (docs/monitoring.md).
+Prometheus windows are time: the window is --window-images / --images-per-second seconds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cxrlt.cli.options import add_repo_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from evaluation.drift import DEFAULT_ALPHA, DEFAULT_IMAGES_PER_SECOND, DEFAULT_WINDOW_IMAGES
+
+    add_repo_argument(parser, "a repository with monitoring_baseline.json (written by `cxrlt operating-points`)", required=True)
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for drift_rules.yml (and the PrometheusRule)")
+    parser.add_argument("--manifest-dir", type=Path, metavar="DIR", help="folder for the PrometheusRule manifest (default: --out)")
+    parser.add_argument("--window-images", type=int, default=DEFAULT_WINDOW_IMAGES,
+                        help=f"images per window (default {DEFAULT_WINDOW_IMAGES}, chosen by the simulation in docs/monitoring.md)")
+    parser.add_argument("--images-per-second", type=float, default=DEFAULT_IMAGES_PER_SECOND,
+                        help=f"expected traffic, to size the window in time (default {DEFAULT_IMAGES_PER_SECOND:g})")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help=f"false-alarm probability of one evaluation of one alert (default {DEFAULT_ALPHA:g})")
+    parser.add_argument("--evaluation-interval", metavar="DURATION", help="the groups' evaluation interval (default: Prometheus's)")
+    parser.add_argument("--simulate", action="store_true", help="also print the simulated false alarms and images to alarm")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxrlt.cli.console import console
+    from cxrlt.contract.monitoring import load_baseline
+    from evaluation.drift import simulate, write_rules
+
+    baseline = load_baseline(args.repo)
+    if baseline is None:
+        console.print(f"{args.repo} has no monitoring_baseline.json: run `cxrlt operating-points --repo {args.repo} ...` first")
+        return 2
+    if args.window_images < 2 or args.images_per_second <= 0 or not 0 < args.alpha < 1:
+        console.print("--window-images must be >= 2, --images-per-second > 0 and --alpha in (0, 1)")
+        return 2
+    written = write_rules(baseline, args.out, args.window_images, args.images_per_second, args.alpha,
+                          args.evaluation_interval, args.manifest_dir, source=f"the repository {args.repo.name}")
+    for path in written:
+        console.print(f"wrote {path}")
+    if args.simulate:
+        for key, value in simulate(baseline, args.window_images, args.alpha).items():
+            console.print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
