@@ -164,3 +164,40 @@ def reference_images(source: Path | str, split: str = "train") -> list[np.ndarra
         except InputError as exc:
             log.warning("reference image skipped: %s", exc)
     return images
+
+
+def measure_gate(repository: Path | str, in_distribution: Sequence[np.ndarray]) -> dict:
+    """The repository's gate on held-out in-distribution images against every set above: per set
+    the count, its scores and AUROC (in = `in_distribution`), the share of in-distribution images
+    refused, and the scores of the real chest radiograph. What docs/gate.md reports."""
+    from cxrlt.contract.ood_gate import load_gate
+    from exporters.ood_gate import Embedder
+
+    gate = load_gate(repository)
+    if gate is None:
+        raise ValueError(f"{repository} has no fitted gate")
+    embed = Embedder(repository)
+
+    def score(images: list[np.ndarray]) -> np.ndarray:
+        return gate.score(embed(images))
+
+    embeddings, skipped = embed.embed_each(in_distribution)
+    inside = gate.score(embeddings)
+    sets = {"photographs (scikit-image)": photographs(),
+            **{f"pydicom {group}": images for group, images in pydicom_non_chest().items()},
+            "synthetic noise and gradients": synthetic()}
+    result: dict = {"threshold": gate.threshold, "in_distribution": {
+        "count": int(len(inside)), "skipped": skipped, "refused": float(np.mean(inside > gate.threshold)),
+        "median": float(np.median(inside)), "max": float(inside.max())}, "sets": {}}
+    everything: list[float] = []
+    for name, images in sets.items():
+        scores = score_images(score, images)
+        everything.extend(scores.values())
+        result["sets"][name] = {"count": len(scores), "not_scored": sorted(set(images) - set(scores)),
+                                "auroc": auroc(inside, list(scores.values())),
+                                "refused": float(np.mean([s > gate.threshold for s in scores.values()])) if scores else float("nan"),
+                                "min": min(scores.values(), default=float("nan")), "scores": scores}
+    result["all_out_of_distribution"] = {"count": len(everything), "auroc": auroc(inside, everything),
+                                         "refused": float(np.mean(np.asarray(everything) > gate.threshold))}
+    result["real_chest"] = score_images(score, pydicom_files(REAL_CHEST))
+    return result

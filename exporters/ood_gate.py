@@ -1,9 +1,9 @@
 """Fitting the out-of-distribution gate of a built repository (`cxrlt build-repo --reference-images`).
 
 The reference images go through the served CLIP image encoder (the repository's own ONNX file, with
-the zero-shot preprocessing); a seeded share is held out, a Gaussian with a Ledoit-Wolf shrunk
-covariance is fitted to the rest, and the threshold is a percentile (default the 99th) of the
-held-out images' Mahalanobis distances. The gate (cxrlt.contract.ood_gate.GATE_FILE) is written at
+the zero-shot preprocessing); a Gaussian with a Ledoit-Wolf shrunk covariance is fitted to their
+embeddings, and the threshold is a percentile (default the 99th) of held-out Mahalanobis distances
+(5-fold: each image scored by a fit without it). The gate (cxrlt.contract.ood_gate.GATE_FILE) is written at
 the repository root, recorded in the manifest, its threshold in the pipeline configs, and the
 repository's identity is refreshed so that it covers the file.
 """
@@ -25,7 +25,7 @@ from cxrlt.contract.text_cache import ENCODER_RECORD
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_FRACTION = 0.2
+FOLDS = 5  # the held-out distances the threshold is chosen on: 5-fold, out of fold
 HOLDOUT_SEED = 0
 MIN_FIT_IMAGES = 20
 
@@ -77,28 +77,29 @@ class Embedder:
         return self(usable), skipped
 
 
-def fit_gate(embeddings: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, holdout_fraction: float = HOLDOUT_FRACTION,
+def fit_gate(embeddings: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, folds: int = FOLDS,
              seed: int = HOLDOUT_SEED, meta: Mapping[str, Any] | None = None) -> OodGate:
-    """A gate fitted on a seeded (1 - holdout_fraction) share of `embeddings` [N, D] (Ledoit-Wolf),
-    its threshold the `percentile` of the held-out rows' distances."""
+    """A gate fitted on all of `embeddings` [N, D] (Ledoit-Wolf), its threshold the `percentile` of
+    held-out distances: each image's distance to a gate fitted without it (seeded `folds`-fold split),
+    so every reference image counts once as held out and the threshold is not the training fit's
+    own, optimistic, distances."""
     from sklearn.covariance import LedoitWolf
 
     embeddings = np.asarray(embeddings, dtype=np.float64)
     count = len(embeddings)
-    held = int(round(count * holdout_fraction))
-    if count - held < MIN_FIT_IMAGES or held < 1:
-        raise ValueError(f"{count} reference images are too few to fit the gate and hold some out; "
-                         f"give at least {int(np.ceil(MIN_FIT_IMAGES / (1 - holdout_fraction))) + 1}")
-    order = np.random.default_rng(seed).permutation(count)
-    fit_rows, held_rows = order[held:], order[:held]
-    estimator = LedoitWolf().fit(embeddings[fit_rows])
-    probe = OodGate(estimator.location_, estimator.precision_, 1.0)
-    held_scores = probe.score(embeddings[held_rows])
+    if count < MIN_FIT_IMAGES or folds < 2:
+        raise ValueError(f"{count} reference images are too few to fit the gate and hold some out; give at least "
+                         f"{MIN_FIT_IMAGES} (and folds >= 2)")
+    held_scores = np.empty(count)
+    for rows in np.array_split(np.random.default_rng(seed).permutation(count), folds):
+        rest = np.setdiff1d(np.arange(count), rows)
+        fold = LedoitWolf().fit(embeddings[rest])
+        held_scores[rows] = OodGate(fold.location_, fold.precision_, 1.0).score(embeddings[rows])
+    estimator = LedoitWolf().fit(embeddings)
     threshold = float(np.percentile(held_scores, percentile))
     record = {
-        **(meta or {}), "feature": FEATURE, "fit_images": int(len(fit_rows)), "heldout_images": int(held),
-        "heldout_fraction": holdout_fraction, "heldout_seed": seed, "percentile": percentile,
-        "shrinkage": float(estimator.shrinkage_), "threshold": threshold,
+        **(meta or {}), "feature": FEATURE, "fit_images": int(count), "heldout_images": int(count), "folds": folds,
+        "heldout_seed": seed, "percentile": percentile, "shrinkage": float(estimator.shrinkage_), "threshold": threshold,
         "heldout_scores": {q: float(np.percentile(held_scores, float(q))) for q in ("50", "90", "95", "99", "100")},
         "heldout_refused": float(np.mean(held_scores > threshold)),
     }
@@ -106,8 +107,7 @@ def fit_gate(embeddings: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, 
 
 
 def fit_repository_gate(repository: Path | str, images: Iterable[np.ndarray], source: str, *,
-                        percentile: float = DEFAULT_PERCENTILE, holdout_fraction: float = HOLDOUT_FRACTION,
-                        seed: int = HOLDOUT_SEED) -> dict[str, Any]:
+                        percentile: float = DEFAULT_PERCENTILE, folds: int = FOLDS, seed: int = HOLDOUT_SEED) -> dict[str, Any]:
     """Fit the gate of a built repository on the in-distribution reference `images` (named `source` in
     the record; evaluation.ood_sets.reference_images reads a folder or a label CSV's training split)
     and write it in. Returns the manifest record (and the refreshed repository_sha256)."""
@@ -116,7 +116,7 @@ def fit_repository_gate(repository: Path | str, images: Iterable[np.ndarray], so
     encoder = json.loads((repository / ENCODER_MODEL / "1" / ENCODER_RECORD).read_text())
     meta = {"reference_images": str(source), "skipped_images": skipped, "encoder_weights_sha256": encoder["weights_sha256"],
             "preprocess": encoder_preprocess(repository).to_parameters()}
-    gate = fit_gate(embeddings, percentile=percentile, holdout_fraction=holdout_fraction, seed=seed, meta=meta)
+    gate = fit_gate(embeddings, percentile=percentile, folds=folds, seed=seed, meta=meta)
     return write_gate(repository, gate)
 
 

@@ -76,8 +76,8 @@ def test_fit_scores_the_distribution_low_and_a_shifted_one_high():
 
     rng = np.random.default_rng(0)
     gate = fit_gate(gaussian(rng, 500), percentile=99.0, meta={"encoder_weights_sha256": "x"})
-    assert gate.meta["fit_images"] == 400 and gate.meta["heldout_images"] == 100
-    # the threshold is the 99th percentile of the held-out distances: 1 of 100 above it
+    assert gate.meta["fit_images"] == 500 and gate.meta["heldout_images"] == 500 and gate.meta["folds"] == 5
+    # the threshold is the 99th percentile of the out-of-fold distances: 5 of 500 above it
     assert gate.meta["heldout_refused"] == pytest.approx(0.01)
     assert gate.threshold == pytest.approx(gate.meta["heldout_scores"]["99"])
     inside, outside = gate.score(gaussian(rng, 400)), gate.score(gaussian(rng, 400, shift=2.0))
