@@ -1,8 +1,9 @@
 """Training end to end on the synthetic data set (tiny profile, CPU), trained once per module:
 
 synth-data -> train every recipe -> build-repo --checkpoints (with operating points and
-calibration chosen on the validation split) -> a real tritonserver -> evaluate (server vs
-PyTorch) -> tune-weights -> zero-shot proxy; plus resume.
+calibration chosen on the validation split, and the out-of-distribution gate fitted on the
+training split) -> a real tritonserver -> evaluate (server vs PyTorch) -> tune-weights ->
+zero-shot proxy; the gate against non-chest images; plus resume.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def trained(synth_csv, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def repo(trained, synth_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repo") / "tiny"
-    cli("build-repo", "--profile", "tiny", "--checkpoints", trained, "--out", out, "--operating-points-data", synth_csv)
+    cli("build-repo", "--profile", "tiny", "--checkpoints", trained, "--out", out, "--operating-points-data", synth_csv,
+        "--reference-images", synth_csv)  # the out-of-distribution gate, fitted on the training split
     return out
 
 
@@ -345,3 +347,41 @@ def test_fine_tuned_clip_is_served(repo, trained):
     assert manifest["models"]["clip_image_encoder"]["checkpoint"] == str(checkpoint_path(trained, "clip"))
     rows = history(trained, "clip")
     assert {"train_contrastive", "train_asl", "val_mAP", "val_zs_seen_mAP"} <= set(rows[-1])
+
+
+def test_gate_keeps_validation_images_and_scores_non_chest_images_far_out(repo, synth_csv):
+    """The gate fitted by build-repo --reference-images on the training split (docs/gate.md): the
+    validation images (seen by neither the networks nor the gate) are refused at most 1 % of the time,
+    and every set of real non-chest images (scikit-image photographs, pydicom-data's CT, MR, US, NM
+    and extremity frames) and of noise and gradients is told apart with AUROC >= 0.98."""
+    from cxrlt.contract.ood_gate import GATE_FILE, load_gate
+    from evaluation.ood_sets import measure_gate, reference_images
+    from exporters.build_repo import PIPELINE_MODELS, repository_identity, weight_bound_files
+
+    gate = load_gate(repo)
+    assert gate is not None and gate.meta["reference_images"] == str(synth_csv)
+    measured = measure_gate(repo, reference_images(synth_csv, split="val"), real_chest=False)
+    assert measured["in_distribution"]["count"] >= 50 and measured["in_distribution"]["refused"] <= 0.01
+    for name, figures in measured["sets"].items():
+        assert figures["count"] >= 1 and figures["auroc"] >= 0.98, (name, figures)
+    assert measured["sets"]["photographs (scikit-image)"]["count"] >= 15
+    manifest = read_manifest(repo)
+    assert GATE_FILE in weight_bound_files(repo)
+    assert manifest["repository_sha256"] == repository_identity(manifest, weight_bound_files(repo))
+    assert manifest["ood_gate"]["threshold"] == gate.threshold
+    for model in PIPELINE_MODELS:
+        params = config_parameters(repo / model / "config.pbtxt")
+        assert params["ood_action"] == "refuse" and float(params["ood_threshold"]) == gate.threshold
+
+
+def test_server_refuses_a_photograph_and_answers_a_chest_image(server, synth_csv):
+    """Through the real server: a photograph gets INVALID_ARGUMENT "not a chest radiograph", a
+    validation image an answer with its OOD score under the threshold."""
+    from cxrlt.client.sdk import CxrltClient, ServerRejected
+    from evaluation.ood_sets import photographs, reference_images
+
+    with CxrltClient(server.endpoints.grpc, model="cxr_findings") as client:
+        result = client.classify(reference_images(synth_csv, split="val")[0])
+        assert result.out_of_distribution is False and result.ood_score <= result.ood_threshold
+        with pytest.raises(ServerRejected, match=r"not a chest radiograph \(out-of-distribution score [0-9.]+ > [0-9.]+\)"):
+            client.classify(photographs(("camera",))["camera"])
