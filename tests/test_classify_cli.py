@@ -52,7 +52,7 @@ def _ct_dicom(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory, synthetic_cxrs) -> Path:
-    """Two good DICOMs (one without extension, one nested), a good PNG, and five bad inputs."""
+    """Two good DICOMs (one without extension, one nested), a good PNG, and six bad inputs."""
     folder = tmp_path_factory.mktemp("mixed")
     shutil.copyfile(get_testdata_file("RG1_UNCR.dcm"), folder / "rg1_uncr")  # PACS exports often lack extensions
     (folder / "nested").mkdir()
@@ -62,6 +62,8 @@ def mixed_folder(tmp_path_factory, synthetic_cxrs) -> Path:
     data = Path(get_testdata_file("RG1_UNCR.dcm")).read_bytes()
     (folder / "truncated.dcm").write_bytes(data[: len(data) // 2])
     _ct_dicom(folder / "ct.dcm")
+    # a real CR that is not a chest: pydicom-data's extremity radiograph (BodyPartExamined EXTREMITY)
+    shutil.copyfile(get_testdata_file("RG3_UNCR.dcm"), folder / "extremity.dcm")
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "tiny.png")  # the server refuses it
     (folder / ".DS_Store").write_bytes(b"\0\1junk")  # hidden: skipped, not reported
     return folder
@@ -72,6 +74,7 @@ BAD = {
     "notes.txt": "not a DICOM file",
     "truncated.dcm": "truncated",
     "ct.dcm": "modality CT",
+    "extremity.dcm": "body part 'EXTREMITY' is not a chest",
     "tiny.png": "too small",
 }
 
@@ -106,7 +109,7 @@ def test_json_good_files_classified_bad_ones_reported(url, mixed_folder, capsys,
         assert f"FAILED {mixed_folder / name}" in err, name
         assert reason in err.split(f"FAILED {mixed_folder / name}: ")[1].split(" FAILED ")[0], name
     assert ".DS_Store" not in err
-    assert "classified 3 of 7 files" in err and "4 failed" in err
+    assert "classified 3 of 8 files" in err and "5 failed" in err
     assert "NOT FOR CLINICAL USE" in err  # the tiny repository has random weights
 
 
@@ -126,7 +129,7 @@ def test_json_content(json_run):
 def test_shared_memory_gives_the_same_results(url, mixed_folder, json_run, capsys, tmp_path):
     out = tmp_path / "shm.json"
     code, _, err = _cli(capsys, str(mixed_folder), "--url", url, "--out", str(out), "--concurrency", "3", "--shared-memory")
-    assert code == 2 and "classified 3 of 7 files" in err  # the same files fail, for the same reasons
+    assert code == 2 and "classified 3 of 8 files" in err  # the same files fail, for the same reasons
     by_source = {r["source"]: r["probabilities"] for r in json_run[1]}
     assert {r["source"]: r["probabilities"] for r in _results(json.loads(out.read_text()))} == by_source
 
@@ -134,7 +137,7 @@ def test_shared_memory_gives_the_same_results(url, mixed_folder, json_run, capsy
 def test_send_size_gives_nearly_the_same_results(url, mixed_folder, json_run, capsys, tmp_path):
     out = tmp_path / "small.json"
     code, _, err = _cli(capsys, str(mixed_folder), "--url", url, "--out", str(out), "--send-size")
-    assert code == 2 and "classified 3 of 7 files" in err
+    assert code == 2 and "classified 3 of 8 files" in err
     full = {r["source"]: np.array(list(r["probabilities"].values())) for r in json_run[1]}
     small = {r["source"]: np.array(list(r["probabilities"].values())) for r in _results(json.loads(out.read_text()))}
     assert set(small) == set(full)

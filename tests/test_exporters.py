@@ -232,3 +232,39 @@ def test_repository_identity_is_one_function_and_edits_keep_it_current(tiny_repo
     write_weights(repo, {"frontal": {"pcam": 1.0, "cait": 0.0, "swin": 0.0}, "lateral": {"pcam": 0.0, "cait": 0.5, "swin": 0.5}})
     tuned, served, recomputed = identities(repo)
     assert tuned != built and served == {tuned} and recomputed == tuned
+
+
+def test_a_gate_fitted_into_a_built_repository_is_served_and_covered_by_the_identity(tiny_repository, tmp_path):
+    """A built repository has no gate (ood_action refuse, ood_threshold empty); fit_repository_gate
+    writes ood_gate.npz, the threshold into the three pipeline configs, the manifest record, and an
+    identity that covers the file; the served gate then loads against the served encoder."""
+    import shutil
+
+    from cxrlt.contract.manifest import read_manifest
+    from cxrlt.contract.ood_gate import GATE_FILE, load_gate
+    from cxrlt.io.synthetic import synthetic_radiographs
+    from exporters.build_repo import PIPELINE_MODELS, repository_identity, weight_bound_files
+    from exporters.ood_gate import fit_repository_gate
+    from python_backends.gate import ServedGate
+
+    for model in PIPELINE_MODELS:
+        params = config_parameters(tiny_repository / model / "config.pbtxt")
+        assert params["ood_action"] == "refuse" and params["ood_threshold"] == ""
+        assert any(output.name == "OOD_SCORE" for output in read_config(tiny_repository / model / "config.pbtxt").output)
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    before = read_manifest(repo)["repository_sha256"]
+    rng = np.random.default_rng(0)
+    images = [np.clip(image.astype(np.float64) + rng.normal(0, 2000, image.shape), 0, 65535).astype(np.uint16)
+              for image in synthetic_radiographs().values() for _ in range(12)]
+    record = fit_repository_gate(repo, images, "synthetic")
+    manifest = read_manifest(repo)
+    assert record["fit_images"] == 24 and manifest["ood_gate"]["sha256"] == weight_bound_files(repo)[GATE_FILE]
+    assert manifest["repository_sha256"] == record["repository_sha256"] != before
+    assert manifest["repository_sha256"] == repository_identity(manifest, weight_bound_files(repo))
+    gate = load_gate(repo)
+    for model in PIPELINE_MODELS:
+        params = config_parameters(repo / model / "config.pbtxt")
+        assert float(params["ood_threshold"]) == gate.threshold and params["repository_sha256"] == manifest["repository_sha256"]
+    served = ServedGate.from_args({"model_repository": str(repo / "cxr_zeroshot")}, params, lambda: None)
+    assert served.fitted and served.threshold == gate.threshold
