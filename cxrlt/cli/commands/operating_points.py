@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cxrlt.cli.options import add_engine_argument, add_hints_argument, add_repo_argument
+from cxrlt.cli.options import add_engine_argument, add_hints_argument, add_option, add_repo_argument
 
 
 def policy_argument(value: str):
@@ -32,7 +32,7 @@ def policy_argument(value: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_argument(parser, "a repository written by `cxrlt build-repo`: the points are written into it", required=True)
-    parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV (images next to it, or under --images)")
+    add_option(parser, "--data", "--labels", required=True, type=Path, help="CXR-LT label CSV (images next to it, or under --images)")
     parser.add_argument("--images", type=Path, metavar="DIR", help="folder the CSV's image paths are relative to "
                                                                    "(default: the CSV's folder)")
     parser.add_argument("--policy", type=policy_argument, default="youden", metavar="POLICY",
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if client is not None:
             client.close()
     print_choice(console, choice, args.split)
+    _warn_if_random(args.repo)
     report = choice_report(choice)
     if args.dry_run:
         console.print("dry run: the repository is unchanged")
@@ -94,6 +95,16 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0
+
+
+def _warn_if_random(repository: Path) -> None:
+    """Thresholds of random networks are as random as their probabilities: say so, as serve does."""
+    from cxrlt.cli.console import warn_random_weights
+    from cxrlt.contract.manifest import read_manifest
+
+    if read_manifest(repository).get("random_weights"):
+        warn_random_weights(f"{repository} holds randomly initialised networks: these operating points, sensitivities "
+                            "and specificities describe RANDOM outputs and are NOT DIAGNOSTIC")
 
 
 def write_monitoring_baseline(args: argparse.Namespace, choice: Any) -> dict[str, Any]:
