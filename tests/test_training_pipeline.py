@@ -251,7 +251,7 @@ def test_repository_carries_operating_points_and_calibration(repo):
     identity that covers the file (what the pipeline configs serve)."""
     from cxrlt.contract.labels import TASK2_LABELS
     from cxrlt.contract.operating_points import OPERATING_POINTS_FILE, OperatingPoints, load_operating_points
-    from exporters.build_repo import PIPELINE_MODELS, repository_identity
+    from exporters.build_repo import PIPELINE_MODELS, repository_identity, weight_bound_files
     from networks.checkpoints import file_sha256
 
     points = load_operating_points(repo)
@@ -264,7 +264,11 @@ def test_repository_carries_operating_points_and_calibration(repo):
     manifest = read_manifest(repo)
     identity = manifest["repository_sha256"]
     assert identity != repository_identity(manifest)  # the points changed it...
-    assert identity == repository_identity(manifest, file_sha256(repo / OPERATING_POINTS_FILE))  # ...and it covers them
+    # ...and it covers them, with the repository's other weight-bound files (the gate, ...)
+    files = weight_bound_files(repo)
+    assert files[OPERATING_POINTS_FILE] == file_sha256(repo / OPERATING_POINTS_FILE)
+    assert identity == repository_identity(manifest, files)
+    assert identity != repository_identity(manifest, {k: v for k, v in files.items() if k != OPERATING_POINTS_FILE})
     assert manifest["operating_points"]["sha256"] == file_sha256(repo / OPERATING_POINTS_FILE)
     for model in PIPELINE_MODELS:
         params = config_parameters(repo / model / "config.pbtxt")
