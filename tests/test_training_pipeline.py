@@ -389,3 +389,35 @@ def test_server_refuses_a_photograph_and_answers_a_chest_image(server, synth_csv
         assert result.out_of_distribution is False and result.ood_score <= result.ood_threshold
         with pytest.raises(ServerRejected, match=r"not a chest radiograph \(out-of-distribution score [0-9.]+ > [0-9.]+\)"):
             client.classify(photographs(("camera",))["camera"])
+
+
+def test_served_decisions_equal_the_reference_at_the_same_operating_points(server, repo, synth_csv):
+    """cxr_findings' DECISIONS (through the SDK) are the in-process reference pipeline's probabilities
+    (ONNX, the repository's settings) called at the repository's operating points, projection by
+    projection; only a probability within 1e-5 of its threshold may fall either way."""
+    from cxrlt.client.sdk import CxrltClient
+    from cxrlt.contract.labels import ALL_LABELS
+    from cxrlt.contract.operating_points import load_operating_points
+    from evaluation.ood_sets import reference_images
+    from evaluation.reference import ReferencePipeline
+
+    points = load_operating_points(repo)
+    reference = ReferencePipeline(repo, engine="onnxruntime", threads=1)
+    images = reference_images(synth_csv, split="val")[:12]
+    decided = 0
+    with CxrltClient(server.endpoints.grpc, model="cxr_findings") as client:
+        for image in images:
+            served = client.classify(image)
+            probabilities, task1 = reference.findings(image)
+            assert served.projection == task1.projection
+            expected = points.decide(probabilities[None], ALL_LABELS, [task1.projection])[0]
+            thresholds = points.thresholds(ALL_LABELS, [task1.projection])[0]
+            for label, want, p, t in zip(ALL_LABELS, expected, probabilities, thresholds):
+                if want == -1:
+                    assert label not in served.decisions
+                    continue
+                decided += 1
+                if abs(p - t) > 1e-5:
+                    assert served.decisions[label].positive == bool(want), (label, p, t)
+                assert served.decisions[label].threshold == pytest.approx(t)
+    assert decided >= len(images) * 20  # most findings have a point on this data
