@@ -8,6 +8,7 @@ inputs always give the same repository, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,14 +42,15 @@ from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
 
 from exporters.model_configs import TEMPLATES, parameters_block, queue_policy_block, render
 from exporters.onnx_export import check_parity, export_onnx
+from exporters.precision import PROVIDER_PRECISIONS, Execution, ParityData, ParityLimits, check_execution, is_reference
 from exporters.torchscript_export import check_torchscript_parity, export_torchscript
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "torchscript")
-EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")  # python_backends.onnx_runner.select_providers
-_PACKAGES = ("torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "nvidia-pytriton", "numpy")
+EXECUTION_PROVIDERS = tuple(PROVIDER_PRECISIONS)  # python_backends.onnx_runner.EXECUTION_PROVIDERS
+_PACKAGES = ("torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "openvino", "nncf", "nvidia-pytriton", "numpy")
 
 
 @dataclasses.dataclass
@@ -70,7 +72,12 @@ class BuildOptions:
     member_execution: str = "bls"
     # onnxruntime's providers on the embedded target: "auto" takes CUDA when onnxruntime-gpu offers
     # it, "cuda" insists (a model fails to load without it), "cpu" never uses a GPU
+    # "openvino": the openvino package runs the ONNX files (python_backends.openvino_runner); on the
+    # ngc target, Triton's openvino backend
     execution_provider: str = "auto"
+    precision: str = "fp32"  # fp32, bf16 (openvino) or int8 (NNCF post-training quantization): exporters.precision
+    parity_data: ParityData | None = None  # validation (and calibration) images of the parity gate; None: built-in ones
+    parity_limits: ParityLimits = dataclasses.field(default_factory=ParityLimits)
     tensorrt: bool = False
     clip_model: str | None = None  # an open_clip config name replacing the profile's (e.g. "ViT-L-14")
     engine: str = "onnxruntime"  # embedded target: "torchscript" also writes model.pt and runs it with PyTorch
@@ -90,8 +97,9 @@ class BuildOptions:
         member_execution(self.member_execution)
         if self.ood_action not in ("refuse", "flag"):
             raise ValueError(f"ood_action must be refuse or flag, not {self.ood_action!r}")
-        if self.execution_provider not in EXECUTION_PROVIDERS:
-            raise ValueError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not {self.execution_provider!r}")
+        check_execution(self.execution_provider, self.precision, self.engine)
+        if self.target == "ngc" and self.tensorrt and self.execution_provider == "openvino":
+            raise ValueError("--tensorrt is a GPU accelerator of the onnxruntime backend; it does not combine with openvino")
         if self.member_execution == "in_process" and self.engine != "onnxruntime":
             raise ValueError("member_execution 'in_process' runs the ONNX files with onnxruntime; it does not combine with engine 'torchscript'")
         if self.engine != "onnxruntime" and self.target != "embedded":
@@ -126,6 +134,9 @@ def parity_inputs(config: PreprocessConfig, seed: int = 0) -> list[np.ndarray]:
     return batches
 
 
+BUILT_IN_IMAGES = ("pydicom-data RG1_UNCR (when installed)", "synthetic frontal", "synthetic lateral")
+
+
 def real_looking_images() -> list[np.ndarray]:
     """The real chest X-ray shipped in pydicom-data and the synthetic frontal and lateral ones."""
     from cxrlt.io.synthetic import synthetic_radiographs
@@ -155,6 +166,11 @@ def _network_config(options: BuildOptions, profile: Profile, name: str, size: in
         instances=options.network_instances,
         queue_policy=queue_policy_block(queue.network_max_queue_size, queue.member_timeout_ms),
     )
+    if options.target == "ngc" and options.execution_provider == "openvino":
+        params = {"INFERENCE_NUM_THREADS": str(options.ort_threads), "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY",
+                  **({"HINT_BF16": "YES"} if options.precision == "bf16" else {})}
+        return render("onnx_network/config.ngc-openvino.pbtxt.template", precision_hint=options.precision,
+                      parameters=parameters_block(params), **common)
     if options.target == "ngc":
         optimization = (
             'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
@@ -163,14 +179,18 @@ def _network_config(options: BuildOptions, profile: Profile, name: str, size: in
         return render("onnx_network/config.ngc.pbtxt.template", optimization=optimization, **common)
     params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.ort_threads), "execution_provider": options.execution_provider,
               "engine": options.engine, "device": options.device, "fp16": "true" if options.fp16 else "false"}
+    if not is_reference(options.execution_provider, options.precision):
+        params["precision"] = options.precision  # for readers: the runners take it from the file's metadata
     return render("onnx_network/config.pbtxt.template", parameters=parameters_block(params), **common)
 
 
 def _export_network(out: Path, options: BuildOptions, profile: Profile, name: str, module: torch.nn.Module,
-                    size: int, output: str, dim: int, labels: tuple[str, ...] | None, inputs: list[np.ndarray]) -> dict[str, Any]:
+                    size: int, output: str, dim: int, labels: tuple[str, ...] | None, inputs: list[np.ndarray],
+                    execution: Execution | None = None) -> dict[str, Any]:
     model_dir = out / name
     onnx_path = export_onnx(module, model_dir / "1" / "model.onnx", size, output)
     parity = check_parity(module, onnx_path, inputs)
+    served = execution.apply(name, onnx_path) if execution is not None else None
     _write(model_dir / "config.pbtxt", _network_config(options, profile, name, size, output, dim, labels is not None))
     if labels is not None:
         _write(model_dir / "labels.txt", label_file_text(labels))
@@ -182,6 +202,8 @@ def _export_network(out: Path, options: BuildOptions, profile: Profile, name: st
         "parity_max_abs_diff": parity,
         "weights_sha256": state_dict_sha256(module),
     }
+    if served is not None:
+        record["served_parity"] = served
     if options.engine == "torchscript":
         script = export_torchscript(module, model_dir / "1" / "model.pt", size)
         record["torchscript_parity_max_abs_diff"] = check_torchscript_parity(module, script, inputs)
@@ -328,9 +350,20 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
     profile = get_profile(options.profile, options.clip_model)
     classifier = options.classifier or default_classifier_settings(profile)
     zeroshot = options.zeroshot or default_zeroshot_settings(profile)
-    names = list(profile.network_specs())
-
     inputs = parity_inputs(classifier.preprocess, options.seed)
+    with contextlib.ExitStack() as stack:
+        execution = None
+        if not is_reference(options.execution_provider, options.precision):
+            data = options.parity_data or ParityData("built-in: " + ", ".join(BUILT_IN_IMAGES), real_looking_images())
+            execution = Execution(options.execution_provider, options.precision, data, classifier, zeroshot,
+                                  options.parity_limits, options.ort_threads)
+            stack.callback(execution.close)
+        return _build_models(out, options, profile, classifier, zeroshot, inputs, execution, step)
+
+
+def _build_models(out: Path, options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
+                  inputs: list[np.ndarray], execution: Execution | None, step: Callable[[str], None]) -> dict[str, Any]:
+    names = list(profile.network_specs())
     models: dict[str, Any] = {}
     for name in names:
         step(f"exporting {name}")
@@ -339,7 +372,8 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
         models[name] = {
             "arch": profile.network_specs()[name].arch,
             "checkpoint": source.checkpoint,
-            **_export_network(out, options, profile, name, module, profile.image_size, "logits", len(labels), labels, inputs),
+            **_export_network(out, options, profile, name, module, profile.image_size, "logits", len(labels), labels, inputs,
+                              execution),
         }
 
     step(f"exporting {ENCODER_MODEL}")
@@ -351,7 +385,8 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
     models[ENCODER_MODEL] = {
         "arch": f"open_clip:{profile.clip.model_name}",
         "checkpoint": clip_source.checkpoint,
-        **_export_network(out, options, profile, ENCODER_MODEL, tower, profile.clip.image_size, "image_embeds", dim, None, clip_inputs),
+        **_export_network(out, options, profile, ENCODER_MODEL, tower, profile.clip.image_size, "image_embeds", dim, None, clip_inputs,
+                          execution),
         "weights_sha256": clip_weights,
     }
     encoder_record = {"clip_model": profile.clip.model_name, "weights_sha256": clip_weights, "dim": dim, "checkpoint": clip_source.checkpoint}
@@ -365,6 +400,10 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
                                     "zeroshot": zeroshot.to_parameters()})
     step("writing Python models")
     _bls_configs(out, options, profile, classifier, zeroshot, random_weights, identity)
+    execution_record = {"execution_provider": options.execution_provider, "precision": options.precision}
+    if execution is not None:
+        step("checking the served pipeline's parity")
+        execution_record["pipeline_parity"] = execution.pipeline(out)
 
     manifest = {
         "profile": profile.name,
@@ -381,6 +420,7 @@ def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dic
         "zeroshot": zeroshot.to_parameters(),
         "queue_policy": dataclasses.asdict(options.queue_policy(profile)),
         IDENTITY_PARAMETER: identity,
+        "execution": execution_record,
         "packages": _package_versions(),
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -12,8 +12,13 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 
+EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "openvino")
+OPENVINO = "openvino"  # not an onnxruntime provider: the openvino package (python_backends.openvino_runner)
+
+
 def select_providers(preference: str = "auto") -> list[str]:
-    """'auto' takes CUDA when onnxruntime-gpu offers it, else CPU; 'cpu' / 'cuda' force one."""
+    """'auto' takes CUDA when onnxruntime-gpu offers it, else CPU; 'cpu' / 'cuda' force one.
+    ('openvino' is OnnxRunner's business: it never reaches onnxruntime.)"""
     available = ort.get_available_providers()
     if preference == "cpu":
         return ["CPUExecutionProvider"]
@@ -25,14 +30,23 @@ def select_providers(preference: str = "auto") -> list[str]:
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if preference != "auto":
-        raise ValueError(f"execution_provider must be auto, cpu or cuda, not {preference!r}")
+        raise ValueError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not {preference!r}")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
 
 
 class OnnxRunner:
-    """One onnxruntime session with a single input and a single output."""
+    """One onnxruntime session with a single input and a single output; with providers "openvino",
+    the same file on OpenVINO (python_backends.openvino_runner, imported only then) at the
+    precision recorded in the file."""
 
     def __init__(self, onnx_path: Path | str, intra_op_threads: int = 1, providers: str = "auto") -> None:
+        self.openvino = None
+        if providers == OPENVINO:
+            from python_backends.openvino_runner import OpenVinoRunner
+
+            self.openvino = OpenVinoRunner(onnx_path, intra_op_threads)
+            self.run = self.openvino.run  # type: ignore[method-assign]
+            return
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(0, int(intra_op_threads))
         options.inter_op_num_threads = 1
@@ -43,7 +57,7 @@ class OnnxRunner:
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        return self.openvino.providers if self.openvino is not None else self.session.get_providers()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output.name], {self.input.name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

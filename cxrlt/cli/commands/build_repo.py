@@ -27,9 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "installed) or with PyTorch, as TorchScript (CUDA when PyTorch has it); 'torchscript' "
                         "is an old name of torch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torchscript engine device")
-    parser.add_argument("--execution-provider", default="auto", choices=["auto", "cpu", "cuda"],
+    parser.add_argument("--execution-provider", default="auto", choices=["auto", "cpu", "cuda", "openvino"],
                         help="onnxruntime engine: auto (CUDA when onnxruntime-gpu offers it, else CPU; default), "
-                             "cuda (the models fail to load without it), cpu")
+                             "cuda (the models fail to load without it; untested here), cpu, or openvino (the "
+                             "openvino package runs the ONNX files on the CPU; ngc target: Triton's openvino backend)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                        help="fp32 (default); bf16 (openvino: bf16 inference precision); int8 (openvino or cpu: NNCF "
+                             "post-training quantization calibrated on --parity-data's training images). Anything but "
+                             "onnxruntime FP32 passes the parity gate first: refused beyond --max-dp / --max-dmap")
+    parser.add_argument("--parity-data", type=Path, metavar="CSV",
+                        help="a CXR-LT label CSV: the parity gate runs on its validation split (max |dp| and the mAP "
+                             "difference of the served pipeline) and int8 calibrates on its training split "
+                             "(default: the built-in real and synthetic radiographs, no mAP)")
+    parser.add_argument("--parity-images", type=int, default=64, metavar="N",
+                        help="with --parity-data: at most N validation images for the gate")
+    parser.add_argument("--calibration-images", type=int, default=32, metavar="N",
+                        help="with --parity-data and --precision int8: at most N training images to calibrate on")
+    parser.add_argument("--max-dp", type=float, default=0.01, help="parity gate: largest |dp| allowed, per network and served pipeline")
+    parser.add_argument("--max-dmap", type=float, default=0.005, help="parity gate: largest |dmAP| of the served pipeline allowed")
     parser.add_argument("--fp16", action="store_true", help="torchscript engine on CUDA: float16 autocast")
     parser.add_argument("--clip-model", help="open_clip config for zero-shot, replacing the profile's "
                         "(paper: ViT-B-32 as CheXzero; ViT-L-14 as WhyXrayCLIP)")
@@ -79,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrlt.contract.preprocessing import parse_tta_views
     from cxrlt.contract.profiles import get_profile
     from exporters.build_repo import BuildOptions, build_repository, default_classifier_settings
+    from exporters.precision import ParityLimits
     from cxrlt.contract.prompts import DEFAULT_PROMPTS
 
     classifier = default_classifier_settings(get_profile(args.profile))
@@ -92,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         network_instances=args.network_instances, bls_instances=args.bls_instances, max_batch_size=args.max_batch_size,
         queue_delay_us=args.queue_delay_us, member_execution=args.member_execution.replace("-", "_"),
         execution_provider=args.execution_provider, tensorrt=args.tensorrt, classifier=classifier,
+        precision=args.precision, parity_limits=ParityLimits(args.max_dp, args.max_dmap),
+        parity_data=parity_data(args.parity_data, args.parity_images, args.calibration_images, args.precision == "int8")
+        if args.parity_data else None,
         engine="torchscript" if args.engine == "torch" else args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms, ood_action=args.ood_action,
     )
@@ -104,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(name, entry["arch"], f"{entry['parameters']:,}", f"{entry['parity_max_abs_diff']:.2e}",
                       entry["checkpoint"] or "RANDOM")
     console.print(table)
+    print_parity(console, manifest)
     if args.operating_points_data:
         add_operating_points(console, args.repo, args.operating_points_data, args.operating_points_policy)
     if args.reference_images:
@@ -112,6 +132,42 @@ def run(args: argparse.Namespace) -> int:
         warn_random_weights(manifest["warning"])
     console.print(f"serve it with: cxrlt serve --repo {args.repo}")
     return 0
+
+
+def parity_data(data_csv: Path, images: int, calibration: int, int8: bool):
+    """The parity gate's images from a label CSV: the validation split (as `cxrlt train` held it out), with
+    Task 1 labels and hints, and for int8 the training split's first `calibration` images."""
+    import numpy as np
+
+    from cxrlt.contract.labels import TASK1_LABELS
+    from cxrlt.io.images import load_pixels
+    from exporters.precision import ParityData
+    from training.job import load_split
+
+    if images < 1 or calibration < 1:
+        raise ValueError("--parity-images and --calibration-images must be at least 1")
+    data = load_split(data_csv, resized=None)
+    val = data.table.subset(data.val[:images])
+    hints = [{"frontal": "PA", "lateral": "LL"}.get(p) for p in val.projections]
+    train = data.table.subset(data.train[:calibration]) if int8 else None
+    return ParityData(f"{data_csv} (validation split, {len(val)} images)", [load_pixels(data.image_root / p) for p in val.image_paths],
+                      np.asarray(val.columns(TASK1_LABELS), dtype=np.float64), hints,
+                      [load_pixels(data.image_root / p) for p in train.image_paths] if train is not None else None)
+
+
+def print_parity(console, manifest: dict) -> None:
+    """The parity gate's figures, when the build serves anything but onnxruntime FP32."""
+    execution = manifest.get("execution", {})
+    pipeline = execution.get("pipeline_parity")
+    if not pipeline:
+        return
+    worst = max(manifest["models"].items(), key=lambda item: item[1]["served_parity"]["max_abs_dp"])
+    dmap = (f"; mAP {pipeline['mAP_served']:.4f} vs {pipeline['mAP_reference']:.4f} (|dmAP| {pipeline['abs_dmAP']:.4f})"
+            if "abs_dmAP" in pipeline else "")
+    console.print(f"parity of {execution['execution_provider']} {execution['precision']} against onnxruntime FP32 on "
+                  f"{pipeline['images']} images: worst network {worst[0]} max |dlogit| {worst[1]['served_parity']['max_abs_dlogit']:.2e}, "
+                  f"max |dp| {worst[1]['served_parity']['max_abs_dp']:.2e}; served pipeline max |dp| {pipeline['max_abs_dp']:.2e}"
+                  f"{dmap} (limits |dp| <= {pipeline['limits']['max_dp']:g}, |dmAP| <= {pipeline['limits']['max_dmap']:g})")
 
 
 def add_operating_points(console, repo: Path, data: Path, policy) -> None:
