@@ -265,6 +265,39 @@ def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One repository's served figures for `cxrlt bench --compare`: its execution provider and precision
+    (manifest), images/s at the best served concurrency, p50/p95 at the lowest level, CPU per image there."""
+    from cxrlt.contract.manifest import read_manifest
+
+    execution = read_manifest(report["repository"]).get("execution") or {"execution_provider": "auto", "precision": "fp32"}
+    first, best = report["sweep"][0], report["best"]["served"]
+    at_best = next(r for r in report["sweep"] if r["concurrency"] == best["concurrency"])
+    cpu = at_best["served"]["cpu_ms_per_image"]
+    return {"repository": report["repository"], "execution_provider": execution["execution_provider"],
+            "precision": execution["precision"], "runtime": sorted({p for ps in report["execution_providers"]["raw_sessions"].values()
+                                                                    for p in ps[:1]}),
+            "images_per_s": best["images_per_s"], "best_concurrency": best["concurrency"],
+            "p50_ms": first["served"]["p50_ms"], "p95_ms": first["served"]["p95_ms"], "latency_concurrency": first["concurrency"],
+            "cpu_ms_per_image": None if cpu["server"] is None else round(cpu["this_process"] + cpu["server"], 1),
+            "raw_images_per_s": report["best"]["raw"]["images_per_s"], "served_vs_raw_max_abs_diff": report["parity_max_abs_diff"]}
+
+
+def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: Path,
+                   log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """`cxrlt bench --compare`: the same sweep on each repository in turn (one embedded server at a time, so
+    they never share the cores), every report kept, and one row per repository side by side."""
+    reports = []
+    for index, repo in enumerate(repositories):
+        log(f"[{index + 1}/{len(repositories)}] {repo}")
+        one = argparse.Namespace(**{**vars(args), "repo": Path(repo)})
+        report = run_bench(one, out / f"tritonserver-{index}.log", log=lambda message, i=index: log(f"[{i + 1}] {message}"))
+        write_json(report, out / f"bench-{index}.json")
+        reports.append(report)
+    return {"model": args.model, "rows": [comparison_row(r) for r in reports], "reports": [str(out / f"bench-{i}.json")
+                                                                                          for i in range(len(reports))]}
+
+
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Throughput and p50 / p95 latency per concurrency, raw and served."""
     sweep = pd.json_normalize(report["sweep"]).set_index("concurrency")

@@ -12,6 +12,7 @@ Starts the embedded tritonserver on the repository itself (free ports) unless --
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from cxrlt.cli.options import (add_hints_argument, add_repo_argument, add_report_arguments, add_send_size_argument,
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="raw side onnxruntime intra-op threads per session (default: the served networks')")
     parser.add_argument("--raw-pool", type=int, help="raw side threads running network calls (default: the served networks' "
                                                      "compute threads, instances x intra-op threads summed, / --threads)")
-    parser.add_argument("--raw-providers", choices=["auto", "cpu", "cuda"],
+    parser.add_argument("--raw-providers", choices=["auto", "cpu", "cuda", "openvino"],
                         help="raw side onnxruntime execution providers (default: the served networks' execution_provider)")
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
                         help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones")
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="served side: pass each image through a system shared-memory region registered with the "
                              "server instead of inside the gRPC message (client and server on one host)")
     add_send_size_argument(parser, "the served side's images (each request pays for it)")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="REPO",
+                        help="more repositories (e.g. the same weights built with other --execution-provider / "
+                             "--precision) benched after --repo in the same run, one server at a time; prints their "
+                             "served images/s, p50/p95 and CPU per image side by side (writes OUT/compare.json)")
     add_report_arguments(parser, "bench", "throughput/latency plot")
 
 
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
         args.metrics_url = default_metrics_url(args.url)
     out = report_folder(args, "bench")
+    if args.compare:
+        return run_compare(args, out)
     with run_folder(out), console.status("benchmarking") as status:
         report = run_bench(args, None if args.url else out / "tritonserver.log", log=lambda message: status.update(message))
         write_report(report, args, out, "bench", plot)
@@ -119,6 +126,29 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]served and raw outputs differ by up to {report['parity_max_abs_diff']:.2e}: "
                       "is the server serving --repo?[/]")
     console.print(f"figures: {report['files']['json']}  plot: {report['files']['plot']}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace, out: Path) -> int:
+    from cxrlt.cli.commands.loadtest import print_wide, table
+    from cxrlt.cli.console import console
+    from loadtest.bench import run_comparison
+    from loadtest.kernel import fmt, run_folder, write_json
+
+    if args.url:
+        raise ValueError("--compare starts a server per repository: it does not take --url")
+    with run_folder(out), console.status("benchmarking") as status:
+        result = run_comparison(args, [args.repo, *args.compare], out, log=lambda message: status.update(message))
+        write_json(result, args.json or out / "compare.json")
+    rows = [(r["repository"], r["execution_provider"], r["precision"], ", ".join(r["runtime"]), f"{r['images_per_s']:.3f}",
+             str(r["best_concurrency"]), f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}", fmt(r["cpu_ms_per_image"], ".0f"),
+             f"{r['raw_images_per_s']:.3f}") for r in result["rows"]]
+    print_wide(console, table(f"{args.model}: served, side by side", ("repository", "provider", "precision", "runtime",
+                                                                      "img/s", "at conc", "p50 ms", "p95 ms", "CPU ms/img",
+                                                                      "raw img/s"), rows,
+                              "img/s: best served images per second over the levels; p50/p95: served latency per image at "
+                              "the lowest level; CPU ms/img: gRPC client + tritonserver and its stubs, at the best level"))
+    console.print(f"figures: {args.json or out / 'compare.json'} (each repository's report: {', '.join(result['reports'])})")
     return 0
 
 
