@@ -6,6 +6,14 @@ pipeline's counters (python_backends.monitoring) over one window of `window_s` s
 `window_images / images_per_second`, and an alarm needs at least half a window of images. Over
 that window, with n images:
 
+(n in the bands is the images the ratio is computed on. increase() extrapolates the counters'
+growth between the first and the last scrape inside the window to the whole window: on average
+the scrapes span `window_s - scrape_interval_s`, so the recorded counts overstate the images the
+rate is measured on by window_s / (window_s - scrape_interval_s), and a band from the recorded
+count alone is too narrow: 4/3 of the variance with 1 s scrapes over a 4 s window, 1.43 with
+Prometheus's default 1 min over 200 s. The bands use n = recorded count x (1 - scrape_interval_s /
+window_s).)
+
 - CxrltFindingRateDrift (per finding): the rate of positive decisions leaves its binomial band,
   |rate - p| > z * sqrt(p (1 - p) (1/n + 1/n_val)) + z^2 / (2 n), p the baseline's rate on n_val
   validation images (the second variance term is the baseline's own error; z^2/(2n) the Wilson
@@ -34,6 +42,7 @@ from cxrlt.contract.monitoring import IMAGES, OOD_SCORE, OUT_OF_DISTRIBUTION, PO
 DEFAULT_WINDOW_IMAGES = 200
 DEFAULT_IMAGES_PER_SECOND = 1.0
 DEFAULT_ALPHA = 1e-3  # family-wise false-alarm probability of one evaluation of one alert
+DEFAULT_SCRAPE_INTERVAL_S = 15.0  # deploy/base/servicemonitor-triton.yaml
 FINDINGS_TESTED = 36
 GROUP_RECORDING = "cxrlt-drift.recording"
 GROUP_BASELINE = "cxrlt-drift.baseline"
@@ -99,13 +108,19 @@ def _baseline_rules(baseline: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rules
 
 
+def _sampled(series: str, sampled: float) -> str:
+    """The images a window's ratio is computed on: the recorded (extrapolated) count x `sampled`."""
+    return f"clamp_min({series} * {_f(sampled)}, 1)"
+
+
 def _alert(name: str, expr: str, summary: str, description: str) -> dict[str, Any]:
     return {"alert": name, "expr": expr, "labels": {"severity": "warning", "team": "cxrlt"},
             "annotations": {"summary": summary, "description": description}}
 
 
-def _alerts(baseline: Mapping[str, Any], min_images: int, alpha: float) -> list[dict[str, Any]]:
+def _alerts(baseline: Mapping[str, Any], min_images: int, alpha: float, sampled: float = 1.0) -> list[dict[str, Any]]:
     z36, z1, z1_one = z_value(alpha, FINDINGS_TESTED), z_value(alpha), z_value(alpha, two_sided=False)
+    routed, scored = _sampled(ROUTED, sampled), _sampled(OOD_IMAGES, sampled)
     alerts = [_alert(
         ALERTS[0],
         f"(abs({RATE} - {BASE_RATE}) > {BAND}) and {FINDING_IMAGES} >= {min_images}",
@@ -118,8 +133,8 @@ def _alerts(baseline: Mapping[str, Any], min_images: int, alpha: float) -> list[
     p = smoothed(lateral * n_val, n_val)
     alerts.append(_alert(
         ALERTS[1],
-        f"(abs({LATERAL} - {_f(lateral)}) > {_f(z1)} * sqrt({_f(p * (1 - p))} * (1 / clamp_min({ROUTED}, 1) + {_f(1 / n_val)})) "
-        f"+ {_f(z1 * z1 / 2)} / clamp_min({ROUTED}, 1)) and {ROUTED} >= {min_images}",
+        f"(abs({LATERAL} - {_f(lateral)}) > {_f(z1)} * sqrt({_f(p * (1 - p))} * (1 / {routed} + {_f(1 / n_val)})) "
+        f"+ {_f(z1 * z1 / 2)} / {routed}) and {ROUTED} >= {min_images}",
         "Projection mix: {{ $value | humanizePercentage }} lateral, off the validation baseline",
         f"The fraction of lateral images left its binomial band around {lateral:.3f} (z = {z1:.2f})."))
     ood = baseline.get("ood")
@@ -128,34 +143,41 @@ def _alerts(baseline: Mapping[str, Any], min_images: int, alpha: float) -> list[
         r = smoothed(ood["refusal_rate"] * n_ood, n_ood)
         alerts.append(_alert(
             ALERTS[2],
-            f"({OOD_REFUSALS} - {_f(ood['refusal_rate'])} > {_f(z1_one)} * sqrt({_f(r * (1 - r))} * (1 / clamp_min({OOD_IMAGES}, 1) "
-            f"+ {_f(1 / n_ood)})) + {_f(z1_one * z1_one / 2)} / clamp_min({OOD_IMAGES}, 1)) and {OOD_IMAGES} >= {min_images}",
+            f"({OOD_REFUSALS} - {_f(ood['refusal_rate'])} > {_f(z1_one)} * sqrt({_f(r * (1 - r))} * (1 / {scored} "
+            f"+ {_f(1 / n_ood)})) + {_f(z1_one * z1_one / 2)} / {scored}) and {OOD_IMAGES} >= {min_images}",
             "Out-of-distribution refusals at {{ $value | humanizePercentage }} of images",
             f"The gate refuses more images than on validation ({ood['refusal_rate']:.3%}): non-chest or foreign images arrive."))
         alerts.append(_alert(
             ALERTS[3],
-            f"({OOD_MEAN} - {_f(ood['mean'])} > {_f(z1_one * max(ood['std'], 1e-9))} * sqrt(1 / clamp_min({OOD_IMAGES}, 1) "
+            f"({OOD_MEAN} - {_f(ood['mean'])} > {_f(z1_one * max(ood['std'], 1e-9))} * sqrt(1 / {scored} "
             f"+ {_f(1 / n_ood)})) and {OOD_IMAGES} >= {min_images}",
             "Mean out-of-distribution score {{ $value }} above its validation baseline",
             f"The mean OOD score rose above {ood['mean']:.3g} (validation sd {ood['std']:.3g}): the images drift from the reference set."))
     return alerts
 
 
+def window_seconds(window_images: int, images_per_second: float) -> int:
+    return max(1, math.ceil(window_images / images_per_second))
+
+
 def drift_rule_groups(baseline: Mapping[str, Any], window_images: int = DEFAULT_WINDOW_IMAGES,
                       images_per_second: float = DEFAULT_IMAGES_PER_SECOND, alpha: float = DEFAULT_ALPHA,
-                      evaluation_interval: str | None = None) -> list[dict[str, Any]]:
+                      evaluation_interval: str | None = None,
+                      scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S) -> list[dict[str, Any]]:
     """The rule groups (Prometheus rules-file `groups`) for `baseline`: windows of `window_images`
-    at `images_per_second`, alarms from half a window of images on."""
-    window_s = max(1, math.ceil(window_images / images_per_second))
+    at `images_per_second`, alarms from half a window of images on; the bands count the images
+    the scrapes every `scrape_interval_s` span (see the module's docstring)."""
+    window_s = window_seconds(window_images, images_per_second)
+    sampled = max(0.5, 1 - scrape_interval_s / window_s)  # under two scrapes a window is too short (the CLI refuses it)
     min_images = max(1, window_images // 2)
     interval = {"interval": evaluation_interval} if evaluation_interval else {}
     z36 = z_value(alpha, FINDINGS_TESTED)
-    band_rule = {"record": BAND, "expr": f"{_f(z36)} * sqrt({BASE_VARIANCE} / clamp_min({FINDING_IMAGES}, 1) + {BASE_ERROR}) "
-                                         f"+ {_f(z36 * z36 / 2)} / clamp_min({FINDING_IMAGES}, 1)"}
+    n = _sampled(FINDING_IMAGES, sampled)
+    band_rule = {"record": BAND, "expr": f"{_f(z36)} * sqrt({BASE_VARIANCE} / {n} + {BASE_ERROR}) + {_f(z36 * z36 / 2)} / {n}"}
     return [
         {"name": GROUP_BASELINE, **interval, "rules": _baseline_rules(baseline)},
         {"name": GROUP_RECORDING, **interval, "rules": [*_recording(f"{window_s}s"), band_rule]},
-        {"name": GROUP_ALERTS, **interval, "rules": _alerts(baseline, min_images, alpha)},
+        {"name": GROUP_ALERTS, **interval, "rules": _alerts(baseline, min_images, alpha, sampled)},
     ]
 
 
@@ -230,16 +252,17 @@ PROMETHEUS_RULE_NAME = "cxrlt-drift"
 
 def write_rules(baseline: Mapping[str, Any], out: Any, window_images: int = DEFAULT_WINDOW_IMAGES,
                 images_per_second: float = DEFAULT_IMAGES_PER_SECOND, alpha: float = DEFAULT_ALPHA,
-                evaluation_interval: str | None = None, manifest_dir: Any = None, source: str = "") -> list[Any]:
+                evaluation_interval: str | None = None, manifest_dir: Any = None, source: str = "",
+                scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S) -> list[Any]:
     """Write the rules file (OUT/drift_rules.yml) and, into `manifest_dir` (default OUT), the
     Kubernetes PrometheusRule with the same groups. Returns the paths written."""
     from pathlib import Path
 
     import yaml
 
-    groups = drift_rule_groups(baseline, window_images, images_per_second, alpha, evaluation_interval)
+    groups = drift_rule_groups(baseline, window_images, images_per_second, alpha, evaluation_interval, scrape_interval_s)
     header = (f"# Generated by `cxrlt monitoring-rules` from {source or 'a monitoring baseline'}: windows of "
-              f"{window_images} images at {images_per_second:g} images/s, alpha {alpha:g}.\n"
+              f"{window_images} images at {images_per_second:g} images/s, alpha {alpha:g}, scraped every {scrape_interval_s:g} s.\n"
               "# Regenerate for your repository and traffic; docs/monitoring.md explains the rules.\n")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -249,19 +249,19 @@ class PipelineMetrics:
         return taken
 
     def flush(self) -> None:
-        """Send what was counted since the last flush to Triton (one increment per changed series)."""
+        """Send what was counted since the last flush to Triton (one increment per changed series).
+        A finding's positives follow its images scored at once, so a scrape in the middle of a flush
+        sees both or neither (the drift rules divide one by the other)."""
         with self._sending:
             images, positives, probability, ood, tallies = self._take()
             if images:
                 self._metric(IMAGES).increment(images)
-            for (row, column), count in np.ndenumerate(positives):
-                if count:
-                    labels = (("finding", self.labels[column]), ("projection", PROJECTION_LABELS[row]))
-                    self._metric(POSITIVES, labels).increment(int(count))
             for (row, column), total in np.ndenumerate(probability.buckets[..., -1]):
                 if total:
                     labels = (("finding", self.labels[column]), ("projection", PROJECTION_LABELS[row]))
                     self._send_histogram(PROBABILITY, probability, (row, column), PROBABILITY_BUCKETS, labels)
+                    if positives[row, column]:
+                        self._metric(POSITIVES, labels).increment(int(positives[row, column]))
             if ood.buckets[-1]:
                 self._send_histogram(OOD_SCORE, ood, (), self.ood_buckets, ())
             for (name, labels), count in tallies.items():

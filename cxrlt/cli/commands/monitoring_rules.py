@@ -13,7 +13,7 @@ from cxrlt.cli.options import add_repo_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from evaluation.drift import DEFAULT_ALPHA, DEFAULT_IMAGES_PER_SECOND, DEFAULT_WINDOW_IMAGES
+    from evaluation.drift import DEFAULT_ALPHA, DEFAULT_IMAGES_PER_SECOND, DEFAULT_SCRAPE_INTERVAL_S, DEFAULT_WINDOW_IMAGES
 
     add_repo_argument(parser, "a repository with monitoring_baseline.json (written by `cxrlt operating-points`)", required=True)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for drift_rules.yml (and the PrometheusRule)")
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"expected traffic, to size the window in time (default {DEFAULT_IMAGES_PER_SECOND:g})")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help=f"false-alarm probability of one evaluation of one alert (default {DEFAULT_ALPHA:g})")
+    parser.add_argument("--scrape-interval-s", type=float, default=DEFAULT_SCRAPE_INTERVAL_S, metavar="SECONDS",
+                        help=f"how often Prometheus scrapes Triton (default {DEFAULT_SCRAPE_INTERVAL_S:g}, the shipped "
+                             "ServiceMonitor's): the bands count the images the scrapes inside a window span")
     parser.add_argument("--evaluation-interval", metavar="DURATION", help="the groups' evaluation interval (default: Prometheus's)")
     parser.add_argument("--simulate", action="store_true", help="also print the simulated false alarms and images to alarm")
 
@@ -31,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from cxrlt.contract.monitoring import load_baseline
-    from evaluation.drift import simulate, write_rules
+    from evaluation.drift import simulate, window_seconds, write_rules
 
     baseline = load_baseline(args.repo)
     if baseline is None:
@@ -40,8 +43,15 @@ def run(args: argparse.Namespace) -> int:
     if args.window_images < 2 or args.images_per_second <= 0 or not 0 < args.alpha < 1:
         console.print("--window-images must be >= 2, --images-per-second > 0 and --alpha in (0, 1)")
         return 2
+    window_s = window_seconds(args.window_images, args.images_per_second)
+    if not 0 < args.scrape_interval_s <= window_s / 2:
+        console.print(f"a window of {window_s} s ({args.window_images} images at {args.images_per_second:g} images/s) must span "
+                      f"at least two scrape intervals (--scrape-interval-s {args.scrape_interval_s:g}): raise --window-images "
+                      "or scrape more often")
+        return 2
     written = write_rules(baseline, args.out, args.window_images, args.images_per_second, args.alpha,
-                          args.evaluation_interval, args.manifest_dir, source=f"the repository {args.repo.name}")
+                          args.evaluation_interval, args.manifest_dir, source=f"the repository {args.repo.name}",
+                          scrape_interval_s=args.scrape_interval_s)
     for path in written:
         console.print(f"wrote {path}")
     if args.simulate:
