@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cxrlt.contract.labels import TASK1_LABELS, TASK2_LABELS
-from cxrlt.contract.operating_points import CONFIG_PARAMETER, NO_DECISION, OperatingPoints
+from cxrlt.contract.operating_points import NO_DECISION, OperatingPoints, served_operating_points
 from cxrlt.contract.served import ENCODER_MODEL, ZEROSHOT_MODEL, network_names
 from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
 from python_backends import bls
@@ -80,7 +80,7 @@ class ServedPipeline:
         labels = tuple(label for task in tasks for label in TASK_LABELS[task])
         gate = ServedGate.from_args(args, params, lambda: bls.network_infer(
             args, params, [ENCODER_MODEL], {ENCODER_MODEL: "image_embeds"}, own_max_batch_size=own_batch), zeroshot)
-        return cls(classifier, zeroshot, outputs, labels, _operating_points(params), gate,
+        return cls(classifier, zeroshot, outputs, labels, served_operating_points(params), gate,
                    PipelineMetrics.from_args(args, params, labels))
 
     async def execute(self, requests: Sequence[Any]) -> list:
@@ -146,18 +146,6 @@ class ServedPipeline:
                     "CALIBRATED_PROBABILITIES": probabilities}
         return {"DECISIONS": self.operating_points.decide(probabilities, self.labels, projections),
                 "CALIBRATED_PROBABILITIES": self.operating_points.calibrate(probabilities, self.labels).astype(np.float32)}
-
-
-def _operating_points(params: Mapping[str, str]) -> OperatingPoints | None:
-    """The config's operating points (written by `cxrlt operating-points`), or None without them."""
-    text = params.get(CONFIG_PARAMETER, "").strip()
-    if not text:
-        return None
-    try:
-        return OperatingPoints.from_json(text)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"config parameter {CONFIG_PARAMETER!r} is not a valid operating-points table ({exc}); "
-                         "rerun `cxrlt operating-points`") from None
 
 
 def _first_error(outcomes: tuple) -> BaseException | None:

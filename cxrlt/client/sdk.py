@@ -51,8 +51,7 @@ import numpy as np
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
 from cxrlt.contract.ood_gate import THRESHOLD_PARAMETER as OOD_THRESHOLD_PARAMETER
-from cxrlt.contract.operating_points import CONFIG_PARAMETER as OPERATING_POINTS_PARAMETER
-from cxrlt.contract.operating_points import NO_DECISION, OperatingPoints
+from cxrlt.contract.operating_points import NO_DECISION, OperatingPoints, served_operating_points
 from cxrlt.contract.results import Decision, FindingsResult
 from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
                                    ZEROSHOT_MODEL)
@@ -620,15 +619,10 @@ class AsyncCxrltClient:
         )
 
     def _served_operating_points(self, parameters: Mapping[str, str]) -> OperatingPoints | None:
-        text = parameters.get(OPERATING_POINTS_PARAMETER, "").strip()
-        if not text:
-            return None
         try:
-            return OperatingPoints.from_json(text)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ClientError(f"{self.url} serves {self.model} with an unreadable {OPERATING_POINTS_PARAMETER} "
-                              f"parameter ({exc}); rerun `cxrlt operating-points` on its repository",
-                              url=self.url, model=self.model) from None
+            return served_operating_points(parameters)
+        except ValueError as exc:
+            raise ClientError(f"{self.url} serves {self.model} with {exc}", url=self.url, model=self.model) from None
 
     def _pixels(self, image: np.ndarray, info: ModelInfo) -> np.ndarray:
         """The uint16 image to send: downscaled first when `send_size` asks for it."""

@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["OPERATING_POINTS_FILE", "CONFIG_PARAMETER", "ANY_PROJECTION", "POLICIES", "DEFAULT_POLICY", "NO_DECISION",
-           "Policy", "parse_policy", "OperatingPoint", "Calibration", "OperatingPoints", "load_operating_points"]
+           "Policy", "parse_policy", "OperatingPoint", "Calibration", "OperatingPoints", "load_operating_points",
+           "served_operating_points"]
 
 OPERATING_POINTS_FILE = "operating_points.json"
 CONFIG_PARAMETER = "operating_points"  # the pipeline configs' copy of the table (what the stubs apply)
@@ -180,6 +181,18 @@ def load_operating_points(repository: str | Path) -> OperatingPoints | None:
         return OperatingPoints.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a valid operating-points file ({exc}); rerun `cxrlt operating-points`") from None
+
+
+def served_operating_points(parameters: Mapping[str, str]) -> OperatingPoints | None:
+    """The table a pipeline config serves (parameter ``operating_points``), or None without one."""
+    text = parameters.get(CONFIG_PARAMETER, "").strip()
+    if not text:
+        return None
+    try:
+        return OperatingPoints.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"config parameter {CONFIG_PARAMETER!r} is not a valid operating-points table ({exc}); "
+                         "rerun `cxrlt operating-points` on the repository") from None
 
 
 def _pair(value: Sequence[float]) -> tuple[float, float]:

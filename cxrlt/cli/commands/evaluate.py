@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from cxrlt.cli.console import console
+    from cxrlt.cli.console import console, counting
     from evaluation.evaluate import evaluate, metrics_table, reference_classifier, server_classifier, write_outputs
     from evaluation.operating_points import repository_decision_metrics
 
@@ -74,13 +74,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency = 1
         started = time.perf_counter()
         try:
-            with console.status("classifying") as status:
-                done = [0]
-
-                def tick() -> None:
-                    done[0] += 1
-                    status.update(f"classified {done[0]} images")
-
+            with counting() as tick:
                 predictions, metrics = evaluate(args.data, classify=classify, split=args.split, val_fraction=args.val_fraction,
                                                 split_seed=args.split_seed, use_hints=args.hints, concurrency=concurrency,
                                                 on_image=tick)

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from cxrlt.cli.console import console
+    from cxrlt.cli.console import console, counting
     from evaluation.evaluate import csv_labels, server_classifier
     from evaluation.operating_points import operating_points_from_data, write_operating_points
 
@@ -63,13 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         classify, client = server_classifier(args.url, labels=csv_labels(args.data))
     try:
-        with console.status("classifying") as status:
-            done = [0]
-
-            def tick() -> None:
-                done[0] += 1
-                status.update(f"classified {done[0]} images")
-
+        with counting() as tick:
             choice = operating_points_from_data(
                 args.repo, args.data, args.policy, classify=classify, engine=args.engine, split=args.split,
                 val_fraction=args.val_fraction, split_seed=args.split_seed, image_root=args.images,
