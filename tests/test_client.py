@@ -233,8 +233,15 @@ def test_async_client_equals_sync_client(url, rg1, real_cxr):
     fields = ("image_id", "probabilities", "projection", "projection_score", "hint", "hint_used",
               "model_name", "model_version", "random_weights")
     assert {f: getattr(from_file, f) for f in fields} == {f: getattr(sync, f) for f in fields}
-    assert all(result.probabilities == sync.probabilities for result in concurrent)
+    assert all(_batched_equal(result.probabilities, sync.probabilities) for result in concurrent)
     assert random_weights is True
+
+
+def _batched_equal(batched: dict[str, float], alone: dict[str, float]) -> bool:
+    """Concurrent requests the dynamic batcher merges run through the networks as one batch, and
+    onnxruntime's matrix kernels may round the last bits of a batch of 3 differently from a batch of
+    1 (SwinV2's attention, PCAM's pooled head): equal within 1e-6, the contract's bound."""
+    return list(batched) == list(alone) and all(abs(batched[k] - alone[k]) <= 1e-6 for k in alone)
 
 
 def _registered_regions(grpc_client) -> set[str]:
@@ -261,7 +268,7 @@ def test_shared_memory_client_gives_the_same_results_and_cleans_up(url, grpc_cli
             return results, _registered_regions(grpc_client)
 
     results, during = asyncio.run(concurrent())
-    assert all(r.probabilities == sync.probabilities for r in results)
+    assert all(_batched_equal(r.probabilities, sync.probabilities) for r in results)
     assert 1 <= len(during) <= 3  # at most one region per request in flight
     assert not during & _registered_regions(grpc_client)
 
