@@ -22,7 +22,11 @@ from cxrlt.contract.served import ENCODER_MODEL, ZEROSHOT_MODEL, network_names
 from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
 from python_backends import bls
 from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
+from python_backends.gate import ServedGate
+from python_backends.monitoring import PipelineMetrics
 from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, parse_tasks, zeroshot_settings
+from python_backends.triton_params import parameters, require
+from python_backends.zeroshot import ZeroShotPipeline
 
 # What each task can answer; a config declares which of them it serves (cxr_findings: no LOGITS
 # or SIMILARITIES, its PROBABILITIES are both tasks' concatenated). DECISIONS and
@@ -32,10 +36,6 @@ DECIDED_OUTPUTS = ("PROBABILITIES", "DECISIONS", "CALIBRATED_PROBABILITIES", "OO
 TASK_OUTPUTS = {CLASSIFIER_TASK: (*DECIDED_OUTPUTS, "LOGITS", "PROJECTION", "PROJECTION_SCORE"),
                 ZEROSHOT_TASK: (*DECIDED_OUTPUTS, "SIMILARITIES")}
 TASK_LABELS = {CLASSIFIER_TASK: TASK1_LABELS, ZEROSHOT_TASK: TASK2_LABELS}
-from python_backends.gate import ServedGate
-from python_backends.monitoring import PipelineMetrics
-from python_backends.triton_params import parameters, require
-from python_backends.zeroshot import ZeroShotPipeline
 
 
 @dataclasses.dataclass

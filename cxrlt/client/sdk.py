@@ -51,8 +51,9 @@ import numpy as np
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projection_from_hint
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
 from cxrlt.contract.ood_gate import THRESHOLD_PARAMETER as OOD_THRESHOLD_PARAMETER
-from cxrlt.contract.operating_points import NO_DECISION, OperatingPoints, served_operating_points
-from cxrlt.contract.results import Decision, FindingsResult
+from cxrlt.contract.operating_points import OperatingPoints, served_operating_points
+from cxrlt.contract.results import FindingsResult
+from cxrlt.contract.study import decisions_from
 from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
                                    ZEROSHOT_MODEL)
 from cxrlt.client.shared_memory import Region, RegionPool
@@ -683,12 +684,7 @@ class AsyncCxrltClient:
         if points is None or not info.decides:
             return {}
         served = np.asarray(response.as_numpy("DECISIONS")).reshape(-1)
-        decisions = {}
-        for label, decision in zip(self.labels, served.tolist()):
-            point = points.point(label, projection)
-            if decision != NO_DECISION and point is not None:
-                decisions[label] = Decision(bool(decision), point.threshold, str(points.policy), point.sensitivity,
-                                            point.specificity)
+        decisions = decisions_from(points, dict(zip(self.labels, served.tolist())), projection)
         calibrated = None
         if points.calibrated:
             values = np.asarray(response.as_numpy("CALIBRATED_PROBABILITIES"), dtype=np.float64).reshape(-1)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from cxrlt.contract.labels import ALL_LABELS
-from cxrlt.contract.operating_points import ANY_PROJECTION, OperatingPoints
+from cxrlt.contract.operating_points import ANY_PROJECTION, NO_DECISION, OperatingPoints
 from cxrlt.contract.results import Decision, FindingsResult, findings_dict
 
-__all__ = ["StudyResult", "aggregate_study", "group_by_study", "decisions_at"]
+__all__ = ["StudyResult", "aggregate_study", "group_by_study", "decisions_at", "decisions_from"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,19 +51,27 @@ class StudyResult:
         }
 
 
+def decisions_from(points: OperatingPoints, calls: Mapping[str, int], projection: str | None) -> dict[str, Decision]:
+    """label -> its call (1 positive, 0 negative, as ``OperatingPoints.decide`` and the served DECISIONS
+    give it) with the operating point of ``projection`` it was made at; NO_DECISION is left out."""
+    decisions = {}
+    for label, call in calls.items():
+        point = points.point(label, projection)
+        if call != NO_DECISION and point is not None:
+            decisions[label] = Decision(bool(call), point.threshold, str(points.policy), point.sensitivity,
+                                        point.specificity)
+    return decisions
+
+
 def decisions_at(points: OperatingPoints | None, probabilities: dict[str, float],
                  projection: str | None) -> dict[str, Decision] | None:
     """Each finding of ``probabilities`` called at ``points`` (None without points; a finding without a
     point is left out)."""
     if points is None:
         return None
-    decisions = {}
-    for label, probability in probabilities.items():
-        point = points.point(label, projection)
-        if point is not None:
-            decisions[label] = Decision(bool(probability >= point.threshold), point.threshold, str(points.policy),
-                                        point.sensitivity, point.specificity)
-    return decisions
+    labels = list(probabilities)
+    calls = points.decide(np.array([[probabilities[label] for label in labels]]), labels, [projection])[0]
+    return decisions_from(points, dict(zip(labels, calls.tolist())), projection)
 
 
 def aggregate_study(images: Sequence[FindingsResult], points: OperatingPoints | None = None) -> StudyResult:
