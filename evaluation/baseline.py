@@ -77,34 +77,35 @@ def compute_baseline(probabilities: np.ndarray, labels: Sequence[str], projectio
     }
 
 
-def repository_ood_baseline(repository: str | os.PathLike, data_csv: str | os.PathLike, split: str = "val") -> dict[str, Any] | None:
-    """The OOD record of the repository's gate on the label CSV's `split` images (the served
-    embedding and score, in process), or None when the repository has no gate."""
+def repository_ood_baseline(repository: str | os.PathLike, data_csv: str | os.PathLike, split: str = "val",
+                            release: int | None = None) -> dict[str, Any] | None:
+    """The OOD record of a release's gate (default: the live one) on the label CSV's `split` images
+    (the served embedding and score, in process), or None when the release has no gate."""
     from cxrlt.contract.ood_gate import load_gate
+    from cxrlt.contract.releases import release_dir
     from evaluation.ood_sets import reference_images
     from exporters.ood_gate import Embedder
+    from exporters.releases import release_number
 
-    gate = load_gate(repository)
+    release = release_number(repository, release)
+    gate = load_gate(release_dir(repository, release))
     if gate is None:
         return None
-    embeddings, _ = Embedder(repository).embed_each(reference_images(data_csv, "train" if split == "train" else "val"))
+    embeddings, _ = Embedder(repository, release=release).embed_each(reference_images(data_csv, "train" if split == "train" else "val"))
     return ood_baseline(gate.score(embeddings), gate.threshold)
 
 
-def write_baseline(repository: str | os.PathLike, baseline: Mapping[str, Any]) -> dict[str, Any]:
-    """Write the baseline into a built repository (MONITORING_BASELINE_FILE at its root), record it
-    in the manifest and refresh the identity that covers it. Returns the manifest record."""
-    from cxrlt.contract.manifest import MANIFEST, read_manifest
-    from exporters.build_repo import refresh_repository_identity
+def write_baseline(repository: str | os.PathLike, baseline: Mapping[str, Any], release: int | None = None) -> dict[str, Any]:
+    """Write the baseline into a release (default: the live one): MONITORING_BASELINE_FILE in its
+    directory, recorded in its manifest, with its identity refreshed to cover it. Returns the record."""
+    from cxrlt.contract.releases import release_dir
+    from exporters.releases import release_number, update_release
     from networks.checkpoints import file_sha256
 
-    repository = Path(repository)
-    path = repository / MONITORING_BASELINE_FILE
+    number = release_number(repository, release)
+    path = release_dir(repository, number) / MONITORING_BASELINE_FILE
     path.write_text(json.dumps(baseline, indent=1, sort_keys=True) + "\n")
-    manifest = read_manifest(repository)
     record = {"file": MONITORING_BASELINE_FILE, "sha256": file_sha256(path), "images": baseline["images"],
               "ood": baseline.get("ood") is not None}
-    manifest["monitoring_baseline"] = record
-    (repository / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    record["repository_sha256"] = refresh_repository_identity(repository)
+    record["repository_sha256"] = update_release(repository, number, fields={"monitoring_baseline": record})
     return record

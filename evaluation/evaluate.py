@@ -73,13 +73,13 @@ Classify = Callable[[np.ndarray, str | None, str], tuple[np.ndarray, str]]
 
 
 def reference_classifier(repository: str | os.PathLike, engine: str = "torch",
-                         labels: Sequence[str] = TASK1_LABELS) -> Classify:
-    """In-process classification with the repository's settings (evaluation.reference): the
-    probabilities of `labels` (Task 2 ones through the zero-shot pipeline)."""
+                         labels: Sequence[str] = TASK1_LABELS, release: int | None = None) -> Classify:
+    """In-process classification with a release's settings (evaluation.reference; default: the live
+    release): the probabilities of `labels` (Task 2 ones through the zero-shot pipeline)."""
     from cxrlt.contract.labels import ALL_LABELS
     from evaluation.reference import ReferencePipeline
 
-    pipeline = ReferencePipeline(repository, engine=engine, threads=1)
+    pipeline = ReferencePipeline(repository, engine=engine, threads=1, release=release)
     columns = [ALL_LABELS.index(label) for label in labels]
 
     def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:

@@ -173,7 +173,9 @@ def measure_gate(repository: Path | str, in_distribution: Sequence[np.ndarray], 
     from cxrlt.contract.ood_gate import load_gate
     from exporters.ood_gate import Embedder
 
-    gate = load_gate(repository)
+    from cxrlt.contract.releases import files_of
+
+    gate = load_gate(files_of(repository))
     if gate is None:
         raise ValueError(f"{repository} has no fitted gate")
     embed = Embedder(repository)

@@ -275,22 +275,22 @@ def operating_points_from_data(repository: str | os.PathLike, data_csv: str | os
                                val_fraction: float = 0.1, split_seed: int = 0, image_root: str | os.PathLike | None = None,
                                use_hints: bool = False, concurrency: int = 1, on_image: Callable[[], None] | None = None,
                                resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                               source: Mapping[str, Any] | None = None) -> Choice:
+                               source: Mapping[str, Any] | None = None, release: int | None = None) -> Choice:
     """The served pipeline's predictions of the split's images (`classify`: evaluation.evaluate's
     reference or server classifier answering `csv_labels(data_csv)`; default: the repository in
     process with `engine`), then `choose_operating_points`."""
     from cxrlt.contract.manifest import read_manifest
     from evaluation.evaluate import csv_labels, evaluation_images, predict, reference_classifier
-    from exporters.build_repo import repository_identity
+    from exporters.releases import repository_identity
     from training.job import load_split
 
     labels = csv_labels(data_csv)
     data = load_split(data_csv, val_fraction, split_seed, labels=labels, image_root=image_root)
     table = evaluation_images(data, split)
-    classify = classify or reference_classifier(repository, engine, labels)
+    classify = classify or reference_classifier(repository, engine, labels, release)
     predictions = predict(table, data.image_root, classify, use_hints, concurrency, on_image, labels)
     record = {"data": str(data_csv), "split": split, "val_fraction": val_fraction, "split_seed": split_seed,
-              "hints": use_hints, "chosen_for_repository_sha256": repository_identity(read_manifest(repository)),
+              "hints": use_hints, "chosen_for_repository_sha256": repository_identity(read_manifest(repository, release)),
               **(source or {})}
     choice = choose_operating_points(predictions.labels, predictions.probabilities, list(labels),
                                      predictions.projections_used, predictions.patient_ids, policy,
@@ -308,30 +308,26 @@ def served_table(points: OperatingPoints, labels: Sequence[str]) -> OperatingPoi
                            {k: v for k, v in points.calibration.items() if k in labels})
 
 
-def write_operating_points(repository: str | os.PathLike, points: OperatingPoints) -> dict[str, Any]:
-    """Write `points` into a built repository: operating_points.json at its root; in each pipeline
-    config the parameter `operating_points` (compact JSON of the rows of the findings it serves:
-    CONFIG_LABELS) and `calibrated`; the manifest's `operating_points` record; and the identity
-    (`repository_sha256`, manifest and configs), which then covers the file. Returns the record."""
-    from cxrlt.contract.manifest import MANIFEST, read_manifest
-    from cxrlt.contract.model_config import set_config_parameters
-    from exporters.build_repo import refresh_repository_identity
+def write_operating_points(repository: str | os.PathLike, points: OperatingPoints, release: int | None = None) -> dict[str, Any]:
+    """Write `points` into a release (default: the live one): operating_points.json in its directory;
+    in its pipeline parameters `operating_points` (compact JSON of the rows of the findings each
+    config serves: CONFIG_LABELS) and `calibrated`; its manifest's `operating_points` record; and its
+    identity (`repository_sha256`), which then covers the file. Returns the record."""
+    from cxrlt.contract.releases import release_dir
+    from exporters.releases import release_number, update_release
     from networks.checkpoints import file_sha256
 
-    repository = Path(repository)
-    manifest = read_manifest(repository)
-    path = repository / OPERATING_POINTS_FILE
+    number = release_number(repository, release)
+    path = release_dir(repository, number) / OPERATING_POINTS_FILE
     path.write_text(points.to_json())
+    parameters = {}
     for model, labels in CONFIG_LABELS.items():
         table = served_table(points, labels)
-        set_config_parameters(repository / model / "config.pbtxt", {
-            CONFIG_PARAMETER: json.dumps(table.to_dict(), sort_keys=True, separators=(",", ":")),
-            CALIBRATED_PARAMETER: "true" if table.calibrated else "false"})
+        parameters[model] = {CONFIG_PARAMETER: json.dumps(table.to_dict(), sort_keys=True, separators=(",", ":")),
+                             CALIBRATED_PARAMETER: "true" if table.calibrated else "false"}
     record = {"file": OPERATING_POINTS_FILE, "sha256": file_sha256(path), "policy": str(points.policy),
               "findings": sorted(points.points), "calibrated": sorted(points.calibration)}
-    manifest["operating_points"] = record
-    (repository / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    record["repository_sha256"] = refresh_repository_identity(repository)
+    record["repository_sha256"] = update_release(repository, number, parameters, {"operating_points": record})
     return record
 
 
@@ -375,9 +371,10 @@ def repository_decision_metrics(repository: str | os.PathLike, predictions: Any)
     settings than the repository now has (rerun `cxrlt operating-points`)."""
     from cxrlt.contract.manifest import read_manifest
     from cxrlt.contract.operating_points import load_operating_points
-    from exporters.build_repo import repository_identity
+    from cxrlt.contract.releases import files_of
+    from exporters.releases import repository_identity
 
-    points = load_operating_points(repository)
+    points = load_operating_points(files_of(repository))
     if points is None:
         return None
     result = decision_metrics(predictions.labels, predictions.probabilities, predictions.label_names,

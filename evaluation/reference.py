@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from cxrlt.contract.labels import TASK2_LABELS
-from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, TextCache, load_text_cache
+from cxrlt.contract.text_cache import PROMPTS_FILE, TextCache
 from cxrlt.contract.manifest import manifest_profile, read_manifest
-from cxrlt.contract.model_config import config_parameters
+from cxrlt.contract.releases import release_dir, release_text_cache, served_parameters
 from cxrlt.contract.prompts import load_prompts
 from cxrlt.contract.served import CLASSIFIER_MODEL, ZEROSHOT_MODEL
 from python_backends.classifier import Classification, ClassifierPipeline, ClassifierSettings
@@ -31,6 +31,7 @@ from python_backends.zeroshot import ENCODER_MODEL, ZeroShotPipeline, ZeroShotSe
 
 from networks.clip import ImageTower, encode_prompt_ensembles, tokenizer_for
 from networks.weights import load_clip, load_network
+from cxrlt.contract.releases import release_number
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -41,27 +42,25 @@ def _checkpoint_dir(entry: dict) -> Path | None:
 
 class ReferencePipeline:
     def __init__(self, repository: Path | str, engine: str = "torch", threads: int = 0,
-                 executor: Executor | None = None, providers: str = "cpu") -> None:
+                 executor: Executor | None = None, providers: str = "cpu", release: int | None = None) -> None:
         """`executor`: run each network call on its threads, so a pipeline's concurrent calls
         (an image's three ensemble members) overlap as a BLS model's do; without one they run
         one after another. `providers`: the onnxruntime engine's execution providers
-        (python_backends.onnx_runner.select_providers)."""
+        (python_backends.onnx_runner.select_providers). `release`: whose weights (default: the live one)."""
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
         self.repository = Path(repository)
-        self.manifest = read_manifest(self.repository)
+        self.release = release_number(self.repository, release)
+        self.manifest = read_manifest(self.repository, self.release)
         self.profile = manifest_profile(self.manifest)
         self.engine = engine
         self.threads = threads
         self.executor = executor
         self._runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-        self._onnx = LocalNetworks(self.repository, threads, providers=providers) if engine == "onnxruntime" else None
-        self.classifier_settings = ClassifierSettings.from_parameters(
-            config_parameters(self.repository / CLASSIFIER_MODEL / "config.pbtxt")
-        )
-        self.zeroshot_settings = ZeroShotSettings.from_parameters(
-            config_parameters(self.repository / ZEROSHOT_MODEL / "config.pbtxt")
-        )
+        self._onnx = (LocalNetworks(self.repository, threads, providers=providers, release=self.release)
+                      if engine == "onnxruntime" else None)
+        self.classifier_settings = ClassifierSettings.from_parameters(served_parameters(self.repository, CLASSIFIER_MODEL, self.release))
+        self.zeroshot_settings = ZeroShotSettings.from_parameters(served_parameters(self.repository, ZEROSHOT_MODEL, self.release))
         self.classifier = ClassifierPipeline(self.classifier_settings, self.infer)
         self.zeroshot = ZeroShotPipeline(self.zeroshot_settings, self._text_cache(), self.infer)
 
@@ -87,13 +86,11 @@ class ReferencePipeline:
         return await asyncio.get_running_loop().run_in_executor(self.executor, run, pixel_values)
 
     def _text_cache(self) -> TextCache:
-        version_dir = self.repository / ZEROSHOT_MODEL / "1"
-        encoder_record = self.repository / ENCODER_MODEL / "1" / ENCODER_RECORD
         if self.engine == "onnxruntime":
-            return load_text_cache(version_dir, TASK2_LABELS, encoder_record, self.repository)
+            return release_text_cache(self.repository, self.release, TASK2_LABELS)
         clip_entry = self.manifest["models"][ENCODER_MODEL]
         clip_model, _ = load_clip(self.profile, _checkpoint_dir(clip_entry), self.manifest["seed"], allow_random=True)
-        prompts = load_prompts(version_dir / PROMPTS_FILE)
+        prompts = load_prompts(release_dir(self.repository, self.release) / PROMPTS_FILE)
         tokenizer = tokenizer_for(self.profile.clip.model_name)
         positive = encode_prompt_ensembles(clip_model, tokenizer, prompts.prompts).numpy()
         negative = encode_prompt_ensembles(clip_model, tokenizer, prompts.negatives).numpy() if prompts.negatives else None

@@ -281,32 +281,23 @@ def _unique(weights: list[Mapping[str, float]]) -> list[Weights]:
 
 
 def write_weights(repository: str | os.PathLike, weights: Mapping[str, Mapping[str, float]],
-                  record: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Put the weights into the configs that run Task 1, cxr_classifier and cxr_findings (and the
-    manifest's record of them), and recompute the repository's identity, which covers them."""
-    from cxrlt.contract.manifest import MANIFEST
-    from cxrlt.contract.model_config import config_parameters, set_config_parameters
+                  record: Mapping[str, Any] | None = None, release: int | None = None) -> dict[str, str]:
+    """Put the weights into a release's (default: the live one's) parameters of the models that run
+    Task 1, cxr_classifier and cxr_findings, and its manifest's record of them, and recompute its
+    identity, which covers them."""
+    from cxrlt.contract.releases import files_of, read_release, release_number
     from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
     from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
-    from exporters.build_repo import refresh_repository_identity
+    from exporters.releases import update_release
 
-    repository = Path(repository)
+    number = release_number(repository, release)
     updates = {f"weights_{p}": ensemble.format_weights(ensemble.validate_weights(weights[p])) for p in PROJECTIONS}
-    for model in (CLASSIFIER_MODEL, FINDINGS_MODEL):
-        config = repository / model / "config.pbtxt"
-        set_config_parameters(config, updates)
-        written = config_parameters(config)
-        for p in PROJECTIONS:  # what the backend will parse back
-            ensemble.parse_weights(written[f"weights_{p}"])
-    manifest_path = repository / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        manifest.setdefault("classifier", {}).update(updates)
-        if record is not None:
-            manifest["weight_search"] = json.loads(json.dumps(record, default=float))
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        refresh_repository_identity(repository)
-    if (repository / OPERATING_POINTS_FILE).is_file():
+    for p in PROJECTIONS:  # what the backend will parse back
+        ensemble.parse_weights(updates[f"weights_{p}"])
+    classifier = {**read_release(repository, number).get("classifier", {}), **updates}
+    fields = {"classifier": classifier, **({"weight_search": record} if record is not None else {})}
+    update_release(repository, number, {model: updates for model in (CLASSIFIER_MODEL, FINDINGS_MODEL)}, fields)
+    if (files_of(repository, number) / OPERATING_POINTS_FILE).is_file():
         log.warning("%s: the operating points were chosen with the previous ensemble weights; rerun "
                     "`cxrlt operating-points --repo %s` to choose them for the new ones", repository, repository)
     return updates

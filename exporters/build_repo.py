@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -23,12 +22,11 @@ import torch
 
 from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, label_file_text
 from cxrlt.contract.manifest import MANIFEST, manifest_profile, read_manifest
-from cxrlt.contract.monitoring import MONITORING_BASELINE_FILE
-from cxrlt.contract.ood_gate import ACTION_PARAMETER, DEFAULT_ACTION, GATE_FILE, THRESHOLD_PARAMETER
-from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
+from cxrlt.contract.ood_gate import ACTION_PARAMETER, DEFAULT_ACTION, THRESHOLD_PARAMETER
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
 from cxrlt.contract.profiles import Profile, QueuePolicy, get_profile
-from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, MODEL_DESCRIPTIONS, ZEROSHOT_MODEL
+from cxrlt.contract.releases import ReleasePlan, release_dir, release_numbers, version_dir, write_release
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, MODEL_DESCRIPTIONS, PIPELINE_MODELS, ZEROSHOT_MODEL
 from cxrlt.contract.prompts import DEFAULT_PROMPTS, load_prompts
 from cxrlt.contract.text_cache import ENCODER_RECORD, PROMPTS_FILE, save_text_cache, sha256_text
 from networks.checkpoints import file_sha256, state_dict_sha256
@@ -43,6 +41,7 @@ from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
 from exporters.model_configs import TEMPLATES, parameters_block, queue_policy_block, render
 from exporters.onnx_export import check_parity, export_onnx
 from exporters.precision import PROVIDER_PRECISIONS, Execution, ParityData, ParityLimits, check_execution, is_reference
+from exporters.releases import IDENTITY_PARAMETER, release_number, repository_identity, update_release
 from exporters.torchscript_export import check_torchscript_parity, export_torchscript
 
 log = logging.getLogger(__name__)
@@ -88,8 +87,11 @@ class BuildOptions:
     classifier: ClassifierSettings | None = None  # None: the profile's defaults
     ood_action: str = DEFAULT_ACTION  # above the fitted gate's threshold: "refuse" or "flag" (cxrlt.contract.ood_gate)
     zeroshot: ZeroShotSettings | None = None
+    release: int = 1  # the Triton version directories (and releases/ entry) the weights go to
 
     def __post_init__(self) -> None:
+        if self.release < 1:
+            raise ValueError(f"release numbers start at 1, not {self.release}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, not {self.target!r}")
         if self.engine not in ENGINES:
@@ -188,14 +190,14 @@ def _export_network(out: Path, options: BuildOptions, profile: Profile, name: st
                     size: int, output: str, dim: int, labels: tuple[str, ...] | None, inputs: list[np.ndarray],
                     execution: Execution | None = None) -> dict[str, Any]:
     model_dir = out / name
-    onnx_path = export_onnx(module, model_dir / "1" / "model.onnx", size, output)
+    onnx_path = export_onnx(module, version_dir(out, name, options.release) / "model.onnx", size, output)
     parity = check_parity(module, onnx_path, inputs)
     served = execution.apply(name, onnx_path) if execution is not None else None
     _write(model_dir / "config.pbtxt", _network_config(options, profile, name, size, output, dim, labels is not None))
     if labels is not None:
         _write(model_dir / "labels.txt", label_file_text(labels))
     if options.target == "embedded":
-        shutil.copyfile(TEMPLATES / "onnx_network" / "model.py", model_dir / "1" / "model.py")
+        shutil.copyfile(TEMPLATES / "onnx_network" / "model.py", version_dir(out, name, options.release) / "model.py")
     record = {
         "parameters": count_parameters(module),
         "onnx_sha256": file_sha256(onnx_path),
@@ -205,18 +207,17 @@ def _export_network(out: Path, options: BuildOptions, profile: Profile, name: st
     if served is not None:
         record["served_parity"] = served
     if options.engine == "torchscript":
-        script = export_torchscript(module, model_dir / "1" / "model.pt", size)
+        script = export_torchscript(module, version_dir(out, name, options.release) / "model.pt", size)
         record["torchscript_parity_max_abs_diff"] = check_torchscript_parity(module, script, inputs)
     return record
 
 
-def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: str, prompts_path: Path, weights_sha256: str) -> dict[str, Any]:
-    """Encode the prompt file with the text tower into cxr_zeroshot/1/ (no ONNX export)."""
+def build_text_cache(version_dir: Path, clip_model: torch.nn.Module, model_name: str, prompts_path: Path, weights_sha256: str) -> dict[str, Any]:
+    """Encode the prompt file with the text tower into a release's directory (no ONNX export)."""
     prompts = load_prompts(prompts_path)
     tokenizer = tokenizer_for(model_name)
     positive = encode_prompt_ensembles(clip_model, tokenizer, prompts.prompts).numpy()
     negative = encode_prompt_ensembles(clip_model, tokenizer, prompts.negatives).numpy() if prompts.negatives else None
-    version_dir = repository / ZEROSHOT_MODEL / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     prompt_copy = version_dir / PROMPTS_FILE
     if prompts_path.resolve() != prompt_copy.resolve():
@@ -232,76 +233,44 @@ def build_text_cache(repository: Path, clip_model: torch.nn.Module, model_name: 
     return record
 
 
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+PIPELINE_TASKS = {CLASSIFIER_MODEL: (CLASSIFIER_TASK,), ZEROSHOT_MODEL: (ZEROSHOT_TASK,), FINDINGS_MODEL: (CLASSIFIER_TASK, ZEROSHOT_TASK)}
 
 
-# What the served answers depend on, as the manifest records it: the weights and files, the text
-# cache (prompts), the pipeline settings; and the weight-bound files at the repository root, those
-# of WEIGHT_BOUND_FILES it has (fitted on the networks' outputs or features: they travel with them).
-IDENTITY_FIELDS = ("models", "text_cache", "classifier", "zeroshot")
-WEIGHT_BOUND_FILES = (OPERATING_POINTS_FILE, GATE_FILE, MONITORING_BASELINE_FILE)
-IDENTITY_PARAMETER = "repository_sha256"  # the pipeline configs' copy of the identity
-PIPELINE_MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
-
-
-def repository_identity(manifest_fields: Mapping[str, Any], files: Mapping[str, str] | str | None = None) -> str:
-    """The repository's identity (``repository_sha256``): one hash over what the served answers
-    depend on: IDENTITY_FIELDS of the manifest and the SHA-256 of each weight-bound root file
-    (``files``: {file name: sha256}, see weight_bound_files; a plain string is the operating points'
-    SHA-256). The pipeline configs carry it: e.g. the DICOM node derives its SR UIDs from it."""
-    if isinstance(files, str):
-        files = {OPERATING_POINTS_FILE: files}
-    covered = {field: manifest_fields[field] for field in IDENTITY_FIELDS}
-    for name, sha256 in sorted((files or {}).items()):
-        covered[f"{Path(name).stem}_sha256"] = sha256  # operating_points.json -> operating_points_sha256
-    return sha256_json(covered)
-
-
-def weight_bound_files(repository: Path | str) -> dict[str, str]:
-    """{file name: sha256} of the WEIGHT_BOUND_FILES the repository has at its root."""
-    repository = Path(repository)
-    return {name: file_sha256(repository / name) for name in WEIGHT_BOUND_FILES if (repository / name).is_file()}
-
-
-def refresh_repository_identity(repository: Path | str) -> str:
-    """Recompute a built repository's identity after an edit (ensemble weights, operating points,
-    gate, text cache) and write it into the manifest and the three pipeline configs."""
-    from cxrlt.contract.model_config import set_config_parameters
-
-    repository = Path(repository)
-    manifest = read_manifest(repository)
-    identity = repository_identity(manifest, weight_bound_files(repository))
-    for model in PIPELINE_MODELS:
-        set_config_parameters(repository / model / "config.pbtxt", {IDENTITY_PARAMETER: identity})
-    manifest[IDENTITY_PARAMETER] = identity
-    _write(repository / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return identity
+def release_parameters(classifier: ClassifierSettings, random_weights: bool, identity: str) -> dict[str, dict[str, str]]:
+    """The pipeline parameters that belong to one release's weights, by model name: its ensemble weights
+    (tuned on its networks' outputs), the weights' provenance and identity, and the gate threshold (set
+    when a gate is fitted; the operating points join when chosen). They live in the release's record
+    and, for the live one, in the configs too; the other settings (TTA, gating, preprocessing, the
+    zero-shot scoring) are the configs' own, shared by every release."""
+    # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
+    flag = {"random_weights": "true" if random_weights else "false", IDENTITY_PARAMETER: identity, THRESHOLD_PARAMETER: ""}
+    weights = {k: v for k, v in classifier.to_parameters().items() if k.startswith("weights_")}
+    return {name: {**(weights if CLASSIFIER_TASK in run else {}), **flag} for name, run in PIPELINE_TASKS.items()}
 
 
 def pipeline_parameters(options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
-                        random_weights: bool, identity: str) -> dict[str, dict[str, str]]:
-    """The config parameters of the three pipeline models, by model name."""
+                        released: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """The config parameters of the three pipeline models, by model name: their tasks' settings, how
+    they run, the release plan (this build's release live), and the live release's own parameters
+    (`released`)."""
     queue = options.queue_policy(profile)
-    # Clients see the configs, not the manifest: tell them when outputs are not diagnostic.
-    flag = {"random_weights": "true" if random_weights else "false", IDENTITY_PARAMETER: identity,
-            # the out-of-distribution gate: what to do above its threshold, and the threshold (set when fitted)
-            ACTION_PARAMETER: options.ood_action, THRESHOLD_PARAMETER: ""}
     # The pipelines stack every merged request's images into one call per network, sliced to
     # what the network models accept.
     members = {"member_execution": options.member_execution, "member_intra_op_threads": str(options.ort_threads),
                "member_execution_provider": options.execution_provider,
-               "member_max_batch_size": str(options.max_batch_size), "member_timeout_ms": str(queue.member_timeout_ms)}
-    tasks = {CLASSIFIER_MODEL: (CLASSIFIER_TASK,), ZEROSHOT_MODEL: (ZEROSHOT_TASK,), FINDINGS_MODEL: (CLASSIFIER_TASK, ZEROSHOT_TASK)}
-    return {name: {**task_parameters(run, classifier, zeroshot), **members, **flag} for name, run in tasks.items()}
+               "member_max_batch_size": str(options.max_batch_size), "member_timeout_ms": str(queue.member_timeout_ms),
+               # the out-of-distribution gate: what to do above its threshold
+               ACTION_PARAMETER: options.ood_action, **ReleasePlan(options.release).to_parameters()}
+    return {name: {**task_parameters(PIPELINE_TASKS[name], classifier, zeroshot), **values, **members}
+            for name, values in released.items()}
 
 
 def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier: ClassifierSettings, zeroshot: ZeroShotSettings,
-                 random_weights: bool, identity: str) -> None:
+                 released: Mapping[str, Mapping[str, str]]) -> None:
     queue = options.queue_policy(profile)
     common = dict(max_batch_size=options.max_batch_size, instances=options.bls_instances,
                   queue_policy=queue_policy_block(queue.max_queue_size, queue.timeout_ms))
-    params = pipeline_parameters(options, profile, classifier, zeroshot, random_weights, identity)
+    params = pipeline_parameters(options, profile, classifier, zeroshot, released)
     # A plain tritonclient user reads the contract from the served config's description.
     texts = {
         name: render(f"{name}/config.pbtxt.template", parameters=parameters_block({**values, "description": MODEL_DESCRIPTIONS[name]}), **common)
@@ -312,7 +281,8 @@ def _bls_configs(out: Path, options: BuildOptions, profile: Profile, classifier:
         _write(out / name / "config.pbtxt", text)
         _write(out / name / "labels.txt", label_file_text(labels[name]))
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        # One Python model behind all three configs (python_backends.pipeline).
+        # One Python model behind all three configs (python_backends.pipeline); it is the code, not
+        # weights, so it stays version 1 whatever the releases.
         shutil.copyfile(TEMPLATES / "cxr_pipeline" / "model.py", out / name / "1" / "model.py")
 
 
@@ -324,26 +294,65 @@ def default_zeroshot_settings(profile: Profile) -> ZeroShotSettings:
     return ZeroShotSettings(preprocess=PreprocessConfig.clip(profile.clip.image_size))
 
 
+# The manifest fields that describe the whole repository (what every release must share: the
+# network configs are common to all their versions); the others belong to each release.
+REPOSITORY_FIELDS = ("profile", "clip_model", "target", "image_size", "queue_policy", "execution")
+
+
 def build_repository(out: Path | str, options: BuildOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the repository in `out` and return its manifest.
+    """Build the repository in `out` and return its manifest (release `options.release`'s).
 
     The build happens in a sibling staging folder that replaces `out` only when complete,
-    so a failed build never leaves a half-written repository behind.
+    so a failed build never leaves a half-written repository behind. When `out` already holds
+    releases and `options.release` is a new number, the new release is added beside them instead
+    (its version directories and release files move in; configs and the live release stay).
     """
     final = Path(out)
     if final.exists() and any(final.iterdir()) and not (final / MANIFEST).is_file():
         raise FileExistsError(f"{final} is not empty and holds no {MANIFEST}; choose an empty or earlier-built directory")
-    out = final.parent / f".{final.name}.building"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    held = release_numbers(final) if final.exists() else []
+    if held and options.release in held:
+        raise FileExistsError(f"{final} already holds release {options.release} (releases {held}); build another number "
+                              f"with --release, or remove it first with `cxrlt release prune`")
+    if held and options.release == 1 and held != [1]:
+        raise FileExistsError(f"{final} holds releases {held}; add one with --release N, or remove the directory to start anew")
+    staging = final.parent / f".{final.name}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
-        manifest = _build(out, options, on_step or (lambda message: log.info(message)))
+        manifest = _build(staging, options, on_step or (lambda message: log.info(message)))
+        if held and options.release not in held:
+            _check_compatible(final, manifest)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+    if held and options.release not in held:
+        _move_release_in(staging, final, options.release)
+        shutil.rmtree(staging, ignore_errors=True)
+        return manifest
     shutil.rmtree(final, ignore_errors=True)
-    out.rename(final)
+    staging.rename(final)
     return manifest
+
+
+def _check_compatible(repository: Path, manifest: Mapping[str, Any]) -> None:
+    root = read_manifest(repository, release=min(release_numbers(repository)))
+    differ = [f"{field} {root.get(field)!r} -> {manifest.get(field)!r}" for field in REPOSITORY_FIELDS
+              if root.get(field) != manifest.get(field)]
+    if differ:
+        raise ValueError(f"release {manifest['release']} cannot join {repository}: its releases share the network configs, "
+                         f"but {'; '.join(differ)}. Build it with the same options, or into a new repository")
+
+
+def _move_release_in(staging: Path, final: Path, number: int) -> None:
+    """Move release `number`'s version directories and files from a complete staging build into `final`."""
+    for model_dir in sorted(p for p in staging.iterdir() if p.is_dir()):
+        source = version_dir(staging, model_dir.name, number)
+        if source.is_dir() and model_dir.name not in PIPELINE_MODELS:
+            source.rename(version_dir(final, model_dir.name, number))
+    target = release_dir(final, number)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    release_dir(staging, number).rename(target)
 
 
 def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dict[str, Any]:
@@ -390,22 +399,25 @@ def _build_models(out: Path, options: BuildOptions, profile: Profile, classifier
         "weights_sha256": clip_weights,
     }
     encoder_record = {"clip_model": profile.clip.model_name, "weights_sha256": clip_weights, "dim": dim, "checkpoint": clip_source.checkpoint}
-    _write(out / ENCODER_MODEL / "1" / ENCODER_RECORD, json.dumps(encoder_record, indent=2, sort_keys=True) + "\n")
+    _write(version_dir(out, ENCODER_MODEL, options.release) / ENCODER_RECORD, json.dumps(encoder_record, indent=2, sort_keys=True) + "\n")
 
     step("encoding zero-shot prompts")
-    text_cache = build_text_cache(out, clip_model, profile.clip.model_name, Path(options.prompts), clip_weights)
+    files = release_dir(out, options.release)
+    text_cache = build_text_cache(files, clip_model, profile.clip.model_name, Path(options.prompts), clip_weights)
 
     random_weights = any(m["checkpoint"] is None for m in models.values())
     identity = repository_identity({"models": models, "text_cache": text_cache, "classifier": classifier.to_parameters(),
                                     "zeroshot": zeroshot.to_parameters()})
     step("writing Python models")
-    _bls_configs(out, options, profile, classifier, zeroshot, random_weights, identity)
+    released = release_parameters(classifier, random_weights, identity)
+    _bls_configs(out, options, profile, classifier, zeroshot, released)
     execution_record = {"execution_provider": options.execution_provider, "precision": options.precision}
     if execution is not None:
         step("checking the served pipeline's parity")
-        execution_record["pipeline_parity"] = execution.pipeline(out)
+        execution_record["pipeline_parity"] = execution.pipeline(out, options.release)
 
     manifest = {
+        "release": options.release,
         "profile": profile.name,
         "clip_model": profile.clip.model_name,
         "target": options.target,
@@ -423,27 +435,28 @@ def _build_models(out: Path, options: BuildOptions, profile: Profile, classifier
         "execution": execution_record,
         "packages": _package_versions(),
     }
-    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    _write(out / MANIFEST, json.dumps({field: manifest[field] for field in REPOSITORY_FIELDS}, indent=2, sort_keys=True) + "\n")
+    write_release(out, options.release, {**manifest, "parameters": released})
     return manifest
 
 
-def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None) -> dict[str, Any]:
-    """`cxrlt build-text-cache`: re-encode prompts for a built repository with its own CLIP weights."""
+def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None, release: int | None = None) -> dict[str, Any]:
+    """`cxrlt build-text-cache`: re-encode prompts for a release (default: the live one) with its own CLIP weights."""
     repository = Path(repository)
-    manifest = read_manifest(repository)
+    number = release_number(repository, release)
+    manifest = read_manifest(repository, number)
     profile = manifest_profile(manifest)
     checkpoint = manifest["models"][ENCODER_MODEL]["checkpoint"]
     clip_model, _ = load_clip(profile, Path(checkpoint).parent if checkpoint else None, manifest["seed"], allow_random=checkpoint is None)
     weights = state_dict_sha256(clip_model)
-    encoder = json.loads((repository / ENCODER_MODEL / "1" / ENCODER_RECORD).read_text())
+    encoder = json.loads((version_dir(repository, ENCODER_MODEL, number) / ENCODER_RECORD).read_text())
     if weights != encoder["weights_sha256"]:
         raise RuntimeError(
             f"the CLIP weights at {checkpoint or 'seeded random init'} no longer match the served image encoder; "
             f"rebuild the whole repository with `cxrlt build-repo`"
         )
-    prompts_path = Path(prompts) if prompts else repository / ZEROSHOT_MODEL / "1" / PROMPTS_FILE
-    record = build_text_cache(repository, clip_model, profile.clip.model_name, prompts_path, weights)
-    manifest["text_cache"] = record
-    _write(repository / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    refresh_repository_identity(repository)  # the prompts are part of what is served
+    files = release_dir(repository, number)
+    prompts_path = Path(prompts) if prompts else files / PROMPTS_FILE
+    record = build_text_cache(files, clip_model, profile.clip.model_name, prompts_path, weights)
+    update_release(repository, number, fields={"text_cache": record})  # the prompts are part of what is served
     return record

@@ -3,9 +3,9 @@
 The reference images go through the served CLIP image encoder (the repository's own ONNX file, with
 the zero-shot preprocessing); a Gaussian with a Ledoit-Wolf shrunk covariance is fitted to their
 embeddings, and the threshold is a percentile (default the 99th) of held-out Mahalanobis distances
-(5-fold: each image scored by a fit without it). The gate (cxrlt.contract.ood_gate.GATE_FILE) is written at
-the repository root, recorded in the manifest, its threshold in the pipeline configs, and the
-repository's identity is refreshed so that it covers the file.
+(5-fold: each image scored by a fit without it). The gate (cxrlt.contract.ood_gate.GATE_FILE) is written into
+the release's files, recorded in its manifest, its threshold in its pipeline parameters, and the
+release's identity is refreshed so that it covers the file.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cxrlt.contract.manifest import MANIFEST, read_manifest
+from cxrlt.contract.manifest import read_manifest
 from cxrlt.contract.ood_gate import DEFAULT_PERCENTILE, FEATURE, GATE_FILE, THRESHOLD_PARAMETER, OodGate
+from cxrlt.contract.releases import release_dir, version_dir
 from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, check_not_constant, preprocess, validate_served_image
 from cxrlt.contract.served import ENCODER_MODEL
 from cxrlt.contract.text_cache import ENCODER_RECORD
+from exporters.releases import release_number
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +32,25 @@ HOLDOUT_SEED = 0
 MIN_FIT_IMAGES = 20
 
 
-def encoder_preprocess(repository: Path | str) -> PreprocessConfig:
-    """The CLIP preprocessing the repository's zero-shot task serves (so the gate sees what it will score)."""
-    return PreprocessConfig.from_parameters(read_manifest(repository)["zeroshot"])
+def encoder_preprocess(repository: Path | str, release: int | None = None) -> PreprocessConfig:
+    """The CLIP preprocessing a release's zero-shot task serves (so the gate sees what it will score)."""
+    return PreprocessConfig.from_parameters(read_manifest(repository, release)["zeroshot"])
 
 
 class Embedder:
     """The repository's CLIP image encoder (its ONNX file, onnxruntime on CPU) after the served
     image checks and preprocessing: images -> embeddings [N, D]."""
 
-    def __init__(self, repository: Path | str, batch: int = 16) -> None:
+    def __init__(self, repository: Path | str, batch: int = 16, release: int | None = None) -> None:
         import onnxruntime
 
         repository = Path(repository)
+        release = release_number(repository, release)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(repository / ENCODER_MODEL / "1" / "model.onnx"), options,
+        self.session = onnxruntime.InferenceSession(str(version_dir(repository, ENCODER_MODEL, release) / "model.onnx"), options,
                                                     providers=["CPUExecutionProvider"])
-        self.config = encoder_preprocess(repository)
+        self.config = encoder_preprocess(repository, release)
         self.batch = batch
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -107,34 +110,34 @@ def fit_gate(embeddings: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, 
 
 
 def fit_repository_gate(repository: Path | str, images: Iterable[np.ndarray], source: str, *,
-                        percentile: float = DEFAULT_PERCENTILE, folds: int = FOLDS, seed: int = HOLDOUT_SEED) -> dict[str, Any]:
-    """Fit the gate of a built repository on the in-distribution reference `images` (named `source` in
+                        percentile: float = DEFAULT_PERCENTILE, folds: int = FOLDS, seed: int = HOLDOUT_SEED,
+                        release: int | None = None) -> dict[str, Any]:
+    """Fit the gate of a built repository's release (default: the live one) on the in-distribution reference `images` (named `source` in
     the record; evaluation.ood_sets.reference_images reads a folder or a label CSV's training split)
     and write it in. Returns the manifest record (and the refreshed repository_sha256)."""
     repository = Path(repository)
-    embeddings, skipped = Embedder(repository).embed_each(images)
-    encoder = json.loads((repository / ENCODER_MODEL / "1" / ENCODER_RECORD).read_text())
+    release = release_number(repository, release)
+    embeddings, skipped = Embedder(repository, release=release).embed_each(images)
+    encoder = json.loads((version_dir(repository, ENCODER_MODEL, release) / ENCODER_RECORD).read_text())
     meta = {"reference_images": str(source), "skipped_images": skipped, "encoder_weights_sha256": encoder["weights_sha256"],
-            "preprocess": encoder_preprocess(repository).to_parameters()}
+            "preprocess": encoder_preprocess(repository, release).to_parameters()}
     gate = fit_gate(embeddings, percentile=percentile, folds=folds, seed=seed, meta=meta)
-    return write_gate(repository, gate)
+    return write_gate(repository, gate, release)
 
 
-def write_gate(repository: Path | str, gate: OodGate) -> dict[str, Any]:
-    """Write `gate` into a built repository: GATE_FILE at its root, the threshold in the three pipeline
-    configs (`ood_threshold`), the manifest's `ood_gate` record, and the identity that covers the file."""
-    from cxrlt.contract.model_config import set_config_parameters
-    from exporters.build_repo import PIPELINE_MODELS, refresh_repository_identity
+def write_gate(repository: Path | str, gate: OodGate, release: int | None = None) -> dict[str, Any]:
+    """Write `gate` into a release (default: the live one): GATE_FILE in its directory, the threshold
+    in its pipeline parameters (`ood_threshold`), its manifest's `ood_gate` record, and the identity
+    that covers the file."""
+    from cxrlt.contract.served import PIPELINE_MODELS
+    from exporters.releases import update_release
     from networks.checkpoints import file_sha256
 
-    repository = Path(repository)
-    path = gate.save(repository / GATE_FILE)
-    for model in PIPELINE_MODELS:
-        set_config_parameters(repository / model / "config.pbtxt", {THRESHOLD_PARAMETER: repr(float(gate.threshold))})
-    manifest = read_manifest(repository)
+    number = release_number(repository, release)
+    path = gate.save(release_dir(repository, number) / GATE_FILE)
     record = {"file": GATE_FILE, "sha256": file_sha256(path), "dim": gate.dim,
               **{k: v for k, v in gate.meta.items() if k != "preprocess"}}
-    manifest["ood_gate"] = record
-    (repository / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    record["repository_sha256"] = refresh_repository_identity(repository)
+    record["repository_sha256"] = update_release(
+        repository, number, {model: {THRESHOLD_PARAMETER: repr(float(gate.threshold))} for model in PIPELINE_MODELS},
+        {"ood_gate": record})
     return record

@@ -223,14 +223,14 @@ class Execution:
         gate(name, record, self.limits, self.precision, self.provider)
         return record
 
-    def pipeline(self, repository: Path) -> dict[str, Any]:
-        """The served pipeline's parity (exporters.precision.pipeline_parity) on the written repository; gated."""
+    def pipeline(self, repository: Path, release: int) -> dict[str, Any]:
+        """The served pipeline's parity (exporters.precision.pipeline_parity) on a written release; gated."""
         from cxrlt.contract.labels import TASK2_LABELS
-        from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
+        from cxrlt.contract.releases import release_text_cache
         from python_backends.classifier import ClassifierPipeline
         from python_backends.zeroshot import ZeroShotPipeline
 
-        cache = load_text_cache(repository / ZEROSHOT_MODEL / "1", TASK2_LABELS, repository / ENCODER_MODEL / "1" / ENCODER_RECORD)
+        cache = release_text_cache(repository, release, TASK2_LABELS)
 
         def pipelines(infer: Callable) -> tuple[Any, Any]:
             return ClassifierPipeline(self.classifier, infer), ZeroShotPipeline(self.zeroshot, cache, infer)

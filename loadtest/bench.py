@@ -53,8 +53,7 @@ class RawSide:
 
     def __init__(self, repo: Path, model: str, threads: int, pool_threads: int | None = None, providers: str = "cpu") -> None:
         from cxrlt.contract.labels import TASK2_LABELS
-        from cxrlt.contract.model_config import config_parameters
-        from cxrlt.contract.text_cache import ENCODER_RECORD, load_text_cache
+        from cxrlt.contract.releases import live_release, release_text_cache, served_parameters
         from python_backends.classifier import ClassifierPipeline, ClassifierSettings
         from python_backends.in_process import LocalNetworks
         from python_backends.zeroshot import ZeroShotPipeline, ZeroShotSettings
@@ -62,9 +61,11 @@ class RawSide:
         repo = Path(repo)
         self.model, self.used, self.loops, self.lock = model, set(), {}, threading.Lock()
         self.networks = LocalNetworks(repo, threads, providers=providers, concurrent_calls=pool_threads or 0)
-        settings = {name: config_parameters(repo / name / "config.pbtxt") for name in (CLASSIFIER_MODEL, ZEROSHOT_MODEL)}
+        release = live_release(repo)
+        self.networks.release = release
+        settings = {name: served_parameters(repo, name, release) for name in (CLASSIFIER_MODEL, ZEROSHOT_MODEL)}
         self.classifier = ClassifierPipeline(ClassifierSettings.from_parameters(settings[CLASSIFIER_MODEL]), self.infer)
-        cache = load_text_cache(repo / ZEROSHOT_MODEL / "1", TASK2_LABELS, repo / ENCODER_MODEL / "1" / ENCODER_RECORD, repo)
+        cache = release_text_cache(repo, release, TASK2_LABELS)
         self.zeroshot = ZeroShotPipeline(ZeroShotSettings.from_parameters(settings[ZEROSHOT_MODEL]), cache, self.infer)
 
     async def infer(self, name: str, pixel_values: np.ndarray) -> np.ndarray:

@@ -38,8 +38,9 @@ def member_timeout_ms(params: Mapping[str, str]) -> int:
 
 
 async def call_model(model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
-                     timeout_ms: int = 0) -> dict[str, np.ndarray]:
-    """Run another model of the server via BLS and return the named outputs.
+                     timeout_ms: int = 0, version: int = -1) -> dict[str, np.ndarray]:
+    """Run another model of the server via BLS (`version`: the release's version directory; -1:
+    Triton's choice) and return the named outputs.
 
     A callee's INVALID_ARG stays a request error (the caller's input was bad); any other
     failure names the callee. With `timeout_ms`, the call may wait that long in the callee's
@@ -50,6 +51,7 @@ async def call_model(model_name: str, inputs: Mapping[str, np.ndarray], outputs:
         model_name=model_name,
         requested_output_names=list(outputs),
         inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+        model_version=version,
         **({"timeout": timeout_ms * 1000} if timeout_ms else {}),
     )
     if timeout_ms:
@@ -74,7 +76,7 @@ async def call_model(model_name: str, inputs: Mapping[str, np.ndarray], outputs:
 
 
 def make_infer(output_names: Mapping[str, str], default_output: str = "logits", timeout_ms: int = 0,
-               max_batch_size: int = 0) -> Infer:
+               max_batch_size: int = 0, version: int = -1) -> Infer:
     """An async `infer(model_name, pixel_values)` for the pipelines, backed by BLS.
 
     A batch larger than the callee's `max_batch_size` (the pipelines stack every image of a
@@ -83,7 +85,7 @@ def make_infer(output_names: Mapping[str, str], default_output: str = "logits", 
 
     async def call(model_name: str, pixels: np.ndarray) -> np.ndarray:
         output_name = output_names.get(model_name, default_output)
-        return (await call_model(model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms))[output_name]
+        return (await call_model(model_name, {NETWORK_INPUT: pixels}, [output_name], timeout_ms, version))[output_name]
 
     async def infer(model_name: str, pixel_values: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
@@ -102,7 +104,7 @@ def member_max_batch_size(params: Mapping[str, str], own_max_batch_size: int) ->
 
 
 def network_infer(args: Mapping[str, str], params: Mapping[str, str], networks: Iterable[str],
-                  output_names: Mapping[str, str] | None = None, own_max_batch_size: int = 0) -> Infer:
+                  output_names: Mapping[str, str] | None = None, own_max_batch_size: int = 0, release: int = 1) -> Infer:
     """The `infer` a BLS model's pipeline runs its networks with, as its config says.
 
     `member_execution: bls` (the default): BLS calls to the network models. `in_process`:
@@ -111,24 +113,28 @@ def network_infer(args: Mapping[str, str], params: Mapping[str, str], networks: 
     """
     if member_execution(params.get("member_execution", "bls")) == "bls":
         return make_infer(output_names or {}, timeout_ms=member_timeout_ms(params),
-                          max_batch_size=member_max_batch_size(params, own_max_batch_size))
+                          max_batch_size=member_max_batch_size(params, own_max_batch_size), version=release)
     local = LocalNetworks(
         Path(args["model_repository"]).parent,  # the model's directory -> the repository
         intra_op_threads=int(params.get("member_intra_op_threads", "1")),
         providers=params.get("member_execution_provider", "auto"),
         concurrent_calls=len(MEMBERS),  # an image's ensemble members at once, as the network models run them
+        release=release,
     )
     return local.load(networks).infer
 
 
 async def answer_each(requests: Sequence[Any], parse: Callable[[Any], list],
-                      run_many: Callable[[list], Awaitable[list]], respond: Callable[[list], Any]) -> list:
+                      run_many: Callable[[list], Awaitable[list]], respond: Callable[[list], Any],
+                      fail: Callable[[BaseException], Any] | None = None) -> list:
     """Responses for the requests of one `execute`, their images run together.
 
     `parse(request)` gives the request's items (one per image) or raises; `run_many(items)`
-    gives each item's result or exception; `respond(results)` makes one request's response.
-    A request fails alone, with its own first error; the others' answers are unchanged.
+    gives each item's result or exception; `respond(results)` makes one request's response and
+    `fail(error)` a failed one's (default: error_response). A request fails alone, with its own
+    first error; the others' answers are unchanged.
     """
+    fail = fail or error_response
     spans: list[tuple[int, int] | BaseException] = []
     items: list = []
     for request in requests:
@@ -146,17 +152,17 @@ async def answer_each(requests: Sequence[Any], parse: Callable[[Any], list],
     responses = []
     for span in spans:
         if isinstance(span, BaseException):
-            responses.append(error_response(span))
+            responses.append(fail(span))
             continue
         mine = results[span[0] : span[1]]
         failure = next((r for r in mine if isinstance(r, BaseException)), None)
         if failure is not None:
-            responses.append(error_response(failure))
+            responses.append(fail(failure))
             continue
         try:
             responses.append(respond(mine))
         except Exception as exc:
-            responses.append(error_response(exc))
+            responses.append(fail(exc))
     return responses
 
 
@@ -169,7 +175,7 @@ def required_input(request: Any, name: str = "IMAGE") -> np.ndarray:
     return tensor.as_numpy()
 
 
-def optional_strings(tensor: Any, count: int) -> list[str | None]:
+def optional_strings(tensor: Any, count: int, name: str = "PROJECTION_HINT") -> list[str | None]:
     """An optional BYTES input [B, 1] as one str (or None) per image.
 
     Refused (RequestError) when the count does not match the images, or a value is not
@@ -178,23 +184,25 @@ def optional_strings(tensor: Any, count: int) -> list[str | None]:
         return [None] * count
     values = tensor.as_numpy().reshape(-1)
     if len(values) != count:
-        raise RequestError(f"PROJECTION_HINT has {len(values)} values for {count} images; send one per image")
-    return [_hint_text(v) for v in values]
+        raise RequestError(f"{name} has {len(values)} values for {count} images; send one per image")
+    return [_hint_text(v, name) for v in values]
 
 
-def _hint_text(value: Any) -> str:
+_STRING_TERMS = {"PROJECTION_HINT": ("a DICOM ViewPosition term has at most 16 characters", _HINT_TERMS),
+                 "STUDY_INSTANCE_UID": ("a DICOM UID has at most 64 characters", "send the study's StudyInstanceUID, or none")}
+
+
+def _hint_text(value: Any, name: str = "PROJECTION_HINT") -> str:
+    limit, terms = _STRING_TERMS[name]
     size = len(value) if isinstance(value, bytes) else len(str(value).encode("utf-8", errors="replace"))
     if size > MAX_HINT_BYTES:
-        raise RequestError(
-            f"PROJECTION_HINT is {size} bytes long, over the limit of {MAX_HINT_BYTES} "
-            f"(a DICOM ViewPosition term has at most 16 characters); {_HINT_TERMS}"
-        )
+        raise RequestError(f"{name} is {size} bytes long, over the limit of {MAX_HINT_BYTES} ({limit}); {terms}")
     if not isinstance(value, bytes):
         return str(value)
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise RequestError(f"PROJECTION_HINT is not UTF-8 text ({value[:16]!r}); {_HINT_TERMS}") from None
+        raise RequestError(f"{name} is not UTF-8 text ({value[:16]!r}); {terms}") from None
 
 
 def projection_hints(tensor: Any, count: int) -> list[str | None]:

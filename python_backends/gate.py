@@ -22,6 +22,7 @@ import numpy as np
 from cxrlt.contract.ood_gate import (ACTION_PARAMETER, ACTIONS, DEFAULT_ACTION, GATE_FILE, NO_SCORE, THRESHOLD_PARAMETER,
                                      OodGate, load_gate, refusal_message)
 from cxrlt.contract.preprocessing import PreprocessConfig
+from cxrlt.contract.releases import release_dir, version_dir
 from cxrlt.contract.served import ENCODER_MODEL
 from cxrlt.contract.text_cache import ENCODER_RECORD
 from python_backends.classifier import DEFAULT_MAX_PIXELS, Infer
@@ -53,20 +54,22 @@ class ServedGate:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], params: Mapping[str, str], make_infer: Any,
-                  zeroshot: ZeroShotPipeline | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> "ServedGate":
-        """The gate of the repository a Triton `initialize(args)` names. `make_infer()` gives the encoder
-        call (only asked for when the gate is fitted and there is no zero-shot task to share)."""
+                  zeroshot: ZeroShotPipeline | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  release: int = 1) -> "ServedGate":
+        """The gate of release `release` in the repository a Triton `initialize(args)` names. `make_infer()`
+        gives the encoder call (only asked for when the gate is fitted and there is no zero-shot task to share)."""
         action = params.get(ACTION_PARAMETER, DEFAULT_ACTION).strip().lower() or DEFAULT_ACTION
         repository = Path(args.get("model_repository") or "<no repository>").parent
-        gate = load_gate(repository) if "model_repository" in args else None
+        files = release_dir(repository, release)
+        gate = load_gate(files) if "model_repository" in args else None
         if gate is None:
-            log.warning(NO_GATE_MESSAGE.format(path=repository / GATE_FILE))
+            log.warning(NO_GATE_MESSAGE.format(path=files / GATE_FILE))
             return cls(None, action)
-        _check_encoder(gate, repository / ENCODER_MODEL / "1" / ENCODER_RECORD)
+        _check_encoder(gate, version_dir(repository, ENCODER_MODEL, release) / ENCODER_RECORD)
         threshold = _threshold(params.get(THRESHOLD_PARAMETER, ""), gate)
         preprocess = PreprocessConfig.from_parameters(gate.meta["preprocess"])
         if zeroshot is not None and zeroshot.settings.preprocess != preprocess:
-            raise ValueError(f"the gate in {repository / GATE_FILE} was fitted on embeddings of another preprocessing "
+            raise ValueError(f"the gate in {files / GATE_FILE} was fitted on embeddings of another preprocessing "
                              f"than the zero-shot task's; refit it with `cxrlt build-repo ... --reference-images DIR`")
         return cls(gate, action, threshold, preprocess, None if zeroshot is not None else make_infer(), max_pixels)
 

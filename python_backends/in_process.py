@@ -21,6 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
+from cxrlt.contract.releases import version_dir
 from python_backends.onnx_runner import OnnxRunner
 
 MEMBER_EXECUTION = ("bls", "in_process")
@@ -43,8 +44,9 @@ class LocalNetworks:
     """
 
     def __init__(self, repository: Path | str, intra_op_threads: int = 1, providers: str = "auto",
-                 concurrent_calls: int = 0) -> None:
+                 concurrent_calls: int = 0, release: int = 1) -> None:
         self.repository = Path(repository)
+        self.release = release  # whose version directories the ONNX files come from
         self.intra_op_threads = intra_op_threads
         self.providers = providers
         self._runners: dict[str, OnnxRunner] = {}
@@ -52,7 +54,7 @@ class LocalNetworks:
         self._pool = ThreadPoolExecutor(concurrent_calls, thread_name_prefix="member") if concurrent_calls else None
 
     def onnx_path(self, model_name: str) -> Path:
-        return self.repository / model_name / "1" / "model.onnx"
+        return version_dir(self.repository, model_name, self.release) / "model.onnx"
 
     def runner(self, model_name: str) -> OnnxRunner:
         with self._lock:

@@ -42,10 +42,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cxrlt.contract.monitoring import (COUNTERS, DEFAULT_DECISION, DISAGREEMENTS, HISTOGRAMS, IMAGES,
+from cxrlt.contract.monitoring import (COUNTERS, DEFAULT_DECISION, DELTA_BUCKETS, DISAGREEMENTS, HISTOGRAMS, IMAGES,
                                        INVALID_INPUT, OOD_BUCKET_FACTORS, OOD_SCORE, OUT_OF_DISTRIBUTION, POSITIVES,
                                        PROBABILITY, PROBABILITY_BUCKETS, PROJECTION_LABELS, PROJECTIONS, REFUSAL_REASONS,
-                                       REFUSALS, UNROUTED)
+                                       REFUSALS, RELEASE_ANSWERS, RELEASE_COUNTERS, RELEASE_HISTOGRAMS, RELEASE_SECONDS,
+                                       SECONDS_BUCKETS, SHADOW_DELTA, SHADOW_FLIPS, SHADOW_IMAGES, SHADOW_POSITIVES, UNROUTED)
 from python_backends import bls
 from python_backends.pipeline_errors import RequestError
 
@@ -61,6 +62,12 @@ _HELP = {
     DISAGREEMENTS: "Images whose hint chose a projection the router gave a probability under 0.5",
     REFUSALS: "Requests refused, by reason (invalid_input, out_of_distribution)",
     OOD_SCORE: "Out-of-distribution score of each scored image (refused ones too)",
+    RELEASE_ANSWERS: "Images answered per release and role (live, canary)",
+    RELEASE_SECONDS: "Seconds a release's pipeline took on a batch, per role (live, canary, shadow)",
+    SHADOW_IMAGES: "Images a candidate release also ran in shadow",
+    SHADOW_FLIPS: "Shadowed images whose candidate decision differs from the live one, per finding",
+    SHADOW_POSITIVES: "Positive decisions on shadowed images, per finding, of the live release and of the candidate",
+    SHADOW_DELTA: "|candidate probability - live probability| on shadowed images, per finding",
 }
 
 
@@ -90,8 +97,8 @@ class PipelineMetrics:
         self.model, self.labels, self.flush_s = model, tuple(labels), flush_s
         self.projections = PROJECTION_LABELS[:2] if routed else (UNROUTED,)  # what its images can be
         family = api.MetricFamily
-        names = {name: _HELP[name] for name in COUNTERS}
-        names.update({f"{h}_{part}": _HELP[h] for h in HISTOGRAMS for part in ("bucket", "count", "sum")})
+        names = {name: _HELP[name] for name in (*COUNTERS, *RELEASE_COUNTERS)}
+        names.update({f"{h}_{part}": _HELP[h] for h in (*HISTOGRAMS, *RELEASE_HISTOGRAMS) for part in ("bucket", "count", "sum")})
         self._families = {name: family(name=name, description=text, kind=family.COUNTER) for name, text in names.items()}
         self._metrics: dict[tuple, Any] = {}
         scale = ood_threshold if ood_threshold and math.isfinite(ood_threshold) and ood_threshold > 0 else 1.0
@@ -233,6 +240,48 @@ class PipelineMetrics:
                 if score is not None:
                     self._observe_ood([score])
         self._maybe_flush()
+
+    def release_answered(self, release: int, role: str, images: int, seconds: float) -> None:
+        """Count a release's answered batch (`role`: live or canary; shadow runs count in `shadowed`)."""
+        with self._lock:
+            if images:
+                self._tally(RELEASE_ANSWERS, images, release=str(release), role=role)
+            self._tally_histogram(RELEASE_SECONDS, SECONDS_BUCKETS, [seconds], release=str(release), role=role)
+        self._maybe_flush()
+
+    def shadowed(self, release: int, live: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray],
+                 seconds: float) -> None:
+        """Compare candidate `release`'s (probabilities, DECISIONS) [B, labels] on shadowed images with
+        the live release's: decision flips, |dp| and both positive counts per finding."""
+        (live_p, live_d), (cand_p, cand_d) = live, candidate
+        live_pos, cand_pos = _positives(live_p, live_d), _positives(cand_p, cand_d)
+        delta = np.abs(np.asarray(cand_p, dtype=np.float64) - np.asarray(live_p, dtype=np.float64))
+        tag = str(release)
+        with self._lock:
+            self._tally(SHADOW_IMAGES, len(live_p), release=tag)
+            self._tally_histogram(RELEASE_SECONDS, SECONDS_BUCKETS, [seconds], release=tag, role="shadow")
+            for k, finding in enumerate(self.labels):
+                flips, live_n, cand_n = (int(np.sum(live_pos[:, k] != cand_pos[:, k])), int(np.sum(live_pos[:, k])),
+                                         int(np.sum(cand_pos[:, k])))
+                for name, count, extra in ((SHADOW_FLIPS, flips, {}), (SHADOW_POSITIVES, live_n, {"role": "live"}),
+                                           (SHADOW_POSITIVES, cand_n, {"role": "shadow"})):
+                    if count:
+                        self._tally(name, count, release=tag, finding=finding, **extra)
+                self._tally_histogram(SHADOW_DELTA, DELTA_BUCKETS, delta[:, k], release=tag, finding=finding)
+        self._maybe_flush()
+
+    def _tally_histogram(self, name: str, bounds: Sequence[float], values: Sequence[float], **labels: str) -> None:
+        """Add values to histogram `name` with `labels` as its counters (cumulative ``le`` buckets)."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if not values.size:
+            return
+        for bound in bounds:
+            below = int(np.sum(values <= bound))
+            if below:
+                self._tally(f"{name}_bucket", below, le=f"{bound:g}", **labels)
+        self._tally(f"{name}_bucket", values.size, le="+Inf", **labels)
+        self._tally(f"{name}_count", values.size, **labels)
+        self._tally(f"{name}_sum", float(values.sum()), **labels)
 
     def _maybe_flush(self) -> None:
         if self.flush_s <= 0:

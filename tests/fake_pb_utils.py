@@ -60,15 +60,18 @@ class FakeRequest:
 
 
 class InferenceRequest:
-    def __init__(self, model_name: str, requested_output_names, inputs, timeout: int = 0):
+    def __init__(self, model_name: str, requested_output_names, inputs, timeout: int = 0, model_version: int = -1):
         self.model_name, self.outputs, self.inputs = model_name, list(requested_output_names), list(inputs)
         self.timeout = timeout  # microseconds, as Triton's
+        self.model_version = model_version
 
     async def async_exec(self) -> InferenceResponse:
-        if self.model_name not in MODELS:
+        # MODELS[(name, version)] serves that version only; MODELS[name] every version
+        model = MODELS.get((self.model_name, self.model_version)) or MODELS.get(self.model_name)
+        if model is None:
             return InferenceResponse([], TritonError(f"Request for unknown model: '{self.model_name}' is not found", TritonError.UNAVAILABLE))
         try:
-            result = MODELS[self.model_name]({t.name(): t.as_numpy() for t in self.inputs})
+            result = model({t.name(): t.as_numpy() for t in self.inputs})
         except ValueError as exc:
             return InferenceResponse([], TritonError(str(exc), TritonError.INVALID_ARG))
         except Exception as exc:

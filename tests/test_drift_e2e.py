@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from cxrlt.client import AsyncCxrltClient, ServerRejected
+from cxrlt.contract.releases import release_dir
 from cxrlt.contract.served import CLASSIFIER_MODEL, PIPELINE_MODELS
 from cxrlt.server.cluster import HOST, _binary, _http_ok, _wait, prometheus_config
 from cxrlt.server.launcher import TritonServer, free_port
@@ -89,7 +90,7 @@ def _prepare(repo: Path, data: Path, rules: Path, cxrlt) -> dict:
         set_config_parameters(repo / model / "config.pbtxt", {"metrics_flush_s": "1"})
     assert cxrlt("monitoring-rules", "--repo", repo, "--out", rules, "--window-images", WINDOW_IMAGES,
                  "--images-per-second", IMAGES_PER_SECOND, "--scrape-interval-s", "1", "--evaluation-interval", "1s") == 0
-    return json.loads((repo / "monitoring_baseline.json").read_text())
+    return json.loads((release_dir(repo, 1) / "monitoring_baseline.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +230,8 @@ def test_bands_count_the_images_the_scrapes_span(tmp_path, cxrlt):
     assert rules[BAND].count("cxrlt:finding_images:window * 0.75") == 2
     for alert in ("CxrltProjectionMixDrift", "CxrltOodRefusalRateHigh", "CxrltOodScoreMeanHigh"):
         assert " * 0.75, 1)" in rules[alert], alert
-    (tmp_path / "repo").mkdir()
-    (tmp_path / "repo" / "monitoring_baseline.json").write_text(json.dumps(baseline))
+    release_dir(tmp_path / "repo", 1).mkdir(parents=True)
+    (release_dir(tmp_path / "repo", 1) / "monitoring_baseline.json").write_text(json.dumps(baseline))
     assert cxrlt("monitoring-rules", "--repo", tmp_path / "repo", "--out", tmp_path / "too-short", "--window-images", 200,
                  "--images-per-second", 20, "--scrape-interval-s", 15) == 2  # 10 s: not two scrapes
     assert not (tmp_path / "too-short").exists()

@@ -217,7 +217,8 @@ def test_repository_identity_is_one_function_and_edits_keep_it_current(tiny_repo
     import shutil
 
     from cxrlt.contract.manifest import read_manifest
-    from exporters.build_repo import PIPELINE_MODELS, repository_identity
+    from cxrlt.contract.served import PIPELINE_MODELS
+    from exporters.releases import repository_identity
     from evaluation.tune import write_weights
 
     def identities(repo):
@@ -243,7 +244,9 @@ def test_a_gate_fitted_into_a_built_repository_is_served_and_covered_by_the_iden
     from cxrlt.contract.manifest import read_manifest
     from cxrlt.contract.ood_gate import GATE_FILE, load_gate
     from cxrlt.io.synthetic import synthetic_radiographs
-    from exporters.build_repo import PIPELINE_MODELS, repository_identity, weight_bound_files
+    from cxrlt.contract.releases import files_of
+    from cxrlt.contract.served import PIPELINE_MODELS
+    from exporters.releases import repository_identity, weight_bound_files
     from exporters.ood_gate import fit_repository_gate
     from python_backends.gate import ServedGate
 
@@ -259,10 +262,10 @@ def test_a_gate_fitted_into_a_built_repository_is_served_and_covered_by_the_iden
               for image in synthetic_radiographs().values() for _ in range(12)]
     record = fit_repository_gate(repo, images, "synthetic")
     manifest = read_manifest(repo)
-    assert record["fit_images"] == 24 and manifest["ood_gate"]["sha256"] == weight_bound_files(repo)[GATE_FILE]
+    assert record["fit_images"] == 24 and manifest["ood_gate"]["sha256"] == weight_bound_files(files_of(repo))[GATE_FILE]
     assert manifest["repository_sha256"] == record["repository_sha256"] != before
-    assert manifest["repository_sha256"] == repository_identity(manifest, weight_bound_files(repo))
-    gate = load_gate(repo)
+    assert manifest["repository_sha256"] == repository_identity(manifest, weight_bound_files(files_of(repo)))
+    gate = load_gate(files_of(repo))
     for model in PIPELINE_MODELS:
         params = config_parameters(repo / model / "config.pbtxt")
         assert float(params["ood_threshold"]) == gate.threshold and params["repository_sha256"] == manifest["repository_sha256"]

@@ -121,7 +121,10 @@ def _served_gate(tmp_path: Path, action: str, threshold: str = ""):
     from python_backends.zeroshot import ENCODER_MODEL
 
     meta = {"encoder_weights_sha256": "w" * 64, "preprocess": PreprocessConfig.clip(32).to_parameters()}
-    OodGate(np.array([1.0, 0, 0, 0]), np.eye(4) * 100, 2.0, meta).save(tmp_path / GATE_FILE)
+    from cxrlt.contract.releases import release_dir
+
+    release_dir(tmp_path, 1).mkdir(parents=True, exist_ok=True)
+    OodGate(np.array([1.0, 0, 0, 0]), np.eye(4) * 100, 2.0, meta).save(release_dir(tmp_path, 1) / GATE_FILE)
     (tmp_path / ENCODER_MODEL / "1").mkdir(parents=True)
     (tmp_path / ENCODER_MODEL / "1" / "encoder.json").write_text(json.dumps({"weights_sha256": "w" * 64}))
     args = {"model_repository": str(tmp_path / "cxr_classifier")}
@@ -239,7 +242,7 @@ def test_sdk_reads_the_score_and_flags_it_against_the_served_threshold():
 
 
 def test_identity_covers_every_weight_bound_file(tmp_path):
-    from exporters.build_repo import WEIGHT_BOUND_FILES, repository_identity, weight_bound_files
+    from exporters.releases import WEIGHT_BOUND_FILES, repository_identity, weight_bound_files
     from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
 
     manifest = {"models": {}, "text_cache": {}, "classifier": {}, "zeroshot": {}}

@@ -40,12 +40,12 @@ def test_member_execution_values_are_checked():
 
 def test_member_execution_option_reaches_every_pipeline_config():
     from cxrlt.contract.profiles import get_profile
-    from exporters.build_repo import default_classifier_settings, default_zeroshot_settings, pipeline_parameters
+    from exporters.build_repo import default_classifier_settings, default_zeroshot_settings, pipeline_parameters, release_parameters
 
     profile = get_profile("tiny")
     options = BuildOptions(member_execution="in_process", ort_threads=2)
-    params = pipeline_parameters(options, profile, default_classifier_settings(profile), default_zeroshot_settings(profile),
-                                 random_weights=True, identity="x")
+    classifier, zeroshot = default_classifier_settings(profile), default_zeroshot_settings(profile)
+    params = pipeline_parameters(options, profile, classifier, zeroshot, release_parameters(classifier, True, "x"))
     assert set(params) == {"cxr_classifier", "cxr_zeroshot", "cxr_findings"}
     for values in params.values():
         assert values["member_execution"] == "in_process" and values["member_intra_op_threads"] == "2"

@@ -119,7 +119,7 @@ def test_the_wheel_builds_serves_and_classifies_outside_the_checkout(tmp_path):
     repository = work / "repo"
     _run([bin_dir / "cxrlt", "build-repo", "--profile", "tiny", "--repo", repository], cwd=work)
     assert (repository / "cxr_classifier" / "1" / "model.py").is_file()
-    assert (repository / "cxr_zeroshot" / "1" / "prompts.yaml").is_file()
+    assert (repository / "cxr_findings" / "releases" / "1" / "prompts.yaml").is_file()
 
     server, url = _serve(bin_dir, repository, work)
     try:

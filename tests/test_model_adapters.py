@@ -112,7 +112,7 @@ def test_findings_runs_both_tasks_in_one_stub_and_fails_a_request_once(networks,
     from python_backends.pipeline import ServedPipeline
 
     encoder_calls = []
-    findings = ServedPipeline(classifier.pipeline.classifier, _zeroshot_pipeline(encoder_calls),
+    findings = ServedPipeline(classifier.pipeline.live.classifier, _zeroshot_pipeline(encoder_calls),
                               ("PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"))
     requests = [pb.FakeRequest(IMAGE=_image()), pb.FakeRequest(IMAGE=np.full((1, 40, 40), 7, np.uint16)),
                 pb.FakeRequest(IMAGE=_image(), PROJECTION_HINT=np.array([[b"OBLIQUE"]], dtype=object))]

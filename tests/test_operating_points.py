@@ -155,19 +155,22 @@ def test_decision_metrics_apply_each_images_projection_point():
 
 
 def fake_repository(tmp_path):
-    """A repository skeleton: a manifest and the three pipeline configs (parameters only)."""
+    """A repository skeleton: a manifest, release 1's record and the three pipeline configs (parameters only)."""
     from cxrlt.contract.manifest import MANIFEST
+    from cxrlt.contract.releases import write_release
     from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
-    from exporters.build_repo import repository_identity
+    from exporters.releases import repository_identity
 
     manifest = {"models": {"m": {"onnx_sha256": "0" * 64}}, "text_cache": {"prompts_sha256": "1" * 64},
                 "classifier": {"tta_views": "identity"}, "zeroshot": {"temperature": "1.0"}}
     manifest["repository_sha256"] = identity = repository_identity(manifest)
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / MANIFEST).write_text(json.dumps({"profile": "tiny"}))
+    write_release(tmp_path, 1, manifest)
     for model in (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL):
-        (tmp_path / model).mkdir()
+        (tmp_path / model).mkdir(exist_ok=True)
         (tmp_path / model / "config.pbtxt").write_text(
-            f'# header\nname: "{model}"\nparameters {{ key: "repository_sha256" value {{ string_value: "{identity}" }} }}\n')
+            f'# header\nname: "{model}"\nparameters {{ key: "repository_sha256" value {{ string_value: "{identity}" }} }}\n'
+            f'parameters {{ key: "release" value {{ string_value: "1" }} }}\n')
     return identity
 
 
@@ -175,19 +178,22 @@ def test_writer_updates_the_file_the_configs_and_the_identity(tmp_path):
     from cxrlt.contract.model_config import config_parameters
     from cxrlt.contract.operating_points import load_operating_points
     from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
-    from exporters.build_repo import repository_identity
+    from cxrlt.contract.manifest import read_manifest
+    from cxrlt.contract.releases import files_of
+    from exporters.releases import repository_identity
     from networks.checkpoints import file_sha256
 
     before = fake_repository(tmp_path)
     y, p, labels, projections, patients = synthetic_validation()
     points = choose_operating_points(y, p, labels, projections, patients, Policy("f1"), resamples=50).points
     record = write_operating_points(tmp_path, points)
-    assert load_operating_points(tmp_path) == points
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    files = files_of(tmp_path)
+    assert load_operating_points(files) == points
+    manifest = read_manifest(tmp_path)
     identity = manifest["repository_sha256"]
     assert identity != before and identity == record["repository_sha256"]
-    assert identity == repository_identity(manifest, file_sha256(tmp_path / OPERATING_POINTS_FILE))
-    assert manifest["operating_points"]["sha256"] == file_sha256(tmp_path / OPERATING_POINTS_FILE)
+    assert identity == repository_identity(manifest, file_sha256(files / OPERATING_POINTS_FILE))
+    assert manifest["operating_points"]["sha256"] == file_sha256(files / OPERATING_POINTS_FILE)
     assert manifest["operating_points"]["policy"] == "f1"
     served = {model: config_parameters(tmp_path / model / "config.pbtxt") for model in (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)}
     for model, params in served.items():
@@ -201,7 +207,7 @@ def test_writer_updates_the_file_the_configs_and_the_identity(tmp_path):
     assert (tmp_path / CLASSIFIER_MODEL / "config.pbtxt").read_text().startswith("# header")
     # another choice changes the file, and the identity follows it
     write_operating_points(tmp_path, OperatingPoints(Policy("youden"), points.points, {"Normal": Calibration(1.0, 0.5)}))
-    assert json.loads((tmp_path / "manifest.json").read_text())["repository_sha256"] not in (before, identity)
+    assert read_manifest(tmp_path)["repository_sha256"] not in (before, identity)
 
 
 def test_cli_writes_points_into_a_built_repository_and_evaluate_reports_them(tiny_repository, tmp_path, cxrlt, capsys):
@@ -213,6 +219,7 @@ def test_cli_writes_points_into_a_built_repository_and_evaluate_reports_them(tin
 
     from cxrlt.contract.manifest import read_manifest
     from cxrlt.contract.operating_points import load_operating_points
+    from cxrlt.contract.releases import files_of
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo)
@@ -224,12 +231,12 @@ def test_cli_writes_points_into_a_built_repository_and_evaluate_reports_them(tin
 
     assert cxrlt("operating-points", "--repo", repo, "--data", task1_only, "--split", "all", "--dry-run",
                  "--resamples", 100, "--json", tmp_path / "dry.json") == 0
-    assert not (repo / OPERATING_POINTS_FILE).exists() and read_manifest(repo)["repository_sha256"] == before
+    assert not (files_of(repo) / OPERATING_POINTS_FILE).exists() and read_manifest(repo)["repository_sha256"] == before
     assert cxrlt("operating-points", "--repo", repo, "--data", task1_only, "--split", "all", "--policy", "sensitivity=0.8",
                  "--resamples", 100) == 0
     printed = " ".join(capsys.readouterr().err.split())  # the rich console writes to stderr, wrapped
     assert "no operating points for the zero-shot findings" in printed and "mECE over" in printed
-    points = load_operating_points(repo)
+    points = load_operating_points(files_of(repo))
     assert str(points.policy) == "sensitivity=0.8" and not set(points.points) & set(TASK2_LABELS)
     assert read_manifest(repo)["repository_sha256"] != before
     report = json.loads((tmp_path / "dry.json").read_text())

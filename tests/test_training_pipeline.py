@@ -251,10 +251,12 @@ def test_repository_carries_operating_points_and_calibration(repo):
     identity that covers the file (what the pipeline configs serve)."""
     from cxrlt.contract.labels import TASK2_LABELS
     from cxrlt.contract.operating_points import OPERATING_POINTS_FILE, OperatingPoints, load_operating_points
-    from exporters.build_repo import PIPELINE_MODELS, repository_identity, weight_bound_files
+    from cxrlt.contract.releases import files_of
+    from cxrlt.contract.served import PIPELINE_MODELS
+    from exporters.releases import repository_identity, weight_bound_files
     from networks.checkpoints import file_sha256
 
-    points = load_operating_points(repo)
+    points = load_operating_points(files_of(repo))
     assert points is not None and str(points.policy) == "youden" and points.calibrated
     assert points.source["split"] == "val" and points.source["bootstrap"]["resampled"] == "patient"
     assert {"frontal", "lateral"} & set(points.points["Normal"])  # a common finding gets projection points
@@ -265,11 +267,11 @@ def test_repository_carries_operating_points_and_calibration(repo):
     identity = manifest["repository_sha256"]
     assert identity != repository_identity(manifest)  # the points changed it...
     # ...and it covers them, with the repository's other weight-bound files (the gate, ...)
-    files = weight_bound_files(repo)
-    assert files[OPERATING_POINTS_FILE] == file_sha256(repo / OPERATING_POINTS_FILE)
+    files = weight_bound_files(files_of(repo))
+    assert files[OPERATING_POINTS_FILE] == file_sha256(files_of(repo) / OPERATING_POINTS_FILE)
     assert identity == repository_identity(manifest, files)
     assert identity != repository_identity(manifest, {k: v for k, v in files.items() if k != OPERATING_POINTS_FILE})
-    assert manifest["operating_points"]["sha256"] == file_sha256(repo / OPERATING_POINTS_FILE)
+    assert manifest["operating_points"]["sha256"] == file_sha256(files_of(repo) / OPERATING_POINTS_FILE)
     for model in PIPELINE_MODELS:
         params = config_parameters(repo / model / "config.pbtxt")
         assert params["repository_sha256"] == identity
@@ -360,9 +362,11 @@ def test_gate_keeps_validation_images_and_scores_non_chest_images_far_out(repo, 
     and extremity frames) and of noise and gradients is told apart with AUROC >= 0.98."""
     from cxrlt.contract.ood_gate import GATE_FILE, load_gate
     from evaluation.ood_sets import measure_gate, reference_images
-    from exporters.build_repo import PIPELINE_MODELS, repository_identity, weight_bound_files
+    from cxrlt.contract.releases import files_of
+    from cxrlt.contract.served import PIPELINE_MODELS
+    from exporters.releases import repository_identity, weight_bound_files
 
-    gate = load_gate(repo)
+    gate = load_gate(files_of(repo))
     assert gate is not None and gate.meta["reference_images"] == str(synth_csv)
     measured = measure_gate(repo, reference_images(synth_csv, split="val"), real_chest=False)
     assert measured["in_distribution"]["count"] >= 50 and measured["in_distribution"]["refused"] <= 0.01
@@ -370,8 +374,8 @@ def test_gate_keeps_validation_images_and_scores_non_chest_images_far_out(repo, 
         assert figures["count"] >= 1 and figures["auroc"] >= 0.98, (name, figures)
     assert measured["sets"]["photographs (scikit-image)"]["count"] >= 15
     manifest = read_manifest(repo)
-    assert GATE_FILE in weight_bound_files(repo)
-    assert manifest["repository_sha256"] == repository_identity(manifest, weight_bound_files(repo))
+    assert GATE_FILE in weight_bound_files(files_of(repo))
+    assert manifest["repository_sha256"] == repository_identity(manifest, weight_bound_files(files_of(repo)))
     assert manifest["ood_gate"]["threshold"] == gate.threshold
     for model in PIPELINE_MODELS:
         params = config_parameters(repo / model / "config.pbtxt")
@@ -399,9 +403,10 @@ def test_served_decisions_equal_the_reference_at_the_same_operating_points(serve
     from cxrlt.contract.labels import ALL_LABELS
     from cxrlt.contract.operating_points import load_operating_points
     from evaluation.ood_sets import reference_images
+    from cxrlt.contract.releases import files_of
     from evaluation.reference import ReferencePipeline
 
-    points = load_operating_points(repo)
+    points = load_operating_points(files_of(repo))
     reference = ReferencePipeline(repo, engine="onnxruntime", threads=1)
     images = reference_images(synth_csv, split="val")[:12]
     decided = 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from cxrlt.contract.releases import release_dir
 from cxrlt.contract.text_cache import PROMPTS_FILE
 from exporters.build_repo import rebuild_text_cache
 from cxrlt.contract.model_config import set_config_parameters
@@ -87,7 +88,7 @@ def test_findings_passes_bad_input_errors_through(grpc_client, real_cxr):
 def test_prompt_edit_and_cache_rebuild_change_similarities_without_reexport(grpc_client, repository, real_cxr):
     onnx_before = file_sha256(repository / "clip_image_encoder" / "1" / "model.onnx")
     _, before = zeroshot(grpc_client, real_cxr)
-    prompts = repository / "cxr_zeroshot" / "1" / PROMPTS_FILE
+    prompts = release_dir(repository, 1) / PROMPTS_FILE
     prompts.write_text(prompts.read_text().replace(
         "bilateral hilar adenopathy", "massive bulky lymph nodes in both hila and the aortopulmonary window"
     ))
@@ -104,8 +105,9 @@ def test_prompt_edit_and_cache_rebuild_change_similarities_without_reexport(grpc
 
 
 def test_stale_prompt_cache_is_refused_with_rebuild_instructions(grpc_client, repository):
-    prompts = repository / "cxr_zeroshot" / "1" / PROMPTS_FILE
+    prompts = release_dir(repository, 1) / PROMPTS_FILE
     prompts.write_text(prompts.read_text().replace("goiter extending", "goitre extending"))
+    _touch_config(repository)
     with pytest.raises(InferenceServerException) as error:
         grpc_client.load_model("cxr_zeroshot")
     assert "changed after the text cache was built" in error.value.message()
@@ -115,11 +117,16 @@ def test_stale_prompt_cache_is_refused_with_rebuild_instructions(grpc_client, re
 def test_cache_from_other_weights_is_refused(grpc_client, repository):
     record = repository / "clip_image_encoder" / "1" / "encoder.json"
     record.write_text(record.read_text().replace('"weights_sha256": "', '"weights_sha256": "0ther'))
-    cache_record = repository / "cxr_zeroshot" / "1" / "text_cache.json"
-    cache_record.write_text(cache_record.read_text())  # Triton reloads a model only when its own files changed
+    _touch_config(repository)
     with pytest.raises(InferenceServerException) as error:
         grpc_client.load_model("cxr_zeroshot")
     assert "was built from CLIP weights" in error.value.message() and "cxrlt build-text-cache" in error.value.message()
+
+
+def _touch_config(repository):
+    """Triton reloads a model only when its own files changed; the release's files are elsewhere."""
+    config = repository / "cxr_zeroshot" / "config.pbtxt"
+    config.write_text(config.read_text())
 
 
 def test_softmax_scoring_with_negative_prompts(grpc_client, repository, real_cxr):

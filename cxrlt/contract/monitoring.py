@@ -22,7 +22,9 @@ from typing import Any
 __all__ = ["MONITORING_BASELINE_FILE", "BASELINE_FORMAT", "load_baseline", "IMAGES", "POSITIVES", "PROBABILITY",
            "PROJECTIONS", "DISAGREEMENTS", "REFUSALS", "OOD_SCORE", "HISTOGRAMS", "COUNTERS", "METRIC_NAMES",
            "PROBABILITY_BUCKETS", "OOD_BUCKET_FACTORS", "DEFAULT_DECISION", "PROJECTION_LABELS", "UNROUTED",
-           "INVALID_INPUT", "OUT_OF_DISTRIBUTION", "REFUSAL_REASONS"]
+           "INVALID_INPUT", "OUT_OF_DISTRIBUTION", "REFUSAL_REASONS", "RELEASE_ANSWERS", "RELEASE_SECONDS",
+           "SHADOW_IMAGES", "SHADOW_FLIPS", "SHADOW_POSITIVES", "SHADOW_DELTA", "RELEASE_METRICS",
+           "DELTA_BUCKETS", "SECONDS_BUCKETS"]
 
 # Metric names (docs/contract.md, "Metrics"); a histogram is its name + _bucket (le), _count, _sum.
 IMAGES = "cxrlt_images_total"
@@ -34,7 +36,20 @@ REFUSALS = "cxrlt_refusals_total"
 OOD_SCORE = "cxrlt_ood_score"
 HISTOGRAMS = (PROBABILITY, OOD_SCORE)
 COUNTERS = (IMAGES, POSITIVES, PROJECTIONS, DISAGREEMENTS, REFUSALS)
-METRIC_NAMES = (*COUNTERS, *(f"{h}_{part}" for h in HISTOGRAMS for part in ("bucket", "count", "sum")))
+# Releases (cxrlt.contract.releases): who answered, and a shadow candidate's agreement with the live
+# release on the same images (`cxrlt release report` reads them).
+RELEASE_ANSWERS = "cxrlt_release_answers_total"  # {model, release, role: live|canary}
+RELEASE_SECONDS = "cxrlt_release_seconds"  # histogram {model, release, role: live|canary|shadow}: a batch's pipeline time
+SHADOW_IMAGES = "cxrlt_shadow_images_total"  # {model, release}: images the candidate `release` ran in shadow
+SHADOW_FLIPS = "cxrlt_shadow_decision_flips_total"  # {model, release, finding}: candidate decision != live decision
+SHADOW_POSITIVES = "cxrlt_shadow_positive_decisions_total"  # {model, release, finding, role: live|shadow}
+SHADOW_DELTA = "cxrlt_shadow_abs_delta_probability"  # histogram {model, release, finding}: |p candidate - p live|
+RELEASE_COUNTERS = (RELEASE_ANSWERS, SHADOW_IMAGES, SHADOW_FLIPS, SHADOW_POSITIVES)
+RELEASE_HISTOGRAMS = (RELEASE_SECONDS, SHADOW_DELTA)
+RELEASE_METRICS = (*RELEASE_COUNTERS, *(f"{h}_{part}" for h in RELEASE_HISTOGRAMS for part in ("bucket", "count", "sum")))
+DELTA_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+METRIC_NAMES = (*COUNTERS, *(f"{h}_{part}" for h in HISTOGRAMS for part in ("bucket", "count", "sum")), *RELEASE_METRICS)
 
 PROBABILITY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9)
 # OOD_SCORE buckets as multiples of the gate's threshold (config parameter ood_threshold; 1.0 when
@@ -51,9 +66,10 @@ MONITORING_BASELINE_FILE = "monitoring_baseline.json"
 BASELINE_FORMAT = 1
 
 
-def load_baseline(repository: Path | str) -> dict[str, Any] | None:
-    """The repository's monitoring baseline, or None when it has none."""
-    path = Path(repository) / MONITORING_BASELINE_FILE
+def load_baseline(directory: Path | str) -> dict[str, Any] | None:
+    """A release's monitoring baseline (`directory`: its files, cxrlt.contract.releases.files_of), or
+    None when it has none."""
+    path = Path(directory) / MONITORING_BASELINE_FILE
     if not path.is_file():
         return None
     try:

@@ -83,9 +83,9 @@ class OodGate:
                        meta=json.loads(str(data["meta"])))
 
 
-def load_gate(repository: Path | str) -> OodGate | None:
-    """The repository's gate, or None when it has none."""
-    path = Path(repository) / GATE_FILE
+def load_gate(directory: Path | str) -> OodGate | None:
+    """A release's gate (`directory`: its files, cxrlt.contract.releases.files_of), or None when it has none."""
+    path = Path(directory) / GATE_FILE
     if not path.is_file():
         return None
     try:

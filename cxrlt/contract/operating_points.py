@@ -172,9 +172,10 @@ class OperatingPoints:
         return cls.from_dict(json.loads(text))
 
 
-def load_operating_points(repository: str | Path) -> OperatingPoints | None:
-    """The repository's operating points, or None when it has none (no decisions are made)."""
-    path = Path(repository) / OPERATING_POINTS_FILE
+def load_operating_points(directory: str | Path) -> OperatingPoints | None:
+    """A release's operating points (`directory`: its files, cxrlt.contract.releases.files_of), or
+    None when it has none (no decisions are made)."""
+    path = Path(directory) / OPERATING_POINTS_FILE
     if not path.is_file():
         return None
     try:

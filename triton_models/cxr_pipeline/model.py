@@ -8,12 +8,12 @@ import sys
 # so the server's environment (its packages and this project) comes before the system's.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
-from python_backends.pipeline import ServedPipeline  # noqa: E402
+from python_backends.pipeline import ServedReleases  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.pipeline = ServedPipeline.from_args(args)
+        self.pipeline = ServedReleases.from_args(args)
 
     async def execute(self, requests):
         # Every image of every request the dynamic batcher merged shares the network calls;

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(paper: ViT-B-32 as CheXzero; ViT-L-14 as WhyXrayCLIP)")
     parser.add_argument("--prompts", type=Path, help="zero-shot prompt file (YAML); default: the shipped one")
     parser.add_argument("--seed", type=int, default=0, help="seed of random initialisation (default 0)")
+    parser.add_argument("--release", type=int, metavar="N",
+                        help="add these weights as release N beside the releases --out already holds (its version "
+                             "directories N/ and files; the live release stays: see `cxrlt release`); without it, "
+                             "--out is (re)built with release 1 live")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per network instance")
     parser.add_argument("--network-instances", type=int, default=1, help="instances of each network model")
     parser.add_argument("--bls-instances", type=int, default=4, help="instances of each Python BLS model")
@@ -113,10 +117,11 @@ def run(args: argparse.Namespace) -> int:
         if args.parity_data else None,
         engine="torchscript" if args.engine == "torch" else args.engine, device=args.device, fp16=args.fp16, clip_model=args.clip_model,
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms, ood_action=args.ood_action,
+        release=args.release or 1,
     )
     with console.status("building repository") as status:
         manifest = build_repository(args.repo, options, on_step=lambda message: status.update(message))
-    table = Table(title=f"{args.repo} (profile {args.profile}, target {args.target})")
+    table = Table(title=f"{args.repo} release {options.release} (profile {args.profile}, target {args.target})")
     for column in ("model", "architecture", "parameters", "max |ONNX - PyTorch|", "weights"):
         table.add_column(column)
     for name, entry in manifest["models"].items():
@@ -125,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     print_parity(console, manifest)
     if args.operating_points_data:
-        add_operating_points(console, args.repo, args.operating_points_data, args.operating_points_policy)
+        add_operating_points(console, args.repo, args.operating_points_data, args.operating_points_policy, options.release)
     if args.reference_images:
-        add_gate(console, args.repo, args.reference_images, args.ood_percentile)
+        add_gate(console, args.repo, args.reference_images, args.ood_percentile, options.release)
     if manifest["random_weights"]:
         warn_random_weights(manifest["warning"])
     console.print(f"serve it with: cxrlt serve --repo {args.repo}")
@@ -170,26 +175,26 @@ def print_parity(console, manifest: dict) -> None:
                   f"{dmap} (limits |dp| <= {pipeline['limits']['max_dp']:g}, |dmAP| <= {pipeline['limits']['max_dmap']:g})")
 
 
-def add_operating_points(console, repo: Path, data: Path, policy) -> None:
-    """Choose the operating points on `data`'s validation split, in process, and write them into `repo`."""
+def add_operating_points(console, repo: Path, data: Path, policy, release: int) -> None:
+    """Choose the operating points on `data`'s validation split, in process, and write them into `repo`'s `release`."""
     from cxrlt.cli.commands.operating_points import print_choice
     from evaluation.operating_points import operating_points_from_data, write_operating_points
 
     with console.status("choosing operating points on the validation split"):
         choice = operating_points_from_data(repo, data, policy, engine="onnxruntime",
-                                            source={"classified_by": "in process (onnxruntime), after build-repo"})
+                                            source={"classified_by": "in process (onnxruntime), after build-repo"}, release=release)
     print_choice(console, choice, "val")
-    record = write_operating_points(repo, choice.points)
-    console.print(f"wrote {repo / record['file']}; repository_sha256 {record['repository_sha256'][:12]}...")
+    record = write_operating_points(repo, choice.points, release)
+    console.print(f"wrote {record['file']} of release {release}; repository_sha256 {record['repository_sha256'][:12]}...")
 
 
-def add_gate(console, repo: Path, source: Path, percentile: float) -> None:
+def add_gate(console, repo: Path, source: Path, percentile: float, release: int) -> None:
     """Fit the out-of-distribution gate on `source`'s images, in process, and write it into `repo`."""
     from evaluation.ood_sets import reference_images
     from exporters.ood_gate import fit_repository_gate
 
     with console.status("fitting the out-of-distribution gate on the reference images"):
-        record = fit_repository_gate(repo, reference_images(source), str(source), percentile=percentile)
-    console.print(f"wrote {repo / record['file']}: Mahalanobis distance of the CLIP embeddings, fitted on "
+        record = fit_repository_gate(repo, reference_images(source), str(source), percentile=percentile, release=release)
+    console.print(f"wrote {record['file']} of release {release}: Mahalanobis distance of the CLIP embeddings, fitted on "
                   f"{record['fit_images']} images, threshold {record['threshold']:.2f} (the {record['percentile']:g}th "
                   f"percentile of {record['heldout_images']} held-out ones); repository_sha256 {record['repository_sha256'][:12]}...")

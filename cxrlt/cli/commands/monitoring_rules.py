@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from cxrlt.contract.monitoring import load_baseline
     from evaluation.drift import simulate, window_seconds, write_rules
 
-    baseline = load_baseline(args.repo)
+    from cxrlt.contract.releases import files_of
+
+    baseline = load_baseline(files_of(args.repo))
     if baseline is None:
         console.print(f"{args.repo} has no monitoring_baseline.json: run `cxrlt operating-points --repo {args.repo} ...` first")
         return 2

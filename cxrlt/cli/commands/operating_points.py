@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url (default 4)")
+    parser.add_argument("--release", type=int, metavar="N", help="the release to choose for (default: the live one; "
+                                                                   "with --url, the server must be serving it)")
     parser.add_argument("--dry-run", action="store_true", help="report the points, change nothing")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report (points, findings without, mECE) here")
 
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrlt.cli.console import console, counting
     from evaluation.evaluate import csv_labels, server_classifier
+    from cxrlt.contract.releases import files_of
     from evaluation.operating_points import operating_points_from_data, write_operating_points
 
     client = classify = None
@@ -68,21 +71,21 @@ def run(args: argparse.Namespace) -> int:
                 args.repo, args.data, args.policy, classify=classify, engine=args.engine, split=args.split,
                 val_fraction=args.val_fraction, split_seed=args.split_seed, image_root=args.images,
                 use_hints=args.hints, concurrency=max(1, args.concurrency) if args.url else 1, on_image=tick,
-                resamples=args.resamples, seed=args.seed,
+                resamples=args.resamples, seed=args.seed, release=args.release,
                 source={"classified_by": f"server {args.url}" if args.url else f"in process ({args.engine})"})
     finally:
         if client is not None:
             client.close()
     print_choice(console, choice, args.split)
-    _warn_if_random(args.repo)
+    _warn_if_random(args.repo, args.release)
     report = choice_report(choice)
     if args.dry_run:
         console.print("dry run: the repository is unchanged")
     else:
-        record = write_operating_points(args.repo, choice.points)
+        record = write_operating_points(args.repo, choice.points, args.release)
         report["written"] = record
         report["monitoring_baseline"] = baseline = write_monitoring_baseline(args, choice)
-        console.print(f"wrote {args.repo / record['file']}, the pipeline configs' operating points and "
+        console.print(f"wrote {files_of(args.repo, args.release) / record['file']}, the release's operating points and "
                       f"{baseline['file']} ({baseline['images']} images{', with OOD scores' if baseline['ood'] else ''}); "
                       f"repository_sha256 {baseline['repository_sha256'][:12]}...; reload the pipeline models to serve them")
     if args.json:
@@ -91,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_random(repository: Path) -> None:
+def _warn_if_random(repository: Path, release: int | None = None) -> None:
     """Thresholds of random networks are as random as their probabilities: say so, as serve does."""
     from cxrlt.cli.console import warn_random_weights
     from cxrlt.contract.manifest import read_manifest
 
-    if read_manifest(repository).get("random_weights"):
+    if read_manifest(repository, release).get("random_weights"):
         warn_random_weights(f"{repository} holds randomly initialised networks: these operating points, sensitivities "
                             "and specificities describe RANDOM outputs and are NOT DIAGNOSTIC")
 
@@ -106,10 +109,10 @@ def write_monitoring_baseline(args: argparse.Namespace, choice: Any) -> dict[str
     from evaluation.baseline import compute_baseline, repository_ood_baseline, write_baseline
 
     predictions = choice.predictions
-    ood = repository_ood_baseline(args.repo, args.data, args.split)
+    ood = repository_ood_baseline(args.repo, args.data, args.split, args.release)
     baseline = compute_baseline(predictions.probabilities, predictions.label_names, predictions.projections_used,
                                 choice.points, ood, source={**choice.points.source, "labels": list(predictions.label_names)})
-    return write_baseline(args.repo, baseline)
+    return write_baseline(args.repo, baseline, args.release)
 
 
 def print_choice(console: Any, choice: Any, split: str) -> None:
