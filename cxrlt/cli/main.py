@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operating-points": ("operating_points", "choose per-finding decision thresholds and calibration on validation data into a repository"),
     "monitoring-rules": ("monitoring_rules", "write Prometheus drift rules (recording, alerts, PrometheusRule) from a repository's monitoring baseline"),
     "monitor": ("monitor", "drift status per finding from Prometheus's drift rules; exit 1 while an alert fires"),
+    "release": ("release", "releases of a repository: list, shadow, canary, promote, rollback, report, prune"),
     "zeroshot-proxy": ("zeroshot_proxy", "leak-free proxy validation of zero-shot fine-tuning (held-out seen classes)"),
 }
 
@@ -39,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXTRA_OF_MODULE: dict[str, str] = {
     "tritonclient": "client", "pydicom": "client", "highdicom": "client", "pylibjpeg": "client",
     "openjpeg": "client", "pandas": "client", "grpc": "client", "pynetdicom": "client", "dicomweb_client": "client",
+    "prometheus_client": "client",
     "pytriton": "serve", "onnxruntime": "serve",
     "torch": "export", "torchvision": "export", "timm": "export", "open_clip": "export", "onnx": "export",
     "onnxscript": "export",
@@ -62,7 +64,7 @@ EXTRA_INCLUDES: dict[str, frozenset[str]] = {
 # several extras without one that holds them all are left out and get the module's extra.
 EXTRA_OF_COMMAND: dict[str, str] = {
     "build-repo": "export", "build-text-cache": "export", "serve": "serve", "local-cluster": "serve",
-    "health": "client", "classify": "client", "dicom-node": "client", "demo": "all", "loadtest": "loadtest",
+    "health": "client", "classify": "client", "dicom-node": "client", "release": "client", "demo": "all", "loadtest": "loadtest",
     "synth-data": "train", "train": "train", "prepare-data": "train", "zeroshot-proxy": "train",
 }
 

@@ -52,6 +52,7 @@ from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projec
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
 from cxrlt.contract.ood_gate import THRESHOLD_PARAMETER as OOD_THRESHOLD_PARAMETER
 from cxrlt.contract.operating_points import OperatingPoints, served_operating_points
+from cxrlt.contract.releases import CANDIDATE_PARAMETERS
 from cxrlt.contract.results import FindingsResult
 from cxrlt.contract.study import decisions_from
 from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
@@ -222,6 +223,15 @@ class ModelInfo:
     operating_points: OperatingPoints | None = None  # the served table (None: the repository has none)
     ood_scored: bool = False  # the model answers OOD_SCORE
     ood_threshold: float | None = None  # the fitted gate's threshold in force (None: no gate fitted)
+    names_release: bool = False  # the model answers RELEASE and RELEASE_SHA256 (cxrlt.contract.releases)
+    takes_study: bool = False  # the model takes STUDY_INSTANCE_UID (a canary answers whole studies)
+    live_release: int | None = None  # the plan's live release, whose parameters the config carries
+    # a candidate release's own parameters (operating points, gate threshold, identity), by number
+    candidates: Mapping[int, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+
+    def knows(self, release: int | None) -> bool:
+        """Whether these configs describe `release` (else they predate a switch: read them again)."""
+        return release is None or release == self.live_release or release in self.candidates
 
 
 def _output_dim(config: Any, name: str) -> int | None:
@@ -238,6 +248,25 @@ def _ood_threshold(parameters: Mapping[str, str]) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def _answered_release(response: Any, info: ModelInfo) -> int | None:
+    """The RELEASE that answered (None from a server without releases)."""
+    if not info.names_release:
+        return None
+    return int(np.asarray(response.as_numpy("RELEASE")).reshape(-1)[0])
+
+
+def _answered_sha256(response: Any, info: ModelInfo) -> str | None:
+    if not info.names_release:
+        return None
+    value = np.asarray(response.as_numpy("RELEASE_SHA256")).reshape(-1)[0]
+    return (value.decode("utf-8") if isinstance(value, bytes) else str(value)) or None
+
+
+def _release_repository(info: ModelInfo, sha256: str) -> Repository:
+    base = info.repository
+    return Repository(sha256.strip().lower(), base.random_weights if base else False, "the answering release's RELEASE_SHA256")
 
 
 def _ood(response: Any, info: ModelInfo) -> dict[str, Any]:
@@ -522,13 +551,15 @@ class AsyncCxrltClient:
 
     # --- classification ------------------------------------------------------------
 
-    async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image") -> FindingsResult:
-        """Classify one uint16 [H, W] MONOCHROME2 image; ``hint`` is a DICOM ViewPosition term."""
+    async def classify(self, image: np.ndarray, hint: str | None = None, image_id: str = "image",
+                       study_uid: str | None = None) -> FindingsResult:
+        """Classify one uint16 [H, W] MONOCHROME2 image; ``hint`` is a DICOM ViewPosition term,
+        ``study_uid`` its StudyInstanceUID (a canary release answers whole studies)."""
         info = await self.model_info()
         pixels = self._pixels(image, info)
         region = await self._region(pixels.nbytes)
         try:
-            inputs, hint = self._inputs(pixels, hint, region)
+            inputs, hint = self._inputs(pixels, hint, region, study_uid if info.takes_study else None)
             outputs = self._outputs(info)
             client = self._aio()
             timing: dict[str, float] = {}
@@ -543,6 +574,10 @@ class AsyncCxrltClient:
         finally:
             if region is not None:
                 self._regions.release(region)
+        if not info.knows(_answered_release(response, info)):  # a release switch since the configs were read
+            async with self._info_lock:
+                self._info = None
+            info = await self.model_info()
         return self._result(response, info, hint, image_id, timing["ms"], attempts)
 
     async def classify_file(self, source: Any) -> FindingsResult:
@@ -550,7 +585,8 @@ class AsyncCxrltClient:
         (hint from the header) and classify it. Raises cxrlt.io.images.InputError for an input the
         service cannot use."""
         loaded = await asyncio.to_thread(_load, source)
-        return await self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id)
+        study = str(loaded.dataset.get("StudyInstanceUID", "")) if loaded.dataset is not None else ""
+        return await self.classify(loaded.pixels, hint=loaded.hint, image_id=loaded.image_id, study_uid=study or None)
 
     async def _region(self, byte_size: int) -> Region | None:
         if self._regions is None:
@@ -569,7 +605,8 @@ class AsyncCxrltClient:
                 ) from None
         return region
 
-    def _inputs(self, pixels: np.ndarray, hint: str | None, region: Region | None = None) -> tuple[list[Any], str | None]:
+    def _inputs(self, pixels: np.ndarray, hint: str | None, region: Region | None = None,
+                study_uid: str | None = None) -> tuple[list[Any], str | None]:
         image_input = self._grpcclient.InferInput("IMAGE", [1, *pixels.shape], "UINT16")
         if region is None:
             image_input.set_data_from_numpy(pixels[None])
@@ -581,6 +618,10 @@ class AsyncCxrltClient:
             hint_input = self._grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
             hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
             inputs.append(hint_input)
+        if study_uid:
+            study_input = self._grpcclient.InferInput("STUDY_INSTANCE_UID", [1, 1], "BYTES")
+            study_input.set_data_from_numpy(np.array([[str(study_uid).encode("utf-8")]], dtype=np.object_))
+            inputs.append(study_input)
         return inputs, hint
 
     def _outputs(self, info: ModelInfo) -> list[Any]:
@@ -589,6 +630,8 @@ class AsyncCxrltClient:
             names += ["DECISIONS", "CALIBRATED_PROBABILITIES"]
         if info.ood_scored:
             names.append("OOD_SCORE")
+        if info.names_release:
+            names += ["RELEASE", "RELEASE_SHA256"]
         return [self._grpcclient.InferRequestedOutput(name) for name in names]
 
     def _model_info(self, configs: dict[str, Any]) -> ModelInfo:
@@ -617,7 +660,22 @@ class AsyncCxrltClient:
             operating_points=self._served_operating_points(own_config),
             ood_scored=_output_dim(config, "OOD_SCORE") is not None,
             ood_threshold=_ood_threshold(own_config),
+            names_release=_output_dim(config, "RELEASE") is not None,
+            takes_study=any(i.name == "STUDY_INSTANCE_UID" for i in config.input),
+            live_release=int(own_config["release"]) if own_config.get("release", "").isdigit() else None,
+            candidates={int(key[len(CANDIDATE_PARAMETERS):]): json.loads(value) for key, value in own_config.items()
+                        if key.startswith(CANDIDATE_PARAMETERS) and key[len(CANDIDATE_PARAMETERS):].isdigit() and value},
         )
+
+    def _release_info(self, info: ModelInfo, release: int | None, sha256: str | None) -> ModelInfo:
+        """`info` as release `release` answered: a candidate's own operating points, gate threshold and
+        identity (the config's are the live release's)."""
+        if release is None or release == info.live_release or release not in info.candidates:
+            return info if not sha256 else dataclasses.replace(info, repository=_release_repository(info, sha256))
+        own = {**info.parameters.get(self.model, {}), **info.candidates[release]}
+        return dataclasses.replace(info, operating_points=self._served_operating_points(own), ood_threshold=_ood_threshold(own),
+                                   random_weights=self._random_weights_override or _flag(own, "random_weights"),
+                                   repository=_release_repository(info, sha256 or own.get(REPOSITORY_PARAMETER, "")))
 
     def _served_operating_points(self, parameters: Mapping[str, str]) -> OperatingPoints | None:
         try:
@@ -660,6 +718,9 @@ class AsyncCxrltClient:
             hint_used = _valid_hint(hint) and info.trust_hint
         else:  # cxr_zeroshot does not route: there is no projection to report
             projection, score, hint_used = "", 0.0, False
+        release = _answered_release(response, info)
+        sha256 = _answered_sha256(response, info)
+        info = self._release_info(info, release, sha256)
         meta = response.get_response()
         return FindingsResult(
             image_id=image_id,
@@ -674,6 +735,7 @@ class AsyncCxrltClient:
             latency_ms=latency_ms,
             attempts=attempts,
             repository_sha256=info.repository.sha256 if info.repository else None,
+            release=release,
             **self._decisions(response, info, projection or None),
             **_ood(response, info),
         )

@@ -98,9 +98,14 @@ def build_report(result: FindingsResult, source: Any, repository: Repository) ->
 
     if repository.random_weights and not result.random_weights:
         result = dataclasses.replace(result, random_weights=True)
-    note = (f"Model repository {repository.sha256} ({repository.source}). Source image {source.SOPInstanceUID}. "
-            "One SR per image: re-sending the image gives this SR again.")
-    return build_sr(result, source, uids=derived_uids(source, repository.sha256), notes=[note])
+    identity = result.repository_sha256 or repository.sha256  # the release that answered, when the server names it
+    note = (f"Model {_release_text(result.release)}{identity} ({repository.source if identity == repository.sha256 else 'RELEASE_SHA256'}). "
+            f"Source image {source.SOPInstanceUID}. One SR per image: re-sending the image gives this SR again.")
+    return build_sr(result, source, uids=derived_uids(source, identity), notes=[note])
+
+
+def _release_text(release: int | None) -> str:
+    return f"release {release}, " if release is not None else "repository "
 
 
 def build_study_report(results: Sequence[FindingsResult], headers: Sequence[Any], repository: Repository,
@@ -117,8 +122,10 @@ def build_study_report(results: Sequence[FindingsResult], headers: Sequence[Any]
     if repository.random_weights and not study.random_weights:
         study = dataclasses.replace(study, images=tuple(dataclasses.replace(r, random_weights=True) for r in results))
     images = ",".join(sorted(str(r.sop_instance_uid) for r in results))
-    uids = derived_study_uids(f"{study.study_instance_uid}/{images}", repository.sha256)
-    note = f"Model repository {repository.sha256} ({repository.source}). Study of {len(results)} image(s)."
+    answered = next((r for r in results if r.repository_sha256), None)
+    identity = answered.repository_sha256 if answered else repository.sha256
+    uids = derived_study_uids(f"{study.study_instance_uid}/{images}", identity)
+    note = f"Model {_release_text(answered.release if answered else None)}{identity}. Study of {len(results)} image(s)."
     return build_study_sr(study, headers, uids=uids, notes=[note, *notes])
 
 
@@ -138,7 +145,8 @@ async def classify_image(client: AsyncCxrltClient, source: Any, *, name: str | P
     label = name if name is not None else _name(source)
     try:
         loaded = await asyncio.to_thread(_load, source, label, body_parts, sr)
-        result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id or loaded.image_id)
+        study = str(loaded.dataset.get("StudyInstanceUID", "")) if loaded.dataset is not None else ""
+        result = await client.classify(loaded.pixels, hint=loaded.hint, image_id=image_id or loaded.image_id, study_uid=study or None)
         result = dataclasses.replace(result, **_identities(loaded.dataset, label))
         if labels is not None and tuple(labels) != tuple(result.probabilities):
             result = _keep(result, labels)

@@ -35,7 +35,8 @@ class FindingsResult:
     # label -> decision at the repository's operating points; None: the repository has none
     decisions: dict[str, Decision] | None = None
     calibrated_probabilities: dict[str, float] | None = None  # None: the repository is not calibrated
-    repository_sha256: str | None = None  # the served repository's identity
+    repository_sha256: str | None = None  # the identity of the release that answered (its repository_sha256)
+    release: int | None = None  # the release that answered (cxrlt.contract.releases); None: a server without releases
     study_instance_uid: str | None = None  # of a DICOM source
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None

@@ -11,7 +11,8 @@ measurement group per finding (30 task-1 then 6 task-2, in contract order), each
   Absent (SNOMED, DICOM CID 240) at the operating point, and the point itself (policy, threshold,
   and the sensitivity and specificity it achieved on validation data) as TID 4019 Algorithm
   Parameters (TEXT ``name=value``; DICOM defines no coded concept for these in TID 1501);
-- the algorithm (TID 4019): the model's name, the repository's identity as its version;
+- the algorithm (TID 4019): the model's name, the answering release's identity as its version and
+  its number as the parameter ``release=N``;
 - the projection that routed the image (image SRs), and references to the source image(s).
 
 Without operating points the SR calls nothing present or absent and says so in a note.
@@ -57,6 +58,7 @@ _PROJECTION_CODES = {"frontal": codes.SCT.FrontalProjection, "lateral": codes.SC
 # DICOM CID 240 "Present-Absent": the finding called at the operating point.
 _PRESENT, _ABSENT = CodedConcept.from_code(codes.SCT.Present), CodedConcept.from_code(codes.SCT.Absent)
 _ALGORITHM_PARAMETERS = "111002"  # DCM "Algorithm Parameters" (TID 4019)
+_ALGORITHM_VERSION = "111003"  # DCM "Algorithm Version" (TID 4019)
 # CID 100 lists only CT/MR/PET procedures; SNOMED CT "Plain chest X-ray" is the closest.
 _PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 # The concept TID 1500 uses for its free "Qualitative Evaluations" container.
@@ -195,6 +197,7 @@ class _Report:
     notes: list[str]  # the standard ones
     series_number: int
     what: str  # names it in errors
+    release: int | None = None  # the release that answered (an algorithm parameter), when the server names it
 
 
 def _image_report(result: FindingsResult) -> _Report:
@@ -203,21 +206,22 @@ def _image_report(result: FindingsResult) -> _Report:
     notes = [f"Projection {result.projection} (score {result.projection_score:.3f}, {hint}); "
              f"model {result.model_name} version {result.model_version}; software {MANUFACTURER} {SOFTWARE_VERSION}."]
     return _Report(result.probabilities, result.decisions, result.model_name or MANUFACTURER, version,
-                   result.random_weights, result.projection, notes, 9901, f"result for {result.image_id!r}")
+                   result.random_weights, result.projection, notes, 9901, f"result for {result.image_id!r}", result.release)
 
 
 def _study_report(study: StudyResult) -> _Report:
     if not study.images:
         raise ValueError(f"study {study.study_instance_uid!r} has no images")
     first = study.images[0]
-    repository = next((image.repository_sha256 for image in study.images if image.repository_sha256), None)
+    answered = next((image for image in study.images if image.repository_sha256), None)
+    repository = answered.repository_sha256 if answered else None
     views = ", ".join(f"{count} {projection}" for projection, count in study.projections.items())
     notes = [f"Study result of {len(study.images)} images ({views}): per finding the mean of the frontal images' "
              "mean and the lateral images' mean. "
              f"Model {first.model_name} version {first.model_version}; software {MANUFACTURER} {SOFTWARE_VERSION}."]
     return _Report(study.probabilities, study.decisions, first.model_name or MANUFACTURER,
                    repository or first.model_version or SOFTWARE_VERSION, study.random_weights, None, notes, 9902,
-                   f"study {study.study_instance_uid!r}")
+                   f"study {study.study_instance_uid!r}", answered.release if answered else None)
 
 
 def build_sr(result: FindingsResult, source_dataset: Dataset, *, uids: SrUids | None = None,
@@ -301,8 +305,9 @@ def _measurement_groups(report: _Report, evidence: list[Dataset],
         code = finding_codes()[label]
         finding = _concept(code)
         decision = (report.decisions or {}).get(label)
+        parameters = [*([f"release={report.release}"] if report.release is not None else []), *(_operating_point(decision) or [])]
         algorithm = hd.sr.AlgorithmIdentification(name=report.algorithm_name, version=report.algorithm_version,
-                                                  parameters=_operating_point(decision))
+                                                  parameters=parameters or None)
         called = [] if decision is None else [
             hd.sr.QualitativeEvaluation(name=finding, value=_PRESENT if decision.positive else _ABSENT)]
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -365,6 +370,16 @@ def read_sr_findings(path: str | Path) -> dict[str, float]:
             if measurement.unit == _PROBABILITY_UNIT:
                 found[label] = float(measurement.value)
     return found
+
+
+def read_sr_release(path: str | Path) -> tuple[int | None, str]:
+    """(the release that answered, the algorithm version: its identity) of an SR written here."""
+    group = next(iter(_groups_by_label(path).values()))
+    items = [item for item in group[0].ContentSequence if item.ValueType == "TEXT"]
+    version = next((str(i.TextValue) for i in items if i.ConceptNameCodeSequence[0].CodeValue == _ALGORITHM_VERSION), "")
+    parameters = dict(str(i.TextValue).partition("=")[::2] for i in items
+                      if i.ConceptNameCodeSequence[0].CodeValue == _ALGORITHM_PARAMETERS)
+    return (int(parameters["release"]) if parameters.get("release", "").isdigit() else None), version
 
 
 def read_sr_decisions(path: str | Path) -> dict[str, Decision]:
