@@ -17,16 +17,16 @@ import contextlib
 import os
 import sys
 import threading
-import time
+import timeit
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from cxrlt.contract.served import CLASSIFIER_MODEL, ENCODER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
 from loadtest.kernel import (IMAGE_SETS, MODELS, Payload, Served, closed_loop_figures, images_json, load_payloads,
-                             measure_level, pyplot, save_figure, target_server, write_json)
+                             measure_level, save_figure, target_server, write_json)
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
@@ -100,8 +100,8 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
     """Instances and onnxruntime intra-op threads of every model, as the server has them loaded."""
     import tritonclient.grpc as grpcclient
 
-    client, models = grpcclient.InferenceServerClient(url), {}
-    try:
+    models: dict[str, dict[str, Any]] = {}
+    with grpcclient.InferenceServerClient(url) as client:
         for name in dict.fromkeys([*MODELS, *repo_models]):
             config = client.get_model_config(name, as_json=True)["config"]
             params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
@@ -115,8 +115,6 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
                              execution_provider=params.get("execution_provider"))
             elif "member_execution" in params:
                 entry["member_execution"] = params["member_execution"]
-    finally:
-        client.close()
     networks = [m for n, m in models.items() if n not in MODELS]
     return {"models": models, "network_intra_op_threads": max((m["intra_op_threads"] for m in networks), default=1),
             "network_compute_threads_total": sum(m["instances"] * max(1, m["intra_op_threads"]) for m in networks),
@@ -145,12 +143,8 @@ def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int 
               **{p.name: p.pixels for p in payloads}}
 
     def timed(image: np.ndarray, config: PreprocessConfig) -> dict[str, Any]:
-        times = []
-        for _ in range(repeats + 1):
-            began = time.perf_counter()
-            prepare_square(image, config)
-            times.append((time.perf_counter() - began) * 1000.0)
-        return {"median_ms": round(float(np.median(times[1:])), 3), "min_ms": round(min(times[1:]), 3)}
+        times = 1000.0 * np.array(timeit.repeat(lambda: prepare_square(image, config), repeat=repeats + 1, number=1)[1:])
+        return {"median_ms": round(float(np.median(times)), 3), "min_ms": round(float(times.min()), 3)}
 
     return {"function": "cxrlt.contract.preprocessing.prepare_square", "repetitions": repeats, "configs": [
         {"models": models, "size": config.size, "mode": config.mode,
@@ -211,10 +205,7 @@ def run_bench(args: argparse.Namespace, server_log: Path | None = None, preproce
 def _sweep(args: argparse.Namespace, levels: Sequence[int], payloads: Sequence[Payload], sides: dict[str, Callable],
            metrics_url: str | None, server_pid: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every round over every level, both sides back to back (which goes first alternates)."""
-    from loadtest.metrics import add
-
     measured: dict[tuple[int, str], list[dict[str, Any]]] = {(c, s): [] for c in levels for s in SIDES}
-    deltas: dict[int, Any] = dict.fromkeys(levels)
     orders: dict[int, list[list[str]]] = {c: [] for c in levels}
     for round_index in range(args.rounds):
         for index, concurrency in enumerate(levels):
@@ -226,14 +217,12 @@ def _sweep(args: argparse.Namespace, levels: Sequence[int], payloads: Sequence[P
                 point = measure_level(sides[side], payloads, concurrency, total, warmup, server_pid,
                                       metrics_url if side == "served" else None, args.model)
                 measured[concurrency, side].append(point)
-                if point["triton"] is not None:
-                    deltas[concurrency] = add(deltas[concurrency], point["triton"])
-    return [_row(args.model, c, orders[c], {s: measured[c, s] for s in SIDES}, deltas[c]) for c in levels]
+    return [_row(args.model, c, orders[c], {s: measured[c, s] for s in SIDES}) for c in levels]
 
 
-def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[str, list[dict[str, Any]]],
-         delta: Any) -> dict[str, Any]:
-    """One level's figures per side, its rounds pooled, and the served/raw ratio (pooled and per round)."""
+def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One level's figures per side, its rounds pooled (Triton's counters summed over them), and the served/raw
+    ratio (pooled and per round)."""
     from loadtest.metrics import breakdown_json, member_calls_per_image, per_model
 
     row: dict[str, Any] = {"concurrency": concurrency, "order": orders[0], "orders": orders}
@@ -243,7 +232,8 @@ def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[s
         own, server = (None if any(r["cpu_s"][i] is None for r in runs) else
                        round(1000 * sum(r["cpu_s"][i] for r in runs) / pooled["requests"], 3) for i in (0, 1))
         row[side] = {**pooled, "cpu_ms_per_image": {"this_process": own, "server": server}}
-    if delta is not None:
+    if deltas := [r["triton"] for r in measured["served"] if r["triton"] is not None]:
+        delta = pd.concat(deltas).groupby(level=0).sum()
         row["served"].update(triton=breakdown_json(delta), **member_calls_per_image(per_model(delta), model))
     raw_rate = row["raw"]["images_per_s"]
     row["ratio"] = round(row["served"]["images_per_s"] / raw_rate, 4) if raw_rate else None
@@ -301,8 +291,11 @@ def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Throughput and p50 / p95 latency per concurrency, raw and served."""
+    from matplotlib.figure import Figure
+
     sweep = pd.json_normalize(report["sweep"]).set_index("concurrency")
-    fig, (throughput, latency) = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    throughput, latency = fig.subplots(1, 2)
     sweep[[f"{side}.images_per_s" for side in SIDES]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
     sweep[[f"{side}.{q}_ms" for side in SIDES for q in ("p50", "p95")]].plot(ax=latency, style="o-", title="latency",
                                                                               ylabel="ms per image")
@@ -357,7 +350,6 @@ def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda messag
     """Build (or take --repo) and serve the repository, bench each public model, load-test them; write the report."""
     import onnxruntime
 
-    from loadtest.metrics import default_metrics_url
     from loadtest.runner import LoadTestConfig, run_loadtest
 
     if not args.dry_run and CUDA not in onnxruntime.get_available_providers():
@@ -366,7 +358,7 @@ def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda messag
     args.out.mkdir(parents=True, exist_ok=True)
     repo, benches, files = args.repo or build_gpu_repository(args, log), {}, {}
     with target_server(repo, args.url, args.out / "tritonserver.log", log=log) as (url, metrics_url, _):
-        metrics_url = args.metrics_url or metrics_url or default_metrics_url(url)
+        metrics_url = args.metrics_url or metrics_url
         entries = server_thread_budget(url, [])["models"]
         for model in MODELS:  # a repository given with --repo may bound its queues below the sweep
             queue = entries[model]["max_queue_size"]

@@ -17,7 +17,6 @@ import collections
 import contextlib
 import itertools
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -30,8 +29,8 @@ import psutil
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
 from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, alive, check, check_server,
-                             closed_loop_figures, cpu_sample, drive, error_text, figures, fmt, images_json, load_average,
-                             load_payloads, measure_level, model_infer, probabilities, pyplot, request_bytes,
+                             closed_loop_figures, cpu_sample, cpu_used, drive, error_text, figures, fmt, images_json, load_average,
+                             load_payloads, measure_level, model_infer, probabilities, request_bytes,
                              require_loopback, sample_tree, save_figure, server_health, target_server, verdicts)
 
 REASONS = ("queue_full", "queue_timeout", "other")
@@ -78,18 +77,15 @@ def check_options(args: argparse.Namespace, mode: str) -> None:
 def run(args: argparse.Namespace, mode: str, server_log: Path | None = None,
         log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Run the mode's phases against the server; return the figures and checks (JSON-ready)."""
-    from loadtest.metrics import default_metrics_url
-
     check_options(args, mode)
     payloads, stress = load_payloads(args.image_set), mode == "stress"
     models = [args.model] if stress else list(MODELS)
     before, started_at = load_average(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    given_pid = getattr(args, "server_pid", None)
-    with target_server(args.repo, args.url, server_log, given_pid, log) as (url, metrics_url, pid):
+    with target_server(args.repo, args.url, server_log, getattr(args, "server_pid", None), log) as (url, metrics_url, pid):
         check_server(url, models)
         if pid is not None and not alive(pid):
             raise LoadTestError(f"no running process {pid} (--server-pid)")
-        metrics_url = getattr(args, "metrics_url", None) or metrics_url or default_metrics_url(url)
+        metrics_url = getattr(args, "metrics_url", None) or metrics_url
         report = (_stress if stress else _soak)(args, url, metrics_url, pid, payloads, log)
         report["health_after"] = server_health(url, models, pid)
     report.update({
@@ -112,7 +108,7 @@ def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | Non
             log: Callable[[str], None]) -> dict[str, Any]:
     from cxrlt.contract.manifest import read_manifest
     from loadtest.bench import RawSide
-    from loadtest.metrics import breakdown_json, diff, try_scrape
+    from loadtest.metrics import Counters, breakdown_json
 
     log("reference probabilities: the pipeline in process on the repository's ONNX files")
     with contextlib.closing(RawSide(args.repo, args.model, threads=1)) as raw:
@@ -127,15 +123,14 @@ def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | Non
         saturation = find_saturation(served, payloads, parity, args, log, pid)
         rate = args.overload * saturation["images_per_s"]
         log(f"storm: {rate:.1f} requests/s ({args.overload:g} x {saturation['images_per_s']:.1f}) for {args.duration_s:g} s")
-        before = try_scrape(metrics_url)[0]
-        storm = asyncio.run(_Storm(args, url, payloads, parity).run(rate, served, saturation["unloaded_p50_ms"], pid))
-        after = try_scrape(metrics_url, before, {args.model: storm["admitted"]})[0] if before is not None else None
+        counters = Counters(metrics_url)
+        storm_figures = asyncio.run(storm(args, url, payloads, parity, rate, served, saturation["unloaded_p50_ms"], pid))
+        delta = counters.grown({args.model: storm_figures["admitted"]})
     finally:
         served.close()
     return {"model": args.model, "profile": read_manifest(args.repo).get("profile"), "overload": args.overload,
-            "request_timeout_s": args.timeout_s, "saturation": saturation, "storm": storm,
-            "parity": parity.figures, "targets": STRESS_TARGETS,
-            "triton": breakdown_json(diff(before, after)) if after is not None else None}
+            "request_timeout_s": args.timeout_s, "saturation": saturation, "storm": storm_figures,
+            "parity": parity.figures, "targets": STRESS_TARGETS, "triton": None if delta is None else breakdown_json(delta)}
 
 
 def rejection_reason(status: str | None, message: str | None) -> str:
@@ -167,15 +162,9 @@ def saturation_index(throughputs: Sequence[float], growth: float) -> tuple[int, 
 def recovered_after(probes: Sequence[tuple[float, float | None]], threshold_ms: float, window: int) -> float | None:
     """The first time (seconds after the storm) at which the p50 of the last `window` answered probes is
     <= threshold_ms; probes are (answered at, latency ms or None when refused, which restarts the window)."""
-    latencies: collections.deque[float] = collections.deque(maxlen=window)
-    for at, latency in probes:
-        if latency is None:
-            latencies.clear()
-        else:
-            latencies.append(latency)
-            if len(latencies) == window and float(np.median(latencies)) <= threshold_ms:
-                return at
-    return None
+    latencies = pd.Series([latency for _, latency in probes], dtype=float)  # refused: NaN, which no full window holds
+    back = latencies.rolling(window).median() <= threshold_ms
+    return probes[int(back.idxmax())][0] if back.any() else None
 
 
 class Parity:
@@ -195,32 +184,22 @@ class Parity:
 
 
 class Refusals:
-    """Refused requests by reason, and each distinct (status, message) with its count."""
+    """Refused requests: each one's reason, status, message and latency."""
 
     def __init__(self) -> None:
-        self.latencies_ms: dict[str, list[float]] = {reason: [] for reason in REASONS}
-        self.kinds: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        self.lock = threading.Lock()
+        self.rows: list[tuple[str, str, str, float]] = []  # added to from several threads: list.append is atomic
 
-    def add(self, exc: Exception, latency_ms: float) -> str:
+    def add(self, exc: Exception, latency_ms: float) -> None:
         status, message = error_text(exc)
-        reason = rejection_reason(status, message)
-        with self.lock:
-            self.latencies_ms[reason].append(latency_ms)
-            self.kinds[reason, status, message[:300]] += 1
-        return reason
-
-    @property
-    def total(self) -> int:
-        return sum(len(v) for v in self.latencies_ms.values())
+        self.rows.append((rejection_reason(status, message), status, message[:300], latency_ms))
 
     def to_json(self) -> dict[str, Any]:
-        every = [x for v in self.latencies_ms.values() for x in v]
-        return {
-            "total": self.total, "by_reason": {reason: len(v) for reason, v in self.latencies_ms.items()},
-            "latency": {"all": figures(every), **{reason: figures(v) for reason, v in self.latencies_ms.items()}},
-            "kinds": [{"reason": r, "status": s, "message": m, "count": n} for (r, s, m), n in self.kinds.most_common()],
-        }
+        """The total, the count and latency by reason, and each distinct (reason, status, message) with its count."""
+        frame = pd.DataFrame(self.rows, columns=["reason", "status", "message", "latency_ms"])
+        kinds = frame.groupby(["reason", "status", "message"]).size().sort_values(ascending=False, kind="stable")
+        return {"total": len(frame), "by_reason": frame.reason.value_counts().reindex(REASONS, fill_value=0).to_dict(),
+                "latency": {"all": figures(frame.latency_ms), **{r: figures(frame.latency_ms[frame.reason == r]) for r in REASONS}},
+                "kinds": [{"reason": r, "status": s, "message": m, "count": int(n)} for (r, s, m), n in kinds.items()]}
 
 
 def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity, args: argparse.Namespace,
@@ -241,9 +220,9 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
         total = max(args.saturation_requests, 4 * level)
         log(f"saturation: closed loop at concurrency {level}, {total} requests")
         measured = measure_level(call, payloads, level, total, max(level, len(payloads)), server_pid)
-        if refusals.total:
+        if refusals.rows:
             refused = {"concurrency": level, **{k: v for k, v in refusals.to_json().items() if k in ("total", "by_reason", "kinds")}}
-            note = f"concurrency {level} was refused {refusals.total} time(s): the closed loop outgrew the queue"
+            note = f"concurrency {level} was refused {len(refusals.rows)} time(s): the closed loop outgrew the queue"
             break
         point = {"concurrency": level, **closed_loop_figures(measured["latencies_ms"], measured["wall_s"])}
         points.append({**point, "cpu": _cpu_figures(measured["cpu_s"], measured["wall_s"], point["requests"])})
@@ -257,137 +236,99 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
             "unloaded_p50_ms": points[0]["p50_ms"], "stopped": note, "refused": refused, "cpu": best["cpu"], "sweep": points}
 
 
-class _Storm:
+async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload], parity: Parity, rate: float,
+                served: Served, unloaded_p50_ms: float, server_pid: int | None) -> dict[str, Any]:
     """The open loop (phase 2) on one grpc.aio channel, each image's request serialised once, a second
     channel asking the live endpoint twice a second; then the recovery probes (phase 3)."""
+    import tritonclient.grpc.aio as aio
 
-    def __init__(self, args: argparse.Namespace, url: str, payloads: Sequence[Payload], parity: Parity) -> None:
-        self.args, self.url, self.payloads, self.parity = args, url, payloads, parity
-        self.refusals = Refusals()
-        self.admitted: list[tuple[float, float]] = []  # (answered at, latency ms), seconds from the start
-        self.sent = self.not_sent = self.in_flight = 0  # sent; arrivals dropped at --max-in-flight; outstanding
-        self.live: list[tuple[float, float | None]] = []  # (asked at, answer ms or None)
-        self.send_lag_ms: list[float] = []
+    loop, refusals, done = asyncio.get_running_loop(), Refusals(), asyncio.Event()
+    requests = {p.name: request_bytes(p, args.model, args.hints) for p in payloads}
+    times = arrival_times(rate, args.duration_s, args.arrivals, args.seed, args.max_requests)
+    admitted: list[tuple[float, float]] = []  # (answered at, latency ms), seconds from the start
+    live: list[tuple[float, float | None]] = []  # (asked at, answer ms or None)
+    send_lag_ms, in_flight, not_sent, start = [], set(), 0, loop.time()  # not sent: dropped at --max-in-flight
 
-    async def run(self, rate: float, served: Served, unloaded_p50_ms: float, server_pid: int | None) -> dict[str, Any]:
-        import tritonclient.grpc.aio as aio
-
-        monitor, channel = aio.InferenceServerClient(self.url), grpc.aio.insecure_channel(self.url, options=GRPC_OPTIONS)
-        loop = asyncio.get_running_loop()
-        self.start, done = loop.time(), asyncio.Event()
-        watcher = asyncio.create_task(self._watch_live(monitor, done))
-        times = arrival_times(rate, self.args.duration_s, self.args.arrivals, self.args.seed, self.args.max_requests)
-        before = cpu_sample(server_pid), machine_cpu()
+    async def one(infer: Callable, payload: Payload, sent_at: float) -> None:
         try:
-            tasks = await self._send_all(model_infer(channel), times)
-            storm_end = loop.time()
-            after = cpu_sample(server_pid), machine_cpu()
-            recovery = await self._recover(served, unloaded_p50_ms, storm_end)
-            if tasks:  # whatever the storm left outstanding: answered by now, or given up on
-                _, pending = await asyncio.wait(set(tasks), timeout=self.args.timeout_s + 5.0)
+            response = await infer(requests[payload.name], timeout=args.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every refusal is classified, none is lost
+            refusals.add(exc, 1000 * (loop.time() - start - sent_at))
+        else:
+            answered = loop.time() - start
+            admitted.append((answered, 1000 * (answered - sent_at)))
+            parity(payload, probabilities(response)[0])
+
+    async def watch_live(monitor: Any) -> None:
+        while not done.is_set():
+            asked = loop.time()
+            try:
+                answered = await monitor.is_server_live(client_timeout=5.0)
+            except Exception:  # noqa: BLE001 - no answer is the finding
+                answered = False
+            live.append((asked - start, 1000 * (loop.time() - asked) if answered else None))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.5)
+
+    async with aio.InferenceServerClient(url) as monitor, grpc.aio.insecure_channel(url, options=GRPC_OPTIONS) as channel:
+        watcher, infer, before = asyncio.create_task(watch_live(monitor)), model_infer(channel), cpu_sample(server_pid)
+        psutil.cpu_percent()  # from here on: the next call answers the machine's busy share since this one
+        try:
+            for i, at in enumerate(times):
+                await asyncio.sleep(max(start + at - loop.time(), 0.0))  # behind schedule: still let answers in between sends
+                send_lag_ms.append(1000 * max(0.0, loop.time() - start - at))
+                if len(in_flight) >= args.max_in_flight:
+                    not_sent += 1
+                    continue
+                in_flight.add(task := asyncio.create_task(one(infer, payloads[i % len(payloads)], loop.time() - start)))
+                task.add_done_callback(in_flight.discard)
+            window, sent = loop.time() - start, len(times) - not_sent
+            cpu_s, busy_pct = cpu_used(before, cpu_sample(server_pid)), psutil.cpu_percent()
+            recovery = await recover(args, served, payloads, parity, unloaded_p50_ms)
+            if in_flight:  # whatever the storm left outstanding: answered by now, or given up on
+                _, pending = await asyncio.wait(set(in_flight), timeout=args.timeout_s + 5.0)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         finally:
             done.set()
             await watcher
-            await channel.close()
-            await monitor.close()
-        return self._summary(rate, len(times), storm_end - self.start, before, after, recovery)
+    in_window, answers = [ms for at, ms in admitted if at <= window], [ms for _, ms in live if ms is not None]
+    return {
+        "rate_offered": round(rate, 3), "arrivals": args.arrivals, "duration_s": round(window, 3),
+        "scheduled": len(times), "sent": sent, "not_sent_at_max_in_flight": not_sent,
+        "rate_sent": round(sent / window, 3) if window > 0 else None,
+        "send_lag": figures(send_lag_ms),  # how far behind its schedule the client sent
+        "admitted": len(admitted), "admitted_in_storm": len(in_window),
+        "goodput_images_per_s": round(len(in_window) / window, 3) if window > 0 else 0.0,
+        "admitted_latency": figures([ms for _, ms in admitted]), "rejected": refusals.to_json(),
+        "live_probes": {"asked": len(live), "unanswered": len(live) - len(answers),
+                        **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
+        "cpu": {**_cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(), "machine_busy_share": round(busy_pct / 100, 3)},
+        "recovery": recovery,
+    }
 
-    async def _send_all(self, infer: Callable, times: np.ndarray) -> set[asyncio.Task]:
-        args, loop, start = self.args, asyncio.get_running_loop(), self.start
-        requests = {p.name: request_bytes(p, args.model, args.hints) for p in self.payloads}
 
-        async def one(payload: Payload, sent_at: float) -> None:
-            self.in_flight += 1
-            try:
-                response = await infer(requests[payload.name], timeout=args.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - every refusal is classified, none is lost
-                self.refusals.add(exc, 1000 * (loop.time() - start - sent_at))
-            else:
-                answered = loop.time() - start
-                self.admitted.append((answered, 1000 * (answered - sent_at)))
-                self.parity(payload, probabilities(response)[0])
-            finally:
-                self.in_flight -= 1
-
-        tasks: set[asyncio.Task] = set()
-        for i, at in enumerate(times):
-            await asyncio.sleep(max(start + at - loop.time(), 0.0))  # behind schedule: still let answers in between sends
-            self.send_lag_ms.append(1000 * max(0.0, loop.time() - start - at))
-            if self.in_flight >= args.max_in_flight:
-                self.not_sent += 1
-                continue
-            self.sent += 1
-            task = asyncio.create_task(one(self.payloads[i % len(self.payloads)], loop.time() - start))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        return tasks
-
-    async def _watch_live(self, monitor: Any, done: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        while not done.is_set():
-            asked = loop.time()
-            try:
-                live = await monitor.is_server_live(client_timeout=5.0)
-            except Exception:  # noqa: BLE001 - no answer is the finding
-                live = False
-            self.live.append((asked - self.start, 1000 * (loop.time() - asked) if live else None))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.5)
-
-    async def _recover(self, served: Served, unloaded_p50_ms: float, storm_end: float) -> dict[str, Any]:
-        """Sequential requests from the end of the storm until the p50 of the last window is back."""
-        args, loop, probes = self.args, asyncio.get_running_loop(), []
-        window, recovered_at = 2 * len(self.payloads), None
-        threshold = STRESS_TARGETS["recovery_factor"] * unloaded_p50_ms
-        for payload in itertools.cycle(self.payloads):
-            if recovered_at is not None or loop.time() - storm_end >= args.recovery_timeout_s:
-                break
-            sent, latency = loop.time(), None
-            with contextlib.suppress(grpc.RpcError):
-                self.parity(payload, await asyncio.to_thread(served, 0, payload))
-                latency = 1000 * (loop.time() - sent)
-            probes.append((loop.time() - storm_end, latency))
-            recovered_at = recovered_after(probes, threshold, window)
-        answered = [ms for _, ms in probes if ms is not None]
-        return {
-            "recovered": recovered_at is not None, "seconds": None if recovered_at is None else round(recovered_at, 3),
+async def recover(args: argparse.Namespace, served: Served, payloads: Sequence[Payload], parity: Parity,
+                  unloaded_p50_ms: float) -> dict[str, Any]:
+    """Sequential requests from the end of the storm until the p50 of the last window is back."""
+    loop, probes, recovered_at = asyncio.get_running_loop(), [], None
+    window, threshold, storm_end = 2 * len(payloads), STRESS_TARGETS["recovery_factor"] * unloaded_p50_ms, loop.time()
+    for payload in itertools.cycle(payloads):
+        if recovered_at is not None or loop.time() - storm_end >= args.recovery_timeout_s:
+            break
+        sent, latency = loop.time(), None
+        with contextlib.suppress(grpc.RpcError):
+            parity(payload, await asyncio.to_thread(served, 0, payload))
+            latency = 1000 * (loop.time() - sent)
+        probes.append((loop.time() - storm_end, latency))
+        recovered_at = recovered_after(probes[-window:], threshold, window)
+    answered = [ms for _, ms in probes if ms is not None]
+    return {"recovered": recovered_at is not None, "seconds": None if recovered_at is None else round(recovered_at, 3),
             "threshold_p50_ms": round(threshold, 3), "window_requests": window, "probes": len(probes),
             "probes_refused": len(probes) - len(answered),
             "p50_of_last_window_ms": round(float(np.median(answered[-window:])), 3) if answered else None,
-            "gave_up_after_s": args.recovery_timeout_s,
-        }
-
-    def _summary(self, rate: float, scheduled: int, window: float, before: tuple, after: tuple,
-                 recovery: dict[str, Any]) -> dict[str, Any]:
-        in_window = [latency for at, latency in self.admitted if at <= window]
-        answers = [ms for _, ms in self.live if ms is not None]
-        busy, every = (a - b for a, b in zip(after[1], before[1]))
-        cpu_s = [None if a is None or b is None else b - a for a, b in zip(before[0], after[0])]
-        return {
-            "rate_offered": round(rate, 3), "arrivals": self.args.arrivals, "duration_s": round(window, 3),
-            "scheduled": scheduled, "sent": self.sent, "not_sent_at_max_in_flight": self.not_sent,
-            "rate_sent": round(self.sent / window, 3) if window > 0 else None,
-            "send_lag": figures(self.send_lag_ms),  # how far behind its schedule the client sent
-            "admitted": len(self.admitted), "admitted_in_storm": len(in_window),
-            "goodput_images_per_s": round(len(in_window) / window, 3) if window > 0 else 0.0,
-            "admitted_latency": figures([latency for _, latency in self.admitted]),
-            "rejected": self.refusals.to_json(),
-            "live_probes": {"asked": len(self.live), "unanswered": len(self.live) - len(answers),
-                            **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
-            "cpu": {**_cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(),
-                    "machine_busy_share": round(busy / max(every, 1e-9), 3)},
-            "recovery": recovery,
-        }
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, all) CPU seconds of the whole machine."""
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
-    return busy, busy + t.idle + t.iowait
+            "gave_up_after_s": args.recovery_timeout_s}
 
 
 def _cpu_figures(cpu_s: Sequence[float | None], wall_s: float, admitted: int) -> dict[str, float | None]:
@@ -433,8 +374,11 @@ def stress_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 def stress_plot(report: dict[str, Any], path: Path) -> Path:
     """The saturation sweep's throughput and latency per concurrency, against the storm's offered rate, goodput
     and admitted p95."""
+    from matplotlib.figure import Figure
+
     storm, sweep = report["storm"], pd.DataFrame(report["saturation"]["sweep"]).set_index("concurrency")
-    fig, (throughput, latency) = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    throughput, latency = fig.subplots(1, 2)
     sweep[["images_per_s"]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
     throughput.axhline(storm["rate_offered"], color="tab:red", ls=":", label="offered in the storm")
     throughput.axhline(storm["goodput_images_per_s"], color="tab:green", ls="--", label="goodput in the storm")
@@ -456,17 +400,10 @@ def chunk_bounds(requests: int, sample_every: int, warmup: int) -> list[int]:
     return sorted({0, warmup, requests, *range(sample_every, requests, sample_every)})
 
 
-def soak_targets(args: argparse.Namespace) -> dict[str, float]:
-    return {"max_rss_growth_pct": args.max_rss_growth_pct, "max_rss_slope_mib_per_1000": args.max_rss_slope_mib,
-            "max_fd_growth": 0, "max_shm_file_growth": 0, "max_failures": 0}
-
-
 def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares slope, intercept and the slope's standard error."""
-    slope, intercept = np.polyfit(x, y, 1)
-    residuals, spread = y - (slope * x + intercept), float(np.sum((x - x.mean()) ** 2))
-    stderr = float(np.sqrt(np.sum(residuals ** 2) / (len(x) - 2) / spread)) if len(x) > 2 and spread > 0 else float("nan")
-    return float(slope), float(intercept), stderr
+    """Least-squares slope, intercept and the slope's standard error (from the fit's covariance, scaled by the residuals)."""
+    (slope, intercept), covariance = np.polyfit(x, y, 1, cov=True)
+    return float(slope), float(intercept), float(np.sqrt(covariance[0, 0]))
 
 
 def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup: int) -> dict[str, Any]:
@@ -489,7 +426,7 @@ def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup
                "slope_per_1000": 1000.0 * slope,
                "slope_per_1000_later_half": None if later[0] is None else 1000.0 * later[0],
                "later_half_stderr_per_1000": None if later[2] is None else 1000.0 * later[2],
-               "level_growth": float(statistics.median(y[-window:]) - statistics.median(y[:window]))}
+               "level_growth": float(np.median(y[-window:]) - np.median(y[:window]))}
     return {"metric": metric, "samples": int(len(x)), **{k: v if v is None else round(v, 6) for k, v in figures.items()}}
 
 
@@ -527,19 +464,14 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
         raise LoadTestError(f"no process listening on {url} is visible here: give --server-pid, the server's PID")
     cycle, served = jobs(payloads), Served(url, MODELS[0], args.hints, timeout_s=args.timeout_s)
     served.ensure_clients(args.concurrency)
-    sent, failed, errors, lock = collections.Counter(), collections.Counter(), collections.Counter(), threading.Lock()
+    outcomes: list[tuple[str, str | None]] = []  # (model, the error's first line or None), from several threads
 
-    def call(worker: int, job: tuple[str, Payload]) -> None:  # every failure is counted by model and message
+    def call(worker: int, job: tuple[str, Payload]) -> None:
         try:
             served(worker, job)
-            error = None
-        except Exception as exc:  # noqa: BLE001
-            error = f"{job[0]}: {error_text(exc)[1].splitlines()[0][:200]}"
-        with lock:
-            sent[job[0]] += 1
-            if error is not None:
-                failed[job[0]] += 1
-                errors[error] += 1
+            outcomes.append((job[0], None))
+        except Exception as exc:  # noqa: BLE001 - every failure is counted by model and message
+            outcomes.append((job[0], error_text(exc)[1].splitlines()[0][:200]))
 
     began, latencies, stopped, samples = time.monotonic(), [], None, [sample_tree(pid, 0, 0.0)]
     try:
@@ -557,32 +489,33 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
             except LoadTestError as exc:
                 stopped = f"the server stopped after {stop} requests ({exc})"
                 break
-            samples.append({**sample, "chunk_p50_ms": round(float(np.percentile(chunk, 50)), 2),
-                            "chunk_p95_ms": round(float(np.percentile(chunk, 95)), 2)})
+            chunk_figures = figures(chunk)
+            samples.append({**sample, "chunk_p50_ms": chunk_figures["p50_ms"], "chunk_p95_ms": chunk_figures["p95_ms"]})
             log(f"{stop}/{args.requests} requests: RSS {sample['rss_bytes'] / MIB:.0f} MiB, {sample['fds']} fds, "
-                f"{sample['shm_files']} shm files, {sum(failed.values())} failures")
+                f"{sample['shm_files']} shm files, {sum(error is not None for _, error in outcomes)} failures")
     finally:
         served.close()
-    return _soak_report(args, samples, latencies, time.monotonic() - began, stopped, (sent, failed, errors))
+    return _soak_report(args, samples, latencies, time.monotonic() - began, stopped, outcomes)
 
 
 def _soak_report(args: argparse.Namespace, samples: list[dict[str, Any]], latencies: list[float], wall_s: float,
-                 stopped: str | None, counts: tuple[collections.Counter, ...]) -> dict[str, Any]:
+                 stopped: str | None, outcomes: list[tuple[str, str | None]]) -> dict[str, Any]:
     try:
         series = {key: growth(key, [s["requests"] for s in samples], [s[key] for s in samples], args.warmup) for key in SERIES}
         not_measured = None
     except LoadTestError as exc:  # stopped before enough samples after warm-up
         series, not_measured = {}, str(exc)
-    done, (sent, failed, errors) = samples[-1]["requests"], counts
+    done, errors = samples[-1]["requests"], collections.Counter(f"{m}: {e}" for m, e in outcomes if e is not None)
     load = {key: getattr(args, key) for key in ("requests", "warmup", "sample_every", "concurrency", "image_set", "hints",
                                                 "timeout_s", "time_limit_s")}
     return {
         "load": {**load, "models": list(MODELS)}, "requests_completed": done, "wall_s": round(wall_s, 2), "stopped": stopped,
         "not_measured": not_measured, "requests_per_s": round(done / wall_s, 3) if wall_s > 0 else None,
-        "latency_ms": ({"p50": round(float(np.percentile(latencies, 50)), 2), "p95": round(float(np.percentile(latencies, 95)), 2),
-                        "mean": round(float(np.mean(latencies)), 2)} if latencies else None),
-        "sent": dict(sent), "failed": dict(failed), "errors": dict(errors.most_common(10)),
-        "growth": series, "targets": soak_targets(args), "samples": samples,
+        "latency": figures(latencies), "sent": dict(collections.Counter(m for m, _ in outcomes)),
+        "failed": dict(collections.Counter(m for m, e in outcomes if e is not None)), "errors": dict(errors.most_common(10)),
+        "growth": series, "samples": samples, "targets": {"max_rss_growth_pct": args.max_rss_growth_pct, "max_failures": 0,
+                                                          "max_rss_slope_mib_per_1000": args.max_rss_slope_mib,
+                                                          "max_fd_growth": 0, "max_shm_file_growth": 0},
     }
 
 
@@ -599,9 +532,12 @@ def soak_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def soak_plot(report: dict[str, Any], path: Path) -> Path:
     """RSS, file descriptors, /dev/shm and latency against requests, the warm-up shaded, the fits of RSS and fds drawn."""
+    from matplotlib.figure import Figure
+
     samples, warmup = pd.DataFrame(report["samples"]).set_index("requests"), report["load"]["warmup"]
     samples[["rss_bytes", "rss_anon_bytes", "shm_bytes"]] /= MIB
-    fig, grid = pyplot().subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig = Figure(figsize=(11, 7))
+    grid = fig.subplots(2, 2, sharex=True)
     rss, fds, shm, latency = grid.flat
     samples[["rss_bytes", "rss_anon_bytes"]].plot(ax=rss, style=".-", title="RSS of tritonserver and its children (MiB)")
     samples[["fds"]].plot(ax=fds, style=".-", title="open file descriptors")

@@ -14,6 +14,7 @@ import shutil
 import struct
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
+import pandas as pd
 import psutil
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
@@ -122,37 +124,31 @@ def images_json(payloads: Sequence[Payload], send_hints: bool) -> list[dict[str,
 
 
 def figures(latencies_ms: Sequence[float]) -> dict[str, float | None]:
-    """p50 / p95 / max of a list of latencies (None when empty)."""
-    values = np.asarray(latencies_ms, dtype=float)
-    return {f"{name}_ms": round(float(np.percentile(values, q)), 3) if len(values) else None
-            for name, q in (("p50", 50), ("p95", 95), ("max", 100))}
+    """p50 / p95 / mean / max of a list of latencies (None when empty)."""
+    values = pd.Series(latencies_ms, dtype=float)
+    shown = {"p50": values.quantile(0.5), "p95": values.quantile(0.95), "mean": values.mean(), "max": values.max()}
+    return {f"{name}_ms": None if values.empty else round(float(value), 3) for name, value in shown.items()}
 
 
 def closed_loop_figures(latencies_ms: Sequence[float], wall_s: float) -> dict[str, Any]:
-    """Throughput and latency of a closed loop: its requests, wall time, images/s, p50 / p95 / mean."""
-    values = np.asarray(latencies_ms, dtype=float)
-    return {"requests": len(values), "wall_s": round(wall_s, 4),
-            "images_per_s": round(len(values) / wall_s, 3) if wall_s > 0 else 0.0,
-            "p50_ms": round(float(np.percentile(values, 50)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3),
-            "mean_ms": round(float(np.mean(values)), 3)}
+    """Throughput and latency of a closed loop: its requests, wall time, images/s and `figures`."""
+    return {"requests": len(latencies_ms), "wall_s": round(wall_s, 4),
+            "images_per_s": round(len(latencies_ms) / wall_s, 3) if wall_s > 0 else 0.0, **figures(latencies_ms)}
 
 
 def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int) -> tuple[list[float], float]:
     """`total` calls spread over `concurrency` threads (a shared counter hands out the items in turn):
     (the latency of each call in ms, the wall time in s)."""
-    counter, lock, start_gate = itertools.count(), threading.Lock(), threading.Barrier(concurrency + 1)
+    counter, start_gate = itertools.count(), threading.Barrier(concurrency + 1)  # next(count) holds the GIL: atomic
 
     def worker(worker_id: int) -> list[float]:
         latencies = []
         start_gate.wait()
-        while True:
-            with lock:
-                index = next(counter)
-            if index >= total:
-                return latencies
+        while (index := next(counter)) < total:
             began = time.perf_counter()
             call(worker_id, items[index % len(items)])
             latencies.append((time.perf_counter() - began) * 1000.0)
+        return latencies
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench") as workers:
         futures = [workers.submit(worker, i) for i in range(concurrency)]
@@ -167,15 +163,14 @@ def measure_level(call: Callable[[int, Any], Any], items: Sequence[Any], concurr
     """One concurrency level of a closed loop (bench's sweep, stress's saturation search): `warmup` untimed calls,
     then `total` timed ones: their latencies, the wall time, CPU seconds of this process and of the server's tree
     (None: not known), and with `metrics_url` Triton's counters over the timed calls (None: no scrape)."""
-    from loadtest.metrics import diff, try_scrape
+    from loadtest.metrics import Counters
 
     if warmup:
         drive(call, items, concurrency, warmup)
-    scraped, before = try_scrape(metrics_url)[0], cpu_sample(server_pid)
+    counters, before = Counters(metrics_url), cpu_sample(server_pid)
     latencies, wall_s = drive(call, items, concurrency, total)
-    cpu_s = [None if a is None else b - a for a, b in zip(before, cpu_sample(server_pid))]
-    after = try_scrape(metrics_url, scraped, {model: total})[0] if scraped is not None else None
-    return {"latencies_ms": latencies, "wall_s": wall_s, "cpu_s": cpu_s, "triton": None if after is None else diff(scraped, after)}
+    return {"latencies_ms": latencies, "wall_s": wall_s, "cpu_s": cpu_used(before, cpu_sample(server_pid)),
+            "triton": counters.grown({model: total})}
 
 
 def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
@@ -302,16 +297,25 @@ def cpu_sample(root: int | None) -> tuple[float, float | None]:
     return time.process_time(), total
 
 
+def cpu_used(before: Sequence[float | None], after: Sequence[float | None]) -> list[float | None]:
+    """The CPU seconds between two `cpu_sample`s (None where unknown)."""
+    return [None if a is None or b is None else b - a for a, b in zip(before, after)]
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def address(url: str) -> urllib.parse.SplitResult:
+    """HOST:PORT, [IPv6]:PORT or grpc://HOST:PORT/ split by urllib: .netloc is HOST:PORT, .hostname and .port."""
+    return urllib.parse.urlsplit("//" + url.split("://", 1)[-1])
 
 
 def require_loopback(url: str, why: str) -> str:
     """The host of HOST:PORT when it is a loopback address (127.0.0.0/8, ::1, localhost), else ValueError."""
     from cxrlt.server.launcher import is_loopback
 
-    rest = url.split("://", 1)[-1]
-    host = rest[1:].split("]", 1)[0] if rest.startswith("[") else rest.rsplit(":", 1)[0]
+    host = address(url).hostname or ""
     if not is_loopback(host):
         raise ValueError(f"{url}: {why} goes to loopback addresses only (127.0.0.0/8, ::1, localhost), not {host!r}: "
                          "run it on the server's host")
@@ -320,7 +324,7 @@ def require_loopback(url: str, why: str) -> str:
 
 def listening_pid(url: str) -> int | None:
     """The process listening on the URL's port on this host, if visible."""
-    port = int(url.rsplit(":", 1)[1])
+    port = address(url).port
     try:
         connections = psutil.net_connections(kind="tcp")
     except (psutil.AccessDenied, OSError):
@@ -335,16 +339,13 @@ def server_health(url: str, models: Sequence[str], pid: int | None = None, timeo
     import tritonclient.grpc as grpcclient
 
     health: dict[str, Any] = {"process_alive": None if pid is None else alive(pid)}
-    client = grpcclient.InferenceServerClient(url, **(tls or {}))
-    try:
+    with grpcclient.InferenceServerClient(url, **(tls or {})) as client:
         for key, ask in (("live", client.is_server_live), ("ready", client.is_server_ready),
                          ("model_ready", lambda **kw: all(client.is_model_ready(m, **kw) for m in models))):
             try:
                 health[key] = bool(ask(client_timeout=timeout))
             except Exception:  # noqa: BLE001 - no answer is the finding
                 health[key] = False
-    finally:
-        client.close()
     return health
 
 
@@ -360,10 +361,12 @@ def check_server(url: str, models: Sequence[str], timeout: float = 10.0, tls: di
 @contextlib.contextmanager
 def target_server(repo: Path | None, url: str | None, log_file: Path | None = None, pid: int | None = None,
                   log: Callable[[str], None] = lambda message: None) -> Iterator[tuple[str, str | None, int | None]]:
-    """(gRPC URL, metrics URL, server PID): the server at `url` (its PID given or found by its port),
-    or the embedded tritonserver started on `repo` on free ports and stopped on leaving."""
+    """(gRPC URL, metrics URL, server PID): the server at `url` (Triton's default metrics port on its host, its PID
+    given or found by its port), or the embedded tritonserver started on `repo` on free ports and stopped on leaving."""
     if url is not None:
-        yield url, None, pid if pid is not None else listening_pid(url)
+        from loadtest.metrics import default_metrics_url
+
+        yield url, default_metrics_url(url), pid if pid is not None else listening_pid(url)
         return
     from cxrlt.server.launcher import TritonServer, free_port
 
@@ -381,24 +384,12 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
 # --- output ----------------------------------------------------------------------------------
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(fig: Any, path: Path, title: str) -> Path:
-    """Title, lay out, write and close a matplotlib figure."""
-    plt = pyplot()
+    """Title, lay out and write a matplotlib Figure (made without pyplot: no display, nothing to close)."""
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

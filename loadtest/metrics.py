@@ -8,15 +8,14 @@ to the networks); request: end to end inside Triton.
 from __future__ import annotations
 
 import math
-import re
 import time
 import urllib.request
-from collections import defaultdict
+from collections import Counter
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from loadtest.kernel import MODELS
+from loadtest.kernel import MODELS, address
 
 # per_model's column -> Triton counter: counts, then durations (averaged per successful request, in ms)
 COUNTS = {"requests": "nv_inference_request_success", "failures": "nv_inference_request_failure",
@@ -26,8 +25,6 @@ DURATIONS = {"queue_ms": "nv_inference_queue_duration_us", "compute_input_ms": "
              "compute_output_ms": "nv_inference_compute_output_duration_us",
              "request_ms": "nv_inference_request_duration_us"}
 COUNTERS = (*COUNTS.values(), *DURATIONS.values())
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?\s*$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 Snapshot = dict[str, dict[str, float]]  # {metric: {model: value}}, summed over versions (and failure reasons)
 
 
@@ -37,78 +34,69 @@ class MetricsError(RuntimeError):
 
 def parse_prometheus(text: str, names: Iterable[str] = COUNTERS) -> Snapshot:
     """The per-model values of the named metrics in Prometheus text exposition format."""
-    snapshot: Snapshot = {name: defaultdict(float) for name in names}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line.strip())
-        if not match or match.group(1) not in snapshot:
-            continue
-        name, labels, value = match.groups()
-        model = dict(_LABEL.findall(labels or "")).get("model")
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        if model is not None and math.isfinite(number):
-            snapshot[name][model] += number
+    from prometheus_client.parser import text_string_to_metric_families
+
+    snapshot: dict[str, Counter] = {name: Counter() for name in names}
+    for family in text_string_to_metric_families(text):  # a counter family's name has no "_total"
+        for sample in family.samples if family.name in snapshot else ():
+            if "model" in sample.labels and math.isfinite(sample.value):
+                snapshot[family.name][sample.labels["model"]] += sample.value
     return {name: dict(values) for name, values in snapshot.items()}
 
 
-def scrape(url: str, timeout: float = 5.0) -> Snapshot:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return parse_prometheus(response.read().decode("utf-8", errors="replace"))
-    except OSError as exc:
-        raise MetricsError(f"could not read Triton metrics at {url}: {exc}") from exc
-
-
-def scrape_settled(url: str, before: Snapshot, expected: Mapping[str, int], timeout: float = 3.0,
-                   interval: float = 0.05) -> Snapshot:
-    """Scrape after a run, waiting (up to `timeout`) until each model in `expected` has counted that many
-    requests: Triton counts a request when it releases it, a moment after the client has its response,
-    and a request that never reached Triton (a client timeout) never counts."""
-    deadline = time.monotonic() + timeout
+def scrape(url: str, before: Snapshot | None = None, expected: Mapping[str, int] | None = None, settle_s: float = 3.0,
+           interval: float = 0.05) -> Snapshot:
+    """One scrape; with `before`, the scrape after a run, taken once each model in `expected` has counted that many
+    requests (or after `settle_s`): Triton counts a request when it releases it, a moment after the client has its
+    response, and a request that never reached Triton (a client timeout) never counts."""
+    deadline = time.monotonic() + settle_s
     while True:
-        after = scrape(url)
-        delta = diff(before, after)
-        if time.monotonic() >= deadline or all(sum(delta.get(COUNTS[k], {}).get(model, 0.0) for k in ("requests", "failures"))
-                                               >= wanted for model, wanted in expected.items()):
+        try:
+            with urllib.request.urlopen(url, timeout=5.0) as response:
+                after = parse_prometheus(response.read().decode("utf-8", errors="replace"))
+        except OSError as exc:
+            raise MetricsError(f"could not read Triton metrics at {url}: {exc}") from exc
+        if before is None or time.monotonic() >= deadline:
+            return after
+        counted = diff(before, after)[[COUNTS["requests"], COUNTS["failures"]]].sum(axis=1)
+        if all(counted.get(model, 0.0) >= wanted for model, wanted in (expected or {}).items()):
             return after
         time.sleep(interval)
 
 
-def try_scrape(url: str | None, before: Snapshot | None = None,
-               expected: Mapping[str, int] | None = None) -> tuple[Snapshot | None, str | None]:
-    """(snapshot, None), or (None, why there is none): a run reports without Triton's figures rather than
-    failing. With `before`, the scrape after a run (`scrape_settled`)."""
-    if url is None:
-        return None, "metrics disabled"
-    try:
-        return (scrape(url) if before is None else scrape_settled(url, before, expected or {})), None
-    except MetricsError as exc:
-        return None, str(exc)
+def diff(before: Snapshot, after: Snapshot) -> pd.DataFrame:
+    """What each counter grew by between two scrapes: one row per model, one column per counter."""
+    return pd.DataFrame(after).sub(pd.DataFrame(before), fill_value=0.0).reindex(columns=COUNTERS).fillna(0.0)
 
 
-def diff(before: Snapshot, after: Snapshot) -> Snapshot:
-    return {name: {model: value - before.get(name, {}).get(model, 0.0) for model, value in values.items()}
-            for name, values in after.items()}
+class Counters:
+    """Triton's counters over a span of a run, scraped when made; a run reports without Triton's figures
+    rather than failing (`error` says why there are none)."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url, self.before, self.error = url, None, "metrics disabled" if url is None else None
+        try:
+            self.before = scrape(url) if url is not None else None
+        except MetricsError as exc:
+            self.error = str(exc)
+
+    def grown(self, expected: Mapping[str, int]) -> pd.DataFrame | None:
+        """What each counter grew by since (`scrape` after a run), or None."""
+        if self.before is None:
+            return None
+        try:
+            return diff(self.before, scrape(self.url, self.before, expected))
+        except MetricsError as exc:
+            self.error = str(exc)
+            return None
 
 
-def add(total: Snapshot | None, delta: Snapshot) -> Snapshot:
-    """Sum two diffs (e.g. the served runs of several benchmark rounds)."""
-    out = {name: dict(values) for name, values in (total or {}).items()}
-    for name, values in delta.items():
-        for model, value in values.items():
-            out.setdefault(name, {})[model] = out.get(name, {}).get(model, 0.0) + value
-    return out
-
-
-def per_model(delta: Snapshot) -> pd.DataFrame:
+def per_model(delta: pd.DataFrame) -> pd.DataFrame:
     """One row per model from a diff of two scrapes, the public models first, models without requests left out:
     its counts (requests: successful ones, for a network model the BLS calls from the pipelines; inferences: images
     inferred; executions: a dynamic batch is one) and its times averaged per successful request in ms."""
-    frame = pd.DataFrame({key: pd.Series(delta.get(name, {}), dtype=float) for key, name in {**COUNTS, **DURATIONS}.items()})
-    frame = frame.fillna(0.0)
-    frame = frame[(frame.requests > 0) | (frame.failures > 0)]
+    frame = delta.rename(columns={name: key for key, name in {**COUNTS, **DURATIONS}.items()})
+    frame = frame[(frame.requests > 0) | (frame.failures > 0)].copy()
     frame[list(DURATIONS)] = frame[list(DURATIONS)].div(frame.requests.where(frame.requests > 0), axis=0).fillna(0.0) / 1000.0
     frame[list(COUNTS)] = frame[list(COUNTS)].round().astype(int)
     frame["compute_ms"] = frame.compute_input_ms + frame.compute_infer_ms + frame.compute_output_ms
@@ -118,7 +106,7 @@ def per_model(delta: Snapshot) -> pd.DataFrame:
     return frame.loc[order].round(3)
 
 
-def breakdown_json(delta: Snapshot) -> dict[str, dict[str, Any]]:
+def breakdown_json(delta: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return per_model(delta).to_dict("index")
 
 
@@ -136,5 +124,5 @@ def member_calls_per_image(rows: pd.DataFrame, entry_model: str) -> dict[str, An
 
 def default_metrics_url(grpc_url: str, port: int = 8002) -> str:
     """Triton's default metrics URL on the gRPC endpoint's host."""
-    host = grpc_url.split("://", 1)[-1].rsplit(":", 1)[0] or "127.0.0.1"
-    return f"http://{host}:{port}/metrics"
+    host = address(grpc_url).hostname or "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.contract.resources import package_file, package_root
-from loadtest import metrics as triton_metrics
-from loadtest.kernel import IMAGE_SETS, MODELS, LoadTestError, check, check_server, verdicts, write_json
+from loadtest.kernel import IMAGE_SETS, MODELS, LoadTestError, address, check, check_server, verdicts, write_json
+from loadtest.metrics import Counters, breakdown_json
 
 UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}  # the target keys
 LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
@@ -133,7 +132,7 @@ class LoadTestConfig:
     report_path: Path | None = None  # None: OUT/report.json
 
     def __post_init__(self) -> None:
-        self.url, self.out = self.url.split("://", 1)[-1].rstrip("/"), Path(self.out)
+        self.url, self.out = address(self.url).netloc, Path(self.out)
         if self.users < 1 or not self.spawn_rate > 0:
             raise ValueError("--users must be at least 1 and --spawn-rate positive")
         if self.image_set not in IMAGE_SETS:
@@ -174,19 +173,14 @@ def run_locust(config: LoadTestConfig) -> Path:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(package_root("loadtest")), os.environ.get("PYTHONPATH")) if p))
     env.setdefault("OMP_NUM_THREADS", "1")  # the client decodes images, it does not need a thread pool
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(locust_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=config.out, env=env,
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=budget)
-        except BaseException as exc:
-            os.killpg(process.pid, signal.SIGKILL if isinstance(exc, subprocess.TimeoutExpired) else signal.SIGTERM)
-            process.wait()
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise LoadTestError(f"locust did not finish within {budget:.0f} s and was stopped; see {log_path}") from None
-            raise
+        try:  # its own session: Ctrl-C reaches this process, which stops locust (subprocess.run kills it on any exception)
+            done = subprocess.run(locust_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=config.out, env=env,
+                                  start_new_session=True, timeout=budget)
+        except subprocess.TimeoutExpired:
+            raise LoadTestError(f"locust did not finish within {budget:.0f} s and was stopped; see {log_path}") from None
     if not (config.out / "locust_stats.csv").is_file():
         tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-20:])
-        raise LoadTestError(f"locust exited with status {process.returncode} and wrote no statistics:\n{tail}")
+        raise LoadTestError(f"locust exited with status {done.returncode} and wrote no statistics:\n{tail}")
     return log_path
 
 
@@ -213,21 +207,18 @@ def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
     out, report_path = config.out, config.report_path or config.out / "report.json"
     require_locust()
     check_server(config.url, [m for m, w in config.weights.items() if w > 0], tls=config.tls)
-    before, error = triton_metrics.try_scrape(config.metrics_url)
-    started = time.time()
+    counters, started = Counters(config.metrics_url), time.time()
     log_path = run_locust(config)
     wall_s = time.time() - started
     per_model, aggregated = read_locust_stats(out / "locust_stats.csv")
-    if before is not None:
-        after, error = triton_metrics.try_scrape(config.metrics_url, before, {m: f["requests"] for m, f in per_model.items()})
-    triton = triton_metrics.breakdown_json(triton_metrics.diff(before, after)) if before is not None and after is not None else None
+    delta = counters.grown({model: figures["requests"] for model, figures in per_model.items()})
     load = {key: getattr(config, key) for key in ("users", "spawn_rate", "duration_s", "weights", "image_set", "send_hints",
                                                   "request_timeout_s")}
     report = {
         "url": config.url, "metrics_url": config.metrics_url, "profile": config.profile,
         "load": {**load, "locust_wall_s": round(wall_s, 2)},
         "locust": {"models": per_model, "aggregated": aggregated, "failures": read_locust_failures(out / "locust_failures.csv")},
-        "triton": {"models": triton} if triton is not None else None, "triton_error": None if triton is not None else error,
+        "triton": None if delta is None else {"models": breakdown_json(delta)}, "triton_error": counters.error,
         "targets": config.targets, **verdicts(check_targets(config.targets, aggregated, per_model)),
         "files": {"stats_csv": str(out / "locust_stats.csv"), "failures_csv": str(out / "locust_failures.csv"),
                   "html": str(out / "report.html"), "locust_log": str(log_path), "report": str(report_path)},

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from cxrlt.contract.resources import package_file
-from loadtest.metrics import add, diff, parse_prometheus, per_model, scrape_settled
+from loadtest.metrics import diff, parse_prometheus, per_model, scrape
 from loadtest.runner import (LoadTestConfig, ProfileError, check_targets, load_profile, locust_command, parse_duration,
                              read_locust_failures, read_locust_stats)
 
@@ -48,7 +48,7 @@ def test_metrics_breakdown_from_two_scrapes():
     assert classifier["queue_ms"] == pytest.approx(0.1) and classifier["compute_ms"] == pytest.approx(10.0)
     assert router["queue_ms"] == pytest.approx(2.0) and router["compute_ms"] == pytest.approx(3.0)
     assert router["avg_batch"] == pytest.approx(2.0) and router["queue_share"] == pytest.approx(0.4)
-    doubled = per_model(add(diff(before, after), diff(before, after))).loc["projection_router"]
+    doubled = per_model(diff(before, after).add(diff(before, after), fill_value=0)).loc["projection_router"]
     assert doubled.requests == 40 and doubled.queue_ms == pytest.approx(2.0)
 
 
@@ -80,10 +80,10 @@ def test_scrape_after_a_run_waits_for_the_last_request_to_be_counted():
     server, served = _serve_scrapes([page(29), page(29), page(30)])
     try:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
-        after = scrape_settled(url, before, {"cxr_classifier": 20}, interval=0.01)
+        after = scrape(url, before, {"cxr_classifier": 20}, interval=0.01)
         assert per_model(diff(before, after)).requests.iloc[0] == 20 and served[0] == 3
         # A request that never reached Triton never counts: the wait ends at the timeout.
-        after = scrape_settled(url, before, {"cxr_classifier": 21}, timeout=0.1, interval=0.01)
+        after = scrape(url, before, {"cxr_classifier": 21}, settle_s=0.1, interval=0.01)
         assert per_model(diff(before, after)).requests.iloc[0] == 20 and served[0] > 4
     finally:
         server.shutdown()

@@ -72,10 +72,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.send_size is not None and args.shared_memory:
         raise ValueError("--send-size is for a remote server and --shared-memory for one on this host: choose one")
-    if args.url and not args.metrics_url:
-        from loadtest.metrics import default_metrics_url
-
-        args.metrics_url = default_metrics_url(args.url)
     out = report_folder(args, "bench")
     if args.compare:
         return run_compare(args, out)
