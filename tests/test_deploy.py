@@ -1,12 +1,14 @@
 """deploy/: every overlay renders with `kubectl kustomize`, validates offline against the
 Kubernetes 1.32 API schemas (kubernetes-validate, strict), and keeps the settings that
 deploy/README.md promises (security, probes, graceful termination, NetworkPolicy, HPA metric
-chain, no literal admin key).
+chain, no literal admin key, the pinned release and explicit model control, the KServe canary).
 
 Custom resources (PrometheusRule, ServiceMonitor, InferenceService, ServingRuntime) have no
 schema in kubernetes-validate: they get a small structural check of apiVersion, kind and the
 fields their controllers require, and the core objects embedded in them (containers, volumes,
-pod security context) are validated against the Pod schema.
+pod security context) are validated against the Pod schema. The Serverless (Knative) overlays'
+predictor and runtime are also held to the rules Knative Serving's webhook applies to a
+revision's pod (its field masks and port rules), so a field Knative refuses fails here.
 
 Needs `kubectl` (1.32, with Kustomize v5) on PATH; no cluster, no network.
 """
@@ -25,8 +27,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cxrlt.contract.releases import RELEASE_ENV  # the variable the pipeline models read
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-OVERLAYS = ("cpu", "gpu", "kserve")
+OVERLAYS = ("cpu", "gpu", "kserve", "kserve-serverless", "kserve-canary")
+KSERVE = ("kserve", "kserve-serverless", "kserve-canary")
+KNATIVE = ("kserve-serverless", "kserve-canary")  # KServe in Serverless mode: Knative revisions
 K8S_VERSION = "1.32"
 NAMESPACE = "cxrlt"
 
@@ -34,6 +40,7 @@ TRITON_LABELS = {"app.kubernetes.io/name": "cxrlt-triton", "app.kubernetes.io/co
 PACS_NODE_LABEL = {"app.kubernetes.io/name": "cxrlt-dicom-node"}
 RESTRICTED = {"model-repository", "shared-memory", "statistics", "trace", "logging"}
 HEALTH_PREFIX = ["cxrlt", "health", "--url", "127.0.0.1:8001", "--timeout-s"]
+KNATIVE_ROUTE = "cxrlt-predictor.cxrlt.svc.cluster.local:80"
 STARTUP_BUDGET_S = 600
 
 Obj = dict[str, Any]
@@ -338,8 +345,13 @@ def test_triton_probes(rendered, overlay):
     assert readiness["timeoutSeconds"] > float(command[5]), f"{overlay}: probe times out before `cxrlt health` does"
 
     liveness = container["livenessProbe"]
-    assert liveness["httpGet"]["path"] == "/v2/health/live", f"{overlay}: liveness {liveness}"
-    assert liveness["httpGet"]["port"] in (8000, "http")
+    if overlay in KNATIVE:
+        # Knative rewrites an HTTP liveness probe's port to the serving port (gRPC here); it leaves
+        # a gRPC probe alone, and Triton answers grpc.health.v1 on its gRPC port.
+        assert liveness.get("grpc") == {"port": 8001} and "httpGet" not in liveness, f"{overlay}: liveness {liveness}"
+    else:
+        assert liveness["httpGet"]["path"] == "/v2/health/live", f"{overlay}: liveness {liveness}"
+        assert liveness["httpGet"]["port"] in (8000, "http")
 
     startup = container["startupProbe"]
     assert "httpGet" in startup and startup["httpGet"]["path"].startswith("/v2/health/")
@@ -373,10 +385,32 @@ def test_triton_arguments_and_admin_key(rendered, overlay):
     assert secret["name"] and secret["key"] and "value" not in env["ADMIN_KEY"]
 
     exit_timeout = int(_flag(args, "--exit-timeout-secs") or 30)
+    if overlay in KNATIVE:
+        # Knative refuses both and provides them: its own preStop drains the queue-proxy first, and
+        # the grace period is the revision's timeout (300 s unless the predictor sets `timeout`).
+        assert "lifecycle" not in container and "terminationGracePeriodSeconds" not in pod, overlay
+        assert pod.get("timeout", 300) >= exit_timeout + 15, f"{overlay}: revision timeout below Triton's exit timeout"
+        return
     pre_stop = container["lifecycle"]["preStop"]
     sleep = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else 0
     assert sleep > 0, f"{overlay}: no preStop sleep"
     assert pod["terminationGracePeriodSeconds"] >= sleep + exit_timeout, f"{overlay}: grace period too short"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_runs_in_explicit_model_control_with_every_model_loaded(rendered, overlay):
+    """`cxrlt release --url` reloads the pipeline models through the model-repository API, which
+    only explicit mode offers; `--load-model=*` keeps loading everything at start (without it a pod
+    would load nothing and never become ready), and Triton refuses it beside another --load-model."""
+    _, container, _ = triton(rendered[overlay])
+    args = container["args"]
+    assert _flag(args, "--model-control-mode") == "explicit", f"{overlay}: {_flag(args, '--model-control-mode')}"
+    loads = [a for a in args if a.startswith("--load-model")]
+    assert loads == ["--load-model=*"], f"{overlay}: {loads}"
+    assert not [a for a in args if a.startswith("--repository-poll-secs")], f"{overlay}: repository polling"
+    assert _flag(args, "--exit-on-error") == "true", f"{overlay}: a model that fails to load at start must stop the pod"
+    # The reload API stays behind the admin key (checked for every restricted protocol above).
+    assert "model-repository" in _flag(args, "--grpc-restricted-protocol").partition(":")[0].split(",")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -407,9 +441,10 @@ def test_each_overlay_serves_its_repository(rendered, rendered_s3):
 
     assert repository(rendered["cpu"]).startswith("/models/")
     assert "tensorrt" in repository(rendered["gpu"])
-    isvc = only(rendered["kserve"], "InferenceService")
-    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "triton"
-    assert not [d for d in kinds(rendered["kserve"], "Deployment")], "kserve overlay still renders a Deployment"
+    for overlay in KSERVE:
+        isvc = only(rendered[overlay], "InferenceService")
+        assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "triton"
+        assert not [d for d in kinds(rendered[overlay], "Deployment")], f"{overlay} overlay still renders a Deployment"
 
     assert repository(rendered_s3).startswith("s3://")
     _, container, volumes = triton(rendered_s3)
@@ -450,6 +485,21 @@ def test_network_policy_admits_inference_only_from_the_pacs_node(rendered, overl
     dicom = only(objects, "StatefulSet", "cxrlt-dicom-node")
     assert selects(PACS_NODE_LABEL, dicom["spec"]["template"]["metadata"]["labels"]), "DICOM node lacks the PACS label"
 
+    # Nothing else is open; in Serverless mode only Knative's data plane reaches its queue-proxy.
+    triton_ports, knative_ports = {8000, 8001, 8002}, {8012, 8013, 9090}
+    for rule in rules:
+        ports = _ports(rule)
+        assert ports, f"{overlay}: a rule admits every port: {rule}"
+        if ports <= triton_ports:
+            continue
+        assert overlay in KNATIVE and ports <= knative_ports, f"{overlay}: opens {ports - triton_ports}"
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"}, f"{overlay}: queue-proxy ports admit {peer}"
+            namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            assert namespace in ("knative-serving", "istio-system"), f"{overlay}: queue-proxy ports admit {namespace}"
+    if overlay in KNATIVE:
+        assert any(8013 in _ports(r) for r in rules), f"{overlay}: Knative cannot reach the pods' h2c queue-proxy port"
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_and_disruption_budget(rendered, overlay):
@@ -457,7 +507,13 @@ def test_services_and_disruption_budget(rendered, overlay):
     labels = triton_pod_labels(objects)
     service = only(objects, "Service", "cxrlt-triton")
     assert selects(service["spec"]["selector"], labels)
-    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", 8001), ("http", 8000), ("metrics", 8002)}
+    if overlay in KNATIVE:
+        # Only metrics: gRPC or HTTP through this Service would reach every revision's pods around
+        # the traffic split; by port number, as the Knative pod declares its serving port only.
+        assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", 8002, 8002)]
+        assert not [s for s in kinds(objects, "Service") if s["metadata"]["name"] == "cxrlt-triton-headless"]
+    else:
+        assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", 8001), ("http", 8000), ("metrics", 8002)}
     dicom = only(objects, "Service", "cxrlt-dicom-node")
     assert ("dicom", 11112) in {(p["name"], p["port"]) for p in dicom["spec"]["ports"]}
 
@@ -489,7 +545,18 @@ def _recording_rules(groups: list[Obj]) -> dict[str, str]:
     return {r["record"]: r["expr"] for g in groups for r in g["rules"] if "record" in r}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", KNATIVE)
+def test_knative_scales_the_revisions_without_the_hpa(rendered, overlay):
+    objects = rendered[overlay]
+    assert not kinds(objects, "HorizontalPodAutoscaler"), f"{overlay}: an HPA would target a Deployment Knative never creates"
+    isvc = only(objects, "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert "serving.kserve.io/autoscalerClass" not in isvc["metadata"]["annotations"], "Knative's own autoscaler scales"
+    assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] >= 1
+    assert 2 <= predictor["minReplicas"] <= predictor["maxReplicas"], "one replica leaves nothing serving during a drain"
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o not in KNATIVE])
 def test_hpa_metric_is_the_recorded_and_adapted_series(rendered, overlay):
     objects = rendered[overlay]
     hpa = only(objects, "HorizontalPodAutoscaler")
@@ -523,6 +590,238 @@ def test_hpa_metric_is_the_recorded_and_adapted_series(rendered, overlay):
     assert re.fullmatch(rule["name"]["matches"], name)
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+# --------------------------------------------------------------------------- releases
+
+
+def render_overlay(root: Path, resources: list[Path], **fields: Any) -> list[Obj]:
+    """Render a user's overlay in `root` over `resources` (kustomize refuses absolute paths to other roots)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(r, root) for r in resources], **fields,
+    }))
+    return kustomize(root)
+
+
+def _release_of(value: str, where: str) -> int:
+    assert re.fullmatch(r"[1-9][0-9]*", value or ""), f"{where}: {RELEASE_ENV}={value!r} is not a release number"
+    return int(value)
+
+
+def _isvc_release(isvc: Obj) -> int:
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"].get("env", [])}
+    assert RELEASE_ENV in env, f"InferenceService {isvc['metadata']['name']} pins no release"
+    assert "valueFrom" not in env[RELEASE_ENV], "a literal: kustomize does not rewrite generated names inside a custom resource"
+    return _release_of(env[RELEASE_ENV]["value"], "InferenceService")
+
+
+def _deployment_release(objects: list[Obj]) -> tuple[str, int]:
+    """(the ConfigMap the Triton container's CXRLT_RELEASE comes from, its value)."""
+    _, container, _ = triton(objects)
+    env = {e["name"]: e for e in container["env"]}
+    ref = env[RELEASE_ENV]["valueFrom"]["configMapKeyRef"]
+    assert ref["key"] == RELEASE_ENV and not ref.get("optional"), f"{RELEASE_ENV} must come from the ConfigMap: {ref}"
+    config = only(objects, "ConfigMap", ref["name"])
+    assert config["metadata"]["name"].startswith("cxrlt-triton-repository-"), "not the generated (hash-named) ConfigMap"
+    return ref["name"], _release_of(config["data"][RELEASE_ENV], ref["name"])
+
+
+@pytest.mark.parametrize("overlay", ("cpu", "gpu"))
+def test_the_configmap_pins_the_release_of_every_pod(rendered, overlay):
+    _deployment_release(rendered[overlay])
+
+
+def test_changing_the_pinned_release_rolls_the_deployment_out(rendered, rendered_s3, tmp_path):
+    """A user's overlay that sets CXRLT_RELEASE=2: the env var then names another generated
+    ConfigMap, so the pod template changes (a rolling update) and nothing else in it does."""
+    before = only(rendered["cpu"], "Deployment", "cxrlt-triton")
+    name_before, release_before = _deployment_release(rendered["cpu"])
+    objects = render_overlay(tmp_path / "release-2", [DEPLOY / "overlays" / "cpu"], configMapGenerator=[{
+        "name": "cxrlt-triton-repository", "behavior": "merge", "literals": [f"{RELEASE_ENV}=2"]}])
+    name_after, release_after = _deployment_release(objects)
+    assert (release_before, release_after) == (1, 2)
+    assert name_after != name_before, "the pod template would not change: no rollout"
+    after = only(objects, "Deployment", "cxrlt-triton")
+    assert yaml.safe_dump(after).replace(name_after, name_before) == yaml.safe_dump(before)
+    _deployment_release(rendered_s3)  # the s3 component keeps the pin
+
+
+@pytest.mark.parametrize("overlay", KSERVE)
+def test_each_inference_service_pins_a_release(rendered, overlay):
+    _isvc_release(only(rendered[overlay], "InferenceService"))
+
+
+def test_raw_deployment_kserve_has_no_canary(rendered):
+    """KServe ignores canaryTrafficPercent in RawDeployment mode without an error (kserve#5335):
+    the candidate would silently take all the traffic."""
+    isvc = only(rendered["kserve"], "InferenceService")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+
+
+def test_kserve_canary_is_the_stable_state_with_the_candidate_release_and_a_traffic_share(rendered):
+    stable, canary = rendered["kserve-serverless"], rendered["kserve-canary"]
+    stable_isvc, canary_isvc = only(stable, "InferenceService"), only(canary, "InferenceService")
+    assert canary_isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in ("Serverless", "Knative"), \
+        "canaryTrafficPercent splits traffic only between Knative revisions"
+    percent = canary_isvc["spec"]["predictor"]["canaryTrafficPercent"]
+    assert isinstance(percent, int) and 0 < percent < 100, f"canaryTrafficPercent {percent}"
+    assert "canaryTrafficPercent" not in stable_isvc["spec"]["predictor"], "the stable state must send 100 % to one revision"
+    live, candidate = _isvc_release(stable_isvc), _isvc_release(canary_isvc)
+    assert candidate != live, f"the canary serves the live release {live}"
+
+    # The candidate revision is the stable one with another release: same storageUri, image and
+    # settings. So promoting (the stable overlay with the candidate's release) changes no pod
+    # template: Knative keeps the canary's revision and its pods, now at 100 %.
+    def without_canary(isvc: Obj, release: int) -> Obj:
+        isvc = copy.deepcopy(isvc)
+        isvc["spec"]["predictor"].pop("canaryTrafficPercent", None)
+        for env in isvc["spec"]["predictor"]["model"]["env"]:
+            if env["name"] == RELEASE_ENV:
+                env["value"] = str(release)
+        return isvc
+
+    assert without_canary(canary_isvc, 0) == without_canary(stable_isvc, 0)
+    others = lambda objects: sorted(yaml.safe_dump(o) for o in objects if o["kind"] != "InferenceService")  # noqa: E731
+    assert others(canary) == others(stable), "the canary overlay changes more than the InferenceService"
+
+
+# What Knative Serving's webhook admits in a revision's pod with its default feature flags
+# (knative/serving pkg/apis/serving/fieldmask.go and k8s_validation.go, August 2026). KServe copies
+# the predictor's pod fields and the runtime's container into the Knative Service it creates.
+KNATIVE_POD_FIELDS = {"serviceAccountName", "containers", "volumes", "imagePullSecrets", "enableServiceLinks",
+                      "automountServiceAccountToken"}
+KNATIVE_CONTAINER_FIELDS = {"name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy",
+                            "livenessProbe", "readinessProbe", "startupProbe", "ports", "resources", "securityContext",
+                            "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
+KNATIVE_SECURITY_CONTEXT = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot",
+                            "allowPrivilegeEscalation", "seccompProfile", "privileged"}
+KNATIVE_VOLUME_SOURCES = {"secret", "configMap", "projected", "emptyDir"}  # KServe mounts a pvc:// repository itself
+KNATIVE_PORT_NAMES = {"h2c", "http1", ""}
+KNATIVE_RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091, 8008}  # queue-proxy, autoscaler metrics, profiling
+KNATIVE_RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+KSERVE_RAW_ONLY = {"deploymentStrategy"}  # KServe: "customizing deploymentStrategy is only supported for raw deployment mode"
+
+
+def knative_refusals(runtime: Obj, predictor: Obj) -> list[str]:
+    """What Knative (or KServe in Serverless mode) would refuse in this predictor and runtime."""
+    problems = [f"pod field {f}" for f in sorted(set(predictor) - ISVC_COMPONENT_FIELDS - {"model"} - KNATIVE_POD_FIELDS)]
+    problems += [f"{f} (raw deployment mode only)" for f in sorted(KSERVE_RAW_ONLY & set(predictor))]
+    if predictor.get("automountServiceAccountToken") is True:
+        problems.append("automountServiceAccountToken may only be false")
+    containers = runtime["spec"]["containers"]
+    ports = [p for c in containers for p in c.get("ports", [])]
+    if len(ports) != 1:
+        problems.append(f"{len(ports)} container ports: Knative serves exactly one")
+    for port in ports:
+        if port.get("name", "") not in KNATIVE_PORT_NAMES:
+            problems.append(f"port name {port.get('name')!r} (h2c, http1 or none)")
+        if port["containerPort"] in KNATIVE_RESERVED_PORTS:
+            problems.append(f"port {port['containerPort']} is reserved by Knative")
+    serving_port = ports[0]["containerPort"] if ports else 8080
+    env = [e["name"] for c in containers for e in c.get("env", [])] + [e["name"] for e in predictor["model"].get("env", [])]
+    problems += [f"reserved environment variable {name}" for name in env if name in KNATIVE_RESERVED_ENV]
+    for c in containers:
+        problems += [f"container field {f}" for f in sorted(set(c) - KNATIVE_CONTAINER_FIELDS)]
+        context = c.get("securityContext", {})
+        problems += [f"securityContext.{f}" for f in sorted(set(context) - KNATIVE_SECURITY_CONTEXT)]
+        if context.get("privileged") is True:
+            problems.append("privileged may only be false")
+        if c["name"] == "queue-proxy":
+            problems.append("the container name queue-proxy is Knative's")
+        liveness = c.get("livenessProbe", {})
+        for handler in ("httpGet", "tcpSocket"):
+            if handler in liveness and liveness[handler].get("port") not in (None, 0, serving_port):
+                problems.append(f"liveness {handler} on port {liveness[handler]['port']}: Knative moves it to {serving_port}")
+    for volume in runtime["spec"].get("volumes", []) + predictor.get("volumes", []):
+        problems += [f"volume {volume['name']}: {source}" for source in sorted(set(volume) - {"name"} - KNATIVE_VOLUME_SOURCES)]
+    return problems
+
+
+def _predictor_and_runtime(objects: list[Obj]) -> tuple[Obj, Obj]:
+    isvc = only(objects, "InferenceService")
+    return isvc["spec"]["predictor"], only(objects, "ServingRuntime", isvc["spec"]["predictor"]["model"]["runtime"])
+
+
+@pytest.mark.parametrize("overlay", KNATIVE)
+def test_knative_admits_the_serverless_predictor(rendered, overlay):
+    predictor, runtime = _predictor_and_runtime(rendered[overlay])
+    assert knative_refusals(runtime, predictor) == [], overlay
+    (port,) = runtime["spec"]["containers"][0]["ports"]
+    assert (port["name"], port["containerPort"]) == ("h2c", 8001), "requests arrive as gRPC (the DICOM node's protocol)"
+
+
+def test_the_knative_check_refuses_the_raw_deployment_predictor(rendered):
+    """The check has teeth: the RawDeployment overlay's pod uses what Knative refuses."""
+    predictor, runtime = _predictor_and_runtime(rendered["kserve"])
+    refused = " | ".join(knative_refusals(runtime, predictor))
+    for expected in ("3 container ports", "port name 'grpc'", "container field lifecycle",
+                     "pod field terminationGracePeriodSeconds", "pod field securityContext", "deploymentStrategy"):
+        assert expected in refused, f"{expected!r} not in {refused}"
+    predictor, runtime = _predictor_and_runtime(rendered["kserve-serverless"])
+    runtime = copy.deepcopy(runtime)
+    runtime["spec"]["containers"][0]["livenessProbe"] = {"httpGet": {"path": "/v2/health/live", "port": 8000}}
+    assert knative_refusals(runtime, predictor) == ["liveness httpGet on port 8000: Knative moves it to 8001"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_dicom_node_calls_where_the_traffic_is_split(rendered, overlay):
+    args = only(rendered[overlay], "StatefulSet", "cxrlt-dicom-node")["spec"]["template"]["spec"]["containers"][0]["args"]
+    url = args[args.index("--url") + 1]
+    assert url == (KNATIVE_ROUTE if overlay in KNATIVE else "cxrlt-triton:8001"), f"{overlay}: the node calls {url}"
+
+
+def _documented_release_commands() -> list[str]:
+    """Every `cxrlt release ...` command in deploy/README.md's code blocks (continuations joined,
+    cut at the end of an `sh -c '...'` string or a shell operator)."""
+    blocks, block, fence = [], [], None
+    for line in (DEPLOY / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if fence is None:
+                fence, block = line[3:].strip(), []
+            else:
+                if fence in ("bash", "sh", ""):
+                    blocks.append("\n".join(block))
+                fence = None
+        elif fence is not None:
+            block.append(line)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            start = line.find("cxrlt release ")
+            if start >= 0:
+                commands.append(re.split(r"'|\|\||&&|;|\s#", line[start:])[0].strip())
+    return commands
+
+
+SHELL_VARIABLES = {"$MODEL_REPOSITORY": "/models/paper-ngc", "$CXRLT_RELEASE": "2"}  # as the container has them
+
+
+def test_documented_release_commands_parse_with_the_cli():
+    import argparse
+    import shlex
+
+    from cxrlt.cli.commands import release
+
+    parser = argparse.ArgumentParser(prog="cxrlt release", exit_on_error=False)
+    release.add_arguments(parser)
+    commands = _documented_release_commands()
+    assert len(commands) >= 4, commands
+    in_pod = set()
+    for command in commands:
+        try:
+            words = [SHELL_VARIABLES.get(w, w) for w in shlex.split(command)[2:]]
+            args = parser.parse_args(words)
+        except (argparse.ArgumentError, SystemExit) as exc:
+            raise AssertionError(f"deploy/README.md documents `{command}`, which cxrlt release refuses: {exc}") from None
+        assert not args.save, f"`{command}`: the pods mount the repository read-only"
+        if args.url and args.action in ("shadow", "canary", "promote", "rollback"):  # without --url: the build machine's copy
+            assert args.url == "127.0.0.1:8001", f"`{command}`: run in the pod, against its own server"
+            assert str(args.admin_key_file) == "/dev/stdin", f"`{command}`: the key comes from the container's environment"
+            in_pod.add(args.action)
+    assert {"promote", "rollback", "canary", "shadow"} <= in_pod, in_pod
 
 
 # ------------------------------------------------------------------------------ drift rules
