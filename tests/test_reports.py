@@ -337,3 +337,23 @@ def test_study_sr_without_points_and_with_foreign_sources(tmp_path, source_datas
         reports.build_study_sr(study, [sources[0], foreign])
     with pytest.raises(ValueError, match="needs the source images"):
         reports.build_study_sr(study, [])
+
+
+def test_the_sr_names_its_release_and_a_flagged_image_says_so(tmp_path, source_dataset):
+    """The answering release's identity is the algorithm version (and its UIDs' seed), its number an
+    algorithm parameter; an image the gate flagged (ood_action flag) carries a FLAGGED note."""
+    from cxrlt.client.sdk import Repository
+    from cxrlt.client.workflow import build_report
+
+    served = Repository("aa" * 32, False, "served repository_sha256")
+    result = dataclasses.replace(make_result(source_dataset.SOPInstanceUID), release=2, repository_sha256="bb" * 32,
+                                 ood_score=12.5, ood_threshold=8.0, out_of_distribution=True)
+    path = tmp_path / "flagged.dcm"
+    build_report(result, source_dataset, served).save_as(path)
+    assert reports.read_sr_release(path) == (2, "bb" * 32)
+    sr = pydicom.dcmread(path)
+    assert sr.SOPInstanceUID == reports.derived_uids(source_dataset, "bb" * 32).sop_instance
+    assert any(t.startswith("FLAGGED: out-of-distribution score 12.50 is above the gate's threshold 8.00") for t in _all_text(sr))
+    plain = tmp_path / "plain.dcm"
+    build_report(dataclasses.replace(result, out_of_distribution=False), source_dataset, served).save_as(plain)
+    assert not any("FLAGGED" in t for t in _all_text(pydicom.dcmread(plain)))

@@ -3,6 +3,7 @@ only coded concepts it does not recognise are the private codes of findings SNOM
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 
@@ -63,7 +64,8 @@ def _check(path, codes_per_group: int) -> None:
 @pytest.mark.parametrize(("random_weights", "decisions"), [(False, False), (True, False), (False, True)])
 def test_dciodvfy_finds_no_error_in_the_image_sr(tmp_path, source_dataset, random_weights, decisions):  # noqa: F811
     result = make_result(source_dataset.SOPInstanceUID, random_weights=random_weights)
-    result = with_decisions(result) if decisions else result
+    # with decisions, also a release (its number joins the algorithm parameters)
+    result = dataclasses.replace(with_decisions(result), release=2) if decisions else result
     sr = reports.build_sr(result, source_dataset, uids=reports.derived_uids(source_dataset, REPOSITORY))
     _check(reports.save_sr(sr, tmp_path / "sr.dcm"), 3 if decisions else 2)
 

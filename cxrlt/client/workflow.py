@@ -101,7 +101,11 @@ def build_report(result: FindingsResult, source: Any, repository: Repository) ->
     identity = result.repository_sha256 or repository.sha256  # the release that answered, when the server names it
     note = (f"Model {_release_text(result.release)}{identity} ({repository.source if identity == repository.sha256 else 'RELEASE_SHA256'}). "
             f"Source image {source.SOPInstanceUID}. One SR per image: re-sending the image gives this SR again.")
-    return build_sr(result, source, uids=derived_uids(source, identity), notes=[note])
+    notes = [note]
+    if result.out_of_distribution:  # ood_action "flag": answered, and the reader is told why to doubt it
+        notes.append(f"FLAGGED: out-of-distribution score {result.ood_score:.2f} is above the gate's threshold "
+                     f"{result.ood_threshold:.2f}: this image may not be a chest radiograph like those the model was built for.")
+    return build_sr(result, source, uids=derived_uids(source, identity), notes=notes)
 
 
 def _release_text(release: int | None) -> str:

@@ -330,8 +330,11 @@ class DicomNode:
         result, repository = done.result, await client.repository()
         if self.studies is not None:
             await asyncio.to_thread(self.studies.add, result, done.dataset)
-        detail = {"projection": result.projection, "score": f"{result.projection_score:.3f}",
-                  "repository": repository.sha256[:16]}
+        detail = {"projection": result.projection, "score": f"{result.projection_score:.3f}", "release": result.release,
+                  "repository": (result.repository_sha256 or repository.sha256)[:16],
+                  # ood_action "flag": answered, but the gate says it may not be a chest radiograph
+                  "out_of_distribution": (f"FLAGGED(score={result.ood_score:.2f}>threshold={result.ood_threshold:.2f})"
+                                          if result.out_of_distribution else None)}
         return done.sr, result.image_id, detail
 
     # ------------------------------------------------------------------ study SRs

@@ -28,19 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"how often Prometheus scrapes Triton (default {DEFAULT_SCRAPE_INTERVAL_S:g}, the shipped "
                              "ServiceMonitor's): the bands count the images the scrapes inside a window span")
     parser.add_argument("--evaluation-interval", metavar="DURATION", help="the groups' evaluation interval (default: Prometheus's)")
+    parser.add_argument("--release", type=int, metavar="N", help="the release whose baseline to use (default: the live one); "
+                                                                   "regenerate the rules when another release goes live")
     parser.add_argument("--simulate", action="store_true", help="also print the simulated false alarms and images to alarm")
 
 
 def run(args: argparse.Namespace) -> int:
     from cxrlt.cli.console import console
     from cxrlt.contract.monitoring import load_baseline
+    from cxrlt.contract.releases import files_of
     from evaluation.drift import simulate, window_seconds, write_rules
 
-    from cxrlt.contract.releases import files_of
-
-    baseline = load_baseline(files_of(args.repo))
+    baseline = load_baseline(files_of(args.repo, args.release))
     if baseline is None:
-        console.print(f"{args.repo} has no monitoring_baseline.json: run `cxrlt operating-points --repo {args.repo} ...` first")
+        console.print(f"{files_of(args.repo, args.release)} has no monitoring_baseline.json: run "
+                      f"`cxrlt operating-points --repo {args.repo} ...` first")
         return 2
     if args.window_images < 2 or args.images_per_second <= 0 or not 0 < args.alpha < 1:
         console.print("--window-images must be >= 2, --images-per-second > 0 and --alpha in (0, 1)")
