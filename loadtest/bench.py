@@ -1,21 +1,12 @@
-"""`cxrlt bench`: the served pipeline against the same pipeline run in process ("raw"), and the GPU run
-behind `loadtest/gpu_bench.sh` (`python -m loadtest.bench`), which benches each public model and load-tests
-them on a GPU build (loadtest/README.md, "Benchmark" and "GPU run").
-
-Raw: the Python backends' own pipeline code with the repository's config.pbtxt settings, on its ONNX
-files with onnxruntime sessions in this process (no torch); an image's network calls run on a thread
-pool, as the served BLS model's calls to separate network models do. Served: one gRPC channel per
-worker. Both sides see the same images and are measured interleaved per concurrency (alternating
-which goes first), with the server's thread budget.
-"""
+"""`cxrlt bench`: the served pipeline against the same pipeline run in process ("raw"), interleaved per
+concurrency with the server's thread budget; and the GPU run behind `loadtest/gpu_bench.sh`, which benches
+each public model and load-tests them (loadtest/README.md, "Benchmark" and "GPU run")."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import os
-import sys
 import threading
 import timeit
 from pathlib import Path
@@ -25,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
-from loadtest.kernel import (IMAGE_SETS, MODELS, Payload, Served, closed_loop_figures, images_json, load_payloads,
-                             measure_level, save_figure, target_server, write_json)
+from loadtest.kernel import (MODELS, Payload, Served, closed_loop_figures, images_json, load_payloads,
+                             figure, measure_level, save_figure, target_server, write_json)
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
@@ -291,20 +282,15 @@ def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Throughput and p50 / p95 latency per concurrency, raw and served."""
-    from matplotlib.figure import Figure
-
     sweep = pd.json_normalize(report["sweep"]).set_index("concurrency")
-    fig = Figure(figsize=(11, 4.2))
-    throughput, latency = fig.subplots(1, 2)
+    fig, (throughput, latency) = figure(1, 2, (11, 4.2))
     sweep[[f"{side}.images_per_s" for side in SIDES]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
     sweep[[f"{side}.{q}_ms" for side in SIDES for q in ("p50", "p95")]].plot(ax=latency, style="o-", title="latency",
                                                                               ylabel="ms per image")
     for ax in (throughput, latency):
         ax.set_xscale("log", base=2)
         ax.set(xticks=sweep.index, xticklabels=sweep.index, ylim=(0, None))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path, f"{report['model']} ({report['profile']} profile): raw (onnxruntime in process) vs "
+    return save_figure(fig, (throughput, latency), path, f"{report['model']} ({report['profile']} profile): raw (onnxruntime in process) vs "
                                   f"served (Triton, gRPC), served/raw at best = {report['best']['ratio']:.2f}")
 
 
@@ -396,58 +382,3 @@ def _gpu_report(args: argparse.Namespace, repo: Path, benches: dict[str, Any], l
     }
     write_json(report, args.out / "gpu_bench.json")
     return report
-
-
-def gpu_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="loadtest/gpu_bench.sh", description="The GPU run: bench each public model, "
-                                     "load-test them, write gpu_bench.json")
-    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("CXRLT_GPU_DRY_RUN") == "1",
-                        help="tiny profile on the CPU, few requests (also CXRLT_GPU_DRY_RUN=1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu_bench"), help="output folder (default runs/gpu_bench)")
-    for flag, kind, text in (
-            ("--repo", Path, "a repository built already (default: build one into OUT/repository)"),
-            ("--checkpoints", Path, "checkpoints to build from (default: seeded random weights)"),
-            ("--url", str, "gRPC host:port of a server already serving --repo (default: start one)"),
-            ("--metrics-url", str, "its metrics endpoint (default: port 8002 on the --url host)"),
-            ("--concurrency", lambda text: tuple(int(level) for level in text.split(",")),
-             "comma-separated bench levels (1 is always added)"),
-            ("--requests", int, "measured bench requests per side and level"), ("--users", int, "load-test users"),
-            ("--duration-s", float, "load-test duration")):
-        parser.add_argument(flag, type=kind, help=text)
-    parser.add_argument("--image-set", choices=IMAGE_SETS, default="all", help="the images sent (default all)")
-    args = parser.parse_args(argv)
-    if args.url is not None and args.repo is None:
-        parser.error("--url needs --repo: the repository that server serves, for the in-process side")
-    dry = {"profile": "tiny", "concurrency": (1, 2), "requests": 4, "users": 2, "duration_s": 3.0, "preprocessing_repeats": 3}
-    full = {"profile": "paper", "concurrency": (1, 4, 16, 64), "requests": 256, "users": 32, "duration_s": 60.0,
-            "preprocessing_repeats": 20}
-    for key, value in (dry if args.dry_run else full).items():
-        setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    args.concurrency = tuple(sorted({1, *args.concurrency}))  # latency at concurrency 1 is a reported figure
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = gpu_arguments(argv)
-    try:
-        report = gpu_run(args, log=lambda message: print(message, file=sys.stderr, flush=True))
-    except (ValueError, RuntimeError) as exc:  # no CUDA provider, a server that did not start
-        print(f"gpu_bench: error: {exc}", file=sys.stderr)
-        return 1
-    provider = report["execution_provider"]["provider"]
-    for model, figures in report["models"].items():
-        print(f"{model}: p50 {figures['p50_ms_at_concurrency_1']:.1f} ms / p95 {figures['p95_ms_at_concurrency_1']:.1f} ms at "
-              f"concurrency 1; {figures['images_per_s_at_saturation']:.1f} images/s at concurrency {figures['saturation_concurrency']}"
-              + ("" if figures["plateau_reached"] else " (still growing at the highest level: raise --concurrency)"))
-    for check in report["targets"]:
-        verdict = {True: "met", False: "MISSED", None: "not judged (paper profile on CUDA only)"}[check["met"]]
-        print(f"target {check['model']} {check['figure']} {check['target']}: measured {check['measured']:.1f}, {verdict}")
-    print(f"execution provider: {provider}; report: {report['files']['report']}")
-    if not args.dry_run and provider != CUDA:
-        print(f"error: the networks ran on {provider}, not {CUDA}: check the CUDA and cuDNN libraries", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

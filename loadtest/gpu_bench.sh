@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures in one command: installs onnxruntime-gpu, builds the paper repository, serves
 # it, runs the bench for each public model and a load test, and writes OUT/gpu_bench.json
-# (see the GPU run in loadtest/bench.py, which does the work, and loadtest/README.md).
+# (see the GPU run in loadtest/bench.py, which does the work, its command line in
+# cxrlt/cli/commands/bench.py, and loadtest/README.md).
 #
-#   loadtest/gpu_bench.sh [--venv DIR] [--dry-run] [--out DIR] [other options of python -m loadtest.bench]
+#   loadtest/gpu_bench.sh [--venv DIR] [--dry-run] [--out DIR] [other options of python -m cxrlt.cli.commands.bench]
 #
 #   --venv DIR   run in the virtual environment DIR, created with the project's "all" extra when
 #                missing (default: the active one, else the checkout's .venv). Installing
@@ -53,4 +54,4 @@ else
     fi
 fi
 
-exec python -m loadtest.bench ${args[@]+"${args[@]}"}
+exec python -m cxrlt.cli.commands.bench ${args[@]+"${args[@]}"}

@@ -7,11 +7,16 @@ at the best concurrency, network requests per image from Triton's statistics, Tr
 overhead per image at concurrency 1 and the preprocessing time per image; writes a JSON of the
 figures and a PNG plot.
 
-Starts the embedded tritonserver on the repository itself (free ports) unless --url is given."""
+Starts the embedded tritonserver on the repository itself (free ports) unless --url is given.
+
+Run as `python -m cxrlt.cli.commands.bench` (what loadtest/gpu_bench.sh does), it is the GPU run's
+command line: bench each public model, load-test them, write gpu_bench.json (loadtest/README.md)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +36,21 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cxrlt.cli.commands.loadtest import positive
+
     add_repo_argument(parser, "model repository built by `cxrlt build-repo`", required=True)
     parser.add_argument("--url", help="gRPC host:port of a server already serving --repo (default: start one)")
     parser.add_argument("--metrics-url", help="its metrics endpoint, for queue vs compute per concurrency (with --url)")
     parser.add_argument("--concurrency", type=_levels,
                         help="comma-separated levels (default 1,2,4,8,16, the highest lowered to what --model admits at "
                              "once, its instances plus max_queue_size: 1,2,4,8,12 for a default build)")
-    parser.add_argument("--requests", type=int, default=64, help="measured requests per side, concurrency and round (default 64)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--requests", type=positive(int), default=64, help="measured requests per side, concurrency and round (default 64)")
+    parser.add_argument("--rounds", type=positive(int), default=1,
                         help="repeat the interleaved sweep this many times and pool the figures (default 1)")
     parser.add_argument("--warmup", type=int, help="untimed requests per side and concurrency (default max(concurrency, images))")
     parser.add_argument("--model", default=CLASSIFIER_MODEL, choices=PIPELINE_MODELS)
     parser.add_argument("--threads", type=int, help="raw side onnxruntime intra-op threads per session (default: the served networks')")
-    parser.add_argument("--raw-pool", type=int, help="raw side threads running network calls (default: the served networks' "
+    parser.add_argument("--raw-pool", type=positive(int), help="raw side threads running network calls (default: the served networks' "
                                                      "compute threads, instances x intra-op threads summed, / --threads)")
     parser.add_argument("--raw-providers", choices=["auto", "cpu", "cuda", "openvino"],
                         help="raw side onnxruntime execution providers (default: the served networks' execution_provider)")
@@ -62,14 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrlt.cli.commands.loadtest import print_wide
+    from cxrlt.cli.commands.loadtest import print_wide, run_folder
     from cxrlt.cli.console import console
     from loadtest.bench import plot, run_bench
-    from loadtest.kernel import run_folder
 
-    for name in ("requests", "rounds", "raw_pool"):
-        if (value := getattr(args, name)) is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.send_size is not None and args.shared_memory:
         raise ValueError("--send-size is for a remote server and --shared-memory for one on this host: choose one")
     out = report_folder(args, "bench")
@@ -126,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace, out: Path) -> int:
-    from cxrlt.cli.commands.loadtest import print_wide, table
+    from cxrlt.cli.commands.loadtest import print_wide, run_folder, table
     from cxrlt.cli.console import console
     from loadtest.bench import run_comparison
-    from loadtest.kernel import fmt, run_folder, write_json
+    from loadtest.kernel import fmt, write_json
 
     if args.url:
         raise ValueError("--compare starts a server per repository: it does not take --url")
@@ -159,3 +162,62 @@ def summary_table(report: dict[str, Any]) -> Any:
                    fmt(r["ratio"], ".2f"), fmt(r["served"].get("member_requests_per_image"), ".2f")) for r in report["sweep"]],
                  "img/s: images per second; p50/p95: latency per image in ms; member req/img: "
                  "network requests (BLS calls) per image, from Triton's statistics")
+
+
+# --- the GPU run (loadtest/gpu_bench.sh) ----------------------------------------------------
+
+
+def gpu_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="loadtest/gpu_bench.sh", description="The GPU run: bench each public model, "
+                                     "load-test them, write gpu_bench.json")
+    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("CXRLT_GPU_DRY_RUN") == "1",
+                        help="tiny profile on the CPU, few requests (also CXRLT_GPU_DRY_RUN=1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_bench"), help="output folder (default runs/gpu_bench)")
+    for flag, kind, text in (
+            ("--repo", Path, "a repository built already (default: build one into OUT/repository)"),
+            ("--checkpoints", Path, "checkpoints to build from (default: seeded random weights)"),
+            ("--url", str, "gRPC host:port of a server already serving --repo (default: start one)"),
+            ("--metrics-url", str, "its metrics endpoint (default: port 8002 on the --url host)"),
+            ("--concurrency", _levels, "comma-separated bench levels (1 is always added)"),
+            ("--requests", int, "measured bench requests per side and level"), ("--users", int, "load-test users"),
+            ("--duration-s", float, "load-test duration")):
+        parser.add_argument(flag, type=kind, help=text)
+    parser.add_argument("--image-set", choices=["all", "real", "synthetic"], default="all", help="the images sent (default all)")
+    args = parser.parse_args(argv)
+    if args.url is not None and args.repo is None:
+        parser.error("--url needs --repo: the repository that server serves, for the in-process side")
+    dry = {"profile": "tiny", "concurrency": (1, 2), "requests": 4, "users": 2, "duration_s": 3.0, "preprocessing_repeats": 3}
+    full = {"profile": "paper", "concurrency": (1, 4, 16, 64), "requests": 256, "users": 32, "duration_s": 60.0,
+            "preprocessing_repeats": 20}
+    for key, value in (dry if args.dry_run else full).items():
+        setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
+    args.concurrency = tuple(sorted({1, *args.concurrency}))  # latency at concurrency 1 is a reported figure
+    return args
+
+
+def gpu_main(argv: list[str] | None = None) -> int:
+    from loadtest.bench import CUDA, gpu_run
+
+    args = gpu_arguments(argv)
+    try:
+        report = gpu_run(args, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (ValueError, RuntimeError) as exc:  # no CUDA provider, a server that did not start
+        print(f"gpu_bench: error: {exc}", file=sys.stderr)
+        return 1
+    provider = report["execution_provider"]["provider"]
+    for model, figures in report["models"].items():
+        print(f"{model}: p50 {figures['p50_ms_at_concurrency_1']:.1f} ms / p95 {figures['p95_ms_at_concurrency_1']:.1f} ms at "
+              f"concurrency 1; {figures['images_per_s_at_saturation']:.1f} images/s at concurrency {figures['saturation_concurrency']}"
+              + ("" if figures["plateau_reached"] else " (still growing at the highest level: raise --concurrency)"))
+    for check in report["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not judged (paper profile on CUDA only)"}[check["met"]]
+        print(f"target {check['model']} {check['figure']} {check['target']}: measured {check['measured']:.1f}, {verdict}")
+    print(f"execution provider: {provider}; report: {report['files']['report']}")
+    if not args.dry_run and provider != CUDA:
+        print(f"error: the networks ran on {provider}, not {CUDA}: check the CUDA and cuDNN libraries", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(gpu_main())
