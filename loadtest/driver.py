@@ -28,10 +28,10 @@ import pandas as pd
 import psutil
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
-from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, alive, check, check_server,
+from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, alive, check, check_server, address,
                              closed_loop_figures, cpu_sample, cpu_used, drive, error_text, figures, fmt, images_json, load_average,
                              load_payloads, measure_level, model_infer, probabilities, request_bytes,
-                             require_loopback, sample_tree, save_figure, server_health, target_server, verdicts)
+                             require_loopback, sample_tree, figure, save_figure, server_health, target_server, verdicts)
 
 REASONS = ("queue_full", "queue_timeout", "other")
 QUEUE_MESSAGES = dict(zip(REASONS, OVERLOAD_MESSAGES))  # reason -> the queue policy's message, lower case
@@ -45,26 +45,16 @@ STRESS_TARGETS = {
     "max_recovery_s": 5.0,  # ... within this many seconds after the storm
 }
 SERIES = ("rss_bytes", "rss_anon_bytes", "fds", "shm_files", "shm_bytes")  # the soak's sampled series, their growth fitted
-STRESS_BOUNDS = {"positive": ("timeout_s", "overload", "duration_s", "recovery_timeout_s"),
-                 "at_least_one": ("max_in_flight", "max_requests", "saturation_requests", "max_concurrency")}
-SOAK_BOUNDS = {"positive": ("timeout_s", "time_limit_s"), "at_least_one": ("requests", "sample_every", "concurrency")}
 
 
 def check_options(args: argparse.Namespace, mode: str) -> None:
-    """What argparse leaves to check: a server to measure (on this host), positive durations and counts, and
-    for soak enough samples after the warm-up for a slope. Normalises --url to HOST:PORT."""
+    """What the command's argparse types leave to check: a server to measure (on this host), and for soak enough
+    samples after the warm-up for a slope. Normalises --url to HOST:PORT."""
     if args.url is None and args.repo is None:
         raise ValueError(f"cxrlt {mode}: give --url (a server on this host) or --repo (it starts one on it)")
     if args.url is not None:
-        args.url = args.url.split("://", 1)[-1].rstrip("/")
+        args.url = address(args.url).netloc
         require_loopback(args.url, f"cxrlt {mode}")
-    bounds = STRESS_BOUNDS if mode == "stress" else SOAK_BOUNDS
-    for name in bounds["positive"]:
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)!r}")
-    for name in bounds["at_least_one"]:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)!r}")
     if mode == "soak":
         if args.warmup < 0 or args.warmup >= args.requests:
             raise ValueError(f"--warmup ({args.warmup}) must be at least 0 and below --requests ({args.requests})")
@@ -374,11 +364,8 @@ def stress_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 def stress_plot(report: dict[str, Any], path: Path) -> Path:
     """The saturation sweep's throughput and latency per concurrency, against the storm's offered rate, goodput
     and admitted p95."""
-    from matplotlib.figure import Figure
-
     storm, sweep = report["storm"], pd.DataFrame(report["saturation"]["sweep"]).set_index("concurrency")
-    fig = Figure(figsize=(11, 4.2))
-    throughput, latency = fig.subplots(1, 2)
+    fig, (throughput, latency) = figure(1, 2, (11, 4.2))
     sweep[["images_per_s"]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
     throughput.axhline(storm["rate_offered"], color="tab:red", ls=":", label="offered in the storm")
     throughput.axhline(storm["goodput_images_per_s"], color="tab:green", ls="--", label="goodput in the storm")
@@ -387,9 +374,7 @@ def stress_plot(report: dict[str, Any], path: Path) -> Path:
         latency.axhline(storm["admitted_latency"]["p95_ms"], color="tab:green", ls="--", label="admitted p95 in the storm")
     for ax in (throughput, latency):
         ax.set(xlabel="concurrency (closed loop)", ylim=(0, None))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path, f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation")
+    return save_figure(fig, (throughput, latency), path, f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation")
 
 
 # --- soak ------------------------------------------------------------------------------------
@@ -532,13 +517,10 @@ def soak_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def soak_plot(report: dict[str, Any], path: Path) -> Path:
     """RSS, file descriptors, /dev/shm and latency against requests, the warm-up shaded, the fits of RSS and fds drawn."""
-    from matplotlib.figure import Figure
-
     samples, warmup = pd.DataFrame(report["samples"]).set_index("requests"), report["load"]["warmup"]
     samples[["rss_bytes", "rss_anon_bytes", "shm_bytes"]] /= MIB
-    fig = Figure(figsize=(11, 7))
-    grid = fig.subplots(2, 2, sharex=True)
-    rss, fds, shm, latency = grid.flat
+    fig, grid = figure(2, 2, (11, 7), sharex=True)
+    rss, fds, shm, latency = grid
     samples[["rss_bytes", "rss_anon_bytes"]].plot(ax=rss, style=".-", title="RSS of tritonserver and its children (MiB)")
     samples[["fds"]].plot(ax=fds, style=".-", title="open file descriptors")
     samples[["shm_files"]].plot(ax=shm, style=".-", title="/dev/shm held by the server: files, MiB (right axis)")
@@ -548,11 +530,9 @@ def soak_plot(report: dict[str, Any], path: Path) -> Path:
         if g := report["growth"].get(key):
             ax.plot([warmup, samples.index[-1]], [g["fitted_after_warmup"] / scale, g["fitted_end"] / scale], "--", color="black",
                     label=f"fit after warm-up: {g['slope_per_1000'] / scale:+.3g} per 1,000 requests")
-    for ax in grid.flat:
+    for ax in grid:
         ax.axvspan(0, warmup, color="0.85", label="warm-up")
         ax.set(xlabel="requests completed", ylim=(0, max(1.0, 1.25 * max(line.get_ydata().max() for line in ax.get_lines()))))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    return save_figure(fig, path, f"cxrlt soak: {report['requests_completed']} requests at concurrency "
+    return save_figure(fig, grid, path, f"cxrlt soak: {report['requests_completed']} requests at concurrency "
                                   f"{report['load']['concurrency']} ({', '.join(report['load']['models'])}), "
-                                  + ("PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])))
+                                  + ("PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])), "lower right")

@@ -10,7 +10,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import struct
 import threading
 import time
@@ -384,27 +383,24 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
 # --- output ----------------------------------------------------------------------------------
 
 
-def save_figure(fig: Any, path: Path, title: str) -> Path:
-    """Title, lay out and write a matplotlib Figure (made without pyplot: no display, nothing to close)."""
+def figure(rows: int, columns: int, size: tuple[float, float], **subplots: Any) -> tuple[Any, np.ndarray]:
+    """A matplotlib Figure (made without pyplot: no display, nothing to close) and its axes, flat."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, np.ravel(fig.subplots(rows, columns, **subplots))
+
+
+def save_figure(fig: Any, axes: Sequence[Any], path: Path, title: str, legend_loc: str = "best") -> Path:
+    """A grid and a legend on each of `axes`; title, lay out and write the figure."""
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc=legend_loc)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
-
-
-@contextlib.contextmanager
-def run_folder(path: Path) -> Iterator[Path]:
-    """A run's output folder: a run that fails removes it again when it made it (no empty runs/ folders)."""
-    top = None if path.exists() else path  # the highest folder this run may create (runs/ too)
-    while top is not None and not top.parent.exists():
-        top = top.parent
-    try:
-        yield path
-    except BaseException:
-        if top is not None and top.is_dir():
-            shutil.rmtree(top, ignore_errors=True)
-        raise
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:

@@ -100,20 +100,6 @@ def check_targets(targets: Mapping[str, Any], aggregated: Mapping[str, Any] | No
     return checks
 
 
-def parse_duration(text: str | float | int) -> float:
-    """'90', '90s', '1m30s', '2m', '1h' -> seconds."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            seconds = pd.Timedelta(str(text).strip().lower()).total_seconds()
-        except ValueError:
-            raise ValueError(f"cannot read duration {text!r}; use seconds (30, 30s) or e.g. 1m30s") from None
-    if not seconds > 0:
-        raise ValueError(f"duration must be positive, got {text!r}")
-    return seconds
-
-
 @dataclasses.dataclass
 class LoadTestConfig:
     url: str = "127.0.0.1:8001"

@@ -10,8 +10,9 @@ import pytest
 
 from cxrlt.contract.resources import package_file
 from loadtest.metrics import diff, parse_prometheus, per_model, scrape
-from loadtest.runner import (LoadTestConfig, ProfileError, check_targets, load_profile, locust_command, parse_duration,
-                             read_locust_failures, read_locust_stats)
+from cxrlt.cli.commands.loadtest import parse_duration
+from loadtest.runner import (LoadTestConfig, ProfileError, check_targets, load_profile, locust_command, read_locust_failures,
+                             read_locust_stats)
 
 PROFILE = package_file("loadtest", "profiles", "tiny_cpu.yaml")
 

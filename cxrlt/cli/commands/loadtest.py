@@ -8,8 +8,10 @@ command-line options override it. Writes locust's CSV and HTML report and report
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from rich import box
 from rich.console import Console
@@ -49,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cxrlt.cli.console import console
-    from loadtest.kernel import run_folder
     from loadtest.metrics import default_metrics_url
-    from loadtest.runner import LoadTestConfig, load_profile, parse_duration, require_locust, run_loadtest
+    from loadtest.runner import LoadTestConfig, load_profile, require_locust, run_loadtest
 
     require_locust()
     profile = load_profile(args.targets)
@@ -88,7 +89,48 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- presentation of the load-test results, shared by bench, stress and soak ------------------------
+def parse_duration(text: str | float | int) -> float:
+    """'90', '90s', '1m30s', '2m', '1h' -> seconds."""
+    import pandas as pd
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = pd.Timedelta(str(text).strip().lower()).total_seconds()
+        except ValueError:
+            raise ValueError(f"cannot read duration {text!r}; use seconds (30, 30s) or e.g. 1m30s") from None
+    if not seconds > 0:
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
+# --- shared by the load-test commands (bench, stress, soak, loadtest) ---------------------------------
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """argparse type: an int or a float above 0 (for counts: at least 1)."""
+    def parse(text: str) -> Any:
+        if not (value := kind(text)) > 0:
+            raise argparse.ArgumentTypeError(f"must be {'at least 1' if kind is int else 'positive'}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+@contextlib.contextmanager
+def run_folder(path: Path) -> Iterator[Path]:
+    """A run's output folder: a run that fails removes it again when it made it (no empty runs/ folders)."""
+    top = None if path.exists() else path  # the highest folder this run may create (runs/ too)
+    while top is not None and not top.parent.exists():
+        top = top.parent
+    try:
+        yield path
+    except BaseException:
+        if top is not None and top.is_dir():
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str | None = None) -> Table:

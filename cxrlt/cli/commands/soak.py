@@ -21,20 +21,22 @@ MIB = 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cxrlt.cli.commands.loadtest import positive
+
     parser.add_argument("--url", help="gRPC host:port of a running server on this machine")
     parser.add_argument("--server-pid", type=int, help="PID of that tritonserver, whose process tree is sampled "
                                                        "(default: the process listening on the --url port)")
     add_repo_argument(parser, "model repository: start the embedded tritonserver on it instead (stopped at the end)")
-    parser.add_argument("--requests", type=int, required=True, help="requests to send in all, warm-up included")
-    parser.add_argument("--sample-every", type=int, default=100, metavar="K", help="sample the server every K requests")
+    parser.add_argument("--requests", type=positive(int), required=True, help="requests to send in all, warm-up included")
+    parser.add_argument("--sample-every", type=positive(int), default=100, metavar="K", help="sample the server every K requests")
     parser.add_argument("--warmup", type=int, default=1000, help="requests before growth is measured")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--concurrency", type=positive(int), default=4, help="requests in flight")
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
                         help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones")
     add_hints_argument(parser, True, "send each image's PROJECTION_HINT")
-    add_option(parser, "--timeout-s", "--request-timeout", type=float, default=60.0, dest="timeout_s",
+    add_option(parser, "--timeout-s", "--request-timeout", type=positive(float), default=60.0, dest="timeout_s",
                help="seconds before a call counts as failed")
-    add_option(parser, "--time-limit-s", "--time-limit", type=float, default=3600.0, dest="time_limit_s",
+    add_option(parser, "--time-limit-s", "--time-limit", type=positive(float), default=3600.0, dest="time_limit_s",
                help="stop sending after this many seconds; the run then misses 'completed'")
     parser.add_argument("--max-rss-growth-pct", type=float, default=5.0, help="target: RSS growth after warm-up in %%")
     parser.add_argument("--max-rss-slope-mib", type=float, default=1.0,
@@ -44,10 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrlt.cli.commands.loadtest import print_checks, print_wide
+    from cxrlt.cli.commands.loadtest import print_checks, print_wide, run_folder
     from cxrlt.cli.console import console
     from loadtest.driver import run as drive, soak_plot
-    from loadtest.kernel import run_folder
 
     out = report_folder(args, "soak")
     with run_folder(out), console.status(f"soak: {args.requests} requests") as status:

@@ -23,21 +23,23 @@ from cxrlt.contract.served import CLASSIFIER_MODEL, PIPELINE_MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cxrlt.cli.commands.loadtest import positive
+
     parser.add_argument("--url", help="gRPC host:port of a server on this host (loopback) serving --repo (default: start one on --repo)")
     add_repo_argument(parser, "the model repository it serves (the reference pipeline's files)", required=True)
     parser.add_argument("--metrics-url", help="its metrics endpoint (default http://<url host>:8002/metrics)")
     parser.add_argument("--model", default=CLASSIFIER_MODEL, choices=PIPELINE_MODELS)
-    parser.add_argument("--overload", type=float, default=3.0, help="offered rate as a multiple of the saturation throughput")
-    parser.add_argument("--duration-s", type=float, default=30.0, help="length of the overload in seconds")
+    parser.add_argument("--overload", type=positive(float), default=3.0, help="offered rate as a multiple of the saturation throughput")
+    parser.add_argument("--duration-s", type=positive(float), default=30.0, help="length of the overload in seconds")
     parser.add_argument("--arrivals", default="poisson", choices=["poisson", "fixed"], help="open-loop arrivals")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
-    add_option(parser, "--timeout-s", "--request-timeout-s", type=float, default=10.0, dest="timeout_s",
+    add_option(parser, "--timeout-s", "--request-timeout-s", type=positive(float), default=10.0, dest="timeout_s",
                help="client timeout of each overload request (keep it above the queue timeout)")
-    parser.add_argument("--max-in-flight", type=int, default=256, help="overload requests outstanding at most")
-    parser.add_argument("--max-requests", type=int, default=20_000, help="overload requests sent at most")
-    parser.add_argument("--saturation-requests", type=int, default=60, help="measured requests per concurrency level of the saturation sweep")
-    parser.add_argument("--max-concurrency", type=int, default=32, help="largest concurrency of the sweep")
-    parser.add_argument("--recovery-timeout-s", type=float, default=30.0, help="give up waiting for recovery after this")
+    parser.add_argument("--max-in-flight", type=positive(int), default=256, help="overload requests outstanding at most")
+    parser.add_argument("--max-requests", type=positive(int), default=20_000, help="overload requests sent at most")
+    parser.add_argument("--saturation-requests", type=positive(int), default=60, help="measured requests per concurrency level of the saturation sweep")
+    parser.add_argument("--max-concurrency", type=positive(int), default=32, help="largest concurrency of the sweep")
+    parser.add_argument("--recovery-timeout-s", type=positive(float), default=30.0, help="give up waiting for recovery after this")
     parser.add_argument("--image-set", default="all", choices=["all", "real", "synthetic"],
                         help="all: the real CXR (1955x1841) and the synthetic frontal/lateral ones")
     add_hints_argument(parser, True, "send each image's projection hint (--no-hints: the router decides)")
@@ -46,10 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrlt.cli.commands.loadtest import breakdown_table, print_wide
+    from cxrlt.cli.commands.loadtest import breakdown_table, print_wide, run_folder
     from cxrlt.cli.console import console
     from loadtest.driver import run as drive, stress_plot
-    from loadtest.kernel import run_folder
 
     out = report_folder(args, "stress")
     with run_folder(out), console.status("stress test") as status:
