@@ -329,6 +329,7 @@ def build_repository(out: Path | str, options: BuildOptions, on_step: Callable[[
     if held and options.release not in held:
         _move_release_in(staging, final, options.release)
         shutil.rmtree(staging, ignore_errors=True)
+        update_release(final, options.release)  # its parameters join the configs (release_parameters_N)
         return manifest
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)

@@ -5,7 +5,8 @@ tuned ensemble weights, the text cache) is written into that release (cxrlt.cont
 its files into the release's directory, its pipeline parameters and manifest fields into its
 `release.json`, and, when it is the live release, its parameters into the pipeline configs too,
 so a plain tritonclient user reading a served config sees the live release's values. Then the
-release's identity (`repository_sha256`) is recomputed over all of it.
+release's identity (`repository_sha256`) is recomputed over all of it, and every release's
+parameters are also copied into the configs as `release_parameters_<N>`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Mapping
 from cxrlt.contract.monitoring import MONITORING_BASELINE_FILE
 from cxrlt.contract.ood_gate import GATE_FILE
 from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
-from cxrlt.contract.releases import live_release, read_release, release_dir, release_number, write_release
+from cxrlt.contract.releases import (CANDIDATE_PARAMETERS, live_release, read_release, release_dir, release_number,
+                                     write_release)
 from cxrlt.contract.served import PIPELINE_MODELS
 from networks.checkpoints import file_sha256
 
@@ -71,9 +73,11 @@ def update_release(repository: Path | str, release: int | None = None,
     for model in PIPELINE_MODELS:
         stored.setdefault(model, {}).update({**(parameters or {}).get(model, {}), IDENTITY_PARAMETER: identity})
     write_release(repository, number, record)
-    if number == live_release(repository):
-        for model in PIPELINE_MODELS:
-            set_config_parameters(repository / model / "config.pbtxt", stored[model])
+    live = number == live_release(repository)
+    for model in PIPELINE_MODELS:
+        # every release's own parameters ride in the configs, so a client knows what any answer's release decides at
+        own = {f"{CANDIDATE_PARAMETERS}{number}": json.dumps(stored[model], sort_keys=True, separators=(",", ":"))}
+        set_config_parameters(repository / model / "config.pbtxt", {**(stored[model] if live else {}), **own})
     return identity
 
 

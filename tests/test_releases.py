@@ -132,7 +132,7 @@ def test_prune_keeps_the_newest_and_never_the_live_or_rollback_release(tmp_path)
         control.prune(0)
 
 
-def test_switches_in_a_repository_write_the_plan_and_the_candidates_parameters(tmp_path):
+def test_switches_in_a_repository_write_the_plan_and_every_releases_parameters(tmp_path):
     from cxrlt.client.releases import ReleaseControl, ReleaseError
     from cxrlt.contract.model_config import config_parameters
 
@@ -142,7 +142,8 @@ def test_switches_in_a_repository_write_the_plan_and_the_candidates_parameters(t
     params = config_parameters(repo / "cxr_findings" / "config.pbtxt")
     assert switch.after == ReleasePlan(3, 4, "canary", 0.2, previous=2) and params["release_mode"] == "canary"
     assert json.loads(params["release_parameters_4"]) == {"repository_sha256": "4" * 64, "ood_threshold": "4.5"}
-    assert params["repository_sha256"] == "3" * 64 and params["release_parameters_1"] == ""  # the live one's, plainly
+    assert params["repository_sha256"] == "3" * 64  # the live release's, plainly; and every release's as JSON
+    assert json.loads(params["release_parameters_1"])["repository_sha256"] == "1" * 64
     assert control.promote(4).after == ReleasePlan(4, previous=3)
     assert control.rollback().after == ReleasePlan(3, previous=4)
     with pytest.raises(ReleaseError, match="already live"):

@@ -147,11 +147,11 @@ class ReleaseControl:
 
     def _parameters(self, model: str, plan: ReleasePlan, switched: bool) -> dict[str, str]:
         """A pipeline config's parameters for `plan`: the plan, the live release's own parameters, and
-        each candidate's as JSON (stale candidates' emptied)."""
+        every held release's as JSON (a release pinned by CXRLT_RELEASE may answer without a switch)."""
         params = {**plan.to_parameters(switched), **release_parameters(read_release(self.repository, plan.live), model)}
         for number in release_numbers(self.repository):
-            own = release_parameters(read_release(self.repository, number), model) if number == plan.candidate else {}
-            params[f"{CANDIDATE_PARAMETERS}{number}"] = json.dumps(own, sort_keys=True, separators=(",", ":")) if own else ""
+            own = release_parameters(read_release(self.repository, number), model)
+            params[f"{CANDIDATE_PARAMETERS}{number}"] = json.dumps(own, sort_keys=True, separators=(",", ":"))
         return params
 
     def _load_networks(self, plan: ReleasePlan) -> None:
@@ -212,5 +212,7 @@ class ReleaseControl:
 
 
 def _plan_of(config: Mapping[str, Any]) -> ReleasePlan:
+    """The plan a config serves; CXRLT_RELEASE in this process's environment pins it as it pins the
+    server's (run inside the server's pod or container, the command sees the same variable)."""
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    return ReleasePlan.from_parameters(params, environ={})
+    return ReleasePlan.from_parameters(params)

@@ -226,12 +226,12 @@ class ModelInfo:
     names_release: bool = False  # the model answers RELEASE and RELEASE_SHA256 (cxrlt.contract.releases)
     takes_study: bool = False  # the model takes STUDY_INSTANCE_UID (a canary answers whole studies)
     live_release: int | None = None  # the plan's live release, whose parameters the config carries
-    # a candidate release's own parameters (operating points, gate threshold, identity), by number
-    candidates: Mapping[int, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    # each release's own parameters (operating points, gate threshold, identity), by number
+    releases: Mapping[int, Mapping[str, str]] = dataclasses.field(default_factory=dict)
 
     def knows(self, release: int | None) -> bool:
         """Whether these configs describe `release` (else they predate a switch: read them again)."""
-        return release is None or release == self.live_release or release in self.candidates
+        return release is None or release == self.live_release or release in self.releases
 
 
 def _output_dim(config: Any, name: str) -> int | None:
@@ -663,16 +663,16 @@ class AsyncCxrltClient:
             names_release=_output_dim(config, "RELEASE") is not None,
             takes_study=any(i.name == "STUDY_INSTANCE_UID" for i in config.input),
             live_release=int(own_config["release"]) if own_config.get("release", "").isdigit() else None,
-            candidates={int(key[len(CANDIDATE_PARAMETERS):]): json.loads(value) for key, value in own_config.items()
+            releases={int(key[len(CANDIDATE_PARAMETERS):]): json.loads(value) for key, value in own_config.items()
                         if key.startswith(CANDIDATE_PARAMETERS) and key[len(CANDIDATE_PARAMETERS):].isdigit() and value},
         )
 
     def _release_info(self, info: ModelInfo, release: int | None, sha256: str | None) -> ModelInfo:
-        """`info` as release `release` answered: a candidate's own operating points, gate threshold and
-        identity (the config's are the live release's)."""
-        if release is None or release == info.live_release or release not in info.candidates:
+        """`info` as release `release` answered: that release's own operating points, gate threshold and
+        identity (the config's plain parameters are the live release's)."""
+        if release is None or release == info.live_release or release not in info.releases:
             return info if not sha256 else dataclasses.replace(info, repository=_release_repository(info, sha256))
-        own = {**info.parameters.get(self.model, {}), **info.candidates[release]}
+        own = {**info.parameters.get(self.model, {}), **info.releases[release]}
         return dataclasses.replace(info, operating_points=self._served_operating_points(own), ood_threshold=_ood_threshold(own),
                                    random_weights=self._random_weights_override or _flag(own, "random_weights"),
                                    repository=_release_repository(info, sha256 or own.get(REPOSITORY_PARAMETER, "")))

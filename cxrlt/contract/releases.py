@@ -35,8 +35,8 @@ MODES = ("shadow", "canary")
 # run time (`cxrlt release --url`, parameter release_switched) takes precedence over it.
 RELEASE_ENV = "CXRLT_RELEASE"
 SWITCHED = "release_switched"
-# A pipeline config's copy of a candidate release's own parameters (+ its number; compact JSON), so a
-# client reading the served config knows what each release it may be answered by decides at.
+# A pipeline config's copy of each release's own parameters (+ its number; compact JSON), so a client
+# reading the served config knows what any release it may be answered by decides at.
 CANDIDATE_PARAMETERS = "release_parameters_"
 PLAN_PARAMETERS = ("release", "release_candidate", "release_mode", "release_share", "release_previous", SWITCHED)
 
