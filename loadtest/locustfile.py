@@ -1,16 +1,14 @@
-"""Locust load test of the served CXR-LT pipeline over gRPC (Triton's ModelInfer).
-
-    locust -f loadtest/locustfile.py --headless --host grpc://127.0.0.1:8001 -u 4 -r 2 -t 60s \
-        --classifier-weight 2 --zeroshot-weight 1 --findings-weight 1
-
-or `cxrlt loadtest`, which adds Triton's metrics and target checks. Every call fires a locust request
-event (request_type "grpc", name = the model). Each image's request is serialised once per process, at
-locust's init event. Custom options also read environment variables (LOCUST_CLASSIFIER_WEIGHT=3).
+"""Locust load test of the served CXR-LT pipeline over gRPC (Triton's ModelInfer), which `cxrlt loadtest` runs
+and adds Triton's metrics and target checks to (loadtest/README.md, "Load test"). Every call fires a locust
+request event (request_type "grpc", name = the model); each image's request is serialised once per process,
+at locust's init event. Custom options also read environment variables (LOCUST_CLASSIFIER_WEIGHT=3); with
+--figures-json, the final figures are written from locust's own stats as it exits.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import time
@@ -23,17 +21,15 @@ grpc_gevent.init_gevent()  # before any channel exists: blocking gRPC calls then
 import grpc  # noqa: E402
 from locust import User, constant, events  # noqa: E402
 from locust.runners import MasterRunner  # noqa: E402
+from locust.stats import RequestStats, StatsEntry, StatsError  # noqa: E402
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL  # noqa: E402
-from loadtest.kernel import (GRPC_OPTIONS, IMAGE_SETS, MODELS, Payload, error_text, load_payloads, model_infer,  # noqa: E402
-                             probabilities, request_bytes)
+from loadtest.kernel import (GRPC_OPTIONS, IMAGE_SETS, MODELS, Payload, address, error_text, load_payloads,  # noqa: E402
+                             model_infer, probabilities, request_bytes)
 
 OUTPUT_WIDTH = {CLASSIFIER_MODEL: 30, ZEROSHOT_MODEL: 6, FINDINGS_MODEL: 36}
 TLS_FILES = ("root_certificates", "private_key", "certificate_chain")
-# Filled once per process at the init event: (image name, model) -> the serialised request.
-_REQUESTS: dict[tuple[str, str], bytes] = {}
-_PAYLOADS: list[Payload] = []
-_SETTINGS = {"request_timeout": 30.0}
+REQUESTS: dict[tuple[str, str], bytes] = {}  # (image name, model) -> its serialised request
 
 
 @events.init_command_line_parser.add_listener
@@ -51,36 +47,47 @@ def _add_arguments(parser) -> None:
     add("--ssl", action="store_true", default=False, help="TLS to the server")
     for name in TLS_FILES:
         add(f"--{name.replace('_', '-')}", default=None, help="PEM file for TLS (as `cxrlt classify`)")
+    add("--figures-json", default=None, help="write the final figures per model and in all, and the failures, here")
 
 
 @events.init.add_listener
 def _on_init(environment, **_kwargs) -> None:
     options = environment.parsed_options
-    weights = {m: int(getattr(options, f"{m.removeprefix('cxr_')}_weight", 1)) for m in MODELS}
+    weights = {m: getattr(options, f"{m.removeprefix('cxr_')}_weight") for m in MODELS}
     if any(w < 0 for w in weights.values()) or not any(weights.values()):
         raise ValueError(f"task weights must be >= 0 with at least one > 0, got {weights}")
     CxrGrpcUser.tasks = [task for model in MODELS for task in [lambda user, m=model: user.infer(m)] * weights[model]]
-    if options is not None:
-        _SETTINGS["request_timeout"] = float(options.request_timeout)
     if not isinstance(environment.runner, MasterRunner):  # the master of a distributed run sends nothing
-        prepare_requests(getattr(options, "image_set", "all"), send_hints=not getattr(options, "no_hints", False))
-        logging.getLogger("cxrlt.loadtest").info("cxrlt load test: weights %s, images %s", weights, [p.name for p in _PAYLOADS])
+        CxrGrpcUser.payloads = load_payloads(options.image_set)
+        REQUESTS.update({(p.name, m): request_bytes(p, m, not options.no_hints) for p in CxrGrpcUser.payloads for m in MODELS})
+        logging.getLogger("cxrlt.loadtest").info("cxrlt load test: weights %s, images %s", weights,
+                                                 [p.name for p in CxrGrpcUser.payloads])
+    if options.figures_json:  # locust writes its CSV files once a second: they may miss the last second
+        environment.events.quit.add_listener(lambda **_kwargs: write_figures(environment.stats, options.figures_json))
 
 
-def prepare_requests(image_set: str = "all", send_hints: bool = True) -> None:
-    """Decode the images and serialise every model's request once."""
-    _PAYLOADS[:] = load_payloads(image_set)
-    if not _PAYLOADS:
-        raise RuntimeError(f"image set {image_set!r} has no images")
-    _REQUESTS.update({(p.name, m): request_bytes(p, m, send_hints) for p in _PAYLOADS for m in MODELS})
+def write_figures(stats: RequestStats, path: str) -> None:
+    """Each model's figures and all of them together, from locust's stats as it ends (percentiles None where
+    nothing was sent), and the failures by model and error, most frequent first."""
+    def figures(entry: StatsEntry) -> dict[str, float | None]:
+        return {"requests": entry.num_requests, "failures": entry.num_failures, "rps": entry.total_rps,
+                "failures_per_s": entry.total_fail_per_sec, "avg_ms": entry.avg_response_time, "min_ms": entry.min_response_time,
+                "max_ms": entry.max_response_time, "avg_response_bytes": entry.avg_content_length,
+                **{f"p{q}_ms": entry.get_response_time_percentile(q / 100) if entry.num_requests else None for q in (50, 95, 99)}}
+
+    failures = sorted(stats.errors.values(), key=lambda error: -error.occurrences)
+    Path(path).write_text(json.dumps({
+        "models": {name: figures(entry) for (name, _), entry in sorted(stats.entries.items())}, "aggregated": figures(stats.total),
+        "failures": [{"model": e.name, "error": StatsError.parse_error(e.error), "occurrences": e.occurrences} for e in failures]}))
 
 
-def _channel(address: str, options) -> grpc.Channel:
-    files = {name: getattr(options, name, None) for name in TLS_FILES}
-    if not (getattr(options, "ssl", False) or any(files.values())):
-        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def _channel(url: str, options) -> grpc.Channel:
+    files, parts = {name: getattr(options, name) for name in TLS_FILES}, address(url)
+    target = parts.netloc if parts.port else f"{parts.netloc}:8001"
+    if not (options.ssl or any(files.values())):
+        return grpc.insecure_channel(target, options=GRPC_OPTIONS)
     pem = [Path(path).read_bytes() if path else None for path in files.values()]  # root, key, chain: grpc's order
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(*pem), options=GRPC_OPTIONS)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(*pem), options=GRPC_OPTIONS)
 
 
 class GrpcCallError(Exception):
@@ -92,14 +99,13 @@ class CxrGrpcUser(User):
 
     host = "grpc://127.0.0.1:8001"
     wait_time = constant(0)
+    payloads: tuple[Payload, ...] = ()
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
-        if not _REQUESTS:  # locust used as a library without the init event
-            prepare_requests()
-        address = (self.host or "").split("://", 1)[-1].rstrip("/")
-        self.channel = _channel(address if ":" in address else f"{address}:8001", environment.parsed_options)
-        self.images = itertools.islice(itertools.cycle(_PAYLOADS), random.randrange(len(_PAYLOADS)), None)
+        options = environment.parsed_options
+        self.channel, self.timeout_s = _channel(self.host or "", options), options.request_timeout
+        self.images = itertools.islice(itertools.cycle(self.payloads), random.randrange(len(self.payloads)), None)
 
     def on_stop(self) -> None:
         self.channel.close()
@@ -108,7 +114,7 @@ class CxrGrpcUser(User):
         payload = next(self.images)
         length, exception, start = 0, None, time.perf_counter()
         try:
-            response = model_infer(self.channel)(_REQUESTS[payload.name, model], timeout=_SETTINGS["request_timeout"])
+            response = model_infer(self.channel)(REQUESTS[payload.name, model], timeout=self.timeout_s)
             if (shape := probabilities(response).shape) != (1, OUTPUT_WIDTH[model]):
                 raise RuntimeError(f"{model} returned PROBABILITIES of shape {shape}, expected (1, {OUTPUT_WIDTH[model]})")
             length = response.ByteSize()

@@ -1,19 +1,11 @@
 """`cxrlt loadtest`: locust headless (a subprocess: locust patches its interpreter for gevent) against a
-Triton server, Triton's metrics scraped around it, targets checked, `report.json` written.
-
-Targets and the load may come from a profile file (YAML):
-
-    load: {users: 2, spawn_rate: 2, duration_s: 8, weights: {cxr_classifier: 1}, image_set: all}
-    targets:
-      min_rps: 1.0             # aggregate requests/s over the run
-      max_p95_ms: 5000         # aggregate 95th percentile latency
-      max_failures: 0          # failed requests allowed
-      models: {cxr_findings: {max_p95_ms: 8000}}   # optional, per model, same keys
-"""
+Triton server, Triton's metrics scraped around it, the targets of a profile file (loadtest/README.md, "Load
+test") checked, `report.json` written."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -22,9 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-import pandas as pd
-
 from cxrlt.contract.resources import package_file, package_root
 from loadtest.kernel import IMAGE_SETS, MODELS, LoadTestError, address, check, check_server, verdicts, write_json
 from loadtest.metrics import Counters, breakdown_json
@@ -32,9 +21,6 @@ from loadtest.metrics import Counters, breakdown_json
 UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}  # the target keys
 LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
 FIGURES = {"min_rps": "rps", "max_p95_ms": "p95_ms", "max_failures": "failures"}  # target -> the figure it bounds
-STATS = {"Request Count": "requests", "Failure Count": "failures", "Requests/s": "rps", "Failures/s": "failures_per_s",
-         "Average Response Time": "avg_ms", "Min Response Time": "min_ms", "Max Response Time": "max_ms", "50%": "p50_ms",
-         "95%": "p95_ms", "99%": "p99_ms", "Average Content Size": "avg_response_bytes"}
 
 
 class ProfileError(ValueError):
@@ -143,6 +129,7 @@ def locust_command(config: LoadTestConfig) -> list[str]:
         "--html", str(config.out / "report.html"), "--only-summary", "--exit-code-on-error", "0", "--loglevel", "INFO",
         *(arg for model in MODELS for arg in (f"--{model.removeprefix('cxr_')}-weight", str(config.weights.get(model, 0)))),
         "--image-set", config.image_set, "--request-timeout", f"{config.request_timeout_s:g}",
+        "--figures-json", str(config.out / "figures.json"),
     ]
     command += ["--no-hints"] * (not config.send_hints) + ["--ssl"] * bool(config.tls.get("ssl"))
     for name in ("root_certificates", "private_key", "certificate_chain"):
@@ -151,8 +138,9 @@ def locust_command(config: LoadTestConfig) -> list[str]:
     return command
 
 
-def run_locust(config: LoadTestConfig) -> Path:
-    """Run locust headless; return the path of its log. Raises LoadTestError if it produced no stats."""
+def run_locust(config: LoadTestConfig) -> dict[str, Any]:
+    """Run locust headless; return its final figures: {"models": {model: figures}, "aggregated": figures, "failures":
+    [{model, error, occurrences}]} (locustfile.write_figures). Raises LoadTestError if it wrote none."""
     config.out.mkdir(parents=True, exist_ok=True)
     log_path = config.out / "locust.log"
     budget = config.duration_s + config.users / config.spawn_rate + config.request_timeout_s + 120.0
@@ -164,28 +152,10 @@ def run_locust(config: LoadTestConfig) -> Path:
                                   start_new_session=True, timeout=budget)
         except subprocess.TimeoutExpired:
             raise LoadTestError(f"locust did not finish within {budget:.0f} s and was stopped; see {log_path}") from None
-    if not (config.out / "locust_stats.csv").is_file():
+    if not (config.out / "figures.json").is_file():
         tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-20:])
         raise LoadTestError(f"locust exited with status {done.returncode} and wrote no statistics:\n{tail}")
-    return log_path
-
-
-def read_locust_stats(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """locust_stats.csv -> ({model: figures}, aggregated figures); percentiles None where nothing completed."""
-    frame = pd.read_csv(path, keep_default_na=False, na_values=["N/A", ""]).rename(columns=STATS)
-    frame[["rps", "failures_per_s"]] = frame[["rps", "failures_per_s"]].fillna(0.0)
-    frame.loc[frame.requests == 0, ["p50_ms", "p95_ms", "p99_ms"]] = np.nan
-    frame = frame[["Name", *STATS.values()]].astype(object)
-    rows = {row.pop("Name"): row for row in frame.where(frame.notna(), None).to_dict("records")}
-    return {name: row for name, row in rows.items() if name != "Aggregated"}, rows.get("Aggregated")
-
-
-def read_locust_failures(path: Path) -> list[dict[str, Any]]:
-    """locust_failures.csv -> [{model, error, occurrences}], most frequent first."""
-    if not path.is_file():
-        return []
-    frame = pd.read_csv(path, keep_default_na=False).sort_values("Occurrences", ascending=False, kind="stable")
-    return [{"model": r.Name, "error": r.Error, "occurrences": int(r.Occurrences)} for r in frame.itertuples()]
+    return json.loads((config.out / "figures.json").read_text())
 
 
 def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
@@ -194,20 +164,20 @@ def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
     require_locust()
     check_server(config.url, [m for m, w in config.weights.items() if w > 0], tls=config.tls)
     counters, started = Counters(config.metrics_url), time.time()
-    log_path = run_locust(config)
-    wall_s = time.time() - started
-    per_model, aggregated = read_locust_stats(out / "locust_stats.csv")
-    delta = counters.grown({model: figures["requests"] for model, figures in per_model.items()})
+    figures = run_locust(config)
+    wall_s, per_model, aggregated = time.time() - started, figures["models"], figures["aggregated"]
+    delta = counters.grown({model: stats["requests"] for model, stats in per_model.items()})
     load = {key: getattr(config, key) for key in ("users", "spawn_rate", "duration_s", "weights", "image_set", "send_hints",
                                                   "request_timeout_s")}
     report = {
         "url": config.url, "metrics_url": config.metrics_url, "profile": config.profile,
         "load": {**load, "locust_wall_s": round(wall_s, 2)},
-        "locust": {"models": per_model, "aggregated": aggregated, "failures": read_locust_failures(out / "locust_failures.csv")},
+        "locust": figures,
         "triton": None if delta is None else {"models": breakdown_json(delta)}, "triton_error": counters.error,
         "targets": config.targets, **verdicts(check_targets(config.targets, aggregated, per_model)),
         "files": {"stats_csv": str(out / "locust_stats.csv"), "failures_csv": str(out / "locust_failures.csv"),
-                  "html": str(out / "report.html"), "locust_log": str(log_path), "report": str(report_path)},
+                  "figures": str(out / "figures.json"), "html": str(out / "report.html"), "locust_log": str(out / "locust.log"),
+                  "report": str(report_path)},
     }
     write_json(report, report_path)
     return report

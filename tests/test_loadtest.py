@@ -11,8 +11,7 @@ import pytest
 from cxrlt.contract.resources import package_file
 from loadtest.metrics import diff, parse_prometheus, per_model, scrape
 from cxrlt.cli.commands.loadtest import parse_duration
-from loadtest.runner import (LoadTestConfig, ProfileError, check_targets, load_profile, locust_command, read_locust_failures,
-                             read_locust_stats)
+from loadtest.runner import LoadTestConfig, ProfileError, check_targets, load_profile, locust_command
 
 PROFILE = package_file("loadtest", "profiles", "tiny_cpu.yaml")
 
@@ -133,13 +132,13 @@ def test_headless_run_meets_profile_targets_and_reports_queue_vs_compute(triton_
     printed = capsys.readouterr()
     assert rc == 0, printed.err
 
-    for name in ("locust_stats.csv", "locust_failures.csv", "report.html", "report.json"):
+    for name in ("locust_stats.csv", "locust_failures.csv", "figures.json", "report.html", "report.json"):
         assert (out / name).is_file(), name
-    per_model_stats, aggregated = read_locust_stats(out / "locust_stats.csv")
+    report = json.loads((out / "report.json").read_text())
+    per_model_stats, aggregated = report["locust"]["models"], report["locust"]["aggregated"]
     assert set(per_model_stats) == {"cxr_classifier", "cxr_zeroshot", "cxr_findings"}
     assert aggregated["requests"] > 0 and aggregated["failures"] == 0
 
-    report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["missed"] == [] and report["locust"]["failures"] == []
     assert report["profile"] == str(PROFILE)
     assert {c["name"] for c in report["checks"]} >= {"min_rps", "max_p95_ms", "max_failures"}
@@ -185,11 +184,11 @@ def test_failed_calls_are_locust_failures(tmp_path):
     config = LoadTestConfig(url=f"127.0.0.1:{free_port()}", users=1, spawn_rate=1, duration_s=2, out=tmp_path,
                             image_set="synthetic", request_timeout_s=1,
                             weights={"cxr_classifier": 1, "cxr_zeroshot": 0, "cxr_findings": 0})
-    run_locust(config)
-    per_model_stats, aggregated = read_locust_stats(tmp_path / "locust_stats.csv")
+    figures = run_locust(config)  # locust's own stats as it ended, not its CSV files of up to a second before
+    per_model_stats, aggregated = figures["models"], figures["aggregated"]
     assert aggregated["requests"] > 0 and aggregated["failures"] == aggregated["requests"]
-    assert set(per_model_stats) == {"cxr_classifier"}
-    (failure,) = read_locust_failures(tmp_path / "locust_failures.csv")
+    assert set(per_model_stats) == {"cxr_classifier"} and per_model_stats["cxr_classifier"]["p95_ms"] is not None
+    (failure,) = figures["failures"]
     assert failure["model"] == "cxr_classifier" and failure["occurrences"] == aggregated["failures"]
     assert failure["error"].startswith("GrpcCallError") and "UNAVAILABLE" in failure["error"]  # the reason, not a bare name
 
