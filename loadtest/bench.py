@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
-from loadtest.kernel import (MODELS, Payload, Served, closed_loop_figures, images_json, load_payloads,
-                             figure, measure_level, save_figure, target_server, write_json)
+from loadtest.kernel import (MODELS, Payload, Served, closed_loop_figures, figure, images_json, load_payloads, measure_level,
+                             save_figure, target_server, write_json)
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
@@ -30,11 +30,6 @@ TARGETS = (
     (ZEROSHOT_MODEL, "images_per_s_at_saturation", ">=", 2000.0),
 )
 
-
-# `cxrlt bench`'s options and their defaults, for a run that does not come from its command line (the GPU run).
-BENCH_DEFAULTS = {"url": None, "metrics_url": None, "concurrency": None, "requests": 64, "rounds": 1, "warmup": None,
-                  "model": CLASSIFIER_MODEL, "threads": None, "raw_pool": None, "raw_providers": None, "image_set": "all",
-                  "hints": True, "shared_memory": False, "send_size": None}
 PREPROCESSING_REPEATS = 20  # timed prepare_square calls per configuration and image
 
 
@@ -145,7 +140,7 @@ def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int 
 
 def run_bench(args: argparse.Namespace, server_log: Path | None = None, preprocessing_repeats: int = PREPROCESSING_REPEATS,
               log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Run the sweep with `cxrlt bench`'s options (BENCH_DEFAULTS for those not given); return the figures (JSON-ready)."""
+    """Run the sweep with `cxrlt bench`'s options; return the figures (JSON-ready)."""
     import onnxruntime
 
     from cxrlt.contract.manifest import read_manifest
@@ -333,7 +328,8 @@ def build_gpu_repository(args: argparse.Namespace, log: Callable[[str], None]) -
 
 
 def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Build (or take --repo) and serve the repository, bench each public model, load-test them; write the report."""
+    """Build (or take --repo) and serve the repository, bench each public model (`cxrlt bench`'s options: `args.bench`,
+    their defaults), load-test them; write the report."""
     import onnxruntime
 
     from loadtest.runner import LoadTestConfig, run_loadtest
@@ -350,8 +346,9 @@ def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda messag
             queue = entries[model]["max_queue_size"]
             levels = tuple(c for c in args.concurrency if not queue or c <= queue)
             log(f"bench {model} at concurrency {', '.join(map(str, levels))}")
-            options = argparse.Namespace(**{**BENCH_DEFAULTS, "repo": repo, "url": url, "metrics_url": metrics_url, "model": model,
-                                            "concurrency": levels, "requests": args.requests, "image_set": args.image_set})
+            options = argparse.Namespace(**{**vars(args.bench), "repo": repo, "url": url, "metrics_url": metrics_url,
+                                            "model": model, "concurrency": levels, "requests": args.requests,
+                                            "image_set": args.image_set})
             benches[model] = run_bench(options, preprocessing_repeats=args.preprocessing_repeats, log=log)
             files[f"bench_{model}"] = str(write_json(benches[model], args.out / f"bench_{model}.json"))
         log(f"load test: {args.users} users for {args.duration_s:g} s")

@@ -1,13 +1,6 @@
-"""`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server on this host (loadtest/README.md).
-
-stress: saturation (a closed loop at concurrency 1, 2, 4, ... until throughput stops growing), a storm (an
-open loop at `overload` x that rate; refusals classified by the queue policy's messages), then recovery to
-the unloaded p50; every answer checked against the in-process pipeline. soak: N requests over the three
-public models in chunks, the server's process tree sampled between chunks, each series' growth after the
-warm-up fitted by least squares (a leak keeps its slope over the later half, a high-water mark levels off).
-
-Both take the command's options (argparse's namespace) as they are.
-"""
+"""`cxrlt stress` and `cxrlt soak`: two modes of one driver against one server on this host, taking the command's
+options (argparse's namespace) as they are. stress: saturation, a storm at `overload` x that rate, recovery;
+soak: many requests, the server's process tree sampled, its growth fitted (loadtest/README.md, "Overload", "Soak")."""
 
 from __future__ import annotations
 
@@ -28,10 +21,10 @@ import pandas as pd
 import psutil
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
-from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, alive, check, check_server, address,
-                             closed_loop_figures, cpu_sample, cpu_used, drive, error_text, figures, fmt, images_json, load_average,
-                             load_payloads, measure_level, model_infer, probabilities, request_bytes,
-                             require_loopback, sample_tree, figure, save_figure, server_health, target_server, verdicts)
+from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, address, alive, check, check_server,
+                             closed_loop_figures, cpu_sample, cpu_used, drive, error_text, figure, figures, fmt, images_json,
+                             load_average, load_payloads, measure_level, model_infer, probabilities, request_bytes,
+                             require_loopback, sample_tree, save_figure, server_health, target_server, verdicts)
 
 REASONS = ("queue_full", "queue_timeout", "other")
 QUEUE_MESSAGES = dict(zip(REASONS, OVERLOAD_MESSAGES))  # reason -> the queue policy's message, lower case
@@ -103,8 +96,7 @@ def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | Non
     log("reference probabilities: the pipeline in process on the repository's ONNX files")
     with contextlib.closing(RawSide(args.repo, args.model, threads=1)) as raw:
         parity = Parity({p.name: np.asarray(raw(0, p), dtype=np.float64) for p in payloads})
-    served = Served(url, args.model, args.hints)
-    try:
+    with contextlib.closing(Served(url, args.model, args.hints)) as served:
         served.ensure_clients(1)
         for payload in payloads:  # warms the server and refuses a server that does not serve --repo
             if not parity(payload, served(0, payload)):
@@ -116,8 +108,6 @@ def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | Non
         counters = Counters(metrics_url)
         storm_figures = asyncio.run(storm(args, url, payloads, parity, rate, served, saturation["unloaded_p50_ms"], pid))
         delta = counters.grown({args.model: storm_figures["admitted"]})
-    finally:
-        served.close()
     return {"model": args.model, "profile": read_manifest(args.repo).get("profile"), "overload": args.overload,
             "request_timeout_s": args.timeout_s, "saturation": saturation, "storm": storm_figures,
             "parity": parity.figures, "targets": STRESS_TARGETS, "triton": None if delta is None else breakdown_json(delta)}
@@ -447,9 +437,7 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
           log: Callable[[str], None]) -> dict[str, Any]:
     if pid is None:
         raise LoadTestError(f"no process listening on {url} is visible here: give --server-pid, the server's PID")
-    cycle, served = jobs(payloads), Served(url, MODELS[0], args.hints, timeout_s=args.timeout_s)
-    served.ensure_clients(args.concurrency)
-    outcomes: list[tuple[str, str | None]] = []  # (model, the error's first line or None), from several threads
+    cycle, outcomes = jobs(payloads), []  # outcomes: (model, the error's first line or None), from several threads
 
     def call(worker: int, job: tuple[str, Payload]) -> None:
         try:
@@ -459,7 +447,8 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
             outcomes.append((job[0], error_text(exc)[1].splitlines()[0][:200]))
 
     began, latencies, stopped, samples = time.monotonic(), [], None, [sample_tree(pid, 0, 0.0)]
-    try:
+    with contextlib.closing(Served(url, MODELS[0], args.hints, timeout_s=args.timeout_s)) as served:
+        served.ensure_clients(args.concurrency)
         for start, stop in itertools.pairwise(chunk_bounds(args.requests, args.sample_every, args.warmup)):
             if time.monotonic() - began > args.time_limit_s:
                 stopped = f"time limit of {args.time_limit_s:g} s reached after {start} requests"
@@ -478,8 +467,6 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
             samples.append({**sample, "chunk_p50_ms": chunk_figures["p50_ms"], "chunk_p95_ms": chunk_figures["p95_ms"]})
             log(f"{stop}/{args.requests} requests: RSS {sample['rss_bytes'] / MIB:.0f} MiB, {sample['fds']} fds, "
                 f"{sample['shm_files']} shm files, {sum(error is not None for _, error in outcomes)} failures")
-    finally:
-        served.close()
     return _soak_report(args, samples, latencies, time.monotonic() - began, stopped, outcomes)
 
 

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -254,7 +255,7 @@ def _shm_files(pid: int) -> dict[str, int]:
 def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> dict[str, Any]:
     """One sample of the process tree under `root` (processes that vanish while read are skipped): its
     processes, RSS (and its anonymous / file / shmem split), open fds, the /dev/shm files the tree holds
-    open or mapped and their bytes, and all of /dev/shm (context only)."""
+    open or mapped and their bytes, and all of /dev/shm (context only: other programs use it too)."""
     totals, shm_files, processes = Counter(), {}, 0
     for pid in process_tree(root):
         try:
@@ -268,16 +269,11 @@ def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> dict[st
         shm_files.update(files)
     if not processes:
         raise LoadTestError(f"process {root} is gone (or /proc/{root} is not readable)")
-    every = Counter()  # all of /dev/shm
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(SHM):
-            with contextlib.suppress(OSError):
-                if entry.is_file(follow_symlinks=False):
-                    every.update(files=1, size=entry.stat(follow_symlinks=False).st_blocks * 512)
     return {"requests": requests, "elapsed_s": round(elapsed_s, 3), "processes": processes,
             **{key: totals[key] for key in RSS_KEYS.values()},
             "fds": totals["fds"], "shm_files": len(shm_files), "shm_bytes": sum(shm_files.values()),
-            "shm_all_files": every["files"], "shm_all_bytes": every["size"]}
+            "shm_all_files": sum(entry.is_file(follow_symlinks=False) for entry in os.scandir(SHM)),
+            "shm_all_bytes": shutil.disk_usage(SHM).used}  # all of /dev/shm, unlinked files still held included
 
 
 def alive(pid: int) -> bool:

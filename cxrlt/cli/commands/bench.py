@@ -192,6 +192,9 @@ def gpu_arguments(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (dry if args.dry_run else full).items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.concurrency = tuple(sorted({1, *args.concurrency}))  # latency at concurrency 1 is a reported figure
+    bench = argparse.ArgumentParser()
+    add_arguments(bench)
+    args.bench = bench.parse_args(["--repo", "."])  # each model's bench: `cxrlt bench`'s defaults
     return args
 
 
