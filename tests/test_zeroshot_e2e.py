@@ -9,6 +9,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from cxrlt.contract.releases import release_dir
+from cxrlt.contract.served import PIPELINE_MODELS
 from cxrlt.contract.text_cache import PROMPTS_FILE
 from exporters.build_repo import rebuild_text_cache
 from cxrlt.contract.model_config import set_config_parameters
@@ -26,16 +27,20 @@ def zeroshot(client, image):
 
 @pytest.fixture
 def repository(triton_server, grpc_client):
-    """The served repository; cxr_zeroshot's files are restored and the model reloaded afterwards."""
+    """The served repository; the pipeline models' files (the release's text cache and prompts
+    among them) are restored and the models reloaded afterwards."""
     repo = triton_server.model_repository
-    backup = repo.parent / "zeroshot-backup"
-    shutil.copytree(repo / "cxr_zeroshot", backup)
+    backup = repo.parent / "pipelines-backup"
+    for model in PIPELINE_MODELS:
+        shutil.copytree(repo / model, backup / model)
     encoder_record = (repo / "clip_image_encoder" / "1" / "encoder.json").read_text()
     yield repo
-    shutil.rmtree(repo / "cxr_zeroshot")
-    shutil.move(backup, repo / "cxr_zeroshot")
+    for model in PIPELINE_MODELS:
+        shutil.rmtree(repo / model)
+        shutil.move(backup / model, repo / model)
     (repo / "clip_image_encoder" / "1" / "encoder.json").write_text(encoder_record)
-    grpc_client.load_model("cxr_zeroshot")
+    for model in PIPELINE_MODELS:
+        grpc_client.load_model(model)
 
 
 def test_served_zeroshot_equals_open_clip_reference(grpc_client, triton_server, real_cxr, synthetic_cxrs):
@@ -124,9 +129,10 @@ def test_cache_from_other_weights_is_refused(grpc_client, repository):
 
 
 def _touch_config(repository):
-    """Triton reloads a model only when its own files changed; the release's files are elsewhere."""
-    config = repository / "cxr_zeroshot" / "config.pbtxt"
-    config.write_text(config.read_text())
+    """Triton reloads a model only when its own files changed (a config.pbtxt with the same content is
+    no change); the release's files are elsewhere, so touch the model's own code."""
+    code = repository / "cxr_zeroshot" / "1" / "model.py"
+    code.write_text(code.read_text())
 
 
 def test_softmax_scoring_with_negative_prompts(grpc_client, repository, real_cxr):
