@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
-from loadtest.kernel import (MODELS, Payload, Served, closed_loop_figures, figure, images_json, load_payloads, measure_level,
+from loadtest.kernel import (MODELS, Payload, Served, closed_loop_figures, cpu_figures, figure, images_json, load_payloads, measure_level,
                              save_figure, target_server, write_json)
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
@@ -159,15 +159,11 @@ def run_bench(args: argparse.Namespace, server_log: Path | None = None, preproce
         log(f"loading onnxruntime sessions (intra-op threads {threads}, pool {raw_pool}, providers {providers})")
         raw = stack.enter_context(contextlib.closing(RawSide(args.repo, args.model, threads, raw_pool, providers)))
         levels = args.concurrency or default_levels(budget["models"][args.model])
-        send_size = args.send_size
-        if send_size == SEND_SIZE_SERVED:  # the number of pixels cxrlt.client reads from the served configs
-            from cxrlt.client import CxrltClient
-
-            with CxrltClient(url, model=args.model, send_size=send_size) as client:
-                send_size = client.model_info().input_size
         served = stack.enter_context(contextlib.closing(Served(url, args.model, args.hints,
-                                                               shared_memory=args.shared_memory, send_size=send_size)))
+                                                               shared_memory=args.shared_memory, send_size=args.send_size)))
         served.ensure_clients(max(levels))
+        # "served": the number of pixels cxrlt.client reads from the served configs
+        send_size = served.clients[0].model_info().input_size if args.send_size == SEND_SIZE_SERVED else args.send_size
         # Warm both sides on every image (creates all raw sessions single-threaded) and compare outputs.
         parity = max(float(np.max(np.abs(raw(0, p) - served(0, p)))) for p in payloads)
         server_pid = pid if args.url is None else None  # --url: the server's processes are not ours to measure
@@ -215,9 +211,8 @@ def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[s
     for side in SIDES:
         runs = measured[side]
         pooled = closed_loop_figures([x for r in runs for x in r["latencies_ms"]], sum(r["wall_s"] for r in runs))
-        own, server = (None if any(r["cpu_s"][i] is None for r in runs) else
-                       round(1000 * sum(r["cpu_s"][i] for r in runs) / pooled["requests"], 3) for i in (0, 1))
-        row[side] = {**pooled, "cpu_ms_per_image": {"this_process": own, "server": server}}
+        cpu_s = [None if None in seconds else sum(seconds) for seconds in zip(*(r["cpu_s"] for r in runs))]
+        row[side] = {**pooled, "cpu": cpu_figures(cpu_s, pooled["wall_s"], pooled["requests"])}
     if deltas := [r["triton"] for r in measured["served"] if r["triton"] is not None]:
         delta = pd.concat(deltas).groupby(level=0).sum()
         row["served"].update(triton=breakdown_json(delta), **member_calls_per_image(per_model(delta), model))
@@ -250,13 +245,14 @@ def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
     execution = read_manifest(report["repository"]).get("execution") or {"execution_provider": "auto", "precision": "fp32"}
     first, best = report["sweep"][0], report["best"]["served"]
     at_best = next(r for r in report["sweep"] if r["concurrency"] == best["concurrency"])
-    cpu = at_best["served"]["cpu_ms_per_image"]
+    cpu = at_best["served"]["cpu"]
     return {"repository": report["repository"], "execution_provider": execution["execution_provider"],
             "precision": execution["precision"], "runtime": sorted({p for ps in report["execution_providers"]["raw_sessions"].values()
                                                                     for p in ps[:1]}),
             "images_per_s": best["images_per_s"], "best_concurrency": best["concurrency"],
             "p50_ms": first["served"]["p50_ms"], "p95_ms": first["served"]["p95_ms"], "latency_concurrency": first["concurrency"],
-            "cpu_ms_per_image": None if cpu["server"] is None else round(cpu["this_process"] + cpu["server"], 1),
+            "cpu_ms_per_image": None if cpu["server_ms_per_image"] is None else
+            round(cpu["client_ms_per_image"] + cpu["server_ms_per_image"], 1),
             "raw_images_per_s": report["best"]["raw"]["images_per_s"], "served_vs_raw_max_abs_diff": report["parity_max_abs_diff"]}
 
 

@@ -22,7 +22,7 @@ import psutil
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
 from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, address, alive, check, check_server,
-                             closed_loop_figures, cpu_sample, cpu_used, drive, error_text, figure, figures, fmt, images_json,
+                             closed_loop_figures, cpu_figures, cpu_sample, cpu_used, drive, error_text, figure, figures, fmt, images_json,
                              load_average, load_payloads, measure_level, model_infer, probabilities, request_bytes,
                              require_loopback, sample_tree, save_figure, server_health, target_server, verdicts)
 
@@ -205,7 +205,7 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
             note = f"concurrency {level} was refused {len(refusals.rows)} time(s): the closed loop outgrew the queue"
             break
         point = {"concurrency": level, **closed_loop_figures(measured["latencies_ms"], measured["wall_s"])}
-        points.append({**point, "cpu": _cpu_figures(measured["cpu_s"], measured["wall_s"], point["requests"])})
+        points.append({**point, "cpu": cpu_figures(measured["cpu_s"], measured["wall_s"], point["requests"])})
         if saturation_index([p["images_per_s"] for p in points], SATURATION_GROWTH)[1]:
             note = f"throughput at concurrency {level} was not more than {100 * SATURATION_GROWTH:g} % above the best lower level"
             break
@@ -265,11 +265,8 @@ async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload],
             window, sent = loop.time() - start, len(times) - not_sent
             cpu_s, busy_pct = cpu_used(before, cpu_sample(server_pid)), psutil.cpu_percent()
             recovery = await recover(args, served, payloads, parity, unloaded_p50_ms)
-            if in_flight:  # whatever the storm left outstanding: answered by now, or given up on
-                _, pending = await asyncio.wait(set(in_flight), timeout=args.timeout_s + 5.0)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):  # what the storm left outstanding: answered by now, or cancelled
+                await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), args.timeout_s + 5.0)
         finally:
             done.set()
             await watcher
@@ -284,7 +281,7 @@ async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload],
         "admitted_latency": figures([ms for _, ms in admitted]), "rejected": refusals.to_json(),
         "live_probes": {"asked": len(live), "unanswered": len(live) - len(answers),
                         **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
-        "cpu": {**_cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(), "machine_busy_share": round(busy_pct / 100, 3)},
+        "cpu": {**cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(), "machine_busy_share": round(busy_pct / 100, 3)},
         "recovery": recovery,
     }
 
@@ -309,17 +306,6 @@ async def recover(args: argparse.Namespace, served: Served, payloads: Sequence[P
             "probes_refused": len(probes) - len(answered),
             "p50_of_last_window_ms": round(float(np.median(answered[-window:])), 3) if answered else None,
             "gave_up_after_s": args.recovery_timeout_s}
-
-
-def _cpu_figures(cpu_s: Sequence[float | None], wall_s: float, admitted: int) -> dict[str, float | None]:
-    """Cores this client and the server's process tree used over `wall_s` (from their CPU seconds, the
-    server's None when unknown), and server CPU ms per admitted image."""
-    client, server = cpu_s
-    return {
-        "client_cores": round(client / wall_s, 3) if wall_s > 0 else None,
-        "server_cores": round(server / wall_s, 3) if server is not None and wall_s > 0 else None,
-        "server_cpu_ms_per_admitted": round(1000 * server / admitted, 2) if server is not None and admitted else None,
-    }
 
 
 def stress_checks(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -297,6 +297,14 @@ def cpu_used(before: Sequence[float | None], after: Sequence[float | None]) -> l
     return [None if a is None or b is None else b - a for a, b in zip(before, after)]
 
 
+def cpu_figures(cpu_s: Sequence[float | None], wall_s: float, images: int) -> dict[str, float | None]:
+    """The cores this process ("client") and the server's process tree used over `wall_s`, and their CPU ms per
+    image, from their CPU seconds (None: unknown)."""
+    return {f"{who}_{figure}": None if seconds is None or not over else round(scale * seconds / over, 3)
+            for who, seconds in zip(("client", "server"), cpu_s)
+            for figure, scale, over in (("cores", 1, wall_s), ("ms_per_image", 1000, images))}
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -150,8 +150,8 @@ def test_bench_against_the_session_server(tiny_repository, triton_server, tmp_pa
             assert figures["requests"] == 6  # 3 per round, pooled over 2 rounds
             assert figures["images_per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p95_ms"]
         assert row["ratio"] > 0 and len(row["ratio_per_round"]) == 2
-        assert row["raw"]["cpu_ms_per_image"]["this_process"] > 0
-        assert row["served"]["cpu_ms_per_image"]["server"] is None  # --url: the server's processes are not ours
+        assert row["raw"]["cpu"]["client_ms_per_image"] > 0 and row["raw"]["cpu"]["client_cores"] > 0
+        assert row["served"]["cpu"]["server_ms_per_image"] is None  # --url: the server's processes are not ours
         assert row["orders"][0] == row["orders"][1][::-1]  # which side goes first alternates between rounds
         assert row["served"]["triton"]["cxr_classifier"]["requests"] >= 6  # queue vs compute per concurrency
         assert row["served"]["member_requests_per_image"] > 0 and row["served"]["member_executions_per_image"] > 0

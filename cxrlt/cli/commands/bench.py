@@ -114,12 +114,13 @@ def run(args: argparse.Namespace) -> int:
     if served_model.get("member_execution") == "in_process":
         console.print(f"{report['model']} runs its networks in process (member_execution in_process): no BLS hops")
     at = next(r for r in report["sweep"] if r["concurrency"] == best["served"]["concurrency"])
-    raw_cpu, served_cpu = at["raw"]["cpu_ms_per_image"], at["served"]["cpu_ms_per_image"]
-    if served_cpu["server"] is not None:
+    raw_cpu, served_cpu = at["raw"]["cpu"], at["served"]["cpu"]
+    if served_cpu["server_ms_per_image"] is not None:
         console.print(
-            f"CPU per image at concurrency {at['concurrency']}: raw {raw_cpu['this_process']:.1f} ms; served "
-            f"{served_cpu['this_process'] + served_cpu['server']:.1f} ms ({served_cpu['this_process']:.1f} gRPC client + "
-            f"{served_cpu['server']:.1f} tritonserver and its Python stubs)"
+            f"CPU per image at concurrency {at['concurrency']}: raw {raw_cpu['client_ms_per_image']:.1f} ms; served "
+            f"{served_cpu['client_ms_per_image'] + served_cpu['server_ms_per_image']:.1f} ms "
+            f"({served_cpu['client_ms_per_image']:.1f} gRPC client + {served_cpu['server_ms_per_image']:.1f} tritonserver "
+            "and its Python stubs)"
         )
     if report["parity_max_abs_diff"] > 1e-3:
         console.print(f"[yellow]served and raw outputs differ by up to {report['parity_max_abs_diff']:.2e}: "

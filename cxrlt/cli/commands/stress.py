@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{kind['count']} x {kind['reason']}: {kind['status']} {kind['message']}")
     load, cpu, at_saturation = report["load_average"], report["storm"]["cpu"], report["saturation"]["cpu"]
     server_cpu = "" if cpu["server_cores"] is None else (
-        f", the server {cpu['server_cores']:.2f} ({cpu['server_cpu_ms_per_admitted']} ms CPU per admitted image; "
-        f"{at_saturation['server_cores']:.2f} cores and {at_saturation['server_cpu_ms_per_admitted']} ms at saturation)")
+        f", the server {cpu['server_cores']:.2f} ({cpu['server_ms_per_image']} ms CPU per admitted image; "
+        f"{at_saturation['server_cores']:.2f} cores and {at_saturation['server_ms_per_image']} ms at saturation)")
     console.print(f"storm: this client used {cpu['client_cores']:.2f} cores{server_cpu} of {cpu['cores']}; the machine was "
                   f"{100 * cpu['machine_busy_share']:.0f} % busy; load average before {' '.join(map(str, load['before']))}, "
                   f"after {' '.join(map(str, load['after']))}")
