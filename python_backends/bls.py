@@ -189,7 +189,8 @@ def optional_strings(tensor: Any, count: int, name: str = "PROJECTION_HINT") -> 
 
 
 _STRING_TERMS = {"PROJECTION_HINT": ("a DICOM ViewPosition term has at most 16 characters", _HINT_TERMS),
-                 "STUDY_INSTANCE_UID": ("a DICOM UID has at most 64 characters", "send the study's StudyInstanceUID, or none")}
+                 "STUDY_KEY": ("a SHA-256 in hex has 64 characters",
+                               "send an opaque key of the study (the SDK sends the SHA-256 of its StudyInstanceUID), or none")}
 
 
 def _hint_text(value: Any, name: str = "PROJECTION_HINT") -> str:

@@ -112,7 +112,7 @@ class ServedPipeline:
 
     def _items(self, request: Any) -> list[tuple[np.ndarray, str | None]]:
         images = bls.required_input(request, "IMAGE")
-        bls.optional_strings(bls.get_input(request, "STUDY_INSTANCE_UID"), len(images), "STUDY_INSTANCE_UID")
+        bls.optional_strings(bls.get_input(request, "STUDY_KEY"), len(images), "STUDY_KEY")
         if self.classifier is None:
             return [(image, None) for image in images]
         return list(zip(images, bls.projection_hints(bls.get_input(request, "PROJECTION_HINT"), len(images))))
@@ -170,7 +170,7 @@ class ServedPipeline:
 @dataclasses.dataclass
 class ServedReleases:
     """A pipeline model serving its plan's releases: per request, the release that answers (the live
-    one, or a canary candidate for its share of studies, sticky by STUDY_INSTANCE_UID) and, in shadow
+    one, or a canary candidate for its share of studies, sticky by STUDY_KEY) and, in shadow
     mode, the candidate also run on a share of requests, compared and never answering. A plan change
     is a reload of the model with a new config (`cxrlt release`): Triton keeps the old instance
     answering until the new one is ready, so each request sees one plan."""
@@ -244,9 +244,9 @@ class ServedReleases:
 
 
 def _study_uid(request: Any) -> str | None:
-    """The request's STUDY_INSTANCE_UID (its first value) or None; the pipeline checks it (a bad one
+    """The request's STUDY_KEY (its first value) or None; the pipeline checks it (a bad one
     fails the request), routing only reads it."""
-    tensor = bls.get_input(request, "STUDY_INSTANCE_UID")
+    tensor = bls.get_input(request, "STUDY_KEY")
     values = tensor.as_numpy().reshape(-1) if tensor is not None else ()
     if not len(values):
         return None

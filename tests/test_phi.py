@@ -52,12 +52,13 @@ def test_no_identifier_reaches_logs_or_outputs_only_the_sr(serve, identified_dic
     assert sr.AccessionNumber == SENTINELS["AccessionNumber"]
 
 
-def test_the_client_sends_pixels_and_the_hint_only(monkeypatch, identified_dicom, url):
-    """Everything the SDK hands tritonclient for an inference: no header, no request parameter.
+def test_the_client_sends_pixels_the_hint_and_a_hashed_study_only(monkeypatch, identified_dicom, url):
+    """Everything the SDK hands tritonclient for an inference: no header, no request parameter, no UID.
     (CxrltClient runs AsyncCxrltClient, which calls tritonclient.grpc.aio.)"""
     import tritonclient.grpc.aio as aioclient
 
     from cxrlt.client import CxrltClient
+    from cxrlt.contract.releases import study_key
 
     sent = []
     original = aioclient.InferenceServerClient.infer
@@ -71,7 +72,11 @@ def test_the_client_sends_pixels_and_the_hint_only(monkeypatch, identified_dicom
         result = client.classify_file(identified_dicom)
     assert result.projection == "frontal"
     ((model, inputs, kwargs),) = sent
-    assert set(inputs) == {"IMAGE", "PROJECTION_HINT"} and inputs["IMAGE"].datatype() == "UINT16"
+    assert set(inputs) == {"IMAGE", "PROJECTION_HINT", "STUDY_KEY"} and inputs["IMAGE"].datatype() == "UINT16"
     assert inputs["PROJECTION_HINT"]._raw_content.endswith(b"PA")
+    # the study goes as the SHA-256 of its UID (a canary answers whole studies), never the UID itself
+    study = str(pydicom.dcmread(identified_dicom).StudyInstanceUID)
+    assert inputs["STUDY_KEY"]._raw_content.endswith(study_key(study).encode())
+    assert study.encode() not in inputs["STUDY_KEY"]._raw_content
     assert not kwargs.get("parameters") and not kwargs.get("headers")
     assert not kwargs.get("request_id") or not leaks(str(kwargs["request_id"]))

@@ -78,7 +78,7 @@ def test_the_served_model_answers_with_the_routed_release_and_compares_the_shado
     image = np.full((1, 40, 30), 1000, np.uint16)
 
     def request(study):
-        return pb.FakeRequest(IMAGE=image, STUDY_INSTANCE_UID=np.array([[study.encode()]], dtype=object))
+        return pb.FakeRequest(IMAGE=image, STUDY_KEY=np.array([[study.encode()]], dtype=object))
 
     canary = ServedReleases(ReleasePlan(1, 2, "canary", 0.5), pipelines, metrics)
     studies = [f"1.2.{i}" for i in range(40)]

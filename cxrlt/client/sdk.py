@@ -52,7 +52,7 @@ from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS, projec
 from cxrlt.contract.preprocessing import MIN_SERVED_SIDE, downscale_for_sending
 from cxrlt.contract.ood_gate import THRESHOLD_PARAMETER as OOD_THRESHOLD_PARAMETER
 from cxrlt.contract.operating_points import OperatingPoints, served_operating_points
-from cxrlt.contract.releases import CANDIDATE_PARAMETERS
+from cxrlt.contract.releases import CANDIDATE_PARAMETERS, study_key
 from cxrlt.contract.results import FindingsResult
 from cxrlt.contract.study import decisions_from
 from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
@@ -224,7 +224,7 @@ class ModelInfo:
     ood_scored: bool = False  # the model answers OOD_SCORE
     ood_threshold: float | None = None  # the fitted gate's threshold in force (None: no gate fitted)
     names_release: bool = False  # the model answers RELEASE and RELEASE_SHA256 (cxrlt.contract.releases)
-    takes_study: bool = False  # the model takes STUDY_INSTANCE_UID (a canary answers whole studies)
+    takes_study: bool = False  # the model takes STUDY_KEY (a canary answers whole studies)
     live_release: int | None = None  # the plan's live release, whose parameters the config carries
     # each release's own parameters (operating points, gate threshold, identity), by number
     releases: Mapping[int, Mapping[str, str]] = dataclasses.field(default_factory=dict)
@@ -618,9 +618,9 @@ class AsyncCxrltClient:
             hint_input = self._grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
             hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
             inputs.append(hint_input)
-        if study_uid:
-            study_input = self._grpcclient.InferInput("STUDY_INSTANCE_UID", [1, 1], "BYTES")
-            study_input.set_data_from_numpy(np.array([[str(study_uid).encode("utf-8")]], dtype=np.object_))
+        if study_uid:  # its SHA-256, never the UID: no identifier reaches the server (docs/contract.md)
+            study_input = self._grpcclient.InferInput("STUDY_KEY", [1, 1], "BYTES")
+            study_input.set_data_from_numpy(np.array([[study_key(study_uid).encode("ascii")]], dtype=np.object_))
             inputs.append(study_input)
         return inputs, hint
 
@@ -661,7 +661,7 @@ class AsyncCxrltClient:
             ood_scored=_output_dim(config, "OOD_SCORE") is not None,
             ood_threshold=_ood_threshold(own_config),
             names_release=_output_dim(config, "RELEASE") is not None,
-            takes_study=any(i.name == "STUDY_INSTANCE_UID" for i in config.input),
+            takes_study=any(i.name == "STUDY_KEY" for i in config.input),
             live_release=int(own_config["release"]) if own_config.get("release", "").isdigit() else None,
             releases={int(key[len(CANDIDATE_PARAMETERS):]): json.loads(value) for key, value in own_config.items()
                         if key.startswith(CANDIDATE_PARAMETERS) and key[len(CANDIDATE_PARAMETERS):].isdigit() and value},

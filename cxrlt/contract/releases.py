@@ -13,7 +13,7 @@ that is not a model, so the weight-bound files live in a non-numeric subdirector
 Which release answers is the pipeline configs' *plan* (parameters ``release``, ``release_candidate``,
 ``release_mode``, ``release_share``, ``release_previous``): the live release answers; a candidate
 runs in ``shadow`` beside it on a share of the requests (never changing an answer), or answers as
-a ``canary`` for a share of studies, sticky by StudyInstanceUID. ``cxrlt release`` changes the
+a ``canary`` for a share of studies, sticky by the study (STUDY_KEY). ``cxrlt release`` changes the
 plan by reloading the pipeline models with a new config: each request sees one release.
 """
 
@@ -80,8 +80,14 @@ def release_parameters(record: Mapping[str, Any], model: str) -> dict[str, str]:
     return dict(record.get("parameters", {}).get(model, {}))
 
 
+def study_key(study_instance_uid: str) -> str:
+    """What a client sends as STUDY_KEY: the SHA-256 (hex) of the StudyInstanceUID, the same for every
+    image of a study and no identifier (the server never sees the UID)."""
+    return hashlib.sha256(str(study_instance_uid).encode("utf-8")).hexdigest()
+
+
 def sticky_share(key: str) -> float:
-    """A value in [0, 1) fixed by `key` (a StudyInstanceUID): the same study always draws the same."""
+    """A value in [0, 1) fixed by `key` (a STUDY_KEY): the same study always draws the same."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
 
 
@@ -113,7 +119,7 @@ class ReleasePlan:
     def route(self, study_uid: str | None, draw: float) -> tuple[int, int | None]:
         """(the release that answers, the release that runs in shadow or None) for one request.
 
-        Canary studies are chosen by their StudyInstanceUID, so a study never mixes releases; a
+        Canary studies are chosen by their STUDY_KEY, so a study never mixes releases; a
         request without one, and every shadow choice, uses `draw` (uniform in [0, 1))."""
         if self.candidate is None or self.share <= 0.0:
             return self.live, None

@@ -3,7 +3,7 @@ with, and a safe way to change it.
 
   list                  the releases the repository holds, their identity and role
   shadow N --fraction F the candidate N also runs on a share F of requests; answers never change
-  canary N --percent P  the candidate N answers P % of studies (sticky by StudyInstanceUID)
+  canary N --percent P  the candidate N answers P % of studies (sticky by study)
   promote N             N becomes the live release (no candidate)
   rollback              back to the release that was live before the last promotion
   report                the shadow candidate's agreement and latency, with a verdict (exit 1: fails)
