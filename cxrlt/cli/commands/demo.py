@@ -65,22 +65,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _repository(args: argparse.Namespace, workdir: Path, timings: dict[str, float]) -> tuple[Path, dict | None]:
     """--repo, else the cached random-weights repository, else a fresh build; with its manifest."""
-    import json
     import os
     import time
 
     from rich.markup import escape
 
     from cxrlt.cli.console import console
+    from cxrlt.contract.manifest import MANIFEST, read_manifest
 
     if args.repo:
-        manifest_path = args.repo / "manifest.json"
-        return args.repo, json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        return args.repo, read_manifest(args.repo) if (args.repo / MANIFEST).is_file() else None
     cached = None if (args.checkpoints or args.no_cache) else _cached_repository(args.profile)
-    if cached is not None and (cached / "manifest.json").is_file():
+    if cached is not None and (cached / MANIFEST).is_file():
         os.utime(cached)  # in use: keep it from being pruned as stale
         console.print(f"using the {args.profile} repository built earlier: {escape(str(cached))} (--no-cache rebuilds)")
-        return cached, json.loads((cached / "manifest.json").read_text())
+        return cached, read_manifest(cached)
     tick = time.perf_counter()
     if cached is None:
         repo, manifest = workdir / "repository", _build(workdir / "repository", args, console)

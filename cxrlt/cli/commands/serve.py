@@ -91,9 +91,7 @@ def _sweep_orphaned_regions(admin, console) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from cxrlt.cli.console import console, warn_random_weights
+    from cxrlt.cli.console import console
     from cxrlt.server import Tls, TritonServer, is_loopback
     from cxrlt.server.watchdog import StubWatchdog
 
@@ -117,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         console.print(f"[bold green]READY[/] gRPC {server.endpoints.grpc}{' (TLS)' if tls else ''}{' mutual' if tls and tls.client_ca else ''}  "
                       f"HTTP {server.endpoints.http}  metrics {server.endpoints.metrics}  (log: {server.log_path})", highlight=False)
-        manifest = args.repo / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()).get("random_weights"):
-            warn_random_weights(json.loads(manifest.read_text())["warning"])
+        _print_releases(args.repo, server, console)
         if args.watchdog_interval_s > 0:
             watchdog = StubWatchdog(server.process.pid, server.admin(), report=lambda m: console.print(f"[yellow]watchdog:[/] {m}"))
             threading.Thread(target=watchdog.run, args=(stop, args.watchdog_interval_s), name="stub-watchdog", daemon=True).start()
@@ -137,3 +133,22 @@ def run(args: argparse.Namespace) -> int:
         console.print("shutting down tritonserver")
         server.stop()
     return 0
+
+
+def _print_releases(repository: Path, server, console) -> None:
+    """Which release answers (the served plan, CXRLT_RELEASE included) and, when its weights are random, the warning."""
+    from cxrlt.cli.console import warn_random_weights
+    from cxrlt.contract.manifest import read_manifest
+    from cxrlt.contract.releases import ReleasePlan, release_numbers
+    from cxrlt.contract.served import FINDINGS_MODEL
+
+    held = release_numbers(repository)
+    if not held:
+        return
+    config = server.admin().model_config(FINDINGS_MODEL)
+    plan = ReleasePlan.from_parameters({k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()})
+    manifest = read_manifest(repository, plan.live)
+    console.print(f"serving {plan.describe()}; releases held: {', '.join(map(str, held))} "
+                  f"(release {plan.live}: {manifest.get('repository_sha256', '')[:16]}; `cxrlt release` switches)", highlight=False)
+    if manifest.get("random_weights"):
+        warn_random_weights(manifest["warning"])
