@@ -30,6 +30,9 @@ from cxrlt.contract.resources import package_root
 from cxrlt.server.admin import ADMIN_HEADER, AdminApi
 
 _PR_SET_PDEATHSIG = 1
+# After SIGTERM: seconds with no stub left before the server counts as done (Triton checks for
+# unloaded models once a second, then exits).
+STUBS_GONE_S = 3.0
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.+)")
 _NOT_READY = re.compile(r"\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.+?)\s*\|")
 
@@ -300,6 +303,12 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, wait for Triton's graceful shutdown, then SIGKILL if it hangs.
 
+        Every model here runs in a Python-backend stub, and Triton ends a model's stub when it
+        has unloaded it: once no stub has been left for STUBS_GONE_S, nothing remains to finish
+        and the server is killed. Triton itself would wait out its whole exit timeout (30 s) for
+        a model it counts as live but can no longer unload: one whose load failed, or whose stub
+        was killed while it held a request.
+
         Whatever is left of the server's process group afterwards is killed: the stubs of a
         tritonserver that died abruptly (SIGKILL, a crash) outlive it otherwise.
         """
@@ -307,9 +316,7 @@ class TritonServer:
             return None
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if not self._wait_for_exit(timeout):
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         try:
@@ -319,6 +326,27 @@ class TritonServer:
         if self._log:
             self._log.close()
         return self.process.returncode
+
+    def _wait_for_exit(self, timeout: float) -> bool:
+        """Whether the server exited by itself within `timeout`; False as soon as it has had no
+        stub for STUBS_GONE_S (see stop())."""
+        from cxrlt.server.watchdog import stubs_of
+
+        deadline = time.monotonic() + timeout
+        stubless_since = None
+        while time.monotonic() < deadline:
+            try:
+                self.process.wait(0.2)
+                return True
+            except subprocess.TimeoutExpired:
+                pass
+            if stubs_of(self.process.pid):
+                stubless_since = None
+            elif stubless_since is None:
+                stubless_since = time.monotonic()
+            elif time.monotonic() - stubless_since >= STUBS_GONE_S:
+                return False
+        return self.process.poll() is not None
 
     def __enter__(self) -> "TritonServer":
         return self.start()
