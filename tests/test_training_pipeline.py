@@ -37,10 +37,10 @@ N_IMAGES = 600
 EPOCHS = {"router": 2, "clip_dual_branch": 2}
 SERVED_ORDER = ("router", "frontal_pcam", "lateral_pcam", "frontal_cait", "lateral_cait",
                 "frontal_swin", "lateral_swin", "clip_dual_branch")
-# The module's training runs as `cxrlt train` and `cxrlt zeroshot-proxy` processes with one torch
-# thread each, in two chains of about equal work side by side (the `runs` fixture): these
-# networks are too small for a second thread to halve a step, and two processes of two threads
-# on 2 cores would fight over them.
+# The module's training (`cxrlt train`, `cxrlt zeroshot-proxy`) runs with one torch thread, in two
+# chains of about equal work side by side (the `runs` fixture; one in a process of its own): these
+# networks are too small for a second thread to halve a step, and two runs of two threads each on
+# 2 cores would fight over them.
 TRAIN_THREADS = 1
 ABLATIONS = ("convnextv2_csra", "convnextv2_mlp")
 
@@ -68,10 +68,6 @@ def synth_csv(tmp_path_factory) -> Path:
     return out / "labels.csv"
 
 
-def cxrlt_command(*args) -> list[str]:
-    return [sys.executable, "-m", "cxrlt", *(str(a) for a in args)]
-
-
 def train_args(recipes: str | tuple[str, ...], data: Path, out: Path, *extra) -> list[str]:
     """`cxrlt train` of recipes as the shared run trains them: their epochs (EPOCHS, the same for
     each), one torch thread."""
@@ -81,27 +77,36 @@ def train_args(recipes: str | tuple[str, ...], data: Path, out: Path, *extra) ->
             *(["--epochs", epochs] if epochs else []), *extra]
 
 
-def train_command(recipes: str | tuple[str, ...], data: Path, out: Path, *extra) -> list[str]:
-    """train_args as a process of its own."""
-    return cxrlt_command(*train_args(recipes, data, out, *extra))
-
-
-def run_chains(*chains: list[list[str]]) -> None:
-    """Run each chain's commands in turn, the chains side by side; fail naming the first command
-    of each chain that failed, with its output."""
+def side_by_side(elsewhere: list[list], here: list[list]) -> None:
+    """Two chains of cxrlt commands, each run in turn: `elsewhere`'s as processes of their own,
+    `here`'s meanwhile in this process (as `cli`). A failure names the command and its output."""
     failures: list[str] = []
+    running: list[subprocess.Popen] = []
+    stop = threading.Event()
 
-    def chain(commands: list[list[str]]) -> None:
-        for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
-            if done.returncode != 0:
-                failures.append(f"{' '.join(command[2:])} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    def chain() -> None:
+        for args in elsewhere:
+            if stop.is_set():
+                return
+            command = [sys.executable, "-m", "cxrlt", *(str(a) for a in args)]
+            running.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            env=dict(os.environ, COLUMNS="200")))
+            output = running[-1].communicate()[0]
+            if running[-1].returncode != 0:
+                failures.append(f"cxrlt {' '.join(map(str, args))} exited {running[-1].returncode}:\n{output[-3000:]}")
                 return
 
-    threads = [threading.Thread(target=chain, args=(commands,)) for commands in chains]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    thread = threading.Thread(target=chain)
+    thread.start()
+    try:
+        for args in here:
+            cli(*args)
+    except BaseException:
+        stop.set()
+        if running and running[-1].poll() is None:
+            running[-1].kill()  # this chain failed: no need to wait for the other
+        raise
+    finally:
         thread.join()
     assert not failures, "\n".join(failures)
 
@@ -111,17 +116,15 @@ def runs(synth_csv, tmp_path_factory) -> dict[str, Path]:
     """Every training run of the module, once: each served network's recipe into one checkpoint
     folder, one epoch of each head ablation, and the zero-shot proxy (one epoch per group)."""
     root = tmp_path_factory.mktemp("runs")
-    out = {"checkpoints": root / "checkpoints", "zeroshot_proxy": root / "zeroshot_proxy",
-           **{recipe: root / recipe for recipe in ABLATIONS}}
+    out = {"checkpoints": root / "checkpoints", "ablations": root / "ablations", "zeroshot_proxy": root / "zeroshot_proxy"}
     checkpoints, data = out["checkpoints"], synth_csv
-    run_chains(
-        [train_command(("frontal_pcam", "frontal_cait", "frontal_swin"), data, checkpoints),
-         train_command(ABLATIONS[1], data, out[ABLATIONS[1]], "--epochs", 1)],
-        [train_command(("router", "clip_dual_branch"), data, checkpoints),
-         train_command(("lateral_pcam", "lateral_cait", "lateral_swin"), data, checkpoints),
-         train_command(ABLATIONS[0], data, out[ABLATIONS[0]], "--epochs", 1),
-         cxrlt_command("zeroshot-proxy", "--data", data, "--epochs", 1, "--out", out["zeroshot_proxy"], "--no-progress",
-                       "--set", f"threads={TRAIN_THREADS}")],
+    side_by_side(
+        [train_args(("frontal_pcam", "frontal_cait", "frontal_swin"), data, checkpoints)],
+        [train_args(("router", "clip_dual_branch"), data, checkpoints),
+         train_args(("lateral_pcam", "lateral_cait", "lateral_swin"), data, checkpoints),
+         train_args(ABLATIONS, data, out["ablations"], "--epochs", 1),
+         ["zeroshot-proxy", "--data", data, "--epochs", 1, "--out", out["zeroshot_proxy"], "--no-progress",
+          "--set", f"threads={TRAIN_THREADS}"]],
     )
     return out
 
@@ -243,9 +246,9 @@ def test_metrics_csv_has_one_row_per_epoch(trained):
 
 @pytest.mark.parametrize("recipe", ABLATIONS)
 def test_head_ablation_recipes_run(recipe, runs):
-    row = final(runs[recipe], recipe)
+    row = final(runs["ablations"], recipe)
     assert np.isfinite(row["val_mAP"]) and row["epoch"] == 1
-    assert read_state_dict(runs[recipe] / f"{recipe}.pt")
+    assert read_state_dict(runs["ablations"] / f"{recipe}.pt")
 
 
 def test_every_recipe_file_is_exercised(trained):
