@@ -32,14 +32,28 @@ pytestmark = pytest.mark.e2e
 MEMBER = "ensemble_frontal_pcam"
 
 
+@pytest.fixture(scope="module")
+def watched(tiny_repository):
+    """One `cxrlt serve` (watchdog every 4 s) for the faults it must survive and keep serving
+    after: a killed member stub, a client killed holding shared memory."""
+    from tests.serve_process import Serve
+
+    server = Serve(tiny_repository, "--watchdog-interval", "4")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 def _http_ready(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as response:
         return response.status
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_member_stub_is_reported_and_brought_back_while_requests_flow(serve, real_cxr):
-    server = serve("--watchdog-interval", "4")
+def test_a_killed_member_stub_is_reported_and_brought_back_while_requests_flow(watched, real_cxr):
+    server = watched
     client = CxrltClient(server.url, retries=1, timeout_s=30)
     expected = client.classify(real_cxr, hint="PA").probabilities
     outcomes: list[tuple[float, str, dict | None]] = []
@@ -136,8 +150,8 @@ def test_a_dead_tritonserver_ends_serve_with_its_log_and_clients_hear_unavailabl
 
 
 @pytest.mark.timeout(300)
-def test_a_client_killed_holding_shared_memory_does_not_hurt_the_server(serve, real_cxr, tmp_path):
-    server = serve()
+def test_a_client_killed_holding_shared_memory_does_not_hurt_the_server(watched, real_cxr, tmp_path):
+    server = watched
     np.save(tmp_path / "image.npy", real_cxr)
     script = (
         "import os, sys, numpy as np\n"
