@@ -91,17 +91,22 @@ def _rg1() -> str:
     return str(pydicom_data_file())
 
 
-@pytest.mark.timeout(1200)
-def test_the_wheel_builds_serves_and_classifies_outside_the_checkout(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once for both installs."""
     # Built from a copy: setuptools leaves build/ in the source folder, and a stale one there
     # could carry files the checkout no longer has into the wheel.
-    source = tmp_path / "source"
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
     shutil.copytree(CHECKOUT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "model_repository"))
-    dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source], cwd=tmp_path)
-    wheel = next(dist.glob("cxrlt_triton-*.whl"))
+    dist = work / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source], cwd=work)
+    return next(dist.glob("cxrlt_triton-*.whl"))
 
+
+@pytest.mark.timeout(1200)
+def test_the_wheel_builds_serves_and_classifies_outside_the_checkout(wheel, tmp_path):
     bin_dir = _venv(tmp_path / "venv")
     site = _site_packages(bin_dir)
     # Third-party packages from this environment, as a plain path entry after the venv's own.
@@ -134,10 +139,11 @@ def test_the_wheel_builds_serves_and_classifies_outside_the_checkout(tmp_path):
 
 
 @pytest.mark.timeout(1200)
-def test_a_client_only_install_classifies_against_the_server_without_torch(tmp_path, url, cxrlt):
+def test_a_client_only_install_classifies_against_the_server_without_torch(wheel, tmp_path, url, cxrlt):
     bin_dir = _venv(tmp_path / "client-venv")
-    # The same numpy pin the full environment uses; pip resolves the rest from the registry.
-    _run([bin_dir / "python", "-m", "pip", "install", "-q", f"{CHECKOUT}[client]"], cwd=tmp_path, timeout=900)
+    # The wheel with its client extra, as the README installs it (the same numpy pin the full environment
+    # uses); pip resolves the rest from the registry.
+    _run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel}[client]"], cwd=tmp_path, timeout=900)
     site = _site_packages(bin_dir)
 
     absent = _run([bin_dir / "python", "-c", "import importlib.util as u; print([m for m in ('torch', 'timm', 'open_clip', "
