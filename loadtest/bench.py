@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import onnxruntime
 import pandas as pd
+import tritonclient.grpc as grpcclient
 
+from cxrlt.contract.labels import TASK2_LABELS
+from cxrlt.contract.manifest import read_manifest
+from cxrlt.contract.model_config import config_parameters
+from cxrlt.contract.preprocessing import PreprocessConfig, prepare_square
+from cxrlt.contract.profiles import get_profile
+from cxrlt.contract.releases import live_release, release_text_cache, served_parameters
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
-from loadtest.kernel import (MODELS, Payload, Served, closed_loop_figures, cpu_figures, figure, images_json, load_payloads, measure_level,
-                             save_figure, target_server, write_json)
+from loadtest.kernel import (MODELS, Payload, Served, images_json, level_figures, load_payloads, measure_level, saturation_index,
+                             saved_figure, target_server, write_json)
+from loadtest.metrics import breakdown_json, member_calls_per_image, per_model
+from loadtest.runner import LoadTestConfig, run_loadtest
+from python_backends.classifier import ClassifierPipeline, ClassifierSettings
+from python_backends.in_process import LocalNetworks
+from python_backends.zeroshot import ZeroShotPipeline, ZeroShotSettings
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
@@ -30,25 +43,15 @@ TARGETS = (
     (ZEROSHOT_MODEL, "images_per_s_at_saturation", ">=", 2000.0),
 )
 
-PREPROCESSING_REPEATS = 20  # timed prepare_square calls per configuration and image
-
 
 class RawSide:
     """The served pipeline's code with onnxruntime sessions in this process (torch-free); with
     `pool_threads`, the network calls run on a pool of that many threads, else one after another."""
 
     def __init__(self, repo: Path, model: str, threads: int, pool_threads: int | None = None, providers: str = "cpu") -> None:
-        from cxrlt.contract.labels import TASK2_LABELS
-        from cxrlt.contract.releases import live_release, release_text_cache, served_parameters
-        from python_backends.classifier import ClassifierPipeline, ClassifierSettings
-        from python_backends.in_process import LocalNetworks
-        from python_backends.zeroshot import ZeroShotPipeline, ZeroShotSettings
-
-        repo = Path(repo)
+        repo, release = Path(repo), live_release(repo)
         self.model, self.used, self.loops, self.lock = model, set(), {}, threading.Lock()
-        self.networks = LocalNetworks(repo, threads, providers=providers, concurrent_calls=pool_threads or 0)
-        release = live_release(repo)
-        self.networks.release = release
+        self.networks = LocalNetworks(repo, threads, providers=providers, concurrent_calls=pool_threads or 0, release=release)
         settings = {name: served_parameters(repo, name, release) for name in (CLASSIFIER_MODEL, ZEROSHOT_MODEL)}
         self.classifier = ClassifierPipeline(ClassifierSettings.from_parameters(settings[CLASSIFIER_MODEL]), self.infer)
         cache = release_text_cache(repo, release, TASK2_LABELS)
@@ -84,8 +87,6 @@ class RawSide:
 
 def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]:
     """Instances and onnxruntime intra-op threads of every model, as the server has them loaded."""
-    import tritonclient.grpc as grpcclient
-
     models: dict[str, dict[str, Any]] = {}
     with grpcclient.InferenceServerClient(url) as client:
         for name in dict.fromkeys([*MODELS, *repo_models]):
@@ -97,8 +98,8 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
                 entry["max_queue_delay_us"] = int(batching.get("max_queue_delay_microseconds", 0))
                 entry["max_queue_size"] = int(batching.get("default_queue_policy", {}).get("max_queue_size", 0))
             if name not in MODELS:
-                entry.update(intra_op_threads=int(params.get("intra_op_threads") or 0), engine=params.get("engine", "onnxruntime"),
-                             execution_provider=params.get("execution_provider"))
+                entry.update(intra_op_threads=int(params.get("intra_op_threads") or 0),
+                             engine=params.get("engine", "onnxruntime"), execution_provider=params.get("execution_provider"))
             elif "member_execution" in params:
                 entry["member_execution"] = params["member_execution"]
     networks = [m for n, m in models.items() if n not in MODELS]
@@ -119,9 +120,6 @@ def default_levels(entry: dict[str, Any]) -> tuple[int, ...]:
 def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int = 20) -> dict[str, Any]:
     """prepare_square in this one thread, per distinct preprocessing of the served pipelines: on a seeded
     12-bit random image of RADIOGRAPH_SHAPE and on each payload (median and min of `repeats`, after one warm-up)."""
-    from cxrlt.contract.model_config import config_parameters
-    from cxrlt.contract.preprocessing import PreprocessConfig, prepare_square
-
     configs: dict[PreprocessConfig, list[str]] = {}
     for model in (CLASSIFIER_MODEL, ZEROSHOT_MODEL):
         configs.setdefault(PreprocessConfig.from_parameters(config_parameters(repo / model / "config.pbtxt")), []).append(model)
@@ -138,13 +136,9 @@ def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int 
         for config, models in configs.items()]}
 
 
-def run_bench(args: argparse.Namespace, server_log: Path | None = None, preprocessing_repeats: int = PREPROCESSING_REPEATS,
+def run_bench(args: argparse.Namespace, server_log: Path | None = None, preprocessing_repeats: int = 20,
               log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Run the sweep with `cxrlt bench`'s options; return the figures (JSON-ready)."""
-    import onnxruntime
-
-    from cxrlt.contract.manifest import read_manifest
-
     manifest, payloads = read_manifest(args.repo), load_payloads(args.image_set)
     log("timing preprocessing")
     preprocessing = preprocessing_timings(args.repo, payloads, preprocessing_repeats)
@@ -187,51 +181,41 @@ def run_bench(args: argparse.Namespace, server_log: Path | None = None, preproce
 def _sweep(args: argparse.Namespace, levels: Sequence[int], payloads: Sequence[Payload], sides: dict[str, Callable],
            metrics_url: str | None, server_pid: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every round over every level, both sides back to back (which goes first alternates)."""
-    measured: dict[tuple[int, str], list[dict[str, Any]]] = {(c, s): [] for c in levels for s in SIDES}
-    orders: dict[int, list[list[str]]] = {c: [] for c in levels}
+    runs = {c: {"orders": [], **{side: [] for side in SIDES}} for c in levels}
     for round_index in range(args.rounds):
         for index, concurrency in enumerate(levels):
             warmup = args.warmup if args.warmup is not None else max(concurrency, len(payloads))
             total = max(args.requests, concurrency)
-            orders[concurrency].append(list(SIDES if (index + round_index) % 2 == 0 else SIDES[::-1]))
-            for side in orders[concurrency][-1]:
+            runs[concurrency]["orders"].append(order := list(SIDES if (index + round_index) % 2 == 0 else SIDES[::-1]))
+            for side in order:
                 log(f"round {round_index + 1}/{args.rounds}, concurrency {concurrency}: {side}, {total} requests")
-                point = measure_level(sides[side], payloads, concurrency, total, warmup, server_pid,
-                                      metrics_url if side == "served" else None, args.model)
-                measured[concurrency, side].append(point)
-    return [_row(args.model, c, orders[c], {s: measured[c, s] for s in SIDES}) for c in levels]
+                runs[concurrency][side].append(measure_level(sides[side], payloads, concurrency, total, warmup, server_pid,
+                                                             metrics_url if side == "served" else None, args.model))
+    return [_row(args.model, c, runs[c]) for c in levels]
 
 
-def _row(model: str, concurrency: int, orders: list[list[str]], measured: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """One level's figures per side, its rounds pooled (Triton's counters summed over them), and the served/raw
-    ratio (pooled and per round)."""
-    from loadtest.metrics import breakdown_json, member_calls_per_image, per_model
-
-    row: dict[str, Any] = {"concurrency": concurrency, "order": orders[0], "orders": orders}
-    for side in SIDES:
-        runs = measured[side]
-        pooled = closed_loop_figures([x for r in runs for x in r["latencies_ms"]], sum(r["wall_s"] for r in runs))
-        cpu_s = [None if None in seconds else sum(seconds) for seconds in zip(*(r["cpu_s"] for r in runs))]
-        row[side] = {**pooled, "cpu": cpu_figures(cpu_s, pooled["wall_s"], pooled["requests"])}
-    if deltas := [r["triton"] for r in measured["served"] if r["triton"] is not None]:
+def _row(model: str, concurrency: int, runs: dict[str, list]) -> dict[str, Any]:
+    """One level's figures per side, its rounds pooled (Triton's counters summed), the served/raw ratio (pooled and per round)."""
+    row: dict[str, Any] = {"concurrency": concurrency, "order": runs["orders"][0], "orders": runs["orders"],
+                           **{side: level_figures(runs[side]) for side in SIDES}}
+    if deltas := [r["triton"] for r in runs["served"] if r["triton"] is not None]:
         delta = pd.concat(deltas).groupby(level=0).sum()
         row["served"].update(triton=breakdown_json(delta), **member_calls_per_image(per_model(delta), model))
     raw_rate = row["raw"]["images_per_s"]
     row["ratio"] = round(row["served"]["images_per_s"] / raw_rate, 4) if raw_rate else None
-    rates = {side: [len(r["latencies_ms"]) / r["wall_s"] for r in measured[side]] for side in SIDES}
+    rates = {side: [len(r["latencies_ms"]) / r["wall_s"] for r in runs[side]] for side in SIDES}
     row["ratio_per_round"] = [round(s / r, 4) for r, s in zip(rates["raw"], rates["served"]) if r]
     return row
 
 
 def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
-    best = {side: max(sweep, key=lambda r: r[side]["images_per_s"]) for side in SIDES}
-    first, served = min(sweep, key=lambda r: r["concurrency"]), best["served"]["served"]
+    """Each side's best level and the served/raw ratio there; Triton's overhead per image at the lowest level."""
+    raw, served = (max(sweep, key=lambda r: r[side]["images_per_s"]) for side in SIDES)
+    first, served_keys = sweep[0], ("images_per_s", "member_requests_per_image", "member_executions_per_image")
     return {
-        "best": {"raw": {"concurrency": best["raw"]["concurrency"], "images_per_s": best["raw"]["raw"]["images_per_s"]},
-                 "served": {"concurrency": best["served"]["concurrency"], "images_per_s": served["images_per_s"],
-                            "member_requests_per_image": served.get("member_requests_per_image"),
-                            "member_executions_per_image": served.get("member_executions_per_image")},
-                 "ratio": round(served["images_per_s"] / best["raw"]["raw"]["images_per_s"], 4)},
+        "best": {"raw": {"concurrency": raw["concurrency"], "images_per_s": raw["raw"]["images_per_s"]},
+                 "served": {"concurrency": served["concurrency"], **{key: served["served"].get(key) for key in served_keys}},
+                 "ratio": round(served["served"]["images_per_s"] / raw["raw"]["images_per_s"], 4)},
         "overhead_per_image_ms": {"concurrency": first["concurrency"], **{
             key: round(first["served"][f"{key}_ms"] - first["raw"][f"{key}_ms"], 3) for key in ("p50", "mean")}},
     }
@@ -240,20 +224,17 @@ def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
     """One repository's served figures for `cxrlt bench --compare`: its execution provider and precision
     (manifest), images/s at the best served concurrency, p50/p95 at the lowest level, CPU per image there."""
-    from cxrlt.contract.manifest import read_manifest
-
     execution = read_manifest(report["repository"]).get("execution") or {"execution_provider": "auto", "precision": "fp32"}
     first, best = report["sweep"][0], report["best"]["served"]
-    at_best = next(r for r in report["sweep"] if r["concurrency"] == best["concurrency"])
-    cpu = at_best["served"]["cpu"]
+    cpu = next(r for r in report["sweep"] if r["concurrency"] == best["concurrency"])["served"]["cpu"]
+    runtime = sorted({sessions[0] for sessions in report["execution_providers"]["raw_sessions"].values() if sessions})
+    cpu_ms = None if cpu["server_ms_per_image"] is None else round(cpu["client_ms_per_image"] + cpu["server_ms_per_image"], 1)
     return {"repository": report["repository"], "execution_provider": execution["execution_provider"],
-            "precision": execution["precision"], "runtime": sorted({p for ps in report["execution_providers"]["raw_sessions"].values()
-                                                                    for p in ps[:1]}),
-            "images_per_s": best["images_per_s"], "best_concurrency": best["concurrency"],
-            "p50_ms": first["served"]["p50_ms"], "p95_ms": first["served"]["p95_ms"], "latency_concurrency": first["concurrency"],
-            "cpu_ms_per_image": None if cpu["server_ms_per_image"] is None else
-            round(cpu["client_ms_per_image"] + cpu["server_ms_per_image"], 1),
-            "raw_images_per_s": report["best"]["raw"]["images_per_s"], "served_vs_raw_max_abs_diff": report["parity_max_abs_diff"]}
+            "precision": execution["precision"], "runtime": runtime, "images_per_s": best["images_per_s"],
+            "best_concurrency": best["concurrency"], "p50_ms": first["served"]["p50_ms"], "p95_ms": first["served"]["p95_ms"],
+            "latency_concurrency": first["concurrency"], "cpu_ms_per_image": cpu_ms,
+            "raw_images_per_s": report["best"]["raw"]["images_per_s"],
+            "served_vs_raw_max_abs_diff": report["parity_max_abs_diff"]}
 
 
 def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: Path,
@@ -274,15 +255,16 @@ def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Throughput and p50 / p95 latency per concurrency, raw and served."""
     sweep = pd.json_normalize(report["sweep"]).set_index("concurrency")
-    fig, (throughput, latency) = figure(1, 2, (11, 4.2))
-    sweep[[f"{side}.images_per_s" for side in SIDES]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
-    sweep[[f"{side}.{q}_ms" for side in SIDES for q in ("p50", "p95")]].plot(ax=latency, style="o-", title="latency",
-                                                                              ylabel="ms per image")
-    for ax in (throughput, latency):
-        ax.set_xscale("log", base=2)
-        ax.set(xticks=sweep.index, xticklabels=sweep.index, ylim=(0, None))
-    return save_figure(fig, (throughput, latency), path, f"{report['model']} ({report['profile']} profile): raw (onnxruntime in process) vs "
-                                  f"served (Triton, gRPC), served/raw at best = {report['best']['ratio']:.2f}")
+    title = (f"{report['model']} ({report['profile']} profile): raw (onnxruntime in process) vs served (Triton, gRPC), "
+             f"served/raw at best = {report['best']['ratio']:.2f}")
+    with saved_figure(path, title, 1, 2, (11, 4.2)) as (throughput, latency):
+        sweep[[f"{side}.images_per_s" for side in SIDES]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
+        sweep[[f"{side}.{q}_ms" for side in SIDES for q in ("p50", "p95")]].plot(ax=latency, style="o-", title="latency",
+                                                                                  ylabel="ms per image")
+        for ax in (throughput, latency):
+            ax.set_xscale("log", base=2)
+            ax.set(xticks=sweep.index, xticklabels=sweep.index, ylim=(0, None))
+    return path
 
 
 # --- the GPU run -----------------------------------------------------------------------------
@@ -290,14 +272,12 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 def gpu_model_figures(bench: dict[str, Any]) -> dict[str, Any]:
     """One model's served (and raw) latency at concurrency 1 (the sweep's first level) and throughput at saturation."""
-    from loadtest.driver import SATURATION_GROWTH, saturation_index
-
     first, best = bench["sweep"][0], bench["best"]
     sides = {side: {"p50_ms_at_concurrency_1": first[side]["p50_ms"], "p95_ms_at_concurrency_1": first[side]["p95_ms"],
                     "images_per_s_at_saturation": best[side]["images_per_s"]} for side in SIDES}
     return {**sides["served"], "saturation_concurrency": best["served"]["concurrency"],
             # False: throughput still grew at the highest level; saturation lies above the sweep.
-            "plateau_reached": saturation_index([r["served"]["images_per_s"] for r in bench["sweep"]], SATURATION_GROWTH)[1],
+            "plateau_reached": saturation_index([r["served"]["images_per_s"] for r in bench["sweep"]])[1],
             "member_requests_per_image": best["served"].get("member_requests_per_image"), "raw": sides["raw"],
             "parity_max_abs_diff": bench["parity_max_abs_diff"]}
 
@@ -312,8 +292,7 @@ def judge(models: dict[str, Any], provider: str | None, profile: str) -> list[di
 def build_gpu_repository(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """The repository, its entry queues holding the sweep's highest level (else it meets "Exceeds maximum queue
     size" before saturation); a GPU run insists on CUDA, so a network that cannot get it fails to load."""
-    from cxrlt.contract.profiles import get_profile
-    from exporters.build_repo import BuildOptions, build_repository
+    from exporters.build_repo import BuildOptions, build_repository  # the export extra: only when building
 
     repo = args.out / "repository"
     log(f"building the {args.profile} repository into {repo}")
@@ -326,10 +305,6 @@ def build_gpu_repository(args: argparse.Namespace, log: Callable[[str], None]) -
 def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Build (or take --repo) and serve the repository, bench each public model (`cxrlt bench`'s options: `args.bench`,
     their defaults), load-test them; write the report."""
-    import onnxruntime
-
-    from loadtest.runner import LoadTestConfig, run_loadtest
-
     if not args.dry_run and CUDA not in onnxruntime.get_available_providers():
         raise RuntimeError("this onnxruntime has no CUDA execution provider: install onnxruntime-gpu "
                            "(loadtest/gpu_bench.sh does), or rehearse on the CPU with --dry-run")
@@ -348,8 +323,9 @@ def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda messag
             benches[model] = run_bench(options, preprocessing_repeats=args.preprocessing_repeats, log=log)
             files[f"bench_{model}"] = str(write_json(benches[model], args.out / f"bench_{model}.json"))
         log(f"load test: {args.users} users for {args.duration_s:g} s")
-        loadtest = run_loadtest(LoadTestConfig(url=url, users=args.users, spawn_rate=float(args.users), duration_s=args.duration_s,
-                                               out=args.out / "loadtest", image_set=args.image_set, metrics_url=metrics_url))
+        loadtest = run_loadtest(LoadTestConfig(url=url, users=args.users, spawn_rate=float(args.users),
+                                               duration_s=args.duration_s, out=args.out / "loadtest", image_set=args.image_set,
+                                               metrics_url=metrics_url))
     return _gpu_report(args, repo, benches, loadtest, files)
 
 

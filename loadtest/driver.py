@@ -19,16 +19,19 @@ import grpc
 import numpy as np
 import pandas as pd
 import psutil
+import tritonclient.grpc.aio as aio
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
-from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, LoadTestError, Payload, Served, address, alive, check, check_server,
-                             closed_loop_figures, cpu_figures, cpu_sample, cpu_used, drive, error_text, figure, figures, fmt, images_json,
-                             load_average, load_payloads, measure_level, model_infer, probabilities, request_bytes,
-                             require_loopback, sample_tree, save_figure, server_health, target_server, verdicts)
+from cxrlt.contract.manifest import read_manifest
+from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, SATURATION_GROWTH, LoadTestError, Payload, Served, address, alive, check,
+                             check_server, cpu_figures, cpu_sample, cpu_used, drive, error_text, figures, fmt, images_json,
+                             level_figures, load_average, load_payloads, measure_level, model_infer, probabilities, request_bytes,
+                             require_loopback, sample_tree, saturation_index, saved_figure, server_health, target_server,
+                             verdicts)
+from loadtest.metrics import Counters, breakdown_json
 
 REASONS = ("queue_full", "queue_timeout", "other")
 QUEUE_MESSAGES = dict(zip(REASONS, OVERLOAD_MESSAGES))  # reason -> the queue policy's message, lower case
-SATURATION_GROWTH = 0.05  # the sweep stops at a level not more than 5 % above the best lower one
 PARITY_TOLERANCE = 1e-4  # max |difference| from the reference pipeline's probabilities
 STRESS_TARGETS = {
     "max_rejection_p95_ms": 50.0,  # overload is refused fast
@@ -41,8 +44,7 @@ SERIES = ("rss_bytes", "rss_anon_bytes", "fds", "shm_files", "shm_bytes")  # the
 
 
 def check_options(args: argparse.Namespace, mode: str) -> None:
-    """What the command's argparse types leave to check: a server to measure (on this host), and for soak enough
-    samples after the warm-up for a slope. Normalises --url to HOST:PORT."""
+    """What argparse leaves to check: a server on this host, for soak enough samples after the warm-up; --url -> HOST:PORT."""
     if args.url is None and args.repo is None:
         raise ValueError(f"cxrlt {mode}: give --url (a server on this host) or --repo (it starts one on it)")
     if args.url is not None:
@@ -78,10 +80,8 @@ def run(args: argparse.Namespace, mode: str, server_log: Path | None = None,
         "load_average": {"before": before, "after": load_average()}, "cpus": os.cpu_count(),
     })
     checks = (stress_checks if stress else soak_checks)(report)
-    report.update(verdicts(checks))
-    report["missed_targets"] = [c["name"] for c in checks if c["kind"] == "target" and not c["passed"]]
-    report["failed_checks"] = [c["name"] for c in checks if c["kind"] == "check" and not c["passed"]]
-    return report
+    unmet = {kind: [c["name"] for c in checks if c["kind"] == kind and not c["passed"]] for kind in ("target", "check")}
+    return {**report, **verdicts(checks), "missed_targets": unmet["target"], "failed_checks": unmet["check"]}
 
 
 # --- stress ----------------------------------------------------------------------------------
@@ -89,9 +89,7 @@ def run(args: argparse.Namespace, mode: str, server_log: Path | None = None,
 
 def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None, payloads: Sequence[Payload],
             log: Callable[[str], None]) -> dict[str, Any]:
-    from cxrlt.contract.manifest import read_manifest
-    from loadtest.bench import RawSide
-    from loadtest.metrics import Counters, breakdown_json
+    from loadtest.bench import RawSide  # onnxruntime: only stress's reference pipeline needs it
 
     log("reference probabilities: the pipeline in process on the repository's ONNX files")
     with contextlib.closing(RawSide(args.repo, args.model, threads=1)) as raw:
@@ -115,9 +113,8 @@ def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | Non
 
 def rejection_reason(status: str | None, message: str | None) -> str:
     """queue_full / queue_timeout (UNAVAILABLE from the queue policy), else other."""
-    if "UNAVAILABLE" in (status or ""):
-        return next((reason for reason, text in QUEUE_MESSAGES.items() if text in (message or "").lower()), "other")
-    return "other"
+    policy = [reason for reason, text in QUEUE_MESSAGES.items() if text in (message or "").lower()]
+    return policy[0] if policy and "UNAVAILABLE" in (status or "") else "other"
 
 
 def arrival_times(rate: float, duration_s: float, arrivals: str, seed: int, max_requests: int) -> np.ndarray:
@@ -127,16 +124,9 @@ def arrival_times(rate: float, duration_s: float, arrivals: str, seed: int, max_
     expected = int(np.ceil(rate * duration_s))
     if arrivals == "fixed":
         times = np.arange(expected) / rate
-    else:
+    else:  # enough exponential gaps to pass duration_s
         times = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, size=expected + 10 * int(np.sqrt(expected)) + 10))
     return times[times < duration_s][:max_requests]
-
-
-def saturation_index(throughputs: Sequence[float], growth: float) -> tuple[int, bool]:
-    """(index of the highest throughput, whether the sweep stops: the last level is not more than `growth`
-    above the best before it)."""
-    stop = len(throughputs) > 1 and throughputs[-1] <= (1.0 + growth) * max(throughputs[:-1])
-    return int(np.argmax(throughputs)), stop
 
 
 def recovered_after(probes: Sequence[tuple[float, float | None]], threshold_ms: float, window: int) -> float | None:
@@ -163,27 +153,25 @@ class Parity:
         return diff <= PARITY_TOLERANCE
 
 
-class Refusals:
-    """Refused requests: each one's reason, status, message and latency."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, float]] = []  # added to from several threads: list.append is atomic
+class Refusals(list):
+    """Refused requests, a row each: reason, status, message, latency ms (appended from several threads: atomic)."""
 
     def add(self, exc: Exception, latency_ms: float) -> None:
         status, message = error_text(exc)
-        self.rows.append((rejection_reason(status, message), status, message[:300], latency_ms))
+        self.append((rejection_reason(status, message), status, message[:300], latency_ms))
 
     def to_json(self) -> dict[str, Any]:
         """The total, the count and latency by reason, and each distinct (reason, status, message) with its count."""
-        frame = pd.DataFrame(self.rows, columns=["reason", "status", "message", "latency_ms"])
+        frame = pd.DataFrame(self, columns=["reason", "status", "message", "latency_ms"])
         kinds = frame.groupby(["reason", "status", "message"]).size().sort_values(ascending=False, kind="stable")
         return {"total": len(frame), "by_reason": frame.reason.value_counts().reindex(REASONS, fill_value=0).to_dict(),
-                "latency": {"all": figures(frame.latency_ms), **{r: figures(frame.latency_ms[frame.reason == r]) for r in REASONS}},
+                "latency": {"all": figures(frame.latency_ms),
+                            **{r: figures(frame.latency_ms[frame.reason == r]) for r in REASONS}},
                 "kinds": [{"reason": r, "status": s, "message": m, "count": int(n)} for (r, s, m), n in kinds.items()]}
 
 
 def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity, args: argparse.Namespace,
-                    log: Callable[[str], None], server_pid: int | None = None) -> dict[str, Any]:
+                    log: Callable[[str], None], server_pid: int | None) -> dict[str, Any]:
     """The closed loop at concurrency 1, 2, 4, ... up to --max-concurrency, until throughput stops growing."""
     def call(worker: int, payload: Payload) -> None:
         try:
@@ -192,36 +180,32 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
             refusals.add(exc, 0.0)  # a closed-loop refusal's latency is not recorded
 
     levels = [2 ** k for k in range(args.max_concurrency.bit_length())]
-    points: list[dict[str, Any]] = []
-    refused, note = None, f"throughput still grew at the largest concurrency ({levels[-1]})"
+    points, refused, note = [], None, f"throughput still grew at the largest concurrency ({levels[-1]})"
     for level in levels:
         served.ensure_clients(level)
-        refusals = Refusals()
-        total = max(args.saturation_requests, 4 * level)
+        refusals, total = Refusals(), max(args.saturation_requests, 4 * level)
         log(f"saturation: closed loop at concurrency {level}, {total} requests")
         measured = measure_level(call, payloads, level, total, max(level, len(payloads)), server_pid)
-        if refusals.rows:
-            refused = {"concurrency": level, **{k: v for k, v in refusals.to_json().items() if k in ("total", "by_reason", "kinds")}}
-            note = f"concurrency {level} was refused {len(refusals.rows)} time(s): the closed loop outgrew the queue"
+        if refusals:
+            refused = {"concurrency": level, **{k: v for k, v in refusals.to_json().items() if k != "latency"}}
+            note = f"concurrency {level} was refused {len(refusals)} time(s): the closed loop outgrew the queue"
             break
-        point = {"concurrency": level, **closed_loop_figures(measured["latencies_ms"], measured["wall_s"])}
-        points.append({**point, "cpu": cpu_figures(measured["cpu_s"], measured["wall_s"], point["requests"])})
-        if saturation_index([p["images_per_s"] for p in points], SATURATION_GROWTH)[1]:
+        points.append({"concurrency": level, **level_figures([measured])})
+        best, stop = saturation_index([p["images_per_s"] for p in points])
+        if stop:
             note = f"throughput at concurrency {level} was not more than {100 * SATURATION_GROWTH:g} % above the best lower level"
             break
     if not points:
         raise LoadTestError(f"every request at concurrency 1 was refused: {refusals.to_json()['kinds']}")
-    best = points[saturation_index([p["images_per_s"] for p in points], SATURATION_GROWTH)[0]]
-    return {**{key: best[key] for key in ("concurrency", "images_per_s", "p50_ms", "p95_ms")},
-            "unloaded_p50_ms": points[0]["p50_ms"], "stopped": note, "refused": refused, "cpu": best["cpu"], "sweep": points}
+    return {**{key: points[best][key] for key in ("concurrency", "images_per_s", "p50_ms", "p95_ms")},
+            "unloaded_p50_ms": points[0]["p50_ms"], "stopped": note, "refused": refused, "cpu": points[best]["cpu"],
+            "sweep": points}
 
 
 async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload], parity: Parity, rate: float,
                 served: Served, unloaded_p50_ms: float, server_pid: int | None) -> dict[str, Any]:
-    """The open loop (phase 2) on one grpc.aio channel, each image's request serialised once, a second
+    """The open loop (phase 2) on one grpc.aio channel, each image's request serialised before it starts, a second
     channel asking the live endpoint twice a second; then the recovery probes (phase 3)."""
-    import tritonclient.grpc.aio as aio
-
     loop, refusals, done = asyncio.get_running_loop(), Refusals(), asyncio.Event()
     requests = {p.name: request_bytes(p, args.model, args.hints) for p in payloads}
     times = arrival_times(rate, args.duration_s, args.arrivals, args.seed, args.max_requests)
@@ -263,7 +247,7 @@ async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload],
                 in_flight.add(task := asyncio.create_task(one(infer, payloads[i % len(payloads)], loop.time() - start)))
                 task.add_done_callback(in_flight.discard)
             window, sent = loop.time() - start, len(times) - not_sent
-            cpu_s, busy_pct = cpu_used(before, cpu_sample(server_pid)), psutil.cpu_percent()
+            cpu_s, busy_pct = cpu_used(before, server_pid), psutil.cpu_percent()
             recovery = await recover(args, served, payloads, parity, unloaded_p50_ms)
             with contextlib.suppress(asyncio.TimeoutError):  # what the storm left outstanding: answered by now, or cancelled
                 await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), args.timeout_s + 5.0)
@@ -281,7 +265,8 @@ async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload],
         "admitted_latency": figures([ms for _, ms in admitted]), "rejected": refusals.to_json(),
         "live_probes": {"asked": len(live), "unanswered": len(live) - len(answers),
                         **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
-        "cpu": {**cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(), "machine_busy_share": round(busy_pct / 100, 3)},
+        "cpu": {**cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(),
+                "machine_busy_share": round(busy_pct / 100, 3)},
         "recovery": recovery,
     }
 
@@ -327,7 +312,8 @@ def stress_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
               f">= {100 * t['min_goodput_share']:g} % of saturation = {goodput_limit:.1f} img/s", goodput, "target"),
         check("recovery", recovery["recovered"] and recovery["seconds"] <= t["max_recovery_s"], "recovery (p50 at concurrency 1)",
               fmt(recovery["seconds"], ".2f", "s") if recovery["recovered"] else f"not in {recovery['gave_up_after_s']:g} s",
-              f"<= {t['max_recovery_s']:g} s to p50 <= {t['recovery_factor']:g} x unloaded = {recovery['threshold_p50_ms']:.0f} ms",
+              f"<= {t['max_recovery_s']:g} s to p50 <= {t['recovery_factor']:g} x unloaded = "
+              f"{recovery['threshold_p50_ms']:.0f} ms",
               recovery["seconds"], "target"),
         check("wrong_responses", parity["wrong"] == 0, f"wrong answers (of {parity['responses_checked']})",
               f"{parity['wrong']} (max |diff| {parity['max_abs_diff']:.1e})", f"0 (|diff| <= {parity['tolerance']:g})",
@@ -338,19 +324,19 @@ def stress_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def stress_plot(report: dict[str, Any], path: Path) -> Path:
-    """The saturation sweep's throughput and latency per concurrency, against the storm's offered rate, goodput
-    and admitted p95."""
+    """The saturation sweep's throughput and latency per concurrency, against the storm's rate, goodput and admitted p95."""
     storm, sweep = report["storm"], pd.DataFrame(report["saturation"]["sweep"]).set_index("concurrency")
-    fig, (throughput, latency) = figure(1, 2, (11, 4.2))
-    sweep[["images_per_s"]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
-    throughput.axhline(storm["rate_offered"], color="tab:red", ls=":", label="offered in the storm")
-    throughput.axhline(storm["goodput_images_per_s"], color="tab:green", ls="--", label="goodput in the storm")
-    sweep[["p50_ms", "p95_ms"]].plot(ax=latency, style="o-", title="latency", ylabel="ms")
-    if storm["admitted_latency"]["p95_ms"] is not None:
-        latency.axhline(storm["admitted_latency"]["p95_ms"], color="tab:green", ls="--", label="admitted p95 in the storm")
-    for ax in (throughput, latency):
-        ax.set(xlabel="concurrency (closed loop)", ylim=(0, None))
-    return save_figure(fig, (throughput, latency), path, f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation")
+    title = f"{report['model']} ({report['profile']} profile): {report['overload']:g} x saturation"
+    with saved_figure(path, title, 1, 2, (11, 4.2)) as (throughput, latency):
+        sweep[["images_per_s"]].plot(ax=throughput, style="o-", title="throughput", ylabel="images/s")
+        throughput.axhline(storm["rate_offered"], color="tab:red", ls=":", label="offered in the storm")
+        throughput.axhline(storm["goodput_images_per_s"], color="tab:green", ls="--", label="goodput in the storm")
+        sweep[["p50_ms", "p95_ms"]].plot(ax=latency, style="o-", title="latency", ylabel="ms")
+        if storm["admitted_latency"]["p95_ms"] is not None:
+            latency.axhline(storm["admitted_latency"]["p95_ms"], color="tab:green", ls="--", label="admitted p95 in the storm")
+        for ax in (throughput, latency):
+            ax.set(xlabel="concurrency (closed loop)", ylim=(0, None))
+    return path
 
 
 # --- soak ------------------------------------------------------------------------------------
@@ -368,12 +354,9 @@ def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup: int) -> dict[str, Any]:
-    """How `values` (sampled at `requests` completed requests) moved after `warmup` requests: the samples fitted
-    (from the end of the warm-up on), the values at the start, after the warm-up and at the end, the fitted ones,
-    growth % (fitted increase / fitted value at the end of the warm-up), the least-squares slope per 1,000
-    requests over all of them and over the later half (a leak keeps it, a settling allocator does not) with its
-    standard error (what noise alone moves it by), and the level growth: median of the last few samples - median
-    of the first few after warm-up."""
+    """How `values`, sampled at `requests` completed requests, moved after `warmup` requests: growth % of the least-squares
+    fit, its slope per 1,000 requests over all samples and over the later half (a leak keeps it, a settling allocator does
+    not) with its standard error, and the level growth: median of the last few samples - median of the first few."""
     x_all, y_all = np.asarray(requests, dtype=float), np.asarray(values, dtype=float)
     x, y = x_all[x_all >= warmup], y_all[x_all >= warmup]
     if len(x) < 3:
@@ -392,9 +375,8 @@ def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup
 
 
 def check_growth(series: dict[str, dict[str, Any]], targets: dict[str, float]) -> list[dict[str, Any]]:
-    """RSS: the fitted growth after warm-up (what the run cost) and the slope over the later half (whether it
-    still grows). fds and /dev/shm files: the median of the last few samples against the first few after
-    warm-up. /dev/shm bytes are not judged: the Python backend grows its regions to the largest load seen."""
+    """RSS: the fitted growth after warm-up and the later half's slope (still growing?); fds and /dev/shm files: the level
+    growth. /dev/shm bytes are not judged: the Python backend grows its regions to the largest load seen."""
     rss = series["rss_bytes"]
     pct = rss["growth_pct"] if rss["growth_pct"] is not None else float("inf")
     later = rss["slope_per_1000_later_half"] if rss["slope_per_1000_later_half"] is not None else rss["slope_per_1000"]
@@ -409,14 +391,14 @@ def check_growth(series: dict[str, dict[str, Any]], targets: dict[str, float]) -
                              ("shm_files", "/dev/shm files", targets["max_shm_file_growth"])):
         g = series[key]
         checks.append(check(f"{key}_growth", g["level_growth"] <= limit, f"{name} growth", f"{g['level_growth']:+g} "
-                            f"({g['after_warmup']:g} after warm-up, {g['end']:g} at the end; slope {g['slope_per_1000']:+.3g} per "
-                            "1,000 requests)", f"<= {limit:g}", g["level_growth"]))
+                            f"({g['after_warmup']:g} after warm-up, {g['end']:g} at the end; slope {g['slope_per_1000']:+.3g} "
+                            "per 1,000 requests)", f"<= {limit:g}", g["level_growth"]))
     return checks
 
 
 def jobs(payloads: Sequence[Payload]) -> list[tuple[str, Payload]]:
     """The request cycle: the models take turns, and each model sees every image."""
-    return [(MODELS[i % len(MODELS)], payloads[(i // len(MODELS)) % len(payloads)]) for i in range(len(MODELS) * len(payloads))]
+    return [(model, payload) for payload in payloads for model in MODELS]
 
 
 def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None, payloads: Sequence[Payload],
@@ -449,8 +431,7 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
             except LoadTestError as exc:
                 stopped = f"the server stopped after {stop} requests ({exc})"
                 break
-            chunk_figures = figures(chunk)
-            samples.append({**sample, "chunk_p50_ms": chunk_figures["p50_ms"], "chunk_p95_ms": chunk_figures["p95_ms"]})
+            samples.append({**sample, **{f"chunk_{k}": v for k, v in figures(chunk).items() if k in ("p50_ms", "p95_ms")}})
             log(f"{stop}/{args.requests} requests: RSS {sample['rss_bytes'] / MIB:.0f} MiB, {sample['fds']} fds, "
                 f"{sample['shm_files']} shm files, {sum(error is not None for _, error in outcomes)} failures")
     return _soak_report(args, samples, latencies, time.monotonic() - began, stopped, outcomes)
@@ -463,14 +444,15 @@ def _soak_report(args: argparse.Namespace, samples: list[dict[str, Any]], latenc
         not_measured = None
     except LoadTestError as exc:  # stopped before enough samples after warm-up
         series, not_measured = {}, str(exc)
-    done, errors = samples[-1]["requests"], collections.Counter(f"{m}: {e}" for m, e in outcomes if e is not None)
+    done, failed = samples[-1]["requests"], [(model, error) for model, error in outcomes if error is not None]
     load = {key: getattr(args, key) for key in ("requests", "warmup", "sample_every", "concurrency", "image_set", "hints",
                                                 "timeout_s", "time_limit_s")}
     return {
         "load": {**load, "models": list(MODELS)}, "requests_completed": done, "wall_s": round(wall_s, 2), "stopped": stopped,
         "not_measured": not_measured, "requests_per_s": round(done / wall_s, 3) if wall_s > 0 else None,
         "latency": figures(latencies), "sent": dict(collections.Counter(m for m, _ in outcomes)),
-        "failed": dict(collections.Counter(m for m, e in outcomes if e is not None)), "errors": dict(errors.most_common(10)),
+        "failed": dict(collections.Counter(m for m, _ in failed)),
+        "errors": dict(collections.Counter(f"{m}: {e}" for m, e in failed).most_common(10)),
         "growth": series, "samples": samples, "targets": {"max_rss_growth_pct": args.max_rss_growth_pct, "max_failures": 0,
                                                           "max_rss_slope_mib_per_1000": args.max_rss_slope_mib,
                                                           "max_fd_growth": 0, "max_shm_file_growth": 0},
@@ -490,22 +472,22 @@ def soak_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def soak_plot(report: dict[str, Any], path: Path) -> Path:
     """RSS, file descriptors, /dev/shm and latency against requests, the warm-up shaded, the fits of RSS and fds drawn."""
-    samples, warmup = pd.DataFrame(report["samples"]).set_index("requests"), report["load"]["warmup"]
+    samples, warmup, load = pd.DataFrame(report["samples"]).set_index("requests"), report["load"]["warmup"], report["load"]
     samples[["rss_bytes", "rss_anon_bytes", "shm_bytes"]] /= MIB
-    fig, grid = figure(2, 2, (11, 7), sharex=True)
-    rss, fds, shm, latency = grid
-    samples[["rss_bytes", "rss_anon_bytes"]].plot(ax=rss, style=".-", title="RSS of tritonserver and its children (MiB)")
-    samples[["fds"]].plot(ax=fds, style=".-", title="open file descriptors")
-    samples[["shm_files"]].plot(ax=shm, style=".-", title="/dev/shm held by the server: files, MiB (right axis)")
-    samples[["shm_bytes"]].plot(ax=shm, style=".-", secondary_y=True, legend=False)
-    samples[["chunk_p50_ms", "chunk_p95_ms"]].plot(ax=latency, style=".-", title="client latency per chunk (ms)")
-    for key, ax, scale in (("rss_bytes", rss, MIB), ("fds", fds, 1)):
-        if g := report["growth"].get(key):
-            ax.plot([warmup, samples.index[-1]], [g["fitted_after_warmup"] / scale, g["fitted_end"] / scale], "--", color="black",
-                    label=f"fit after warm-up: {g['slope_per_1000'] / scale:+.3g} per 1,000 requests")
-    for ax in grid:
-        ax.axvspan(0, warmup, color="0.85", label="warm-up")
-        ax.set(xlabel="requests completed", ylim=(0, max(1.0, 1.25 * max(line.get_ydata().max() for line in ax.get_lines()))))
-    return save_figure(fig, grid, path, f"cxrlt soak: {report['requests_completed']} requests at concurrency "
-                                  f"{report['load']['concurrency']} ({', '.join(report['load']['models'])}), "
-                                  + ("PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])), "lower right")
+    title = (f"cxrlt soak: {report['requests_completed']} requests at concurrency {load['concurrency']} "
+             f"({', '.join(load['models'])}), " + ("PASS" if report["passed"] else "MISS: " + ", ".join(report["missed"])))
+    with saved_figure(path, title, 2, 2, (11, 7), "lower right", sharex=True) as grid:
+        rss, fds, shm, latency = grid
+        samples[["rss_bytes", "rss_anon_bytes"]].plot(ax=rss, style=".-", title="RSS of tritonserver and its children (MiB)")
+        samples[["fds"]].plot(ax=fds, style=".-", title="open file descriptors")
+        samples[["shm_files"]].plot(ax=shm, style=".-", title="/dev/shm held by the server: files, MiB (right axis)")
+        samples[["shm_bytes"]].plot(ax=shm, style=".-", secondary_y=True, legend=False)
+        samples[["chunk_p50_ms", "chunk_p95_ms"]].plot(ax=latency, style=".-", title="client latency per chunk (ms)")
+        for key, ax, scale in (("rss_bytes", rss, MIB), ("fds", fds, 1)):
+            if g := report["growth"].get(key):
+                ax.plot([warmup, samples.index[-1]], [g["fitted_after_warmup"] / scale, g["fitted_end"] / scale], "--",
+                        color="black", label=f"fit after warm-up: {g['slope_per_1000'] / scale:+.3g} per 1,000 requests")
+        for ax in grid:
+            ax.axvspan(0, warmup, color="0.85", label="warm-up")
+            ax.set(xlabel="requests completed", ylim=(0, max(1.0, 1.25 * max(line.get_ydata().max() for line in ax.get_lines()))))
+    return path

@@ -25,10 +25,14 @@ import grpc
 import numpy as np
 import pandas as pd
 import psutil
+from tritonclient.grpc import InferenceServerClient, InferResult, service_pb2
 
+from cxrlt.client import CxrltClient
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
+from cxrlt.server.launcher import TritonServer, free_port, is_loopback
 
 PROC, SHM, MIB = Path("/proc"), Path("/dev/shm"), 1024 * 1024
+SATURATION_GROWTH = 0.05  # a closed loop has saturated at a level not more than 5 % above the best lower one
 IMAGE_SETS = ("all", "real", "synthetic")
 MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
 HINTED_MODELS = frozenset({CLASSIFIER_MODEL, FINDINGS_MODEL})  # cxr_zeroshot takes no PROJECTION_HINT
@@ -38,9 +42,6 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message
 
 class LoadTestError(RuntimeError):
     """A run that cannot go on as asked (no server, a server that is gone, ...); the message says why."""
-
-
-# --- the images and their requests -----------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,11 +78,10 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
     return tuple(payloads)
 
 
+@lru_cache(maxsize=None)
 def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes:
-    """One image's serialised ModelInferRequest (Triton's public protobuf): IMAGE and, where the model takes
-    one, the hint. Every client here sends it as it is instead of serialising 7 MB again for each request."""
-    from tritonclient.grpc import service_pb2
-
+    """One image's serialised ModelInferRequest (Triton's public protobuf): IMAGE and, where the model takes one,
+    the hint. Made once per process (cached): every client sends it as it is instead of serialising 7 MB again."""
     request = service_pb2.ModelInferRequest(model_name=model)
     request.inputs.add(name="IMAGE", datatype="UINT16", shape=[1, *payload.pixels.shape])
     request.raw_input_contents.append(np.ascontiguousarray(payload.pixels, dtype="<u2").tobytes())
@@ -95,15 +95,11 @@ def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes
 
 def model_infer(channel: Any) -> Callable:
     """Triton's ModelInfer on a grpc (or grpc.aio) channel, taking `request_bytes`."""
-    from tritonclient.grpc import service_pb2
-
     return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
                                response_deserializer=service_pb2.ModelInferResponse.FromString)
 
 
 def probabilities(response: Any) -> np.ndarray:
-    from tritonclient.grpc import InferResult
-
     return InferResult(response).as_numpy("PROBABILITIES")
 
 
@@ -120,9 +116,6 @@ def images_json(payloads: Sequence[Payload], send_hints: bool) -> list[dict[str,
     return [{"name": p.name, "shape": list(p.pixels.shape), "hint": p.hint if send_hints else None} for p in payloads]
 
 
-# --- requests and measurements ---------------------------------------------------------------
-
-
 def figures(latencies_ms: Sequence[float]) -> dict[str, float | None]:
     """p50 / p95 / mean / max of a list of latencies (None when empty)."""
     values = pd.Series(latencies_ms, dtype=float)
@@ -136,9 +129,22 @@ def closed_loop_figures(latencies_ms: Sequence[float], wall_s: float) -> dict[st
             "images_per_s": round(len(latencies_ms) / wall_s, 3) if wall_s > 0 else 0.0, **figures(latencies_ms)}
 
 
+def level_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`closed_loop_figures` and `cpu_figures` of one concurrency level, pooled over its `measure_level` runs."""
+    wall_s = sum(run["wall_s"] for run in runs)
+    pooled = closed_loop_figures([x for run in runs for x in run["latencies_ms"]], wall_s)
+    cpu_s = [None if None in seconds else sum(seconds) for seconds in zip(*(run["cpu_s"] for run in runs))]
+    return {**pooled, "cpu": cpu_figures(cpu_s, wall_s, pooled["requests"])}
+
+
+def saturation_index(throughputs: Sequence[float], growth: float = SATURATION_GROWTH) -> tuple[int, bool]:
+    """(index of the highest throughput, whether a sweep stops: its last level is at most `growth` above the best before)."""
+    stop = len(throughputs) > 1 and throughputs[-1] <= (1.0 + growth) * max(throughputs[:-1])
+    return int(np.argmax(throughputs)), stop
+
+
 def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int) -> tuple[list[float], float]:
-    """`total` calls spread over `concurrency` threads (a shared counter hands out the items in turn):
-    (the latency of each call in ms, the wall time in s)."""
+    """`total` calls over `concurrency` threads, the items handed out in turn: (each call's latency in ms, wall time in s)."""
     counter, start_gate = itertools.count(), threading.Barrier(concurrency + 1)  # next(count) holds the GIL: atomic
 
     def worker(worker_id: int) -> list[float]:
@@ -160,16 +166,15 @@ def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: in
 
 def measure_level(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int, warmup: int,
                   server_pid: int | None = None, metrics_url: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """One concurrency level of a closed loop (bench's sweep, stress's saturation search): `warmup` untimed calls,
-    then `total` timed ones: their latencies, the wall time, CPU seconds of this process and of the server's tree
-    (None: not known), and with `metrics_url` Triton's counters over the timed calls (None: no scrape)."""
+    """One concurrency level of a closed loop: `warmup` untimed calls, then `total` timed ones: their latencies, wall
+    time, CPU seconds (`cpu_used`) and, with `metrics_url`, Triton's counters over the timed calls (else None)."""
     from loadtest.metrics import Counters
 
     if warmup:
         drive(call, items, concurrency, warmup)
     counters, before = Counters(metrics_url), cpu_sample(server_pid)
     latencies, wall_s = drive(call, items, concurrency, total)
-    return {"latencies_ms": latencies, "wall_s": wall_s, "cpu_s": cpu_used(before, cpu_sample(server_pid)),
+    return {"latencies_ms": latencies, "wall_s": wall_s, "cpu_s": cpu_used(before, server_pid),
             "triton": counters.grown({model: total})}
 
 
@@ -192,20 +197,16 @@ def verdicts(checks: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Served:
-    """One gRPC channel per worker calling `model` (or the model of a (model, payload) item) with each image's
-    request serialised once; with `shared_memory` or `send_size`, each worker is a cxrlt.client.CxrltClient
-    that passes the image through shared memory or downscales it, in every request, as the SDK does."""
+    """One gRPC channel per worker calling `model` (or the model of a (model, payload) item) with `request_bytes`; with
+    `shared_memory` or `send_size`, a cxrlt.client.CxrltClient per worker, passing or downscaling images as the SDK does."""
 
     def __init__(self, url: str, model: str, send_hints: bool = True, timeout_s: float | None = None,
                  shared_memory: bool = False, send_size: int | str | None = None) -> None:
         self.url, self.model, self.send_hints, self.timeout_s = url, model, send_hints, timeout_s
         self.sdk = dict(shared_memory=shared_memory, send_size=send_size) if shared_memory or send_size else None
         self.clients: list = []
-        self.requests: dict[tuple[str, str], bytes] = {}
 
     def ensure_clients(self, count: int) -> None:
-        from cxrlt.client import CxrltClient
-
         while len(self.clients) < count:
             self.clients.append(grpc.insecure_channel(self.url, options=GRPC_OPTIONS) if self.sdk is None else CxrltClient(
                 self.url, model=self.model, retries=1, timeout_s=self.timeout_s or 600.0, **self.sdk))
@@ -215,17 +216,13 @@ class Served:
         if self.sdk is not None:
             result = self.clients[worker].classify(payload.pixels, payload.hint if self.send_hints else None, payload.name)
             return np.asarray(list(result.probabilities.values()))
-        if (model, payload.name) not in self.requests:
-            self.requests[model, payload.name] = request_bytes(payload, model, self.send_hints)
-        return probabilities(model_infer(self.clients[worker])(self.requests[model, payload.name], timeout=self.timeout_s))[0]
+        request = request_bytes(payload, model, self.send_hints)
+        return probabilities(model_infer(self.clients[worker])(request, timeout=self.timeout_s))[0]
 
     def close(self) -> None:
         for client in self.clients:
             client.close()
         self.clients = []
-
-
-# --- the server's process tree ---------------------------------------------------------------
 
 
 def process_tree(root: int) -> list[int]:
@@ -253,9 +250,8 @@ def _shm_files(pid: int) -> dict[str, int]:
 
 
 def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> dict[str, Any]:
-    """One sample of the process tree under `root` (processes that vanish while read are skipped): its
-    processes, RSS (and its anonymous / file / shmem split), open fds, the /dev/shm files the tree holds
-    open or mapped and their bytes, and all of /dev/shm (context only: other programs use it too)."""
+    """The process tree under `root` (processes that vanish while read are skipped): processes, RSS and its split, open
+    fds, the /dev/shm files it holds open or mapped and their bytes, and all of /dev/shm (context: others use it too)."""
     totals, shm_files, processes = Counter(), {}, 0
     for pid in process_tree(root):
         try:
@@ -292,14 +288,13 @@ def cpu_sample(root: int | None) -> tuple[float, float | None]:
     return time.process_time(), total
 
 
-def cpu_used(before: Sequence[float | None], after: Sequence[float | None]) -> list[float | None]:
-    """The CPU seconds between two `cpu_sample`s (None where unknown)."""
-    return [None if a is None or b is None else b - a for a, b in zip(before, after)]
+def cpu_used(before: Sequence[float | None], root: int | None) -> list[float | None]:
+    """The CPU seconds since `before`, a `cpu_sample(root)` (None where unknown)."""
+    return [None if a is None or b is None else b - a for a, b in zip(before, cpu_sample(root))]
 
 
 def cpu_figures(cpu_s: Sequence[float | None], wall_s: float, images: int) -> dict[str, float | None]:
-    """The cores this process ("client") and the server's process tree used over `wall_s`, and their CPU ms per
-    image, from their CPU seconds (None: unknown)."""
+    """Cores used over `wall_s` and CPU ms per image of this process ("client") and the server's tree (None: unknown)."""
     return {f"{who}_{figure}": None if seconds is None or not over else round(scale * seconds / over, 3)
             for who, seconds in zip(("client", "server"), cpu_s)
             for figure, scale, over in (("cores", 1, wall_s), ("ms_per_image", 1000, images))}
@@ -316,8 +311,6 @@ def address(url: str) -> urllib.parse.SplitResult:
 
 def require_loopback(url: str, why: str) -> str:
     """The host of HOST:PORT when it is a loopback address (127.0.0.0/8, ::1, localhost), else ValueError."""
-    from cxrlt.server.launcher import is_loopback
-
     host = address(url).hostname or ""
     if not is_loopback(host):
         raise ValueError(f"{url}: {why} goes to loopback addresses only (127.0.0.0/8, ::1, localhost), not {host!r}: "
@@ -339,10 +332,8 @@ def listening_pid(url: str) -> int | None:
 def server_health(url: str, models: Sequence[str], pid: int | None = None, timeout: float = 5.0,
                   tls: dict[str, Any] | None = None) -> dict[str, Any]:
     """Is the server process (when known) alive, and do its live, ready and model-ready endpoints say yes?"""
-    import tritonclient.grpc as grpcclient
-
     health: dict[str, Any] = {"process_alive": None if pid is None else alive(pid)}
-    with grpcclient.InferenceServerClient(url, **(tls or {})) as client:
+    with InferenceServerClient(url, **(tls or {})) as client:
         for key, ask in (("live", client.is_server_live), ("ready", client.is_server_ready),
                          ("model_ready", lambda **kw: all(client.is_model_ready(m, **kw) for m in models))):
             try:
@@ -371,8 +362,6 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
 
         yield url, default_metrics_url(url), pid if pid is not None else listening_pid(url)
         return
-    from cxrlt.server.launcher import TritonServer, free_port
-
     log(f"starting tritonserver on {repo}")
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -384,19 +373,15 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
         server.stop()
 
 
-# --- output ----------------------------------------------------------------------------------
-
-
-def figure(rows: int, columns: int, size: tuple[float, float], **subplots: Any) -> tuple[Any, np.ndarray]:
-    """A matplotlib Figure (made without pyplot: no display, nothing to close) and its axes, flat."""
+@contextlib.contextmanager
+def saved_figure(path: Path, title: str, rows: int, columns: int, size: tuple[float, float], legend_loc: str = "best",
+                 **subplots: Any) -> Iterator[np.ndarray]:
+    """The axes, flat, of a matplotlib Figure (made without pyplot: no display, nothing to close), drawn on inside the
+    block; then a grid and a legend on each, the title, and the figure written to `path`."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size)
-    return fig, np.ravel(fig.subplots(rows, columns, **subplots))
-
-
-def save_figure(fig: Any, axes: Sequence[Any], path: Path, title: str, legend_loc: str = "best") -> Path:
-    """A grid and a legend on each of `axes`; title, lay out and write the figure."""
+    yield (axes := np.ravel(fig.subplots(rows, columns, **subplots)))
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc=legend_loc)
@@ -404,7 +389,6 @@ def save_figure(fig: Any, axes: Sequence[Any], path: Path, title: str, legend_lo
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    return path
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:

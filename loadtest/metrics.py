@@ -11,9 +11,10 @@ import math
 import time
 import urllib.request
 from collections import Counter
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.kernel import MODELS, address
 
@@ -32,11 +33,9 @@ class MetricsError(RuntimeError):
     """The metrics endpoint could not be read."""
 
 
-def parse_prometheus(text: str, names: Iterable[str] = COUNTERS) -> Snapshot:
-    """The per-model values of the named metrics in Prometheus text exposition format."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    snapshot: dict[str, Counter] = {name: Counter() for name in names}
+def parse_prometheus(text: str) -> Snapshot:
+    """The per-model values of Triton's COUNTERS in Prometheus text exposition format."""
+    snapshot: dict[str, Counter] = {name: Counter() for name in COUNTERS}
     for family in text_string_to_metric_families(text):  # a counter family's name has no "_total"
         for sample in family.samples if family.name in snapshot else ():
             if "model" in sample.labels and math.isfinite(sample.value):
@@ -122,7 +121,7 @@ def member_calls_per_image(rows: pd.DataFrame, entry_model: str) -> dict[str, An
             "requests_per_image_by_network": (networks.requests / images).round(3).to_dict()}
 
 
-def default_metrics_url(grpc_url: str, port: int = 8002) -> str:
-    """Triton's default metrics URL on the gRPC endpoint's host."""
+def default_metrics_url(grpc_url: str) -> str:
+    """Triton's default metrics URL (port 8002) on the gRPC endpoint's host."""
     host = address(grpc_url).hostname or "127.0.0.1"
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+    return f"http://{f'[{host}]' if ':' in host else host}:8002/metrics"
