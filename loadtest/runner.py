@@ -5,6 +5,8 @@ test") checked, `report.json` written."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -14,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from cxrlt.contract.resources import package_file, package_root
 from loadtest.kernel import IMAGE_SETS, MODELS, LoadTestError, address, check, check_server, verdicts, write_json
 from loadtest.metrics import Counters, breakdown_json
 
-UNITS = {"min_rps": "req/s", "max_p95_ms": "ms", "max_failures": "failures"}  # the target keys
+TARGETS = {"min_rps": ("rps", "req/s"), "max_p95_ms": ("p95_ms", "ms"), "max_failures": ("failures", "failures")}  # figure, unit
 LOAD_KEYS = ("users", "spawn_rate", "duration_s", "weights", "image_set")
-FIGURES = {"min_rps": "rps", "max_p95_ms": "p95_ms", "max_failures": "failures"}  # target -> the figure it bounds
 
 
 class ProfileError(ValueError):
@@ -30,8 +33,8 @@ class ProfileError(ValueError):
 def _target_values(section: Any, where: str) -> dict[str, float]:
     if not isinstance(section, dict):
         raise ProfileError(f"{where} must be a mapping")
-    if unknown := set(section) - set(UNITS):
-        raise ProfileError(f"{where}: unknown target(s) {sorted(unknown)}; known: {', '.join(UNITS)}")
+    if unknown := set(section) - set(TARGETS):
+        raise ProfileError(f"{where}: unknown target(s) {sorted(unknown)}; known: {', '.join(TARGETS)}")
     for key, value in section.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                                   or value < 0):
@@ -42,13 +45,10 @@ def _target_values(section: Any, where: str) -> dict[str, float]:
 def load_profile(path: Path | str | None) -> dict[str, Any]:
     """{"targets": {min_rps, max_p95_ms, max_failures (default 0), models: {model: the same keys}}, "load": {...},
     "source": the file}; without a file, no targets but zero failures."""
-    import yaml
-
     if path is None:
         return {"targets": {"max_failures": 0, "models": {}}, "load": {}, "source": None}
-    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ProfileError(f"cannot read profile {path} (or it is not valid YAML): {exc}") from exc
     if not isinstance(data, dict):
@@ -70,19 +70,16 @@ def check_targets(targets: Mapping[str, Any], aggregated: Mapping[str, Any] | No
                   per_model: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every target (e.g. "min_rps" or "cxr_findings.max_p95_ms") against locust's figures ('requests', failed
     included, 'failures', 'rps', 'p95_ms'); when nothing ran, only a failure budget is kept."""
-    wanted = [(key, targets.get(key), aggregated) for key in UNITS]
-    wanted += [(f"{model}.{key}", values.get(key), per_model.get(model))
-               for model, values in targets.get("models", {}).items() for key in UNITS]
+    scopes = [("", targets, aggregated), *((f"{model}.", bounds, per_model.get(model))
+                                            for model, bounds in targets.get("models", {}).items())]
     checks = []
-    for name, limit, stats in wanted:
-        if limit is None:
-            continue
-        key = name.rsplit(".", 1)[-1]
-        relation, unit = (">=" if key.startswith("min") else "<="), UNITS[key]
-        measured = (stats or {}).get(FIGURES[key]) if stats and stats.get("requests") else 0 if key == "max_failures" else None
-        passed = measured is not None and (measured >= limit if relation == ">=" else measured <= limit)
-        shown = "no completed requests to measure" if measured is None else f"measured {float(measured):.4g} {unit}"
-        checks.append(check(name, passed, name, shown, f"{relation} {limit:g} {unit}", measured))
+    for (prefix, bounds, stats), (key, (figure, unit)) in itertools.product(scopes, TARGETS.items()):
+        if (limit := bounds.get(key)) is not None:
+            relation = ">=" if key.startswith("min") else "<="
+            measured = stats.get(figure) if stats and stats.get("requests") else 0 if key == "max_failures" else None
+            passed = measured is not None and (measured >= limit if relation == ">=" else measured <= limit)
+            shown = "no completed requests to measure" if measured is None else f"measured {float(measured):.4g} {unit}"
+            checks.append(check(prefix + key, passed, prefix + key, shown, f"{relation} {limit:g} {unit}", measured))
     return checks
 
 
@@ -115,8 +112,6 @@ class LoadTestConfig:
 
 def require_locust() -> None:
     """Fail in one line, naming the extra, when locust is not installed (before any folder or server)."""
-    import importlib.util
-
     if importlib.util.find_spec("locust") is None:
         raise LoadTestError("locust is not installed: cxrlt loadtest needs the 'loadtest' extra (pip install -e '.[loadtest]')")
 
