@@ -53,8 +53,7 @@ class Payload:
 
 @lru_cache(maxsize=None)
 def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
-    """The real pydicom-data radiograph (RG1_UNCR, 1955 x 1841, through the client's DICOM path) and/or
-    the builder's synthetic frontal and lateral ones, each with the hint a PACS would send; decoded once."""
+    """pydicom-data's real radiograph (read as the client reads DICOM) and/or the synthetic ones, with hints; decoded once."""
     if image_set not in IMAGE_SETS:
         raise ValueError(f"image set must be one of {IMAGE_SETS}, not {image_set!r}")
     payloads: list[Payload] = []
@@ -80,8 +79,7 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
 
 @lru_cache(maxsize=None)
 def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes:
-    """One image's serialised ModelInferRequest (Triton's public protobuf): IMAGE and, where the model takes one,
-    the hint. Made once per process (cached): every client sends it as it is instead of serialising 7 MB again."""
+    """One image's serialised ModelInferRequest (IMAGE, the hint where taken), made once: not 7 MB serialised per request."""
     request = service_pb2.ModelInferRequest(model_name=model)
     request.inputs.add(name="IMAGE", datatype="UINT16", shape=[1, *payload.pixels.shape])
     request.raw_input_contents.append(np.ascontiguousarray(payload.pixels, dtype="<u2").tobytes())
@@ -123,18 +121,13 @@ def figures(latencies_ms: Sequence[float]) -> dict[str, float | None]:
     return {f"{name}_ms": None if values.empty else round(float(value), 3) for name, value in shown.items()}
 
 
-def closed_loop_figures(latencies_ms: Sequence[float], wall_s: float) -> dict[str, Any]:
-    """Throughput and latency of a closed loop: its requests, wall time, images/s and `figures`."""
-    return {"requests": len(latencies_ms), "wall_s": round(wall_s, 4),
-            "images_per_s": round(len(latencies_ms) / wall_s, 3) if wall_s > 0 else 0.0, **figures(latencies_ms)}
-
-
 def level_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """`closed_loop_figures` and `cpu_figures` of one concurrency level, pooled over its `measure_level` runs."""
-    wall_s = sum(run["wall_s"] for run in runs)
-    pooled = closed_loop_figures([x for run in runs for x in run["latencies_ms"]], wall_s)
+    """A closed loop's requests, wall time, images/s, `figures` and `cpu_figures`, pooled over its `measure_level` runs."""
+    latencies, wall_s = [x for run in runs for x in run["latencies_ms"]], sum(run["wall_s"] for run in runs)
     cpu_s = [None if None in seconds else sum(seconds) for seconds in zip(*(run["cpu_s"] for run in runs))]
-    return {**pooled, "cpu": cpu_figures(cpu_s, wall_s, pooled["requests"])}
+    return {"requests": len(latencies), "wall_s": round(wall_s, 4),
+            "images_per_s": round(len(latencies) / wall_s, 3) if wall_s > 0 else 0.0, **figures(latencies),
+            "cpu": cpu_figures(cpu_s, wall_s, len(latencies))}
 
 
 def saturation_index(throughputs: Sequence[float], growth: float = SATURATION_GROWTH) -> tuple[int, bool]:
@@ -166,8 +159,7 @@ def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: in
 
 def measure_level(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int, warmup: int,
                   server_pid: int | None = None, metrics_url: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """One concurrency level of a closed loop: `warmup` untimed calls, then `total` timed ones: their latencies, wall
-    time, CPU seconds (`cpu_used`) and, with `metrics_url`, Triton's counters over the timed calls (else None)."""
+    """`warmup` untimed calls, then `total` timed: their latencies, wall time, CPU seconds and Triton's counters (or None)."""
     from loadtest.metrics import Counters
 
     if warmup:
@@ -184,8 +176,7 @@ def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
 
 def check(name: str, passed: bool, figure: str, shown: str, limit: str, measured: float | None = None,
           kind: str = "check", message: str = "") -> dict[str, Any]:
-    """One target or check: what is measured, its value as shown and the bound. A "target" is a timing
-    (fails stress only with --strict); the message is one line: what, measured, the bound, the verdict."""
+    """One target or check (a "target" is a timing: it fails stress only with --strict) and its one-line message."""
     passed = bool(passed)  # numpy comparisons give numpy booleans
     return {"name": name, "passed": passed, "figure": figure, "shown": shown, "limit": limit, "measured": measured,
             "kind": kind, "message": message or f"{figure} {'met' if passed else 'MISSED'}: {shown}, target {limit}"}
@@ -197,8 +188,7 @@ def verdicts(checks: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Served:
-    """One gRPC channel per worker calling `model` (or the model of a (model, payload) item) with `request_bytes`; with
-    `shared_memory` or `send_size`, a cxrlt.client.CxrltClient per worker, passing or downscaling images as the SDK does."""
+    """A gRPC channel per worker sending `request_bytes` (or, for shared memory or a send size, a CxrltClient as the SDK does)."""
 
     def __init__(self, url: str, model: str, send_hints: bool = True, timeout_s: float | None = None,
                  shared_memory: bool = False, send_size: int | str | None = None) -> None:
@@ -222,7 +212,6 @@ class Served:
     def close(self) -> None:
         for client in self.clients:
             client.close()
-        self.clients = []
 
 
 def process_tree(root: int) -> list[int]:
@@ -250,8 +239,7 @@ def _shm_files(pid: int) -> dict[str, int]:
 
 
 def sample_tree(root: int, requests: int = 0, elapsed_s: float = 0.0) -> dict[str, Any]:
-    """The process tree under `root` (processes that vanish while read are skipped): processes, RSS and its split, open
-    fds, the /dev/shm files it holds open or mapped and their bytes, and all of /dev/shm (context: others use it too)."""
+    """RSS, open fds and /dev/shm files of the process tree under `root` (vanishing processes skipped), all of /dev/shm too."""
     totals, shm_files, processes = Counter(), {}, 0
     for pid in process_tree(root):
         try:
@@ -318,6 +306,12 @@ def require_loopback(url: str, why: str) -> str:
     return host
 
 
+def default_metrics_url(grpc_url: str) -> str:
+    """Triton's default metrics URL (port 8002) on the gRPC endpoint's host."""
+    host = address(grpc_url).hostname or "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:8002/metrics"
+
+
 def listening_pid(url: str) -> int | None:
     """The process listening on the URL's port on this host, if visible."""
     port = address(url).port
@@ -355,11 +349,8 @@ def check_server(url: str, models: Sequence[str], timeout: float = 10.0, tls: di
 @contextlib.contextmanager
 def target_server(repo: Path | None, url: str | None, log_file: Path | None = None, pid: int | None = None,
                   log: Callable[[str], None] = lambda message: None) -> Iterator[tuple[str, str | None, int | None]]:
-    """(gRPC URL, metrics URL, server PID): the server at `url` (Triton's default metrics port on its host, its PID
-    given or found by its port), or the embedded tritonserver started on `repo` on free ports and stopped on leaving."""
+    """(gRPC URL, metrics URL, PID) of the server at `url`, or of the embedded tritonserver run on `repo` for the block."""
     if url is not None:
-        from loadtest.metrics import default_metrics_url
-
         yield url, default_metrics_url(url), pid if pid is not None else listening_pid(url)
         return
     log(f"starting tritonserver on {repo}")
@@ -376,8 +367,7 @@ def target_server(repo: Path | None, url: str | None, log_file: Path | None = No
 @contextlib.contextmanager
 def saved_figure(path: Path, title: str, rows: int, columns: int, size: tuple[float, float], legend_loc: str = "best",
                  **subplots: Any) -> Iterator[np.ndarray]:
-    """The axes, flat, of a matplotlib Figure (made without pyplot: no display, nothing to close), drawn on inside the
-    block; then a grid and a legend on each, the title, and the figure written to `path`."""
+    """A figure's axes (no pyplot: no display, nothing to close) to draw on in the block, then gridded, titled and written."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size)

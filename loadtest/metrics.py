@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.kernel import MODELS, address
+from loadtest.kernel import MODELS
 
 # per_model's column -> Triton counter: counts, then durations (averaged per successful request, in ms)
 COUNTS = {"requests": "nv_inference_request_success", "failures": "nv_inference_request_failure",
@@ -119,9 +119,3 @@ def member_calls_per_image(rows: pd.DataFrame, entry_model: str) -> dict[str, An
     return {"member_requests_per_image": round(networks.requests.sum() / images, 3),
             "member_executions_per_image": round(networks.executions.sum() / images, 3),
             "requests_per_image_by_network": (networks.requests / images).round(3).to_dict()}
-
-
-def default_metrics_url(grpc_url: str) -> str:
-    """Triton's default metrics URL (port 8002) on the gRPC endpoint's host."""
-    host = address(grpc_url).hostname or "127.0.0.1"
-    return f"http://{f'[{host}]' if ':' in host else host}:8002/metrics"

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from loadtest.bench import DEFAULT_LEVELS, RawSide, default_levels, preprocessing_timings
-from loadtest.kernel import Payload, closed_loop_figures, drive, load_payloads
+from loadtest.kernel import Payload, drive, level_figures, load_payloads
 from loadtest.metrics import COUNTS, member_calls_per_image
 from tests.grpc_inputs import settled
 
@@ -44,8 +44,12 @@ def test_drive_hands_out_every_request_once_across_workers():
     assert len(latencies) == len(seen) == 10 and wall_s > 0
     assert {w for w, _ in seen} <= {0, 1, 2}
     assert sorted(n for _, n in seen) == sorted(payloads[i % len(payloads)].name for i in range(10))
-    figures = closed_loop_figures([1.0, 2.0, 3.0, 4.0], 2.0)
+    # a level's runs (bench's rounds) pooled: every latency, the summed wall and CPU time
+    figures = level_figures([{"latencies_ms": [1.0, 2.0], "wall_s": 1.5, "cpu_s": (0.1, None)},
+                             {"latencies_ms": [3.0, 4.0], "wall_s": 0.5, "cpu_s": (0.3, None)}])
     assert figures["requests"] == 4 and figures["images_per_s"] == 2.0 and figures["p50_ms"] == 2.5
+    assert figures["cpu"] == {"client_cores": 0.2, "client_ms_per_image": 100.0, "server_cores": None,
+                              "server_ms_per_image": None}
 
 
 def test_default_levels_stop_at_what_the_model_admits():

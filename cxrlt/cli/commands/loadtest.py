@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cxrlt.cli.console import console
-    from loadtest.metrics import default_metrics_url
+    from loadtest.kernel import default_metrics_url
     from loadtest.runner import LoadTestConfig, load_profile, require_locust, run_loadtest
 
     require_locust()
