@@ -45,8 +45,7 @@ TARGETS = (
 
 
 class RawSide:
-    """The served pipeline's code with onnxruntime sessions in this process (torch-free); with
-    `pool_threads`, the network calls run on a pool of that many threads, else one after another."""
+    """The served pipeline's code on onnxruntime in this process (torch-free), its network calls on a pool of `pool_threads`."""
 
     def __init__(self, repo: Path, model: str, threads: int, pool_threads: int | None = None, providers: str = "cpu") -> None:
         repo, release = Path(repo), live_release(repo)
@@ -118,8 +117,7 @@ def default_levels(entry: dict[str, Any]) -> tuple[int, ...]:
 
 
 def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int = 20) -> dict[str, Any]:
-    """prepare_square in this one thread, per distinct preprocessing of the served pipelines: on a seeded
-    12-bit random image of RADIOGRAPH_SHAPE and on each payload (median and min of `repeats`, after one warm-up)."""
+    """prepare_square per distinct preprocessing of the pipelines, on a seeded 12-bit random radiograph and each payload."""
     configs: dict[PreprocessConfig, list[str]] = {}
     for model in (CLASSIFIER_MODEL, ZEROSHOT_MODEL):
         configs.setdefault(PreprocessConfig.from_parameters(config_parameters(repo / model / "config.pbtxt")), []).append(model)
@@ -222,8 +220,7 @@ def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
-    """One repository's served figures for `cxrlt bench --compare`: its execution provider and precision
-    (manifest), images/s at the best served concurrency, p50/p95 at the lowest level, CPU per image there."""
+    """One repository's row of `cxrlt bench --compare`: its provider and precision, the served figures, CPU per image."""
     execution = read_manifest(report["repository"]).get("execution") or {"execution_provider": "auto", "precision": "fp32"}
     first, best = report["sweep"][0], report["best"]["served"]
     cpu = next(r for r in report["sweep"] if r["concurrency"] == best["concurrency"])["served"]["cpu"]
@@ -239,8 +236,7 @@ def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: Path,
                    log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """`cxrlt bench --compare`: the same sweep on each repository in turn (one embedded server at a time, so
-    they never share the cores), every report kept, and one row per repository side by side."""
+    """`cxrlt bench --compare`: the sweep on each repository in turn (one server at a time: they never share the cores)."""
     reports = []
     for index, repo in enumerate(repositories):
         log(f"[{index + 1}/{len(repositories)}] {repo}")
@@ -265,9 +261,6 @@ def plot(report: dict[str, Any], path: Path) -> Path:
             ax.set_xscale("log", base=2)
             ax.set(xticks=sweep.index, xticklabels=sweep.index, ylim=(0, None))
     return path
-
-
-# --- the GPU run -----------------------------------------------------------------------------
 
 
 def gpu_model_figures(bench: dict[str, Any]) -> dict[str, Any]:
@@ -303,8 +296,7 @@ def build_gpu_repository(args: argparse.Namespace, log: Callable[[str], None]) -
 
 
 def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Build (or take --repo) and serve the repository, bench each public model (`cxrlt bench`'s options: `args.bench`,
-    their defaults), load-test them; write the report."""
+    """Build (or take --repo) and serve the repository, bench each public model, load-test them; write the report."""
     if not args.dry_run and CUDA not in onnxruntime.get_available_providers():
         raise RuntimeError("this onnxruntime has no CUDA execution provider: install onnxruntime-gpu "
                            "(loadtest/gpu_bench.sh does), or rehearse on the CPU with --dry-run")

@@ -23,6 +23,7 @@ import tritonclient.grpc.aio as aio
 
 from cxrlt.client.sdk import OVERLOAD_MESSAGES
 from cxrlt.contract.manifest import read_manifest
+from loadtest.bench import RawSide
 from loadtest.kernel import (GRPC_OPTIONS, MIB, MODELS, SATURATION_GROWTH, LoadTestError, Payload, Served, address, alive, check,
                              check_server, cpu_figures, cpu_sample, cpu_used, drive, error_text, figures, fmt, images_json,
                              level_figures, load_average, load_payloads, measure_level, model_infer, probabilities, request_bytes,
@@ -84,13 +85,8 @@ def run(args: argparse.Namespace, mode: str, server_log: Path | None = None,
     return {**report, **verdicts(checks), "missed_targets": unmet["target"], "failed_checks": unmet["check"]}
 
 
-# --- stress ----------------------------------------------------------------------------------
-
-
 def _stress(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None, payloads: Sequence[Payload],
             log: Callable[[str], None]) -> dict[str, Any]:
-    from loadtest.bench import RawSide  # onnxruntime: only stress's reference pipeline needs it
-
     log("reference probabilities: the pipeline in process on the repository's ONNX files")
     with contextlib.closing(RawSide(args.repo, args.model, threads=1)) as raw:
         parity = Parity({p.name: np.asarray(raw(0, p), dtype=np.float64) for p in payloads})
@@ -130,8 +126,7 @@ def arrival_times(rate: float, duration_s: float, arrivals: str, seed: int, max_
 
 
 def recovered_after(probes: Sequence[tuple[float, float | None]], threshold_ms: float, window: int) -> float | None:
-    """The first time (seconds after the storm) at which the p50 of the last `window` answered probes is
-    <= threshold_ms; probes are (answered at, latency ms or None when refused, which restarts the window)."""
+    """When the p50 of `window` answered probes (answered at, latency ms or None: refused) first is <= threshold_ms."""
     latencies = pd.Series([latency for _, latency in probes], dtype=float)  # refused: NaN, which no full window holds
     back = latencies.rolling(window).median() <= threshold_ms
     return probes[int(back.idxmax())][0] if back.any() else None
@@ -204,8 +199,7 @@ def find_saturation(served: Served, payloads: Sequence[Payload], parity: Parity,
 
 async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload], parity: Parity, rate: float,
                 served: Served, unloaded_p50_ms: float, server_pid: int | None) -> dict[str, Any]:
-    """The open loop (phase 2) on one grpc.aio channel, each image's request serialised before it starts, a second
-    channel asking the live endpoint twice a second; then the recovery probes (phase 3)."""
+    """The open loop (phase 2) on one grpc.aio channel, the live endpoint asked twice a second; then the recovery (phase 3)."""
     loop, refusals, done = asyncio.get_running_loop(), Refusals(), asyncio.Event()
     requests = {p.name: request_bytes(p, args.model, args.hints) for p in payloads}
     times = arrival_times(rate, args.duration_s, args.arrivals, args.seed, args.max_requests)
@@ -339,9 +333,6 @@ def stress_plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-# --- soak ------------------------------------------------------------------------------------
-
-
 def chunk_bounds(requests: int, sample_every: int, warmup: int) -> list[int]:
     """Request counts at which to sample: 0, every `sample_every`, the end of the warm-up, and the last."""
     return sorted({0, warmup, requests, *range(sample_every, requests, sample_every)})
@@ -354,9 +345,8 @@ def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup: int) -> dict[str, Any]:
-    """How `values`, sampled at `requests` completed requests, moved after `warmup` requests: growth % of the least-squares
-    fit, its slope per 1,000 requests over all samples and over the later half (a leak keeps it, a settling allocator does
-    not) with its standard error, and the level growth: median of the last few samples - median of the first few."""
+    """How `values` (sampled at `requests`) moved after the warm-up: the least-squares fit's growth and slopes, and the level
+    growth (last few samples against the first few); the later half's slope tells a leak from an allocator settling."""
     x_all, y_all = np.asarray(requests, dtype=float), np.asarray(values, dtype=float)
     x, y = x_all[x_all >= warmup], y_all[x_all >= warmup]
     if len(x) < 3:
@@ -375,8 +365,8 @@ def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup
 
 
 def check_growth(series: dict[str, dict[str, Any]], targets: dict[str, float]) -> list[dict[str, Any]]:
-    """RSS: the fitted growth after warm-up and the later half's slope (still growing?); fds and /dev/shm files: the level
-    growth. /dev/shm bytes are not judged: the Python backend grows its regions to the largest load seen."""
+    """RSS's fitted growth and later-half slope, the level growth of fds and /dev/shm files (not their bytes: the Python
+    backend grows its regions to the largest load seen)."""
     rss = series["rss_bytes"]
     pct = rss["growth_pct"] if rss["growth_pct"] is not None else float("inf")
     later = rss["slope_per_1000_later_half"] if rss["slope_per_1000_later_half"] is not None else rss["slope_per_1000"]
@@ -434,17 +424,12 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
             samples.append({**sample, **{f"chunk_{k}": v for k, v in figures(chunk).items() if k in ("p50_ms", "p95_ms")}})
             log(f"{stop}/{args.requests} requests: RSS {sample['rss_bytes'] / MIB:.0f} MiB, {sample['fds']} fds, "
                 f"{sample['shm_files']} shm files, {sum(error is not None for _, error in outcomes)} failures")
-    return _soak_report(args, samples, latencies, time.monotonic() - began, stopped, outcomes)
-
-
-def _soak_report(args: argparse.Namespace, samples: list[dict[str, Any]], latencies: list[float], wall_s: float,
-                 stopped: str | None, outcomes: list[tuple[str, str | None]]) -> dict[str, Any]:
+    wall_s, done, failed = time.monotonic() - began, samples[-1]["requests"], [(m, e) for m, e in outcomes if e is not None]
     try:
         series = {key: growth(key, [s["requests"] for s in samples], [s[key] for s in samples], args.warmup) for key in SERIES}
         not_measured = None
     except LoadTestError as exc:  # stopped before enough samples after warm-up
         series, not_measured = {}, str(exc)
-    done, failed = samples[-1]["requests"], [(model, error) for model, error in outcomes if error is not None]
     load = {key: getattr(args, key) for key in ("requests", "warmup", "sample_every", "concurrency", "image_set", "hints",
                                                 "timeout_s", "time_limit_s")}
     return {

@@ -75,10 +75,10 @@ def write_figures(stats: RequestStats, path: str) -> None:
                 "max_ms": entry.max_response_time, "avg_response_bytes": entry.avg_content_length,
                 **{f"p{q}_ms": entry.get_response_time_percentile(q / 100) if entry.num_requests else None for q in (50, 95, 99)}}
 
-    failures = sorted(stats.errors.values(), key=lambda error: -error.occurrences)
-    Path(path).write_text(json.dumps({
-        "models": {name: figures(entry) for (name, _), entry in sorted(stats.entries.items())}, "aggregated": figures(stats.total),
-        "failures": [{"model": e.name, "error": StatsError.parse_error(e.error), "occurrences": e.occurrences} for e in failures]}))
+    failures = [{"model": e.name, "error": StatsError.parse_error(e.error), "occurrences": e.occurrences}
+                for e in sorted(stats.errors.values(), key=lambda error: -error.occurrences)]
+    Path(path).write_text(json.dumps({"models": {name: figures(entry) for (name, _), entry in sorted(stats.entries.items())},
+                                      "aggregated": figures(stats.total), "failures": failures}))
 
 
 def _channel(url: str, options) -> grpc.Channel:

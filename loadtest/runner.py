@@ -139,7 +139,8 @@ def run_locust(config: LoadTestConfig) -> dict[str, Any]:
     config.out.mkdir(parents=True, exist_ok=True)
     log_path = config.out / "locust.log"
     budget = config.duration_s + config.users / config.spawn_rate + config.request_timeout_s + 120.0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(package_root("loadtest")), os.environ.get("PYTHONPATH")) if p))
+    paths = [str(package_root("loadtest")), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     env.setdefault("OMP_NUM_THREADS", "1")  # the client decodes images, it does not need a thread pool
     with open(log_path, "wb") as log:
         try:  # its own session: Ctrl-C reaches this process, which stops locust (subprocess.run kills it on any exception)
