@@ -1,7 +1,8 @@
 """Replicas behind a real gRPC load balancer (nginx) with Prometheus, on loopback.
 
 Two tiny-repository replicas: a locust run through nginx reaches both in fair shares; the
-HPA's recording rule, evaluated by a real Prometheus, rises under load and falls after it;
+HPA's recording rule, evaluated by a real Prometheus, rises under load (its fall a minute after
+the load, the [1m] window emptying, is `promtool test rules`'s in tests/test_deploy.py);
 a replica SIGKILLed mid-run costs the user nothing (the client retries), and every answer
 stays correct.
 """
@@ -57,7 +58,7 @@ def test_replicas_share_load_survive_a_kill_and_drive_the_scaling_metric(tiny_re
         print(f"requests per replica through nginx: {served} (shares {[round(s, 2) for s in shares]})")
         assert min(shares) >= 0.30, served
 
-        # 2. the HPA's metric, from a real Prometheus with the shipped rule: up under load ...
+        # 2. the HPA's metric, from a real Prometheus with the shipped rule: up under load.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _recorded(cluster) <= 0:
             time.sleep(1)
@@ -97,11 +98,6 @@ def test_replicas_share_load_survive_a_kill_and_drive_the_scaling_metric(tiny_re
         for _, probabilities in results:
             assert max(abs(probabilities[k] - expected[k]) for k in expected) <= 1e-6
 
-        # ... and down after it (rate over [1m]: the window empties within about a minute).
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _recorded(cluster) >= peak * 0.5:
-            time.sleep(2)
-        assert _recorded(cluster) < peak * 0.5, f"{RECORDED_METRIC} stayed at {_recorded(cluster)} (peak {peak})"
     for server in cluster.servers:
         assert server.process.poll() is not None
     assert cluster.nginx.poll() is not None and cluster.prometheus.poll() is not None

@@ -592,6 +592,26 @@ def test_hpa_metric_is_the_recorded_and_adapted_series(rendered, overlay):
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
+def test_scaling_metric_rises_under_load_and_falls_to_zero_a_minute_after_it(tmp_path):
+    """The recording rule's behaviour over time, by `promtool test rules` on synthetic counters: 3 requests
+    and 6 ms of queueing per 15 s for 2 minutes (2,000 us per request), then none. The replicas e2e test
+    (tests/test_cluster.py) shows the rise on a real Prometheus; the fall needs its [1m] window to empty."""
+    rules = DEPLOY / "prometheus" / "recording_rules.yml"
+    labels = 'namespace="cxrlt", pod="cxrlt-triton-0", model="cxr_findings"'
+    recorded = 'cxrlt_queue_time_per_request_us{namespace="cxrlt", pod="cxrlt-triton-0"}'
+    unit = {"rule_files": [str(rules.resolve())], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": f"nv_inference_queue_duration_us{{{labels}}}", "values": "0+6000x8 48000x8"},
+                         {"series": f"nv_inference_request_success{{{labels}}}", "values": "0+3x8 24x8"}],
+        "promql_expr_test": [
+            {"expr": "cxrlt_queue_time_per_request_us", "eval_time": "1m30s", "exp_samples": [{"labels": recorded, "value": 2000}]},
+            {"expr": "cxrlt_queue_time_per_request_us", "eval_time": "4m", "exp_samples": [{"labels": recorded, "value": 0}]},
+        ]}]}
+    (tmp_path / "scaling_test.yml").write_text(yaml.safe_dump(unit))
+    tested = subprocess.run([_promtool(), "test", "rules", str(tmp_path / "scaling_test.yml")], capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
 # --------------------------------------------------------------------------- releases
 
 
