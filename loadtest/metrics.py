@@ -1,21 +1,19 @@
 """Triton's Prometheus metrics: scrape before and after a run, diff, and break time down per model.
 
-Durations are summed over successful requests in microseconds. queue: waiting in the model's
-scheduler; compute: input copy + execute + output copy (a BLS model's execute includes its calls
-to the networks); request: end to end inside Triton.
-"""
+Durations are summed over successful requests in microseconds. queue: waiting in the model's scheduler; compute: input copy +
+execute + output copy (a BLS model's execute includes its calls to the networks); request: end to end inside Triton."""
 
 from __future__ import annotations
 
 import math
 import time
-import urllib.request
 from collections import Counter
 from typing import Any, Mapping
 
 import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 
+from cxrlt.client.release_report import read_metrics
 from loadtest.kernel import MODELS
 
 # per_model's column -> Triton counter: counts, then durations (averaged per successful request, in ms)
@@ -23,14 +21,9 @@ COUNTS = {"requests": "nv_inference_request_success", "failures": "nv_inference_
           "inferences": "nv_inference_count", "executions": "nv_inference_exec_count"}
 DURATIONS = {"queue_ms": "nv_inference_queue_duration_us", "compute_input_ms": "nv_inference_compute_input_duration_us",
              "compute_infer_ms": "nv_inference_compute_infer_duration_us",
-             "compute_output_ms": "nv_inference_compute_output_duration_us",
-             "request_ms": "nv_inference_request_duration_us"}
+             "compute_output_ms": "nv_inference_compute_output_duration_us", "request_ms": "nv_inference_request_duration_us"}
 COUNTERS = (*COUNTS.values(), *DURATIONS.values())
 Snapshot = dict[str, dict[str, float]]  # {metric: {model: value}}, summed over versions (and failure reasons)
-
-
-class MetricsError(RuntimeError):
-    """The metrics endpoint could not be read."""
 
 
 def parse_prometheus(text: str) -> Snapshot:
@@ -50,11 +43,7 @@ def scrape(url: str, before: Snapshot | None = None, expected: Mapping[str, int]
     response, and a request that never reached Triton (a client timeout) never counts."""
     deadline = time.monotonic() + settle_s
     while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5.0) as response:
-                after = parse_prometheus(response.read().decode("utf-8", errors="replace"))
-        except OSError as exc:
-            raise MetricsError(f"could not read Triton metrics at {url}: {exc}") from exc
+        after = parse_prometheus(read_metrics(url, timeout_s=5.0))
         if before is None or time.monotonic() >= deadline:
             return after
         counted = diff(before, after)[[COUNTS["requests"], COUNTS["failures"]]].sum(axis=1)
@@ -69,14 +58,14 @@ def diff(before: Snapshot, after: Snapshot) -> pd.DataFrame:
 
 
 class Counters:
-    """Triton's counters over a span of a run, scraped when made; a run reports without Triton's figures
-    rather than failing (`error` says why there are none)."""
+    """Triton's counters over a span of a run, scraped when made; a run reports without Triton's figures rather than failing
+    (`error` says why there are none: the metrics disabled, or `read_metrics`'s RuntimeError)."""
 
     def __init__(self, url: str | None) -> None:
         self.url, self.before, self.error = url, None, "metrics disabled" if url is None else None
         try:
             self.before = scrape(url) if url is not None else None
-        except MetricsError as exc:
+        except RuntimeError as exc:
             self.error = str(exc)
 
     def grown(self, expected: Mapping[str, int]) -> pd.DataFrame | None:
@@ -85,7 +74,7 @@ class Counters:
             return None
         try:
             return diff(self.before, scrape(self.url, self.before, expected))
-        except MetricsError as exc:
+        except RuntimeError as exc:
             self.error = str(exc)
             return None
 
