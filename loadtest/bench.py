@@ -37,11 +37,9 @@ SIDES = ("raw", "served")
 RADIOGRAPH_SHAPE = (1955, 1841)  # the real payload's detector matrix: the preprocessing's expensive case
 CUDA = "CUDAExecutionProvider"
 # (model, figure, comparison, bound): the GPU run's targets for the paper profile on an H100/H200-class GPU.
-TARGETS = (
-    (CLASSIFIER_MODEL, "p50_ms_at_concurrency_1", "<=", 15.0),
-    (CLASSIFIER_MODEL, "images_per_s_at_saturation", ">=", 400.0),
-    (ZEROSHOT_MODEL, "images_per_s_at_saturation", ">=", 2000.0),
-)
+TARGETS = ((CLASSIFIER_MODEL, "p50_ms_at_concurrency_1", "<=", 15.0),
+           (CLASSIFIER_MODEL, "images_per_s_at_saturation", ">=", 400.0),
+           (ZEROSHOT_MODEL, "images_per_s_at_saturation", ">=", 2000.0))
 
 
 class RawSide:
@@ -77,7 +75,6 @@ class RawSide:
     def close(self) -> None:
         for loop in self.loops.values():
             loop.close()
-        self.loops.clear()
 
     def session_providers(self) -> dict[str, list[str]]:
         """The execution providers each session got (onnxruntime falls back to CPU when CUDA fails to load)."""
@@ -110,10 +107,10 @@ def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]
 def default_levels(entry: dict[str, Any]) -> tuple[int, ...]:
     """DEFAULT_LEVELS, the highest replaced by what the model surely admits at once (its bounded queue) when
     lower: Triton frees an instance a moment after the response, so a closed loop's next requests may all queue."""
-    admitted = entry["max_queue_size"] or None
-    if admitted is None or admitted >= DEFAULT_LEVELS[-1]:
+    admitted = entry["max_queue_size"]
+    if not admitted or admitted >= DEFAULT_LEVELS[-1]:
         return DEFAULT_LEVELS
-    return tuple(sorted({*(level for level in DEFAULT_LEVELS if level < admitted), admitted}))
+    return (*(level for level in DEFAULT_LEVELS if level < admitted), admitted)
 
 
 def preprocessing_timings(repo: Path, payloads: Sequence[Payload], repeats: int = 20) -> dict[str, Any]:
@@ -165,15 +162,13 @@ def run_bench(args: argparse.Namespace, server_log: Path | None = None, preproce
                     "workers": "= concurrency (threads running the pipeline code; its network calls run on the pool)"}
         providers_json = {"available": onnxruntime.get_available_providers(), "raw_preference": providers,
                           "raw_sessions": raw.session_providers(), "served_configured": served_networks}
-    return {
-        "model": args.model, "repository": str(args.repo), "profile": manifest.get("profile"),
-        "url": args.url or "embedded (started by cxrlt bench)", "images": images_json(payloads, args.hints),
-        "requests_per_point": args.requests, "admitted_concurrency": budget["models"][args.model]["max_queue_size"] or None,
-        "rounds": args.rounds, "thread_budget": {"served": budget, "raw": raw_json},
-        "execution_providers": providers_json, "preprocessing_ms": preprocessing,
-        "image_transport": "system shared memory" if args.shared_memory else "gRPC message", "send_size": send_size,
-        "parity_max_abs_diff": parity, "sweep": sweep, **_best(sweep),
-    }
+    return {"model": args.model, "repository": str(args.repo), "profile": manifest.get("profile"),
+            "url": args.url or "embedded (started by cxrlt bench)", "images": images_json(payloads, args.hints),
+            "requests_per_point": args.requests, "admitted_concurrency": budget["models"][args.model]["max_queue_size"] or None,
+            "rounds": args.rounds, "thread_budget": {"served": budget, "raw": raw_json}, "execution_providers": providers_json,
+            "preprocessing_ms": preprocessing,
+            "image_transport": "system shared memory" if args.shared_memory else "gRPC message", "send_size": send_size,
+            "parity_max_abs_diff": parity, "sweep": sweep, **_best(sweep)}
 
 
 def _sweep(args: argparse.Namespace, levels: Sequence[int], payloads: Sequence[Payload], sides: dict[str, Callable],
@@ -210,13 +205,11 @@ def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
     """Each side's best level and the served/raw ratio there; Triton's overhead per image at the lowest level."""
     raw, served = (max(sweep, key=lambda r: r[side]["images_per_s"]) for side in SIDES)
     first, served_keys = sweep[0], ("images_per_s", "member_requests_per_image", "member_executions_per_image")
-    return {
-        "best": {"raw": {"concurrency": raw["concurrency"], "images_per_s": raw["raw"]["images_per_s"]},
-                 "served": {"concurrency": served["concurrency"], **{key: served["served"].get(key) for key in served_keys}},
-                 "ratio": round(served["served"]["images_per_s"] / raw["raw"]["images_per_s"], 4)},
-        "overhead_per_image_ms": {"concurrency": first["concurrency"], **{
-            key: round(first["served"][f"{key}_ms"] - first["raw"][f"{key}_ms"], 3) for key in ("p50", "mean")}},
-    }
+    return {"best": {"raw": {"concurrency": raw["concurrency"], "images_per_s": raw["raw"]["images_per_s"]},
+                     "served": {"concurrency": served["concurrency"], **{key: served["served"].get(key) for key in served_keys}},
+                     "ratio": round(served["served"]["images_per_s"] / raw["raw"]["images_per_s"], 4)},
+            "overhead_per_image_ms": {"concurrency": first["concurrency"], **{
+                key: round(first["served"][f"{key}_ms"] - first["raw"][f"{key}_ms"], 3) for key in ("p50", "mean")}}}
 
 
 def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
@@ -237,15 +230,14 @@ def comparison_row(report: dict[str, Any]) -> dict[str, Any]:
 def run_comparison(args: argparse.Namespace, repositories: Sequence[Path], out: Path,
                    log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """`cxrlt bench --compare`: the sweep on each repository in turn (one server at a time: they never share the cores)."""
-    reports = []
+    rows, paths = [], []
     for index, repo in enumerate(repositories):
         log(f"[{index + 1}/{len(repositories)}] {repo}")
         one = argparse.Namespace(**{**vars(args), "repo": Path(repo)})
         report = run_bench(one, out / f"tritonserver-{index}.log", log=lambda message, i=index: log(f"[{i + 1}] {message}"))
-        write_json(report, out / f"bench-{index}.json")
-        reports.append(report)
-    return {"model": args.model, "rows": [comparison_row(r) for r in reports], "reports": [str(out / f"bench-{i}.json")
-                                                                                          for i in range(len(reports))]}
+        paths.append(str(write_json(report, out / f"bench-{index}.json")))
+        rows.append(comparison_row(report))
+    return {"model": args.model, "rows": rows, "reports": paths}
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
@@ -318,11 +310,6 @@ def gpu_run(args: argparse.Namespace, log: Callable[[str], None] = lambda messag
         loadtest = run_loadtest(LoadTestConfig(url=url, users=args.users, spawn_rate=float(args.users),
                                                duration_s=args.duration_s, out=args.out / "loadtest", image_set=args.image_set,
                                                metrics_url=metrics_url))
-    return _gpu_report(args, repo, benches, loadtest, files)
-
-
-def _gpu_report(args: argparse.Namespace, repo: Path, benches: dict[str, Any], loadtest: dict[str, Any],
-                files: dict[str, str]) -> dict[str, Any]:
     models = {model: gpu_model_figures(bench) for model, bench in benches.items()}
     providers = benches[FINDINGS_MODEL]["execution_providers"]  # its raw side holds every network's session
     first = {sessions[0] for sessions in providers["raw_sessions"].values() if sessions}
@@ -333,8 +320,7 @@ def _gpu_report(args: argparse.Namespace, repo: Path, benches: dict[str, Any], l
         "url": args.url or "embedded (started by this run)", "image_set": args.image_set,
         "sweep": {"concurrency": {model: [row["concurrency"] for row in bench["sweep"]] for model, bench in benches.items()},
                   "requests_per_point": args.requests},
-        "models": models, "execution_provider": provider,
-        "preprocessing_ms": benches[CLASSIFIER_MODEL]["preprocessing_ms"],
+        "models": models, "execution_provider": provider, "preprocessing_ms": benches[CLASSIFIER_MODEL]["preprocessing_ms"],
         "loadtest": {"users": args.users, "duration_s": args.duration_s, "passed": loadtest["passed"],
                      "models": {model: {key: figures.get(key) for key in ("requests", "failures", "rps", "p50_ms", "p95_ms")}
                                 for model, figures in loadtest["locust"]["models"].items()}},
