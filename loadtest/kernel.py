@@ -1,6 +1,5 @@
-"""The load-test kernel (loadtest/README.md): the images sent, requests (`request_bytes`, `Served`, `drive`),
-measurements and checks, the server's process tree, the loopback rule, the server a run starts or finds,
-and output (JSON, figures)."""
+"""The load-test kernel (loadtest/README.md): the images sent, requests (`request_bytes`, `Served`, `drive`), measurements and
+checks, the server's process tree, the loopback rule, the server a run starts or finds, and output (JSON, figures)."""
 
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ from tritonclient.grpc import InferenceServerClient, InferResult, service_pb2
 
 from cxrlt.client import CxrltClient
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
-from cxrlt.server.launcher import TritonServer, free_port, is_loopback
+from cxrlt.io.synthetic import synthetic_radiographs
+from cxrlt.server.launcher import Endpoints, TritonServer, free_port, is_loopback
 
 PROC, SHM, MIB = Path("/proc"), Path("/dev/shm"), 1024 * 1024
 SATURATION_GROWTH = 0.05  # a closed loop has saturated at a level not more than 5 % above the best lower one
@@ -69,11 +69,9 @@ def load_payloads(image_set: str = "all") -> tuple[Payload, ...]:
                 raise RuntimeError(f"the real chest X-ray is unavailable ({exc}); install the dev extra (pydicom-data)") from exc
             logging.getLogger(__name__).warning("real chest X-ray unavailable (%s); sending the synthetic radiographs only", exc)
     if image_set in ("all", "synthetic"):
-        from cxrlt.io.synthetic import synthetic_radiographs
-
-        for projection, pixels in synthetic_radiographs().items():
-            payloads.append(Payload(f"synthetic_{projection}", np.ascontiguousarray(pixels, dtype=np.uint16),
-                                    {"frontal": "PA", "lateral": "LL"}[projection]))
+        hints = {"frontal": "PA", "lateral": "LL"}
+        payloads += [Payload(f"synthetic_{projection}", np.ascontiguousarray(pixels, dtype=np.uint16), hints[projection])
+                     for projection, pixels in synthetic_radiographs().items()]
     return tuple(payloads)
 
 
@@ -283,9 +281,8 @@ def cpu_used(before: Sequence[float | None], root: int | None) -> list[float | N
 
 def cpu_figures(cpu_s: Sequence[float | None], wall_s: float, images: int) -> dict[str, float | None]:
     """Cores used over `wall_s` and CPU ms per image of this process ("client") and the server's tree (None: unknown)."""
-    return {f"{who}_{figure}": None if seconds is None or not over else round(scale * seconds / over, 3)
-            for who, seconds in zip(("client", "server"), cpu_s)
-            for figure, scale, over in (("cores", 1, wall_s), ("ms_per_image", 1000, images))}
+    return {f"{who}_{figure}": None if seconds is None or not over else round(scale * seconds / over, 3) for who, seconds in
+            zip(("client", "server"), cpu_s) for figure, scale, over in (("cores", 1, wall_s), ("ms_per_image", 1000, images))}
 
 
 def load_average() -> list[float]:
@@ -308,8 +305,7 @@ def require_loopback(url: str, why: str) -> str:
 
 def default_metrics_url(grpc_url: str) -> str:
     """Triton's default metrics URL (port 8002) on the gRPC endpoint's host."""
-    host = address(grpc_url).hostname or "127.0.0.1"
-    return f"http://{f'[{host}]' if ':' in host else host}:8002/metrics"
+    return Endpoints(address(grpc_url).hostname or "127.0.0.1", grpc_port=8001, http_port=8000, metrics_port=8002).metrics
 
 
 def listening_pid(url: str) -> int | None:
