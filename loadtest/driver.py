@@ -74,12 +74,10 @@ def run(args: argparse.Namespace, mode: str, server_log: Path | None = None,
         metrics_url = getattr(args, "metrics_url", None) or metrics_url
         report = (_stress if stress else _soak)(args, url, metrics_url, pid, payloads, log)
         report["health_after"] = server_health(url, models, pid)
-    report.update({
-        "url": url, "server_pid": pid, "repository": str(args.repo) if args.repo else None, "started_at": started_at,
-        "server": f"started by cxrlt {mode}" if args.url is None else "given (--url)",
-        "images": images_json(payloads, args.hints),
-        "load_average": {"before": before, "after": load_average()}, "cpus": os.cpu_count(),
-    })
+    report.update(url=url, server_pid=pid, repository=str(args.repo) if args.repo else None, started_at=started_at,
+                  server=f"started by cxrlt {mode}" if args.url is None else "given (--url)",
+                  images=images_json(payloads, args.hints), load_average={"before": before, "after": load_average()},
+                  cpus=os.cpu_count())
     checks = (stress_checks if stress else soak_checks)(report)
     unmet = {kind: [c["name"] for c in checks if c["kind"] == kind and not c["passed"]] for kind in ("target", "check")}
     return {**report, **verdicts(checks), "missed_targets": unmet["target"], "failed_checks": unmet["check"]}
@@ -249,20 +247,17 @@ async def storm(args: argparse.Namespace, url: str, payloads: Sequence[Payload],
             done.set()
             await watcher
     in_window, answers = [ms for at, ms in admitted if at <= window], [ms for _, ms in live if ms is not None]
-    return {
-        "rate_offered": round(rate, 3), "arrivals": args.arrivals, "duration_s": round(window, 3),
-        "scheduled": len(times), "sent": sent, "not_sent_at_max_in_flight": not_sent,
-        "rate_sent": round(sent / window, 3) if window > 0 else None,
-        "send_lag": figures(send_lag_ms),  # how far behind its schedule the client sent
-        "admitted": len(admitted), "admitted_in_storm": len(in_window),
+    return {  # send_lag: how far behind its schedule the client sent
+        "rate_offered": round(rate, 3), "arrivals": args.arrivals, "duration_s": round(window, 3), "scheduled": len(times),
+        "sent": sent, "not_sent_at_max_in_flight": not_sent, "rate_sent": round(sent / window, 3) if window > 0 else None,
+        "send_lag": figures(send_lag_ms), "admitted": len(admitted), "admitted_in_storm": len(in_window),
         "goodput_images_per_s": round(len(in_window) / window, 3) if window > 0 else 0.0,
         "admitted_latency": figures([ms for _, ms in admitted]), "rejected": refusals.to_json(),
         "live_probes": {"asked": len(live), "unanswered": len(live) - len(answers),
                         **{k.replace("_ms", "_answer_ms"): v for k, v in figures(answers).items()}},
         "cpu": {**cpu_figures(cpu_s, window, len(in_window)), "cores": os.cpu_count(),
                 "machine_busy_share": round(busy_pct / 100, 3)},
-        "recovery": recovery,
-    }
+        "recovery": recovery}
 
 
 async def recover(args: argparse.Namespace, served: Served, payloads: Sequence[Payload], parity: Parity,

@@ -1,9 +1,8 @@
-"""Locust load test of the served CXR-LT pipeline over gRPC (Triton's ModelInfer), which `cxrlt loadtest` runs
-and adds Triton's metrics and target checks to (loadtest/README.md, "Load test"). Every call fires a locust
-request event (request_type "grpc", name = the model); each image's request is serialised once per process,
-at locust's init event. Custom options also read environment variables (LOCUST_CLASSIFIER_WEIGHT=3); with
---figures-json, the final figures are written from locust's own stats as it exits.
-"""
+"""Locust load test of the served CXR-LT pipeline over gRPC (Triton's ModelInfer), which `cxrlt loadtest` runs and adds Triton's
+metrics and target checks to (loadtest/README.md, "Load test"). Every call fires a locust request event (request_type "grpc",
+name = the model); each image's request is serialised once per process, at locust's init event. Custom options also read
+environment variables (LOCUST_CLASSIFIER_WEIGHT=3); with --figures-json, the final figures are written from locust's own stats
+as it exits."""
 
 from __future__ import annotations
 

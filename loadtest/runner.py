@@ -1,6 +1,5 @@
-"""`cxrlt loadtest`: locust headless (a subprocess: locust patches its interpreter for gevent) against a
-Triton server, Triton's metrics scraped around it, the targets of a profile file (loadtest/README.md, "Load
-test") checked, `report.json` written."""
+"""`cxrlt loadtest`: locust headless (a subprocess: locust patches its interpreter for gevent) against a Triton server, Triton's
+metrics scraped around it, the targets of a profile file (loadtest/README.md, "Load test") checked, `report.json` written."""
 
 from __future__ import annotations
 
@@ -117,20 +116,16 @@ def require_locust() -> None:
 
 
 def locust_command(config: LoadTestConfig) -> list[str]:
-    command = [
-        sys.executable, "-m", "locust", "-f", str(package_file("loadtest", "locustfile.py")), "--headless",
-        "--host", f"grpc://{config.url}", "-u", str(config.users), "-r", f"{config.spawn_rate:g}",
-        "-t", f"{max(1, math.ceil(config.duration_s))}s", "--csv", str(config.out / "locust"),
-        "--html", str(config.out / "report.html"), "--only-summary", "--exit-code-on-error", "0", "--loglevel", "INFO",
-        *(arg for model in MODELS for arg in (f"--{model.removeprefix('cxr_')}-weight", str(config.weights.get(model, 0)))),
-        "--image-set", config.image_set, "--request-timeout", f"{config.request_timeout_s:g}",
-        "--figures-json", str(config.out / "figures.json"),
-    ]
-    command += ["--no-hints"] * (not config.send_hints) + ["--ssl"] * bool(config.tls.get("ssl"))
-    for name in ("root_certificates", "private_key", "certificate_chain"):
-        if config.tls.get(name):
-            command += [f"--{name.replace('_', '-')}", str(config.tls[name])]
-    return command
+    weights = [arg for model in MODELS for arg in (f"--{model.removeprefix('cxr_')}-weight", str(config.weights.get(model, 0)))]
+    tls_files = [arg for name in ("root_certificates", "private_key", "certificate_chain") if config.tls.get(name)
+                 for arg in (f"--{name.replace('_', '-')}", str(config.tls[name]))]
+    return [sys.executable, "-m", "locust", "-f", str(package_file("loadtest", "locustfile.py")), "--headless",
+            "--host", f"grpc://{config.url}", "-u", str(config.users), "-r", f"{config.spawn_rate:g}",
+            "-t", f"{max(1, math.ceil(config.duration_s))}s", "--csv", str(config.out / "locust"),
+            "--html", str(config.out / "report.html"), "--only-summary", "--exit-code-on-error", "0", "--loglevel", "INFO",
+            *weights, "--image-set", config.image_set, "--request-timeout", f"{config.request_timeout_s:g}",
+            "--figures-json", str(config.out / "figures.json"), *["--no-hints"] * (not config.send_hints),
+            *["--ssl"] * bool(config.tls.get("ssl")), *tls_files]
 
 
 def run_locust(config: LoadTestConfig) -> dict[str, Any]:
@@ -167,13 +162,11 @@ def run_loadtest(config: LoadTestConfig) -> dict[str, Any]:
                                                   "request_timeout_s")}
     report = {
         "url": config.url, "metrics_url": config.metrics_url, "profile": config.profile,
-        "load": {**load, "locust_wall_s": round(wall_s, 2)},
-        "locust": figures,
+        "load": {**load, "locust_wall_s": round(wall_s, 2)}, "locust": figures,
         "triton": None if delta is None else {"models": breakdown_json(delta)}, "triton_error": counters.error,
         "targets": config.targets, **verdicts(check_targets(config.targets, aggregated, per_model)),
         "files": {"stats_csv": str(out / "locust_stats.csv"), "failures_csv": str(out / "locust_failures.csv"),
                   "figures": str(out / "figures.json"), "html": str(out / "report.html"), "locust_log": str(out / "locust.log"),
-                  "report": str(report_path)},
-    }
+                  "report": str(report_path)}}
     write_json(report, report_path)
     return report
