@@ -34,13 +34,11 @@ from loadtest.metrics import Counters, breakdown_json
 REASONS = ("queue_full", "queue_timeout", "other")
 QUEUE_MESSAGES = dict(zip(REASONS, OVERLOAD_MESSAGES))  # reason -> the queue policy's message, lower case
 PARITY_TOLERANCE = 1e-4  # max |difference| from the reference pipeline's probabilities
-STRESS_TARGETS = {
-    "max_rejection_p95_ms": 50.0,  # overload is refused fast
-    "max_admitted_p95_factor": 2.0,  # admitted p95 <= this x the p95 at saturation
-    "min_goodput_share": 0.9,  # admitted throughput >= this x the saturation throughput
-    "recovery_factor": 1.5,  # recovered: p50 at concurrency 1 <= this x the unloaded p50 ...
-    "max_recovery_s": 5.0,  # ... within this many seconds after the storm
-}
+STRESS_TARGETS = {"max_rejection_p95_ms": 50.0,  # overload is refused fast
+                  "max_admitted_p95_factor": 2.0,  # admitted p95 <= this x the p95 at saturation
+                  "min_goodput_share": 0.9,  # admitted throughput >= this x the saturation throughput
+                  "recovery_factor": 1.5,  # recovered: p50 at concurrency 1 <= this x the unloaded p50 ...
+                  "max_recovery_s": 5.0}  # ... within this many seconds after the storm
 SERIES = ("rss_bytes", "rss_anon_bytes", "fds", "shm_files", "shm_bytes")  # the soak's sampled series, their growth fitted
 
 
@@ -302,8 +300,7 @@ def stress_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         check("recovery", recovery["recovered"] and recovery["seconds"] <= t["max_recovery_s"], "recovery (p50 at concurrency 1)",
               fmt(recovery["seconds"], ".2f", "s") if recovery["recovered"] else f"not in {recovery['gave_up_after_s']:g} s",
               f"<= {t['max_recovery_s']:g} s to p50 <= {t['recovery_factor']:g} x unloaded = "
-              f"{recovery['threshold_p50_ms']:.0f} ms",
-              recovery["seconds"], "target"),
+              f"{recovery['threshold_p50_ms']:.0f} ms", recovery["seconds"], "target"),
         check("wrong_responses", parity["wrong"] == 0, f"wrong answers (of {parity['responses_checked']})",
               f"{parity['wrong']} (max |diff| {parity['max_abs_diff']:.1e})", f"0 (|diff| <= {parity['tolerance']:g})",
               parity["wrong"]),
@@ -349,12 +346,10 @@ def growth(metric: str, requests: Sequence[int], values: Sequence[float], warmup
     slope, intercept, _ = _slope(x, y)
     start_fit, end_fit = float(slope * x[0] + intercept), float(slope * x[-1] + intercept)
     half, window = len(x) // 2, max(1, min(5, len(x) // 4))
-    later = _slope(x[half:], y[half:]) if len(x) - half >= 3 else (None, None, None)
+    later = [1000.0 * value for value in _slope(x[half:], y[half:])] if len(x) - half >= 3 else [None] * 3  # per 1,000 requests
     figures = {"at_start": float(y_all[0]), "after_warmup": float(y[0]), "end": float(y[-1]), "fitted_after_warmup": start_fit,
                "fitted_end": end_fit, "growth_pct": 100.0 * (end_fit - start_fit) / start_fit if start_fit > 0 else None,
-               "slope_per_1000": 1000.0 * slope,
-               "slope_per_1000_later_half": None if later[0] is None else 1000.0 * later[0],
-               "later_half_stderr_per_1000": None if later[2] is None else 1000.0 * later[2],
+               "slope_per_1000": 1000.0 * slope, "slope_per_1000_later_half": later[0], "later_half_stderr_per_1000": later[2],
                "level_growth": float(np.median(y[-window:]) - np.median(y[:window]))}
     return {"metric": metric, "samples": int(len(x)), **{k: v if v is None else round(v, 6) for k, v in figures.items()}}
 
@@ -427,16 +422,14 @@ def _soak(args: argparse.Namespace, url: str, metrics_url: str, pid: int | None,
         series, not_measured = {}, str(exc)
     load = {key: getattr(args, key) for key in ("requests", "warmup", "sample_every", "concurrency", "image_set", "hints",
                                                 "timeout_s", "time_limit_s")}
-    return {
-        "load": {**load, "models": list(MODELS)}, "requests_completed": done, "wall_s": round(wall_s, 2), "stopped": stopped,
-        "not_measured": not_measured, "requests_per_s": round(done / wall_s, 3) if wall_s > 0 else None,
-        "latency": figures(latencies), "sent": dict(collections.Counter(m for m, _ in outcomes)),
-        "failed": dict(collections.Counter(m for m, _ in failed)),
-        "errors": dict(collections.Counter(f"{m}: {e}" for m, e in failed).most_common(10)),
-        "growth": series, "samples": samples, "targets": {"max_rss_growth_pct": args.max_rss_growth_pct, "max_failures": 0,
-                                                          "max_rss_slope_mib_per_1000": args.max_rss_slope_mib,
-                                                          "max_fd_growth": 0, "max_shm_file_growth": 0},
-    }
+    return {"load": {**load, "models": list(MODELS)}, "requests_completed": done, "wall_s": round(wall_s, 2), "stopped": stopped,
+            "not_measured": not_measured, "requests_per_s": round(done / wall_s, 3) if wall_s > 0 else None,
+            "latency": figures(latencies), "sent": dict(collections.Counter(m for m, _ in outcomes)),
+            "failed": dict(collections.Counter(m for m, _ in failed)),
+            "errors": dict(collections.Counter(f"{m}: {e}" for m, e in failed).most_common(10)), "growth": series,
+            "samples": samples, "targets": {"max_rss_growth_pct": args.max_rss_growth_pct, "max_failures": 0,
+                                            "max_rss_slope_mib_per_1000": args.max_rss_slope_mib, "max_fd_growth": 0,
+                                            "max_shm_file_growth": 0}}
 
 
 def soak_checks(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -101,8 +101,7 @@ def breakdown_json(delta: pd.DataFrame) -> dict[str, dict[str, Any]]:
 def member_calls_per_image(rows: pd.DataFrame, entry_model: str) -> dict[str, Any]:
     """The network models' requests (BLS calls) and executions per image `entry_model` classified: one call
     per member and image unless the BLS stacks images; executions also count what the batcher merged."""
-    images = rows.inferences.get(entry_model, 0)
-    networks = rows[~rows.index.isin(MODELS)]
+    images, networks = rows.inferences.get(entry_model, 0), rows[~rows.index.isin(MODELS)]
     if images <= 0:
         return dict.fromkeys(("member_requests_per_image", "member_executions_per_image", "requests_per_image_by_network"))
     return {"member_requests_per_image": round(networks.requests.sum() / images, 3),
