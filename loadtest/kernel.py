@@ -26,7 +26,7 @@ import pandas as pd
 import psutil
 from tritonclient.grpc import InferenceServerClient, InferResult, service_pb2
 
-from cxrlt.client import CxrltClient
+from cxrlt.client.sdk import ROUTED_MODELS, CxrltClient
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 from cxrlt.io.synthetic import synthetic_radiographs
 from cxrlt.server.launcher import Endpoints, TritonServer, free_port, is_loopback
@@ -35,7 +35,6 @@ PROC, SHM, MIB = Path("/proc"), Path("/dev/shm"), 1024 * 1024
 SATURATION_GROWTH = 0.05  # a closed loop has saturated at a level not more than 5 % above the best lower one
 IMAGE_SETS = ("all", "real", "synthetic")
 MODELS = (CLASSIFIER_MODEL, ZEROSHOT_MODEL, FINDINGS_MODEL)
-HINTED_MODELS = frozenset({CLASSIFIER_MODEL, FINDINGS_MODEL})  # cxr_zeroshot takes no PROJECTION_HINT
 RSS_KEYS = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes", "RssShmem": "rss_shmem_bytes"}
 GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
@@ -81,10 +80,10 @@ def request_bytes(payload: Payload, model: str, send_hint: bool = True) -> bytes
     request = service_pb2.ModelInferRequest(model_name=model)
     request.inputs.add(name="IMAGE", datatype="UINT16", shape=[1, *payload.pixels.shape])
     request.raw_input_contents.append(np.ascontiguousarray(payload.pixels, dtype="<u2").tobytes())
-    if send_hint and payload.hint and model in HINTED_MODELS:
+    if send_hint and payload.hint and model in ROUTED_MODELS:
         request.inputs.add(name="PROJECTION_HINT", datatype="BYTES", shape=[1, 1])
         request.raw_input_contents.append(struct.pack("<I", len(payload.hint)) + payload.hint.encode())  # length, bytes
-    for name in ["PROBABILITIES"] + ["PROJECTION"] * (model != ZEROSHOT_MODEL):
+    for name in ["PROBABILITIES"] + ["PROJECTION"] * (model in ROUTED_MODELS):
         request.outputs.add(name=name)
     return request.SerializeToString()
 
@@ -148,11 +147,10 @@ def drive(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: in
         return latencies
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench") as workers:
-        futures = [workers.submit(worker, i) for i in range(concurrency)]
+        results = workers.map(worker, range(concurrency))  # submitted at once, each waiting at the gate
         start_gate.wait()
         began = time.perf_counter()
-        latencies = [x for f in futures for x in f.result()]
-        return latencies, time.perf_counter() - began
+        return [x for latencies in results for x in latencies], time.perf_counter() - began
 
 
 def measure_level(call: Callable[[int, Any], Any], items: Sequence[Any], concurrency: int, total: int, warmup: int,

@@ -22,11 +22,10 @@ from locust import User, constant, events  # noqa: E402
 from locust.runners import MasterRunner  # noqa: E402
 from locust.stats import RequestStats, StatsEntry, StatsError  # noqa: E402
 
-from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL  # noqa: E402
+from cxrlt.client.sdk import MODEL_LABELS  # noqa: E402
 from loadtest.kernel import (GRPC_OPTIONS, IMAGE_SETS, MODELS, Payload, address, error_text, load_payloads,  # noqa: E402
                              model_infer, probabilities, request_bytes)
 
-OUTPUT_WIDTH = {CLASSIFIER_MODEL: 30, ZEROSHOT_MODEL: 6, FINDINGS_MODEL: 36}
 TLS_FILES = ("root_certificates", "private_key", "certificate_chain")
 REQUESTS: dict[tuple[str, str], bytes] = {}  # (image name, model) -> its serialised request
 
@@ -114,8 +113,8 @@ class CxrGrpcUser(User):
         length, exception, start = 0, None, time.perf_counter()
         try:
             response = model_infer(self.channel)(REQUESTS[payload.name, model], timeout=self.timeout_s)
-            if (shape := probabilities(response).shape) != (1, OUTPUT_WIDTH[model]):
-                raise RuntimeError(f"{model} returned PROBABILITIES of shape {shape}, expected (1, {OUTPUT_WIDTH[model]})")
+            if (shape := probabilities(response).shape) != (expected := (1, len(MODEL_LABELS[model]))):
+                raise RuntimeError(f"{model} returned PROBABILITIES of shape {shape}, expected {expected}")
             length = response.ByteSize()
         except Exception as exc:  # noqa: BLE001 - every failure is a failed request in the report
             exception = GrpcCallError("%s: %s" % error_text(exc))

@@ -73,7 +73,7 @@ DEFAULT_URL = "127.0.0.1:8001"
 MODEL_LABELS: dict[str, tuple[str, ...]] = {FINDINGS_MODEL: ALL_LABELS, CLASSIFIER_MODEL: TASK1_LABELS,
                                              ZEROSHOT_MODEL: TASK2_LABELS}
 # Models that take PROJECTION_HINT and return PROJECTION / PROJECTION_SCORE.
-_ROUTED_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL)
+ROUTED_MODELS = (FINDINGS_MODEL, CLASSIFIER_MODEL)
 
 _START_HINT = "start one with `cxrlt serve --repo DIR` (or try `cxrlt demo`)"
 # A served config parameter that names the repository outright (when the builder writes one).
@@ -614,7 +614,7 @@ class AsyncCxrltClient:
             region.attach(image_input, pixels[None])
         inputs = [image_input]
         hint = None if hint is None or not str(hint).strip() else str(hint)
-        if hint is not None and self.model in _ROUTED_MODELS:
+        if hint is not None and self.model in ROUTED_MODELS:
             hint_input = self._grpcclient.InferInput("PROJECTION_HINT", [1, 1], "BYTES")
             hint_input.set_data_from_numpy(np.array([[hint.encode("utf-8")]], dtype=np.object_))
             inputs.append(hint_input)
@@ -625,7 +625,7 @@ class AsyncCxrltClient:
         return inputs, hint
 
     def _outputs(self, info: ModelInfo) -> list[Any]:
-        names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in _ROUTED_MODELS else ["PROBABILITIES"]
+        names = ["PROBABILITIES", "PROJECTION", "PROJECTION_SCORE"] if self.model in ROUTED_MODELS else ["PROBABILITIES"]
         if info.decides and info.operating_points is not None:
             names += ["DECISIONS", "CALIBRATED_PROBABILITIES"]
         if info.ood_scored:
@@ -650,7 +650,7 @@ class AsyncCxrltClient:
         return ModelInfo(
             name=self.model,
             labels=self.labels,
-            accepts_hint=self.model in _ROUTED_MODELS,
+            accepts_hint=self.model in ROUTED_MODELS,
             trust_hint=_flag(own_config if "trust_hint" in own_config else served.get(CLASSIFIER_MODEL, {}), "trust_hint"),
             random_weights=self._random_weights_override or any(_flag(p, "random_weights") for p in own),
             input_size=max(sizes, default=None),
