@@ -17,7 +17,7 @@ import pytest
 
 from cxrlt.contract.releases import read_release
 from cxrlt.server.launcher import free_port
-from tests.serve_process import Serve
+from tests.serve_process import Serve, stop_later
 from tests.test_dicom_node import NODE_AET, Node, sample_file, store, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +43,7 @@ def server(repository):
         served.wait_ready()
         yield served
     finally:
-        served.stop()
+        stop_later(served.stop)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,9 @@ class _SrReceiver:
         self.server.shutdown()
 
 
+LOCUST_S = 50  # the load lasts past the last switch (asserted): about 35 s in on 2 cores
+
+
 def _locust(url: str, out: Path, seconds: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cxrlt", "loadtest", "--url", url, "--users", "2", "--spawn-rate", "2",
                              "--duration-s", f"{seconds}s", "--no-metrics", "--out", str(out), "--json", str(out / "report.json")],
@@ -120,7 +123,7 @@ def test_shadow_canary_promote_and_rollback_under_locust_fail_no_request(server,
 
     receiver = _SrReceiver(tmp_path / "pacs")
     node = Node(tmp_path / "spool", server, "--destination", f"PACS@127.0.0.1:{receiver.port}")
-    locust = _locust(server.url, tmp_path / "locust", 75)
+    locust, locust_started = _locust(server.url, tmp_path / "locust", LOCUST_S), time.monotonic()
     release = ["release", "--repo", repository, "--url", server.url]
     identities = {n: read_release(repository, n)["repository_sha256"] for n in (1, 2)}
     image_file = sample_file("RG1_UNCR.dcm")
@@ -166,7 +169,8 @@ def test_shadow_canary_promote_and_rollback_under_locust_fail_no_request(server,
             rollback_s = time.monotonic() - started
             assert result.release == 1 and rollback_s < 60
             _assert_reference(result, references, real_cxr)
-            print(f"rollback took {rollback_s:.1f} s")
+            print(f"rollback took {rollback_s:.1f} s, {time.monotonic() - locust_started:.0f} s into the load")
+            assert locust.poll() is None, f"locust ended before the rollback: raise LOCUST_S ({LOCUST_S} s)"
         assert store(node.port, NODE_AET, image_file) == [0]
         wait_for(lambda: len(receiver.received) >= 2, 60, "the node's SR under release 1")
         releases = [read_sr_release(path) for path in receiver.received]

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -130,11 +131,18 @@ class ReleaseControl:
         applied = []
         if self.url:
             self._load_networks(plan)
-            for model, config in self.configs().items():
+
+            def reload(model: str, config: dict[str, Any]) -> None:
                 params = config.setdefault("parameters", {})
                 params.update({k: {"string_value": v} for k, v in self._parameters(model, plan, switched=True).items()})
                 self._call(f"reload {model}", lambda: self.client().load_model(model, config=json.dumps(config), headers=self.headers,
                                                                                  client_timeout=self.timeout_s))
+
+            # Side by side: Triton's Python backend sleeps 1 s per instance as it unloads one, so models
+            # reloaded in turn would add those seconds up (and leave the models on different plans longer).
+            configs = self.configs()
+            with ThreadPoolExecutor(len(configs)) as reloads:
+                list(reloads.map(reload, configs, configs.values()))
             applied.append(f"server {self.url}")
         seconds = time.monotonic() - started
         if self.save:
