@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cxrlt.server.launcher import TritonServer, free_port
+from tests.serve_process import Serve, stop_later, wait_for_stops
 
 SERVER_FIXTURES = {"triton_server", "serve"}
 
@@ -87,8 +88,6 @@ def triton_server(tiny_repository, tmp_path_factory):
 @pytest.fixture
 def serve(tiny_repository):
     """Start `cxrlt serve ARGS` on the tiny repository (own ports); every one started is stopped."""
-    from tests.serve_process import Serve
-
     started: list[Serve] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Serve:
@@ -99,7 +98,15 @@ def serve(tiny_repository):
 
     yield start
     for server in started:
-        server.stop()
+        stop_later(server.stop)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _servers_stopped():
+    """Every server whose stop a test began in the background has stopped when the session ends."""
+    yield
+    still_running = wait_for_stops()
+    assert not still_running, f"{len(still_running)} test server(s) did not stop"
 
 
 @pytest.fixture(scope="session")

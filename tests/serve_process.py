@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from cxrlt.server.launcher import free_port
 
@@ -82,3 +83,23 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+_stopping: list[threading.Thread] = []
+
+
+def stop_later(stop: Callable[[], object]) -> None:
+    """Begin a server's stop (`stop`, which stops it by PID) and go on without waiting for it: as Triton
+    unloads a Python-backend model it sleeps 1 s per instance, some seconds no later test needs to wait
+    out. The session waits for every stop begun here before it ends (`wait_for_stops`)."""
+    thread = threading.Thread(target=stop, name="stopping a test server")
+    thread.start()
+    _stopping.append(thread)
+
+
+def wait_for_stops(timeout: float = 120) -> list[str]:
+    """Wait for the stops `stop_later` began; the names of those still running after `timeout`."""
+    deadline = time.monotonic() + timeout
+    for thread in _stopping:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [thread.name for thread in _stopping if thread.is_alive()]

@@ -26,7 +26,7 @@ import pytest
 
 from cxrlt.server.launcher import ServerError, check_ports_free, free_port
 from tests.orthanc import MODALITY_AET, Orthanc, orthanc_binary, terminate
-from tests.serve_process import Serve
+from tests.serve_process import Serve, stop_later
 
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
@@ -318,7 +318,7 @@ def backend(tiny_repository):
     server = Backend(tiny_repository)
     server.start()
     yield server
-    server.stop()
+    stop_later(server.stop)
 
 
 @pytest.fixture(scope="module")

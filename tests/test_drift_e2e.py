@@ -33,6 +33,7 @@ from cxrlt.contract.releases import release_dir
 from cxrlt.contract.served import CLASSIFIER_MODEL, PIPELINE_MODELS
 from cxrlt.server.cluster import HOST, _binary, _http_ok, _wait, prometheus_config
 from cxrlt.server.launcher import TritonServer, free_port
+from tests.serve_process import stop_later
 
 IMAGES_PER_SECOND = 60  # the paced traffic the rules are sized for: a window of 4 s
 WINDOW_IMAGES = 240
@@ -129,7 +130,7 @@ def stack(tiny_repository, cxrlt, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 prometheus.kill()
                 prometheus.wait()
-        server.stop()
+        stop_later(server.stop)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from cxrlt.client import CxrltClient, ServerUnavailable
 from cxrlt.client.health import check_health
 from cxrlt.server.launcher import check_ports_free, free_port
 from cxrlt.server.watchdog import stubs_of
-from tests.serve_process import running
+from tests.serve_process import running, stop_later
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def watched(tiny_repository):
         server.wait_ready()
         yield server
     finally:
-        server.stop()
+        stop_later(server.stop)
 
 
 def _http_ready(port: int) -> int:

@@ -33,6 +33,7 @@ from cxrlt.client.sdk import (
 from cxrlt.contract.labels import TASK1_LABELS
 from cxrlt.io.atomic import atomic_path, write_text_atomic
 from cxrlt.server.launcher import free_port
+from tests.serve_process import stop_later
 
 QUEUE_FULL = "Exceeds maximum queue size"
 
@@ -382,7 +383,7 @@ def tiny_queue_server(tiny_repository, tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        stop_later(server.stop)
 
 
 def _burst(url: str, image: np.ndarray, n: int, **options) -> list:

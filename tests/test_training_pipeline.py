@@ -30,6 +30,7 @@ from cxrlt.contract.manifest import read_manifest
 from cxrlt.contract.model_config import config_parameters
 from networks.checkpoints import checkpoint_path, read_state_dict
 from training.recipes import list_recipes
+from tests.serve_process import stop_later
 
 N_IMAGES = 600
 # Epochs of the shared run. Recipes not listed run their YAML's epochs; the router and CLIP
@@ -302,7 +303,7 @@ def server(repo, tmp_path_factory):
                           log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
     triton.start(timeout=300)
     yield triton
-    triton.stop()
+    stop_later(triton.stop)
 
 
 def test_repository_serves_the_trained_checkpoints(repo, trained):

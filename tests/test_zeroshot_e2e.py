@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -39,8 +40,8 @@ def repository(triton_server, grpc_client):
         shutil.rmtree(repo / model)
         shutil.move(backup / model, repo / model)
     (repo / "clip_image_encoder" / "1" / "encoder.json").write_text(encoder_record)
-    for model in PIPELINE_MODELS:
-        grpc_client.load_model(model)
+    with ThreadPoolExecutor(len(PIPELINE_MODELS)) as reloads:  # side by side: each unload sleeps 1 s per instance
+        list(reloads.map(grpc_client.load_model, PIPELINE_MODELS))
 
 
 def test_served_zeroshot_equals_open_clip_reference(grpc_client, triton_server, real_cxr, synthetic_cxrs):
