@@ -38,9 +38,11 @@ from python_backends.in_process import member_execution
 from python_backends.tasks import CLASSIFIER_TASK, ZEROSHOT_TASK, task_parameters
 from python_backends.zeroshot import ENCODER_MODEL, ZeroShotSettings
 
+from exporters.execution_default import default_settings, next_setting
 from exporters.model_configs import TEMPLATES, parameters_block, queue_policy_block, render
 from exporters.onnx_export import check_parity, export_onnx
-from exporters.precision import PROVIDER_PRECISIONS, Execution, ParityData, ParityLimits, check_execution, is_reference
+from exporters.precision import (PROVIDER_PRECISIONS, Execution, ParityData, ParityLimits, PrecisionRefused, check_execution,
+                                 is_reference)
 from exporters.releases import IDENTITY_PARAMETER, release_number, repository_identity, update_release
 from exporters.torchscript_export import check_torchscript_parity, export_torchscript
 
@@ -74,7 +76,12 @@ class BuildOptions:
     # "openvino": the openvino package runs the ONNX files (python_backends.openvino_runner); on the
     # ngc target, Triton's openvino backend
     execution_provider: str = "auto"
-    precision: str = "fp32"  # fp32, bf16 (openvino) or int8 (NNCF post-training quantization): exporters.precision
+    # fp32, bf16 (openvino) or int8 (NNCF post-training quantization): exporters.precision. None:
+    # fp32 for a named provider; with "auto", this host's fastest setting that passes the parity
+    # gate (exporters.execution_default), resolved here so the build sees a concrete one
+    precision: str | None = None
+    fallbacks: tuple[tuple[str, str], ...] = ()  # auto's slower settings, tried in turn when the gate refuses
+    execution_choice: dict[str, Any] | None = None  # how auto chose (the manifest's execution record); None: as asked
     parity_data: ParityData | None = None  # validation (and calibration) images of the parity gate; None: built-in ones
     parity_limits: ParityLimits = dataclasses.field(default_factory=ParityLimits)
     tensorrt: bool = False
@@ -99,6 +106,11 @@ class BuildOptions:
         member_execution(self.member_execution)
         if self.ood_action not in ("refuse", "flag"):
             raise ValueError(f"ood_action must be refuse or flag, not {self.ood_action!r}")
+        if self.precision is None and self.execution_provider == "auto":
+            settings, self.execution_choice = default_settings(self.profile, self.target, self.engine)
+            (self.execution_provider, self.precision), *slower = settings
+            self.fallbacks = tuple(slower)
+        self.precision = self.precision or "fp32"
         check_execution(self.execution_provider, self.precision, self.engine)
         if self.target == "ngc" and self.tensorrt and self.execution_provider == "openvino":
             raise ValueError("--tensorrt is a GPU accelerator of the onnxruntime backend; it does not combine with openvino")
@@ -338,11 +350,20 @@ def build_repository(out: Path | str, options: BuildOptions, on_step: Callable[[
 
 def _check_compatible(repository: Path, manifest: Mapping[str, Any]) -> None:
     root = read_manifest(repository, release=min(release_numbers(repository)))
-    differ = [f"{field} {root.get(field)!r} -> {manifest.get(field)!r}" for field in REPOSITORY_FIELDS
-              if root.get(field) != manifest.get(field)]
+    differ = [f"{field} {_shared(root, field)!r} -> {_shared(manifest, field)!r}" for field in REPOSITORY_FIELDS
+              if _shared(root, field) != _shared(manifest, field)]
     if differ:
         raise ValueError(f"release {manifest['release']} cannot join {repository}: its releases share the network configs, "
                          f"but {'; '.join(differ)}. Build it with the same options, or into a new repository")
+
+
+def _shared(manifest: Mapping[str, Any], field: str) -> Any:
+    """What releases must share of a repository field: of `execution`, the setting the configs name,
+    not each release's parity figures or how auto came to it."""
+    value = manifest.get(field)
+    if field == "execution" and value:
+        return {key: value.get(key) for key in ("execution_provider", "precision")}
+    return value
 
 
 def _move_release_in(staging: Path, final: Path, number: int) -> None:
@@ -357,6 +378,23 @@ def _move_release_in(staging: Path, final: Path, number: int) -> None:
 
 
 def _build(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dict[str, Any]:
+    """The build at `options`' setting; when the parity gate refuses a setting auto chose, again from
+    scratch at the next slower one (exporters.execution_default): the refused files are not served."""
+    while True:
+        try:
+            return _build_at(out, options, step)
+        except PrecisionRefused as refusal:
+            slower = next_setting(options, refusal)
+            if slower is None:
+                raise
+            options = slower
+            step(f"the parity gate refused {options.execution_choice['refused'][-1]['setting']}; "
+                 f"building {options.execution_provider} {options.precision}")
+            shutil.rmtree(out)
+            out.mkdir()
+
+
+def _build_at(out: Path, options: BuildOptions, step: Callable[[str], None]) -> dict[str, Any]:
     profile = get_profile(options.profile, options.clip_model)
     classifier = options.classifier or default_classifier_settings(profile)
     zeroshot = options.zeroshot or default_zeroshot_settings(profile)
@@ -412,7 +450,7 @@ def _build_models(out: Path, options: BuildOptions, profile: Profile, classifier
     step("writing Python models")
     released = release_parameters(classifier, random_weights, identity)
     _bls_configs(out, options, profile, classifier, zeroshot, released)
-    execution_record = {"execution_provider": options.execution_provider, "precision": options.precision}
+    execution_record = execution_record_of(options)
     if execution is not None:
         step("checking the served pipeline's parity")
         execution_record["pipeline_parity"] = execution.pipeline(out, options.release)
@@ -439,6 +477,13 @@ def _build_models(out: Path, options: BuildOptions, profile: Profile, classifier
     _write(out / MANIFEST, json.dumps({field: manifest[field] for field in REPOSITORY_FIELDS}, indent=2, sort_keys=True) + "\n")
     write_release(out, options.release, {**manifest, "parameters": released})
     return manifest
+
+
+def execution_record_of(options: BuildOptions) -> dict[str, Any]:
+    """The manifest's `execution`: the setting served and, when auto chose it, how (and what the gate refused)."""
+    engine = {"engine": options.engine} if options.engine != "onnxruntime" else {}  # PyTorch runs the networks
+    return {"execution_provider": options.execution_provider, "precision": options.precision, **engine,
+            **(options.execution_choice or {})}
 
 
 def rebuild_text_cache(repository: Path | str, prompts: Path | str | None = None, release: int | None = None) -> dict[str, Any]:

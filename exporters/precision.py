@@ -24,7 +24,9 @@ from python_backends.openvino_runner import PRECISION_KEY, PRECISIONS
 from exporters.onnx_export import ParityError
 
 # What each execution provider can serve. cuda: FP32 only here (its FP16 is the ngc target's
-# TensorRT accelerator), and no GPU was at hand to check anything else.
+# TensorRT accelerator), and no GPU was at hand to check anything else. auto: onnxruntime FP32;
+# "auto" with no precision asked for is resolved to a concrete setting (possibly openvino bf16)
+# before these are checked (exporters.execution_default).
 PROVIDER_PRECISIONS = {"auto": ("fp32",), "cpu": ("fp32", "int8"), "cuda": ("fp32",), OPENVINO: PRECISIONS}
 REFERENCE = "onnxruntime CPU, FP32"
 
@@ -171,16 +173,20 @@ def pipeline_parity(make_pipelines: Callable[[Callable], tuple[Any, Any]], refer
     return record
 
 
+class PrecisionRefused(ParityError):
+    """The gate refused a served execution (not an export that differs from PyTorch: that is a ParityError)."""
+
+
 def gate(what: str, record: dict[str, Any], limits: ParityLimits, precision: str, provider: str) -> None:
-    """Refuse (ParityError) when a parity figure is outside the limits."""
+    """Refuse (PrecisionRefused) when a parity figure is outside the limits."""
     faults = []
     if not record["max_abs_dp"] <= limits.max_dp:
         faults.append(f"max |dp| {record['max_abs_dp']:.3g} > {limits.max_dp:g}")
     if record.get("abs_dmAP") is not None and not record["abs_dmAP"] <= limits.max_dmap:
         faults.append(f"|dmAP| {record['abs_dmAP']:.3g} > {limits.max_dmap:g}")
     if faults:
-        raise ParityError(f"{what}: precision {precision} on {provider} is refused: {'; '.join(faults)} against {REFERENCE} "
-                          "(choose another precision or execution provider)")
+        raise PrecisionRefused(f"{what}: precision {precision} on {provider} is refused: {'; '.join(faults)} against {REFERENCE} "
+                               "(choose another precision or execution provider)")
 
 
 class Execution:

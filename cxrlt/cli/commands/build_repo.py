@@ -28,13 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is an old name of torch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torchscript engine device")
     parser.add_argument("--execution-provider", default="auto", choices=["auto", "cpu", "cuda", "openvino"],
-                        help="onnxruntime engine: auto (CUDA when onnxruntime-gpu offers it, else CPU; default), "
+                        help="onnxruntime engine: auto (default: without --precision, this host's fastest setting "
+                             "that passes the parity gate: on a CPU with bf16 instructions openvino bf16, else openvino "
+                             "fp32 where OpenVINO runs on an AVX2 CPU, else onnxruntime FP32, falling back a step when the gate "
+                             "refuses; onnxruntime FP32 for the tiny profile and where CUDA is offered), "
                              "cuda (the models fail to load without it; untested here), cpu, or openvino (the "
                              "openvino package runs the ONNX files on the CPU; ngc target: Triton's openvino backend)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
-                        help="fp32 (default); bf16 (openvino: bf16 inference precision); int8 (openvino or cpu: NNCF "
-                             "post-training quantization calibrated on --parity-data's training images). Anything but "
-                             "onnxruntime FP32 passes the parity gate first: refused beyond --max-dp / --max-dmap")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                        help="fp32 (default with a named --execution-provider; auto chooses its own without it); bf16 "
+                             "(openvino: bf16 inference precision); int8 (openvino or cpu: NNCF post-training "
+                             "quantization calibrated on --parity-data's training images). Anything but onnxruntime "
+                             "FP32 passes the parity gate first: refused beyond --max-dp / --max-dmap (a build fails)")
     parser.add_argument("--parity-data", type=Path, metavar="CSV",
                         help="a CXR-LT label CSV: the parity gate runs on its validation split (max |dp| and the mAP "
                              "difference of the served pipeline) and int8 calibrates on its training split "
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from cxrlt.cli.console import console, warn_random_weights
+    from cxrlt.contract.execution import describe_execution
     from cxrlt.contract.preprocessing import parse_tta_views
     from cxrlt.contract.profiles import get_profile
     from exporters.build_repo import BuildOptions, build_repository, default_classifier_settings
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                       entry["checkpoint"] or "RANDOM")
     console.print(table)
     print_parity(console, manifest)
+    console.print(describe_execution(manifest["execution"]), highlight=False)
     if args.operating_points_data:
         add_operating_points(console, args.repo, args.operating_points_data, args.operating_points_policy, options.release)
     if args.reference_images:
