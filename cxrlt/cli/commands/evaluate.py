@@ -65,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
                 from exporters.build_repo import BuildOptions, build_repository
 
                 repo = Path(scratch) / "repo"
+                # fp32: the evaluation runs in process (onnxruntime FP32 or PyTorch), never a served
+                # setting, so auto's choice would only add its parity gate to the build
                 with console.status(f"building a {args.profile} repository from {args.checkpoints}"):
                     build_repository(repo, BuildOptions(profile=args.profile, checkpoints=args.checkpoints,
-                                                        allow_random=args.allow_random))
+                                                        allow_random=args.allow_random, precision="fp32"))
             classify = reference_classifier(repo, args.engine)
             source = {"source": "in process", "engine": args.engine, "repo": str(args.repo) if args.repo else None,
                       "checkpoints": str(args.checkpoints) if args.checkpoints else None}
