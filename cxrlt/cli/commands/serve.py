@@ -150,5 +150,30 @@ def _print_releases(repository: Path, server, console) -> None:
     manifest = read_manifest(repository, plan.live)
     console.print(f"serving {plan.describe()}; releases held: {', '.join(map(str, held))} "
                   f"(release {plan.live}: {manifest.get('repository_sha256', '')[:16]}; `cxrlt release` switches)", highlight=False)
+    for line in execution_lines(manifest.get("execution")):
+        console.print(line, highlight=False)
     if manifest.get("random_weights"):
         warn_random_weights(manifest["warning"])
+
+
+def execution_lines(record: dict | None) -> list[str]:
+    """What runs the networks, from the manifest's `execution` record; and a note when auto chose an
+    OpenVINO setting for a CPU other than this one (its choice follows the build host's features)."""
+    from cxrlt.contract.execution import cpu_features, describe_execution
+
+    lines = [describe_execution(record, cuda=_cuda_offered())]
+    if record and record.get("chosen") == "auto" and record["execution_provider"] == "openvino":
+        here = list(cpu_features())
+        if here != record.get("cpu_features"):
+            lines.append(f"[yellow]note:[/] auto chose it for a CPU with {' '.join(record.get('cpu_features') or ['none'])}; "
+                         f"this one has {' '.join(here) or 'none detected'} (a build here may choose otherwise)")
+    return lines
+
+
+def _cuda_offered() -> bool:
+    """Whether onnxruntime offers CUDA here: where the networks' "auto" provider runs them."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
