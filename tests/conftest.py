@@ -30,6 +30,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 BUILD_FIXTURES = {"tiny_repository"}
 
 
+# The longest modules, minutes each on 2 cores, run first: the two workers (.ci/run) take modules in
+# collection order, and one of these started last would run on alone at the end.
+LONGEST_FIRST = ("test_training_pipeline.py", "test_drift_e2e.py", "test_releases_e2e.py", "test_cluster.py", "test_install.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -37,6 +42,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
         elif BUILD_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
