@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Sequence
 
-from cxrlt.contract.execution import BF16_FEATURES, cpu_features, openvino_runs, setting_name
+from cxrlt.contract.execution import BF16_FEATURES, cpu_features, cuda_offered, openvino_runs, setting_name
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ def cpu_default(profile: str, features: Sequence[str], openvino_usable: Callable
     if "avx2" in features:
         return DefaultChoice((("openvino", "fp32"), REFERENCE_SETTING), "OpenVINO, no bf16 instructions")
     return DefaultChoice((REFERENCE_SETTING,), "no AVX2: OpenVINO's gain is unmeasured here")
-
-
-def cuda_offered() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def default_settings(profile: str, target: str, engine: str) -> tuple[tuple[Setting, ...], dict[str, Any]]:

@@ -193,7 +193,7 @@ def test_serve_prints_the_setting_and_notes_another_cpu(monkeypatch):
     import cxrlt.cli.commands.serve as serve
     import cxrlt.contract.execution as execution
 
-    monkeypatch.setattr(serve, "_cuda_offered", lambda: False)
+    monkeypatch.setattr(execution, "cuda_offered", lambda: False)
     monkeypatch.setattr(execution, "cpu_features", lambda: ("avx512_bf16", "avx512_vnni", "avx2"))
     assert serve.execution_lines(EPYC_AUTO_BF16) == [
         "execution: openvino bf16 (CPU: avx512_bf16 avx512_vnni avx2; chosen by auto: bf16 instructions and OpenVINO)"]

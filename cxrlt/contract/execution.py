@@ -54,6 +54,15 @@ def openvino_runs() -> bool:
         return False
 
 
+def cuda_offered() -> bool:
+    """Whether onnxruntime offers CUDA here: where the networks' "auto" provider runs them."""
+    try:
+        import onnxruntime
+    except ImportError:  # a client-only install
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def setting_name(provider: str, precision: str, cuda: bool = False) -> str:
     """'openvino bf16', 'onnxruntime CPU fp32', ...; `cuda`: whether 'auto' takes CUDA where it runs."""
     if provider == "openvino":

@@ -159,21 +159,12 @@ def _print_releases(repository: Path, server, console) -> None:
 def execution_lines(record: dict | None) -> list[str]:
     """What runs the networks, from the manifest's `execution` record; and a note when auto chose an
     OpenVINO setting for a CPU other than this one (its choice follows the build host's features)."""
-    from cxrlt.contract.execution import cpu_features, describe_execution
+    from cxrlt.contract.execution import cpu_features, cuda_offered, describe_execution
 
-    lines = [describe_execution(record, cuda=_cuda_offered())]
+    lines = [describe_execution(record, cuda=cuda_offered())]
     if record and record.get("chosen") == "auto" and record["execution_provider"] == "openvino":
         here = list(cpu_features())
         if here != record.get("cpu_features"):
             lines.append(f"[yellow]note:[/] auto chose it for a CPU with {' '.join(record.get('cpu_features') or ['none'])}; "
                          f"this one has {' '.join(here) or 'none detected'} (a build here may choose otherwise)")
     return lines
-
-
-def _cuda_offered() -> bool:
-    """Whether onnxruntime offers CUDA here: where the networks' "auto" provider runs them."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
