@@ -17,20 +17,16 @@ import onnxruntime
 import pandas as pd
 import tritonclient.grpc as grpcclient
 
-from cxrlt.contract.labels import TASK2_LABELS
 from cxrlt.contract.manifest import read_manifest
 from cxrlt.contract.model_config import config_parameters
 from cxrlt.contract.preprocessing import PreprocessConfig, prepare_square
 from cxrlt.contract.profiles import get_profile
-from cxrlt.contract.releases import live_release, release_text_cache, served_parameters
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, SEND_SIZE_SERVED, ZEROSHOT_MODEL
 from loadtest.kernel import (MODELS, Payload, Served, images_json, level_figures, load_payloads, measure_level, saturation_index,
                              saved_figure, target_server, write_json)
 from loadtest.metrics import breakdown_json, member_calls_per_image, per_model
 from loadtest.runner import LoadTestConfig, run_loadtest
-from python_backends.classifier import ClassifierPipeline, ClassifierSettings
-from python_backends.in_process import LocalNetworks
-from python_backends.zeroshot import ZeroShotPipeline, ZeroShotSettings
+from python_backends.in_process import LocalPipelines
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 SIDES = ("raw", "served")
@@ -46,31 +42,13 @@ class RawSide:
     """The served pipeline's code on onnxruntime in this process (torch-free), its network calls on a pool of `pool_threads`."""
 
     def __init__(self, repo: Path, model: str, threads: int, pool_threads: int | None = None, providers: str = "cpu") -> None:
-        repo, release = Path(repo), live_release(repo)
-        self.model, self.used, self.loops, self.lock = model, set(), {}, threading.Lock()
-        self.networks = LocalNetworks(repo, threads, providers=providers, concurrent_calls=pool_threads or 0, release=release)
-        settings = {name: served_parameters(repo, name, release) for name in (CLASSIFIER_MODEL, ZEROSHOT_MODEL)}
-        self.classifier = ClassifierPipeline(ClassifierSettings.from_parameters(settings[CLASSIFIER_MODEL]), self.infer)
-        cache = release_text_cache(repo, release, TASK2_LABELS)
-        self.zeroshot = ZeroShotPipeline(ZeroShotSettings.from_parameters(settings[ZEROSHOT_MODEL]), cache, self.infer)
-
-    async def infer(self, name: str, pixel_values: np.ndarray) -> np.ndarray:
-        self.used.add(name)
-        return await self.networks.infer(name, pixel_values)
-
-    async def _run(self, payload: Payload) -> np.ndarray:
-        if self.model == ZEROSHOT_MODEL:
-            return (await self.zeroshot.score(payload.pixels))[0]
-        if self.model == CLASSIFIER_MODEL:
-            return (await self.classifier.classify(payload.pixels, payload.hint)).probabilities
-        task1, (task2, _) = await asyncio.gather(self.classifier.classify(payload.pixels, payload.hint),
-                                                 self.zeroshot.score(payload.pixels))
-        return np.concatenate([task1.probabilities, task2])
+        self.model, self.loops, self.lock = model, {}, threading.Lock()
+        self.pipelines = LocalPipelines(repo, threads, providers, concurrent_calls=pool_threads or 0)
 
     def __call__(self, worker_id: int, payload: Payload) -> np.ndarray:
         with self.lock:  # one event loop per worker slot, reused across sweeps
             loop = self.loops.get(worker_id) or self.loops.setdefault(worker_id, asyncio.new_event_loop())
-        return loop.run_until_complete(self._run(payload))
+        return loop.run_until_complete(self.pipelines.probabilities(self.model, payload.pixels, payload.hint))
 
     def close(self) -> None:
         for loop in self.loops.values():
@@ -78,7 +56,8 @@ class RawSide:
 
     def session_providers(self) -> dict[str, list[str]]:
         """The execution providers each session got (onnxruntime falls back to CPU when CUDA fails to load)."""
-        return {name: self.networks.runner(name).providers for name in sorted(self.used)}
+        networks = self.pipelines.networks
+        return {name: networks.runner(name).providers for name in sorted(networks.loaded())}
 
 
 def server_thread_budget(url: str, repo_models: Sequence[str]) -> dict[str, Any]:
@@ -158,7 +137,7 @@ def run_bench(args: argparse.Namespace, server_log: Path | None = None, preproce
         server_pid = pid if args.url is None else None  # --url: the server's processes are not ours to measure
         sweep = _sweep(args, levels, payloads, {"raw": raw, "served": served}, args.metrics_url or metrics_url, server_pid, log)
         raw_json = {"pool_threads": raw_pool, "intra_op_threads_per_session": threads,
-                    "compute_threads_total": raw_pool * max(1, threads), "sessions": len(raw.networks),
+                    "compute_threads_total": raw_pool * max(1, threads), "sessions": len(raw.pipelines.networks.loaded()),
                     "workers": "= concurrency (threads running the pipeline code; its network calls run on the pool)"}
         providers_json = {"available": onnxruntime.get_available_providers(), "raw_preference": providers,
                           "raw_sessions": raw.session_providers(), "served_configured": served_networks}

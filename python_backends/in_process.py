@@ -1,7 +1,8 @@
 """Networks run inside the calling process with onnxruntime, on a repository's own ONNX files.
 
-Two users: the raw side of `cxrlt bench` (and the reference pipeline's onnxruntime engine),
-and a BLS model configured with `member_execution: in_process`.
+Two users: `LocalPipelines`, the served pipelines run in process (the reference pipeline, the
+raw side of `cxrlt bench`, `cxrlt stress`'s parity), and a BLS model configured with
+`member_execution: in_process`.
 
 Why a BLS model would do this: each BLS call to a network model is a request into Triton,
 a trip through the callee's dynamic batcher and Python stub, and a response back, about
@@ -21,8 +22,13 @@ from typing import Iterable
 
 import numpy as np
 
-from cxrlt.contract.releases import version_dir
+from cxrlt.contract.labels import TASK2_LABELS
+from cxrlt.contract.releases import release_number, release_text_cache, served_parameters, version_dir
+from cxrlt.contract.served import CLASSIFIER_MODEL, ZEROSHOT_MODEL
+from cxrlt.contract.text_cache import TextCache
+from python_backends.classifier import ClassifierPipeline, ClassifierSettings
 from python_backends.onnx_runner import OnnxRunner
+from python_backends.zeroshot import ZeroShotPipeline, ZeroShotSettings
 
 MEMBER_EXECUTION = ("bls", "in_process")
 
@@ -74,11 +80,46 @@ class LocalNetworks:
             self.runner(name)
         return self
 
-    def __len__(self) -> int:
-        return len(self._runners)
+    def loaded(self) -> list[str]:
+        """The network models whose sessions exist."""
+        return list(self._runners)
 
     async def infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
         run = self.runner(model_name).run
         if self._pool is None:
             return run(pixel_values)
         return await asyncio.get_running_loop().run_in_executor(self._pool, run, pixel_values)
+
+
+class LocalPipelines:
+    """A repository release's two pipelines (the code the Triton models run, with the settings of
+    their served configs and the release's text cache) in this process, their networks on
+    onnxruntime (`LocalNetworks`); a subclass may run the networks another way (`infer`)."""
+
+    def __init__(self, repository: Path | str, intra_op_threads: int = 1, providers: str = "auto",
+                 concurrent_calls: int = 0, release: int | None = None) -> None:
+        self.repository = Path(repository)
+        self.release = release_number(self.repository, release)  # default: the live release
+        self.networks = LocalNetworks(self.repository, intra_op_threads, providers, concurrent_calls, self.release)
+        parameters = {name: served_parameters(self.repository, name, self.release) for name in (CLASSIFIER_MODEL, ZEROSHOT_MODEL)}
+        self.classifier_settings = ClassifierSettings.from_parameters(parameters[CLASSIFIER_MODEL])
+        self.zeroshot_settings = ZeroShotSettings.from_parameters(parameters[ZEROSHOT_MODEL])
+        self.classifier = ClassifierPipeline(self.classifier_settings, self.infer)
+        self.zeroshot = ZeroShotPipeline(self.zeroshot_settings, self.text_cache(), self.infer)
+
+    async def infer(self, model_name: str, pixel_values: np.ndarray) -> np.ndarray:
+        """One network's outputs: the `infer` the pipelines call."""
+        return await self.networks.infer(model_name, pixel_values)
+
+    def text_cache(self) -> TextCache:
+        return release_text_cache(self.repository, self.release, TASK2_LABELS)
+
+    async def probabilities(self, model: str, image: np.ndarray, hint: str | None = None) -> np.ndarray:
+        """One image's PROBABILITIES as pipeline model `model` answers them (cxr_findings: both
+        pipelines side by side, Task 1's 30 then the zero-shot 6)."""
+        if model == ZEROSHOT_MODEL:
+            return (await self.zeroshot.score(image))[0]
+        if model == CLASSIFIER_MODEL:
+            return (await self.classifier.classify(image, hint)).probabilities
+        task1, (task2, _) = await asyncio.gather(self.classifier.classify(image, hint), self.zeroshot.score(image))
+        return np.concatenate([task1.probabilities, task2])

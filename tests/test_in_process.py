@@ -23,7 +23,7 @@ def test_infer_runs_the_repository_onnx_file(tiny_repository):
 
 
 def test_load_creates_every_classifier_network_and_names_a_missing_one(tiny_repository, tmp_path):
-    assert len(LocalNetworks(tiny_repository, providers="cpu").load(network_names())) == 7
+    assert sorted(LocalNetworks(tiny_repository, providers="cpu").load(network_names()).loaded()) == sorted(network_names())
     with pytest.raises(FileNotFoundError, match="'projection_router'.*cxrlt build-repo"):
         LocalNetworks(tmp_path).load(["projection_router"])
 
