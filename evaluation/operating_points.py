@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np

@@ -11,7 +11,6 @@ release's identity is refreshed so that it covers the file.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,8 +23,8 @@ from cxrlt.contract.preprocessing import ImageError, PreprocessConfig, check_not
 from cxrlt.contract.served import ENCODER_MODEL
 from cxrlt.contract.text_cache import ENCODER_RECORD
 from exporters.releases import release_number
+from python_backends.onnx_runner import OnnxRunner
 
-log = logging.getLogger(__name__)
 
 FOLDS = 5  # the held-out distances the threshold is chosen on: 5-fold, out of fold
 HOLDOUT_SEED = 0
@@ -42,42 +41,35 @@ class Embedder:
     image checks and preprocessing: images -> embeddings [N, D]."""
 
     def __init__(self, repository: Path | str, batch: int = 16, release: int | None = None) -> None:
-        import onnxruntime
-
         repository = Path(repository)
         release = release_number(repository, release)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(version_dir(repository, ENCODER_MODEL, release) / "model.onnx"), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.run = OnnxRunner(version_dir(repository, ENCODER_MODEL, release) / "model.onnx", 1, "cpu").run
         self.config = encoder_preprocess(repository, release)
         self.batch = batch
 
-    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Embeddings of images that pass the served checks (those that do not raise ImageError)."""
-        pixels = []
-        for image in images:
-            validate_served_image(image)
-            check_not_constant(image)
-            pixels.append(preprocess(image, self.config)[0])
+    def _pixels(self, image: np.ndarray) -> np.ndarray:
+        validate_served_image(image)  # ImageError where the served pipeline would refuse the image
+        check_not_constant(image)
+        return preprocess(image, self.config)[0]
+
+    def _embed(self, pixels: list[np.ndarray]) -> np.ndarray:
         if not pixels:
             return np.zeros((0, 0), np.float32)
-        out = [self.session.run(None, {"pixel_values": np.stack(pixels[i : i + self.batch]).astype(np.float32)})[0]
-               for i in range(0, len(pixels), self.batch)]
-        return np.concatenate(out)
+        return np.concatenate([self.run(np.stack(pixels[i : i + self.batch])) for i in range(0, len(pixels), self.batch)])
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings of images that pass the served checks (those that do not raise ImageError)."""
+        return self._embed([self._pixels(image) for image in images])
 
     def embed_each(self, images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
         """(embeddings of the usable images, how many were skipped by the served image checks)."""
-        usable, skipped = [], 0
+        pixels, skipped = [], 0
         for image in images:
             try:
-                validate_served_image(image)
-                check_not_constant(image)
+                pixels.append(self._pixels(image))
             except ImageError:
                 skipped += 1
-                continue
-            usable.append(image)
-        return self(usable), skipped
+        return self._embed(pixels), skipped
 
 
 def fit_gate(embeddings: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, folds: int = FOLDS,

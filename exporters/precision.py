@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cxrlt.contract.preprocessing import PreprocessConfig, preprocess
-from cxrlt.contract.served import ENCODER_MODEL, ROUTER_MODEL, ZEROSHOT_MODEL
+from cxrlt.contract.served import ENCODER_MODEL, ROUTER_MODEL
 from python_backends.onnx_runner import OPENVINO, OnnxRunner
 from python_backends.openvino_runner import PRECISION_KEY, PRECISIONS
 

@@ -79,8 +79,3 @@ def update_release(repository: Path | str, release: int | None = None,
         own = {f"{CANDIDATE_PARAMETERS}{number}": json.dumps(stored[model], sort_keys=True, separators=(",", ":"))}
         set_config_parameters(repository / model / "config.pbtxt", {**(stored[model] if live else {}), **own})
     return identity
-
-
-def refresh_repository_identity(repository: Path | str, release: int | None = None) -> str:
-    """Recompute a release's identity after an edit of its files (default: the live release)."""
-    return update_release(repository, release)

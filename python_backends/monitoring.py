@@ -221,16 +221,9 @@ class PipelineMetrics:
         if values.size:
             self._ood.add((), values)
 
-    def refused(self, reason: str, count: int = 1) -> None:
-        """Count refused requests: ``invalid_input`` (INVALID_ARGUMENT) or ``out_of_distribution``."""
-        if count:
-            with self._lock:
-                self._tally(REFUSALS, count, reason=reason)
-            self._maybe_flush()
-
     def refused_errors(self, outcomes: Sequence[Any]) -> None:
-        """Count the refusals (RequestError: INVALID_ARGUMENT) among a batch's outcomes, by reason:
-        `refusal_reason` (see :func:`refusal`). A gate refusal's score joins the OOD histogram."""
+        """Count the refusals (RequestError: INVALID_ARGUMENT) among a batch's outcomes, by reason
+        (:func:`refusal`). A gate refusal's score joins the OOD histogram."""
         refusals = [refusal(error) for error in outcomes if isinstance(error, RequestError)]
         if not refusals:
             return
@@ -338,16 +331,10 @@ _GATE_REFUSAL = re.compile(r"not a chest radiograph \(out-of-distribution score 
 
 
 def refusal(error: BaseException) -> tuple[str, float | None]:
-    """A refused request's reason and, for the gate's refusals, its OOD score: the error's
-    ``refusal_reason`` and ``ood_score`` attributes where it has them, else read from the gate's
+    """A refused request's reason and, for the gate's refusals, its OOD score, read from the gate's
     message (cxrlt.contract.ood_gate.refusal_message); any other refusal is ``invalid_input``."""
-    reason = getattr(error, "refusal_reason", None)
-    score = getattr(error, "ood_score", None)
     found = _GATE_REFUSAL.search(str(error))
-    if found is not None:
-        reason = reason or OUT_OF_DISTRIBUTION
-        score = score if score is not None else float(found.group(1))
-    return reason or INVALID_INPUT, score
+    return (OUT_OF_DISTRIBUTION, float(found.group(1))) if found else (INVALID_INPUT, None)
 
 
 def _positives(probabilities: np.ndarray, decisions: np.ndarray) -> np.ndarray:

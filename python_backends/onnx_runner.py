@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
-
-log = logging.getLogger(__name__)
 
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "openvino")

@@ -309,14 +309,6 @@ def load_padchest_label_map(path: str | os.PathLike | None = None, include_ext: 
 # ---------------------------------------------------------------------------- tables
 
 
-def normalize_projection(value: str | None) -> str | None:
-    """'PA' / 'AP' / 'AP_horizontal' / 'frontal' -> 'frontal'; 'L' / 'LL' / 'RL' / 'lateral'
-    -> 'lateral'; anything else (COSTAL, EXCLUDE, UNK, empty) -> None."""
-    if value is None:
-        return None
-    return _PROJECTION_TERMS.get(value.strip().lower())
-
-
 @dataclasses.dataclass
 class LabelTable:
     """Images with their labels. `image_paths` are relative to an image root."""

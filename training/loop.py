@@ -52,7 +52,7 @@ from training.job import (Log, TrainingError, autocast_dtype, init_weights_path,
 from training.jobs import create_job
 from training.recipes import Recipe
 from training.samplers import DistributedBatchSampler
-from training.schedule import WarmupCosine, warmup_cosine
+from training.schedule import WarmupCosine
 
 CHECKPOINT_FORMAT = "cxrlt-train/1"
 
@@ -164,6 +164,7 @@ class _Run:
         return self.job.module
 
     def schedule(self) -> WarmupCosine:
+        """The recipe's learning-rate factor per optimiser step, over this run's epochs."""
         return WarmupCosine(self.steps_per_epoch * self.recipe.epochs,
                             round(self.steps_per_epoch * float(self.recipe.schedule.get("warmup_epochs", 1))),
                             float(self.recipe.schedule.get("min_lr_ratio", 0.01)))
@@ -191,12 +192,12 @@ def _start(recipe: Recipe, data_csv, device: str | None, images: tuple, out: Pat
     optimizer = torch.optim.AdamW(params, lr=float(recipe.optimizer["lr"]), betas=tuple(recipe.optimizer.get("betas", (0.9, 0.999))),
                                   eps=float(recipe.optimizer.get("eps", 1e-8)))
     steps_per_epoch = max(1, _optimizer_steps(job.train_loader(0), 0))
-    scheduler = warmup_cosine(optimizer, steps_per_epoch, recipe.epochs, float(recipe.schedule.get("warmup_epochs", 1)),
-                              float(recipe.schedule.get("min_lr_ratio", 0.01)))
     ema = ModelEma(job.module, float(recipe.ema.get("decay", 0.999)), bool(recipe.ema.get("warmup", True)))
     scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype == torch.float16)
     model = distributed.wrap(job.module, torch_device)
-    return _Run(recipe, job, torch_device, dtype, info, optimizer, scheduler, ema, scaler, steps_per_epoch, model, world)
+    run = _Run(recipe, job, torch_device, dtype, info, optimizer, None, ema, scaler, steps_per_epoch, model, world)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.schedule())
+    return run
 
 
 def _optimizer_steps(loader, epoch: int) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 
 class WarmupCosine:
     """lr factor at optimiser step s (a picklable callable for torch's LambdaLR).
@@ -24,9 +22,3 @@ class WarmupCosine:
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
-                  min_ratio: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
-    total = steps_per_epoch * epochs
-    warmup = round(steps_per_epoch * warmup_epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup, min_ratio))
