@@ -49,6 +49,7 @@ from cxrlt.contract.monitoring import (COUNTERS, DEFAULT_DECISION, DELTA_BUCKETS
                                        SECONDS_BUCKETS, SHADOW_DELTA, SHADOW_FLIPS, SHADOW_IMAGES, SHADOW_POSITIVES, UNROUTED)
 from python_backends import bls
 from python_backends.pipeline_errors import RequestError
+from python_backends.triton_params import optional_number
 
 ENABLE_PARAMETER = "metrics"  # pipeline config: "false" turns the metrics off
 FLUSH_PARAMETER = "metrics_flush_s"  # pipeline config: seconds between sends to Triton (0: every batch)
@@ -121,8 +122,8 @@ class PipelineMetrics:
             return None
         if not hasattr(bls.pb_utils, "MetricFamily"):
             return None
-        flush_s = _number(params.get(FLUSH_PARAMETER, str(DEFAULT_FLUSH_S)))
-        metrics = cls(args.get("model_name", "unknown"), labels, _number(params.get("ood_threshold", "")),
+        flush_s = optional_number(params.get(FLUSH_PARAMETER, str(DEFAULT_FLUSH_S)))
+        metrics = cls(args.get("model_name", "unknown"), labels, optional_number(params.get("ood_threshold", "")),
                       flush_s=DEFAULT_FLUSH_S if flush_s is None else max(flush_s, 0.0),
                       routed="classifier" in params.get("tasks", "classifier").split(","))
         return metrics.start()
@@ -317,14 +318,6 @@ class PipelineMetrics:
                 self._metric(f"{name}_bucket", (*labels, ("le", bound))).increment(int(count))
         self._metric(f"{name}_count", labels).increment(int(counts[-1]))
         self._metric(f"{name}_sum", labels).increment(float(histogram.sums[index]))
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text) if str(text).strip() else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None
 
 
 _GATE_REFUSAL = re.compile(r"not a chest radiograph \(out-of-distribution score ([-+0-9.eE]+|nan|inf) >")

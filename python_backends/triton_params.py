@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 
@@ -18,6 +19,15 @@ def require(params: Mapping[str, str], key: str) -> str:
         return params[key]
     except KeyError:
         raise ValueError(f"model config lacks parameter {key!r}; rebuild the repository with `cxrlt build-repo`") from None
+
+
+def optional_number(text: str) -> float | None:
+    """A parameter's finite number; None where it is empty, not a number or not finite."""
+    try:
+        value = float(text) if str(text).strip() else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def as_bool(value: str) -> bool:

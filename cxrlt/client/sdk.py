@@ -58,7 +58,7 @@ from cxrlt.contract.study import decisions_from
 from cxrlt.contract.served import (CLASSIFIER_MODEL, FINDINGS_MODEL, PIPELINE_MODELS, SEND_SIZE_SERVED,
                                    ZEROSHOT_MODEL)
 from cxrlt.client.shared_memory import Region, RegionPool
-from python_backends.triton_params import as_bool
+from python_backends.triton_params import as_bool, optional_number
 
 __all__ = [
     "DEFAULT_URL", "MODEL_LABELS", "REPOSITORY_PARAMETER", "ClientError", "ServerUnavailable", "ServerOverloaded",
@@ -243,11 +243,7 @@ def _output_dim(config: Any, name: str) -> int | None:
 
 def _ood_threshold(parameters: Mapping[str, str]) -> float | None:
     """The served gate's threshold (config parameter ood_threshold; empty or absent: no gate fitted)."""
-    try:
-        value = float(parameters.get(OOD_THRESHOLD_PARAMETER, "") or "nan")
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+    return optional_number(parameters.get(OOD_THRESHOLD_PARAMETER, ""))
 
 
 def _answered_release(response: Any, info: ModelInfo) -> int | None:

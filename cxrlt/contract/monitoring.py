@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["MONITORING_BASELINE_FILE", "BASELINE_FORMAT", "load_baseline", "IMAGES", "POSITIVES", "PROBABILITY",
-           "PROJECTIONS", "DISAGREEMENTS", "REFUSALS", "OOD_SCORE", "HISTOGRAMS", "COUNTERS", "METRIC_NAMES",
+           "PROJECTIONS", "DISAGREEMENTS", "REFUSALS", "OOD_SCORE", "HISTOGRAMS", "COUNTERS",
            "PROBABILITY_BUCKETS", "OOD_BUCKET_FACTORS", "DEFAULT_DECISION", "PROJECTION_LABELS", "UNROUTED",
            "INVALID_INPUT", "OUT_OF_DISTRIBUTION", "REFUSAL_REASONS", "RELEASE_ANSWERS", "RELEASE_SECONDS",
-           "SHADOW_IMAGES", "SHADOW_FLIPS", "SHADOW_POSITIVES", "SHADOW_DELTA", "RELEASE_METRICS",
+           "SHADOW_IMAGES", "SHADOW_FLIPS", "SHADOW_POSITIVES", "SHADOW_DELTA",
            "DELTA_BUCKETS", "SECONDS_BUCKETS"]
 
 # Metric names (docs/contract.md, "Metrics"); a histogram is its name + _bucket (le), _count, _sum.
@@ -46,10 +46,8 @@ SHADOW_POSITIVES = "cxrlt_shadow_positive_decisions_total"  # {model, release, f
 SHADOW_DELTA = "cxrlt_shadow_abs_delta_probability"  # histogram {model, release, finding}: |p candidate - p live|
 RELEASE_COUNTERS = (RELEASE_ANSWERS, SHADOW_IMAGES, SHADOW_FLIPS, SHADOW_POSITIVES)
 RELEASE_HISTOGRAMS = (RELEASE_SECONDS, SHADOW_DELTA)
-RELEASE_METRICS = (*RELEASE_COUNTERS, *(f"{h}_{part}" for h in RELEASE_HISTOGRAMS for part in ("bucket", "count", "sum")))
 DELTA_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-METRIC_NAMES = (*COUNTERS, *(f"{h}_{part}" for h in HISTOGRAMS for part in ("bucket", "count", "sum")), *RELEASE_METRICS)
 
 PROBABILITY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9)
 # OOD_SCORE buckets as multiples of the gate's threshold (config parameter ood_threshold; 1.0 when

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["OPERATING_POINTS_FILE", "CONFIG_PARAMETER", "ANY_PROJECTION", "POLICIES", "DEFAULT_POLICY", "NO_DECISION",
+__all__ = ["OPERATING_POINTS_FILE", "CONFIG_PARAMETER", "ANY_PROJECTION", "POLICIES", "NO_DECISION",
            "Policy", "parse_policy", "OperatingPoint", "Calibration", "OperatingPoints", "load_operating_points",
            "served_operating_points"]
 
@@ -30,7 +30,6 @@ OPERATING_POINTS_FILE = "operating_points.json"
 CONFIG_PARAMETER = "operating_points"  # the pipeline configs' copy of the table (what the stubs apply)
 ANY_PROJECTION = "any"
 POLICIES = ("youden", "f1", "sensitivity", "ppv")  # sensitivity and ppv take a target: sensitivity=0.9
-DEFAULT_POLICY = "youden"
 NO_DECISION = -1  # DECISIONS value of a finding without an operating point
 FORMAT = 1
 

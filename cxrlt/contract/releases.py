@@ -38,7 +38,6 @@ SWITCHED = "release_switched"
 # A pipeline config's copy of each release's own parameters (+ its number; compact JSON), so a client
 # reading the served config knows what any release it may be answered by decides at.
 CANDIDATE_PARAMETERS = "release_parameters_"
-PLAN_PARAMETERS = ("release", "release_candidate", "release_mode", "release_share", "release_previous", SWITCHED)
 
 
 def release_dir(repository: Path | str, number: int) -> Path:

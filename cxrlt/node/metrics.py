@@ -1,12 +1,12 @@
-"""The DICOM node's counters (:data:`COUNTERS`), served on ``GET /metrics`` in Prometheus' text format
-(no client library needed): ``cxrlt_node_<counter>_total``, and the gauge ``cxrlt_node_spooled``
-(instances waiting in the spool now)."""
+"""The DICOM node's counters (:data:`COUNTERS`), served on ``GET /metrics`` by prometheus-client:
+``cxrlt_node_<counter>_total``, and the gauge ``cxrlt_node_spooled`` (instances waiting in the
+spool now, read at scrape time)."""
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 __all__ = ["COUNTERS", "Metrics"]
 
@@ -23,51 +23,20 @@ PREFIX = "cxrlt_node_"
 
 
 class Metrics:
-    """Thread-safe counters plus the spool gauge, read at scrape time."""
+    """Thread-safe counters plus the spool gauge, in a registry of their own."""
 
     def __init__(self, spooled: Callable[[], int]) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(COUNTERS, 0)
-        self._spooled = spooled
-        self._server: ThreadingHTTPServer | None = None
+        self.registry = CollectorRegistry()
+        self._counters = {name: Counter(f"{PREFIX}{name}", text, registry=self.registry) for name, text in COUNTERS.items()}
+        Gauge(f"{PREFIX}spooled", "instances waiting in the spool now", registry=self.registry).set_function(spooled)
+        self._server: Any = None
 
     def inc(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def text(self) -> str:
-        with self._lock:
-            counts = dict(self._counts)
-        lines = []
-        for name, help_text in COUNTERS.items():
-            lines += [f"# HELP {PREFIX}{name}_total {help_text}", f"# TYPE {PREFIX}{name}_total counter",
-                      f"{PREFIX}{name}_total {counts[name]}"]
-        lines += [f"# HELP {PREFIX}spooled instances waiting in the spool now", f"# TYPE {PREFIX}spooled gauge",
-                  f"{PREFIX}spooled {self._spooled()}"]
-        return "\n".join(lines) + "\n"
+        self._counters[name].inc(n)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on host:port in a daemon thread; returns the port (0 picks one)."""
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body = metrics.text().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:  # scrapes are not worth a line each
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+        """Serve the metrics on host:port in a daemon thread; returns the port (0 picks one)."""
+        self._server, _ = start_http_server(port, host, self.registry)
         return int(self._server.server_address[1])
 
     def close(self) -> None:

@@ -13,15 +13,13 @@ from typing import Any
 from cxrlt.cli.options import add_option, add_repo_argument
 from cxrlt.io.samples import REAL_CXR
 
-DEMO_IMAGE = REAL_CXR
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, help="directory of trained <model>.pt files (default: random weights)")
     parser.add_argument("--allow-random", action="store_true", help="with --checkpoints: random weights for missing ones")
     parser.add_argument("--profile", default="tiny", choices=["tiny", "paper"], help="network sizes to build")
     add_repo_argument(parser, "serve this already-built repository instead of building one")
-    parser.add_argument("--image", type=Path, help=f"a DICOM/PNG to classify (default: {DEMO_IMAGE} from pydicom-data)")
+    parser.add_argument("--image", type=Path, help=f"a DICOM/PNG to classify (default: {REAL_CXR} from pydicom-data)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (server log, repository if built there)")
     parser.add_argument("--no-cache", action="store_true",
                         help="build into a temporary folder instead of reusing the cached random-weights repository")
@@ -239,6 +237,6 @@ def _demo_image() -> Path:
     from cxrlt.io.samples import pydicom_data_file
 
     try:
-        return pydicom_data_file(DEMO_IMAGE)
+        return pydicom_data_file(REAL_CXR)
     except FileNotFoundError as exc:
         raise RuntimeError(f"{exc}; or pass --image FILE") from None

@@ -35,18 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from cxrlt.cli.console import console
+    from cxrlt.cli.console import console, counting
     from cxrlt.contract.ensemble import MEMBERS, format_weights
     from cxrlt.contract.labels import PROJECTIONS
     from evaluation.tune import collect_member_logits, search_weights, write_weights
 
-    with console.status("collecting member logits") as status:
-        done = [0]
-
-        def tick() -> None:
-            done[0] += 1
-            status.update(f"member logits of {done[0]} images")
-
+    with counting("member logits of", "images") as tick:
         data = collect_member_logits(args.repo, args.data, engine=args.engine, split=args.split,
                                      val_fraction=args.val_fraction, split_seed=args.split_seed,
                                      use_hints=args.hints, on_image=tick)
