@@ -31,7 +31,7 @@ from cxrlt.io.images import load_pixels
 
 from training.data import LabelTable
 from training.job import SplitData, load_split
-from training.metrics import GROUPS, METRICS, evaluate_predictions
+from training.metrics import GROUPS, METRICS, evaluate_predictions, json_default
 
 SPLITS = ("val", "all")
 # The DICOM ViewPosition term sent as a hint for a CSV projection (with hints on).
@@ -149,7 +149,7 @@ def write_outputs(out_dir: Path, predictions: Predictions, metrics: dict[str, An
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "metrics.json", "per_class": out_dir / "per_class.csv",
              "predictions": out_dir / "predictions.csv"}
-    paths["json"].write_text(json.dumps({**meta, **metrics}, indent=2, default=_json_default, allow_nan=True) + "\n")
+    paths["json"].write_text(json.dumps({**meta, **metrics}, indent=2, default=json_default, allow_nan=True) + "\n")
     per_class = pd.DataFrame(
         [[label, row.get("group", ""), row["positives"], row["evaluable"], *(float(row[m]) for m in METRICS)]
          for label, row in metrics["per_class"].items()],
@@ -197,13 +197,3 @@ def evaluate(data_csv: str | os.PathLike, *, classify: Classify, split: str = "v
     predictions = predict(table, data.image_root, classify, use_hints, concurrency, on_image)
     train_counts = data.table.subset(data.train).positives()
     return predictions, summarize(predictions, train_counts)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")

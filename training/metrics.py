@@ -20,7 +20,8 @@ label set (30 or 36 classes) and any data set size, where fixed count thresholds
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
@@ -115,3 +116,14 @@ def evaluate_predictions(y_true: np.ndarray, y_prob: np.ndarray, labels: Sequenc
             members = [label for label in labels if groups[label] == group]
             result["groups"][group] = {**macro(members), "classes": members}
     return result
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps`' default for the reports: numpy scalars and arrays, and paths."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -25,7 +25,7 @@ from cxrlt.contract.labels import NORMAL_INDEX, TASK1_LABELS
 from training.clip_job import ClipJob
 from training.job import SplitData, TrainingError, load_split, prevalence_map, select_device
 from training.loop import train
-from training.metrics import evaluate_predictions
+from training.metrics import evaluate_predictions, json_default
 from training.recipes import Recipe
 
 
@@ -114,11 +114,5 @@ def run_proxy(recipe: Recipe, data_csv: str | os.PathLike, out_dir: str | os.Pat
         "mean_chance_mAP": float(np.nanmean([r.chance_mAP for r in results])),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "zeroshot_proxy.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (out / "zeroshot_proxy.json").write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     return report
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"cannot serialise {type(value).__name__}")
