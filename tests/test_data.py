@@ -24,6 +24,7 @@ from training.data import (
     parse_padchest_labels,
     patient_split,
     read_cxrlt_csv,
+    read_labels,
     read_padchest_csv,
     write_padchest_label_map,
 )
@@ -312,3 +313,15 @@ def test_dataset_items(synth_table):
     assert {task1[i][2] for i in range(len(task1))} == {0, 1}
     batch = next(iter(torch.utils.data.DataLoader(task1, batch_size=4)))
     assert batch[0].shape == (4, 3, 32, 32) and batch[1].shape == (4, 30) and batch[2].dtype == torch.int64
+
+
+def test_training_reads_a_padchest_label_file_as_it_reads_a_cxrlt_csv(tmp_path):
+    from training.job import load_split
+
+    path = tmp_path / "padchest.csv"
+    write_padchest(path, [[f"{i}.png", "0", f"p{i}", "PA", "", "['cardiomegaly']" if i % 2 else "['normal']"] for i in range(10)])
+    split = load_split(path, resized=None)
+    assert split.table.labels.shape == (10, len(TASK1_LABELS))
+    assert split.table.labels[:, TASK1_LABELS.index("cardiomegaly")].tolist() == [float(i % 2) for i in range(10)]
+    assert len(split.train) + len(split.val) == 10
+    assert read_labels(path).labels.shape == (10, len(ALL_LABELS))

@@ -431,6 +431,15 @@ def read_padchest_csv(path: str | os.PathLike, label_map: str | os.PathLike | Ma
                       tuple(labels), _image_paths(rows))
 
 
+def read_labels(path: str | os.PathLike, labels: Sequence[str] = ALL_LABELS) -> LabelTable:
+    """A CXR-LT label CSV, or PadChest's own label file (a `Labels` column of terms and no class
+    columns), whose terms the packaged map turns into the classes (`read_padchest_csv`)."""
+    columns = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
+    if "labels" in columns and not {label.lower() for label in labels} & columns:
+        return read_padchest_csv(path, labels=labels)
+    return read_cxrlt_csv(path, labels=labels)
+
+
 # ----------------------------------------------------------------------------- split
 
 

@@ -30,7 +30,7 @@ from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.io.images import load_pixels
 
 from training import image_cache
-from training.data import LabelTable, patient_split, read_cxrlt_csv
+from training.data import LabelTable, patient_split, read_labels
 from training.recipes import Recipe
 from training.samplers import DistributedBatchSampler, ShuffleDraw
 
@@ -71,13 +71,14 @@ class SplitData:
 def load_split(data_csv: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
                labels: tuple[str, ...] = TASK1_LABELS, image_root: str | os.PathLike | None = None,
                resized: str | os.PathLike | None = "auto") -> SplitData:
-    """Read a CXR-LT CSV and split it 9:1 by patient (deterministic for seed and fraction).
+    """Read a CXR-LT CSV or a PadChest label file (training.data.read_labels) and split it 9:1 by
+    patient (deterministic for seed and fraction).
 
     resized: the pre-resized image cache's folder ("auto": `resized/` next to the CSV; None: none)."""
     data_csv = Path(data_csv)
     if not data_csv.is_file():
         raise TrainingError(f"data CSV {data_csv} does not exist; make one with `cxrlt synth-data --out DIR --n 600`")
-    table = read_cxrlt_csv(data_csv, labels=labels)
+    table = read_labels(data_csv, labels=labels)
     if len(table) < 2:
         raise TrainingError(f"{data_csv} holds {len(table)} image(s); training needs at least two patients")
     train, val = patient_split(table.patient_ids, val_fraction, seed)

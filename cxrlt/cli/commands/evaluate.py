@@ -21,7 +21,7 @@ from cxrlt.cli.options import add_engine_argument, add_hints_argument, add_repo_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV (images next to it)")
+    parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV or PadChest label file (images next to it)")
     source = parser.add_argument_group("source (one of)")
     source.add_argument("--url", help="gRPC HOST:PORT of a running server (its cxr_classifier is evaluated)")
     add_repo_argument(source, "a built repository: evaluated in process unless --url is given")

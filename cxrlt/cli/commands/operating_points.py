@@ -32,7 +32,7 @@ def policy_argument(value: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_argument(parser, "a repository written by `cxrlt build-repo`: the points are written into it", required=True)
-    add_option(parser, "--data", "--labels", required=True, type=Path, help="CXR-LT label CSV (images next to it, or under --images)")
+    add_option(parser, "--data", "--labels", required=True, type=Path, help="CXR-LT label CSV or PadChest label file (images next to it, or under --images)")
     parser.add_argument("--images", type=Path, metavar="DIR", help="folder the CSV's image paths are relative to "
                                                                    "(default: the CSV's folder)")
     parser.add_argument("--policy", type=policy_argument, default="youden", metavar="POLICY",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, metavar="CSV", help="CXR-LT label CSV (images are found next to it)")
+    parser.add_argument("--data", required=True, type=Path, metavar="CSV", help="CXR-LT label CSV or PadChest label file (images are found next to it)")
     parser.add_argument("--images", type=Path, metavar="DIR", help="image folder (default: the CSV's folder)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="cache folder (default: resized/ next to the CSV, where `cxrlt train` looks)")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cxrlt.cli.console import console
-    from training.data import read_cxrlt_csv
+    from training.data import read_labels
     from training.image_cache import default_root, write_manifest
 
     if not args.data.is_file():
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if min(args.size) < 24:
         console.print("[red]--size must be at least 24 pixels[/]")
         return 2
-    table = read_cxrlt_csv(args.data)
+    table = read_labels(args.data)
     images = list(dict.fromkeys(table.image_paths))
     image_root = args.images or args.data.parent
     out = args.out or default_root(args.data)

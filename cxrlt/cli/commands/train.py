@@ -29,7 +29,7 @@ ALL_RECIPES = ("router", "frontal_pcam", "lateral_pcam", "frontal_cait", "latera
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, nargs="+", metavar="FILE",
                         help="recipe YAML file(s) or checked-in recipe name(s) (e.g. frontal_pcam); 'all' = every served network")
-    parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV (images are found next to it)")
+    parser.add_argument("--data", required=True, type=Path, help="CXR-LT label CSV or PadChest label file (images are found next to it)")
     parser.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
     parser.add_argument("--out", type=Path, default=Path("runs/checkpoints"), metavar="DIR", help="checkpoint folder (default runs/checkpoints)")
     parser.add_argument("--epochs", type=int, help="total epochs (overrides the recipe)")
