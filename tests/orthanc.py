@@ -11,7 +11,9 @@ and tritonserver all have to reach it. Always stopped by PID.
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,6 +28,7 @@ from cxrlt.server.launcher import free_port
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MODALITY_AET = "MODALITY"  # the AE title the tests C-STORE as (an X-ray modality)
+USER = "cxrlt"
 
 
 def orthanc_binary() -> str | None:
@@ -41,6 +44,10 @@ class Orthanc:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet = aet
+        self.password = secrets.token_hex(8)
+        # HTTP basic auth, as a hospital's PACS has it: cxrlt's DICOMweb clients read USER:PASSWORD from a file
+        self.credentials_file = self.folder / "dicomweb-credentials"
+        self.credentials_file.write_text(f"{USER}:{self.password}\n")
         self.http_port = free_port()
         self.dicom_port = free_port()
         config = json.loads((DEPLOY / "cxrlt.json").read_text())  # what the hospital copies
@@ -53,7 +60,7 @@ class Orthanc:
         config.update({
             "Name": "cxrlt-test", "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": aet,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: self.password},
             "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,
             "SaveJobs": False, "DicomScuTimeout": 10, "StableAge": 5, "ConcurrentJobs": 2,
         })
@@ -93,6 +100,7 @@ class Orthanc:
 
     def _request(self, path: str, data: bytes | None = None) -> bytes:
         request = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{self.password}".encode()).decode())
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 

@@ -494,7 +494,8 @@ def test_a_ct_and_corrupt_data_are_rejected_with_a_reason_and_the_node_goes_on(p
 @with_orthanc
 def test_stow_rs_delivery_to_orthanc_dicomweb(pacs, backend, work, cxrlt):
     orthanc, _ = pacs
-    node = Node(work / "stow-spool", backend, "--stow-url", orthanc.dicomweb, ae_title="CXRLTSTOW")
+    node = Node(work / "stow-spool", backend, "--stow-url", orthanc.dicomweb, "--stow-credentials-file",
+                orthanc.credentials_file, ae_title="CXRLTSTOW")
     node.start()
     try:
         image = variant(work, "stow")
@@ -524,9 +525,12 @@ def test_dicomweb_backfill_classifies_a_study_and_stores_the_same_srs(pacs, back
     in_orthanc = {instance["MainDicomTags"]["SOPInstanceUID"] for instance in orthanc.instances(STUDY, "CR")}
     assert len(in_orthanc) >= 2  # the radiographs the modality stored in the earlier tests
 
-    out = work / "backfill.json"  # through the command a user runs
+    out = work / "backfill.json"  # through the command a user runs, with the PACS's credentials
+    with pytest.raises(PermissionError, match="HTTP 401.*--dicomweb-credentials-file"):
+        cxrlt("classify", "--dicomweb", orthanc.dicomweb, "--study", STUDY, "--url", backend.url, "--out", str(out))
     assert cxrlt("classify", "--dicomweb", orthanc.dicomweb, "--study", STUDY, "--url", backend.url, "--store",
-                 "--retries", "2", "--deadline-s", "60", "--out", str(out)) == 0
+                 "--dicomweb-credentials-file", orthanc.credentials_file, "--retries", "2", "--deadline-s", "60",
+                 "--out", str(out)) == 0
     entries = json.loads(out.read_text())
     assert sorted(entry["image_id"] for entry in entries) == sorted(in_orthanc), entries
     for entry in entries:  # the node's SR again: same UID and findings, nothing added
@@ -548,7 +552,8 @@ def test_dicomweb_backfill_classifies_a_study_and_stores_the_same_srs(pacs, back
     image = variant(work, "backfill-sc", mutate=secondary_capture)
     header = pydicom.dcmread(image, stop_before_pixels=True)
     assert store(orthanc.dicom_port, orthanc.aet, image) == [0]
-    (entry,) = asyncio.run(backfill(orthanc.dicomweb, str(header.StudyInstanceUID), backend.url, store=True))
+    (entry,) = asyncio.run(backfill(orthanc.dicomweb, str(header.StudyInstanceUID), backend.url, store=True,
+                                    credentials_file=orthanc.credentials_file))
     assert entry["image_id"] == str(header.SOPInstanceUID) and entry["stored"], entry
     found = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": entry["sr"]}})
     assert len(found) == 1

@@ -36,13 +36,21 @@ async def backfill(dicomweb: str, study: str, url: str, *, store: bool = False, 
                    credentials_file: Path | None = None, timeout_s: float = 60.0, retries: int = 8,
                    deadline_s: float = 120.0, concurrency: int = 2) -> list[dict[str, Any]]:
     """Classify the radiographs of ``study`` at the DICOMweb service root ``dicomweb`` on the server ``url``."""
+    import requests
+
     from cxrlt.client.sdk import AsyncCxrltClient
     from cxrlt.client.workflow import ClassifyFailure, classify_image
     from cxrlt.node.destinations import DestinationError, StowDestination
 
     web = StowDestination(dicomweb, credentials_file, timeout_s=timeout_s)
     dicomweb_client = web.client()
-    listed = await asyncio.to_thread(dicomweb_client.search_for_instances, study_instance_uid=study)
+    try:
+        listed = await asyncio.to_thread(dicomweb_client.search_for_instances, study_instance_uid=study)
+    except requests.HTTPError as exc:
+        if exc.response is not None and exc.response.status_code in (401, 403):
+            raise PermissionError(f"{dicomweb} refused the study search (HTTP {exc.response.status_code}): give its "
+                                  "USER:PASSWORD in a file with --dicomweb-credentials-file") from None
+        raise
     images = [(_value(e, "0020000E"), _value(e, "00080018")) for e in listed
               if _value(e, "00080016") in RADIOGRAPH_SOP_CLASSES]
     semaphore = asyncio.Semaphore(max(1, concurrency))

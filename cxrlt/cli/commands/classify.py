@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. http://pacs:8042/dicom-web); JSON output, one SR per image stored back with --store")
     parser.add_argument("--study", metavar="UID", help="with --dicomweb: the StudyInstanceUID to classify")
     parser.add_argument("--store", action="store_true", help="with --dicomweb: STOW-RS each image's SR back into its study")
+    parser.add_argument("--dicomweb-credentials-file", type=Path, metavar="FILE",
+                        help="file holding USER:PASSWORD for --dicomweb (HTTP basic auth; kept off the command line)")
     parser.add_argument("--url", default="127.0.0.1:8001", metavar="HOST:PORT", help="Triton gRPC endpoint")
     parser.add_argument("--format", default="json", choices=FORMATS,
                         help="json, the challenge csv, or sr (DICOM SR per image)")
@@ -94,6 +96,7 @@ def _backfill(args: argparse.Namespace) -> int:
     if not (args.dicomweb and args.study) or args.paths or args.format != "json":
         raise ValueError("DICOMweb backfill takes --dicomweb URL and --study UID, no paths, and writes JSON")
     entries = asyncio.run(backfill(args.dicomweb, args.study, args.url, store=args.store, tls=tls_options(args),
+                                   credentials_file=args.dicomweb_credentials_file,
                                    timeout_s=args.timeout_s, retries=args.retries, deadline_s=args.deadline_s,
                                    concurrency=args.concurrency))
     text = json.dumps(entries, indent=2) + "\n"
