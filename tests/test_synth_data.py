@@ -8,7 +8,7 @@ from PIL import Image
 
 from cxrlt.contract.labels import ALL_LABELS, NORMAL_INDEX
 from cxrlt.io.synthetic import GRID, class_pattern, render_image
-from training.synth import _prevalence, main_synth, synthetic_labels, write_synthetic_dataset
+from training.synth import _prevalence, synthetic_labels, write_synthetic_dataset
 
 N = 48
 
@@ -156,6 +156,6 @@ def test_labels_survive_a_horizontal_flip():
         assert np.abs(patch - patch[:, ::-1]).mean() < 0.1 * patch.mean(), class_pattern(index)
 
 
-def test_main_synth_returns_csv(tmp_path):
-    path = main_synth(tmp_path, 6, seed=1)
+def test_the_writer_returns_the_csv(tmp_path):
+    path = write_synthetic_dataset(tmp_path, 6, seed=1)
     assert path.name == "labels.csv" and len(read_rows(path)) == 7

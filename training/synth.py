@@ -120,8 +120,3 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, i
             Image.fromarray(pixels).save(out / image_id, compress_level=1)  # uint16 -> mode 'I;16'
             writer.writerow([image_id, patient_ids[i], projections[i], *(int(v) for v in labels[i])])
     return csv_path
-
-
-def main_synth(out: str | os.PathLike, n: int, seed: int = 0) -> Path:
-    """`cxrlt synth-data`: write the data set and return the CSV path."""
-    return write_synthetic_dataset(out, n, seed=seed)
