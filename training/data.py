@@ -406,12 +406,6 @@ def read_padchest_csv(path: str | os.PathLike, label_map: str | os.PathLike | Ma
         term_map = {label: frozenset(t.lower() for t in label_map[label]) for label in labels}
     else:
         term_map = load_padchest_label_map(label_map, include_ext=include_ext, labels=labels)
-    # Invert once: term -> class indices.
-    term_to_classes: dict[str, list[int]] = {}
-    for index, label in enumerate(labels):
-        for term in term_map[label]:
-            term_to_classes.setdefault(term, []).append(index)
-
     frame = _read_csv(path)
     _require_columns(list(frame.columns), ("ImageID", "PatientID", "Projection", "Labels"), path)
     rows = _data_rows(path, frame, "ImageID")
@@ -425,8 +419,7 @@ def read_padchest_csv(path: str | os.PathLike, label_map: str | os.PathLike | Ma
     )
     vectors = np.zeros((len(terms), len(labels)), dtype=np.float32)  # one per distinct Labels cell
     for k, cell_terms in enumerate(terms):
-        for term in cell_terms:
-            vectors[k, term_to_classes.get(term, [])] = 1.0
+        vectors[k] = [not term_map[label].isdisjoint(cell_terms) for label in labels]
     return LabelTable(rows["ImageID"].tolist(), rows["PatientID"].tolist(), projections, vectors[codes],
                       tuple(labels), _image_paths(rows))
 
