@@ -56,7 +56,8 @@ UINT16_MAX = 65535
 # full scale apart (lossy JPEG and YBR round trips move equal channels by a step or two).
 COLOUR_TOLERANCE = 8 / 255
 COLOUR_FRACTION = 0.01
-_BOMB = "decompression-bomb guard, checked before decoding"
+_OVER_LIMIT = (f"over the limit of {MAX_PIXELS} pixels (decompression-bomb guard, checked before decoding); "
+               "downsample the image before sending")
 
 # ViewCodeSequence (CID 4010 "DX View") -> ViewPosition term. Current SNOMED CT codes come
 # from pydicom's code dictionary; the legacy SNOMED RT (SRT) codes are what older
@@ -236,11 +237,8 @@ def _check_usable(path: Path, ds: Dataset) -> None:
     if rows <= 0 or columns <= 0:
         raise InputError(f"{path}: the header gives no image size (Rows {rows}, Columns {columns}); fix the header or re-export")
     if rows * columns * max(frames, 1) > MAX_PIXELS:
-        raise InputError(
-            f"{path}: the header claims {rows}x{columns}"
-            f"{f' x {frames} frames' if frames > 1 else ''} = {rows * columns * max(frames, 1)} pixels, over the limit "
-            f"of {MAX_PIXELS} pixels ({_BOMB}); downsample the image before sending"
-        )
+        raise InputError(f"{path}: the header claims {rows}x{columns}{f' x {frames} frames' if frames > 1 else ''} = "
+                         f"{rows * columns * max(frames, 1)} pixels, {_OVER_LIMIT}")
     if frames > 1:
         raise InputError(f"{path}: multi-frame image ({frames} frames); send one radiograph per file")
     samples = _int(ds, "SamplesPerPixel", 1)
@@ -484,19 +482,14 @@ def _try_pillow(path: Path, file: Any):
     except Image.DecompressionBombError as exc:
         match = re.search(r"\((\d+) pixels\)", str(exc))
         claimed = f"{match.group(1)} pixels" if match else "more pixels than Pillow allows"
-        raise InputError(
-            f"{path}: the image header claims {claimed}, over the limit of {MAX_PIXELS} pixels ({_BOMB}); "
-            "downsample the image before sending"
-        ) from None
+        raise InputError(f"{path}: the image header claims {claimed}, {_OVER_LIMIT}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None, None
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
-        raise InputError(
-            f"{path}: the {image.format or 'image'} header claims {height}x{width} = {width * height} pixels, over "
-            f"the limit of {MAX_PIXELS} pixels ({_BOMB}); downsample the image before sending"
-        )
+        raise InputError(f"{path}: the {image.format or 'image'} header claims {height}x{width} = {width * height} "
+                         f"pixels, {_OVER_LIMIT}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
