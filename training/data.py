@@ -228,17 +228,14 @@ def load_padchest_counts(path: str | os.PathLike | None = None) -> dict[str, Cla
     frame = _read_csv(csv_path)
     _require_columns(list(frame.columns), ("cls", "set", "core", "ext"), csv_path)
     rows = _data_rows(csv_path, frame, "cls")
-    by_lower = {label.lower(): label for label in ALL_LABELS}
-    found = [by_lower.get(cell.strip().lower()) for cell in rows["cls"].tolist()]
-    rows = rows[np.array([label is not None for label in found], dtype=bool)]  # challenge classes only
+    labels = rows["cls"].str.strip().str.lower().map({label.lower(): label for label in ALL_LABELS})
+    rows = rows[labels.notna()]  # challenge classes only
     count_columns = [k for k in frame.columns if k.split("_")[0] in ("core", "ext") and "_" in k]
     decoded = _parse_cells(csv_path, frame, rows, count_columns, int, "use a whole number of images")
-    counts = {k: [parsed[c] for c in codes] for k, (codes, parsed) in zip(count_columns, decoded)}
     table: dict[str, ClassCounts] = {}
-    labels = [label for label in found if label is not None]
-    for i, (label, task_set, core, ext) in enumerate(zip(labels, rows["set"], rows["core"], rows["ext"])):
-        table[label] = ClassCounts(label, task_set, _split_terms(core), _split_terms(ext),
-                                   {k: values[i] for k, values in counts.items()})
+    for i, (label, task_set, core, ext) in enumerate(zip(labels.dropna(), rows["set"], rows["core"], rows["ext"])):
+        counts = {k: parsed[codes[i]] for k, (codes, parsed) in zip(count_columns, decoded)}
+        table[label] = ClassCounts(label, task_set, _split_terms(core), _split_terms(ext), counts)
     missing = [label for label in ALL_LABELS if label not in table]
     if missing:
         raise ValueError(f"counts CSV {csv_path} lacks the classes {missing}; use the project's file")
