@@ -39,7 +39,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sr.codedict import codes
 
 from cxrlt.contract.acceptance import (ACCEPTED_MODALITIES, SECONDARY_CAPTURE_SOP_CLASSES,  # noqa: F401 (re-exported)
@@ -256,8 +256,11 @@ def _check_usable(path: Path, ds: Dataset) -> None:
                                                f"{samples} sample{'s' if samples != 1 else ''} per pixel"))
     if _int(ds, "BitsAllocated", 16) == 1:
         raise InputError(_one_bit_message(path))
-    _check_pixel_data_length(path, ds, rows, columns, samples)
-    _check_decoder(path, ds)
+    syntax = _syntax(ds)
+    if syntax is not None and syntax.is_encapsulated:
+        _check_decoder(path, syntax)
+    else:
+        _check_pixel_data_length(path, ds, rows, columns, samples, photometric)
 
 
 _RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -288,13 +291,10 @@ def _syntax(ds: Dataset):
     return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
 
 
-def _check_pixel_data_length(path: Path, ds: Dataset, rows: int, columns: int, samples: int) -> None:
+def _check_pixel_data_length(path: Path, ds: Dataset, rows: int, columns: int, samples: int, photometric: str) -> None:
     """Native (uncompressed) pixel data must hold what Rows x Columns x bits say, no less, no more."""
-    syntax = _syntax(ds)
-    if syntax is not None and syntax.is_encapsulated:
-        return
     bits = _int(ds, "BitsAllocated", 16)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+    if photometric == "YBR_FULL_422":
         samples = 2  # chroma subsampled 2:1 horizontally: 2 values per pixel on average
     expected = rows * columns * samples * bits // 8
     actual = len(ds.PixelData)
@@ -312,14 +312,8 @@ def _check_pixel_data_length(path: Path, ds: Dataset, rows: int, columns: int, s
         )
 
 
-def _check_decoder(path: Path, ds: Dataset) -> None:
+def _check_decoder(path: Path, syntax: pydicom.uid.UID) -> None:
     """A compressed transfer syntax needs a decoder installed here: say which, before decoding."""
-    from pydicom.pixels import get_decoder
-
-    syntax = _syntax(ds)
-    if syntax is None or not syntax.is_encapsulated:
-        return
-    name = getattr(syntax, "name", None) or str(syntax)
     try:
         decoder = get_decoder(syntax)
         available = decoder.is_available
@@ -329,7 +323,7 @@ def _check_decoder(path: Path, ds: Dataset) -> None:
     if not available:
         raise InputError(
             f"{path}: the pixel data cannot be decoded here: no installed decoder handles transfer syntax "
-            f"{name} ({syntax}) ({missing or 'no plugin'}); install one of those, or re-export the image "
+            f"{syntax.name} ({syntax}) ({missing or 'no plugin'}); install one of those, or re-export the image "
             "uncompressed (Explicit VR Little Endian) or as JPEG 2000"
         )
 
