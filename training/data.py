@@ -356,10 +356,8 @@ def read_cxrlt_csv(path: str | os.PathLike, labels: Sequence[str] = ALL_LABELS) 
     fields = list(frame.columns)
     _require_columns(fields, ("ImageID", "PatientID"), path)
     by_lower = {f.lower(): f for f in fields}
-    columns, missing = [], []
-    for label in labels:
-        column = label if label in fields else by_lower.get(label.lower())
-        (columns if column else missing).append(column or label)
+    columns = [label if label in fields else by_lower.get(label.lower()) for label in labels]
+    missing = [label for label, column in zip(labels, columns) if not column]
     if missing:
         raise ValueError(
             f"{path} lacks the class column(s) {missing}; a CXR-LT CSV needs one 0/1 column per "
