@@ -27,6 +27,7 @@ text) is logged as a warning and ignored: the image is classified without that h
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -147,8 +148,6 @@ def _load_content(path: Path, head: bytes, open_file: Callable[[], Any], body_pa
 
 def header_only(ds: Dataset) -> Dataset:
     """A copy of ``ds`` without its pixel data (what a report about the image needs to reference it)."""
-    import copy
-
     header = Dataset()
     for element in ds:
         if element.tag.group != 0x7FE0:

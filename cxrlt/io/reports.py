@@ -20,7 +20,6 @@ Without operating points the SR calls nothing present or absent and says so in a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from cxrlt.contract.results import Decision, FindingsResult
 from cxrlt.contract.study import StudyResult
 from cxrlt.io.atomic import atomic_path, write_text_atomic
 from cxrlt.io.finding_codes import PRIVATE_SCHEME, FindingCode, finding_codes, label_for_code
+from cxrlt.io.images import header_only
 
 __all__ = ["MANUFACTURER", "SOFTWARE_VERSION", "NOT_FOR_CLINICAL_USE", "to_json", "challenge_csv", "write_challenge_csv",
            "failures_csv", "decisions_csv", "NO_OPERATING_POINTS", "SrUids", "derived_uids", "derived_study_uids", "build_sr",
@@ -135,10 +135,7 @@ def _evidence(source: Dataset) -> Dataset:
     Real PACS objects sometimes omit Type 2 attributes; highdicom reads them as attributes,
     so absent ones become empty rather than an AttributeError.
     """
-    header = Dataset()
-    for element in source:
-        if element.tag.group != 0x7FE0:  # leave out PixelData: it is not needed and large
-            header.add(copy.deepcopy(element))
+    header = header_only(source)  # PixelData is not needed and large
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                     "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
         if keyword not in header:
