@@ -60,20 +60,15 @@ COLOUR_FRACTION = 0.01
 _OVER_LIMIT = (f"over the limit of {MAX_PIXELS} pixels (decompression-bomb guard, checked before decoding); "
                "downsample the image before sending")
 
-# ViewCodeSequence (CID 4010 "DX View") -> ViewPosition term. Current SNOMED CT codes come
-# from pydicom's code dictionary; the legacy SNOMED RT (SRT) codes are what older
+# ViewCodeSequence (CID 4010 "DX View") -> ViewPosition term, one line per view: the current
+# SNOMED CT code from pydicom's code dictionary, then the legacy SNOMED RT (SRT) code that older
 # modalities still send.
 _VIEW_CODES: dict[str, str] = {
-    codes.SCT.PosteroAnterior.value: "PA",  # 272479007
-    "R-10214": "PA",
-    codes.SCT.AnteroPosterior.value: "AP",  # 399348003
-    "R-10206": "AP",
-    codes.SCT.RightLateral.value: "RL",  # 399198007
-    "R-10232": "RL",
-    codes.SCT.LeftLateral.value: "LL",  # 399173006
-    "R-10236": "LL",
-    codes.SCT.LateralProjection.value: "LATERAL",  # 399067008
-    "R-102CD": "LATERAL",
+    codes.SCT.PosteroAnterior.value: "PA", "R-10214": "PA",  # 272479007
+    codes.SCT.AnteroPosterior.value: "AP", "R-10206": "AP",  # 399348003
+    codes.SCT.RightLateral.value: "RL", "R-10232": "RL",  # 399198007
+    codes.SCT.LeftLateral.value: "LL", "R-10236": "LL",  # 399173006
+    codes.SCT.LateralProjection.value: "LATERAL", "R-102CD": "LATERAL",  # 399067008
 }
 # CodeMeaning text, normalised (lower case, no spaces/hyphens), for codes we do not know.
 _VIEW_MEANINGS: dict[str, str] = {"posteroanterior": "PA", "pa": "PA", "anteroposterior": "AP", "ap": "AP",
@@ -431,8 +426,7 @@ def hint_from_dataset(ds: Dataset, source: str | Path = "<dataset>") -> str | No
     over-long text) gives no hint: it is logged as a warning and ignored, and
     ViewCodeSequence is tried; the image is classified either way."""
     try:
-        raw = ds.get("ViewPosition", "") or ""
-        view_position = str(raw).strip().upper()
+        view_position = str(ds.get("ViewPosition", "") or "").strip().upper()
     except Exception:  # undecodable bytes in the element
         view_position = "<undecodable>"
     if view_position:
@@ -450,13 +444,12 @@ def hint_from_dataset(ds: Dataset, source: str | Path = "<dataset>") -> str | No
             "" if usable else f" ({'non-ASCII' if not view_position.isascii() else 'over 16 characters'})",
         )
     for item in ds.get("ViewCodeSequence", None) or []:
-        code = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
-        if code.upper() in _VIEW_CODES:
-            return _VIEW_CODES[code.upper()]
-        meaning = str(item.get("CodeMeaning", "") or "")
-        key = "".join(ch for ch in meaning.lower() if ch.isalnum())
-        if key in _VIEW_MEANINGS:
-            return _VIEW_MEANINGS[key]
+        code = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip().upper()
+        if code in _VIEW_CODES:
+            return _VIEW_CODES[code]
+        meaning = "".join(ch for ch in str(item.get("CodeMeaning", "") or "").lower() if ch.isalnum())
+        if meaning in _VIEW_MEANINGS:
+            return _VIEW_MEANINGS[meaning]
     return None
 
 
