@@ -178,7 +178,7 @@ class Recipe:
         return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: copy.deepcopy(v) for k, v in dataclasses.asdict(self).items()}
+        return dataclasses.asdict(self)  # deep copies of the values
 
 
 def _merge(base: dict, override: Mapping) -> dict:
@@ -214,9 +214,7 @@ def set_override(data: dict, assignment: str) -> None:
 def resolve_config_path(path: str | Path) -> Path:
     """A recipe path as given, else the name of a checked-in recipe ('frontal_pcam[.yaml]')."""
     path = Path(path)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+    for candidate in (path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
     raise RecipeError(
