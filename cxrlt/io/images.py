@@ -170,8 +170,7 @@ def _load_dicom(path: Path, ds: Dataset, body_parts: Sequence[str] | None = None
     if problem:
         raise InputError(f"{path}: {problem}")
     _check_usable(path, ds)
-    stored = _decode_pixels(path, ds)
-    pixels = dicom_to_uint16(stored, ds, path)
+    pixels = dicom_to_uint16(_decode_pixels(path, ds), ds, path)
     image_id = str(ds.get("SOPInstanceUID", "") or path.stem)
     return LoadedImage(pixels=pixels, hint=hint_from_dataset(ds, path), image_id=image_id, dataset=ds, source=path)
 
@@ -206,9 +205,7 @@ def _try_bare_dicom(file: Any) -> Dataset | None:
         except Exception:
             return None
     # force=True happily "parses" arbitrary bytes; demand the elements of a real image.
-    if "SOPClassUID" in ds and "Rows" in ds:
-        return ds
-    return None
+    return ds if "SOPClassUID" in ds and "Rows" in ds else None
 
 
 def _check_usable(path: Path, ds: Dataset) -> None:
@@ -408,11 +405,9 @@ def dicom_to_uint16(stored: np.ndarray, ds: Dataset, path: str | Path = "<datase
     # MONOCHROME1 (and Presentation LUT Shape INVERSE) mean "higher = darker". Invert after
     # VOI and within the transform's own range; pydicom's apply_presentation_lut inverts
     # around the image's maximum, which would make brightness depend on content again.
-    inverse = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
-    if str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
-        # PS3.3 C.11.6: INVERSE on a MONOCHROME1 image yields MONOCHROME2-like output.
-        inverse = not inverse
-    if inverse:
+    # PS3.3 C.11.6: INVERSE on a MONOCHROME1 image yields MONOCHROME2-like output (the two cancel).
+    monochrome1 = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    if monochrome1 != (str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"):
         image = (lo + hi) - image
 
     scaled = (image - lo) * (UINT16_MAX / (hi - lo))
