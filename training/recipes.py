@@ -324,7 +324,7 @@ def _check_model(merged: dict[str, Any], fail: Callable[[str, str], NoReturn]) -
     model = merged["model"]
     specs = profile.network_specs()
     if task == "clip":
-        if model != CLIP_MODEL and not str(model).startswith(CLIP_MODEL):
+        if not str(model).startswith(CLIP_MODEL):
             fail("model", f"a clip recipe writes {CLIP_MODEL!r} (clip.pt), not {model!r}")
         merged["clip"] = _merge(_CLIP_DEFAULTS, merged["clip"] or {})
         unknown_holdout = [c for c in merged["clip"]["holdout"] if c not in TASK1_LABELS]
@@ -348,7 +348,7 @@ def _check_model(merged: dict[str, Any], fail: Callable[[str, str], NoReturn]) -
         served_projection = model.split("_")[1]
         if merged["projection"] != served_projection:
             fail("projection", f"{model} serves {served_projection} images; set projection: {served_projection}")
-    is_cait = merged["arch"] is None and task == "multilabel" and specs.get(model, NetworkSpec("", {})).arch == "cait_on_convnextv2"
+    is_cait = merged["arch"] is None and task == "multilabel" and model in specs and specs[model].arch == "cait_on_convnextv2"
     if is_cait and not merged["pcam_checkpoint"]:
         fail("pcam_checkpoint", "a CaiT member needs the PCAM checkpoint whose backbone it freezes")
     if merged["pcam_checkpoint"] and not is_cait:
@@ -367,8 +367,7 @@ def _check_optimisation(merged: dict[str, Any], fail: Callable[[str, str], NoRet
     allowed = {"projection": ("ce",), "clip": ("asl",)}.get(task, LOSSES_MULTILABEL)
     if loss["name"] not in allowed:
         fail("loss.name", f"task {task} takes one of {allowed}, not {loss['name']!r}")
-    sampler = merged["sampler"] or {"name": "none"}
-    merged["sampler"] = sampler
+    sampler = merged["sampler"] = merged["sampler"] or {"name": "none"}
     if sampler.get("name", "none") not in SAMPLERS:
         fail("sampler.name", f"must be one of {SAMPLERS}, not {sampler.get('name')!r}")
     if merged["optimizer"].get("name", "adamw") != "adamw":
@@ -397,12 +396,11 @@ def _check_optimisation(merged: dict[str, Any], fail: Callable[[str, str], NoRet
 
 def _check_validation(merged: dict[str, Any], fail: Callable[[str, str], NoReturn]) -> None:
     """Test-time augmentation, the validation split and the training augmentation."""
-    task = merged["task"]
     try:
         merged["tta"] = list(parse_tta_views(merged["tta"]))
     except ValueError as exc:
         fail("tta", str(exc))
-    if task in ("projection", "clip") and merged["tta"] != ["identity"]:
+    if merged["task"] in ("projection", "clip") and merged["tta"] != ["identity"]:
         fail("tta", "the served router and CLIP encoder see the untransformed image only; set tta: [identity]")
     if not 0.0 < float(merged["val_fraction"]) < 1.0:
         fail("val_fraction", "must be in (0, 1)")
