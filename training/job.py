@@ -112,12 +112,11 @@ def _cached_image(path: Path, load: Callable[[Path], np.ndarray] = load_pixels, 
 def image_loader(cache: bool, resized: Callable[[Path], np.ndarray] | None = None) -> Callable[[Path], np.ndarray]:
     """cxrlt.io.images.load_pixels, or `resized` (a training.image_cache.ResizedLoader), optionally
     memoised (images up to 1 MiB: the tiny profile's)."""
-    load = resized or load_pixels
     if not cache:
-        return load
+        return resized or load_pixels
     if resized is None:
         return _cached_image
-    return functools.partial(_cached_image, load=load, tag=str(getattr(resized, "folder", "resized")))
+    return functools.partial(_cached_image, load=resized, tag=str(getattr(resized, "folder", "resized")))
 
 
 def init_weights_path(recipe: Recipe) -> Path | None:
@@ -199,10 +198,8 @@ def data_loader(dataset, batch_size: int, recipe: Recipe, epoch: int, sampler=No
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
     if sampler is not None:
         sampler.set_epoch(epoch)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-        drop_last=False, **common,
-    )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
+                                       **common)
 
 
 # ---------------------------------------------------------------------------- jobs
