@@ -52,6 +52,7 @@ A recipe names what it trains and how; the data (`--data CSV`) and the output fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
@@ -204,10 +205,8 @@ def set_override(data: dict, assignment: str) -> None:
         target = target[part]
     value = yaml.safe_load(raw)
     if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     target[parts[-1]] = value
 
 
