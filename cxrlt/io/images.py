@@ -53,12 +53,16 @@ __all__ = ["InputError", "LoadedImage", "load_image", "load_pixels", "hint_from_
 log = logging.getLogger(__name__)
 
 UINT16_MAX = 65535
+# The 3-sample photometric interpretations; such an image is accepted only when it is grey in fact.
+_RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 # An RGB image counts as grey when at most 1 % of its pixels have channels more than 8/255 of
 # full scale apart (lossy JPEG and YBR round trips move equal channels by a step or two).
 COLOUR_TOLERANCE = 8 / 255
 COLOUR_FRACTION = 0.01
 _OVER_LIMIT = (f"over the limit of {MAX_PIXELS} pixels (decompression-bomb guard, checked before decoding); "
                "downsample the image before sending")
+_ONE_BIT = ("1-bit (black and white) image: it has no grey levels, so it is a mask or a scanned document, not a radiograph; "
+            "send the original grayscale image")
 
 # ViewCodeSequence (CID 4010 "DX View") -> ViewPosition term, one line per view: the current
 # SNOMED CT code from pydicom's code dictionary, then the legacy SNOMED RT (SRT) code that older
@@ -239,22 +243,18 @@ def _check_usable(path: Path, ds: Dataset) -> None:
             f"{path}: the header has no PhotometricInterpretation, so black and white are "
             "unknown; fix the header (MONOCHROME1 or MONOCHROME2) or re-export the image"
         )
-    grey_or_rgb = (samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2")) or (
-        samples == 3 and photometric in _RGB_PHOTOMETRICS
-    )
+    grey_or_rgb = ((samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2"))
+                   or (samples == 3 and photometric in _RGB_PHOTOMETRICS))
     if not grey_or_rgb:  # PALETTE COLOR and the like: colour by definition
         raise InputError(_colour_message(path, f"PhotometricInterpretation {photometric or 'missing'}, "
                                                f"{samples} sample{'s' if samples != 1 else ''} per pixel"))
     if _int(ds, "BitsAllocated", 16) == 1:
-        raise InputError(_one_bit_message(path))
+        raise InputError(f"{path}: {_ONE_BIT}")
     syntax = _syntax(ds)
     if syntax is not None and syntax.is_encapsulated:
         _check_decoder(path, syntax)
     else:
         _check_pixel_data_length(path, ds, rows, columns, samples, photometric)
-
-
-_RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
@@ -268,13 +268,6 @@ def _colour_message(path: Path, detail: str) -> str:
     return (
         f"{path}: colour image ({detail}); a chest radiograph is grayscale: send the original "
         "grayscale image (a DICOM CR/DX, or a grayscale PNG)"
-    )
-
-
-def _one_bit_message(path: Path) -> str:
-    return (
-        f"{path}: 1-bit (black and white) image: it has no grey levels, so it is a mask or a scanned "
-        "document, not a radiograph; send the original grayscale image"
     )
 
 
@@ -503,7 +496,7 @@ def _load_pillow(path: Path, image) -> LoadedImage:
     elif mode == "F":
         raise InputError(f"{path}: floating-point image; save it as 8- or 16-bit grayscale")
     elif mode == "1":
-        raise InputError(_one_bit_message(path))
+        raise InputError(f"{path}: {_ONE_BIT}")
     else:
         # L, LA, P, RGB, RGBA, CMYK, YCbCr ... -> 8-bit luminance, then 0..255 -> 0..65535.
         # Anything with colour must be grey in fact (equal channels): a colour photograph is refused.
