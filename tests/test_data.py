@@ -325,3 +325,6 @@ def test_training_reads_a_padchest_label_file_as_it_reads_a_cxrlt_csv(tmp_path):
     assert split.table.labels[:, TASK1_LABELS.index("cardiomegaly")].tolist() == [float(i % 2) for i in range(10)]
     assert len(split.train) + len(split.val) == 10
     assert read_labels(path).labels.shape == (10, len(ALL_LABELS))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="is empty; a CSV starts with a header line"):
+        read_labels(tmp_path / "empty.csv")

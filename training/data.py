@@ -422,7 +422,10 @@ def read_padchest_csv(path: str | os.PathLike, label_map: str | os.PathLike | Ma
 def read_labels(path: str | os.PathLike, labels: Sequence[str] = ALL_LABELS) -> LabelTable:
     """A CXR-LT label CSV, or PadChest's own label file (a `Labels` column of terms and no class
     columns), whose terms the packaged map turns into the classes (`read_padchest_csv`)."""
-    columns = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
+    try:
+        columns = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
+    except (ValueError, UnicodeDecodeError):  # empty, unparsable: read_cxrlt_csv names the problem
+        columns = set()
     if "labels" in columns and not {label.lower() for label in labels} & columns:
         return read_padchest_csv(path, labels=labels)
     return read_cxrlt_csv(path, labels=labels)
