@@ -29,9 +29,8 @@ import numpy as np
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
 from cxrlt.contract.served import ensemble_model_name
-from cxrlt.io.images import load_pixels
 
-from evaluation.evaluate import evaluation_images, hint_for
+from evaluation.evaluate import evaluation_images, predict
 from training.job import load_split
 from training.metrics import evaluate_predictions
 
@@ -110,7 +109,7 @@ class MemberLogits:
 def collect_member_logits(repository: str | os.PathLike, data_csv: str | os.PathLike, *, engine: str = "onnxruntime",
                           split: str = "val", val_fraction: float = 0.1, split_seed: int = 0, use_hints: bool = False,
                           on_image: Callable[[], None] | None = None) -> MemberLogits:
-    """Run the served pipeline once per image, capturing every member's outputs on the way."""
+    """Run the served pipeline once per image (evaluation.evaluate.predict), capturing every member's outputs on the way."""
     from python_backends.classifier import ClassifierPipeline
 
     from evaluation.reference import ReferencePipeline
@@ -125,25 +124,22 @@ def collect_member_logits(repository: str | os.PathLike, data_csv: str | os.Path
         return output
 
     pipeline = ClassifierPipeline(settings, infer)
-    data = load_split(data_csv, val_fraction, split_seed)
-    table = evaluation_images(data, split)
     logits: dict[str, list[np.ndarray]] = {m: [] for m in ensemble.MEMBERS}
-    projections, served = [], []
-    for index in range(len(table)):
+
+    def classify(image: np.ndarray, hint: str | None, image_id: str) -> tuple[np.ndarray, str]:
         captured.clear()
-        image = load_pixels(data.image_root / table.image_paths[index])
-        result = asyncio.run(pipeline.classify(image, hint_for(table.projections[index], use_hints)))
+        result = asyncio.run(pipeline.classify(image, hint))
         for member in ensemble.MEMBERS:
             views = captured[ensemble_model_name(result.projection, member)]
             logits[member].append(np.asarray(views, dtype=np.float64).mean(axis=0))
-        projections.append(result.projection)
-        served.append(result.probabilities)
-        if on_image:
-            on_image()
+        return result.probabilities, result.projection
+
+    data = load_split(data_csv, val_fraction, split_seed)
+    served = predict(evaluation_images(data, split), data.image_root, classify, use_hints, on_image=on_image)
     return MemberLogits(
-        image_ids=list(table.image_ids), labels=table.columns(TASK1_LABELS), projections=projections,
+        image_ids=served.image_ids, labels=served.labels, projections=served.projections_used,
         logits={m: np.stack(v) if v else np.zeros((0, len(TASK1_LABELS))) for m, v in logits.items()},
-        served_probabilities=np.stack(served) if served else np.zeros((0, len(TASK1_LABELS))),
+        served_probabilities=served.probabilities,
         gating_alpha=float(settings.gating_alpha), current={p: dict(settings.weights[p]) for p in PROJECTIONS},
     )
 
