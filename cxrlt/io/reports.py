@@ -36,7 +36,7 @@ from cxrlt.contract.labels import ALL_LABELS, TASK1_LABELS, TASK2_LABELS
 from cxrlt.contract.results import Decision, FindingsResult
 from cxrlt.contract.study import StudyResult
 from cxrlt.io.atomic import atomic_path, write_text_atomic
-from cxrlt.io.finding_codes import PRIVATE_SCHEME, FindingCode, finding_codes, label_for_code
+from cxrlt.io.finding_codes import PRIVATE_SCHEME, finding_codes, label_for_code
 from cxrlt.io.images import header_only
 
 __all__ = ["MANUFACTURER", "SOFTWARE_VERSION", "NOT_FOR_CLINICAL_USE", "to_json", "challenge_csv", "write_challenge_csv",
@@ -211,14 +211,13 @@ def _study_report(study: StudyResult) -> _Report:
         raise ValueError(f"study {study.study_instance_uid!r} has no images")
     first = study.images[0]
     answered = next((image for image in study.images if image.repository_sha256), None)
-    repository = answered.repository_sha256 if answered else None
+    version = answered.repository_sha256 if answered else first.model_version or SOFTWARE_VERSION
     views = ", ".join(f"{count} {projection}" for projection, count in study.projections.items())
     notes = [f"Study result of {len(study.images)} images ({views}): per finding the mean of the frontal images' "
              "mean and the lateral images' mean. "
              f"Model {first.model_name} version {first.model_version}; software {MANUFACTURER} {SOFTWARE_VERSION}."]
-    return _Report(study.probabilities, study.decisions, first.model_name or MANUFACTURER,
-                   repository or first.model_version or SOFTWARE_VERSION, study.random_weights, None, notes, 9902,
-                   f"study {study.study_instance_uid!r}", answered.release if answered else None)
+    return _Report(study.probabilities, study.decisions, first.model_name or MANUFACTURER, version, study.random_weights,
+                   None, notes, 9902, f"study {study.study_instance_uid!r}", answered.release if answered else None)
 
 
 def build_sr(result: FindingsResult, source_dataset: Dataset, *, uids: SrUids | None = None,
@@ -277,14 +276,10 @@ def _build_sr(report: _Report, evidence: list[Dataset], uids: SrUids | None,
     )
 
 
-def _concept(code: FindingCode) -> CodedConcept:
-    return CodedConcept(code.value, code.scheme, code.meaning)
-
-
-def _operating_point(decision: Decision | None) -> list[str] | None:
-    """The operating point as TID 4019 Algorithm Parameters, ``name=value`` (floats repr-exact)."""
+def _operating_point(decision: Decision | None) -> list[str]:
+    """The operating point as TID 4019 Algorithm Parameters, ``name=value`` (floats repr-exact); none without one."""
     if decision is None:
-        return None
+        return []
     return [f"policy={decision.policy}", f"threshold={float(decision.threshold)!r}",
             f"sensitivity={float(decision.sensitivity)!r}", f"specificity={float(decision.specificity)!r}"]
 
@@ -300,9 +295,9 @@ def _measurement_groups(report: _Report, evidence: list[Dataset],
     groups = []
     for label in (label for label in ALL_LABELS if label in report.probabilities):
         code = finding_codes()[label]
-        finding = _concept(code)
+        finding = CodedConcept(code.value, code.scheme, code.meaning)
         decision = (report.decisions or {}).get(label)
-        parameters = [*([f"release={report.release}"] if report.release is not None else []), *(_operating_point(decision) or [])]
+        parameters = [*([f"release={report.release}"] if report.release is not None else []), *_operating_point(decision)]
         algorithm = hd.sr.AlgorithmIdentification(name=report.algorithm_name, version=report.algorithm_version,
                                                   parameters=parameters or None)
         called = [] if decision is None else [
