@@ -74,13 +74,9 @@ def simplex_grid(step: float) -> list[Weights]:
     n = round(1.0 / step)
     if abs(n * step - 1.0) > 1e-6:
         raise ValueError(f"grid step {step} must divide 1 (e.g. 0.1, 0.05, 0.2)")
-    decimals = max(1, len(f"{step:g}".split(".")[-1]) if "." in f"{step:g}" else 1)
-    points = []
-    for i in range(n + 1):
-        for j in range(n + 1 - i):
-            k = n - i - j
-            points.append({m: round(v / n, decimals + 2) for m, v in zip(ensemble.MEMBERS, (i, j, k))})
-    return points
+    decimals = max(1, len(f"{step:g}".partition(".")[2]))
+    return [{m: round(v / n, decimals + 2) for m, v in zip(ensemble.MEMBERS, (i, j, n - i - j))}
+            for i in range(n + 1) for j in range(n + 1 - i)]
 
 
 def corner(member: str) -> Weights:
@@ -213,26 +209,23 @@ def search_weights(data: MemberLogits, grid: float = 0.1, exhaustive_limit: int 
     sizes = [len(candidates[p]) for p in PROJECTIONS]
     method = "exhaustive" if int(np.prod(sizes)) <= exhaustive_limit else "coordinate ascent"
     if method == "exhaustive":
-        for indices in itertools.product(*(range(n) for n in sizes)):
-            choice = dict(zip(PROJECTIONS, indices))
-            value = objective(choice)
-            if value > best_value + 1e-12:
-                best_choice, best_value = choice, value
-    else:
-        for pair in itertools.product(ensemble.MEMBERS, repeat=len(PROJECTIONS)):
-            choice = {p: candidates[p].index(corner(m)) for p, m in zip(PROJECTIONS, pair)}
-            value = objective(choice)
-            if value > best_value + 1e-12:
-                best_choice, best_value = choice, value
-        improved = True
-        while improved:
-            improved = False
-            for p in PROJECTIONS:
-                for index in range(len(candidates[p])):
-                    choice = {**best_choice, p: index}
-                    value = objective(choice)
-                    if value > best_value + 1e-12:
-                        best_choice, best_value, improved = choice, value, True
+        scan = [dict(zip(PROJECTIONS, indices)) for indices in itertools.product(*(range(n) for n in sizes))]
+    else:  # coordinate ascent from the best of the current weights and the pairs of single members
+        scan = [{p: candidates[p].index(corner(m)) for p, m in zip(PROJECTIONS, pair)}
+                for pair in itertools.product(ensemble.MEMBERS, repeat=len(PROJECTIONS))]
+    for choice in scan:
+        value = objective(choice)
+        if value > best_value + 1e-12:
+            best_choice, best_value = choice, value
+    improved = method == "coordinate ascent"
+    while improved:
+        improved = False
+        for p in PROJECTIONS:
+            for index in range(len(candidates[p])):
+                choice = {**best_choice, p: index}
+                value = objective(choice)
+                if value > best_value + 1e-12:
+                    best_choice, best_value, improved = choice, value, True
 
     chosen = {p: candidates[p][best_choice[p]] for p in PROJECTIONS}
 
@@ -262,13 +255,10 @@ def search_weights(data: MemberLogits, grid: float = 0.1, exhaustive_limit: int 
 
 
 def _unique(weights: list[Mapping[str, float]]) -> list[Weights]:
-    seen, out = set(), []
-    for w in weights:
-        key = tuple(round(float(w[m]), 9) for m in ensemble.MEMBERS)
-        if key not in seen:
-            seen.add(key)
-            out.append({m: float(w[m]) for m in ensemble.MEMBERS})
-    return out
+    unique: dict[tuple[float, ...], Weights] = {}
+    for w in weights:  # the first of each weighting (to 9 decimals), in order
+        unique.setdefault(tuple(round(float(w[m]), 9) for m in ensemble.MEMBERS), {m: float(w[m]) for m in ensemble.MEMBERS})
+    return list(unique.values())
 
 
 # ----------------------------------------------------------------------------- write
