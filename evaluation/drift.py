@@ -113,6 +113,12 @@ def _sampled(series: str, sampled: float) -> str:
     return f"clamp_min({series} * {_f(sampled)}, 1)"
 
 
+def _band_expr(rate: float, images: int, z: float, n: str) -> str:
+    """`band` as PromQL around a baseline `rate` of `images` validation images, for the window's `n` images."""
+    p = smoothed(rate * images, images)
+    return f"{_f(z)} * sqrt({_f(p * (1 - p))} * (1 / {n} + {_f(1 / images)})) + {_f(z * z / 2)} / {n}"
+
+
 def _alert(name: str, expr: str, summary: str, description: str) -> dict[str, Any]:
     return {"alert": name, "expr": expr, "labels": {"severity": "warning", "team": "cxrlt"},
             "annotations": {"summary": summary, "description": description}}
@@ -130,21 +136,18 @@ def _alerts(baseline: Mapping[str, Any], min_images: int, alpha: float, sampled:
     projections = baseline["projections"]
     n_val = max(projections["images"], 1)
     lateral = projections["lateral_fraction"]
-    p = smoothed(lateral * n_val, n_val)
     alerts.append(_alert(
         ALERTS[1],
-        f"(abs({LATERAL} - {_f(lateral)}) > {_f(z1)} * sqrt({_f(p * (1 - p))} * (1 / {routed} + {_f(1 / n_val)})) "
-        f"+ {_f(z1 * z1 / 2)} / {routed}) and {ROUTED} >= {min_images}",
+        f"(abs({LATERAL} - {_f(lateral)}) > {_band_expr(lateral, n_val, z1, routed)}) and {ROUTED} >= {min_images}",
         "Projection mix: {{ $value | humanizePercentage }} lateral, off the validation baseline",
         f"The fraction of lateral images left its binomial band around {lateral:.3f} (z = {z1:.2f})."))
     ood = baseline.get("ood")
     if ood:
         n_ood = max(ood["images"], 1)
-        r = smoothed(ood["refusal_rate"] * n_ood, n_ood)
         alerts.append(_alert(
             ALERTS[2],
-            f"({OOD_REFUSALS} - {_f(ood['refusal_rate'])} > {_f(z1_one)} * sqrt({_f(r * (1 - r))} * (1 / {scored} "
-            f"+ {_f(1 / n_ood)})) + {_f(z1_one * z1_one / 2)} / {scored}) and {OOD_IMAGES} >= {min_images}",
+            f"({OOD_REFUSALS} - {_f(ood['refusal_rate'])} > {_band_expr(ood['refusal_rate'], n_ood, z1_one, scored)}) "
+            f"and {OOD_IMAGES} >= {min_images}",
             "Out-of-distribution refusals at {{ $value | humanizePercentage }} of images",
             f"The gate refuses more images than on validation ({ood['refusal_rate']:.3%}): non-chest or foreign images arrive."))
         alerts.append(_alert(
