@@ -84,10 +84,9 @@ def _f(value: float) -> str:
 
 
 def _recording(window: str) -> list[dict[str, Any]]:
-    count, positives = f"{PROBABILITY}_count", POSITIVES
     return [
-        {"record": FINDING_IMAGES, "expr": f"sum by (finding) (increase({count}[{window}]))"},
-        {"record": RATE, "expr": f"sum by (finding) (increase({positives}[{window}])) / clamp_min({FINDING_IMAGES}, 1)"},
+        {"record": FINDING_IMAGES, "expr": f"sum by (finding) (increase({PROBABILITY}_count[{window}]))"},
+        {"record": RATE, "expr": f"sum by (finding) (increase({POSITIVES}[{window}])) / clamp_min({FINDING_IMAGES}, 1)"},
         {"record": ROUTED, "expr": f"sum(increase({PROJECTIONS}[{window}]))"},
         {"record": LATERAL, "expr": f'sum(increase({PROJECTIONS}{{projection="lateral"}}[{window}])) / clamp_min({ROUTED}, 1)'},
         {"record": "cxrlt:images:window", "expr": f"sum(increase({IMAGES}[{window}]))"},
@@ -211,21 +210,21 @@ def simulate(baseline: Mapping[str, Any], window_images: int = DEFAULT_WINDOW_IM
     of the `shifted_findings` findings closest to 0.3 rise by `shift` and when the lateral fraction
     moves by `shift` towards 0.5."""
     rng = np.random.default_rng(seed)
-    findings = baseline["findings"]
-    rates = np.asarray([f["positive_rate"] or 0.0 for f in findings.values()])
+    rates = np.asarray([f["positive_rate"] or 0.0 for f in baseline["findings"].values()])
     n_val = int(max(baseline["images"], 1))
     z36, z1 = z_value(alpha, FINDINGS_TESTED), z_value(alpha)
-    lateral = baseline["projections"]["lateral_fraction"]
+    lateral = np.array([baseline["projections"]["lateral_fraction"]])
+    shifted = rates.copy()
+    top = np.argsort(np.abs(rates - 0.3))[:shifted_findings]
+    shifted[top] = np.minimum(0.99, rates[top] + shift)
+    moved = lateral + (shift if lateral[0] < 0.5 else -shift)
     episodes, delays_rate, delays_mix = 0, [], []
     for _ in range(streams):
         fired = _alarms(rates, rng.random((len(rates), images)) < rates[:, None], window_images, eval_every, n_val, z36, rng)
-        fired |= _alarms(np.array([lateral]), rng.random((1, images)) < lateral, window_images, eval_every, n_val, z1, rng)
+        fired |= _alarms(lateral, rng.random((1, images)) < lateral[:, None], window_images, eval_every, n_val, z1, rng)
         episodes += int(fired[0]) + int(np.sum(fired[1:] & ~fired[:-1]))
-        shifted = rates.copy()
-        top = np.argsort(np.abs(rates - 0.3))[:shifted_findings]
-        shifted[top] = np.minimum(0.99, rates[top] + shift)
         delays_rate.append(_delay(rates, shifted, window_images, eval_every, n_val, z36, rng))
-        delays_mix.append(_delay(np.array([lateral]), np.array([lateral + (shift if lateral < 0.5 else -shift)]), window_images, eval_every, n_val, z1, rng))
+        delays_mix.append(_delay(lateral, moved, window_images, eval_every, n_val, z1, rng))
     evaluated = streams * (images - window_images)
     return {"window_images": window_images, "alpha": alpha, "z_findings": z36, "z_single": z1, "eval_every_images": eval_every,
             "in_distribution_images": evaluated, "false_alarm_episodes": episodes,
