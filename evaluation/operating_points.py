@@ -163,13 +163,12 @@ def calibrate_findings(y_true: np.ndarray, probabilities: np.ndarray, labels: Se
         if y.all() or not y.any():
             continue
         before = expected_calibration_error(y, p)
-        fit = fit_calibration(y, p)
-        after = expected_calibration_error(y, fit.apply(p)) if fit is not None else before
-        if fit is not None and fit.slope > 0 and after < before:
+        fit = fit_calibration(y, p)  # not None: y has positives and negatives
+        after = expected_calibration_error(y, fit.apply(p))
+        keep = fit.slope > 0 and after < before
+        if keep:
             kept[label] = fit
-            ece[label] = (before, after)
-        else:
-            ece[label] = (before, before)
+        ece[label] = (before, after if keep else before)
     return kept, ece
 
 
@@ -350,12 +349,11 @@ def decision_metrics(y_true: np.ndarray, probabilities: np.ndarray, labels: Sequ
             ece.append((expected_calibration_error(yc, p[:, column]), expected_calibration_error(yc, calibrated[:, column])))
         if not decided.any():
             continue
-        called = decisions[:, column] == 1
+        called, positive, negative = decisions[:, column] == 1, yc & decided, ~yc & decided
         per_class[label] = {
-            "sensitivity": float(called[yc & decided].mean()) if (yc & decided).any() else float("nan"),
-            "specificity": float((~called[~yc & decided]).mean()) if (~yc & decided).any() else float("nan"),
-            "positives": int((yc & decided).sum()), "negatives": int((~yc & decided).sum()),
-            "calibrated": label in points.calibration}
+            "sensitivity": float(called[positive].mean()) if positive.any() else float("nan"),
+            "specificity": float((~called[negative]).mean()) if negative.any() else float("nan"),
+            "positives": int(positive.sum()), "negatives": int(negative.sum()), "calibrated": label in points.calibration}
     before, after = np.mean(ece, axis=0) if ece else (float("nan"), float("nan"))
     sens = [r["sensitivity"] for r in per_class.values() if not np.isnan(r["sensitivity"])]
     spec = [r["specificity"] for r in per_class.values() if not np.isnan(r["specificity"])]
