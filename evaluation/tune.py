@@ -241,13 +241,13 @@ def search_weights(data: MemberLogits, grid: float = 0.1, exhaustive_limit: int 
             "single_member_mAP": {m: fast_mean_ap(labels, cache[p][candidates[p].index(corner(m))]) for m in ensemble.MEMBERS},
         }
     # The reported figures come from the challenge metric itself (sklearn), not the fast copy.
-    mAP_before = evaluate_predictions(data.labels, probabilities_with(data, data.current), TASK1_LABELS)["mAP"]
-    mAP_after = evaluate_predictions(data.labels, probabilities_with(data, chosen), TASK1_LABELS)["mAP"]
-    singles = {m: evaluate_predictions(data.labels, probabilities_with(data, {p: corner(m) for p in PROJECTIONS}),
-                                       TASK1_LABELS)["mAP"] for m in ensemble.MEMBERS}
+    def mAP(weights: Mapping[str, Weights]) -> float:
+        return evaluate_predictions(data.labels, probabilities_with(data, weights), TASK1_LABELS)["mAP"]
+
+    singles = {m: mAP({p: corner(m) for p in PROJECTIONS}) for m in ensemble.MEMBERS}
     best_member = max(singles, key=lambda m: (np.nan_to_num(singles[m], nan=-1.0), -ensemble.MEMBERS.index(m)))
     return TuneResult(
-        weights=chosen, before={p: dict(w) for p, w in data.current.items()}, mAP_before=mAP_before, mAP_after=mAP_after,
+        weights=chosen, before={p: dict(w) for p, w in data.current.items()}, mAP_before=mAP(data.current), mAP_after=mAP(chosen),
         single_member_mAP=singles, best_single_member=best_member, best_single_member_mAP=singles[best_member],
         per_projection=per_projection, evaluated=evaluated, method=method, grid=grid, images=len(data.image_ids),
         changed=any(ensemble.validate_weights(chosen[p]) != ensemble.validate_weights(data.current[p]) for p in PROJECTIONS),
