@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.labels import ALL_LABELS, PROJECTIONS, TASK1_LABELS, TASK2_LABELS
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
 from cxrlt.io.images import load_pixels
 
@@ -76,7 +76,6 @@ def reference_classifier(repository: str | os.PathLike, engine: str = "torch",
                          labels: Sequence[str] = TASK1_LABELS, release: int | None = None) -> Classify:
     """In-process classification with a release's settings (evaluation.reference; default: the live
     release): the probabilities of `labels` (Task 2 ones through the zero-shot pipeline)."""
-    from cxrlt.contract.labels import ALL_LABELS
     from evaluation.reference import ReferencePipeline
 
     pipeline = ReferencePipeline(repository, engine=engine, threads=1, release=release)

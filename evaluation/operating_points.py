@@ -34,8 +34,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from cxrlt.contract.labels import ALL_LABELS, PROJECTIONS, TASK1_LABELS, TASK2_LABELS
+from cxrlt.contract.manifest import read_manifest
 from cxrlt.contract.operating_points import (ANY_PROJECTION, CONFIG_PARAMETER, OPERATING_POINTS_FILE, Calibration,
-                                             OperatingPoint, OperatingPoints, Policy)
+                                             OperatingPoint, OperatingPoints, Policy, load_operating_points)
+from cxrlt.contract.releases import files_of, release_dir
 from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ZEROSHOT_MODEL
 
 from training.metrics import expected_calibration_error
@@ -277,7 +279,6 @@ def operating_points_from_data(repository: str | os.PathLike, data_csv: str | os
     """The served pipeline's predictions of the split's images (`classify`: evaluation.evaluate's
     reference or server classifier answering `csv_labels(data_csv)`; default: the repository in
     process with `engine`), then `choose_operating_points`."""
-    from cxrlt.contract.manifest import read_manifest
     from evaluation.evaluate import csv_labels, evaluation_images, predict, reference_classifier
     from exporters.releases import repository_identity
     from training.job import load_split
@@ -311,7 +312,6 @@ def write_operating_points(repository: str | os.PathLike, points: OperatingPoint
     in its pipeline parameters `operating_points` (compact JSON of the rows of the findings each
     config serves: CONFIG_LABELS) and `calibrated`; its manifest's `operating_points` record; and its
     identity (`repository_sha256`), which then covers the file. Returns the record."""
-    from cxrlt.contract.releases import release_dir
     from exporters.releases import release_number, update_release
     from networks.checkpoints import file_sha256
 
@@ -366,9 +366,6 @@ def repository_decision_metrics(repository: str | os.PathLike, predictions: Any)
     """`decision_metrics` of evaluation.evaluate's predictions at the repository's operating
     points, or None when it has none. ``stale``: the points were chosen for other weights or
     settings than the repository now has (rerun `cxrlt operating-points`)."""
-    from cxrlt.contract.manifest import read_manifest
-    from cxrlt.contract.operating_points import load_operating_points
-    from cxrlt.contract.releases import files_of
     from exporters.releases import repository_identity
 
     points = load_operating_points(files_of(repository))

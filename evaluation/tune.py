@@ -28,7 +28,9 @@ import numpy as np
 
 from cxrlt.contract import ensemble
 from cxrlt.contract.labels import PROJECTIONS, TASK1_LABELS
-from cxrlt.contract.served import ensemble_model_name
+from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
+from cxrlt.contract.releases import files_of, read_release, release_number
+from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL, ensemble_model_name
 
 from evaluation.evaluate import evaluation_images, predict
 from training.job import load_split
@@ -269,9 +271,6 @@ def write_weights(repository: str | os.PathLike, weights: Mapping[str, Mapping[s
     """Put the weights into a release's (default: the live one's) parameters of the models that run
     Task 1, cxr_classifier and cxr_findings, and its manifest's record of them, and recompute its
     identity, which covers them."""
-    from cxrlt.contract.releases import files_of, read_release, release_number
-    from cxrlt.contract.operating_points import OPERATING_POINTS_FILE
-    from cxrlt.contract.served import CLASSIFIER_MODEL, FINDINGS_MODEL
     from exporters.releases import update_release
 
     number = release_number(repository, release)
