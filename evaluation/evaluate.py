@@ -192,7 +192,5 @@ def evaluate(data_csv: str | os.PathLike, *, classify: Classify, split: str = "v
              on_image: Callable[[], None] | None = None) -> tuple[Predictions, dict[str, Any]]:
     """The Task 1 metrics of `classify` on the split's images (and their predictions)."""
     data = load_split(data_csv, val_fraction, split_seed)
-    table = evaluation_images(data, split)
-    predictions = predict(table, data.image_root, classify, use_hints, concurrency, on_image)
-    train_counts = data.table.subset(data.train).positives()
-    return predictions, summarize(predictions, train_counts)
+    predictions = predict(evaluation_images(data, split), data.image_root, classify, use_hints, concurrency, on_image)
+    return predictions, summarize(predictions, data.table.subset(data.train).positives())
