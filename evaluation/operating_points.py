@@ -233,17 +233,16 @@ def choose_operating_points(y_true: np.ndarray, probabilities: np.ndarray, label
         column = labels.index(label)
         threshold = choose_threshold(y[mask, column], p[mask, column], policy)
         if threshold is not None:
-            chosen.append((label, projection, mask, threshold))
+            chosen.append((label, column, projection, mask, threshold))
         elif projection == ANY_PROJECTION:
             missing[label] = f"no threshold reaches {policy}"
     groups, grouped_by = group_indices(patient_ids, len(y))
-    columns = [labels.index(label) for label, *_ in chosen]
-    masks = np.stack([mask for _, _, mask, _ in chosen], axis=1) if chosen else np.zeros((len(y), 0), dtype=bool)
+    columns = [column for _, column, *_ in chosen]
+    masks = np.stack([mask for *_, mask, _ in chosen], axis=1) if chosen else np.zeros((len(y), 0), dtype=bool)
     called = p[:, columns] >= np.asarray([t for *_, t in chosen])
     sens_ci, spec_ci = bootstrap_intervals(y[:, columns] & masks, ~y[:, columns] & masks, called, groups, resamples, seed, CI_LEVEL)
     points: dict[str, dict[str, OperatingPoint]] = {}
-    for k, (label, projection, mask, threshold) in enumerate(chosen):
-        column = labels.index(label)
+    for k, (label, column, projection, mask, threshold) in enumerate(chosen):
         sensitivity, specificity = rates(y[mask, column], p[mask, column], threshold)
         points.setdefault(label, {})[projection] = OperatingPoint(
             threshold, sensitivity, specificity, _interval(sens_ci[k], sensitivity), _interval(spec_ci[k], specificity),
