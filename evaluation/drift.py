@@ -266,9 +266,9 @@ def write_rules(baseline: Mapping[str, Any], out: Any, window_images: int = DEFA
               f"{window_images} images at {images_per_second:g} images/s, alpha {alpha:g}, scraped every {scrape_interval_s:g} s.\n"
               "# Regenerate for your repository and traffic; docs/monitoring.md explains the rules.\n")
     rules, manifest = Path(out) / RULES_FILE, Path(manifest_dir or out) / PROMETHEUS_RULE_FILE
-    for directory in (rules.parent, manifest.parent):
-        directory.mkdir(parents=True, exist_ok=True)
+    rules.parent.mkdir(parents=True, exist_ok=True)
     rules.write_text(header + yaml.safe_dump({"groups": groups}, sort_keys=False, width=1000))
+    manifest.parent.mkdir(parents=True, exist_ok=True)
     resource = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
                 "metadata": {"name": PROMETHEUS_RULE_NAME, "labels": {"app.kubernetes.io/name": "cxrlt-triton"}},
                 "spec": {"groups": groups}}
