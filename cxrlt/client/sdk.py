@@ -117,12 +117,12 @@ class RequestTimeout(ClientError):
 
 
 def _status_name(exc: Exception) -> str:
-    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    status = exc.status() if callable(getattr(exc, "status", None)) else None
     return str(status or "UNKNOWN").rsplit(".", 1)[-1]
 
 
 def _server_message(exc: Exception) -> str:
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else None
+    message = exc.message() if callable(getattr(exc, "message", None)) else None
     return str(message or exc)
 
 
@@ -131,8 +131,8 @@ def _server_message(exc: Exception) -> str:
 OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
 
 
-def _mentions(message: str | None, phrases: tuple[str, ...]) -> bool:
-    return message is not None and any(phrase in message.lower() for phrase in phrases)
+def _mentions(message: str, phrases: tuple[str, ...]) -> bool:
+    return any(phrase in message.lower() for phrase in phrases)
 
 
 @dataclasses.dataclass
@@ -181,13 +181,10 @@ def _parameters(config: Any) -> dict[str, str]:
 
 
 def _flag(parameters: Mapping[str, str], key: str) -> bool:
-    value = parameters.get(key)
-    if value is None or not value.strip():
-        return False
-    try:
-        return as_bool(value)
+    try:  # as_bool refuses an empty value as it does an odd one
+        return as_bool(parameters.get(key) or "")
     except ValueError:
-        return False  # an odd value is not a claim of random weights or of a trusted hint
+        return False  # an absent, empty or odd value is not a claim of random weights or of a trusted hint
 
 
 def repository_identity(configs: Mapping[str, Any]) -> Repository:
@@ -471,7 +468,7 @@ class AsyncCxrltClient:
             return ServerRejected(f"{self.url} rejected the request to {what}: {message}", **common)
         if status == "DEADLINE_EXCEEDED":
             return self._timeout(state, tried, common)
-        if status == "NOT_FOUND" or "unknown model" in message.lower() or "is not found" in message.lower():
+        if status == "NOT_FOUND" or _mentions(message, ("unknown model", "is not found")):
             return ServerFailed(f"{self.url} does not serve model {self.model!r} ({message}); is the repository built "
                                 "by `cxrlt build-repo` and every model loaded?", **common)
         return ServerFailed(f"{self.url} failed to {what} ({status}): {message}", **common)
