@@ -243,18 +243,13 @@ def _ood_threshold(parameters: Mapping[str, str]) -> float | None:
     return optional_number(parameters.get(OOD_THRESHOLD_PARAMETER, ""))
 
 
-def _answered_release(response: Any, info: ModelInfo) -> int | None:
-    """The RELEASE that answered (None from a server without releases)."""
+def _answered_release(response: Any, info: ModelInfo) -> tuple[int | None, str | None]:
+    """The RELEASE that answered and its RELEASE_SHA256 (None, None from a server without releases)."""
     if not info.names_release:
-        return None
-    return int(np.asarray(response.as_numpy("RELEASE")).reshape(-1)[0])
-
-
-def _answered_sha256(response: Any, info: ModelInfo) -> str | None:
-    if not info.names_release:
-        return None
-    value = np.asarray(response.as_numpy("RELEASE_SHA256")).reshape(-1)[0]
-    return (value.decode("utf-8") if isinstance(value, bytes) else str(value)) or None
+        return None, None
+    release = int(np.asarray(response.as_numpy("RELEASE")).reshape(-1)[0])
+    sha256 = np.asarray(response.as_numpy("RELEASE_SHA256")).reshape(-1)[0]
+    return release, (sha256.decode("utf-8") if isinstance(sha256, bytes) else str(sha256)) or None
 
 
 def _release_repository(info: ModelInfo, sha256: str) -> Repository:
@@ -567,7 +562,7 @@ class AsyncCxrltClient:
         finally:
             if region is not None:
                 self._regions.release(region)
-        if not info.knows(_answered_release(response, info)):  # a release switch since the configs were read
+        if not info.knows(_answered_release(response, info)[0]):  # a release switch since the configs were read
             async with self._info_lock:
                 self._info = None
             info = await self.model_info()
@@ -711,8 +706,7 @@ class AsyncCxrltClient:
             hint_used = _valid_hint(hint) and info.trust_hint
         else:  # cxr_zeroshot does not route: there is no projection to report
             projection, score, hint_used = "", 0.0, False
-        release = _answered_release(response, info)
-        sha256 = _answered_sha256(response, info)
+        release, sha256 = _answered_release(response, info)
         info = self._release_info(info, release, sha256)
         meta = response.get_response()
         return FindingsResult(
