@@ -462,20 +462,17 @@ class AsyncCxrltClient:
         if status == "INVALID_ARGUMENT":
             return ServerRejected(f"{self.url} rejected the request to {what}: {message}", **common)
         if status == "DEADLINE_EXCEEDED":
-            return self._timeout(state, tried, common)
+            cut = state.timeout < self.timeout_s  # the overall deadline, not timeout_s, ended this attempt
+            if cut and attempts > 1:
+                return RequestTimeout(f"{what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: "
+                                      f"{tried}; last: {state.last_message}; lower the load or raise deadline_s "
+                                      "(--deadline-s)", **common)
+            return RequestTimeout(f"{what} at {self.url} did not finish within {state.timeout:g} s; raise "
+                                  f"{'deadline_s' if cut else 'timeout_s'} or check the server's load", **common)
         if status == "NOT_FOUND" or _mentions(message, ("unknown model", "is not found")):
             return ServerFailed(f"{self.url} does not serve model {self.model!r} ({message}); is the repository built "
                                 "by `cxrlt build-repo` and every model loaded?", **common)
         return ServerFailed(f"{self.url} failed to {what} ({status}): {message}", **common)
-
-    def _timeout(self, state: _Attempts, tried: str, common: dict[str, Any]) -> RequestTimeout:
-        cut = state.timeout < self.timeout_s  # the overall deadline, not timeout_s, ended this attempt
-        if cut and state.count > 1:
-            return RequestTimeout(f"{state.what} at {self.url} did not finish within the {self.deadline_s:g} s deadline: "
-                                  f"{tried}; last: {state.last_message}; lower the load or raise deadline_s "
-                                  "(--deadline-s)", **common)
-        return RequestTimeout(f"{state.what} at {self.url} did not finish within {state.timeout:g} s; raise "
-                              f"{'deadline_s' if cut else 'timeout_s'} or check the server's load", **common)
 
     # --- readiness and the served configs -------------------------------------------
 
