@@ -364,7 +364,7 @@ class AsyncCxrltClient:
             certificate_chain=None if certificate_chain is None else str(certificate_chain),
         )
         self._info: ModelInfo | None = None
-        self._info_lock: asyncio.Lock | None = None
+        self._info_lock = asyncio.Lock()  # binds to the running loop only when first waited on (Python >= 3.10)
         self._regions = RegionPool() if shared_memory else None
         self._client: Any = None  # tritonclient.grpc.aio, opened lazily inside the running event loop
         self._answered = False  # the server has answered this client at least once
@@ -500,8 +500,6 @@ class AsyncCxrltClient:
 
     async def model_info(self) -> ModelInfo:
         """The served model's labels, trust_hint, random_weights, parameters and repository (read once)."""
-        if self._info_lock is None:
-            self._info_lock = asyncio.Lock()
         async with self._info_lock:
             if self._info is None:
                 configs = {}
