@@ -357,12 +357,8 @@ class AsyncCxrltClient:
         self.model = model
         self.labels = MODEL_LABELS[model]
         self._random_weights_override = bool(random_weights)
-        self._grpc_kwargs = dict(
-            ssl=ssl,
-            root_certificates=None if root_certificates is None else str(root_certificates),
-            private_key=None if private_key is None else str(private_key),
-            certificate_chain=None if certificate_chain is None else str(certificate_chain),
-        )
+        pem_files = dict(root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain)
+        self._grpc_kwargs = dict(ssl=ssl, **{key: None if path is None else str(path) for key, path in pem_files.items()})
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()  # binds to the running loop only when first waited on (Python >= 3.10)
         self._regions = RegionPool() if shared_memory else None
@@ -502,20 +498,17 @@ class AsyncCxrltClient:
         """The served model's labels, trust_hint, random_weights, parameters and repository (read once)."""
         async with self._info_lock:
             if self._info is None:
-                configs = {}
-                for name in (self.model, *(m for m in PIPELINE_MODELS if m != self.model)):
-                    configs[name] = await self._config(name, required=name in self._config_models())
-                self._info = self._model_info(configs)
+                names = (self.model, *(m for m in PIPELINE_MODELS if m != self.model))  # read one after another
+                self._info = self._model_info({name: await self._config(name, required=name in self._config_models())
+                                               for name in names})
             return self._info
 
     async def _config(self, name: str, required: bool) -> Any:
         """The served ModelConfig of ``name``; None for a model not required that the server lacks."""
         client = self._aio()
         try:
-            response, _ = await self._call(
-                f"read the config of {name}",
-                lambda timeout: client.get_model_config(name, client_timeout=timeout),
-            )
+            response, _ = await self._call(f"read the config of {name}",
+                                           lambda timeout: client.get_model_config(name, client_timeout=timeout))
         except (ServerFailed, ServerRejected):
             if required:
                 raise
@@ -671,14 +664,11 @@ class AsyncCxrltClient:
         pixels = _as_uint16(image)
         if self.send_size is None:
             return pixels
-        if self.send_size == SEND_SIZE_SERVED:
-            if info.input_size is None:
-                raise ClientError(
-                    f"{self.url} does not say the input size of {self.model} (no preprocess_size parameter); "
-                    "pass send_size as a number of pixels (--send-size N)", url=self.url, model=self.model,
-                )
-            return downscale_for_sending(pixels, info.input_size)
-        return downscale_for_sending(pixels, int(self.send_size))
+        size = info.input_size if self.send_size == SEND_SIZE_SERVED else int(self.send_size)
+        if size is None:
+            raise ClientError(f"{self.url} does not say the input size of {self.model} (no preprocess_size parameter); "
+                              "pass send_size as a number of pixels (--send-size N)", url=self.url, model=self.model)
+        return downscale_for_sending(pixels, size)
 
     def _config_models(self) -> list[str]:
         """The configs the model's own facts come from: the model, and the models it calls."""
