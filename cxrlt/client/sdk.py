@@ -283,8 +283,10 @@ def _as_uint16(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image.astype(np.uint16) * 257
     if image.dtype != np.uint16:
-        raise ValueError(f"image dtype must be uint16 (or uint8), got {image.dtype}; load files with "
-                         "cxrlt.io.images.load_image or classify_file")
+        raise ValueError(
+            f"image dtype must be uint16 (or uint8), got {image.dtype}; load files with "
+            "cxrlt.io.images.load_image or classify_file"
+        )
     return np.ascontiguousarray(image)
 
 
@@ -485,8 +487,11 @@ class AsyncCxrltClient:
         deadline = time.monotonic() + timeout_s
         while not await self.is_ready():
             if time.monotonic() >= deadline:
-                raise ServerUnavailable(f"Triton server at {self.url} did not become ready with model {self.model!r} within "
-                                        f"{timeout_s:g} s; {_START_HINT}", url=self.url, model=self.model, status="UNAVAILABLE")
+                raise ServerUnavailable(
+                    f"Triton server at {self.url} did not become ready with model {self.model!r} within "
+                    f"{timeout_s:g} s; {_START_HINT}",
+                    url=self.url, model=self.model, status="UNAVAILABLE",
+                )
             await asyncio.sleep(poll_s)
 
     async def model_info(self) -> ModelInfo:
@@ -609,9 +614,11 @@ class AsyncCxrltClient:
         config = configs[self.model]
         dim = _output_dim(config, "PROBABILITIES")
         if dim is not None and dim != len(self.labels):
-            raise ClientError(f"{self.url} serves {self.model} with {dim} probabilities, but the contract says "
-                              f"{len(self.labels)}; the server and this client are from different versions",
-                              url=self.url, model=self.model)
+            raise ClientError(
+                f"{self.url} serves {self.model} with {dim} probabilities, but the contract says "
+                f"{len(self.labels)}; the server and this client are from different versions",
+                url=self.url, model=self.model,
+            )
         served = {name: _parameters(c) for name, c in configs.items() if c is not None}
         own_config = served[self.model]  # trust_hint: the model's own, else cxr_classifier's (which routes for it)
         own = [served[name] for name in self._config_models() if name in served]  # the model and its callees
@@ -673,8 +680,10 @@ class AsyncCxrltClient:
                 attempts: int = 1) -> FindingsResult:
         probabilities = np.asarray(response.as_numpy("PROBABILITIES"), dtype=np.float64).reshape(-1)
         if probabilities.size != len(self.labels):
-            raise ClientError(f"{self.url} returned {probabilities.size} probabilities from {self.model}; "
-                              f"expected {len(self.labels)}", url=self.url, model=self.model)
+            raise ClientError(
+                f"{self.url} returned {probabilities.size} probabilities from {self.model}; expected {len(self.labels)}",
+                url=self.url, model=self.model,
+            )
         if info.accepts_hint:
             raw = response.as_numpy("PROJECTION").reshape(-1)[0]
             projection = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
