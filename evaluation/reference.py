@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cxrlt.contract.manifest import manifest_profile, read_manifest
+from cxrlt.contract.profiles import Profile
 from cxrlt.contract.prompts import load_prompts
 from cxrlt.contract.releases import release_dir
 from cxrlt.contract.text_cache import PROMPTS_FILE, TextCache
@@ -52,13 +53,17 @@ class ReferencePipeline(LocalPipelines):
     def manifest(self) -> dict:
         return read_manifest(self.repository, self.release)
 
+    @cached_property
+    def profile(self) -> Profile:
+        return manifest_profile(self.manifest)
+
     def _module(self, model_name: str) -> Callable[[np.ndarray], np.ndarray]:
         if model_name not in self._modules:
-            entry, profile, seed = self.manifest["models"][model_name], manifest_profile(self.manifest), self.manifest["seed"]
+            entry, seed = self.manifest["models"][model_name], self.manifest["seed"]
             if model_name == ENCODER_MODEL:
-                module = ImageTower(load_clip(profile, _checkpoint_dir(entry), seed, allow_random=True)[0]).eval()
+                module = ImageTower(load_clip(self.profile, _checkpoint_dir(entry), seed, allow_random=True)[0]).eval()
             else:
-                module = load_network(profile, model_name, _checkpoint_dir(entry), seed, allow_random=True)[0]
+                module = load_network(self.profile, model_name, _checkpoint_dir(entry), seed, allow_random=True)[0]
             self._modules[model_name] = _torch_runner(module)
         return self._modules[model_name]
 
@@ -71,10 +76,10 @@ class ReferencePipeline(LocalPipelines):
     def text_cache(self) -> TextCache:
         if self.engine == "onnxruntime":
             return super().text_cache()
-        clip_model, _ = load_clip(manifest_profile(self.manifest), _checkpoint_dir(self.manifest["models"][ENCODER_MODEL]),
-                                  self.manifest["seed"], allow_random=True)
+        clip_model, _ = load_clip(self.profile, _checkpoint_dir(self.manifest["models"][ENCODER_MODEL]), self.manifest["seed"],
+                                  allow_random=True)
         prompts = load_prompts(release_dir(self.repository, self.release) / PROMPTS_FILE)
-        tokenizer = tokenizer_for(manifest_profile(self.manifest).clip.model_name)
+        tokenizer = tokenizer_for(self.profile.clip.model_name)
         positive = encode_prompt_ensembles(clip_model, tokenizer, prompts.prompts).numpy()
         negative = encode_prompt_ensembles(clip_model, tokenizer, prompts.negatives).numpy() if prompts.negatives else None
         return TextCache(prompts.class_names, positive, negative, {"source": "open_clip, encoded in process"})

@@ -163,11 +163,11 @@ class _Run:
     def module(self) -> nn.Module:
         return self.job.module
 
-    def schedule(self) -> WarmupCosine:
-        """The recipe's learning-rate factor per optimiser step, over this run's epochs."""
-        return WarmupCosine(self.steps_per_epoch * self.recipe.epochs,
-                            round(self.steps_per_epoch * float(self.recipe.schedule.get("warmup_epochs", 1))),
-                            float(self.recipe.schedule.get("min_lr_ratio", 0.01)))
+
+def _schedule(recipe: Recipe, steps_per_epoch: int) -> WarmupCosine:
+    """The recipe's learning-rate factor per optimiser step, over its epochs."""
+    return WarmupCosine(steps_per_epoch * recipe.epochs, round(steps_per_epoch * float(recipe.schedule.get("warmup_epochs", 1))),
+                        float(recipe.schedule.get("min_lr_ratio", 0.01)))
 
 
 def _start(recipe: Recipe, data_csv, device: str | None, images: tuple, out: Path, log: Log) -> _Run:
@@ -195,9 +195,8 @@ def _start(recipe: Recipe, data_csv, device: str | None, images: tuple, out: Pat
     ema = ModelEma(job.module, float(recipe.ema.get("decay", 0.999)), bool(recipe.ema.get("warmup", True)))
     scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype == torch.float16)
     model = distributed.wrap(job.module, torch_device)
-    run = _Run(recipe, job, torch_device, dtype, info, optimizer, None, ema, scaler, steps_per_epoch, model, world)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.schedule())
-    return run
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe, steps_per_epoch))
+    return _Run(recipe, job, torch_device, dtype, info, optimizer, scheduler, ema, scaler, steps_per_epoch, model, world)
 
 
 def _optimizer_steps(loader, epoch: int) -> int:
@@ -228,7 +227,8 @@ def _resume(run: _Run, ckpt_path: Path, log: Log) -> int | None:
     ema.load_ema_state(state["ema"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.scheduler.lr_lambdas[0].__dict__.update(run.schedule().__dict__)  # this run's total (--epochs may have grown)
+    # this run's total steps (--epochs may have grown)
+    run.scheduler.lr_lambdas[0].__dict__.update(_schedule(run.recipe, run.steps_per_epoch).__dict__)
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.epoch, run.global_step = int(state["epoch"]), int(state["global_step"])
